@@ -1,0 +1,562 @@
+//! The in-process directory: `2^k` tree partitions in one RocksDB, driven together.
+//!
+//! This is the embedded core that `ktd dev` runs, and the reference the distributed pipeline is
+//! built from: publish computes leaves ([`crate::user`]), inserts each partition's leaves with
+//! [`crate::tree::insert_leaves`] in parallel, stitches the root with [`crate::stitch`], and
+//! commits the epoch record; proofs locate in the top tree, walk partitions, and stitch.
+//!
+//! ```text
+//!  publish(batch) ─► check ─► prior versions ─► VRF + commitments ─► leaves by partition
+//!        ┌────────────────────────────────────────────────────────────────┘
+//!        ▼  (rayon, one task per partition)
+//!   insert_leaves ─► write node versions (unsynced)
+//!        ▼
+//!   TopTree::new(partition roots) ─► root hash ─► commit epoch record + user versions (synced)
+//! ```
+//!
+//! One writer at a time (a mutex around publish); readers never block: every read is "as of" a
+//! committed epoch, and node versions are immutable once referenced.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use akd_core::configuration::Configuration;
+use akd_core::hash::Digest;
+use akd_core::verify::history::HistoryParams;
+use akd_core::{AkdLabel, AkdValue, AppendOnlyProof, HistoryProof, LookupProof};
+use rayon::prelude::*;
+
+use crate::config::{AkdConfig, Experimental, WhatsAppV1};
+use crate::error::{Error, LabelTag, Result};
+use crate::proof::{HistoryPlan, LookupPlan, prove_claims};
+use crate::stitch::{self, TopTree};
+use crate::store::{DirectoryMeta, EpochRecord, RocksStore, StoreOptions};
+use crate::tree::{self, SortedLeaves};
+use crate::user::{self, UpdateLimits, UserVersion};
+use crate::vrf::VrfKey;
+
+macro_rules! dispatch {
+    ($self:expr, $core:ident => $body:expr) => {
+        match &$self.inner {
+            Inner::WhatsAppV1($core) => $body,
+            Inner::Experimental($core) => $body,
+        }
+    };
+}
+
+/// Largest supported number of partition bits.
+pub const MAX_PARTITION_BITS: u8 = 12;
+
+/// An epoch and its root hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochHash {
+    /// The epoch.
+    pub epoch: u64,
+    /// The root hash published for it.
+    pub root_hash: Digest,
+}
+
+/// How to open a directory.
+#[derive(Clone, Debug)]
+pub struct DirectoryOptions {
+    /// Hash and commitment scheme; fixed when the directory is created.
+    pub config: AkdConfig,
+    /// Partition bits `k` (`2^k` partitions); fixed when the directory is created.
+    pub partition_bits: u8,
+    /// Input limits.
+    pub limits: UpdateLimits,
+    /// RocksDB tuning.
+    pub store: StoreOptions,
+}
+
+impl Default for DirectoryOptions {
+    fn default() -> Self {
+        Self {
+            config: AkdConfig::WhatsAppV1,
+            partition_bits: 4,
+            limits: UpdateLimits::default(),
+            store: StoreOptions::default(),
+        }
+    }
+}
+
+/// Where the time of one publish went (wall clock per phase).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PublishStats {
+    /// Updates in the batch.
+    pub updates: usize,
+    /// Leaves inserted (fresh + stale).
+    pub leaves: usize,
+    /// Node versions written.
+    pub nodes_written: usize,
+    /// Reading each label's latest version.
+    pub read_users: Duration,
+    /// VRF evaluations and commitments.
+    pub vrf: Duration,
+    /// Planning and hashing the partitions, including their node reads.
+    pub tree: Duration,
+    /// Writing node versions.
+    pub write_nodes: Duration,
+    /// Stitching the root and committing the epoch (synced).
+    pub commit: Duration,
+}
+
+/// A directory serving one AKD configuration (chosen at open time).
+pub struct Directory {
+    inner: Inner,
+    /// One publish at a time, from prepare to commit.
+    writer: Mutex<()>,
+}
+
+/// An epoch whose tree nodes are written but which is not yet visible.
+pub struct PreparedEpoch<'a> {
+    directory: &'a Directory,
+    _writer: MutexGuard<'a, ()>,
+    staged: Staged,
+}
+
+/// What a prepare computed; nothing of it is visible to readers yet.
+struct Staged {
+    epoch_hash: EpochHash,
+    /// `None` when every update was an identical republish (no epoch is created).
+    commit: Option<(EpochRecord, Vec<(AkdLabel, UserVersion)>)>,
+    stats: PublishStats,
+}
+
+impl PreparedEpoch<'_> {
+    /// The epoch and root hash this publish will commit.
+    pub fn epoch_hash(&self) -> EpochHash {
+        self.staged.epoch_hash
+    }
+
+    /// Makes the epoch visible: writes its record and user versions in one synced batch.
+    pub fn commit(self) -> Result<(EpochHash, PublishStats)> {
+        let Staged {
+            epoch_hash,
+            commit,
+            mut stats,
+        } = self.staged;
+        if let Some((record, versions)) = commit {
+            let started = Instant::now();
+            dispatch!(self.directory, core => core.commit(record, &versions))?;
+            stats.commit += started.elapsed();
+        }
+        Ok((epoch_hash, stats))
+    }
+}
+
+enum Inner {
+    WhatsAppV1(Core<WhatsAppV1>),
+    Experimental(Core<Experimental>),
+}
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        dispatch!(self, core => f
+            .debug_struct("Directory")
+            .field("path", &core.store.path())
+            .field("config", &core.config)
+            .field("partition_bits", &core.bits)
+            .finish())
+    }
+}
+
+impl Directory {
+    /// Opens (or creates) the directory at `path` with the VRF key from `vrf_seed`.
+    ///
+    /// An existing directory must have been created with the same configuration, partition
+    /// bits and VRF key; anything else is [`Error::IncompatibleDataDir`].
+    pub fn open(path: &Path, options: DirectoryOptions, vrf_seed: &[u8]) -> Result<Self> {
+        if options.partition_bits > MAX_PARTITION_BITS {
+            return Err(Error::InvalidConfig(format!(
+                "partition bits must be at most {MAX_PARTITION_BITS}, got {}",
+                options.partition_bits
+            )));
+        }
+        options.config.install()?;
+        let vrf = VrfKey::from_seed(vrf_seed)?;
+        let inner = match options.config {
+            AkdConfig::WhatsAppV1 => Inner::WhatsAppV1(Core::open(path, &options, vrf)?),
+            AkdConfig::Experimental { .. } => Inner::Experimental(Core::open(path, &options, vrf)?),
+        };
+        Ok(Self {
+            inner,
+            writer: Mutex::new(()),
+        })
+    }
+
+    /// Publishes `updates` as the next epoch and returns its hash. If every update is an
+    /// identical republish no epoch is created and the current epoch is returned (as akd).
+    pub fn publish(&self, updates: Vec<(AkdLabel, AkdValue)>) -> Result<EpochHash> {
+        self.publish_with_stats(updates)
+            .map(|(epoch_hash, _)| epoch_hash)
+    }
+
+    /// [`Directory::publish`], also reporting where the time went.
+    pub fn publish_with_stats(
+        &self,
+        updates: Vec<(AkdLabel, AkdValue)>,
+    ) -> Result<(EpochHash, PublishStats)> {
+        self.prepare(updates)?.commit()
+    }
+
+    /// First half of a publish: computes the next epoch and writes its tree nodes, which stay
+    /// invisible until [`PreparedEpoch::commit`]. Dropping the result abandons the epoch; the
+    /// directory then still serves the previous one, and the next publish starts over.
+    pub fn prepare(&self, updates: Vec<(AkdLabel, AkdValue)>) -> Result<PreparedEpoch<'_>> {
+        dispatch!(self, core => core.limits.check_batch(&updates))?;
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let staged = dispatch!(self, core => core.prepare(updates))?;
+        Ok(PreparedEpoch {
+            directory: self,
+            _writer: writer,
+            staged,
+        })
+    }
+
+    /// The lookup proof of `akd_label`'s latest version as of `epoch` (default: latest).
+    pub fn lookup(
+        &self,
+        akd_label: &AkdLabel,
+        epoch: Option<u64>,
+    ) -> Result<(LookupProof, EpochHash)> {
+        dispatch!(self, core => core.lookup(akd_label, epoch))
+    }
+
+    /// The history proof of `akd_label` as of `epoch` (default: latest).
+    pub fn key_history(
+        &self,
+        akd_label: &AkdLabel,
+        params: HistoryParams,
+        epoch: Option<u64>,
+    ) -> Result<(HistoryProof, EpochHash)> {
+        dispatch!(self, core => core.key_history(akd_label, params, epoch))
+    }
+
+    /// The append-only proof from `start` to `end` (one step per epoch).
+    pub fn audit(&self, start: u64, end: u64) -> Result<AppendOnlyProof> {
+        dispatch!(self, core => core.audit(start, end))
+    }
+
+    /// The hash of `epoch` (default: the latest committed epoch).
+    pub fn epoch_hash(&self, epoch: Option<u64>) -> Result<EpochHash> {
+        dispatch!(self, core => core.view(epoch).map(|view| view.epoch_hash()))
+    }
+
+    /// The VRF public key clients verify labels with.
+    pub fn vrf_public_key(&self) -> [u8; 32] {
+        dispatch!(self, core => core.vrf.public_key())
+    }
+
+    /// The configuration name (`whatsapp_v1` or `experimental:<label>`).
+    pub fn config(&self) -> &AkdConfig {
+        dispatch!(self, core => &core.config)
+    }
+
+    /// The RocksDB store (for capacity reports).
+    pub fn store(&self) -> &RocksStore {
+        dispatch!(self, core => &core.store)
+    }
+}
+
+/// One committed epoch, ready to serve.
+struct EpochView<TC> {
+    epoch: u64,
+    top: TopTree<TC>,
+}
+
+impl<TC: Configuration> EpochView<TC> {
+    fn epoch_hash(&self) -> EpochHash {
+        EpochHash {
+            epoch: self.epoch,
+            root_hash: self.top.root_hash(),
+        }
+    }
+}
+
+struct Core<TC> {
+    store: Arc<RocksStore>,
+    config: AkdConfig,
+    bits: u8,
+    vrf: VrfKey,
+    limits: UpdateLimits,
+    current: RwLock<Arc<EpochView<TC>>>,
+}
+
+impl<TC: Configuration> Core<TC> {
+    fn open(path: &Path, options: &DirectoryOptions, vrf: VrfKey) -> Result<Self> {
+        let (store, created) = RocksStore::open(path, options.store)?;
+        let expected = DirectoryMeta {
+            configuration: options.config.to_string(),
+            partition_bits: options.partition_bits,
+            vrf_public_key: vrf.public_key(),
+        };
+        let incompatible = |reason: String| Error::IncompatibleDataDir {
+            path: path.display().to_string(),
+            reason,
+        };
+        if created {
+            let empty = TopTree::<TC>::new(
+                options.partition_bits,
+                vec![None; 1 << options.partition_bits],
+            )?;
+            store.initialize(
+                &expected,
+                &EpochRecord {
+                    epoch: 0,
+                    root_hash: empty.root_hash(),
+                    partitions: empty.partitions().to_vec(),
+                },
+            )?;
+        } else {
+            let meta = store
+                .meta()?
+                .ok_or_else(|| incompatible("no ktd directory metadata".into()))?;
+            if meta.configuration != expected.configuration {
+                return Err(incompatible(format!(
+                    "it holds configuration {}, not {}",
+                    meta.configuration, expected.configuration
+                )));
+            }
+            if meta.partition_bits != expected.partition_bits {
+                return Err(incompatible(format!(
+                    "it has {} partition bits, not {}",
+                    meta.partition_bits, expected.partition_bits
+                )));
+            }
+            if meta.vrf_public_key != expected.vrf_public_key {
+                return Err(incompatible(
+                    "it was created with a different VRF key".into(),
+                ));
+            }
+        }
+        let record = store
+            .last_epoch()?
+            .ok_or_else(|| incompatible("no committed epoch".into()))?;
+        let top = TopTree::<TC>::new(options.partition_bits, record.partitions)?;
+        if top.root_hash() != record.root_hash {
+            return Err(Error::Corrupt(format!(
+                "epoch {}: stored root hash does not match its partition roots",
+                record.epoch
+            )));
+        }
+        // Node versions above the last committed epoch belong to an interrupted publish.
+        store.discard_nodes_from(record.epoch + 1)?;
+        tracing::info!(
+            path = %path.display(),
+            epoch = record.epoch,
+            created,
+            config = %options.config,
+            partition_bits = options.partition_bits,
+            "directory opened"
+        );
+        Ok(Self {
+            store,
+            config: options.config.clone(),
+            bits: options.partition_bits,
+            vrf,
+            limits: options.limits,
+            current: RwLock::new(Arc::new(EpochView {
+                epoch: record.epoch,
+                top,
+            })),
+        })
+    }
+
+    fn current(&self) -> Arc<EpochView<TC>> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The committed epoch `epoch` (default: latest).
+    fn view(&self, epoch: Option<u64>) -> Result<Arc<EpochView<TC>>> {
+        let current = self.current();
+        let Some(epoch) = epoch else {
+            return Ok(current);
+        };
+        if epoch == current.epoch {
+            return Ok(current);
+        }
+        if epoch > current.epoch {
+            return Err(Error::EpochNotFound {
+                epoch,
+                latest: current.epoch,
+            });
+        }
+        let record = self.store.epoch(epoch)?.ok_or_else(|| {
+            Error::Corrupt(format!(
+                "epoch {epoch} is below the latest epoch but has no record"
+            ))
+        })?;
+        Ok(Arc::new(EpochView {
+            epoch,
+            top: TopTree::new(self.bits, record.partitions)?,
+        }))
+    }
+
+    /// Computes the next epoch and writes its node versions (the caller holds the writer lock).
+    fn prepare(&self, updates: Vec<(AkdLabel, AkdValue)>) -> Result<Staged> {
+        let base = self.current();
+        let epoch = base.epoch + 1;
+        let mut stats = PublishStats {
+            updates: updates.len(),
+            ..PublishStats::default()
+        };
+
+        let started = Instant::now();
+        let prior: Vec<Option<(u64, AkdValue)>> = updates
+            .par_iter()
+            .map(|(akd_label, _)| {
+                Ok(self
+                    .store
+                    .latest_user_version(akd_label, base.epoch)?
+                    .map(|version| (version.version, version.value)))
+            })
+            .collect::<Result<_>>()?;
+        let planned = user::plan_updates(updates, &prior);
+        stats.read_users = started.elapsed();
+        if planned.is_empty() {
+            return Ok(Staged {
+                epoch_hash: base.epoch_hash(),
+                commit: None,
+                stats,
+            });
+        }
+
+        let started = Instant::now();
+        let epoch_leaves = user::compute_leaves::<TC>(&self.vrf, &planned, epoch);
+        stats.vrf = started.elapsed();
+        stats.leaves = epoch_leaves.leaves.len();
+
+        let started = Instant::now();
+        let runs = SortedLeaves::new(epoch_leaves.leaves)?.split_by_partition(self.bits);
+        let deltas: Vec<(u32, tree::PartitionDelta)> = runs
+            .into_par_iter()
+            .map(|(partition, leaves)| {
+                let root = base.top.partitions()[partition as usize];
+                tree::insert_leaves::<TC, _>(&*self.store, root, &leaves, epoch)
+                    .map(|delta| (partition, delta))
+            })
+            .collect::<Result<_>>()?;
+        stats.tree = started.elapsed();
+        stats.nodes_written = deltas.iter().map(|(_, delta)| delta.node_count()).sum();
+
+        let started = Instant::now();
+        // Versions left by an abandoned attempt at this epoch are unreferenced; drop them first.
+        self.store.discard_nodes_from(epoch)?;
+        deltas
+            .par_iter()
+            .try_for_each(|(_, delta)| self.store.write_nodes(delta))?;
+        stats.write_nodes = started.elapsed();
+
+        let started = Instant::now();
+        let mut partitions = base.top.partitions().to_vec();
+        for (partition, delta) in deltas {
+            partitions[partition as usize] = delta.root;
+        }
+        let top = TopTree::<TC>::new(self.bits, partitions)?;
+        let record = EpochRecord {
+            epoch,
+            root_hash: top.root_hash(),
+            partitions: top.partitions().to_vec(),
+        };
+        stats.commit = started.elapsed();
+        Ok(Staged {
+            epoch_hash: EpochHash {
+                epoch,
+                root_hash: record.root_hash,
+            },
+            commit: Some((record, epoch_leaves.versions)),
+            stats,
+        })
+    }
+
+    /// Commits a prepared epoch and makes it the one readers see.
+    fn commit(&self, record: EpochRecord, versions: &[(AkdLabel, UserVersion)]) -> Result<()> {
+        let expected = self.current().epoch + 1;
+        if record.epoch != expected {
+            return Err(Error::EpochOutOfOrder {
+                epoch: record.epoch,
+                previous: expected - 1,
+            });
+        }
+        self.store.commit_epoch(&record, versions)?;
+        let epoch = record.epoch;
+        let top = TopTree::<TC>::new(self.bits, record.partitions)?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(EpochView { epoch, top });
+        tracing::debug!(epoch, updates = versions.len(), "epoch committed");
+        Ok(())
+    }
+
+    fn walker(&self) -> impl FnOnce(&[tree::WalkRequest]) -> Result<Vec<tree::PartitionWalk>> + '_ {
+        move |requests| tree::walk::<TC, _>(&*self.store, requests)
+    }
+
+    fn lookup(&self, akd_label: &AkdLabel, epoch: Option<u64>) -> Result<(LookupProof, EpochHash)> {
+        self.limits.check_label(akd_label)?;
+        let view = self.view(epoch)?;
+        let latest = self
+            .store
+            .latest_user_version(akd_label, view.epoch)?
+            .ok_or(Error::LabelNotFound {
+                label: LabelTag::of(akd_label),
+                epoch: view.epoch,
+            })?;
+        let plan = LookupPlan::new::<TC>(&self.vrf, akd_label, latest);
+        let proofs = prove_claims(&view.top, &plan.claims(), self.walker())?;
+        Ok((plan.assemble(proofs)?, view.epoch_hash()))
+    }
+
+    fn key_history(
+        &self,
+        akd_label: &AkdLabel,
+        params: HistoryParams,
+        epoch: Option<u64>,
+    ) -> Result<(HistoryProof, EpochHash)> {
+        self.limits.check_label(akd_label)?;
+        let view = self.view(epoch)?;
+        let versions = self.store.user_versions(akd_label, view.epoch)?;
+        let plan = HistoryPlan::new::<TC>(&self.vrf, akd_label, versions, params, view.epoch)?;
+        let proofs = prove_claims(&view.top, &plan.claims(), self.walker())?;
+        Ok((plan.assemble(proofs)?, view.epoch_hash()))
+    }
+
+    fn audit(&self, start: u64, end: u64) -> Result<AppendOnlyProof> {
+        if start >= end {
+            return Err(Error::InvalidAuditRange { start, end });
+        }
+        let latest = self.current().epoch;
+        if end > latest {
+            return Err(Error::EpochNotFound { epoch: end, latest });
+        }
+        let mut proof = AppendOnlyProof {
+            proofs: Vec::with_capacity((end - start) as usize),
+            epochs: Vec::with_capacity((end - start) as usize),
+        };
+        for step_start in start..end {
+            let view = self.view(Some(step_start + 1))?;
+            let top_audit = view.top.append_only_top(step_start);
+            let slices = top_audit
+                .partitions
+                .par_iter()
+                .map(|(_, root)| {
+                    tree::audit::append_only_slice::<TC, _>(&*self.store, Some(*root), step_start)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            proof
+                .proofs
+                .push(stitch::append_only_proof(top_audit, slices));
+            proof.epochs.push(step_start);
+        }
+        Ok(proof)
+    }
+}

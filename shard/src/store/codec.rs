@@ -1,0 +1,347 @@
+//! Byte encodings of keys and records (format version 1).
+//!
+//! Fixed-width big-endian integers; labels as `be16(len) ‖ ceil(len/8) bytes` (canonical labels
+//! are zero beyond `len`, so nothing is lost). Node keys are `be64(version) ‖ label bytes ‖
+//! be16(len)`: epoch-major, so each epoch's writes form one contiguous, increasing key range
+//! (RocksDB then moves them down the LSM without rewriting them, and an unfinished epoch is one
+//! range delete). Every record starts with a format byte so a future format can coexist.
+//! Decoding never panics: malformed bytes are [`Error::Corrupt`].
+
+use akd_core::{AkdLabel, AkdValue, AzksValue, NodeLabel};
+
+use crate::error::{Error, Result};
+use crate::tree::{InteriorNode, NodeKey, NodeRef};
+use crate::user::UserVersion;
+
+/// Format byte of every record written by this version.
+pub const FORMAT: u8 = 1;
+
+/// Length of a user key's hash part.
+pub const USER_HASH_LEN: usize = 32;
+
+fn label_bytes(label: &NodeLabel) -> &[u8] {
+    &label.label_val[..(label.label_len as usize).div_ceil(8)]
+}
+
+/// Key of a node version.
+pub fn node_key(key: &NodeKey) -> Vec<u8> {
+    let bytes = label_bytes(&key.label);
+    let mut out = Vec::with_capacity(8 + bytes.len() + 2);
+    out.extend_from_slice(&key.version.to_be_bytes());
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(&(key.label.label_len as u16).to_be_bytes());
+    out
+}
+
+/// First node key of `epoch` (inclusive range start for deleting an epoch's node versions).
+pub fn node_epoch_start(epoch: u64) -> Vec<u8> {
+    epoch.to_be_bytes().to_vec()
+}
+
+fn put_label(out: &mut Vec<u8>, label: &NodeLabel) {
+    out.extend_from_slice(&(label.label_len as u16).to_be_bytes());
+    out.extend_from_slice(label_bytes(label));
+}
+
+fn put_node_ref(out: &mut Vec<u8>, node_ref: &NodeRef) {
+    put_label(out, &node_ref.label);
+    out.extend_from_slice(&node_ref.hash.0);
+    out.extend_from_slice(&node_ref.min_epoch.to_be_bytes());
+    out.extend_from_slice(&node_ref.max_epoch.to_be_bytes());
+}
+
+/// Encodes an interior node record.
+pub fn encode_node(node: &InteriorNode) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 2 * (2 + 32 + 32 + 16));
+    out.push(FORMAT);
+    for child in &node.children {
+        put_node_ref(&mut out, child);
+    }
+    out
+}
+
+/// Decodes an interior node record.
+pub fn decode_node(bytes: &[u8]) -> Result<InteriorNode> {
+    let mut reader = Reader::new(bytes, "tree node");
+    reader.format()?;
+    let left = reader.node_ref()?;
+    let right = reader.node_ref()?;
+    reader.finish()?;
+    Ok(InteriorNode {
+        children: [left, right],
+    })
+}
+
+/// A directory epoch: its root hash and every partition root as of the epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EpochRecord {
+    /// The epoch.
+    pub epoch: u64,
+    /// Its published root hash.
+    pub root_hash: [u8; 32],
+    /// Partition roots (index = partition id).
+    pub partitions: Vec<Option<NodeRef>>,
+}
+
+/// Encodes an epoch record (the key is `be64(epoch)`).
+pub fn encode_epoch(record: &EpochRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 32 + 4 + record.partitions.len() * 90);
+    out.push(FORMAT);
+    out.extend_from_slice(&record.root_hash);
+    out.extend_from_slice(&(record.partitions.len() as u32).to_be_bytes());
+    for partition in &record.partitions {
+        match partition {
+            None => out.push(0),
+            Some(root) => {
+                out.push(1);
+                put_node_ref(&mut out, root);
+            }
+        }
+    }
+    out
+}
+
+/// Decodes the epoch record stored under `epoch`.
+pub fn decode_epoch(epoch: u64, bytes: &[u8]) -> Result<EpochRecord> {
+    let mut reader = Reader::new(bytes, "epoch record");
+    reader.format()?;
+    let root_hash = reader.array::<32>()?;
+    let n_partitions = reader.u32()? as usize;
+    if n_partitions > 1 << 16 {
+        return Err(reader.corrupt("too many partitions"));
+    }
+    let mut partitions = Vec::with_capacity(n_partitions);
+    for _ in 0..n_partitions {
+        partitions.push(match reader.u8()? {
+            0 => None,
+            1 => Some(reader.node_ref()?),
+            _ => return Err(reader.corrupt("bad partition presence byte")),
+        });
+    }
+    reader.finish()?;
+    Ok(EpochRecord {
+        epoch,
+        root_hash,
+        partitions,
+    })
+}
+
+/// Key prefix of all versions of one user: `blake3(akd_label)`.
+pub fn user_prefix(akd_label: &[u8]) -> [u8; USER_HASH_LEN] {
+    *blake3::hash(akd_label).as_bytes()
+}
+
+/// Key of one user version.
+pub fn user_key(akd_label: &[u8], version: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(USER_HASH_LEN + 8);
+    out.extend_from_slice(&user_prefix(akd_label));
+    out.extend_from_slice(&version.to_be_bytes());
+    out
+}
+
+/// Encodes one user version (the raw label is kept to rule out hash collisions).
+pub fn encode_user(akd_label: &[u8], version: &UserVersion) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 8 + 8 + 34 + 4 + akd_label.len() + version.value.len());
+    out.push(FORMAT);
+    out.extend_from_slice(&version.version.to_be_bytes());
+    out.extend_from_slice(&version.epoch.to_be_bytes());
+    put_label(&mut out, &version.fresh_label);
+    out.extend_from_slice(&(akd_label.len() as u32).to_be_bytes());
+    out.extend_from_slice(akd_label);
+    out.extend_from_slice(&version.value);
+    out
+}
+
+/// Decodes one user version, checking that it belongs to `akd_label`.
+pub fn decode_user(akd_label: &[u8], bytes: &[u8]) -> Result<UserVersion> {
+    let mut reader = Reader::new(bytes, "user version");
+    reader.format()?;
+    let version = reader.u64()?;
+    let epoch = reader.u64()?;
+    let fresh_label = reader.label()?;
+    let label_len = reader.u32()? as usize;
+    let stored_label = reader.take(label_len)?;
+    if stored_label != akd_label {
+        return Err(
+            reader.corrupt("user record belongs to another label (hash collision or corruption)")
+        );
+    }
+    let value = reader.rest().to_vec();
+    Ok(UserVersion {
+        version,
+        epoch,
+        value: AkdValue(value),
+        fresh_label,
+    })
+}
+
+/// Rebuilds the `AkdLabel` type for callers holding raw bytes.
+pub fn akd_label(bytes: &[u8]) -> AkdLabel {
+    AkdLabel(bytes.to_vec())
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], what: &'static str) -> Self {
+        Self { bytes, what }
+    }
+
+    fn corrupt(&self, why: &str) -> Error {
+        Error::Corrupt(format!("malformed {}: {why}", self.what))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.bytes.len() < n {
+            return Err(self.corrupt("truncated"));
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        Ok(self.take(N)?.try_into().expect("take returns N bytes"))
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn format(&mut self) -> Result<()> {
+        match self.u8()? {
+            FORMAT => Ok(()),
+            other => Err(self.corrupt(&format!("unknown format {other}"))),
+        }
+    }
+
+    fn label(&mut self) -> Result<NodeLabel> {
+        let len = u16::from_be_bytes(self.array()?) as u32;
+        if len > 256 {
+            return Err(self.corrupt("label longer than 256 bits"));
+        }
+        let bytes = self.take((len as usize).div_ceil(8))?;
+        let mut label_val = [0u8; 32];
+        label_val[..bytes.len()].copy_from_slice(bytes);
+        let label = NodeLabel::new(label_val, len);
+        if label.get_prefix(len) != label {
+            return Err(self.corrupt("label has bits set beyond its length"));
+        }
+        Ok(label)
+    }
+
+    fn node_ref(&mut self) -> Result<NodeRef> {
+        let label = self.label()?;
+        let hash = AzksValue(self.array()?);
+        let min_epoch = self.u64()?;
+        let max_epoch = self.u64()?;
+        if min_epoch > max_epoch {
+            return Err(self.corrupt("min epoch above max epoch"));
+        }
+        Ok(NodeRef {
+            label,
+            hash,
+            min_epoch,
+            max_epoch,
+        })
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
+    }
+
+    fn finish(&self) -> Result<()> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(self.corrupt("trailing bytes"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node_ref(len: u32, byte: u8, epochs: (u64, u64)) -> NodeRef {
+        let mut label_val = [byte; 32];
+        let label = NodeLabel::new(label_val, 256).get_prefix(len);
+        label_val = label.label_val;
+        NodeRef {
+            label: NodeLabel::new(label_val, len),
+            hash: AzksValue([byte ^ 0x5a; 32]),
+            min_epoch: epochs.0,
+            max_epoch: epochs.1,
+        }
+    }
+
+    #[test]
+    fn node_round_trip_and_rejects_garbage() {
+        let node = InteriorNode {
+            children: [node_ref(13, 0x0f, (1, 9)), node_ref(256, 0xf0, (4, 4))],
+        };
+        let bytes = encode_node(&node);
+        assert_eq!(decode_node(&bytes).expect("round trip"), node);
+        for cut in 0..bytes.len() {
+            assert!(
+                decode_node(&bytes[..cut]).is_err(),
+                "truncated at {cut} must fail"
+            );
+        }
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(decode_node(&extra).is_err());
+        let mut bad_format = bytes;
+        bad_format[0] = 9;
+        assert!(decode_node(&bad_format).is_err());
+    }
+
+    #[test]
+    fn epoch_and_user_round_trip() {
+        let record = EpochRecord {
+            epoch: 7,
+            root_hash: [3; 32],
+            partitions: vec![None, Some(node_ref(40, 0x81, (2, 7))), None],
+        };
+        assert_eq!(
+            decode_epoch(7, &encode_epoch(&record)).expect("round trip"),
+            record
+        );
+
+        let version = UserVersion {
+            version: 3,
+            epoch: 11,
+            value: AkdValue(b"key material".to_vec()),
+            fresh_label: node_ref(256, 0x42, (0, 0)).label,
+        };
+        let bytes = encode_user(b"alice", &version);
+        assert_eq!(decode_user(b"alice", &bytes).expect("round trip"), version);
+        assert!(decode_user(b"bob", &bytes).is_err());
+    }
+
+    #[test]
+    fn node_keys_order_by_epoch_first() {
+        let early = NodeKey {
+            label: node_ref(256, 0xff, (0, 0)).label,
+            version: 1,
+        };
+        let late = NodeKey {
+            label: node_ref(1, 0x00, (0, 0)).label,
+            version: 2,
+        };
+        assert!(node_key(&early) < node_key(&late));
+        assert!(node_key(&late) >= node_epoch_start(2));
+        assert!(node_key(&early) < node_epoch_start(2));
+    }
+}

@@ -1,0 +1,441 @@
+//! RocksDB storage: one database, four column families.
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `meta` | `"directory"` | [`DirectoryMeta`]: format, configuration, partition bits, VRF public key |
+//! | `nodes` | `be64(version) ‖ label bytes ‖ be16(len)` | interior node (two [`NodeRef`](crate::tree::NodeRef)s) |
+//! | `epochs` | `be64(epoch)` | [`EpochRecord`]: root hash and partition roots |
+//! | `users` | `blake3(label) ‖ be64(version)` | one user version |
+//!
+//! Node versions of an epoch are written first (one `WriteBatch` per partition, in parallel,
+//! unsynced); the epoch record and the user versions follow in one synced `WriteBatch`, which is
+//! the commit point. Node versions of an epoch that never committed are unreferenced; opening
+//! deletes them with one range delete.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use akd_core::AkdLabel;
+use rayon::prelude::*;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
+    Direction, IteratorMode, Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions,
+};
+
+use crate::error::{Error, Result};
+use crate::tree::{InteriorNode, NodeKey, PartitionDelta, TreeStore};
+use crate::user::UserVersion;
+
+pub mod codec;
+
+pub use codec::EpochRecord;
+
+const CF_META: &str = "meta";
+const CF_NODES: &str = "nodes";
+const CF_EPOCHS: &str = "epochs";
+const CF_USERS: &str = "users";
+const COLUMN_FAMILIES: [&str; 4] = [CF_META, CF_NODES, CF_EPOCHS, CF_USERS];
+const META_KEY: &[u8] = b"directory";
+
+/// Keys per `multi_get` call when a level's reads are split across threads.
+const READ_CHUNK: usize = 2048;
+
+/// Tuning for the RocksDB instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Shared block cache, in bytes.
+    pub block_cache_bytes: usize,
+    /// Memtable size per column family, in bytes.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            block_cache_bytes: 512 << 20,
+            write_buffer_bytes: 128 << 20,
+        }
+    }
+}
+
+/// What identifies a directory; checked on every open so a data directory is never served
+/// with another configuration, partitioning or key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectoryMeta {
+    /// `AkdConfig` name, e.g. `whatsapp_v1` or `experimental:ExampleLabel`.
+    pub configuration: String,
+    /// Partition bits `k`.
+    pub partition_bits: u8,
+    /// The VRF public key.
+    pub vrf_public_key: [u8; 32],
+}
+
+impl DirectoryMeta {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![codec::FORMAT, self.partition_bits];
+        out.extend_from_slice(&self.vrf_public_key);
+        out.extend_from_slice(self.configuration.as_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self> {
+        let corrupt = || Error::Corrupt("malformed directory metadata".into());
+        if bytes.len() < 34 || bytes[0] != codec::FORMAT {
+            return Err(corrupt());
+        }
+        Ok(Self {
+            partition_bits: bytes[1],
+            vrf_public_key: bytes[2..34].try_into().map_err(|_| corrupt())?,
+            configuration: String::from_utf8(bytes[34..].to_vec()).map_err(|_| corrupt())?,
+        })
+    }
+}
+
+/// The opened database.
+pub struct RocksStore {
+    db: DB,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn storage(context: &'static str) -> impl Fn(rocksdb::Error) -> Error {
+    move |error| Error::Storage {
+        context,
+        message: error.into_string(),
+    }
+}
+
+fn incompatible(path: &Path, reason: impl Into<String>) -> Error {
+    Error::IncompatibleDataDir {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl RocksStore {
+    /// Opens the database at `path`, creating it if `path` is missing or an empty directory.
+    /// Returns whether it was created. A directory holding anything else is refused, never
+    /// re-initialised.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<(Arc<Self>, bool)> {
+        let is_new = match std::fs::read_dir(path) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => true,
+            Err(error) => return Err(incompatible(path, format!("cannot read it: {error}"))),
+        };
+        if !is_new {
+            let found = DB::list_cf(&Options::default(), path).map_err(|error| {
+                incompatible(
+                    path,
+                    format!("not a RocksDB database ({})", error.into_string()),
+                )
+            })?;
+            let mut expected: Vec<&str> =
+                COLUMN_FAMILIES.iter().copied().chain(["default"]).collect();
+            let mut found_sorted: Vec<&str> = found.iter().map(String::as_str).collect();
+            expected.sort_unstable();
+            found_sorted.sort_unstable();
+            if expected != found_sorted {
+                return Err(incompatible(
+                    path,
+                    format!("not a ktd data directory (column families {found:?})"),
+                ));
+            }
+        }
+
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let mut db_options = Options::default();
+        db_options.create_if_missing(is_new);
+        db_options.create_missing_column_families(is_new);
+        db_options.set_max_background_jobs(2);
+        db_options.set_bytes_per_sync(1 << 20);
+        db_options.set_max_open_files(4096);
+        db_options.set_keep_log_file_num(4);
+        let descriptors = COLUMN_FAMILIES.iter().map(|name| {
+            ColumnFamilyDescriptor::new(*name, column_family_options(name, &cache, options))
+        });
+        let db = DB::open_cf_descriptors(&db_options, path, descriptors).map_err(|error| {
+            let message = error.into_string();
+            if message.contains("lock") {
+                incompatible(path, format!("it is in use by another process ({message})"))
+            } else {
+                Error::Storage {
+                    context: "open the database",
+                    message,
+                }
+            }
+        })?;
+        Ok((
+            Arc::new(Self {
+                db,
+                path: path.to_path_buf(),
+            }),
+            is_new,
+        ))
+    }
+
+    fn cf(&self, name: &'static str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created on open")
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the directory metadata, `None` if the database has none yet.
+    pub fn meta(&self) -> Result<Option<DirectoryMeta>> {
+        self.db
+            .get_cf(self.cf(CF_META), META_KEY)
+            .map_err(storage("read directory metadata"))?
+            .map(|bytes| DirectoryMeta::decode(&bytes))
+            .transpose()
+    }
+
+    /// Writes the node versions of one partition's epoch in one (unsynced) `WriteBatch`.
+    pub fn write_nodes(&self, delta: &PartitionDelta) -> Result<()> {
+        let cf = self.cf(CF_NODES);
+        let mut batch = WriteBatch::default();
+        for (key, node) in delta.nodes.iter().flatten() {
+            batch.put_cf(cf, codec::node_key(key), codec::encode_node(node));
+        }
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(false);
+        self.db
+            .write_opt(batch, &write_options)
+            .map_err(storage("write tree nodes"))
+    }
+
+    /// Deletes every node version written for epochs `≥ from` (an interrupted epoch's garbage).
+    pub fn discard_nodes_from(&self, from: u64) -> Result<()> {
+        let end = [0xffu8; 8 + 32 + 2 + 1];
+        self.db
+            .delete_range_cf(
+                self.cf(CF_NODES),
+                codec::node_epoch_start(from),
+                end.to_vec(),
+            )
+            .map_err(storage("discard uncommitted tree nodes"))
+    }
+
+    /// Number of node versions stored for epochs `≥ from` (diagnostics and tests).
+    pub fn node_versions_from(&self, from: u64) -> Result<usize> {
+        let start = codec::node_epoch_start(from);
+        let mut count = 0;
+        for entry in self.db.iterator_cf(
+            self.cf(CF_NODES),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            entry.map_err(storage("count tree nodes"))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Reads the record of `epoch`.
+    pub fn epoch(&self, epoch: u64) -> Result<Option<EpochRecord>> {
+        self.db
+            .get_cf(self.cf(CF_EPOCHS), epoch.to_be_bytes())
+            .map_err(storage("read an epoch record"))?
+            .map(|bytes| codec::decode_epoch(epoch, &bytes))
+            .transpose()
+    }
+
+    /// Reads the latest epoch record.
+    pub fn last_epoch(&self) -> Result<Option<EpochRecord>> {
+        let mut iter = self.db.iterator_cf(self.cf(CF_EPOCHS), IteratorMode::End);
+        match iter.next() {
+            None => Ok(None),
+            Some(entry) => {
+                let (key, value) = entry.map_err(storage("find the latest epoch"))?;
+                let epoch = u64::from_be_bytes(
+                    key.as_ref()
+                        .try_into()
+                        .map_err(|_| Error::Corrupt("epoch key is not 8 bytes".into()))?,
+                );
+                codec::decode_epoch(epoch, &value).map(Some)
+            }
+        }
+    }
+
+    /// The latest version of `akd_label` published at or before `as_of`.
+    pub fn latest_user_version(&self, akd_label: &[u8], as_of: u64) -> Result<Option<UserVersion>> {
+        let prefix = codec::user_prefix(akd_label);
+        let mut iter = self
+            .db
+            .raw_iterator_cf_opt(self.cf(CF_USERS), prefix_read_options());
+        iter.seek_for_prev(codec::user_key(akd_label, u64::MAX));
+        while iter.valid() {
+            let Some(key) = iter.key() else { break };
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let version = codec::decode_user(akd_label, iter.value().unwrap_or_default())?;
+            if version.epoch <= as_of {
+                return Ok(Some(version));
+            }
+            iter.prev();
+        }
+        iter.status().map_err(storage("read a user's versions"))?;
+        Ok(None)
+    }
+
+    /// Every version of `akd_label` published at or before `as_of`, oldest first.
+    pub fn user_versions(&self, akd_label: &[u8], as_of: u64) -> Result<Vec<UserVersion>> {
+        let prefix = codec::user_prefix(akd_label);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_USERS),
+            prefix_read_options(),
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        let mut versions = Vec::new();
+        for entry in iter {
+            let (key, value) = entry.map_err(storage("read a user's versions"))?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let version = codec::decode_user(akd_label, &value)?;
+            if version.epoch <= as_of {
+                versions.push(version);
+            }
+        }
+        Ok(versions)
+    }
+
+    /// Writes the metadata of a new directory and its epoch 0, synced.
+    pub fn initialize(&self, meta: &DirectoryMeta, epoch_zero: &EpochRecord) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), META_KEY, meta.encode());
+        batch.put_cf(
+            self.cf(CF_EPOCHS),
+            0u64.to_be_bytes(),
+            codec::encode_epoch(epoch_zero),
+        );
+        self.write_synced(batch, "initialise the directory")
+    }
+
+    /// Commits an epoch: its record and its new user versions, in one synced `WriteBatch`.
+    pub fn commit_epoch(
+        &self,
+        record: &EpochRecord,
+        versions: &[(AkdLabel, UserVersion)],
+    ) -> Result<()> {
+        let users = self.cf(CF_USERS);
+        let mut batch = WriteBatch::default();
+        for (akd_label, version) in versions {
+            batch.put_cf(
+                users,
+                codec::user_key(akd_label, version.version),
+                codec::encode_user(akd_label, version),
+            );
+        }
+        batch.put_cf(
+            self.cf(CF_EPOCHS),
+            record.epoch.to_be_bytes(),
+            codec::encode_epoch(record),
+        );
+        self.write_synced(batch, "commit an epoch")
+    }
+
+    fn write_synced(&self, batch: WriteBatch, context: &'static str) -> Result<()> {
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(true);
+        self.db
+            .write_opt(batch, &write_options)
+            .map_err(storage(context))
+    }
+
+    /// Total bytes of live SST files (for benchmarks and capacity reports).
+    pub fn sst_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for name in COLUMN_FAMILIES {
+            total += self
+                .db
+                .property_int_value_cf(self.cf(name), "rocksdb.total-sst-files-size")
+                .map_err(storage("read RocksDB properties"))?
+                .unwrap_or(0);
+        }
+        Ok(total)
+    }
+
+    /// Flushes memtables to SST files (for benchmarks measuring disk footprint).
+    pub fn flush(&self) -> Result<()> {
+        for name in COLUMN_FAMILIES {
+            self.db
+                .flush_cf(self.cf(name))
+                .map_err(storage("flush memtables"))?;
+        }
+        Ok(())
+    }
+}
+
+impl TreeStore for RocksStore {
+    fn read_nodes(&self, keys: &[NodeKey]) -> Result<Vec<Option<InteriorNode>>> {
+        let cf = self.cf(CF_NODES);
+        let read_chunk = |chunk: &[NodeKey]| -> Result<Vec<Option<InteriorNode>>> {
+            let encoded: Vec<Vec<u8>> = chunk.iter().map(codec::node_key).collect();
+            self.db
+                .batched_multi_get_cf(cf, &encoded, false)
+                .into_iter()
+                .map(|found| {
+                    found
+                        .map_err(storage("read tree nodes"))?
+                        .map(|bytes| codec::decode_node(&bytes))
+                        .transpose()
+                })
+                .collect()
+        };
+        if keys.len() <= READ_CHUNK {
+            return read_chunk(keys);
+        }
+        let chunks: Vec<Vec<Option<InteriorNode>>> = keys
+            .par_chunks(READ_CHUNK)
+            .map(read_chunk)
+            .collect::<Result<_>>()?;
+        Ok(chunks.into_iter().flatten().collect())
+    }
+}
+
+fn prefix_read_options() -> ReadOptions {
+    let mut read_options = ReadOptions::default();
+    read_options.set_prefix_same_as_start(true);
+    read_options
+}
+
+fn column_family_options(name: &str, cache: &Cache, options: StoreOptions) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_block_size(16 << 10);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+
+    let mut cf_options = Options::default();
+    cf_options.set_compression_type(DBCompressionType::None);
+    cf_options.set_level_compaction_dynamic_level_bytes(true);
+    match name {
+        CF_NODES => {
+            cf_options.set_write_buffer_size(options.write_buffer_bytes);
+            cf_options.set_max_write_buffer_number(4);
+            // Every node read hits (keys come from parents), so the last level needs no filter.
+            cf_options.set_optimize_filters_for_hits(true);
+        }
+        CF_USERS => {
+            cf_options.set_write_buffer_size(options.write_buffer_bytes / 2);
+            cf_options
+                .set_prefix_extractor(SliceTransform::create_fixed_prefix(codec::USER_HASH_LEN));
+            cf_options.set_memtable_prefix_bloom_ratio(0.1);
+        }
+        _ => {}
+    }
+    cf_options.set_block_based_table_factory(&table);
+    cf_options
+}

@@ -1,0 +1,167 @@
+//! The directory's ECVRF key: node labels, label proofs and the commitment key.
+//!
+//! ECVRF-EDWARDS25519-SHA512-TAI through `akd_core::ecvrf` (akd-spec §2.2), never a copy of it.
+//! The 32-byte secret seed is supplied by the caller (a key file in production, generated in
+//! the dev data directory); no key is compiled in. The seed never leaves this type except
+//! through [`akd_core::ecvrf::VRFKeyStorage::retrieve`], and `Debug` redacts it.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use akd_core::configuration::Configuration;
+use akd_core::ecvrf::{
+    Proof, VRFExpandedPrivateKey, VRFKeyStorage, VRFPrivateKey, VRFPublicKey, VrfError,
+};
+use akd_core::hash::Digest;
+use akd_core::{AkdLabel, NodeLabel, VersionFreshness};
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+
+/// Length of a VRF seed (an ed25519 secret key).
+pub const SEED_LEN: usize = 32;
+
+/// A directory's VRF key, expanded once for fast evaluation.
+#[derive(Clone)]
+pub struct VrfKey {
+    seed: Zeroizing<[u8; SEED_LEN]>,
+    private: VRFPrivateKey,
+    expanded: VRFExpandedPrivateKey,
+    public: VRFPublicKey,
+}
+
+impl fmt::Debug for VrfKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VrfKey")
+            .field("public", &hex_bytes(self.public.as_bytes()))
+            .field("seed", &"<redacted>")
+            .finish()
+    }
+}
+
+impl VrfKey {
+    /// Builds the key from its 32-byte seed.
+    pub fn from_seed(seed: &[u8]) -> Result<Self> {
+        let seed: [u8; SEED_LEN] = seed
+            .try_into()
+            .map_err(|_| Error::InvalidSeedLength { len: seed.len() })?;
+        let private = VRFPrivateKey::try_from(&seed[..]).map_err(vrf_error)?;
+        let expanded = VRFExpandedPrivateKey::from(&private);
+        let public = VRFPublicKey::from(&private);
+        Ok(Self {
+            seed: Zeroizing::new(seed),
+            private,
+            expanded,
+            public,
+        })
+    }
+
+    /// The 32-byte public key clients verify VRF proofs with.
+    pub fn public_key(&self) -> [u8; 32] {
+        *self.public.as_bytes()
+    }
+
+    /// The commitment key `H(seed)` (akd derives it the same way, akd-spec §1.2).
+    pub fn commitment_key<TC: Configuration>(&self) -> Digest {
+        TC::hash(&self.seed[..])
+    }
+
+    /// The node label of `(akd_label, freshness, version)`: one VRF evaluation (~45 µs).
+    pub fn node_label<TC: Configuration>(
+        &self,
+        akd_label: &AkdLabel,
+        freshness: VersionFreshness,
+        version: u64,
+    ) -> NodeLabel {
+        <Self as VRFKeyStorage>::get_node_label_with_expanded_key::<TC>(
+            &self.expanded,
+            &self.public,
+            akd_label,
+            freshness,
+            version,
+        )
+    }
+
+    /// The node label and its 80-byte VRF proof: one VRF proof (~95 µs), no separate evaluation.
+    pub fn prove<TC: Configuration>(
+        &self,
+        akd_label: &AkdLabel,
+        freshness: VersionFreshness,
+        version: u64,
+    ) -> (NodeLabel, Vec<u8>) {
+        let proof = <Self as VRFKeyStorage>::get_label_proof_with_key::<TC>(
+            &self.private,
+            akd_label,
+            freshness,
+            version,
+        );
+        let label = match ready(self.get_node_label_from_vrf_proof(proof)) {
+            Some(label) => label,
+            None => self.node_label::<TC>(akd_label, freshness, version),
+        };
+        (label, proof_bytes(&proof))
+    }
+}
+
+/// `VRFKeyStorage` lets akd's provided functions (and akd's own `Directory`, in tests and
+/// benchmarks) use this key.
+#[async_trait::async_trait]
+impl VRFKeyStorage for VrfKey {
+    async fn retrieve(&self) -> std::result::Result<Vec<u8>, VrfError> {
+        Ok(self.seed.to_vec())
+    }
+}
+
+fn proof_bytes(proof: &Proof) -> Vec<u8> {
+    proof.to_bytes().to_vec()
+}
+
+fn vrf_error(error: VrfError) -> Error {
+    Error::Vrf(error.to_string())
+}
+
+fn hex_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Polls a future that cannot wait (akd's `get_node_label_from_vrf_proof` has no await point)
+/// once; `None` if it was not ready.
+fn ready<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use akd_core::configuration::WhatsAppV1Configuration as Wa;
+
+    #[test]
+    fn wrong_seed_length_is_a_typed_error() {
+        for len in [0, 31, 33, 64] {
+            let error = VrfKey::from_seed(&vec![7u8; len]).expect_err("must reject");
+            assert!(matches!(error, Error::InvalidSeedLength { len: got } if got == len));
+        }
+    }
+
+    #[test]
+    fn proof_label_equals_evaluated_label() {
+        let key = VrfKey::from_seed(&[9u8; 32]).expect("valid seed");
+        let akd_label = AkdLabel::from("alice");
+        let (label, proof) = key.prove::<Wa>(&akd_label, VersionFreshness::Fresh, 3);
+        assert_eq!(
+            label,
+            key.node_label::<Wa>(&akd_label, VersionFreshness::Fresh, 3)
+        );
+        assert_eq!(proof.len(), 80);
+        assert!(!format!("{key:?}").contains("0909"));
+    }
+}

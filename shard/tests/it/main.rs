@@ -1,0 +1,13 @@
+//! The `shard` crate's integration tests: one binary, so RocksDB links once.
+//!
+//! Stock akd 0.13 with its in-memory storage is the oracle: ktd's roots and proofs must equal
+//! what `akd::Directory` produces for the same batches, VRF seed and configuration.
+
+mod akd_oracle;
+mod bad_input;
+mod crash_safety;
+mod deadline;
+mod stitch_props;
+mod store_conformance;
+mod test_vectors;
+mod workload;

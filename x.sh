@@ -55,7 +55,7 @@ main() {
             ensure_system_deps
             local name="${1:?usage: ./x.sh bench NAME [ARGS...]}"
             shift
-            exec cargo run --release --locked -p shard --bin "$name" -- "$@"
+            exec cargo bench --locked -p shard --bench "$name" -- "$@"
             ;;
         deps) ensure_system_deps ;;
         help | -h | --help) sed -n '2,12p' "$0" ;;

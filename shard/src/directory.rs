@@ -18,6 +18,7 @@
 //! committed epoch, and node versions are immutable once referenced.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,7 @@ use crate::error::{Error, LabelTag, Result};
 use crate::proof::{HistoryPlan, LookupPlan, prove_claims};
 use crate::stitch::{self, TopTree};
 use crate::store::{DirectoryMeta, EpochRecord, RocksStore, StoreOptions};
-use crate::tree::{self, SortedLeaves};
+use crate::tree::{self, SortedLeaves, TreeStore};
 use crate::user::{self, UpdateLimits, UserVersion};
 use crate::vrf::VrfKey;
 
@@ -96,6 +97,8 @@ pub struct PublishStats {
     pub vrf: Duration,
     /// Planning and hashing the partitions, including their node reads.
     pub tree: Duration,
+    /// Time spent inside node reads during `tree`, summed over threads.
+    pub node_reads: Duration,
     /// Writing node versions.
     pub write_nodes: Duration,
     /// Stitching the root and committing the epoch (synced).
@@ -263,6 +266,22 @@ impl Directory {
     }
 }
 
+/// A `TreeStore` that adds up the time spent in reads (for [`PublishStats::node_reads`]).
+struct TimedStore<'a> {
+    inner: &'a RocksStore,
+    nanos: AtomicU64,
+}
+
+impl TreeStore for TimedStore<'_> {
+    fn read_nodes(&self, keys: &[tree::NodeKey]) -> Result<Vec<Option<tree::InteriorNode>>> {
+        let started = Instant::now();
+        let nodes = self.inner.read_nodes(keys);
+        self.nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        nodes
+    }
+}
+
 /// One committed epoch, ready to serve.
 struct EpochView<TC> {
     epoch: u64,
@@ -410,15 +429,16 @@ impl<TC: Configuration> Core<TC> {
         };
 
         let started = Instant::now();
-        let prior: Vec<Option<(u64, AkdValue)>> = updates
-            .par_iter()
-            .map(|(akd_label, _)| {
-                Ok(self
-                    .store
-                    .latest_user_version(akd_label, base.epoch)?
-                    .map(|version| (version.version, version.value)))
-            })
-            .collect::<Result<_>>()?;
+        let labels: Vec<&[u8]> = updates
+            .iter()
+            .map(|(akd_label, _)| akd_label.as_slice())
+            .collect();
+        let prior: Vec<Option<(u64, AkdValue)>> = self
+            .store
+            .latest_user_versions(&labels, base.epoch)?
+            .into_iter()
+            .map(|version| version.map(|version| (version.version, version.value)))
+            .collect();
         let planned = user::plan_updates(updates, &prior);
         stats.read_users = started.elapsed();
         if planned.is_empty() {
@@ -436,15 +456,20 @@ impl<TC: Configuration> Core<TC> {
 
         let started = Instant::now();
         let runs = SortedLeaves::new(epoch_leaves.leaves)?.split_by_partition(self.bits);
+        let timed_store = TimedStore {
+            inner: &self.store,
+            nanos: AtomicU64::new(0),
+        };
         let deltas: Vec<(u32, tree::PartitionDelta)> = runs
             .into_par_iter()
             .map(|(partition, leaves)| {
                 let root = base.top.partitions()[partition as usize];
-                tree::insert_leaves::<TC, _>(&*self.store, root, &leaves, epoch)
+                tree::insert_leaves::<TC, _>(&timed_store, root, &leaves, epoch)
                     .map(|delta| (partition, delta))
             })
             .collect::<Result<_>>()?;
         stats.tree = started.elapsed();
+        stats.node_reads = Duration::from_nanos(timed_store.nanos.load(Ordering::Relaxed));
         stats.nodes_written = deltas.iter().map(|(_, delta)| delta.node_count()).sum();
 
         let started = Instant::now();

@@ -268,24 +268,32 @@ impl RocksStore {
 
     /// The latest version of `akd_label` published at or before `as_of`.
     pub fn latest_user_version(&self, akd_label: &[u8], as_of: u64) -> Result<Option<UserVersion>> {
-        let prefix = codec::user_prefix(akd_label);
         let mut iter = self
             .db
             .raw_iterator_cf_opt(self.cf(CF_USERS), prefix_read_options());
-        iter.seek_for_prev(codec::user_key(akd_label, u64::MAX));
-        while iter.valid() {
-            let Some(key) = iter.key() else { break };
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let version = codec::decode_user(akd_label, iter.value().unwrap_or_default())?;
-            if version.epoch <= as_of {
-                return Ok(Some(version));
-            }
-            iter.prev();
-        }
-        iter.status().map_err(storage("read a user's versions"))?;
-        Ok(None)
+        latest_user_version_with(&mut iter, akd_label, as_of)
+    }
+
+    /// [`RocksStore::latest_user_version`] for many labels, on the rayon pool, reusing one
+    /// iterator per chunk of labels.
+    pub fn latest_user_versions<L: AsRef<[u8]> + Sync>(
+        &self,
+        akd_labels: &[L],
+        as_of: u64,
+    ) -> Result<Vec<Option<UserVersion>>> {
+        let chunks: Vec<Vec<Option<UserVersion>>> = akd_labels
+            .par_chunks(READ_CHUNK)
+            .map(|chunk| {
+                let mut iter = self
+                    .db
+                    .raw_iterator_cf_opt(self.cf(CF_USERS), prefix_read_options());
+                chunk
+                    .iter()
+                    .map(|akd_label| latest_user_version_with(&mut iter, akd_label.as_ref(), as_of))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        Ok(chunks.into_iter().flatten().collect())
     }
 
     /// Every version of `akd_label` published at or before `as_of`, oldest first.
@@ -402,6 +410,28 @@ impl TreeStore for RocksStore {
             .collect::<Result<_>>()?;
         Ok(chunks.into_iter().flatten().collect())
     }
+}
+
+fn latest_user_version_with(
+    iter: &mut rocksdb::DBRawIterator<'_>,
+    akd_label: &[u8],
+    as_of: u64,
+) -> Result<Option<UserVersion>> {
+    let prefix = codec::user_prefix(akd_label);
+    iter.seek_for_prev(codec::user_key(akd_label, u64::MAX));
+    while iter.valid() {
+        let Some(key) = iter.key() else { break };
+        if !key.starts_with(&prefix) {
+            break;
+        }
+        let version = codec::decode_user(akd_label, iter.value().unwrap_or_default())?;
+        if version.epoch <= as_of {
+            return Ok(Some(version));
+        }
+        iter.prev();
+    }
+    iter.status().map_err(storage("read a user's versions"))?;
+    Ok(None)
 }
 
 fn prefix_read_options() -> ReadOptions {

@@ -10,4 +10,5 @@ mod deadline;
 mod stitch_props;
 mod store_conformance;
 mod test_vectors;
+mod tidy;
 mod workload;

@@ -15,6 +15,8 @@
 //! - [`user`]: akd's version rules: which leaves an update inserts, and the user's versions.
 //! - [`proof`]: assembles akd's `LookupProof` and `HistoryProof` from VRF proofs and paths.
 //! - [`store`]: RocksDB column families, record encodings, and `RocksTreeStore`.
+//! - [`node`]: one process's partitions: the two epoch steps (user leaves, partition builds)
+//!   and the reads, shared by the in-process directory and the shard server.
 //! - [`directory`]: the in-process directory (all partitions, one RocksDB) that `ktd dev` runs.
 //! - [`config`]: the AKD configuration chosen at run time (WhatsApp v1 or experimental).
 //!
@@ -25,6 +27,7 @@ pub mod config;
 pub mod directory;
 pub mod error;
 pub mod label;
+pub mod node;
 pub mod proof;
 pub mod stitch;
 pub mod store;

@@ -125,13 +125,18 @@ fn prove_labels<TC: Configuration>(
 }
 
 /// Everything a lookup proof needs besides the tree.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LookupPlan {
-    version: UserVersion,
-    existence: ProvenLabel,
-    marker: ProvenLabel,
-    freshness: ProvenLabel,
-    commitment_nonce: Vec<u8>,
+    /// The latest version as of the proof's epoch.
+    pub version: UserVersion,
+    /// `FreshLabel(n)` and its VRF proof.
+    pub existence: ProvenLabel,
+    /// `FreshLabel(2^⌊log2 n⌋)` and its VRF proof.
+    pub marker: ProvenLabel,
+    /// `StaleLabel(n)` and its VRF proof.
+    pub freshness: ProvenLabel,
+    /// The commitment nonce of version `n`.
+    pub commitment_nonce: Vec<u8>,
 }
 
 /// akd's marker version for a lookup: the largest power of two `≤ version`.
@@ -205,12 +210,28 @@ fn next(labels: &mut impl Iterator<Item = ProvenLabel>) -> ProvenLabel {
     labels.next().expect("one proven label per requested label")
 }
 
+/// One version's part of a history proof.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpdatePlan {
+    /// The version.
+    pub version: UserVersion,
+    /// `FreshLabel(v)` and its VRF proof.
+    pub fresh: ProvenLabel,
+    /// `StaleLabel(v - 1)` and its VRF proof (none for version 1).
+    pub stale: Option<ProvenLabel>,
+    /// The commitment nonce of version `v`.
+    pub commitment_nonce: Vec<u8>,
+}
+
 /// Everything a history proof needs besides the tree.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HistoryPlan {
-    updates: Vec<(UserVersion, ProvenLabel, Option<ProvenLabel>, Vec<u8>)>,
-    past_markers: Vec<ProvenLabel>,
-    future_markers: Vec<ProvenLabel>,
+    /// Versions, newest first.
+    pub updates: Vec<UpdatePlan>,
+    /// Past marker versions (akd #444), with VRF proofs; proven present.
+    pub past_markers: Vec<ProvenLabel>,
+    /// Future marker versions, with VRF proofs; proven absent.
+    pub future_markers: Vec<ProvenLabel>,
 }
 
 impl HistoryPlan {
@@ -265,14 +286,19 @@ impl HistoryPlan {
             .map(|version| {
                 let fresh = next(&mut labels);
                 let stale = (version.version > 1).then(|| next(&mut labels));
-                let nonce = TC::get_commitment_nonce(
+                let commitment_nonce = TC::get_commitment_nonce(
                     &commitment_key,
                     &fresh.label,
                     version.version,
                     &version.value,
                 )
                 .to_vec();
-                (version, fresh, stale, nonce)
+                UpdatePlan {
+                    version,
+                    fresh,
+                    stale,
+                    commitment_nonce,
+                }
             })
             .collect();
         let past_markers = past.iter().map(|_| next(&mut labels)).collect();
@@ -287,9 +313,9 @@ impl HistoryPlan {
     /// The tree claims, in the order [`HistoryPlan::assemble`] expects their proofs.
     pub fn claims(&self) -> Vec<Claim> {
         let mut claims = Vec::new();
-        for (_, fresh, stale, _) in &self.updates {
-            claims.push(Claim::Member(fresh.label));
-            if let Some(stale) = stale {
+        for update in &self.updates {
+            claims.push(Claim::Member(update.fresh.label));
+            if let Some(stale) = &update.stale {
                 claims.push(Claim::Member(stale.label));
             }
         }
@@ -320,7 +346,13 @@ impl HistoryPlan {
                 .ok_or_else(|| Error::Proof("missing tree proof".into()))
         };
         let mut update_proofs = Vec::with_capacity(self.updates.len());
-        for (version, fresh, stale, commitment_nonce) in self.updates {
+        for UpdatePlan {
+            version,
+            fresh,
+            stale,
+            commitment_nonce,
+        } in self.updates
+        {
             let existence_proof = take()?.member()?;
             let (previous_version_vrf_proof, previous_version_proof) = match stale {
                 Some(stale) => (Some(stale.vrf_proof), Some(take()?.member()?)),

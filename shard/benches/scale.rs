@@ -133,7 +133,7 @@ fn main() {
             let batch = (entries..end).map(|id| (label(id), value(id, 1))).collect();
             directory.publish(batch).expect("grow");
             entries = end;
-            if entries % 1_000_000 == 0 {
+            if entries.is_multiple_of(1_000_000) {
                 eprintln!(
                     "{entries} entries after {:.0} s",
                     started.elapsed().as_secs_f64()

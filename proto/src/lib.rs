@@ -1,0 +1,31 @@
+//! ktd's wire definitions: the `.proto` files under `proto/ktd/` and the tonic/prost code
+//! generated from them. Wire only: no consensus or tree logic lives here.
+//!
+//! | module | package | file |
+//! |---|---|---|
+//! | [`ktd::v1`] | `ktd.v1` | `ktd/v1/sequencer.proto`: the sequencer's internal API and its replicated commands |
+//! | [`ktd::raft::v1`] | `ktd.raft.v1` | `ktd/raft/v1/raft.proto`: Raft transport and the on-disk Raft log encoding |
+//!
+//! More packages (`directory.proto`, `shard.proto`) are added by listing them in `build.rs`'s
+//! `PROTOS` and declaring their module here.
+
+/// Generated code, one module per proto package.
+pub mod ktd {
+    /// Package `ktd.v1`: the sequencer's internal gRPC API.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod v1 {
+        tonic::include_proto!("ktd.v1");
+    }
+
+    /// Raft packages.
+    pub mod raft {
+        /// Package `ktd.raft.v1`: Raft transport between sequencer nodes.
+        #[allow(missing_docs, clippy::all, clippy::pedantic)]
+        pub mod v1 {
+            tonic::include_proto!("ktd.raft.v1");
+        }
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every package, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ktd_descriptor");

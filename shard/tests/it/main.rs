@@ -11,4 +11,5 @@ mod stitch_props;
 mod store_conformance;
 mod test_vectors;
 mod tidy;
+mod wire_compat;
 mod workload;

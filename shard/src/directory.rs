@@ -290,54 +290,28 @@ struct Core<TC> {
 
 impl<TC: Configuration> Core<TC> {
     fn open(path: &Path, options: &DirectoryOptions, vrf: VrfKey) -> Result<Self> {
-        let (store, created) = RocksStore::open(path, options.store)?;
         let expected = DirectoryMeta {
             configuration: options.config.to_string(),
             partition_bits: options.partition_bits,
             vrf_public_key: vrf.public_key(),
         };
-        let incompatible = |reason: String| Error::IncompatibleDataDir {
-            path: path.display().to_string(),
-            reason,
-        };
-        if created {
-            let empty = TopTree::<TC>::new(
-                options.partition_bits,
-                vec![None; 1 << options.partition_bits],
-            )?;
-            store.initialize(
-                &expected,
-                &EpochRecord {
+        let (store, created) = RocksStore::open_checked(path, options.store, &expected)?;
+        let record = match store.last_epoch()? {
+            Some(record) => record,
+            None => {
+                let empty = TopTree::<TC>::new(
+                    options.partition_bits,
+                    vec![None; 1 << options.partition_bits],
+                )?;
+                let record = EpochRecord {
                     epoch: 0,
                     root_hash: empty.root_hash(),
                     partitions: empty.partitions().to_vec(),
-                },
-            )?;
-        } else {
-            let meta = store
-                .meta()?
-                .ok_or_else(|| incompatible("no ktd directory metadata".into()))?;
-            if meta.configuration != expected.configuration {
-                return Err(incompatible(format!(
-                    "it holds configuration {}, not {}",
-                    meta.configuration, expected.configuration
-                )));
+                };
+                store.put_epoch(&record)?;
+                record
             }
-            if meta.partition_bits != expected.partition_bits {
-                return Err(incompatible(format!(
-                    "it has {} partition bits, not {}",
-                    meta.partition_bits, expected.partition_bits
-                )));
-            }
-            if meta.vrf_public_key != expected.vrf_public_key {
-                return Err(incompatible(
-                    "it was created with a different VRF key".into(),
-                ));
-            }
-        }
-        let record = store
-            .last_epoch()?
-            .ok_or_else(|| incompatible("no committed epoch".into()))?;
+        };
         let top = TopTree::<TC>::new(options.partition_bits, record.partitions)?;
         if top.root_hash() != record.root_hash {
             return Err(Error::Corrupt(format!(

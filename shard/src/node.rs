@@ -106,6 +106,32 @@ impl<TC: Configuration> ShardNode<TC> {
         }
     }
 
+    /// Opens (or creates) a node's data directory. An existing one must have been created for
+    /// the same configuration, partition bits and VRF key.
+    pub fn open(
+        path: &std::path::Path,
+        config: &crate::AkdConfig,
+        bits: u8,
+        vrf: VrfKey,
+        limits: UpdateLimits,
+        store_options: crate::store::StoreOptions,
+    ) -> Result<Self> {
+        if bits > crate::directory::MAX_PARTITION_BITS {
+            return Err(Error::InvalidConfig(format!(
+                "partition bits must be at most {}, got {bits}",
+                crate::directory::MAX_PARTITION_BITS
+            )));
+        }
+        config.install()?;
+        let expected = crate::store::DirectoryMeta {
+            configuration: config.to_string(),
+            partition_bits: bits,
+            vrf_public_key: vrf.public_key(),
+        };
+        let (store, _) = RocksStore::open_checked(path, store_options, &expected)?;
+        Ok(Self::new(store, bits, vrf, limits))
+    }
+
     /// The RocksDB store.
     pub fn store(&self) -> &Arc<RocksStore> {
         &self.store

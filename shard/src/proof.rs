@@ -15,7 +15,7 @@ use akd_core::{
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::stitch::{self, TopTree};
+use crate::stitch::{self, Located, TopTree};
 use crate::tree::{PartitionWalk, WalkRequest};
 use crate::user::UserVersion;
 use crate::vrf::VrfKey;
@@ -55,51 +55,77 @@ impl TreeProof {
 }
 
 /// Answers `claims` on the tree whose top is `top`; `walk` runs the in-partition walks (locally
-/// over a `TreeStore`, or on remote shards) and must answer its requests in order.
+/// over a `TreeStore`) and must answer its requests in order. Remote callers use
+/// [`LocatedClaims`] directly and walk asynchronously.
 pub fn prove_claims<TC: Configuration>(
     top: &TopTree<TC>,
     claims: &[Claim],
     walk: impl FnOnce(&[WalkRequest]) -> Result<Vec<PartitionWalk>>,
 ) -> Result<Vec<TreeProof>> {
-    let located: Vec<_> = claims
-        .iter()
-        .map(|claim| {
-            let target = match claim {
-                Claim::Member(label) | Claim::Absent(label) => *label,
-            };
-            (target, top.locate(&target))
-        })
-        .collect();
-    let requests: Vec<WalkRequest> = located
-        .iter()
-        .filter_map(|(target, located)| located.walk_request(*target))
-        .collect();
-    let mut walks = walk(&requests)?.into_iter();
-    if walks.len() != requests.len() {
-        return Err(Error::Proof(format!(
-            "asked for {} partition walks, got {}",
-            requests.len(),
-            walks.len()
-        )));
+    let located = LocatedClaims::new(top, claims);
+    let walks = walk(located.walk_requests())?;
+    located.finish(walks)
+}
+
+/// Claims located in the top of the trie: what is left to walk inside partitions.
+#[derive(Clone, Debug)]
+pub struct LocatedClaims {
+    claims: Vec<(Claim, NodeLabel, Located)>,
+    requests: Vec<WalkRequest>,
+}
+
+impl LocatedClaims {
+    /// Locates every claim's label in `top`.
+    pub fn new<TC: Configuration>(top: &TopTree<TC>, claims: &[Claim]) -> Self {
+        let claims: Vec<(Claim, NodeLabel, Located)> = claims
+            .iter()
+            .map(|claim| {
+                let target = match claim {
+                    Claim::Member(label) | Claim::Absent(label) => *label,
+                };
+                (*claim, target, top.locate(&target))
+            })
+            .collect();
+        let requests = claims
+            .iter()
+            .filter_map(|(_, target, located)| located.walk_request(*target))
+            .collect();
+        Self { claims, requests }
     }
-    claims
-        .iter()
-        .zip(located)
-        .map(|(claim, (target, located))| {
-            let walk = if located.walk_request(target).is_some() {
-                walks.next()
-            } else {
-                None
-            };
-            match claim {
-                Claim::Member(_) => {
-                    stitch::membership_proof(target, located, walk).map(TreeProof::Member)
+
+    /// The in-partition walks still needed, in order (each names its partition root).
+    pub fn walk_requests(&self) -> &[WalkRequest] {
+        &self.requests
+    }
+
+    /// Stitches the answers to [`LocatedClaims::walk_requests`] (in the same order) into proofs.
+    pub fn finish(self, walks: Vec<PartitionWalk>) -> Result<Vec<TreeProof>> {
+        if walks.len() != self.requests.len() {
+            return Err(Error::Proof(format!(
+                "asked for {} partition walks, got {}",
+                self.requests.len(),
+                walks.len()
+            )));
+        }
+        let mut walks = walks.into_iter();
+        self.claims
+            .into_iter()
+            .map(|(claim, target, located)| {
+                let walk = if located.walk_request(target).is_some() {
+                    walks.next()
+                } else {
+                    None
+                };
+                match claim {
+                    Claim::Member(_) => {
+                        stitch::membership_proof(target, located, walk).map(TreeProof::Member)
+                    }
+                    Claim::Absent(_) => stitch::non_membership_proof(target, located, walk)
+                        .map(|proof| TreeProof::Absent(Box::new(proof))),
                 }
-                Claim::Absent(_) => stitch::non_membership_proof(target, located, walk)
-                    .map(|proof| TreeProof::Absent(Box::new(proof))),
-            }
-        })
-        .collect()
+            })
+            .collect()
+    }
 }
 
 /// A node label with the VRF proof that binds it to `(akd_label, freshness, version)`.

@@ -6,6 +6,7 @@
 //! | `nodes` | `be64(version) ‖ label bytes ‖ be16(len)` | interior node (two [`NodeRef`](crate::tree::NodeRef)s) |
 //! | `epochs` | `be64(epoch)` | [`EpochRecord`]: root hash and partition roots |
 //! | `users` | `blake3(label) ‖ be64(version)` | one user version |
+//! | `inbox` | `be64(epoch) ‖ sender id` | leaves another shard delivered for this shard's partitions |
 //!
 //! Node versions of an epoch are written first (one `WriteBatch` per partition, in parallel,
 //! unsynced); the epoch record and the user versions follow in one synced `WriteBatch`, which is
@@ -23,7 +24,7 @@ use rocksdb::{
 };
 
 use crate::error::{Error, Result};
-use crate::tree::{InteriorNode, NodeKey, PartitionDelta, TreeStore};
+use crate::tree::{InteriorNode, LeavesByPartition, NewLeaf, NodeKey, PartitionDelta, TreeStore};
 use crate::user::UserVersion;
 
 pub mod codec;
@@ -34,7 +35,8 @@ const CF_META: &str = "meta";
 const CF_NODES: &str = "nodes";
 const CF_EPOCHS: &str = "epochs";
 const CF_USERS: &str = "users";
-const COLUMN_FAMILIES: [&str; 4] = [CF_META, CF_NODES, CF_EPOCHS, CF_USERS];
+const CF_INBOX: &str = "inbox";
+const COLUMN_FAMILIES: [&str; 5] = [CF_META, CF_NODES, CF_EPOCHS, CF_USERS, CF_INBOX];
 const META_KEY: &[u8] = b"directory";
 
 /// Keys per `multi_get` call when a level's reads are split across threads.
@@ -347,16 +349,113 @@ impl RocksStore {
         Ok(versions)
     }
 
-    /// Writes the metadata of a new directory and its epoch 0, synced.
-    pub fn initialize(&self, meta: &DirectoryMeta, epoch_zero: &EpochRecord) -> Result<()> {
+    /// Opens the database at `path` for the directory `expected` describes: a new or empty
+    /// database is stamped with it; an existing one must carry the same configuration, partition
+    /// bits and VRF key. Returns whether the database was new.
+    pub fn open_checked(
+        path: &Path,
+        options: StoreOptions,
+        expected: &DirectoryMeta,
+    ) -> Result<(Arc<Self>, bool)> {
+        let (store, _) = Self::open(path, options)?;
+        let incompatible = |reason: String| incompatible(path, reason);
+        match store.meta()? {
+            None => {
+                // A database with our column families but no metadata is only acceptable if it
+                // holds nothing (a first start that stopped before stamping it).
+                for name in [CF_NODES, CF_EPOCHS, CF_USERS, CF_INBOX] {
+                    if store
+                        .db
+                        .iterator_cf(store.cf(name), IteratorMode::Start)
+                        .next()
+                        .is_some()
+                    {
+                        return Err(incompatible("it holds data but no ktd metadata".into()));
+                    }
+                }
+                let mut batch = WriteBatch::default();
+                batch.put_cf(store.cf(CF_META), META_KEY, expected.encode());
+                store.write_synced(batch, "stamp the directory metadata")?;
+                Ok((store, true))
+            }
+            Some(meta) => {
+                if meta.configuration != expected.configuration {
+                    return Err(incompatible(format!(
+                        "it holds configuration {}, not {}",
+                        meta.configuration, expected.configuration
+                    )));
+                }
+                if meta.partition_bits != expected.partition_bits {
+                    return Err(incompatible(format!(
+                        "it has {} partition bits, not {}",
+                        meta.partition_bits, expected.partition_bits
+                    )));
+                }
+                if meta.vrf_public_key != expected.vrf_public_key {
+                    return Err(incompatible(
+                        "it was created with a different VRF key".into(),
+                    ));
+                }
+                Ok((store, false))
+            }
+        }
+    }
+
+    /// Writes an epoch record on its own, synced (epoch 0 of a new directory).
+    pub fn put_epoch(&self, record: &EpochRecord) -> Result<()> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_META), META_KEY, meta.encode());
         batch.put_cf(
             self.cf(CF_EPOCHS),
-            0u64.to_be_bytes(),
-            codec::encode_epoch(epoch_zero),
+            record.epoch.to_be_bytes(),
+            codec::encode_epoch(record),
         );
-        self.write_synced(batch, "initialise the directory")
+        self.write_synced(batch, "write an epoch record")
+    }
+
+    /// Writes user versions in one synced `WriteBatch` (a shard's prepare step).
+    pub fn write_user_versions(&self, versions: &[(AkdLabel, UserVersion)]) -> Result<()> {
+        let users = self.cf(CF_USERS);
+        let mut batch = WriteBatch::default();
+        for (akd_label, version) in versions {
+            batch.put_cf(
+                users,
+                codec::user_key(akd_label, version.version),
+                codec::encode_user(akd_label, version),
+            );
+        }
+        self.write_synced(batch, "write user versions")
+    }
+
+    /// Stores the leaves `from` delivered for `epoch` (replacing an earlier delivery), synced.
+    pub fn put_inbox(
+        &self,
+        epoch: u64,
+        from: &str,
+        partitions: &[(u32, Vec<NewLeaf>)],
+    ) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_INBOX),
+            codec::inbox_key(epoch, from),
+            codec::encode_leaves(partitions),
+        );
+        self.write_synced(batch, "store delivered leaves")
+    }
+
+    /// The leaves `from` delivered for `epoch`, if it did.
+    pub fn inbox(&self, epoch: u64, from: &str) -> Result<Option<LeavesByPartition>> {
+        self.db
+            .get_cf(self.cf(CF_INBOX), codec::inbox_key(epoch, from))
+            .map_err(storage("read delivered leaves"))?
+            .map(|bytes| codec::decode_leaves(&bytes))
+            .transpose()
+    }
+
+    /// Deletes the deliveries of every epoch below `epoch`.
+    pub fn discard_inbox_before(&self, epoch: u64) -> Result<()> {
+        self.db
+            .delete_range_cf(self.cf(CF_INBOX), 0u64.to_be_bytes(), epoch.to_be_bytes())
+            .map_err(storage("discard old deliveries"))
     }
 
     /// Commits an epoch: its record and its new user versions, in one synced `WriteBatch`.

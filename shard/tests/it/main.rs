@@ -5,6 +5,7 @@
 
 mod akd_oracle;
 mod bad_input;
+mod cluster_pipeline;
 mod crash_safety;
 mod deadline;
 mod stitch_props;

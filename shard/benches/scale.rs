@@ -28,6 +28,7 @@ struct Args {
     checkpoints: Vec<u64>,
     measure_epochs: u64,
     bits: u8,
+    block_cache_mb: usize,
     dir: Option<PathBuf>,
     out: PathBuf,
 }
@@ -39,6 +40,7 @@ fn parse_args() -> Args {
         checkpoints: vec![1_000_000, 10_000_000],
         measure_epochs: 3,
         bits: 4,
+        block_cache_mb: 512,
         dir: None,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench-results/scale.json"),
     };
@@ -61,6 +63,7 @@ fn parse_args() -> Args {
                 args.measure_epochs = value().parse().expect("--measure-epochs N")
             }
             "--bits" => args.bits = value().parse().expect("--bits K"),
+            "--block-cache-mb" => args.block_cache_mb = value().parse().expect("--block-cache-mb N"),
             "--dir" => args.dir = Some(PathBuf::from(value())),
             "--out" => args.out = PathBuf::from(value()),
             "--bench" => {}
@@ -110,6 +113,7 @@ fn main() {
         partition_bits: args.bits,
         store: StoreOptions {
             statistics: true,
+            block_cache_bytes: args.block_cache_mb << 20,
             ..StoreOptions::default()
         },
         ..DirectoryOptions::default()
@@ -145,6 +149,7 @@ fn main() {
         let mut vrf = Vec::new();
         let mut tree_storage = Vec::new();
         let mut seal = Vec::new();
+        let mut phases: Vec<Value> = Vec::new();
         for _ in 0..args.measure_epochs {
             let mut batch = Vec::new();
             let mut changed = std::collections::HashSet::new();
@@ -169,6 +174,16 @@ fn main() {
             vrf.push(vrf_us);
             tree_storage.push(total - vrf_us);
             seal.push((began.elapsed() - stats.vrf).as_secs_f64());
+            let per = |duration: std::time::Duration| duration.as_secs_f64() * 1e6 / updates;
+            phases.push(json!({
+                "read_users_us": per(stats.read_users),
+                "vrf_us": per(stats.vrf),
+                "tree_us": per(stats.tree),
+                "node_reads_us_thread_sum": per(stats.node_reads),
+                "write_nodes_us": per(stats.write_nodes),
+                "commit_us": per(stats.commit),
+                "nodes_written": stats.nodes_written,
+            }));
         }
         let io = directory.store().io_stats();
         directory.store().flush().expect("flush");
@@ -189,6 +204,7 @@ fn main() {
             "lsm_write_amp_measured_epochs": lsm_bytes as f64 / user_bytes.max(1) as f64,
             "lsm_write_amp_lifetime": io.lsm_write_amplification(),
             "per_update_runs": per_update,
+            "phases": phases,
         });
         eprintln!("checkpoint: {result}");
         results.push(result);

@@ -583,6 +583,7 @@ fn column_family_options(name: &str, cache: &Cache, options: StoreOptions) -> Op
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(cache);
     table.set_bloom_filter(10.0, false);
+    // 16 KiB measured better than 4 KiB at 10M entries (smaller index and filter footprint).
     table.set_block_size(16 << 10);
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);

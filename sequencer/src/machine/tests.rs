@@ -1,0 +1,341 @@
+//! Unit tests of the pure state machine, through an in-memory [`MachineTx`].
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+/// An in-memory transaction: everything is applied immediately.
+#[derive(Default)]
+struct MemTx {
+    idem: BTreeMap<Vec<u8>, (u64, pb::AppendResponse)>,
+    idem_order: BTreeMap<u64, Vec<u8>>,
+    epochs: BTreeMap<u64, pb::EpochRecord>,
+    updates: BTreeMap<(u64, Vec<u8>), (u64, Vec<u8>)>,
+}
+
+impl MachineTx for MemTx {
+    fn idem_get(&self, key: &[u8]) -> Result<Option<pb::AppendResponse>> {
+        Ok(self.idem.get(key).map(|(_, answer)| *answer))
+    }
+    fn idem_put(&mut self, key: &[u8], ordinal: u64, answer: &pb::AppendResponse) {
+        self.idem.insert(key.to_vec(), (ordinal, *answer));
+        self.idem_order.insert(ordinal, key.to_vec());
+    }
+    fn idem_evict(&mut self, ordinal: u64) -> Result<()> {
+        if let Some(key) = self.idem_order.remove(&ordinal) {
+            self.idem.remove(&key);
+        }
+        Ok(())
+    }
+    fn epoch_get(&self, epoch: u64) -> Result<Option<pb::EpochRecord>> {
+        Ok(self.epochs.get(&epoch).cloned())
+    }
+    fn epoch_put(&mut self, record: &pb::EpochRecord) {
+        self.epochs.insert(record.epoch, record.clone());
+    }
+    fn update_put(&mut self, epoch: u64, label: &[u8], sequence: u64, value: &[u8]) {
+        self.updates
+            .insert((epoch, label.to_vec()), (sequence, value.to_vec()));
+    }
+    fn updates_drop(&mut self, epoch: u64) {
+        self.updates.retain(|(e, _), _| *e != epoch);
+    }
+}
+
+impl MemTx {
+    fn batch(&self, epoch: u64) -> Vec<(Vec<u8>, u64)> {
+        self.updates
+            .iter()
+            .filter(|((e, _), _)| *e == epoch)
+            .map(|((_, label), (sequence, _))| (label.clone(), *sequence))
+            .collect()
+    }
+}
+
+fn metadata(max_epoch_updates: u64, window: u64, retain: u64) -> pb::ClusterMetadata {
+    pb::ClusterMetadata {
+        cluster_id: vec![7; 16],
+        partition_bits: 2,
+        akd_configuration: "whatsapp_v1".into(),
+        vrf_public_key: vec![1; 32],
+        max_epoch_updates,
+        idempotency_window: window,
+        retained_committed_batches: retain,
+    }
+}
+
+struct Harness {
+    machine: Machine,
+    tx: MemTx,
+    index: u64,
+}
+
+impl Harness {
+    fn new(max_epoch_updates: u64, window: u64, retain: u64) -> Self {
+        let mut harness = Self {
+            machine: Machine::default(),
+            tx: MemTx::default(),
+            index: 0,
+        };
+        let applied = harness.run(pb::command::Kind::InitCluster(metadata(
+            max_epoch_updates,
+            window,
+            retain,
+        )));
+        assert!(matches!(
+            applied.kind,
+            Some(pb::apply_result::Kind::Metadata(_))
+        ));
+        harness
+    }
+
+    fn run(&mut self, kind: pb::command::Kind) -> pb::ApplyResult {
+        self.index += 1;
+        self.machine
+            .apply(&mut self.tx, self.index, &pb::Command { kind: Some(kind) })
+            .expect("apply")
+    }
+
+    fn append(&mut self, labels: &[&str], key: &str) -> pb::ApplyResult {
+        self.run(pb::command::Kind::Append(pb::AppendRequest {
+            updates: labels
+                .iter()
+                .map(|label| pb::Update {
+                    label: label.as_bytes().to_vec(),
+                    value: format!("v-{label}").into_bytes(),
+                })
+                .collect(),
+            idempotency_key: key.as_bytes().to_vec(),
+        }))
+    }
+
+    fn appended(&mut self, labels: &[&str], key: &str) -> pb::AppendResponse {
+        match self.append(labels, key).kind {
+            Some(pb::apply_result::Kind::Appended(answer)) => answer,
+            other => panic!("expected Appended, got {other:?}"),
+        }
+    }
+
+    fn seal(&mut self, epoch: u64) -> pb::ApplyResult {
+        self.run(pb::command::Kind::Seal(pb::SealRequest { epoch }))
+    }
+
+    fn commit(&mut self, epoch: u64, root: u8) -> pb::ApplyResult {
+        self.run(pb::command::Kind::CommitEpoch(pb::CommitEpochRequest {
+            epoch,
+            root_hash: vec![root; 32],
+            partition_roots: vec![root],
+        }))
+    }
+}
+
+fn rejection_code(applied: &pb::ApplyResult) -> Option<Code> {
+    match &applied.kind {
+        Some(pb::apply_result::Kind::Rejected(rejection)) => Some(Code::from(rejection.code)),
+        _ => None,
+    }
+}
+
+#[test]
+fn appends_get_sequences_and_last_writer_wins() {
+    let mut harness = Harness::new(100, 100, 0);
+    let first = harness.appended(&["a", "b"], "");
+    assert_eq!((first.epoch, first.first_sequence, first.count), (1, 1, 2));
+    let second = harness.appended(&["b", "c", "c"], "");
+    assert_eq!(
+        (second.epoch, second.first_sequence, second.count),
+        (1, 3, 3)
+    );
+    // "b" was replaced by sequence 3, "c" by its later copy (5).
+    assert_eq!(
+        harness.tx.batch(1),
+        vec![(b"a".to_vec(), 1), (b"b".to_vec(), 3), (b"c".to_vec(), 5)]
+    );
+    assert_eq!(harness.machine.open_epoch_updates(), 3);
+}
+
+#[test]
+fn idempotent_retry_returns_original_answer_and_applies_once() {
+    let mut harness = Harness::new(100, 2, 0);
+    let original = harness.appended(&["a"], "k1");
+    let retry = harness.appended(&["a"], "k1");
+    assert!(retry.duplicate);
+    assert_eq!(
+        (retry.epoch, retry.first_sequence),
+        (original.epoch, original.first_sequence)
+    );
+    assert_eq!(harness.machine.state().next_sequence, 2, "applied once");
+    // The window holds two keys: after two more, k1 is forgotten.
+    harness.appended(&["b"], "k2");
+    harness.appended(&["c"], "k3");
+    let late = harness.appended(&["a"], "k1");
+    assert!(!late.duplicate, "k1 fell out of the window");
+    assert!(harness.appended(&["d"], "k3").duplicate);
+}
+
+#[test]
+fn full_epoch_is_sealed_before_the_append_that_would_overflow_it() {
+    let mut harness = Harness::new(3, 100, 0);
+    harness.appended(&["a", "b"], "");
+    // Replacing a label does not grow the epoch.
+    let same = harness.appended(&["a", "c"], "");
+    assert_eq!(same.epoch, 1);
+    assert!(same.sealed_before.is_none());
+    let next = harness.appended(&["d", "e"], "");
+    assert_eq!(next.epoch, 2);
+    assert_eq!(
+        next.sealed_before,
+        Some(pb::SealResponse {
+            epoch: 1,
+            updates: 3,
+            already_sealed: false
+        })
+    );
+    // A batch with more distinct labels than an epoch may hold is refused.
+    assert_eq!(
+        rejection_code(&harness.append(&["w", "x", "y", "z"], "")),
+        Some(Code::InvalidArgument)
+    );
+}
+
+#[test]
+fn seal_rules() {
+    let mut harness = Harness::new(100, 100, 0);
+    assert_eq!(
+        rejection_code(&harness.seal(1)),
+        Some(Code::FailedPrecondition),
+        "empty"
+    );
+    harness.appended(&["a"], "");
+    assert_eq!(
+        rejection_code(&harness.seal(2)),
+        Some(Code::FailedPrecondition),
+        "future"
+    );
+    let sealed = harness.seal(1);
+    assert!(matches!(
+        sealed.kind,
+        Some(pb::apply_result::Kind::Sealed(pb::SealResponse {
+            epoch: 1,
+            updates: 1,
+            already_sealed: false
+        }))
+    ));
+    let again = harness.seal(1);
+    assert!(matches!(
+        again.kind,
+        Some(pb::apply_result::Kind::Sealed(pb::SealResponse {
+            epoch: 1,
+            already_sealed: true,
+            ..
+        }))
+    ));
+    assert_eq!(harness.appended(&["b"], "").epoch, 2);
+}
+
+#[test]
+fn commit_epoch_never_forks() {
+    let mut harness = Harness::new(100, 100, 1);
+    harness.appended(&["a"], "");
+    assert_eq!(
+        rejection_code(&harness.commit(1, 9)),
+        Some(Code::FailedPrecondition),
+        "not sealed"
+    );
+    harness.seal(1);
+    harness.appended(&["b"], "");
+    harness.seal(2);
+    assert_eq!(
+        rejection_code(&harness.commit(2, 9)),
+        Some(Code::FailedPrecondition),
+        "out of order"
+    );
+    assert!(rejection_code(&harness.commit(1, 9)).is_none());
+    match harness.commit(1, 9).kind {
+        Some(pb::apply_result::Kind::Committed(response)) => assert!(response.already_committed),
+        other => panic!("same root again must be OK, got {other:?}"),
+    }
+    assert_eq!(
+        rejection_code(&harness.commit(1, 8)),
+        Some(Code::AlreadyExists),
+        "fork refused"
+    );
+    assert_eq!(
+        harness.tx.epochs[&1].root_hash,
+        vec![9; 32],
+        "the first root stays"
+    );
+    assert_eq!(
+        rejection_code(&harness.commit(0, 1)),
+        Some(Code::AlreadyExists)
+    );
+    // Retention 1: epoch 1's batch is kept until epoch 2 commits.
+    assert_eq!(harness.tx.batch(1).len(), 1);
+    assert!(rejection_code(&harness.commit(2, 7)).is_none());
+    assert!(harness.tx.batch(1).is_empty());
+    assert_eq!(harness.tx.batch(2).len(), 1);
+    assert_eq!(harness.machine.state().last_committed_epoch, 2);
+}
+
+#[test]
+fn uninitialised_cluster_refuses_appends_and_metadata_identity_is_fixed() {
+    let mut machine = Machine::default();
+    let mut tx = MemTx::default();
+    let append = pb::Command {
+        kind: Some(pb::command::Kind::Append(pb::AppendRequest {
+            updates: vec![pb::Update {
+                label: b"a".to_vec(),
+                value: b"1".to_vec(),
+            }],
+            idempotency_key: Vec::new(),
+        })),
+    };
+    let applied = machine.apply(&mut tx, 1, &append).expect("apply");
+    assert_eq!(rejection_code(&applied), Some(Code::FailedPrecondition));
+
+    let mut harness = Harness::new(10, 10, 0);
+    let mut other = metadata(10, 10, 0);
+    other.vrf_public_key = vec![2; 32];
+    assert_eq!(
+        rejection_code(&harness.run(pb::command::Kind::InitCluster(other))),
+        Some(Code::AlreadyExists)
+    );
+    // Same identity, new limits: accepted.
+    assert!(
+        rejection_code(&harness.run(pb::command::Kind::InitCluster(metadata(20, 10, 0)))).is_none()
+    );
+}
+
+#[test]
+fn shard_map_is_versioned_and_checked() {
+    let mut harness = Harness::new(10, 10, 0);
+    let shard = |id: &str, partitions: Vec<u32>| pb::ShardAssignment {
+        shard_id: id.into(),
+        address: "127.0.0.1:1".into(),
+        partitions,
+    };
+    let set = |shards, expected_version| {
+        pb::command::Kind::SetShardMap(pb::SetShardMapRequest {
+            shards,
+            expected_version,
+        })
+    };
+    assert_eq!(
+        rejection_code(&harness.run(set(vec![shard("s1", vec![4])], 0))),
+        Some(Code::InvalidArgument),
+        "2 bits = partitions 0..3"
+    );
+    assert!(
+        rejection_code(&harness.run(set(
+            vec![shard("s1", vec![0, 1]), shard("s2", vec![2, 3])],
+            0
+        )))
+        .is_none()
+    );
+    assert_eq!(
+        rejection_code(&harness.run(set(vec![shard("s1", vec![0])], 0))),
+        Some(Code::Aborted),
+        "stale version"
+    );
+    assert_eq!(harness.machine.state().shard_map.version, 1);
+}

@@ -1,0 +1,1065 @@
+//! [`Sequencer`]: one sequencer node as a library — the Raft node, its state machine, and every
+//! operation the gRPC services and an in-process coordinator call.
+//!
+//! Writes go through [`Sequencer::append`], [`Sequencer::seal`], [`Sequencer::commit_epoch`]
+//! (leader only; a follower returns [`SequencerError::NotLeader`] with a hint). Reads that must be
+//! linearizable ([`Sequencer::get_epoch`]) confirm leadership with a ReadIndex round first; the
+//! batch and log reads serve this node's applied state. [`Sequencer::leader_changes`] tells a
+//! coordinator when this node gains or loses leadership.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::{ChangeMembers, ReadPolicy, ServerState};
+use proto::ktd::sequencer::v1 as pb;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::SequencerConfig;
+use crate::error::{Result, SequencerError};
+use crate::machine;
+use crate::raft::db::Storage;
+use crate::raft::log_store::RocksLogStore;
+use crate::raft::network::{PeerNetwork, TransportOptions};
+use crate::raft::snapshot;
+use crate::raft::state_machine::{BatchRead, RocksStateMachine, SmShared, SmView};
+use crate::raft::types::{Node, RaftMetrics};
+use crate::raft::{self, Command, NodeId, Raft};
+
+/// Who leads the cluster, as this node sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaderState {
+    /// The leader's id, if one is known.
+    pub leader_id: Option<NodeId>,
+    /// The leader's address, if known.
+    pub leader_addr: Option<String>,
+    /// The current term.
+    pub term: u64,
+    /// Whether this node is the leader.
+    pub is_self: bool,
+}
+
+/// A sequencer node. Cheap to clone; every clone is the same node.
+#[derive(Clone)]
+pub struct Sequencer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: NodeId,
+    config: SequencerConfig,
+    raft: Raft,
+    sm: Arc<SmShared>,
+    storage: Arc<Storage>,
+    leader: watch::Sender<LeaderState>,
+    metrics: watch::Receiver<RaftMetrics>,
+    shutdown: CancellationToken,
+    /// Every background task, so shutdown can wait until none holds the node any more.
+    tasks: TaskTracker,
+}
+
+/// A handle that does not keep the node alive: services hold one, because a connection can
+/// outlive the server and must not keep the database open.
+#[derive(Clone)]
+pub struct WeakSequencer(std::sync::Weak<Inner>);
+
+impl WeakSequencer {
+    /// The node, unless it has been dropped.
+    pub fn upgrade(&self) -> Option<Sequencer> {
+        self.0.upgrade().map(|inner| Sequencer { inner })
+    }
+}
+
+impl std::fmt::Debug for WeakSequencer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeakSequencer")
+    }
+}
+
+impl std::fmt::Debug for Sequencer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequencer")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bound on admin operations that wait for the cluster (membership, transfer, snapshot).
+const ADMIN_WAIT: Duration = Duration::from_secs(30);
+
+fn not_leader(leader_id: Option<NodeId>, leader_node: Option<&Node>) -> SequencerError {
+    SequencerError::NotLeader {
+        leader_id,
+        leader_addr: leader_node.map(|node| node.addr.clone()),
+    }
+}
+
+fn write_error(
+    error: RaftError<raft::TypeConfig, ClientWriteError<raft::TypeConfig>>,
+) -> SequencerError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward))
+        | RaftError::APIError(ClientWriteError::LogEntryDiscarded(forward)) => {
+            not_leader(forward.leader_id, forward.leader_node.as_ref())
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => {
+            SequencerError::Membership(error.to_string())
+        }
+        RaftError::APIError(ClientWriteError::PreconditionFailed(error)) => {
+            SequencerError::Membership(error.to_string())
+        }
+        RaftError::Fatal(openraft::error::Fatal::Stopped) => SequencerError::ShuttingDown,
+        RaftError::Fatal(fatal) => SequencerError::Raft(fatal.to_string()),
+    }
+}
+
+/// Turns an apply result into the caller's answer, or the state machine's refusal.
+fn accepted(result: pb::ApplyResult) -> Result<pb::apply_result::Kind> {
+    match result.kind {
+        Some(pb::apply_result::Kind::Rejected(rejection)) => Err(SequencerError::Rejected {
+            code: tonic::Code::from(rejection.code),
+            message: rejection.message,
+        }),
+        Some(kind) => Ok(kind),
+        None => Err(SequencerError::Raft("empty apply result".into())),
+    }
+}
+
+fn unexpected(kind: &pb::apply_result::Kind) -> SequencerError {
+    SequencerError::Raft(format!("unexpected apply result {kind:?}"))
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| SequencerError::Raft(format!("blocking task failed: {error}")))?
+}
+
+/// Validates an append against this node's input limits.
+fn validate_append(config: &SequencerConfig, updates: &[pb::Update], key: &[u8]) -> Result<()> {
+    let limits = &config.epoch;
+    if updates.is_empty() {
+        return Err(SequencerError::EmptyBatch);
+    }
+    if updates.len() > limits.max_batch_updates {
+        return Err(SequencerError::BatchTooLarge {
+            len: updates.len(),
+            max: limits.max_batch_updates,
+        });
+    }
+    if key.len() > limits.max_idempotency_key_bytes {
+        return Err(SequencerError::IdempotencyKeyTooLong {
+            len: key.len(),
+            max: limits.max_idempotency_key_bytes,
+        });
+    }
+    for (position, update) in updates.iter().enumerate() {
+        if update.label.is_empty() {
+            return Err(SequencerError::EmptyLabel { position });
+        }
+        if update.label.len() > limits.max_label_bytes {
+            return Err(SequencerError::LabelTooLong {
+                position,
+                len: update.label.len(),
+                max: limits.max_label_bytes,
+            });
+        }
+        if update.value.len() > limits.max_value_bytes {
+            return Err(SequencerError::ValueTooLarge {
+                position,
+                len: update.value.len(),
+                max: limits.max_value_bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Mirrors openraft's metrics channel into a tokio watch channel (ends when Raft stops).
+fn forward_metrics(raft: &Raft, tasks: &TaskTracker) -> watch::Receiver<RaftMetrics> {
+    use openraft::async_runtime::WatchReceiver;
+    let mut source = raft.metrics();
+    let (sender, receiver) = watch::channel(source.borrow_watched().clone());
+    tasks.spawn(async move {
+        loop {
+            let metrics = source.borrow_and_update().clone();
+            sender.send_replace(metrics);
+            if source.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+fn state_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+impl Sequencer {
+    /// Opens the data directory, starts the Raft node, and (with `config.init`) bootstraps a new
+    /// cluster. Does not serve gRPC: see [`crate::serve()`] or [`crate::run`].
+    pub async fn start(config: SequencerConfig) -> Result<Self> {
+        config.validate()?;
+        let data_dir = config.data_dir.clone();
+        let configured_id = config.id;
+        let storage = blocking(move || Storage::open(&data_dir, configured_id)).await?;
+        {
+            let storage = storage.clone();
+            blocking(move || snapshot::clean_leftovers(&storage)).await?;
+        }
+        let id = storage.node_id();
+        let sm = {
+            let storage = storage.clone();
+            blocking(move || SmShared::open(storage)).await?
+        };
+        let log_store =
+            RocksLogStore::new(storage.clone()).map_err(|source| SequencerError::Io {
+                context: "start the raft log flusher",
+                source,
+            })?;
+        let network = PeerNetwork::new(TransportOptions {
+            connect_timeout: config.raft.connect_timeout,
+            stream_progress_timeout: config.raft.stream_progress_timeout,
+            snapshot_min_timeout: config.raft.snapshot_min_timeout,
+            ..TransportOptions::default()
+        });
+        let raft_config = raft::raft_config(&config.raft)?;
+        let raft = Raft::new(
+            id,
+            raft_config,
+            network,
+            log_store,
+            RocksStateMachine::new(sm.clone()),
+        )
+        .await
+        .map_err(|fatal| SequencerError::Raft(fatal.to_string()))?;
+        let (leader, _) = watch::channel(LeaderState::default());
+        let tasks = TaskTracker::new();
+        let metrics = forward_metrics(&raft, &tasks);
+        let sequencer = Self {
+            inner: Arc::new(Inner {
+                id,
+                config,
+                raft,
+                sm,
+                storage,
+                leader,
+                metrics,
+                shutdown: CancellationToken::new(),
+                tasks,
+            }),
+        };
+        tracing::info!(
+            node_id = id,
+            advertise = sequencer.inner.config.advertise_addr(),
+            "sequencer node started"
+        );
+        sequencer.spawn_leader_tracker();
+        if sequencer.inner.config.init {
+            sequencer.bootstrap().await?;
+        }
+        crate::leader::spawn(sequencer.clone());
+        Ok(sequencer)
+    }
+
+    /// Initialises Raft membership from the configured peers (once) and makes sure the cluster
+    /// metadata gets written.
+    async fn bootstrap(&self) -> Result<()> {
+        let config = &self.inner.config;
+        let initialized = self
+            .inner
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|fatal| SequencerError::Raft(fatal.to_string()))?;
+        if initialized {
+            tracing::info!("the data directory is already initialised; --init has no effect");
+        } else {
+            let members: BTreeMap<NodeId, Node> = config
+                .initial_members()?
+                .into_iter()
+                .map(|(id, addr)| (id, Node::new(addr)))
+                .collect();
+            tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "initialising a new cluster");
+            self.inner
+                .raft
+                .initialize(members)
+                .await
+                .map_err(|error| SequencerError::Raft(format!("initialise: {error}")))?;
+        }
+        let metadata = pb::ClusterMetadata {
+            cluster_id: rand::random::<[u8; 16]>().to_vec(),
+            partition_bits: config.cluster.partition_bits,
+            akd_configuration: config.cluster.akd_configuration.clone(),
+            vrf_public_key: config.vrf_public_key()?.to_vec(),
+            max_epoch_updates: config.cluster.max_epoch_updates,
+            idempotency_window: config.cluster.idempotency_window,
+            retained_committed_batches: config.cluster.retained_committed_batches,
+        };
+        machine::validate_metadata(&metadata).map_err(SequencerError::InvalidConfig)?;
+        let sequencer = self.clone();
+        self.inner
+            .tasks
+            .spawn(async move { sequencer.ensure_metadata(metadata).await });
+        Ok(())
+    }
+
+    /// Writes the cluster metadata through whichever node leads, until some metadata exists.
+    async fn ensure_metadata(&self, metadata: pb::ClusterMetadata) {
+        let mut view = self.inner.sm.view();
+        loop {
+            if view.borrow().epochs().metadata.is_some() {
+                return;
+            }
+            let leader = self.inner.leader.borrow().clone();
+            let outcome = if leader.is_self {
+                self.init_cluster(metadata.clone()).await.map(|_| ())
+            } else if let Some(addr) = leader.leader_addr {
+                crate::client::SequencerClient::new([addr])
+                    .init_cluster(metadata.clone())
+                    .await
+                    .map(|_| ())
+            } else {
+                Err(SequencerError::NotLeader {
+                    leader_id: None,
+                    leader_addr: None,
+                })
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(SequencerError::Rejected { message, .. }) => {
+                    tracing::error!(%message, "the cluster metadata from --init was refused");
+                    return;
+                }
+                Err(error) => tracing::debug!(%error, "cluster metadata not written yet; retrying"),
+            }
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                _ = view.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// Keeps [`LeaderState`] in step with the Raft metrics.
+    fn spawn_leader_tracker(&self) {
+        let sequencer = self.clone();
+        self.inner.tasks.spawn(async move {
+            let mut metrics = sequencer.inner.metrics.clone();
+            loop {
+                let state = {
+                    let current = metrics.borrow_and_update();
+                    let leader_addr = current.current_leader.and_then(|leader| {
+                        current
+                            .membership_config
+                            .membership()
+                            .get_node(&leader)
+                            .map(|node| node.addr.clone())
+                    });
+                    LeaderState {
+                        leader_id: current.current_leader,
+                        leader_addr,
+                        term: current.current_term,
+                        is_self: current.current_leader == Some(sequencer.inner.id)
+                            && current.state == ServerState::Leader,
+                    }
+                };
+                sequencer.inner.leader.send_if_modified(|previous| {
+                    if *previous == state {
+                        return false;
+                    }
+                    if previous.is_self != state.is_self || previous.leader_id != state.leader_id {
+                        tracing::info!(leader = ?state.leader_id, term = state.term, is_self = state.is_self, "leader changed");
+                    }
+                    *previous = state;
+                    true
+                });
+                // Runs until Raft stops (not on the shutdown token: leaving leadership during
+                // shutdown still needs fresh leader state).
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// A handle that does not keep the node alive.
+    pub fn downgrade(&self) -> WeakSequencer {
+        WeakSequencer(Arc::downgrade(&self.inner))
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &SequencerConfig {
+        &self.inner.config
+    }
+
+    /// Leadership changes as this node sees them; `is_self` is true while this node leads.
+    pub fn leader_changes(&self) -> watch::Receiver<LeaderState> {
+        self.inner.leader.subscribe()
+    }
+
+    /// The state machine's published view (applied index, epochs, metadata).
+    pub fn state(&self) -> watch::Receiver<SmView> {
+        self.inner.sm.view()
+    }
+
+    /// The Raft metrics of this node.
+    pub fn raft_metrics(&self) -> watch::Receiver<RaftMetrics> {
+        self.inner.metrics.clone()
+    }
+
+    /// A token cancelled when this node begins to shut down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Proposes a command and waits until it is committed and applied.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: a dropped future may still have its command committed. Retry with the
+    /// same idempotency key.
+    async fn propose(&self, kind: pb::command::Kind) -> Result<pb::apply_result::Kind> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(SequencerError::ShuttingDown);
+        }
+        let response = self
+            .inner
+            .raft
+            .client_write(Command(pb::Command { kind: Some(kind) }))
+            .await
+            .map_err(write_error)?;
+        accepted(response.data)
+    }
+
+    fn require_metadata(&self) -> Result<pb::ClusterMetadata> {
+        self.inner
+            .sm
+            .view()
+            .borrow()
+            .epochs()
+            .metadata
+            .ok_or(SequencerError::NotInitialized)
+    }
+
+    /// Orders a batch of updates into the open epoch. Returns the epoch they will be sealed in
+    /// and the first update's sequence number; a repeated `idempotency_key` returns the original
+    /// answer (`duplicate = true`).
+    pub async fn append(
+        &self,
+        updates: Vec<pb::Update>,
+        idempotency_key: Vec<u8>,
+    ) -> Result<pb::AppendResponse> {
+        validate_append(&self.inner.config, &updates, &idempotency_key)?;
+        let metadata = self.require_metadata()?;
+        if updates.len() as u64 > metadata.max_epoch_updates {
+            return Err(SequencerError::BatchTooLarge {
+                len: updates.len(),
+                max: metadata.max_epoch_updates as usize,
+            });
+        }
+        match self
+            .propose(pb::command::Kind::Append(pb::AppendRequest {
+                updates,
+                idempotency_key,
+            }))
+            .await?
+        {
+            pb::apply_result::Kind::Appended(answer) => Ok(answer),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Seals `epoch` (or the open epoch if `None`). An empty open epoch is refused.
+    pub async fn seal(&self, epoch: Option<u64>) -> Result<pb::SealResponse> {
+        let epoch = match epoch {
+            Some(epoch) => epoch,
+            None => {
+                self.ensure_leader()?;
+                self.inner.sm.view().borrow().epochs().open_epoch
+            }
+        };
+        match self
+            .propose(pb::command::Kind::Seal(pb::SealRequest { epoch }))
+            .await?
+        {
+            pb::apply_result::Kind::Sealed(sealed) => Ok(sealed),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Records the root of sealed epoch `epoch`: accepted once per epoch and in order; the same
+    /// root again is OK; a different root for a committed epoch is refused (`ALREADY_EXISTS`).
+    pub async fn commit_epoch(
+        &self,
+        epoch: u64,
+        root_hash: Vec<u8>,
+        partition_roots: Vec<u8>,
+    ) -> Result<pb::CommitEpochResponse> {
+        if root_hash.len() != 32 {
+            return Err(SequencerError::InvalidRootHash {
+                len: root_hash.len(),
+            });
+        }
+        match self
+            .propose(pb::command::Kind::CommitEpoch(pb::CommitEpochRequest {
+                epoch,
+                root_hash,
+                partition_roots,
+            }))
+            .await?
+        {
+            pb::apply_result::Kind::Committed(committed) => Ok(committed),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sets the cluster metadata (see the `InitCluster` RPC).
+    pub async fn init_cluster(&self, metadata: pb::ClusterMetadata) -> Result<pb::ClusterMetadata> {
+        machine::validate_metadata(&metadata).map_err(SequencerError::InvalidRequest)?;
+        match self
+            .propose(pb::command::Kind::InitCluster(metadata))
+            .await?
+        {
+            pb::apply_result::Kind::Metadata(metadata) => Ok(metadata),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Replaces the shard map if it is still at `expected_version`.
+    pub async fn set_shard_map(
+        &self,
+        shards: Vec<pb::ShardAssignment>,
+        expected_version: u64,
+    ) -> Result<pb::ShardMap> {
+        match self
+            .propose(pb::command::Kind::SetShardMap(pb::SetShardMapRequest {
+                shards,
+                expected_version,
+            }))
+            .await?
+        {
+            pb::apply_result::Kind::ShardMap(map) => Ok(map),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn ensure_leader(&self) -> Result<()> {
+        let leader = self.inner.leader.borrow().clone();
+        if leader.is_self {
+            Ok(())
+        } else {
+            Err(SequencerError::NotLeader {
+                leader_id: leader.leader_id,
+                leader_addr: leader.leader_addr,
+            })
+        }
+    }
+
+    /// Confirms leadership with a ReadIndex round and waits until this node has applied
+    /// everything committed before the read.
+    pub async fn linearize(&self) -> Result<()> {
+        self.inner
+            .raft
+            .ensure_linearizable(ReadPolicy::ReadIndex)
+            .await
+            .map(|_| ())
+            .map_err(|error| match error {
+                RaftError::APIError(LinearizableReadError::ForwardToLeader(forward)) => {
+                    not_leader(forward.leader_id, forward.leader_node.as_ref())
+                }
+                RaftError::APIError(LinearizableReadError::QuorumNotEnough(error)) => {
+                    SequencerError::NoQuorum(error.to_string())
+                }
+                RaftError::Fatal(openraft::error::Fatal::Stopped) => SequencerError::ShuttingDown,
+                RaftError::Fatal(fatal) => SequencerError::Raft(fatal.to_string()),
+            })
+    }
+
+    /// The latest committed epoch, or `epoch` (linearizable). Epoch 0 is the empty directory.
+    pub async fn get_epoch(&self, epoch: Option<u64>) -> Result<pb::EpochRecord> {
+        self.linearize().await?;
+        let latest = self.inner.sm.view().borrow().epochs().last_committed_epoch;
+        let epoch = epoch.unwrap_or(latest);
+        if epoch > latest {
+            return Err(SequencerError::EpochNotFound { epoch, latest });
+        }
+        let sm = self.inner.sm.clone();
+        blocking(move || sm.epoch_record(epoch))
+            .await?
+            .ok_or(SequencerError::Corrupt(format!(
+                "committed epoch {epoch} has no record"
+            )))
+    }
+
+    /// A sealed epoch's batch from this node's state.
+    pub async fn sealed_batch(&self, epoch: u64) -> Result<BatchRead> {
+        let sm = self.inner.sm.clone();
+        let batch = blocking(move || sm.read_batch(Some(epoch))).await?;
+        if !batch.sealed {
+            return Err(SequencerError::EpochNotSealed { epoch, open: epoch });
+        }
+        Ok(batch)
+    }
+
+    /// The open epoch's pending updates from this node's state.
+    pub async fn open_epoch(&self) -> Result<BatchRead> {
+        let sm = self.inner.sm.clone();
+        blocking(move || sm.read_batch(None)).await
+    }
+
+    /// Checks that this node can stream events from `from_index`: `Err(LogPurged)` if that
+    /// position was purged (or predates a snapshot this node installed).
+    pub async fn check_log_position(&self, from_index: u64) -> Result<()> {
+        let sm = self.inner.sm.clone();
+        let first = blocking(move || sm.first_event_index()).await?;
+        if from_index.max(1) < first {
+            return Err(SequencerError::LogPurged {
+                from_index,
+                first_retained: first,
+            });
+        }
+        Ok(())
+    }
+
+    /// Committed log events from `from_index` on, then new ones as they are applied; ends on
+    /// shutdown. An item is `Err(LogPurged)` if the log was purged under the reader (see
+    /// [`Sequencer::check_log_position`] to check the start position first).
+    pub fn watch_log(
+        &self,
+        from_index: u64,
+    ) -> impl Stream<Item = Result<pb::LogEvent>> + Send + 'static {
+        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+        let sm = self.inner.sm.clone();
+        let shutdown = self.inner.shutdown.clone();
+        self.inner.tasks.spawn(async move {
+            let mut view = sm.view();
+            let mut next = from_index.max(1);
+            loop {
+                let applied = view.borrow_and_update().last_applied_index;
+                if next <= applied {
+                    let to = applied.min(next + 255);
+                    let reader = sm.clone();
+                    let events = blocking(move || reader.read_events(next, to)).await;
+                    match events {
+                        Ok(events) if events.is_empty() => {
+                            let _ = sender
+                                .send(Err(SequencerError::LogPurged {
+                                    from_index: next,
+                                    first_retained: applied + 1,
+                                }))
+                                .await;
+                            return;
+                        }
+                        Ok(events) => {
+                            for event in events {
+                                next = event.index + 1;
+                                if sender.send(Ok(event)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            let _ = sender.send(Err(error)).await;
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    changed = view.changed() => if changed.is_err() { return },
+                    _ = shutdown.cancelled() => return,
+                    _ = sender.closed() => return,
+                }
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(receiver)
+    }
+
+    /// The cluster metadata and shard map as applied on this node.
+    pub fn cluster_metadata(&self) -> (Option<pb::ClusterMetadata>, pb::ShardMap) {
+        let epochs = self.inner.sm.view().borrow().epochs();
+        (epochs.metadata, epochs.shard_map)
+    }
+
+    /// This node's own status.
+    pub fn node_status(&self) -> pb::NodeStatus {
+        let metrics = self.inner.metrics.clone().borrow().clone();
+        let view = self.inner.sm.view().borrow().clone();
+        let epochs = view.epochs();
+        let index = |log_id: Option<raft::types::LogId>| log_id.map_or(0, |log_id| log_id.index());
+        pb::NodeStatus {
+            node_id: self.inner.id,
+            address: self.inner.config.advertise_addr().to_string(),
+            state: state_name(metrics.state).into(),
+            term: metrics.current_term,
+            leader_id: metrics.current_leader.unwrap_or(0),
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            committed_index: index(metrics.local_committed),
+            applied_index: index(metrics.last_applied).max(view.last_applied_index),
+            snapshot_index: index(metrics.snapshot).max(self.inner.sm.snapshot_index()),
+            purged_index: index(metrics.purged),
+            open_epoch: epochs.open_epoch,
+            open_epoch_updates: view.open_epoch_updates,
+            last_sealed_epoch: epochs.last_sealed_epoch(),
+            last_committed_epoch: epochs.last_committed_epoch,
+            next_sequence: epochs.next_sequence,
+            initialized: metrics
+                .membership_config
+                .membership()
+                .nodes()
+                .next()
+                .is_some(),
+        }
+    }
+
+    fn voter_sets(&self, metrics: &RaftMetrics) -> Vec<pb::VoterSet> {
+        metrics
+            .membership_config
+            .membership()
+            .get_joint_config()
+            .iter()
+            .map(|set| pb::VoterSet {
+                node_ids: set.iter().copied().collect(),
+            })
+            .collect()
+    }
+
+    /// The cluster as seen from this node, with every member's own status (members that do not
+    /// answer within a second are reported with an error).
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse> {
+        let metrics = self.inner.metrics.clone().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut members = Vec::new();
+        for (id, node) in membership.nodes() {
+            let matched_index = metrics
+                .replication
+                .as_ref()
+                .and_then(|replication| replication.get(id).cloned().flatten())
+                .map_or(0, |log_id| log_id.index());
+            let (status, error) = if *id == self.inner.id {
+                (Some(self.node_status()), String::new())
+            } else {
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    crate::client::node_status_at(&node.addr),
+                )
+                .await
+                {
+                    Ok(Ok(status)) => (Some(status), String::new()),
+                    Ok(Err(error)) => (None, error.to_string()),
+                    Err(_) => (None, "no answer within 1s".to_string()),
+                }
+            };
+            members.push(pb::MemberStatus {
+                node_id: *id,
+                address: node.addr.clone(),
+                voter: voters.contains(id),
+                status,
+                error,
+                matched_index,
+            });
+        }
+        let epochs = self.inner.sm.view().borrow().epochs();
+        Ok(pb::ClusterStatusResponse {
+            leader_id: metrics.current_leader.unwrap_or(0),
+            term: metrics.current_term,
+            members,
+            voter_sets: self.voter_sets(&metrics),
+            open_epoch: epochs.open_epoch,
+            last_committed_epoch: epochs.last_committed_epoch,
+        })
+    }
+
+    async fn membership_response(&self, log_index: u64) -> Result<pb::MembershipResponse> {
+        let status = self.cluster_status().await?;
+        Ok(pb::MembershipResponse {
+            voter_sets: status.voter_sets,
+            members: status.members,
+            log_index,
+        })
+    }
+
+    /// Adds a learner (optionally waiting, bounded, until it has caught up).
+    pub async fn add_learner(
+        &self,
+        node_id: NodeId,
+        address: String,
+        wait: bool,
+    ) -> Result<pb::MembershipResponse> {
+        if node_id == 0 || address.is_empty() {
+            return Err(SequencerError::InvalidRequest(
+                "a learner needs a node id > 0 and an address".into(),
+            ));
+        }
+        let response = tokio::time::timeout(
+            ADMIN_WAIT,
+            self.inner
+                .raft
+                .add_learner(node_id, Node::new(address), wait),
+        )
+        .await
+        .map_err(|_| {
+            SequencerError::Timeout(format!(
+                "learner {node_id} did not catch up within {ADMIN_WAIT:?}"
+            ))
+        })?
+        .map_err(write_error)?;
+        self.membership_response(response.log_id.index()).await
+    }
+
+    /// Makes learners voters (joint consensus, then the new configuration).
+    pub async fn promote(&self, node_ids: BTreeSet<NodeId>) -> Result<pb::MembershipResponse> {
+        if node_ids.is_empty() {
+            return Err(SequencerError::InvalidRequest(
+                "promote needs at least one node id".into(),
+            ));
+        }
+        let response = tokio::time::timeout(
+            ADMIN_WAIT,
+            self.inner
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(node_ids), false),
+        )
+        .await
+        .map_err(|_| SequencerError::Timeout("membership change".into()))?
+        .map_err(write_error)?;
+        self.membership_response(response.log_id.index()).await
+    }
+
+    /// Removes a voter or a learner. The node id must never be reused.
+    pub async fn remove_node(&self, node_id: NodeId) -> Result<pb::MembershipResponse> {
+        let metrics = self.inner.metrics.clone().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let is_voter = membership.voter_ids().any(|id| id == node_id);
+        let change = if is_voter {
+            ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
+        } else if membership.get_node(&node_id).is_some() {
+            ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
+        } else {
+            return Err(SequencerError::InvalidRequest(format!(
+                "node {node_id} is not a member"
+            )));
+        };
+        let response =
+            tokio::time::timeout(ADMIN_WAIT, self.inner.raft.change_membership(change, false))
+                .await
+                .map_err(|_| SequencerError::Timeout("membership change".into()))?
+                .map_err(write_error)?;
+        self.membership_response(response.log_id.index()).await
+    }
+
+    /// The most caught-up other voter, if any.
+    fn best_successor(&self) -> Option<NodeId> {
+        let metrics = self.inner.metrics.clone().borrow().clone();
+        let replication = metrics.replication.clone().unwrap_or_default();
+        metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|id| *id != self.inner.id)
+            .max_by_key(|id| {
+                replication
+                    .get(id)
+                    .cloned()
+                    .flatten()
+                    .map(|log_id| log_id.index())
+            })
+    }
+
+    /// Hands leadership to `to` (or the most caught-up voter) and waits until someone else
+    /// leads. Returns the new leader.
+    pub async fn transfer_leader(&self, to: Option<NodeId>, wait: Duration) -> Result<NodeId> {
+        self.ensure_leader()?;
+        let target = match to {
+            Some(target) => target,
+            None => self.best_successor().ok_or_else(|| {
+                SequencerError::InvalidRequest("there is no other voter to transfer to".into())
+            })?,
+        };
+        let voters: BTreeSet<NodeId> = self
+            .inner
+            .metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if target == self.inner.id || !voters.contains(&target) {
+            return Err(SequencerError::InvalidRequest(format!(
+                "node {target} is not another voter"
+            )));
+        }
+        tracing::info!(to = target, "transferring leadership");
+        self.inner
+            .raft
+            .trigger()
+            .transfer_leader(target)
+            .await
+            .map_err(|fatal| SequencerError::Raft(fatal.to_string()))?;
+        let mut leader = self.leader_changes();
+        let waited = tokio::time::timeout(wait, async {
+            loop {
+                let state = leader.borrow_and_update().clone();
+                if let Some(new_leader) = state.leader_id
+                    && !state.is_self
+                    && new_leader != self.inner.id
+                {
+                    return Ok(new_leader);
+                }
+                if leader.changed().await.is_err() {
+                    return Err(SequencerError::ShuttingDown);
+                }
+            }
+        })
+        .await;
+        waited.map_err(|_| {
+            SequencerError::Timeout(format!("leadership did not move to node {target}"))
+        })?
+    }
+
+    /// Builds a snapshot now (and optionally purges the log up to it); returns the snapshot and
+    /// purged indexes.
+    pub async fn trigger_snapshot(&self, purge: bool) -> Result<(u64, u64)> {
+        let raft = &self.inner.raft;
+        let applied = self.inner.sm.view().borrow().last_applied_index;
+        raft.trigger()
+            .snapshot()
+            .await
+            .map_err(|fatal| SequencerError::Raft(fatal.to_string()))?;
+        let index = |log_id: Option<raft::types::LogId>| log_id.map_or(0, |log_id| log_id.index());
+        let mut metrics = self.inner.metrics.clone();
+        let snapshot_index = tokio::time::timeout(ADMIN_WAIT, async {
+            loop {
+                let snapshot_index = index(metrics.borrow_and_update().snapshot);
+                if snapshot_index >= applied {
+                    return Ok(snapshot_index);
+                }
+                if metrics.changed().await.is_err() {
+                    return Err(SequencerError::ShuttingDown);
+                }
+            }
+        })
+        .await
+        .map_err(|_| SequencerError::Timeout("snapshot".into()))??;
+        if purge && snapshot_index > 0 {
+            raft.trigger()
+                .purge_log(snapshot_index)
+                .await
+                .map_err(|fatal| SequencerError::Raft(fatal.to_string()))?;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while index(metrics.borrow_and_update().purged) < snapshot_index {
+                    if metrics.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+        }
+        let purged = index(self.inner.metrics.borrow().purged);
+        Ok((snapshot_index, purged))
+    }
+
+    /// Whether the node should receive traffic: initialised, a leader known, and applied close
+    /// to committed.
+    pub fn is_healthy(&self) -> bool {
+        if self.inner.shutdown.is_cancelled() {
+            return false;
+        }
+        let metrics = self.inner.metrics.clone().borrow().clone();
+        let initialized = metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .next()
+            .is_some();
+        let committed = metrics
+            .cluster_committed
+            .or(metrics.local_committed)
+            .map_or(0, |log_id| log_id.index());
+        let applied = metrics.last_applied.map_or(0, |log_id| log_id.index());
+        initialized
+            && metrics.current_leader.is_some()
+            && committed.saturating_sub(applied) <= self.inner.config.raft.max_apply_lag
+    }
+
+    /// Stops the node: stops Raft and every background task, then syncs the WAL. The database
+    /// closes when the last clone of this `Sequencer` is dropped (serving must have stopped).
+    pub async fn shutdown(&self) -> Result<()> {
+        self.inner.shutdown.cancel();
+        let _ = self.inner.raft.shutdown().await;
+        self.inner.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop within 10 s");
+        }
+        // Storage work already handed to blocking threads (and the log flusher thread) holds
+        // the database until it finishes; wait for it so the data directory can be reopened.
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while Arc::strong_count(&self.inner.storage) > 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!("storage still in use 10 s after stopping");
+        }
+        let storage = self.inner.storage.clone();
+        blocking(move || storage.flush()).await?;
+        tracing::info!(node_id = self.inner.id, "sequencer node stopped");
+        Ok(())
+    }
+
+    /// Tracks a background task so that shutdown waits for it.
+    pub(crate) fn spawn_task(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.inner.tasks.spawn(task);
+    }
+
+    /// Begins shutting down: cancels background tasks and streams, and if this node leads,
+    /// hands leadership to another voter (bounded by `shutdown.transfer_timeout`).
+    pub async fn step_down(&self) {
+        self.inner.shutdown.cancel();
+        if self.inner.leader.borrow().is_self
+            && let Err(error) = self
+                .transfer_leader(None, self.inner.config.shutdown.transfer_timeout)
+                .await
+        {
+            tracing::warn!(%error, "could not hand over leadership before stopping");
+        }
+    }
+
+    pub(crate) fn storage(&self) -> &Arc<Storage> {
+        &self.inner.storage
+    }
+
+    pub(crate) fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The open epoch and how many distinct labels it holds, as applied here.
+    pub(crate) fn open_epoch_view(&self) -> (u64, u64) {
+        let view = self.inner.sm.view().borrow().clone();
+        (view.epochs().open_epoch, view.open_epoch_updates)
+    }
+}

@@ -1,0 +1,219 @@
+//! Raft transport, server side: the `ktd.raft.v1.Raft` gRPC service, handing each RPC to the
+//! local openraft node.
+//!
+//! A snapshot arrives as a client stream (header, file chunks, trailer); it is written under
+//! `snapshots/incoming/`, checked against the trailer's digests, synced, and only then given to
+//! `Raft::install_full_snapshot`.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+
+use futures::{Stream, StreamExt};
+use proto::ktd::raft::v1 as rpb;
+use proto::ktd::raft::v1::raft_server;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::SequencerError;
+use crate::raft::Raft;
+use crate::raft::codec;
+use crate::raft::db::Storage;
+use crate::raft::snapshot::IncomingSnapshot;
+
+/// The Raft transport service.
+pub struct RaftService {
+    raft: Raft,
+    /// Weak: a connection that outlives the server must not keep the database open.
+    storage: Weak<Storage>,
+    shutdown: CancellationToken,
+}
+
+impl RaftService {
+    /// Serves `raft`; received snapshots go under `storage`'s snapshot directory. Long-lived
+    /// replication streams end when `shutdown` is cancelled, so a stopping server can drain.
+    pub fn new(raft: Raft, storage: Arc<Storage>, shutdown: CancellationToken) -> Self {
+        Self {
+            raft,
+            storage: Arc::downgrade(&storage),
+            shutdown,
+        }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> raft_server::RaftServer<Self> {
+        raft_server::RaftServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+}
+
+fn bad(error: SequencerError) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+fn raft_failed(error: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("raft: {error}"))
+}
+
+type StreamAppendStream =
+    Pin<Box<dyn Stream<Item = Result<rpb::StreamAppendResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<rpb::AppendEntriesRequest>,
+    ) -> Result<Response<rpb::AppendEntriesResponse>, Status> {
+        let request = codec::append_request_from_pb(request.into_inner()).map_err(bad)?;
+        let response = self
+            .raft
+            .append_entries(request)
+            .await
+            .map_err(raft_failed)?;
+        Ok(Response::new(codec::append_response_to_pb(&response)))
+    }
+
+    type StreamAppendStream = StreamAppendStream;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<rpb::AppendEntriesRequest>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        // A malformed request ends the input; openraft then ends the output after the replies
+        // to the requests before it, and the leader starts a new stream. Shutdown ends the input
+        // too: openraft reads it on a task of its own, which would otherwise keep the connection
+        // (and this node's storage) alive until the leader sends again.
+        let input = request
+            .into_inner()
+            .take_until(self.shutdown.clone().cancelled_owned())
+            .take_while(|item| futures::future::ready(item.is_ok()))
+            .filter_map(|item| async move {
+                item.ok()
+                    .and_then(|request| codec::append_request_from_pb(request).ok())
+            });
+        let output = self.raft.stream_append(input).map(|item| match item {
+            Ok(result) => Ok(codec::stream_result_to_pb(&result)),
+            Err(fatal) => Err(raft_failed(fatal)),
+        });
+        Ok(Response::new(Box::pin(output)))
+    }
+
+    async fn vote(
+        &self,
+        request: Request<rpb::VoteRequest>,
+    ) -> Result<Response<rpb::VoteResponse>, Status> {
+        let request = codec::vote_request_from_pb(request.get_ref()).map_err(bad)?;
+        let response = self.raft.vote(request).await.map_err(raft_failed)?;
+        Ok(Response::new(codec::vote_response_to_pb(&response)))
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<rpb::VoteRequest>,
+    ) -> Result<Response<rpb::VoteResponse>, Status> {
+        let request = codec::vote_request_from_pb(request.get_ref()).map_err(bad)?;
+        let response = self.raft.pre_vote(request).await.map_err(raft_failed)?;
+        Ok(Response::new(codec::vote_response_to_pb(&response)))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<rpb::TransferLeaderRequest>,
+    ) -> Result<Response<rpb::TransferLeaderResponse>, Status> {
+        let request = codec::transfer_request_from_pb(request.get_ref()).map_err(bad)?;
+        let response = self
+            .raft
+            .handle_transfer_leader(request)
+            .await
+            .map_err(raft_failed)?;
+        Ok(Response::new(codec::transfer_response_to_pb(&response)))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<rpb::SnapshotChunk>>,
+    ) -> Result<Response<rpb::SnapshotResponse>, Status> {
+        let mut chunks = request.into_inner();
+        let Some(first) = chunks.next().await.transpose()? else {
+            return Err(Status::invalid_argument("empty snapshot stream"));
+        };
+        let Some(rpb::snapshot_chunk::Kind::Header(header)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "a snapshot stream starts with its header",
+            ));
+        };
+        let vote = codec::vote_from_pb(header.vote.as_ref()).map_err(bad)?;
+        let meta = codec::snapshot_meta_from_pb(header.meta.as_ref()).map_err(bad)?;
+        let storage = self
+            .storage
+            .upgrade()
+            .ok_or_else(|| Status::unavailable("the node is shutting down"))?;
+        let incoming = tokio::task::spawn_blocking(move || IncomingSnapshot::create(&storage))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(Status::from)?;
+        let incoming = Arc::new(Mutex::new(Some(incoming)));
+        let mut handle = None;
+        while let Some(chunk) = chunks.next().await.transpose()? {
+            let receiving = incoming.clone();
+            match chunk.kind {
+                Some(rpb::snapshot_chunk::Kind::File(file)) => {
+                    tokio::task::spawn_blocking(move || {
+                        let mut guard = receiving
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner());
+                        match guard.as_mut() {
+                            Some(snapshot) => snapshot.write_chunk(&file),
+                            None => {
+                                Err(SequencerError::Malformed("file chunk after trailer".into()))
+                            }
+                        }
+                    })
+                    .await
+                    .map_err(|error| Status::internal(error.to_string()))?
+                    .map_err(Status::from)?;
+                }
+                Some(rpb::snapshot_chunk::Kind::Trailer(trailer)) => {
+                    let finished = tokio::task::spawn_blocking(move || {
+                        let taken = receiving
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .take();
+                        match taken {
+                            Some(snapshot) => snapshot.finish(&trailer),
+                            None => Err(SequencerError::Malformed("two snapshot trailers".into())),
+                        }
+                    })
+                    .await
+                    .map_err(|error| Status::internal(error.to_string()))?
+                    .map_err(Status::from)?;
+                    handle = Some(finished);
+                }
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "unexpected chunk in a snapshot stream",
+                    ));
+                }
+            }
+        }
+        let Some(handle) = handle else {
+            return Err(Status::invalid_argument(
+                "snapshot stream ended without a trailer",
+            ));
+        };
+        let dir = handle.dir.clone();
+        let snapshot = openraft::storage::Snapshot {
+            meta,
+            snapshot: handle,
+        };
+        let result = self.raft.install_full_snapshot(vote, snapshot).await;
+        // If openraft declined it (stale vote) the directory was never moved in place.
+        if dir.exists() {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        }
+        let response = result.map_err(raft_failed)?;
+        Ok(Response::new(rpb::SnapshotResponse {
+            vote: Some(codec::vote_to_pb(&response.vote)),
+        }))
+    }
+}

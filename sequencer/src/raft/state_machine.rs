@@ -1,0 +1,690 @@
+//! `RocksStateMachine`: the [`Machine`] on the node's RocksDB, implementing openraft's
+//! `RaftStateMachine`.
+//!
+//! Each `apply` call runs on a blocking thread: every entry of the call goes through
+//! [`Machine::apply`] into one `WriteBatch` (updates, epoch records, idempotency keys, one
+//! `ApplyResult` per log index, and `MachineMeta` with the last applied log id and membership),
+//! written with `sync = true`; only then are the client responders answered. So applied state is
+//! durable before anyone hears about it, and a restart resumes from exactly the last applied
+//! entry.
+//!
+//! Readers never take the apply lock: they read RocksDB (one snapshot per read, so data and
+//! `MachineMeta` agree) or the [`SmView`] published after every apply batch.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::StreamExt;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use prost::Message;
+use proto::ktd::raft::v1 as rpb;
+use proto::ktd::sequencer::v1 as pb;
+use rocksdb::{DB, Direction, IteratorMode, ReadOptions, WriteBatch};
+use tokio::sync::watch;
+
+use crate::error::{Result, SequencerError};
+use crate::machine::{EpochState, Machine, MachineTx};
+use crate::raft::codec;
+use crate::raft::db::{
+    CF_SM_EPOCHS, CF_SM_IDEM, CF_SM_IDEM_ORDER, CF_SM_META, CF_SM_RESULTS, CF_SM_UPDATES, Storage,
+    be64, read_be64, synced,
+};
+use crate::raft::log_store;
+use crate::raft::snapshot::{self, RocksSnapshotBuilder, SnapshotHandle};
+use crate::raft::types::{EntryPayload, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+
+const META_KEY: &[u8] = b"state";
+
+/// What readers may know about the state machine without locking it; published after every
+/// apply batch and snapshot install.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SmView {
+    /// Index of the last applied log entry (0 = none).
+    pub last_applied_index: u64,
+    /// The replicated epoch state.
+    pub epochs: Option<EpochState>,
+    /// Distinct labels in the open epoch.
+    pub open_epoch_updates: u64,
+}
+
+impl SmView {
+    /// The epoch state, or the initial one.
+    pub fn epochs(&self) -> EpochState {
+        self.epochs.clone().unwrap_or_default()
+    }
+}
+
+/// The state behind the apply lock.
+struct SmInner {
+    machine: Machine,
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+}
+
+/// The state machine shared by the openraft handle, the snapshot builder and readers.
+pub struct SmShared {
+    storage: Arc<Storage>,
+    inner: Mutex<SmInner>,
+    view: watch::Sender<SmView>,
+    /// Index of the newest snapshot this node holds (built or installed).
+    snapshot_index: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for SmShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmShared").finish_non_exhaustive()
+    }
+}
+
+fn corrupt(what: &str) -> impl Fn(prost::DecodeError) -> SequencerError + '_ {
+    move |error| SequencerError::Corrupt(format!("{what}: {error}"))
+}
+
+fn update_key(epoch: u64, label: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + label.len());
+    key.extend_from_slice(&be64(epoch));
+    key.extend_from_slice(label);
+    key
+}
+
+/// Encodes the machine metadata.
+fn encode_meta(inner: &SmInner) -> Vec<u8> {
+    let state = inner.machine.state();
+    rpb::MachineMeta {
+        last_applied: inner.last_applied.as_ref().map(codec::log_id_to_pb),
+        last_membership: Some(codec::stored_membership_to_pb(&inner.last_membership)),
+        open_epoch: state.open_epoch,
+        next_sequence: state.next_sequence,
+        last_committed_epoch: state.last_committed_epoch,
+        idem_next_ordinal: state.idem_next_ordinal,
+        idem_oldest_ordinal: state.idem_oldest_ordinal,
+        metadata: state.metadata.clone(),
+        shard_map: Some(state.shard_map.clone()),
+        retained_batches: state
+            .retained_batches
+            .iter()
+            .map(|(epoch, count)| (*epoch, *count))
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// Loads the state machine from `db` (the live database or a received checkpoint).
+fn load(db: &DB) -> Result<SmInner> {
+    let cf = |name| crate::raft::db::cf(db, name);
+    let Some(bytes) = db
+        .get_cf(cf(CF_SM_META), META_KEY)
+        .map_err(SequencerError::storage("read the state machine metadata"))?
+    else {
+        return Ok(SmInner {
+            machine: Machine::default(),
+            last_applied: None,
+            last_membership: StoredMembership::default(),
+        });
+    };
+    let meta =
+        rpb::MachineMeta::decode(bytes.as_slice()).map_err(corrupt("state machine metadata"))?;
+    let state = EpochState {
+        open_epoch: meta.open_epoch,
+        next_sequence: meta.next_sequence,
+        last_committed_epoch: meta.last_committed_epoch,
+        idem_next_ordinal: meta.idem_next_ordinal,
+        idem_oldest_ordinal: meta.idem_oldest_ordinal,
+        metadata: meta.metadata,
+        shard_map: meta.shard_map.unwrap_or_default(),
+        retained_batches: meta.retained_batches.into_iter().collect(),
+    };
+    if state.open_epoch == 0 || state.next_sequence == 0 {
+        return Err(SequencerError::Corrupt(
+            "state machine metadata has epoch or sequence 0".into(),
+        ));
+    }
+    let prefix = be64(state.open_epoch);
+    let mut open_labels = HashSet::new();
+    let mut iter_read = ReadOptions::default();
+    iter_read.set_iterate_upper_bound(be64(state.open_epoch + 1).to_vec());
+    for item in db.iterator_cf_opt(
+        cf(CF_SM_UPDATES),
+        iter_read,
+        IteratorMode::From(&prefix, Direction::Forward),
+    ) {
+        let (key, _) = item.map_err(SequencerError::storage("read the open epoch"))?;
+        open_labels.insert(key[8..].to_vec());
+    }
+    let last_applied = codec::opt_log_id_from_pb(meta.last_applied.as_ref())
+        .map_err(|error| SequencerError::Corrupt(error.to_string()))?;
+    let last_membership = codec::stored_membership_from_pb(meta.last_membership.as_ref())
+        .map_err(|error| SequencerError::Corrupt(error.to_string()))?;
+    Ok(SmInner {
+        machine: Machine::new(state, open_labels),
+        last_applied,
+        last_membership,
+    })
+}
+
+/// Reads and writes of one apply batch on RocksDB (see [`MachineTx`]).
+struct RocksTx<'a> {
+    storage: &'a Storage,
+    batch: WriteBatch,
+    idem: HashMap<Vec<u8>, Option<pb::AppendResponse>>,
+    idem_order: HashMap<u64, Option<Vec<u8>>>,
+    epochs: HashMap<u64, pb::EpochRecord>,
+}
+
+impl<'a> RocksTx<'a> {
+    fn new(storage: &'a Storage) -> Self {
+        Self {
+            storage,
+            batch: WriteBatch::default(),
+            idem: HashMap::new(),
+            idem_order: HashMap::new(),
+            epochs: HashMap::new(),
+        }
+    }
+}
+
+impl MachineTx for RocksTx<'_> {
+    fn idem_get(&self, key: &[u8]) -> Result<Option<pb::AppendResponse>> {
+        if let Some(answer) = self.idem.get(key) {
+            return Ok(*answer);
+        }
+        let Some(bytes) = self
+            .storage
+            .db()
+            .get_cf(self.storage.cf(CF_SM_IDEM), key)
+            .map_err(SequencerError::storage("read an idempotency key"))?
+        else {
+            return Ok(None);
+        };
+        let answer = pb::AppendResponse::decode(bytes.get(8..).unwrap_or_default())
+            .map_err(corrupt("idempotency record"))?;
+        Ok(Some(answer))
+    }
+
+    fn idem_put(&mut self, key: &[u8], ordinal: u64, answer: &pb::AppendResponse) {
+        let mut value = be64(ordinal).to_vec();
+        answer.encode(&mut value).expect("a Vec grows as needed");
+        self.batch.put_cf(self.storage.cf(CF_SM_IDEM), key, value);
+        self.batch
+            .put_cf(self.storage.cf(CF_SM_IDEM_ORDER), be64(ordinal), key);
+        self.idem.insert(key.to_vec(), Some(*answer));
+        self.idem_order.insert(ordinal, Some(key.to_vec()));
+    }
+
+    fn idem_evict(&mut self, ordinal: u64) -> Result<()> {
+        let key = match self.idem_order.get(&ordinal) {
+            Some(key) => key.clone(),
+            None => self
+                .storage
+                .db()
+                .get_cf(self.storage.cf(CF_SM_IDEM_ORDER), be64(ordinal))
+                .map_err(SequencerError::storage("read an idempotency ordinal"))?,
+        };
+        self.batch
+            .delete_cf(self.storage.cf(CF_SM_IDEM_ORDER), be64(ordinal));
+        self.idem_order.insert(ordinal, None);
+        if let Some(key) = key {
+            self.batch.delete_cf(self.storage.cf(CF_SM_IDEM), &key);
+            self.idem.insert(key, None);
+        }
+        Ok(())
+    }
+
+    fn epoch_get(&self, epoch: u64) -> Result<Option<pb::EpochRecord>> {
+        if let Some(record) = self.epochs.get(&epoch) {
+            return Ok(Some(record.clone()));
+        }
+        read_epoch_record(self.storage, epoch)
+    }
+
+    fn epoch_put(&mut self, record: &pb::EpochRecord) {
+        self.batch.put_cf(
+            self.storage.cf(CF_SM_EPOCHS),
+            be64(record.epoch),
+            record.encode_to_vec(),
+        );
+        self.epochs.insert(record.epoch, record.clone());
+    }
+
+    fn update_put(&mut self, epoch: u64, label: &[u8], sequence: u64, value: &[u8]) {
+        let mut stored = Vec::with_capacity(8 + value.len());
+        stored.extend_from_slice(&be64(sequence));
+        stored.extend_from_slice(value);
+        self.batch.put_cf(
+            self.storage.cf(CF_SM_UPDATES),
+            update_key(epoch, label),
+            stored,
+        );
+    }
+
+    fn updates_drop(&mut self, epoch: u64) {
+        self.batch
+            .delete_range_cf(self.storage.cf(CF_SM_UPDATES), be64(epoch), be64(epoch + 1));
+    }
+}
+
+fn read_epoch_record(storage: &Storage, epoch: u64) -> Result<Option<pb::EpochRecord>> {
+    storage
+        .db()
+        .get_cf(storage.cf(CF_SM_EPOCHS), be64(epoch))
+        .map_err(SequencerError::storage("read an epoch record"))?
+        .map(|bytes| pb::EpochRecord::decode(bytes.as_slice()).map_err(corrupt("epoch record")))
+        .transpose()
+}
+
+/// One epoch's updates as stored, consistent with `as_of_index`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchRead {
+    /// The epoch.
+    pub epoch: u64,
+    /// The log index the read is consistent with.
+    pub as_of_index: u64,
+    /// Whether the epoch is sealed.
+    pub sealed: bool,
+    /// The updates, in label order.
+    pub updates: Vec<pb::SequencedUpdate>,
+}
+
+impl SmShared {
+    /// Opens the state machine on `storage` and publishes its first view.
+    pub fn open(storage: Arc<Storage>) -> Result<Arc<Self>> {
+        let inner = load(storage.db())?;
+        let (view, _) = watch::channel(SmView::default());
+        let snapshot_index = snapshot::current(&storage)?
+            .and_then(|current| current.meta.last_log_id)
+            .map_or(0, |log_id| log_id.index());
+        let shared = Arc::new(Self {
+            storage,
+            inner: Mutex::new(inner),
+            view,
+            snapshot_index: std::sync::atomic::AtomicU64::new(snapshot_index),
+        });
+        shared.publish(&shared.lock());
+        Ok(shared)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SmInner> {
+        // A panic while applying leaves the node unusable anyway; keep serving reads.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn publish(&self, inner: &SmInner) {
+        let view = SmView {
+            last_applied_index: inner
+                .last_applied
+                .as_ref()
+                .map_or(0, |log_id| log_id.index()),
+            epochs: Some(inner.machine.state().clone()),
+            open_epoch_updates: inner.machine.open_epoch_updates(),
+        };
+        self.view.send_replace(view);
+    }
+
+    /// Subscribes to the published view.
+    pub fn view(&self) -> watch::Receiver<SmView> {
+        self.view.subscribe()
+    }
+
+    /// Index of the newest snapshot this node holds (0 = none).
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot_index
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records a newer snapshot.
+    pub(crate) fn set_snapshot_index(&self, index: u64) {
+        self.snapshot_index
+            .fetch_max(index, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The storage underneath.
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    /// The last applied log id and membership (for snapshots).
+    pub(crate) fn applied_state(&self) -> (Option<LogId>, StoredMembership) {
+        let inner = self.lock();
+        (inner.last_applied, inner.last_membership.clone())
+    }
+
+    /// Runs `work` with the apply lock held (the snapshot builder's consistent cut).
+    pub(crate) fn with_apply_lock<T>(
+        &self,
+        work: impl FnOnce(Option<LogId>, &StoredMembership) -> T,
+    ) -> T {
+        let inner = self.lock();
+        work(inner.last_applied, &inner.last_membership)
+    }
+
+    /// Applies a batch of committed entries durably; returns one result per entry.
+    fn apply_blocking(
+        &self,
+        entries: Vec<crate::raft::types::Entry>,
+    ) -> Result<Vec<pb::ApplyResult>> {
+        let mut inner = self.lock();
+        let mut tx = RocksTx::new(&self.storage);
+        let mut results = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let index = entry.log_id.index();
+            let result = match &entry.payload {
+                EntryPayload::Blank => noop("blank"),
+                EntryPayload::Normal(command) => inner.machine.apply(&mut tx, index, &command.0)?,
+                EntryPayload::Membership(membership) => {
+                    inner.last_membership =
+                        StoredMembership::new(Some(entry.log_id), membership.clone());
+                    noop("membership")
+                }
+            };
+            inner.last_applied = Some(entry.log_id);
+            tx.batch.put_cf(
+                self.storage.cf(CF_SM_RESULTS),
+                be64(index),
+                result.encode_to_vec(),
+            );
+            results.push(result);
+        }
+        let mut batch = tx.batch;
+        batch.put_cf(self.storage.cf(CF_SM_META), META_KEY, encode_meta(&inner));
+        self.storage
+            .db()
+            .write_opt(batch, &synced())
+            .map_err(SequencerError::storage("apply committed entries"))?;
+        self.publish(&inner);
+        Ok(results)
+    }
+
+    /// Replaces the whole state with the checkpoint at `checkpoint` (a received snapshot).
+    pub(crate) fn install_blocking(&self, meta: &SnapshotMeta, checkpoint: &DB) -> Result<()> {
+        let loaded = load(checkpoint)?;
+        if loaded.last_applied != meta.last_log_id {
+            return Err(SequencerError::Corrupt(format!(
+                "snapshot data is at {:?} but its metadata says {:?}",
+                loaded.last_applied, meta.last_log_id
+            )));
+        }
+        let mut inner = self.lock();
+        let db = self.storage.db();
+        let mut batch = WriteBatch::default();
+        for name in crate::raft::db::SNAPSHOT_COLUMN_FAMILIES {
+            let live = self.storage.cf(name);
+            for item in db.iterator_cf(live, IteratorMode::Start) {
+                let (key, _) = item.map_err(SequencerError::storage("clear the state machine"))?;
+                batch.delete_cf(live, key);
+            }
+            for item in
+                checkpoint.iterator_cf(crate::raft::db::cf(checkpoint, name), IteratorMode::Start)
+            {
+                let (key, value) = item.map_err(SequencerError::storage("read a snapshot"))?;
+                batch.put_cf(live, key, value);
+            }
+        }
+        batch.delete_range_cf(self.storage.cf(CF_SM_RESULTS), be64(0), be64(u64::MAX));
+        db.write_opt(batch, &synced())
+            .map_err(SequencerError::storage("install a snapshot"))?;
+        *inner = load(db)?;
+        self.publish(&inner);
+        Ok(())
+    }
+
+    /// A committed epoch's record; epoch 0 is the empty directory. `None` if not committed.
+    pub fn epoch_record(&self, epoch: u64) -> Result<Option<pb::EpochRecord>> {
+        if epoch == 0 {
+            return Ok(Some(pb::EpochRecord::default()));
+        }
+        read_epoch_record(&self.storage, epoch)
+    }
+
+    /// Reads one epoch's updates under one RocksDB snapshot, so the data, the sealed flag and
+    /// `as_of_index` agree. `None` for `epoch` means the open epoch.
+    pub fn read_batch(&self, epoch: Option<u64>) -> Result<BatchRead> {
+        let db = self.storage.db();
+        let snapshot = db.snapshot();
+        let meta_bytes = snapshot
+            .get_cf(self.storage.cf(CF_SM_META), META_KEY)
+            .map_err(SequencerError::storage("read the state machine metadata"))?;
+        let meta = match meta_bytes {
+            Some(bytes) => rpb::MachineMeta::decode(bytes.as_slice())
+                .map_err(corrupt("state machine metadata"))?,
+            None => rpb::MachineMeta {
+                open_epoch: 1,
+                next_sequence: 1,
+                ..Default::default()
+            },
+        };
+        let as_of_index = meta.last_applied.as_ref().map_or(0, |log_id| log_id.index);
+        let epoch = epoch.unwrap_or(meta.open_epoch);
+        let sealed = epoch < meta.open_epoch;
+        if epoch == 0 || epoch > meta.open_epoch {
+            return Err(SequencerError::EpochNotSealed {
+                epoch,
+                open: meta.open_epoch,
+            });
+        }
+        if sealed && !meta.retained_batches.contains_key(&epoch) {
+            return Err(SequencerError::BatchNotRetained {
+                epoch,
+                oldest_retained_before: meta
+                    .retained_batches
+                    .keys()
+                    .min()
+                    .copied()
+                    .unwrap_or(meta.open_epoch),
+            });
+        }
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(be64(epoch + 1).to_vec());
+        let mut updates = Vec::new();
+        for item in snapshot.iterator_cf_opt(
+            self.storage.cf(CF_SM_UPDATES),
+            read,
+            IteratorMode::From(&be64(epoch), Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(SequencerError::storage("read a batch"))?;
+            updates.push(pb::SequencedUpdate {
+                label: key[8..].to_vec(),
+                sequence: read_be64(&value)?,
+                value: value[8..].to_vec(),
+            });
+        }
+        Ok(BatchRead {
+            epoch,
+            as_of_index,
+            sealed,
+            updates,
+        })
+    }
+
+    /// The first log position this node can stream events from: past the purged log, and past
+    /// entries applied before a snapshot install (their results are not kept).
+    pub fn first_event_index(&self) -> Result<u64> {
+        let after_purge = log_store::last_purged_index(&self.storage)? + 1;
+        let first_result = self
+            .storage
+            .db()
+            .iterator_cf(self.storage.cf(CF_SM_RESULTS), IteratorMode::Start)
+            .next()
+            .transpose()
+            .map_err(SequencerError::storage("read the first apply result"))?
+            .map(|(key, _)| read_be64(&key))
+            .transpose()?;
+        let applied = self.view.borrow().last_applied_index;
+        Ok(after_purge.max(first_result.unwrap_or(applied + 1)))
+    }
+
+    /// The events of applied entries with index in `[from, to]` (stops early at a gap).
+    /// `Err(LogPurged)` if `from` is below the first retained index.
+    pub fn read_events(&self, from: u64, to: u64) -> Result<Vec<pb::LogEvent>> {
+        let first_retained = log_store::last_purged_index(&self.storage)? + 1;
+        if from < first_retained {
+            return Err(SequencerError::LogPurged {
+                from_index: from,
+                first_retained,
+            });
+        }
+        let entries = log_store::read_entries(&self.storage, from, to.saturating_add(1))?;
+        let mut events = Vec::with_capacity(entries.len());
+        for (offset, entry) in entries.into_iter().enumerate() {
+            let index = entry.log_id.index();
+            if index != from + offset as u64 {
+                break;
+            }
+            let Some(bytes) = self
+                .storage
+                .db()
+                .get_cf(self.storage.cf(CF_SM_RESULTS), be64(index))
+                .map_err(SequencerError::storage("read an apply result"))?
+            else {
+                // Purged concurrently, or applied before a snapshot install.
+                if events.is_empty() {
+                    return Err(SequencerError::LogPurged {
+                        from_index: index,
+                        first_retained: log_store::last_purged_index(&self.storage)? + 1,
+                    });
+                }
+                break;
+            };
+            let result =
+                pb::ApplyResult::decode(bytes.as_slice()).map_err(corrupt("apply result"))?;
+            events.push(event_of(index, entry, result));
+        }
+        Ok(events)
+    }
+}
+
+fn noop(kind: &str) -> pb::ApplyResult {
+    pb::ApplyResult {
+        kind: Some(pb::apply_result::Kind::Noop(pb::Noop { kind: kind.into() })),
+    }
+}
+
+/// Joins a log entry with what applying it did.
+fn event_of(index: u64, entry: crate::raft::types::Entry, result: pb::ApplyResult) -> pb::LogEvent {
+    use pb::apply_result::Kind as R;
+    use pb::log_event::Kind as E;
+    let term = entry.log_id.committed_leader_id().term;
+    let kind = match result.kind {
+        Some(R::Appended(answer)) => {
+            let updates = match (answer.duplicate, entry.payload) {
+                (false, EntryPayload::Normal(command)) => match command.0.kind {
+                    Some(pb::command::Kind::Append(append)) => append
+                        .updates
+                        .into_iter()
+                        .zip(answer.first_sequence..)
+                        .map(|(update, sequence)| pb::SequencedUpdate {
+                            label: update.label,
+                            value: update.value,
+                            sequence,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                },
+                _ => Vec::new(),
+            };
+            E::Append(pb::AppendEvent {
+                epoch: answer.epoch,
+                updates,
+                duplicate: answer.duplicate,
+                sealed_before: answer.sealed_before,
+            })
+        }
+        Some(R::Sealed(sealed)) => E::Seal(sealed),
+        // A repeated commit of the same root changed nothing: tailers see one commit per epoch.
+        Some(R::Committed(committed)) if committed.already_committed => E::Noop(pb::Noop {
+            kind: "repeated commit".into(),
+        }),
+        Some(R::Committed(committed)) => E::Committed(committed.record.unwrap_or_default()),
+        Some(R::Metadata(metadata)) => E::Metadata(metadata),
+        Some(R::ShardMap(map)) => E::ShardMap(map),
+        Some(R::Rejected(rejection)) => E::Rejected(rejection),
+        Some(R::Noop(noop)) => E::Noop(noop),
+        None => E::Noop(pb::Noop {
+            kind: "unknown".into(),
+        }),
+    };
+    pb::LogEvent {
+        index,
+        term,
+        kind: Some(kind),
+    }
+}
+
+/// The openraft state machine handle.
+pub struct RocksStateMachine {
+    shared: Arc<SmShared>,
+}
+
+impl RocksStateMachine {
+    /// Wraps the shared state machine.
+    pub fn new(shared: Arc<SmShared>) -> Self {
+        Self { shared }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| io::Error::other(format!("state machine task failed: {error}")))?
+        .map_err(io::Error::from)
+}
+
+impl RaftStateMachine<TypeConfig> for RocksStateMachine {
+    type SnapshotData = SnapshotHandle;
+    type SnapshotBuilder = RocksSnapshotBuilder;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        Ok(self.shared.applied_state())
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>>
+            + Unpin
+            + openraft::OptionalSend,
+    {
+        let mut batch = Vec::new();
+        let mut responders = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            batch.push(entry);
+            responders.push(responder);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        let results = blocking(move || shared.apply_blocking(batch)).await?;
+        for (responder, result) in responders.into_iter().zip(results) {
+            if let Some(responder) = responder {
+                responder.send(result);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        RocksSnapshotBuilder::new(self.shared.clone())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotHandle,
+    ) -> io::Result<()> {
+        let shared = self.shared.clone();
+        let meta = meta.clone();
+        blocking(move || snapshot::install(&shared, &meta, &snapshot)).await
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> io::Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapshotHandle>>> {
+        let storage = self.shared.storage.clone();
+        blocking(move || snapshot::current(&storage)).await
+    }
+}

@@ -1,0 +1,133 @@
+//! Serving a node: one gRPC listener for the Raft transport, the data and admin APIs, and
+//! `grpc.health.v1`; and the shutdown sequence.
+//!
+//! Health is SERVING while the node is initialised, knows a leader, and has applied to within
+//! `raft.max_apply_lag` of its commit index. On shutdown: health goes NOT_SERVING, background
+//! tasks and WatchLog streams end, a leader hands leadership to the most caught-up voter
+//! (bounded), the server stops accepting and drains in-flight requests (bounded), Raft stops and
+//! the WAL is synced.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::server::NamedService;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::admin::AdminService;
+use crate::api::ApiService;
+use crate::config::SequencerConfig;
+use crate::error::{Result, SequencerError};
+use crate::node::Sequencer;
+use crate::raft::server::RaftService;
+
+/// The health service name of the data API (`""` is the whole server).
+pub const HEALTH_SERVICE: &str =
+    <proto::ktd::sequencer::v1::sequencer_server::SequencerServer<ApiService> as NamedService>::NAME;
+
+/// Starts a node from `config` and serves it on `listener` until `shutdown` completes; then
+/// shuts down gracefully. Returns once the node has stopped.
+pub async fn run(
+    config: SequencerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let sequencer = Sequencer::start(config).await?;
+    serve(sequencer, listener, shutdown).await
+}
+
+async fn set_health(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(HEALTH_SERVICE, status).await;
+}
+
+async fn track_health(sequencer: Sequencer, reporter: HealthReporter) {
+    let mut metrics = sequencer.raft_metrics();
+    let shutdown = sequencer.shutdown_token();
+    let mut serving = None;
+    loop {
+        let now = sequencer.is_healthy();
+        if serving != Some(now) {
+            set_health(&reporter, now).await;
+            tracing::info!(serving = now, "health changed");
+            serving = Some(now);
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Serves a started node on `listener` until `shutdown` completes (see the module docs).
+pub async fn serve(
+    sequencer: Sequencer,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let local_addr = listener.local_addr().ok();
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, false).await;
+    sequencer.spawn_task(track_health(sequencer.clone(), reporter.clone()));
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(10)));
+    let router = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(2)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(health_service)
+        .add_service(
+            RaftService::new(
+                sequencer.raft().clone(),
+                sequencer.storage().clone(),
+                sequencer.shutdown_token(),
+            )
+            .into_server(),
+        )
+        .add_service(ApiService::new(&sequencer).into_server())
+        .add_service(AdminService::new(&sequencer).into_server());
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stopped.await;
+    }));
+    tracing::info!(node_id = sequencer.id(), addr = ?local_addr, "serving");
+
+    let server_failure = tokio::select! {
+        () = shutdown => None,
+        result = &mut server => Some(match result {
+            Ok(Ok(())) => SequencerError::Raft("the gRPC server stopped unexpectedly".into()),
+            Ok(Err(error)) => SequencerError::Raft(format!("the gRPC server failed: {error}")),
+            Err(error) => SequencerError::Raft(format!("the gRPC server panicked: {error}")),
+        }),
+    };
+    tracing::info!(node_id = sequencer.id(), "shutting down");
+    set_health(&reporter, false).await;
+    sequencer.step_down().await;
+    let _ = stop.send(());
+    if server_failure.is_none() {
+        let drain = sequencer.config().shutdown.drain_timeout;
+        if tokio::time::timeout(drain, &mut server).await.is_err() {
+            tracing::warn!(
+                ?drain,
+                "in-flight requests did not finish in time; closing them"
+            );
+            server.abort();
+        }
+    }
+    sequencer.shutdown().await?;
+    match server_failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}

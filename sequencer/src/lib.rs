@@ -12,6 +12,8 @@
 //! * [`node`] — [`Sequencer`], one node as a library: what the services and an in-process
 //!   coordinator call.
 //! * [`leader`] — leader duties (the seal timer).
+//! * [`coordinator`] — the epoch coordinator: drives sealed epochs through the shards
+//!   (`shard::cluster`) and commits their roots; active on the leader only.
 //! * [`api`], [`admin`] — the `ktd.sequencer.v1.Sequencer` and `ktd.sequencer.v1.SequencerAdmin` gRPC services.
 //! * [`mod@serve`] — [`run`]: one listener, health, graceful shutdown.
 //! * [`client`] — [`SequencerClient`], which finds the leader and retries safely.
@@ -32,6 +34,7 @@ pub mod admin;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod coordinator;
 pub mod error;
 pub mod leader;
 pub mod machine;

@@ -89,7 +89,10 @@ mod tests {
     use super::*;
     use crate::checker::test_history::{Builder, acked, unknown};
 
-    fn final_state(entries: &[(&str, &[(&str, u64, u64)])]) -> FinalState {
+    /// `(value, version, epoch)` rows of one key's history.
+    type Versions<'a> = &'a [(&'a str, u64, u64)];
+
+    fn final_state(entries: &[(&str, Versions<'_>)]) -> FinalState {
         FinalState {
             epoch: 10,
             histories: entries

@@ -63,7 +63,9 @@ fn parse_args() -> Args {
                 args.measure_epochs = value().parse().expect("--measure-epochs N")
             }
             "--bits" => args.bits = value().parse().expect("--bits K"),
-            "--block-cache-mb" => args.block_cache_mb = value().parse().expect("--block-cache-mb N"),
+            "--block-cache-mb" => {
+                args.block_cache_mb = value().parse().expect("--block-cache-mb N")
+            }
             "--dir" => args.dir = Some(PathBuf::from(value())),
             "--out" => args.out = PathBuf::from(value()),
             "--bench" => {}

@@ -4,7 +4,13 @@
 use std::path::PathBuf;
 
 /// Every proto file of the crate, relative to the crate root (the include root).
-const PROTOS: &[&str] = &["ktd/v1/sequencer.proto", "ktd/raft/v1/raft.proto"];
+const PROTOS: &[&str] = &[
+    "ktd/v1/akd.proto",
+    "ktd/v1/directory.proto",
+    "ktd/sequencer/v1/sequencer.proto",
+    "ktd/raft/v1/raft.proto",
+    "ktd/shard/v1/shard.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;

@@ -3,24 +3,46 @@
 //!
 //! | module | package | file |
 //! |---|---|---|
-//! | [`ktd::v1`] | `ktd.v1` | `ktd/v1/sequencer.proto`: the sequencer's internal API and its replicated commands |
+//! | [`ktd::v1`] | `ktd.v1` | `ktd/v1/directory.proto`: the public `Directory` and `Admin` services; `ktd/v1/akd.proto`: akd's proof messages, wire-compatible with `akd_core` |
+//! | [`ktd::sequencer::v1`] | `ktd.sequencer.v1` | `ktd/sequencer/v1/sequencer.proto`: the sequencer's internal API and its replicated commands |
 //! | [`ktd::raft::v1`] | `ktd.raft.v1` | `ktd/raft/v1/raft.proto`: Raft transport and the on-disk Raft log encoding |
+//! | [`ktd::shard::v1`] | `ktd.shard.v1` | `ktd/shard/v1/shard.proto`: the shard servers' internal API |
 //!
-//! More packages (`directory.proto`, `shard.proto`) are added by listing them in `build.rs`'s
-//! `PROTOS` and declaring their module here.
+//! [`akd`] converts between `akd_core`'s proof types and the `ktd.v1` proof messages. More
+//! packages are added by listing them in `build.rs`'s `PROTOS` and declaring their module here.
+
+pub mod akd;
 
 /// Generated code, one module per proto package.
 pub mod ktd {
-    /// Package `ktd.v1`: the sequencer's internal gRPC API.
-    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    /// Package `ktd.v1`: the public API and akd's proof messages.
+    #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
     pub mod v1 {
         tonic::include_proto!("ktd.v1");
+    }
+
+    /// Sequencer packages.
+    pub mod sequencer {
+        /// Package `ktd.sequencer.v1`: the sequencer's internal gRPC API.
+        #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
+        pub mod v1 {
+            tonic::include_proto!("ktd.sequencer.v1");
+        }
+    }
+
+    /// Shard packages.
+    pub mod shard {
+        /// Package `ktd.shard.v1`: the shard servers' internal API.
+        #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
+        pub mod v1 {
+            tonic::include_proto!("ktd.shard.v1");
+        }
     }
 
     /// Raft packages.
     pub mod raft {
         /// Package `ktd.raft.v1`: Raft transport between sequencer nodes.
-        #[allow(missing_docs, clippy::all, clippy::pedantic)]
+        #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
         pub mod v1 {
             tonic::include_proto!("ktd.raft.v1");
         }

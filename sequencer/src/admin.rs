@@ -1,11 +1,11 @@
-//! The `ktd.v1.SequencerAdmin` gRPC service: seal now, shard map, status, membership, leader
+//! The `ktd.sequencer.v1.SequencerAdmin` gRPC service: seal now, shard map, status, membership, leader
 //! transfer, snapshots, cluster metadata. Thin, like [`crate::api`].
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use proto::ktd::v1 as pb;
-use proto::ktd::v1::sequencer_admin_server;
+use proto::ktd::sequencer::v1 as pb;
+use proto::ktd::sequencer::v1::sequencer_admin_server;
 use tonic::{Request, Response, Status};
 
 use crate::node::{Sequencer, WeakSequencer};

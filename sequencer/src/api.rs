@@ -1,12 +1,12 @@
-//! The `ktd.v1.Sequencer` gRPC service: the data path (Append, CommitEpoch, GetEpoch, batches,
+//! The `ktd.sequencer.v1.Sequencer` gRPC service: the data path (Append, CommitEpoch, GetEpoch, batches,
 //! WatchLog). Thin: each handler calls [`Sequencer`] and maps errors through
 //! `From<SequencerError> for Status`.
 
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
-use proto::ktd::v1 as pb;
-use proto::ktd::v1::sequencer_server;
+use proto::ktd::sequencer::v1 as pb;
+use proto::ktd::sequencer::v1::sequencer_server;
 use tonic::{Request, Response, Status};
 
 use crate::node::{Sequencer, WeakSequencer};

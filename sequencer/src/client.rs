@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use proto::ktd::v1 as pb;
-use proto::ktd::v1::sequencer_admin_client::SequencerAdminClient;
-use proto::ktd::v1::sequencer_client::SequencerClient as ApiClient;
+use proto::ktd::sequencer::v1 as pb;
+use proto::ktd::sequencer::v1::sequencer_admin_client::SequencerAdminClient;
+use proto::ktd::sequencer::v1::sequencer_client::SequencerClient as ApiClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 

@@ -182,6 +182,9 @@ pub enum SequencerError {
         #[source]
         source: std::io::Error,
     },
+    /// Driving an epoch through the shards failed (retried by the coordinator).
+    #[error("epoch coordination failed: {0}")]
+    Coordination(String),
     /// A remote sequencer answered with an error status (client side).
     #[error("remote error {}: {}", .0.code(), .0.message())]
     Remote(tonic::Status),
@@ -216,7 +219,10 @@ impl SequencerError {
             | Self::InvalidRootHash { .. }
             | Self::InvalidRequest(_)
             | Self::Malformed(_) => Code::InvalidArgument,
-            Self::NotLeader { .. } | Self::ShuttingDown | Self::NoQuorum(_) => Code::Unavailable,
+            Self::NotLeader { .. }
+            | Self::ShuttingDown
+            | Self::NoQuorum(_)
+            | Self::Coordination(_) => Code::Unavailable,
             Self::EpochNotFound { .. } | Self::BatchNotRetained { .. } => Code::NotFound,
             Self::EpochNotSealed { .. } | Self::NotInitialized | Self::Membership(_) => {
                 Code::FailedPrecondition

@@ -12,7 +12,9 @@
 //! * [`node`] — [`Sequencer`], one node as a library: what the services and an in-process
 //!   coordinator call.
 //! * [`leader`] — leader duties (the seal timer).
-//! * [`api`], [`admin`] — the `ktd.v1.Sequencer` and `ktd.v1.SequencerAdmin` gRPC services.
+//! * [`coordinator`] — the epoch coordinator: drives sealed epochs through the shards
+//!   (`shard::cluster`) and commits their roots; active on the leader only.
+//! * [`api`], [`admin`] — the `ktd.sequencer.v1.Sequencer` and `ktd.sequencer.v1.SequencerAdmin` gRPC services.
 //! * [`mod@serve`] — [`run`]: one listener, health, graceful shutdown.
 //! * [`client`] — [`SequencerClient`], which finds the leader and retries safely.
 //! * [`config`], [`error`].
@@ -32,6 +34,7 @@ pub mod admin;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod coordinator;
 pub mod error;
 pub mod leader;
 pub mod machine;
@@ -43,7 +46,7 @@ pub use client::{ClientOptions, SequencerClient};
 pub use config::SequencerConfig;
 pub use error::{Result, SequencerError};
 pub use node::{LeaderState, Sequencer};
-pub use proto::ktd::v1 as pb;
+pub use proto::ktd::sequencer::v1 as pb;
 pub use raft::NodeId;
 pub use raft::state_machine::{BatchRead, SmView};
 pub use serve::{HEALTH_SERVICE, run, serve};

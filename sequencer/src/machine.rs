@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use proto::ktd::v1 as pb;
+use proto::ktd::sequencer::v1 as pb;
 use tonic::Code;
 
 use crate::error::Result;

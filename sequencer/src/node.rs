@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures::Stream;
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{ChangeMembers, ReadPolicy, ServerState};
-use proto::ktd::v1 as pb;
+use proto::ktd::sequencer::v1 as pb;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -25,8 +25,9 @@ use crate::node::Sequencer;
 use crate::raft::server::RaftService;
 
 /// The health service name of the data API (`""` is the whole server).
-pub const HEALTH_SERVICE: &str =
-    <proto::ktd::v1::sequencer_server::SequencerServer<ApiService> as NamedService>::NAME;
+pub const HEALTH_SERVICE: &str = <proto::ktd::sequencer::v1::sequencer_server::SequencerServer<
+    ApiService,
+> as NamedService>::NAME;
 
 /// Starts a node from `config` and serves it on `listener` until `shutdown` completes; then
 /// shuts down gracefully. Returns once the node has stopped.

@@ -28,12 +28,13 @@ use akd_core::{AkdLabel, AkdValue, AppendOnlyProof, HistoryProof, LookupProof};
 use rayon::prelude::*;
 
 use crate::config::{AkdConfig, Experimental, WhatsAppV1};
-use crate::error::{Error, LabelTag, Result};
-use crate::proof::{HistoryPlan, LookupPlan, prove_claims};
+use crate::error::{Error, Result};
+use crate::node::ShardNode;
+use crate::proof::prove_claims;
 use crate::stitch::{self, TopTree};
 use crate::store::{DirectoryMeta, EpochRecord, RocksStore, StoreOptions};
-use crate::tree::{self, SortedLeaves};
-use crate::user::{self, UpdateLimits, UserVersion};
+use crate::tree;
+use crate::user::{UpdateLimits, UserVersion};
 use crate::vrf::VrfKey;
 
 macro_rules! dispatch {
@@ -96,6 +97,8 @@ pub struct PublishStats {
     pub vrf: Duration,
     /// Planning and hashing the partitions, including their node reads.
     pub tree: Duration,
+    /// Time spent inside node reads during `tree`, summed over threads.
+    pub node_reads: Duration,
     /// Writing node versions.
     pub write_nodes: Duration,
     /// Stitching the root and committing the epoch (synced).
@@ -155,7 +158,7 @@ impl std::fmt::Debug for Directory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         dispatch!(self, core => f
             .debug_struct("Directory")
-            .field("path", &core.store.path())
+            .field("path", &core.node.store().path())
             .field("config", &core.config)
             .field("partition_bits", &core.bits)
             .finish())
@@ -205,7 +208,7 @@ impl Directory {
     /// invisible until [`PreparedEpoch::commit`]. Dropping the result abandons the epoch; the
     /// directory then still serves the previous one, and the next publish starts over.
     pub fn prepare(&self, updates: Vec<(AkdLabel, AkdValue)>) -> Result<PreparedEpoch<'_>> {
-        dispatch!(self, core => core.limits.check_batch(&updates))?;
+        dispatch!(self, core => core.node.limits().check_batch(&updates))?;
         let writer = self
             .writer
             .lock()
@@ -249,7 +252,7 @@ impl Directory {
 
     /// The VRF public key clients verify labels with.
     pub fn vrf_public_key(&self) -> [u8; 32] {
-        dispatch!(self, core => core.vrf.public_key())
+        dispatch!(self, core => core.node.vrf().public_key())
     }
 
     /// The configuration name (`whatsapp_v1` or `experimental:<label>`).
@@ -259,7 +262,7 @@ impl Directory {
 
     /// The RocksDB store (for capacity reports).
     pub fn store(&self) -> &RocksStore {
-        dispatch!(self, core => &core.store)
+        dispatch!(self, core => core.node.store())
     }
 }
 
@@ -279,64 +282,36 @@ impl<TC: Configuration> EpochView<TC> {
 }
 
 struct Core<TC> {
-    store: Arc<RocksStore>,
+    node: ShardNode<TC>,
     config: AkdConfig,
     bits: u8,
-    vrf: VrfKey,
-    limits: UpdateLimits,
     current: RwLock<Arc<EpochView<TC>>>,
 }
 
 impl<TC: Configuration> Core<TC> {
     fn open(path: &Path, options: &DirectoryOptions, vrf: VrfKey) -> Result<Self> {
-        let (store, created) = RocksStore::open(path, options.store)?;
         let expected = DirectoryMeta {
             configuration: options.config.to_string(),
             partition_bits: options.partition_bits,
             vrf_public_key: vrf.public_key(),
         };
-        let incompatible = |reason: String| Error::IncompatibleDataDir {
-            path: path.display().to_string(),
-            reason,
-        };
-        if created {
-            let empty = TopTree::<TC>::new(
-                options.partition_bits,
-                vec![None; 1 << options.partition_bits],
-            )?;
-            store.initialize(
-                &expected,
-                &EpochRecord {
+        let (store, created) = RocksStore::open_checked(path, options.store, &expected)?;
+        let record = match store.last_epoch()? {
+            Some(record) => record,
+            None => {
+                let empty = TopTree::<TC>::new(
+                    options.partition_bits,
+                    vec![None; 1 << options.partition_bits],
+                )?;
+                let record = EpochRecord {
                     epoch: 0,
                     root_hash: empty.root_hash(),
                     partitions: empty.partitions().to_vec(),
-                },
-            )?;
-        } else {
-            let meta = store
-                .meta()?
-                .ok_or_else(|| incompatible("no ktd directory metadata".into()))?;
-            if meta.configuration != expected.configuration {
-                return Err(incompatible(format!(
-                    "it holds configuration {}, not {}",
-                    meta.configuration, expected.configuration
-                )));
+                };
+                store.put_epoch(&record)?;
+                record
             }
-            if meta.partition_bits != expected.partition_bits {
-                return Err(incompatible(format!(
-                    "it has {} partition bits, not {}",
-                    meta.partition_bits, expected.partition_bits
-                )));
-            }
-            if meta.vrf_public_key != expected.vrf_public_key {
-                return Err(incompatible(
-                    "it was created with a different VRF key".into(),
-                ));
-            }
-        }
-        let record = store
-            .last_epoch()?
-            .ok_or_else(|| incompatible("no committed epoch".into()))?;
+        };
         let top = TopTree::<TC>::new(options.partition_bits, record.partitions)?;
         if top.root_hash() != record.root_hash {
             return Err(Error::Corrupt(format!(
@@ -355,11 +330,9 @@ impl<TC: Configuration> Core<TC> {
             "directory opened"
         );
         Ok(Self {
-            store,
+            node: ShardNode::new(store, options.partition_bits, vrf, options.limits),
             config: options.config.clone(),
             bits: options.partition_bits,
-            vrf,
-            limits: options.limits,
             current: RwLock::new(Arc::new(EpochView {
                 epoch: record.epoch,
                 top,
@@ -389,7 +362,7 @@ impl<TC: Configuration> Core<TC> {
                 latest: current.epoch,
             });
         }
-        let record = self.store.epoch(epoch)?.ok_or_else(|| {
+        let record = self.node.store().epoch(epoch)?.ok_or_else(|| {
             Error::Corrupt(format!(
                 "epoch {epoch} is below the latest epoch but has no record"
             ))
@@ -408,57 +381,38 @@ impl<TC: Configuration> Core<TC> {
             updates: updates.len(),
             ..PublishStats::default()
         };
-
-        let started = Instant::now();
-        let prior: Vec<Option<(u64, AkdValue)>> = updates
-            .par_iter()
-            .map(|(akd_label, _)| {
-                Ok(self
-                    .store
-                    .latest_user_version(akd_label, base.epoch)?
-                    .map(|version| (version.version, version.value)))
-            })
-            .collect::<Result<_>>()?;
-        let planned = user::plan_updates(updates, &prior);
-        stats.read_users = started.elapsed();
-        if planned.is_empty() {
+        let user_leaves = self.node.user_leaves(epoch, updates)?;
+        stats.read_users = user_leaves.read_users;
+        stats.vrf = user_leaves.vrf;
+        if user_leaves.changed == 0 {
             return Ok(Staged {
                 epoch_hash: base.epoch_hash(),
                 commit: None,
                 stats,
             });
         }
-
-        let started = Instant::now();
-        let epoch_leaves = user::compute_leaves::<TC>(&self.vrf, &planned, epoch);
-        stats.vrf = started.elapsed();
-        stats.leaves = epoch_leaves.leaves.len();
-
-        let started = Instant::now();
-        let runs = SortedLeaves::new(epoch_leaves.leaves)?.split_by_partition(self.bits);
-        let deltas: Vec<(u32, tree::PartitionDelta)> = runs
-            .into_par_iter()
+        stats.leaves = user_leaves
+            .by_partition
+            .iter()
+            .map(|(_, leaves)| leaves.len())
+            .sum();
+        let inputs = user_leaves
+            .by_partition
+            .into_iter()
             .map(|(partition, leaves)| {
-                let root = base.top.partitions()[partition as usize];
-                tree::insert_leaves::<TC, _>(&*self.store, root, &leaves, epoch)
-                    .map(|delta| (partition, delta))
+                (partition, base.top.partitions()[partition as usize], leaves)
             })
-            .collect::<Result<_>>()?;
-        stats.tree = started.elapsed();
-        stats.nodes_written = deltas.iter().map(|(_, delta)| delta.node_count()).sum();
-
-        let started = Instant::now();
-        // Versions left by an abandoned attempt at this epoch are unreferenced; drop them first.
-        self.store.discard_nodes_from(epoch)?;
-        deltas
-            .par_iter()
-            .try_for_each(|(_, delta)| self.store.write_nodes(delta))?;
-        stats.write_nodes = started.elapsed();
+            .collect();
+        let built = self.node.build_partitions(epoch, inputs)?;
+        stats.tree = built.tree;
+        stats.node_reads = built.node_reads;
+        stats.write_nodes = built.write_nodes;
+        stats.nodes_written = built.nodes_written;
 
         let started = Instant::now();
         let mut partitions = base.top.partitions().to_vec();
-        for (partition, delta) in deltas {
-            partitions[partition as usize] = delta.root;
+        for (partition, root) in built.roots {
+            partitions[partition as usize] = root;
         }
         let top = TopTree::<TC>::new(self.bits, partitions)?;
         let record = EpochRecord {
@@ -472,7 +426,7 @@ impl<TC: Configuration> Core<TC> {
                 epoch,
                 root_hash: record.root_hash,
             },
-            commit: Some((record, epoch_leaves.versions)),
+            commit: Some((record, user_leaves.versions)),
             stats,
         })
     }
@@ -486,7 +440,7 @@ impl<TC: Configuration> Core<TC> {
                 previous: expected - 1,
             });
         }
-        self.store.commit_epoch(&record, versions)?;
+        self.node.store().commit_epoch(&record, versions)?;
         let epoch = record.epoch;
         let top = TopTree::<TC>::new(self.bits, record.partitions)?;
         *self
@@ -498,20 +452,12 @@ impl<TC: Configuration> Core<TC> {
     }
 
     fn walker(&self) -> impl FnOnce(&[tree::WalkRequest]) -> Result<Vec<tree::PartitionWalk>> + '_ {
-        move |requests| tree::walk::<TC, _>(&*self.store, requests)
+        move |requests| self.node.walk(requests)
     }
 
     fn lookup(&self, akd_label: &AkdLabel, epoch: Option<u64>) -> Result<(LookupProof, EpochHash)> {
-        self.limits.check_label(akd_label)?;
         let view = self.view(epoch)?;
-        let latest = self
-            .store
-            .latest_user_version(akd_label, view.epoch)?
-            .ok_or(Error::LabelNotFound {
-                label: LabelTag::of(akd_label),
-                epoch: view.epoch,
-            })?;
-        let plan = LookupPlan::new::<TC>(&self.vrf, akd_label, latest);
+        let plan = self.node.lookup_plan(akd_label, view.epoch)?;
         let proofs = prove_claims(&view.top, &plan.claims(), self.walker())?;
         Ok((plan.assemble(proofs)?, view.epoch_hash()))
     }
@@ -522,10 +468,8 @@ impl<TC: Configuration> Core<TC> {
         params: HistoryParams,
         epoch: Option<u64>,
     ) -> Result<(HistoryProof, EpochHash)> {
-        self.limits.check_label(akd_label)?;
         let view = self.view(epoch)?;
-        let versions = self.store.user_versions(akd_label, view.epoch)?;
-        let plan = HistoryPlan::new::<TC>(&self.vrf, akd_label, versions, params, view.epoch)?;
+        let plan = self.node.history_plan(akd_label, params, view.epoch)?;
         let proofs = prove_claims(&view.top, &plan.claims(), self.walker())?;
         Ok((plan.assemble(proofs)?, view.epoch_hash()))
     }
@@ -548,9 +492,7 @@ impl<TC: Configuration> Core<TC> {
             let slices = top_audit
                 .partitions
                 .par_iter()
-                .map(|(_, root)| {
-                    tree::audit::append_only_slice::<TC, _>(&*self.store, Some(*root), step_start)
-                })
+                .map(|(_, root)| self.node.append_only_slice(Some(*root), step_start))
                 .collect::<Result<Vec<_>>>()?;
             proof
                 .proofs

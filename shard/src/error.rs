@@ -132,6 +132,32 @@ pub enum Error {
         /// Epoch already present.
         previous: u64,
     },
+    /// A shard has not delivered its leaves for an epoch that is being built.
+    #[error("leaves from shard {from} for epoch {epoch} have not been delivered")]
+    MissingDelivery {
+        /// The epoch being built.
+        epoch: u64,
+        /// The shard whose delivery is missing.
+        from: String,
+    },
+    /// Another process answered with an error (a remote shard, over gRPC).
+    #[error("{peer} answered {code:?}: {message}")]
+    Remote {
+        /// Which peer.
+        peer: String,
+        /// Its gRPC status code.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
+    /// A message from another process could not be understood.
+    #[error("malformed message from {peer}: {message}")]
+    BadMessage {
+        /// Which peer.
+        peer: String,
+        /// What was wrong.
+        message: String,
+    },
     /// Stored data contradicts itself: a referenced node is missing or malformed.
     #[error("corrupt data: {0}")]
     Corrupt(String),

@@ -15,22 +15,35 @@
 //! - [`user`]: akd's version rules: which leaves an update inserts, and the user's versions.
 //! - [`proof`]: assembles akd's `LookupProof` and `HistoryProof` from VRF proofs and paths.
 //! - [`store`]: RocksDB column families, record encodings, and `RocksTreeStore`.
+//! - [`node`]: one process's partitions: the two epoch steps (user leaves, partition builds)
+//!   and the reads, shared by the in-process directory and the shard server.
+//! - [`api`], [`local`], [`server`], [`client`], [`wire`]: the shard as a cluster member —
+//!   the `ShardApi` trait, its in-process implementation, the gRPC service and client, and the
+//!   conversions between them.
 //! - [`directory`]: the in-process directory (all partitions, one RocksDB) that `ktd dev` runs.
 //! - [`config`]: the AKD configuration chosen at run time (WhatsApp v1 or experimental).
 //!
 //! **Architecture invariant:** `label`, `tree`, `stitch`, `proof`, `user` and `vrf` import
-//! neither `rocksdb` nor any RPC crate; only `store` and `directory` touch RocksDB.
+//! neither `rocksdb` nor any RPC crate; only `store`, `node` and `directory` touch RocksDB, and
+//! only `server`, `client` and `wire` touch tonic/prost.
 
+pub mod api;
+pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod error;
 pub mod label;
+pub mod local;
+pub mod node;
 pub mod proof;
+pub mod server;
 pub mod stitch;
 pub mod store;
 pub mod tree;
 pub mod user;
 pub mod vrf;
+pub mod wire;
 
 pub use config::AkdConfig;
 pub use directory::{Directory, DirectoryOptions, EpochHash};

@@ -15,7 +15,7 @@ use akd_core::{
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::stitch::{self, TopTree};
+use crate::stitch::{self, Located, TopTree};
 use crate::tree::{PartitionWalk, WalkRequest};
 use crate::user::UserVersion;
 use crate::vrf::VrfKey;
@@ -55,51 +55,77 @@ impl TreeProof {
 }
 
 /// Answers `claims` on the tree whose top is `top`; `walk` runs the in-partition walks (locally
-/// over a `TreeStore`, or on remote shards) and must answer its requests in order.
+/// over a `TreeStore`) and must answer its requests in order. Remote callers use
+/// [`LocatedClaims`] directly and walk asynchronously.
 pub fn prove_claims<TC: Configuration>(
     top: &TopTree<TC>,
     claims: &[Claim],
     walk: impl FnOnce(&[WalkRequest]) -> Result<Vec<PartitionWalk>>,
 ) -> Result<Vec<TreeProof>> {
-    let located: Vec<_> = claims
-        .iter()
-        .map(|claim| {
-            let target = match claim {
-                Claim::Member(label) | Claim::Absent(label) => *label,
-            };
-            (target, top.locate(&target))
-        })
-        .collect();
-    let requests: Vec<WalkRequest> = located
-        .iter()
-        .filter_map(|(target, located)| located.walk_request(*target))
-        .collect();
-    let mut walks = walk(&requests)?.into_iter();
-    if walks.len() != requests.len() {
-        return Err(Error::Proof(format!(
-            "asked for {} partition walks, got {}",
-            requests.len(),
-            walks.len()
-        )));
+    let located = LocatedClaims::new(top, claims);
+    let walks = walk(located.walk_requests())?;
+    located.finish(walks)
+}
+
+/// Claims located in the top of the trie: what is left to walk inside partitions.
+#[derive(Clone, Debug)]
+pub struct LocatedClaims {
+    claims: Vec<(Claim, NodeLabel, Located)>,
+    requests: Vec<WalkRequest>,
+}
+
+impl LocatedClaims {
+    /// Locates every claim's label in `top`.
+    pub fn new<TC: Configuration>(top: &TopTree<TC>, claims: &[Claim]) -> Self {
+        let claims: Vec<(Claim, NodeLabel, Located)> = claims
+            .iter()
+            .map(|claim| {
+                let target = match claim {
+                    Claim::Member(label) | Claim::Absent(label) => *label,
+                };
+                (*claim, target, top.locate(&target))
+            })
+            .collect();
+        let requests = claims
+            .iter()
+            .filter_map(|(_, target, located)| located.walk_request(*target))
+            .collect();
+        Self { claims, requests }
     }
-    claims
-        .iter()
-        .zip(located)
-        .map(|(claim, (target, located))| {
-            let walk = if located.walk_request(target).is_some() {
-                walks.next()
-            } else {
-                None
-            };
-            match claim {
-                Claim::Member(_) => {
-                    stitch::membership_proof(target, located, walk).map(TreeProof::Member)
+
+    /// The in-partition walks still needed, in order (each names its partition root).
+    pub fn walk_requests(&self) -> &[WalkRequest] {
+        &self.requests
+    }
+
+    /// Stitches the answers to [`LocatedClaims::walk_requests`] (in the same order) into proofs.
+    pub fn finish(self, walks: Vec<PartitionWalk>) -> Result<Vec<TreeProof>> {
+        if walks.len() != self.requests.len() {
+            return Err(Error::Proof(format!(
+                "asked for {} partition walks, got {}",
+                self.requests.len(),
+                walks.len()
+            )));
+        }
+        let mut walks = walks.into_iter();
+        self.claims
+            .into_iter()
+            .map(|(claim, target, located)| {
+                let walk = if located.walk_request(target).is_some() {
+                    walks.next()
+                } else {
+                    None
+                };
+                match claim {
+                    Claim::Member(_) => {
+                        stitch::membership_proof(target, located, walk).map(TreeProof::Member)
+                    }
+                    Claim::Absent(_) => stitch::non_membership_proof(target, located, walk)
+                        .map(|proof| TreeProof::Absent(Box::new(proof))),
                 }
-                Claim::Absent(_) => stitch::non_membership_proof(target, located, walk)
-                    .map(|proof| TreeProof::Absent(Box::new(proof))),
-            }
-        })
-        .collect()
+            })
+            .collect()
+    }
 }
 
 /// A node label with the VRF proof that binds it to `(akd_label, freshness, version)`.
@@ -125,13 +151,18 @@ fn prove_labels<TC: Configuration>(
 }
 
 /// Everything a lookup proof needs besides the tree.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LookupPlan {
-    version: UserVersion,
-    existence: ProvenLabel,
-    marker: ProvenLabel,
-    freshness: ProvenLabel,
-    commitment_nonce: Vec<u8>,
+    /// The latest version as of the proof's epoch.
+    pub version: UserVersion,
+    /// `FreshLabel(n)` and its VRF proof.
+    pub existence: ProvenLabel,
+    /// `FreshLabel(2^⌊log2 n⌋)` and its VRF proof.
+    pub marker: ProvenLabel,
+    /// `StaleLabel(n)` and its VRF proof.
+    pub freshness: ProvenLabel,
+    /// The commitment nonce of version `n`.
+    pub commitment_nonce: Vec<u8>,
 }
 
 /// akd's marker version for a lookup: the largest power of two `≤ version`.
@@ -205,12 +236,28 @@ fn next(labels: &mut impl Iterator<Item = ProvenLabel>) -> ProvenLabel {
     labels.next().expect("one proven label per requested label")
 }
 
+/// One version's part of a history proof.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpdatePlan {
+    /// The version.
+    pub version: UserVersion,
+    /// `FreshLabel(v)` and its VRF proof.
+    pub fresh: ProvenLabel,
+    /// `StaleLabel(v - 1)` and its VRF proof (none for version 1).
+    pub stale: Option<ProvenLabel>,
+    /// The commitment nonce of version `v`.
+    pub commitment_nonce: Vec<u8>,
+}
+
 /// Everything a history proof needs besides the tree.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HistoryPlan {
-    updates: Vec<(UserVersion, ProvenLabel, Option<ProvenLabel>, Vec<u8>)>,
-    past_markers: Vec<ProvenLabel>,
-    future_markers: Vec<ProvenLabel>,
+    /// Versions, newest first.
+    pub updates: Vec<UpdatePlan>,
+    /// Past marker versions (akd #444), with VRF proofs; proven present.
+    pub past_markers: Vec<ProvenLabel>,
+    /// Future marker versions, with VRF proofs; proven absent.
+    pub future_markers: Vec<ProvenLabel>,
 }
 
 impl HistoryPlan {
@@ -265,14 +312,19 @@ impl HistoryPlan {
             .map(|version| {
                 let fresh = next(&mut labels);
                 let stale = (version.version > 1).then(|| next(&mut labels));
-                let nonce = TC::get_commitment_nonce(
+                let commitment_nonce = TC::get_commitment_nonce(
                     &commitment_key,
                     &fresh.label,
                     version.version,
                     &version.value,
                 )
                 .to_vec();
-                (version, fresh, stale, nonce)
+                UpdatePlan {
+                    version,
+                    fresh,
+                    stale,
+                    commitment_nonce,
+                }
             })
             .collect();
         let past_markers = past.iter().map(|_| next(&mut labels)).collect();
@@ -287,9 +339,9 @@ impl HistoryPlan {
     /// The tree claims, in the order [`HistoryPlan::assemble`] expects their proofs.
     pub fn claims(&self) -> Vec<Claim> {
         let mut claims = Vec::new();
-        for (_, fresh, stale, _) in &self.updates {
-            claims.push(Claim::Member(fresh.label));
-            if let Some(stale) = stale {
+        for update in &self.updates {
+            claims.push(Claim::Member(update.fresh.label));
+            if let Some(stale) = &update.stale {
                 claims.push(Claim::Member(stale.label));
             }
         }
@@ -320,7 +372,13 @@ impl HistoryPlan {
                 .ok_or_else(|| Error::Proof("missing tree proof".into()))
         };
         let mut update_proofs = Vec::with_capacity(self.updates.len());
-        for (version, fresh, stale, commitment_nonce) in self.updates {
+        for UpdatePlan {
+            version,
+            fresh,
+            stale,
+            commitment_nonce,
+        } in self.updates
+        {
             let existence_proof = take()?.member()?;
             let (previous_version_vrf_proof, previous_version_proof) = match stale {
                 Some(stale) => (Some(stale.vrf_proof), Some(take()?.member()?)),

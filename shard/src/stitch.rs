@@ -363,12 +363,13 @@ impl<TC: Configuration> TopTree<TC> {
     }
 
     /// The top-level part of the append-only step `start_epoch → start_epoch + 1`, on this
-    /// tree as of `start_epoch + 1`. An unchanged root gives an empty proof, as in akd.
+    /// tree as of `start_epoch + 1`.
+    ///
+    /// When no leaf is from `start_epoch + 1` (a heartbeat epoch, which akd never produces),
+    /// akd's generator would emit an empty proof, which `audit_verify` rejects; the root's
+    /// children are emitted as unchanged instead (akd-spec §10.2), which verifies.
     pub fn append_only_top(&self, start_epoch: u64) -> TopAudit {
         let mut audit = TopAudit::default();
-        if self.max_epoch() <= start_epoch {
-            return audit;
-        }
         match self.shape {
             Shape::Empty => {}
             Shape::RootIsPartition(partition) => {

@@ -147,13 +147,18 @@ pub fn compute_leaves<TC: Configuration>(
     vrf: &VrfKey,
     planned: &[PlannedUpdate],
     epoch: u64,
+    cache: Option<&LabelCache>,
 ) -> EpochLeaves {
     let commitment_key = vrf.commitment_key::<TC>();
+    let node_label = |akd_label: &AkdLabel, freshness, version| match cache {
+        Some(cache) => cache.node_label::<TC>(vrf, akd_label, freshness, version),
+        None => vrf.node_label::<TC>(akd_label, freshness, version),
+    };
     let per_update: Vec<(NewLeaf, Option<NewLeaf>, UserVersion)> = planned
         .par_iter()
         .map(|update| {
             let fresh_label =
-                vrf.node_label::<TC>(&update.akd_label, VersionFreshness::Fresh, update.version);
+                node_label(&update.akd_label, VersionFreshness::Fresh, update.version);
             let fresh = NewLeaf {
                 label: fresh_label,
                 commitment: TC::compute_fresh_azks_value(
@@ -164,7 +169,7 @@ pub fn compute_leaves<TC: Configuration>(
                 ),
             };
             let stale = (update.version > 1).then(|| NewLeaf {
-                label: vrf.node_label::<TC>(
+                label: node_label(
                     &update.akd_label,
                     VersionFreshness::Stale,
                     update.version - 1,
@@ -193,12 +198,132 @@ pub fn compute_leaves<TC: Configuration>(
     out
 }
 
+/// What a node label is computed from: the VRF input `(label, freshness, version)`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LabelInput {
+    /// The user label.
+    pub akd_label: Vec<u8>,
+    /// Fresh or stale.
+    pub freshness: VersionFreshness,
+    /// The version.
+    pub version: u64,
+}
+
+/// Node labels computed ahead of time, while an epoch is open (DESIGN §4 step 2).
+///
+/// A cache in the strict sense: a miss costs one VRF evaluation, never a different answer, since
+/// a label depends only on its input and the directory's fixed key. Bounded: when full it is
+/// emptied (the entries of sealed epochs are removed as they are used, so that is rare).
+#[derive(Debug)]
+pub struct LabelCache {
+    labels: std::sync::Mutex<std::collections::HashMap<LabelInput, NodeLabel>>,
+    capacity: usize,
+}
+
+impl LabelCache {
+    /// An empty cache holding at most `capacity` labels.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            labels: std::sync::Mutex::new(std::collections::HashMap::new()),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<LabelInput, NodeLabel>> {
+        self.labels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The label of `(akd_label, freshness, version)`: taken out of the cache, or evaluated.
+    pub fn node_label<TC: Configuration>(
+        &self,
+        vrf: &VrfKey,
+        akd_label: &AkdLabel,
+        freshness: VersionFreshness,
+        version: u64,
+    ) -> NodeLabel {
+        let input = LabelInput {
+            akd_label: akd_label.to_vec(),
+            freshness,
+            version,
+        };
+        if let Some(label) = self.lock().remove(&input) {
+            return label;
+        }
+        vrf.node_label::<TC>(akd_label, freshness, version)
+    }
+
+    /// Evaluates the labels of `inputs` that are not cached yet, in parallel, and keeps them.
+    pub fn precompute<TC: Configuration>(&self, vrf: &VrfKey, mut inputs: Vec<LabelInput>) {
+        {
+            let labels = self.lock();
+            inputs.retain(|input| !labels.contains_key(input));
+        }
+        let computed: Vec<(LabelInput, NodeLabel)> = inputs
+            .into_par_iter()
+            .map(|input| {
+                let label = vrf.node_label::<TC>(
+                    &AkdLabel(input.akd_label.clone()),
+                    input.freshness,
+                    input.version,
+                );
+                (input, label)
+            })
+            .collect();
+        let mut labels = self.lock();
+        if labels.len() + computed.len() > self.capacity {
+            labels.clear();
+        }
+        labels.extend(computed);
+    }
+
+    /// Number of cached labels.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn update(label: &str, value: &str) -> (AkdLabel, AkdValue) {
         (AkdLabel::from(label), AkdValue::from(value))
+    }
+
+    #[test]
+    fn cached_labels_equal_evaluated_labels() {
+        use akd_core::configuration::WhatsAppV1Configuration as Wa;
+        let vrf = VrfKey::from_seed(&[5u8; 32]).expect("seed");
+        let cache = LabelCache::new(10);
+        let alice = AkdLabel::from("alice");
+        let input = LabelInput {
+            akd_label: alice.to_vec(),
+            freshness: VersionFreshness::Fresh,
+            version: 2,
+        };
+        cache.precompute::<Wa>(&vrf, vec![input]);
+        assert_eq!(cache.len(), 1);
+        let cached = cache.node_label::<Wa>(&vrf, &alice, VersionFreshness::Fresh, 2);
+        assert_eq!(
+            cached,
+            vrf.node_label::<Wa>(&alice, VersionFreshness::Fresh, 2)
+        );
+        assert!(cache.is_empty(), "a used label leaves the cache");
+        let planned = [PlannedUpdate {
+            akd_label: alice.clone(),
+            value: AkdValue::from("v"),
+            version: 2,
+        }];
+        let with_cache = compute_leaves::<Wa>(&vrf, &planned, 3, Some(&cache));
+        let without = compute_leaves::<Wa>(&vrf, &planned, 3, None);
+        assert_eq!(with_cache.leaves, without.leaves);
     }
 
     #[test]

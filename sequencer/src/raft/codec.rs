@@ -403,7 +403,7 @@ pub fn transfer_response_from_pb(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::ktd::v1 as api;
+    use proto::ktd::sequencer::v1 as api;
 
     #[test]
     fn entries_round_trip() {

@@ -15,10 +15,10 @@
 //! | `raft_log` | `be64(index)` | `ktd.raft.v1.Entry` |
 //! | `sm_meta` | `state` | `MachineMeta` (last applied, membership, epochs, metadata) |
 //! | `sm_updates` | `be64(epoch) ‖ label` | `be64(sequence) ‖ value` |
-//! | `sm_epochs` | `be64(epoch)` | `ktd.v1.EpochRecord` |
-//! | `sm_idem` | idempotency key | `be64(ordinal) ‖ ktd.v1.AppendResponse` |
+//! | `sm_epochs` | `be64(epoch)` | `ktd.sequencer.v1.EpochRecord` |
+//! | `sm_idem` | idempotency key | `be64(ordinal) ‖ ktd.sequencer.v1.AppendResponse` |
 //! | `sm_idem_order` | `be64(ordinal)` | idempotency key |
-//! | `sm_results` | `be64(index)` | `ktd.v1.ApplyResult` (trimmed with the log) |
+//! | `sm_results` | `be64(index)` | `ktd.sequencer.v1.ApplyResult` (trimmed with the log) |
 //!
 //! **Invariant:** a data directory is created exactly once, with its identity written before the
 //! database is moved into place; anything else found at the path is refused, never

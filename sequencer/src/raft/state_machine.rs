@@ -19,7 +19,7 @@ use futures::StreamExt;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use prost::Message;
 use proto::ktd::raft::v1 as rpb;
-use proto::ktd::v1 as pb;
+use proto::ktd::sequencer::v1 as pb;
 use rocksdb::{DB, Direction, IteratorMode, ReadOptions, WriteBatch};
 use tokio::sync::watch;
 

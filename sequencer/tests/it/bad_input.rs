@@ -158,8 +158,9 @@ fn bad_requests_get_clear_statuses() {
                     .expect("connect");
             let mut grpc = tonic::client::Grpc::new(channel);
             grpc.ready().await.expect("ready");
-            let path =
-                tonic::codegen::http::uri::PathAndQuery::from_static("/ktd.v1.Sequencer/Append");
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/ktd.sequencer.v1.Sequencer/Append",
+            );
             let answer = grpc
                 .unary(
                     tonic::Request::new(vec![0xff, 0xff, 0xff, 0xff]),

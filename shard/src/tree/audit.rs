@@ -36,7 +36,12 @@ pub fn append_only_slice<TC: Configuration, S: TreeStore + ?Sized>(
     let mut frontier = Vec::new();
     let classify =
         |node: NodeRef, slice: &mut AppendOnlySlice, frontier: &mut Vec<NodeRef>| -> Result<()> {
-            if node.max_epoch <= start_epoch {
+            if node.label.label_len == 0 {
+                // The root itself (a k = 0 partition) is never an element: akd's auditor
+                // rejects an element labelled ROOT, so an unchanged root is expanded into its
+                // children (only a heartbeat epoch leaves the root unchanged).
+                frontier.push(node);
+            } else if node.max_epoch <= start_epoch {
                 slice.unchanged.push(node.element::<TC>());
             } else if node.min_epoch > end_epoch {
                 // Only leaves from later epochs: not part of this step.

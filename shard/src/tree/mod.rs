@@ -45,6 +45,9 @@ pub struct NodeRef {
     pub max_epoch: u64,
 }
 
+/// Leaves grouped by partition, as shards deliver them to each other.
+pub type LeavesByPartition = Vec<(u32, Vec<NewLeaf>)>;
+
 /// A partition's root summary `(label = LCP of its leaves, value, min and max leaf epoch)`.
 pub type PartitionRoot = NodeRef;
 

@@ -5,9 +5,12 @@
 
 mod akd_oracle;
 mod bad_input;
+mod cluster_pipeline;
 mod crash_safety;
 mod deadline;
 mod stitch_props;
 mod store_conformance;
 mod test_vectors;
+mod tidy;
+mod wire_compat;
 mod workload;

@@ -1,0 +1,207 @@
+//! What a shard does for the rest of the cluster, as one async trait with two implementations:
+//! [`crate::local::LocalShard`] (the logic, in-process; `ktd dev` and every shard server run it)
+//! and [`crate::client::GrpcShard`] (the same calls over gRPC to a remote shard server).
+//!
+//! The epoch coordinator drives [`ShardApi::prepare_epoch`] on every shard, then
+//! [`ShardApi::build_epoch`] on every shard, then stitches the partition roots; shards deliver
+//! leaves to each other with [`ShardApi::deliver_leaves`]; gateways read with the rest.
+
+use akd_core::verify::history::HistoryParams;
+use akd_core::{AkdLabel, AkdValue};
+
+use crate::error::Result;
+use crate::label;
+use crate::node::user_partition;
+use crate::proof::{HistoryPlan, LookupPlan};
+use crate::tree::audit::AppendOnlySlice;
+use crate::tree::{LeavesByPartition, NodeRef, PartitionWalk, WalkRequest};
+
+/// One shard server in the shard map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardInfo {
+    /// Stable identity, e.g. `shard-1`.
+    pub id: String,
+    /// gRPC address, e.g. `http://127.0.0.1:7001` (empty for in-process shards).
+    pub address: String,
+    /// The tree partitions (and the user partitions with the same numbers) it owns.
+    pub partitions: Vec<u32>,
+}
+
+/// Which shard owns which partitions: every partition exactly once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardMap {
+    /// Version of the map in the sequencer (0 for a map that was never stored).
+    pub version: u64,
+    /// Partition bits `k`.
+    pub bits: u8,
+    /// The shards.
+    pub shards: Vec<ShardInfo>,
+    owner: Vec<usize>,
+}
+
+impl ShardMap {
+    /// Builds the map and checks that the shards cover the `2^bits` partitions exactly once.
+    pub fn new(version: u64, bits: u8, shards: Vec<ShardInfo>) -> Result<Self> {
+        let n_partitions = 1usize << bits;
+        let mut owner = vec![usize::MAX; n_partitions];
+        for (index, shard) in shards.iter().enumerate() {
+            for &partition in &shard.partitions {
+                let slot = owner.get_mut(partition as usize).ok_or_else(|| {
+                    crate::Error::InvalidConfig(format!(
+                        "shard {} owns partition {partition}, but there are only {n_partitions}",
+                        shard.id
+                    ))
+                })?;
+                if *slot != usize::MAX {
+                    return Err(crate::Error::InvalidConfig(format!(
+                        "partition {partition} is owned by both {} and {}",
+                        shards[*slot].id, shard.id
+                    )));
+                }
+                *slot = index;
+            }
+        }
+        if let Some(orphan) = owner.iter().position(|slot| *slot == usize::MAX) {
+            return Err(crate::Error::InvalidConfig(format!(
+                "partition {orphan} has no shard"
+            )));
+        }
+        Ok(Self {
+            version,
+            bits,
+            shards,
+            owner,
+        })
+    }
+
+    /// `shards` shards splitting the `2^bits` partitions into contiguous, near-equal ranges.
+    pub fn even(bits: u8, shards: Vec<(String, String)>) -> Result<Self> {
+        let n_partitions = 1u32 << bits;
+        let n_shards = shards.len() as u32;
+        if n_shards == 0 || n_shards > n_partitions {
+            return Err(crate::Error::InvalidConfig(format!(
+                "{n_shards} shards cannot split {n_partitions} partitions"
+            )));
+        }
+        let infos = shards
+            .into_iter()
+            .enumerate()
+            .map(|(index, (id, address))| {
+                let index = index as u32;
+                let start = index * n_partitions / n_shards;
+                let end = (index + 1) * n_partitions / n_shards;
+                ShardInfo {
+                    id,
+                    address,
+                    partitions: (start..end).collect(),
+                }
+            })
+            .collect();
+        Self::new(0, bits, infos)
+    }
+
+    /// The shard owning tree partition `partition`.
+    pub fn partition_owner(&self, partition: u32) -> &ShardInfo {
+        &self.shards[self.owner[partition as usize]]
+    }
+
+    /// The shard owning the node label's partition.
+    pub fn label_owner(&self, node_label: &akd_core::NodeLabel) -> &ShardInfo {
+        self.partition_owner(label::partition_of(&node_label.label_val, self.bits))
+    }
+
+    /// The shard owning the user `akd_label` (by `blake3(akd_label)`).
+    pub fn user_owner(&self, akd_label: &[u8]) -> &ShardInfo {
+        self.partition_owner(user_partition(akd_label, self.bits))
+    }
+
+    /// The shard with this id.
+    pub fn shard(&self, id: &str) -> Option<&ShardInfo> {
+        self.shards.iter().find(|shard| shard.id == id)
+    }
+}
+
+/// What preparing an epoch did on one shard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrepareSummary {
+    /// Updates of this shard's users.
+    pub updates: u64,
+    /// Of those, updates that changed something.
+    pub changed: u64,
+    /// Leaves computed and delivered.
+    pub leaves: u64,
+}
+
+/// What building an epoch did on one shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuildSummary {
+    /// Roots of every partition the shard owns, as of the epoch.
+    pub roots: Vec<(u32, Option<NodeRef>)>,
+    /// Node versions written.
+    pub nodes_written: u64,
+}
+
+/// A shard's identity and progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardStatus {
+    /// Shard id.
+    pub id: String,
+    /// Owned partitions (as of the last prepare; empty before the first).
+    pub partitions: Vec<u32>,
+    /// Highest epoch prepared.
+    pub prepared_epoch: u64,
+    /// Highest epoch built.
+    pub built_epoch: u64,
+    /// Highest committed epoch seen in the sequencer's log.
+    pub seen_committed_epoch: u64,
+    /// Node labels precomputed for open epochs.
+    pub label_cache_entries: u64,
+}
+
+/// The calls a shard answers. Every call is idempotent.
+#[async_trait::async_trait]
+pub trait ShardApi: Send + Sync {
+    /// Step 1 of `epoch`: computes the leaves of `updates` (this shard's users, one update per
+    /// label), stores the new user versions durably, and delivers the leaves to the owners of
+    /// their partitions according to `map`.
+    async fn prepare_epoch(
+        &self,
+        epoch: u64,
+        map: &ShardMap,
+        updates: Vec<(AkdLabel, AkdValue)>,
+    ) -> Result<PrepareSummary>;
+
+    /// Stores the leaves `from` computed for this shard's partitions in `epoch`, durably.
+    async fn deliver_leaves(&self, epoch: u64, from: &str, leaves: LeavesByPartition)
+    -> Result<()>;
+
+    /// Step 2 of `epoch`: inserts the delivered leaves of each partition of `base_roots` (this
+    /// shard's partitions, with their roots as of `epoch - 1`) and returns the new roots. Fails
+    /// unless every shard in `senders` delivered its leaves.
+    async fn build_epoch(
+        &self,
+        epoch: u64,
+        base_roots: Vec<(u32, Option<NodeRef>)>,
+        senders: Vec<String>,
+    ) -> Result<BuildSummary>;
+
+    /// Proof walks from the given partition roots.
+    async fn walk(&self, requests: Vec<WalkRequest>) -> Result<Vec<PartitionWalk>>;
+
+    /// One partition's share of the append-only step `start_epoch → start_epoch + 1`.
+    async fn append_only_slice(&self, root: NodeRef, start_epoch: u64) -> Result<AppendOnlySlice>;
+
+    /// The user-side plan of a lookup proof as of `epoch`.
+    async fn lookup_plan(&self, akd_label: AkdLabel, epoch: u64) -> Result<LookupPlan>;
+
+    /// The user-side plan of a history proof as of `epoch`.
+    async fn history_plan(
+        &self,
+        akd_label: AkdLabel,
+        params: HistoryParams,
+        epoch: u64,
+    ) -> Result<HistoryPlan>;
+
+    /// Identity and progress.
+    async fn status(&self) -> Result<ShardStatus>;
+}

@@ -1,0 +1,304 @@
+//! A shard node: the tree partitions and user partitions one process owns, on one RocksDB.
+//!
+//! The epoch pipeline's two shard-side steps live here, and both the in-process
+//! [`crate::Directory`] and the distributed shard server call them:
+//!
+//! 1. [`ShardNode::user_leaves`]: for the epoch's updates of the users this node owns, apply
+//!    akd's version rules against the users' versions as of the previous epoch and compute the
+//!    leaves (VRF labels and commitments; labels precomputed in a [`LabelCache`] are used).
+//! 2. [`ShardNode::build_partitions`]: insert each owned partition's leaves as the epoch on top
+//!    of its root as of the previous epoch, and write the new node versions.
+//!
+//! Everything here is blocking (RocksDB, hashing, VRF on the rayon pool): async callers go
+//! through `spawn_blocking`. Reads ([`ShardNode::walk`], [`ShardNode::append_only_slice`], the
+//! proof plans) take the epoch or the partition roots they read at; a node never needs to know
+//! which epochs are committed, because an uncommitted epoch's versions are only reachable from
+//! roots nobody hands out.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use akd_core::configuration::Configuration;
+use akd_core::verify::history::HistoryParams;
+use akd_core::{AkdLabel, AkdValue};
+use rayon::prelude::*;
+
+use crate::error::{Error, LabelTag, Result};
+use crate::label;
+use crate::proof::{HistoryPlan, LookupPlan};
+use crate::store::RocksStore;
+use crate::tree::audit::{AppendOnlySlice, append_only_slice};
+use crate::tree::{
+    self, InteriorNode, NodeKey, NodeRef, PartitionWalk, SortedLeaves, TreeStore, WalkRequest,
+};
+use crate::user::{self, LabelCache, UpdateLimits, UserVersion};
+use crate::vrf::VrfKey;
+
+/// The user partition of `akd_label`: the top `bits` bits of `blake3(akd_label)` (DESIGN §3).
+pub fn user_partition(akd_label: &[u8], bits: u8) -> u32 {
+    label::partition_of(blake3::hash(akd_label).as_bytes(), bits)
+}
+
+/// The leaves one epoch's updates produce, and the user versions they create.
+#[derive(Clone, Debug, Default)]
+pub struct UserLeaves {
+    /// Leaves by tree partition, in partition order; each run is sorted.
+    pub by_partition: Vec<(u32, SortedLeaves)>,
+    /// New user versions (write them before the epoch can commit).
+    pub versions: Vec<(AkdLabel, UserVersion)>,
+    /// Updates that changed something (identical republishes excluded).
+    pub changed: usize,
+    /// Reading the users' previous versions.
+    pub read_users: Duration,
+    /// VRF and commitments.
+    pub vrf: Duration,
+}
+
+/// What building an epoch's partitions produced.
+#[derive(Clone, Debug, Default)]
+pub struct BuiltPartitions {
+    /// New roots of the partitions that received leaves.
+    pub roots: Vec<(u32, Option<NodeRef>)>,
+    /// Node versions written.
+    pub nodes_written: usize,
+    /// Planning and hashing, including node reads.
+    pub tree: Duration,
+    /// Time inside node reads, summed over threads.
+    pub node_reads: Duration,
+    /// Writing node versions.
+    pub write_nodes: Duration,
+}
+
+/// One process's share of the directory.
+pub struct ShardNode<TC> {
+    store: Arc<RocksStore>,
+    bits: u8,
+    vrf: VrfKey,
+    limits: UpdateLimits,
+    labels: LabelCache,
+    config: PhantomData<TC>,
+}
+
+impl<TC> std::fmt::Debug for ShardNode<TC> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardNode")
+            .field("store", &self.store)
+            .field("bits", &self.bits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Labels kept for open epochs; about 100 bytes each.
+const LABEL_CACHE_CAPACITY: usize = 2_000_000;
+
+impl<TC: Configuration> ShardNode<TC> {
+    /// A node over `store` with `2^bits` partitions and the directory's VRF key.
+    pub fn new(store: Arc<RocksStore>, bits: u8, vrf: VrfKey, limits: UpdateLimits) -> Self {
+        Self {
+            store,
+            bits,
+            vrf,
+            limits,
+            labels: LabelCache::new(LABEL_CACHE_CAPACITY),
+            config: PhantomData,
+        }
+    }
+
+    /// Opens (or creates) a node's data directory. An existing one must have been created for
+    /// the same configuration, partition bits and VRF key.
+    pub fn open(
+        path: &std::path::Path,
+        config: &crate::AkdConfig,
+        bits: u8,
+        vrf: VrfKey,
+        limits: UpdateLimits,
+        store_options: crate::store::StoreOptions,
+    ) -> Result<Self> {
+        if bits > crate::directory::MAX_PARTITION_BITS {
+            return Err(Error::InvalidConfig(format!(
+                "partition bits must be at most {}, got {bits}",
+                crate::directory::MAX_PARTITION_BITS
+            )));
+        }
+        config.install()?;
+        let expected = crate::store::DirectoryMeta {
+            configuration: config.to_string(),
+            partition_bits: bits,
+            vrf_public_key: vrf.public_key(),
+        };
+        let (store, _) = RocksStore::open_checked(path, store_options, &expected)?;
+        Ok(Self::new(store, bits, vrf, limits))
+    }
+
+    /// The RocksDB store.
+    pub fn store(&self) -> &Arc<RocksStore> {
+        &self.store
+    }
+
+    /// The VRF key.
+    pub fn vrf(&self) -> &VrfKey {
+        &self.vrf
+    }
+
+    /// Partition bits `k`.
+    pub fn bits(&self) -> u8 {
+        self.bits
+    }
+
+    /// Input limits.
+    pub fn limits(&self) -> &UpdateLimits {
+        &self.limits
+    }
+
+    /// The label cache that [`ShardNode::user_leaves`] consults.
+    pub fn label_cache(&self) -> &LabelCache {
+        &self.labels
+    }
+
+    /// Step 1 of an epoch: applies the version rules to `updates` (users this node owns, at
+    /// most one update per label) against their versions as of `epoch - 1`, and computes the
+    /// leaves. Writes nothing.
+    pub fn user_leaves(
+        &self,
+        epoch: u64,
+        updates: Vec<(AkdLabel, AkdValue)>,
+    ) -> Result<UserLeaves> {
+        let started = Instant::now();
+        let labels: Vec<&[u8]> = updates
+            .iter()
+            .map(|(akd_label, _)| akd_label.as_slice())
+            .collect();
+        let prior: Vec<Option<(u64, AkdValue)>> = self
+            .store
+            .latest_user_versions(&labels, epoch - 1)?
+            .into_iter()
+            .map(|version| version.map(|version| (version.version, version.value)))
+            .collect();
+        let planned = user::plan_updates(updates, &prior);
+        let read_users = started.elapsed();
+        if planned.is_empty() {
+            return Ok(UserLeaves {
+                read_users,
+                ..UserLeaves::default()
+            });
+        }
+        let started = Instant::now();
+        let epoch_leaves =
+            user::compute_leaves::<TC>(&self.vrf, &planned, epoch, Some(&self.labels));
+        let vrf = started.elapsed();
+        Ok(UserLeaves {
+            by_partition: SortedLeaves::new(epoch_leaves.leaves)?.split_by_partition(self.bits),
+            versions: epoch_leaves.versions,
+            changed: planned.len(),
+            read_users,
+            vrf,
+        })
+    }
+
+    /// Step 2 of an epoch: inserts each partition's leaves (with its root as of the previous
+    /// epoch) as `epoch`, in parallel, and writes the node versions (one `WriteBatch` per
+    /// partition). Versions an abandoned attempt at `epoch` left behind are dropped first, so
+    /// the inputs must cover every partition of this node that changes in `epoch`.
+    pub fn build_partitions(
+        &self,
+        epoch: u64,
+        inputs: Vec<(u32, Option<NodeRef>, SortedLeaves)>,
+    ) -> Result<BuiltPartitions> {
+        let started = Instant::now();
+        let timed_store = TimedStore {
+            inner: &self.store,
+            nanos: AtomicU64::new(0),
+        };
+        let deltas: Vec<(u32, tree::PartitionDelta)> =
+            inputs
+                .into_par_iter()
+                .map(|(partition, root, leaves)| {
+                    if leaves.as_slice().iter().any(|leaf| {
+                        label::partition_of(&leaf.label.label_val, self.bits) != partition
+                    }) {
+                        return Err(Error::Corrupt(format!(
+                            "leaves routed to the wrong partition {partition}"
+                        )));
+                    }
+                    tree::insert_leaves::<TC, _>(&timed_store, root, &leaves, epoch)
+                        .map(|delta| (partition, delta))
+                })
+                .collect::<Result<_>>()?;
+        let tree = started.elapsed();
+        let node_reads = Duration::from_nanos(timed_store.nanos.load(Ordering::Relaxed));
+
+        let started = Instant::now();
+        self.store.discard_nodes_from(epoch)?;
+        deltas
+            .par_iter()
+            .try_for_each(|(_, delta)| self.store.write_nodes(delta))?;
+        Ok(BuiltPartitions {
+            nodes_written: deltas.iter().map(|(_, delta)| delta.node_count()).sum(),
+            roots: deltas
+                .into_iter()
+                .map(|(partition, delta)| (partition, delta.root))
+                .collect(),
+            tree,
+            node_reads,
+            write_nodes: started.elapsed(),
+        })
+    }
+
+    /// Proof walks inside this node's partitions, from the roots given in the requests.
+    pub fn walk(&self, requests: &[WalkRequest]) -> Result<Vec<PartitionWalk>> {
+        tree::walk::<TC, _>(&*self.store, requests)
+    }
+
+    /// The append-only slice of one partition for `start_epoch → start_epoch + 1`, given its
+    /// root as of `start_epoch + 1`.
+    pub fn append_only_slice(
+        &self,
+        root: Option<NodeRef>,
+        start_epoch: u64,
+    ) -> Result<AppendOnlySlice> {
+        append_only_slice::<TC, _>(&*self.store, root, start_epoch)
+    }
+
+    /// The lookup plan of `akd_label` as of `epoch` (its latest version then, and VRF proofs).
+    pub fn lookup_plan(&self, akd_label: &AkdLabel, epoch: u64) -> Result<LookupPlan> {
+        self.limits.check_label(akd_label)?;
+        let latest =
+            self.store
+                .latest_user_version(akd_label, epoch)?
+                .ok_or(Error::LabelNotFound {
+                    label: LabelTag::of(akd_label),
+                    epoch,
+                })?;
+        Ok(LookupPlan::new::<TC>(&self.vrf, akd_label, latest))
+    }
+
+    /// The history plan of `akd_label` as of `epoch`.
+    pub fn history_plan(
+        &self,
+        akd_label: &AkdLabel,
+        params: HistoryParams,
+        epoch: u64,
+    ) -> Result<HistoryPlan> {
+        self.limits.check_label(akd_label)?;
+        let versions = self.store.user_versions(akd_label, epoch)?;
+        HistoryPlan::new::<TC>(&self.vrf, akd_label, versions, params, epoch)
+    }
+}
+
+/// A `TreeStore` that adds up the time spent in reads.
+struct TimedStore<'a> {
+    inner: &'a RocksStore,
+    nanos: AtomicU64,
+}
+
+impl TreeStore for TimedStore<'_> {
+    fn read_nodes(&self, keys: &[NodeKey]) -> Result<Vec<Option<InteriorNode>>> {
+        let started = Instant::now();
+        let nodes = self.inner.read_nodes(keys);
+        self.nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        nodes
+    }
+}

@@ -1,0 +1,196 @@
+//! The `ktd.shard.v1.Shard` gRPC service: decodes requests, calls a [`ShardApi`] (a
+//! [`crate::local::LocalShard`]), encodes answers. The one place where shard errors become gRPC
+//! status codes.
+
+use std::sync::Arc;
+
+use proto::ktd::shard::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::api::ShardApi;
+use crate::error::Error;
+use crate::wire::{self, Decoder};
+
+/// Largest message a shard sends or accepts (audit slices and leaf deliveries can be large).
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let message = error.to_string();
+        match error {
+            Error::DuplicateLabel { .. }
+            | Error::EmptyLabel
+            | Error::LabelTooLong { .. }
+            | Error::ValueTooLarge { .. }
+            | Error::BatchTooLarge { .. }
+            | Error::InvalidAuditRange { .. }
+            | Error::EmptyHistoryRequest
+            | Error::InvalidSeedLength { .. }
+            | Error::InvalidConfig(_)
+            | Error::BadMessage { .. } => Status::invalid_argument(message),
+            Error::EpochNotFound { .. } | Error::LabelNotFound { .. } => Status::not_found(message),
+            Error::IncompatibleDataDir { .. }
+            | Error::EpochOutOfOrder { .. }
+            | Error::MissingDelivery { .. }
+            | Error::LeafExists { .. } => Status::failed_precondition(message),
+            Error::Corrupt(_) => Status::data_loss(message),
+            Error::Remote { code, message, .. } => Status::new(code, message),
+            Error::Storage { .. } | Error::Vrf(_) | Error::Proof(_) => Status::internal(message),
+        }
+    }
+}
+
+/// The gRPC service over a shard.
+pub struct ShardService {
+    api: Arc<dyn ShardApi>,
+}
+
+impl ShardService {
+    /// Serves `api`.
+    pub fn new(api: Arc<dyn ShardApi>) -> Self {
+        Self { api }
+    }
+
+    /// The tonic server for this service, with ktd's message size limits.
+    pub fn into_server(self) -> pb::shard_server::ShardServer<Self> {
+        pb::shard_server::ShardServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn decoder<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map(|addr| addr.to_string())
+        .unwrap_or_else(|| "a peer".to_string())
+}
+
+#[tonic::async_trait]
+impl pb::shard_server::Shard for ShardService {
+    async fn prepare_epoch(
+        &self,
+        request: Request<pb::PrepareEpochRequest>,
+    ) -> Result<Response<pb::PrepareEpochResponse>, Status> {
+        let peer = decoder(&request);
+        let decoder = Decoder { peer: &peer };
+        let request = request.into_inner();
+        let map = decoder.shard_map(
+            request
+                .shard_map
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("shard_map is missing"))?,
+        )?;
+        let updates = decoder.updates(&request.updates);
+        let summary = self.api.prepare_epoch(request.epoch, &map, updates).await?;
+        Ok(Response::new(pb::PrepareEpochResponse {
+            updates: summary.updates,
+            changed: summary.changed,
+            leaves: summary.leaves,
+        }))
+    }
+
+    async fn deliver_leaves(
+        &self,
+        request: Request<pb::DeliverLeavesRequest>,
+    ) -> Result<Response<pb::DeliverLeavesResponse>, Status> {
+        let peer = decoder(&request);
+        let request = request.into_inner();
+        let leaves = Decoder { peer: &peer }.partition_leaves(&request.partitions)?;
+        self.api
+            .deliver_leaves(request.epoch, &request.from_shard, leaves)
+            .await?;
+        Ok(Response::new(pb::DeliverLeavesResponse {}))
+    }
+
+    async fn build_epoch(
+        &self,
+        request: Request<pb::BuildEpochRequest>,
+    ) -> Result<Response<pb::BuildEpochResponse>, Status> {
+        let peer = decoder(&request);
+        let request = request.into_inner();
+        let base_roots = Decoder { peer: &peer }.partition_roots(&request.base_roots)?;
+        let summary = self
+            .api
+            .build_epoch(request.epoch, base_roots, request.senders)
+            .await?;
+        Ok(Response::new(pb::BuildEpochResponse {
+            roots: wire::partition_roots(&summary.roots),
+            nodes_written: summary.nodes_written,
+        }))
+    }
+
+    async fn walk(
+        &self,
+        request: Request<pb::WalkRequest>,
+    ) -> Result<Response<pb::WalkResponse>, Status> {
+        let peer = decoder(&request);
+        let requests = Decoder { peer: &peer }.walk_requests(&request.into_inner().targets)?;
+        let walks = self.api.walk(requests).await?;
+        Ok(Response::new(pb::WalkResponse {
+            walks: wire::walks(&walks),
+        }))
+    }
+
+    async fn append_only_slice(
+        &self,
+        request: Request<pb::AppendOnlySliceRequest>,
+    ) -> Result<Response<pb::AppendOnlySliceResponse>, Status> {
+        let peer = decoder(&request);
+        let request = request.into_inner();
+        let root = Decoder { peer: &peer }
+            .optional_node_ref(&request.root)?
+            .ok_or_else(|| Status::invalid_argument("root is missing"))?;
+        let slice = self
+            .api
+            .append_only_slice(root, request.start_epoch)
+            .await?;
+        Ok(Response::new(wire::slice(&slice)))
+    }
+
+    async fn lookup_plan(
+        &self,
+        request: Request<pb::LookupPlanRequest>,
+    ) -> Result<Response<pb::LookupPlanResponse>, Status> {
+        let request = request.into_inner();
+        let plan = self
+            .api
+            .lookup_plan(akd_core::AkdLabel(request.label), request.epoch)
+            .await?;
+        Ok(Response::new(wire::lookup_plan(&plan)))
+    }
+
+    async fn history_plan(
+        &self,
+        request: Request<pb::HistoryPlanRequest>,
+    ) -> Result<Response<pb::HistoryPlanResponse>, Status> {
+        let request = request.into_inner();
+        let params = match request.most_recent {
+            0 => akd_core::verify::history::HistoryParams::Complete,
+            n => akd_core::verify::history::HistoryParams::MostRecent(
+                usize::try_from(n)
+                    .map_err(|_| Status::invalid_argument("most_recent is too large"))?,
+            ),
+        };
+        let plan = self
+            .api
+            .history_plan(akd_core::AkdLabel(request.label), params, request.epoch)
+            .await?;
+        Ok(Response::new(wire::history_plan(&plan)))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let status = self.api.status().await?;
+        Ok(Response::new(pb::StatusResponse {
+            shard_id: status.id,
+            partitions: status.partitions,
+            prepared_epoch: status.prepared_epoch,
+            built_epoch: status.built_epoch,
+            seen_committed_epoch: status.seen_committed_epoch,
+            label_cache_entries: status.label_cache_entries,
+        }))
+    }
+}

@@ -301,5 +301,8 @@ fn main() {
         for node in cluster.nodes.values_mut() {
             node.terminate(Duration::from_secs(20));
         }
+        if std::env::var_os("KTD_KEEP_LOGS").is_some() {
+            println!("node logs kept in {}", cluster.keep_files().display());
+        }
     });
 }

@@ -41,7 +41,10 @@ impl KtdNode {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(extra)
-            .env("RUST_LOG", "info,openraft=error,h2=warn,hyper=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("KTD_NODE_LOG").unwrap_or_else(|_| "info,openraft=error,h2=warn,hyper=warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log);
         self.child = Some(command.spawn().expect("start ktd"));
@@ -170,9 +173,17 @@ impl KtdCluster {
             .collect()
     }
 
-    /// The root directory.
+    /// The root directory (data directories and `node-<id>.log` files).
     #[allow(dead_code)]
     pub fn root(&self) -> &Path {
         self._root.path()
+    }
+
+    /// Keeps the root directory after the cluster is dropped (for looking at the logs).
+    #[allow(dead_code)]
+    pub fn keep_files(self) -> std::path::PathBuf {
+        let KtdCluster { nodes, _root } = self;
+        drop(nodes);
+        _root.keep()
     }
 }

@@ -4,7 +4,7 @@
 #   ./x.sh dev [ktd dev flags]     start a complete single-machine directory (`ktd dev`)
 #   ./x.sh test                    the full gate CI runs: fmt, clippy, tests, docs
 #   ./x.sh ktd ARGS...             run any `ktd` subcommand (release build)
-#   ./x.sh bench NAME [ARGS...]    run a benchmark binary (release build)
+#   ./x.sh bench NAME [ARGS...]    run a benchmark (e.g. sequencer; bench profile = release)
 #
 # Everything builds in ONE profile (release): tests, benches and binaries share the RocksDB C++
 # build, which takes ~12 minutes cold on 2 cores. CARGO_TARGET_DIR defaults to a directory outside
@@ -55,7 +55,7 @@ main() {
             ensure_system_deps
             local name="${1:?usage: ./x.sh bench NAME [ARGS...]}"
             shift
-            exec cargo bench --locked -p shard --bench "$name" -- "$@"
+            exec cargo bench --locked --bench "$name" -- "$@"
             ;;
         deps) ensure_system_deps ;;
         help | -h | --help) sed -n '2,12p' "$0" ;;

@@ -16,7 +16,7 @@ pub mod akd;
 /// Generated code, one module per proto package.
 pub mod ktd {
     /// Package `ktd.v1`: the public API and akd's proof messages.
-    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
     pub mod v1 {
         tonic::include_proto!("ktd.v1");
     }
@@ -24,7 +24,7 @@ pub mod ktd {
     /// Sequencer packages.
     pub mod sequencer {
         /// Package `ktd.sequencer.v1`: the sequencer's internal gRPC API.
-        #[allow(missing_docs, clippy::all, clippy::pedantic)]
+        #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
         pub mod v1 {
             tonic::include_proto!("ktd.sequencer.v1");
         }
@@ -33,7 +33,7 @@ pub mod ktd {
     /// Shard packages.
     pub mod shard {
         /// Package `ktd.shard.v1`: the shard servers' internal API.
-        #[allow(missing_docs, clippy::all, clippy::pedantic)]
+        #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
         pub mod v1 {
             tonic::include_proto!("ktd.shard.v1");
         }
@@ -42,7 +42,7 @@ pub mod ktd {
     /// Raft packages.
     pub mod raft {
         /// Package `ktd.raft.v1`: Raft transport between sequencer nodes.
-        #[allow(missing_docs, clippy::all, clippy::pedantic)]
+        #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
         pub mod v1 {
             tonic::include_proto!("ktd.raft.v1");
         }

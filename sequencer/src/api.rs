@@ -15,6 +15,9 @@ use crate::raft::state_machine::BatchRead;
 /// Bytes of updates per streamed batch chunk.
 const CHUNK_BYTES: usize = 1 << 20;
 
+/// Largest request (an Append): one Raft entry, see `raft::network::MAX_MESSAGE_BYTES`.
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+
 /// The data-path service.
 #[derive(Clone, Debug)]
 pub struct ApiService {
@@ -38,7 +41,7 @@ impl ApiService {
     /// The tonic server for this service.
     pub fn into_server(self) -> sequencer_server::SequencerServer<Self> {
         sequencer_server::SequencerServer::new(self)
-            .max_decoding_message_size(64 << 20)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(64 << 20)
     }
 }

@@ -48,7 +48,7 @@ impl Default for ClientOptions {
             total_timeout: Duration::from_secs(15),
             attempt_timeout: Duration::from_secs(5),
             initial_backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_millis(100),
             connect_timeout: Duration::from_millis(500),
         }
     }

@@ -48,6 +48,9 @@ pub fn raft_config(options: &RaftOptions) -> Result<Arc<openraft::Config>> {
         install_snapshot_timeout: millis(options.snapshot_min_timeout),
         enable_pre_vote: Some(options.pre_vote),
         purge_batch_size: 256,
+        // With appends of at most 16 MiB (the API's request limit), one AppendEntries message
+        // stays below the transport's 512 MiB message limit.
+        max_payload_entries: 32,
         ..Default::default()
     };
     config

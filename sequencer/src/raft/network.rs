@@ -39,6 +39,10 @@ use crate::raft::types::{Node, NodeId, TypeConfig, Vote};
 /// Bytes per snapshot chunk.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
+/// Largest Raft transport message: 32 entries (`max_payload_entries`) of at most 16 MiB (the
+/// API's Append limit).
+pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
+
 /// Timeouts of the peer transport.
 #[derive(Clone, Debug)]
 pub struct TransportOptions {
@@ -135,7 +139,11 @@ impl PeerNetwork {
             client: self
                 .pool
                 .get(&node.addr, purpose, self.options.connect_timeout)
-                .map(RaftClient::new),
+                .map(|channel| {
+                    RaftClient::new(channel)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                }),
             options: self.options.clone(),
         }
     }

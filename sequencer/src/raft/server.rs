@@ -42,8 +42,8 @@ impl RaftService {
     /// The tonic server for this service.
     pub fn into_server(self) -> raft_server::RaftServer<Self> {
         raft_server::RaftServer::new(self)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20)
+            .max_decoding_message_size(crate::raft::network::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::raft::network::MAX_MESSAGE_BYTES)
     }
 }
 

@@ -1,0 +1,6 @@
+//! The `gateway` crate's integration tests: real `ktd` processes (via `CARGO_BIN_EXE_ktd`) on
+//! `127.0.0.x` ports, each with its own data directory, under a deadline.
+
+mod deadline;
+mod leader_kill;
+mod process;

@@ -1,0 +1,189 @@
+//! `ktd sequencer` child processes: start, SIGKILL, SIGTERM, restart from the data directory.
+//! Each process logs to `<root>/node-<id>.log`; the log is printed if a test fails.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use sequencer::{ClientOptions, SequencerClient};
+
+/// A VRF public key for tests.
+pub const TEST_VRF_KEY: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+/// One `ktd sequencer` process slot: its address and data directory survive restarts.
+pub struct KtdNode {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Finds a free port on `ip` (bind port 0, then release it).
+fn free_addr(ip: &str) -> String {
+    let listener = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind");
+    listener.local_addr().expect("addr").to_string()
+}
+
+impl KtdNode {
+    fn spawn(&mut self, extra: &[String]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ktd"));
+        command
+            .arg("sequencer")
+            .arg("--listen")
+            .arg(&self.addr)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("KTD_NODE_LOG").unwrap_or_else(|_| "info,openraft=error,h2=warn,hyper=warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(command.spawn().expect("start ktd"));
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                panic!(
+                    "node {} did not exit within {limit:?} after SIGTERM",
+                    self.id
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Restarts from the data directory: no node id, no peers, no --init.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "node {} is running", self.id);
+        self.spawn(&[]);
+    }
+
+    /// The process log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for KtdNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A cluster of `ktd sequencer` processes.
+pub struct KtdCluster {
+    pub nodes: BTreeMap<u64, KtdNode>,
+    _root: tempfile::TempDir,
+}
+
+impl KtdCluster {
+    /// Starts `n` processes on `127.0.0.(10+id)` and bootstraps them from node 1.
+    pub fn start(n: u64) -> Self {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut nodes = BTreeMap::new();
+        for id in 1..=n {
+            nodes.insert(
+                id,
+                KtdNode {
+                    id,
+                    addr: free_addr(&format!("127.0.0.{}", 10 + id)),
+                    data_dir: root.path().join(format!("node-{id}")),
+                    log: root.path().join(format!("node-{id}.log")),
+                    child: None,
+                },
+            );
+        }
+        let peers: Vec<String> = nodes
+            .values()
+            .map(|node| format!("{}={}", node.id, node.addr))
+            .collect();
+        let peers = peers.join(",");
+        for node in nodes.values_mut() {
+            let mut args = vec![
+                "--id".to_string(),
+                node.id.to_string(),
+                "--peers".into(),
+                peers.clone(),
+            ];
+            if node.id == 1 {
+                args.push("--init".into());
+                args.push("--vrf-public-key".into());
+                args.push(TEST_VRF_KEY.into());
+            }
+            node.spawn(&args);
+        }
+        Self { nodes, _root: root }
+    }
+
+    /// Every node's address.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.values().map(|node| node.addr.clone()).collect()
+    }
+
+    /// A client over every node, retrying generously (a failover is expected).
+    pub fn client(&self) -> SequencerClient {
+        SequencerClient::with_options(
+            self.addrs(),
+            ClientOptions {
+                total_timeout: Duration::from_secs(20),
+                max_attempts: 400,
+                ..ClientOptions::default()
+            },
+        )
+    }
+
+    /// Every process log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .values()
+            .map(|node| format!("===== node {} =====\n{}", node.id, node.log_text()))
+            .collect()
+    }
+
+    /// The root directory (data directories and `node-<id>.log` files).
+    #[allow(dead_code)]
+    pub fn root(&self) -> &Path {
+        self._root.path()
+    }
+
+    /// Keeps the root directory after the cluster is dropped (for looking at the logs).
+    #[allow(dead_code)]
+    pub fn keep_files(self) -> std::path::PathBuf {
+        let KtdCluster { nodes, _root } = self;
+        drop(nodes);
+        _root.keep()
+    }
+}

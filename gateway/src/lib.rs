@@ -1,5 +1,18 @@
-//! ktd's front door (the public `Directory` API arrives with a later issue) and the home of the
-//! `ktd` binary (`src/bin/ktd.rs`), whose subcommands start each server.
+//! ktd's front door and the home of the `ktd` binary (`src/bin/ktd.rs`).
 //!
-//! For now the crate only holds the binary: `ktd sequencer` runs a sequencer node
-//! ([`sequencer::run`]).
+//! - [`service`]: the public `ktd.v1.Directory` and `ktd.v1.Admin` services over a
+//!   [`service::Gateway`]: publishes go to the sequencer, reads resolve a committed epoch
+//!   ([`epochs`]) and fan out to the shards, whose answers [`shard::cluster`] stitches.
+//! - [`sequencing`]: how the gateway reaches the sequencer (gRPC, or in process for `ktd dev`).
+//! - [`server`]: serving a gateway (health, reflection, `TCP_NODELAY`, draining shutdown).
+//! - [`run`]: starting each process kind: shard server, gateway, and `ktd dev`.
+//! - [`client`]: the Rust client library, verifying every proof with stock akd.
+//! - [`error`]: the gateway's errors and their gRPC status codes.
+
+pub mod client;
+pub mod epochs;
+pub mod error;
+pub mod run;
+pub mod sequencing;
+pub mod server;
+pub mod service;

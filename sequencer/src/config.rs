@@ -88,6 +88,9 @@ pub struct ClusterOptions {
     pub idempotency_window: u64,
     /// Sealed batches of this many latest committed epochs stay retrievable.
     pub retained_committed_batches: u64,
+    /// The initial shard map as `ID=URL` entries (`s1=http://10.0.0.5:7100`); the partitions
+    /// are split evenly in the order given. Written once, at `--init`.
+    pub shards: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -99,6 +102,7 @@ impl Default for ClusterOptions {
             max_epoch_updates: 100_000,
             idempotency_window: 262_144,
             retained_committed_batches: 8,
+            shards: Vec::new(),
         }
     }
 }
@@ -296,6 +300,7 @@ impl SequencerConfig {
                 )));
             }
             self.vrf_public_key()?;
+            self.initial_shard_map()?;
             if self.epoch.max_batch_updates as u64 > self.cluster.max_epoch_updates {
                 return Err(invalid(
                     "epoch.max_batch_updates must not exceed cluster.max_epoch_updates",
@@ -303,6 +308,42 @@ impl SequencerConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl SequencerConfig {
+    /// The shard map written at `--init` (`cluster.shards`, partitions split evenly); empty
+    /// if no shards are configured.
+    pub fn initial_shard_map(&self) -> Result<Vec<crate::pb::ShardAssignment>> {
+        if self.cluster.shards.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bits = u8::try_from(self.cluster.partition_bits)
+            .map_err(|_| invalid("cluster.partition_bits is too large"))?;
+        let entries = self
+            .cluster
+            .shards
+            .iter()
+            .map(|entry| {
+                let (id, url) = entry.split_once('=').ok_or_else(|| {
+                    invalid(format!(
+                        "shard {entry:?}: expected ID=URL (s1=http://HOST:PORT)"
+                    ))
+                })?;
+                Ok((id.trim().to_string(), url.trim().to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let map = shard::api::ShardMap::even(bits, entries)
+            .map_err(|error| invalid(format!("cluster.shards: {error}")))?;
+        Ok(map
+            .shards
+            .into_iter()
+            .map(|info| crate::pb::ShardAssignment {
+                shard_id: info.id,
+                address: info.address,
+                partitions: info.partitions,
+            })
+            .collect())
     }
 }
 

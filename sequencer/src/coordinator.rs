@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use shard::akd_core::configuration::Configuration;
 use shard::api::{ShardInfo, ShardMap};
+use shard::client::{ClientTimeouts, GrpcPeers};
 use shard::cluster::{self, ShardSet};
+use shard::config::{AkdConfig, Experimental, WhatsAppV1};
 use shard::stitch::TopTree;
 use shard::store::codec::{self, EpochRecord};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +43,77 @@ use crate::pb;
 pub trait ShardConnector: Send + Sync {
     /// A [`ShardSet`] for `map` (gRPC clients in a cluster, the in-process shard in `ktd dev`).
     fn connect(&self, map: ShardMap) -> shard::Result<ShardSet>;
+}
+
+/// Reaches shards over gRPC (the production connector): one pooled client per shard address.
+#[derive(Debug, Default)]
+pub struct GrpcConnector {
+    peers: GrpcPeers,
+}
+
+impl GrpcConnector {
+    /// A connector whose clients use `timeouts`.
+    pub fn new(timeouts: ClientTimeouts) -> Self {
+        Self {
+            peers: GrpcPeers::new(timeouts),
+        }
+    }
+}
+
+impl ShardConnector for GrpcConnector {
+    fn connect(&self, map: ShardMap) -> shard::Result<ShardSet> {
+        ShardSet::resolve(map, &self.peers)
+    }
+}
+
+/// Always the same shard set (the in-process shard of `ktd dev`, tests).
+#[derive(Debug)]
+pub struct FixedShards(pub ShardSet);
+
+impl ShardConnector for FixedShards {
+    fn connect(&self, map: ShardMap) -> shard::Result<ShardSet> {
+        if map.shards != self.0.map().shards {
+            return Err(shard::Error::InvalidConfig(format!(
+                "the cluster's shard map (version {}) is not the one this process serves",
+                map.version
+            )));
+        }
+        Ok(self.0.clone())
+    }
+}
+
+/// Waits for the cluster metadata, installs its akd configuration in this process and runs
+/// the coordinator with it until `shutdown`.
+pub async fn run_configured(
+    sequencer: Sequencer,
+    connector: Arc<dyn ShardConnector>,
+    shutdown: CancellationToken,
+) {
+    let mut state = sequencer.state();
+    let metadata = loop {
+        if let Some(metadata) = state.borrow_and_update().epochs().metadata.clone() {
+            break metadata;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = state.changed() => if changed.is_err() { return },
+        }
+    };
+    let config = match metadata.akd_configuration.parse::<AkdConfig>() {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(%error, "the coordinator cannot run: unknown akd configuration");
+            return;
+        }
+    };
+    if let Err(error) = config.install() {
+        tracing::error!(%error, "the coordinator cannot run");
+        return;
+    }
+    match config {
+        AkdConfig::WhatsAppV1 => run::<WhatsAppV1>(sequencer, connector, shutdown).await,
+        AkdConfig::Experimental { .. } => run::<Experimental>(sequencer, connector, shutdown).await,
+    }
 }
 
 /// What the coordinator should do next, given the replicated epoch state.

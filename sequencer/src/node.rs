@@ -317,34 +317,56 @@ impl Sequencer {
         Ok(())
     }
 
-    /// Writes the cluster metadata through whichever node leads, until some metadata exists.
+    /// Writes the cluster metadata (and the initial shard map, if configured) through whichever
+    /// node leads, until they exist.
     async fn ensure_metadata(&self, metadata: pb::ClusterMetadata) {
+        let shards = match self.inner.config.initial_shard_map() {
+            Ok(shards) => shards,
+            Err(error) => {
+                tracing::error!(%error, "the shard map from --init is invalid");
+                Vec::new()
+            }
+        };
         let mut view = self.inner.sm.view();
         loop {
-            if view.borrow().epochs().metadata.is_some() {
+            let (has_metadata, map_version) = {
+                let view = view.borrow();
+                let epochs = view.epochs();
+                (epochs.metadata.is_some(), epochs.shard_map.version)
+            };
+            let write = if !has_metadata {
+                "metadata"
+            } else if !shards.is_empty() && map_version == 0 {
+                "shard map"
+            } else {
                 return;
-            }
+            };
             let leader = self.inner.leader.borrow().clone();
-            let outcome = if leader.is_self {
-                self.init_cluster(metadata.clone()).await.map(|_| ())
-            } else if let Some(addr) = leader.leader_addr {
-                crate::client::SequencerClient::new([addr])
+            let outcome = match (write, leader.is_self, leader.leader_addr) {
+                ("metadata", true, _) => self.init_cluster(metadata.clone()).await.map(|_| ()),
+                ("metadata", false, Some(addr)) => crate::client::SequencerClient::new([addr])
                     .init_cluster(metadata.clone())
                     .await
-                    .map(|_| ())
-            } else {
-                Err(SequencerError::NotLeader {
+                    .map(|_| ()),
+                (_, true, _) => self.set_shard_map(shards.clone(), 0).await.map(|_| ()),
+                (_, false, Some(addr)) => crate::client::SequencerClient::new([addr])
+                    .set_shard_map(shards.clone(), 0)
+                    .await
+                    .map(|_| ()),
+                (_, false, None) => Err(SequencerError::NotLeader {
                     leader_id: None,
                     leader_addr: None,
-                })
+                }),
             };
             match outcome {
                 Ok(()) => {}
                 Err(SequencerError::Rejected { message, .. }) => {
-                    tracing::error!(%message, "the cluster metadata from --init was refused");
+                    tracing::error!(%message, write, "the cluster {write} from --init was refused");
                     return;
                 }
-                Err(error) => tracing::debug!(%error, "cluster metadata not written yet; retrying"),
+                Err(error) => {
+                    tracing::debug!(%error, write, "cluster {write} not written yet; retrying")
+                }
             }
             tokio::select! {
                 _ = self.inner.shutdown.cancelled() => return,
@@ -394,6 +416,17 @@ impl Sequencer {
                 }
             }
         });
+    }
+
+    /// Starts the epoch coordinator on this node: it drives sealed epochs through the shards
+    /// reached by `connector` whenever this node leads, and stops with the node.
+    pub fn spawn_coordinator(&self, connector: Arc<dyn crate::coordinator::ShardConnector>) {
+        let shutdown = self.inner.shutdown.clone();
+        self.spawn_task(crate::coordinator::run_configured(
+            self.clone(),
+            connector,
+            shutdown,
+        ));
     }
 
     /// A handle that does not keep the node alive.

@@ -29,14 +29,17 @@ pub const HEALTH_SERVICE: &str = <proto::ktd::sequencer::v1::sequencer_server::S
     ApiService,
 > as NamedService>::NAME;
 
-/// Starts a node from `config` and serves it on `listener` until `shutdown` completes; then
-/// shuts down gracefully. Returns once the node has stopped.
+/// Starts a node from `config` (with its epoch coordinator, reaching shards over gRPC) and
+/// serves it on `listener` until `shutdown` completes; then shuts down gracefully. Returns once the node has stopped.
 pub async fn run(
     config: SequencerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let sequencer = Sequencer::start(config).await?;
+    sequencer.spawn_coordinator(std::sync::Arc::new(
+        crate::coordinator::GrpcConnector::default(),
+    ));
     serve(sequencer, listener, shutdown).await
 }
 

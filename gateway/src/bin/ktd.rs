@@ -1,20 +1,30 @@
 //! `ktd`: the product binary. Thin: parse flags, resolve the configuration (defaults < TOML file
-//! < environment < flags), bind the listener, then hand over to the server's `run`.
+//! < environment < flags), bind the listener, then hand over to the server's `run`; or, for the
+//! client subcommands, call the gateway through [`gateway::client`].
 //!
 //! ```text
+//! ktd dev                                   # a whole directory on 127.0.0.1:8080, data in ./ktd-dev
+//! ktd publish alice key-1 && ktd lookup alice --verify
 //! ktd sequencer --id 1 --listen 127.0.0.1:7001 --data-dir /var/lib/ktd/seq1 \
-//!     --peers 1=127.0.0.1:7001,2=127.0.0.2:7001,3=127.0.0.3:7001 --init --vrf-public-key HEX
-//! ktd sequencer --listen 127.0.0.1:7001 --data-dir /var/lib/ktd/seq1      # restart
+//!     --peers 1=127.0.0.1:7001,2=127.0.0.2:7001,3=127.0.0.3:7001 --init --vrf-public-key HEX \
+//!     --shards s1=http://127.0.0.1:7101,s2=http://127.0.0.1:7102
+//! ktd shard --id s1 --listen 127.0.0.1:7101 --data-dir /var/lib/ktd/s1 --vrf-seed-file seed.hex
+//! ktd gateway --listen 127.0.0.1:8080 --sequencers http://127.0.0.1:7001,http://127.0.0.2:7001
 //! ```
 //!
-//! Exit status: 0 after a clean shutdown (SIGTERM or SIGINT), 1 on any error, with the reason
-//! on stderr (for example a data directory that belongs to another node or is damaged).
+//! Exit status: 0 after a clean shutdown (SIGTERM or SIGINT) or a successful client call, 1 on
+//! any error, with the reason on stderr.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use gateway::client::Client;
+use gateway::run::{DevSettings, GatewaySettings, ShardSettings};
+use gateway::service::GatewayOptions;
 use sequencer::SequencerConfig;
+use shard::AkdConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,14 +33,170 @@ use sequencer::SequencerConfig;
     about = "ktd: a sharded, Raft-sequenced key-transparency directory"
 )]
 struct Cli {
+    /// The gateway the client subcommands call.
+    #[arg(
+        long,
+        global = true,
+        env = "KTD_ADDR",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    addr: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a complete single-machine directory (sequencer, in-process shard, gateway).
+    Dev(DevArgs),
     /// Run a sequencer node (Raft-replicated ordering of key updates into epochs).
     Sequencer(SequencerArgs),
+    /// Run a shard server (tree partitions and user histories on RocksDB).
+    Shard(ShardArgs),
+    /// Run a gateway (the public Directory API).
+    Gateway(GatewayArgs),
+    /// Publish LABEL = VALUE (durable when this returns; visible once its epoch commits).
+    Publish {
+        /// The label (UTF-8 text; use --hex for bytes).
+        label: String,
+        /// The value.
+        value: String,
+        /// Label and value are hex.
+        #[arg(long)]
+        hex: bool,
+        /// Idempotency key: a retry with the same key is applied once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait until the epoch holding the update is committed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Look LABEL up (latest committed epoch, or --epoch).
+    Lookup(LabelQuery),
+    /// The version history of LABEL.
+    History {
+        #[command(flatten)]
+        query: LabelQuery,
+        /// Only the N most recent versions (0 = all).
+        #[arg(long, default_value_t = 0)]
+        most_recent: u64,
+    },
+    /// The append-only proof from epoch START to END.
+    Audit {
+        /// First epoch.
+        start: u64,
+        /// Last epoch.
+        end: u64,
+        /// Check the proof with stock akd's auditor.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// The latest committed epoch and root, or epoch N's.
+    Epoch {
+        /// The epoch.
+        epoch: Option<u64>,
+        /// Wait until epoch N is committed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Seal the open epoch now and wait for its root (admin).
+    Seal,
+    /// Cluster status: sequencer members and leader, epochs, shards (admin).
+    Status,
+    /// Make a VRF seed: writes 64 hex digits to --out (mode 600), prints the public key.
+    Keygen {
+        /// Where to write the new seed (never overwrites).
+        #[arg(
+            long,
+            required_unless_present = "public_key_of",
+            conflicts_with = "public_key_of"
+        )]
+        out: Option<PathBuf>,
+        /// Print the public key of an existing seed file instead.
+        #[arg(long)]
+        public_key_of: Option<PathBuf>,
+    },
+}
+
+/// A read of one label.
+#[derive(Debug, Args)]
+struct LabelQuery {
+    /// The label.
+    label: String,
+    /// As of this epoch.
+    #[arg(long)]
+    epoch: Option<u64>,
+    /// The label is hex.
+    #[arg(long)]
+    hex: bool,
+    /// Check the proof with stock akd and print the verified result.
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Debug, Args)]
+struct DevArgs {
+    /// Address to serve the public API on.
+    #[arg(long, env = "KTD_DEV_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Data directory (created if missing; restart resumes from it).
+    #[arg(long, env = "KTD_DEV_DATA_DIR", default_value = "ktd-dev")]
+    data_dir: PathBuf,
+    /// VRF seed file, 64 hex digits (default: DATA_DIR/vrf-seed.hex, generated if missing).
+    #[arg(long, env = "KTD_DEV_VRF_SEED_FILE")]
+    vrf_seed_file: Option<PathBuf>,
+    /// Seal a non-empty epoch this often (e.g. 1s, 500ms, 2m).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    epoch_interval: Duration,
+    /// Tree partition bits (2^k partitions).
+    #[arg(long, default_value_t = 4)]
+    partition_bits: u8,
+    /// `whatsapp_v1` or `experimental:<domain label>`.
+    #[arg(long, default_value = "whatsapp_v1")]
+    configuration: AkdConfig,
+    /// Requests served at once before RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    max_in_flight: usize,
+}
+
+#[derive(Debug, Args)]
+struct ShardArgs {
+    /// This shard's id in the shard map.
+    #[arg(long, env = "KTD_SHARD_ID")]
+    id: String,
+    /// Address to listen on.
+    #[arg(long, env = "KTD_SHARD_LISTEN")]
+    listen: String,
+    /// The data directory.
+    #[arg(long, env = "KTD_SHARD_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The directory's VRF seed file (64 hex digits, mode 600).
+    #[arg(long, env = "KTD_SHARD_VRF_SEED_FILE")]
+    vrf_seed_file: PathBuf,
+    /// Tree partition bits (must match the cluster's).
+    #[arg(long, default_value_t = 4)]
+    partition_bits: u8,
+    /// `whatsapp_v1` or `experimental:<domain label>` (must match the cluster's).
+    #[arg(long, default_value = "whatsapp_v1")]
+    configuration: AkdConfig,
+}
+
+#[derive(Debug, Args)]
+struct GatewayArgs {
+    /// Address to serve the public API on.
+    #[arg(long, env = "KTD_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Sequencer addresses, comma-separated (any member; the client follows the leader).
+    #[arg(
+        long,
+        env = "KTD_GATEWAY_SEQUENCERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    sequencers: Vec<String>,
+    /// Requests served at once before RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    max_in_flight: usize,
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +225,21 @@ struct SequencerArgs {
     /// The directory's VRF public key, 64 hex digits (recorded at --init).
     #[arg(long, env = "KTD_SEQUENCER_VRF_PUBLIC_KEY")]
     vrf_public_key: Option<String>,
+    /// Initial shard map, ID=URL comma-separated (recorded at --init).
+    #[arg(long, env = "KTD_SEQUENCER_SHARDS", value_delimiter = ',')]
+    shards: Vec<String>,
+    /// Tree partition bits (recorded at --init).
+    #[arg(long)]
+    partition_bits: Option<u32>,
+    /// `whatsapp_v1` or `experimental:<domain label>` (recorded at --init).
+    #[arg(long)]
+    configuration: Option<AkdConfig>,
+    /// Seal a non-empty open epoch this often (e.g. 1s, 2m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    epoch_interval: Option<Duration>,
+    /// Seal when the open epoch holds this many updates (recorded at --init).
+    #[arg(long)]
+    max_epoch_updates: Option<u64>,
 }
 
 impl SequencerArgs {
@@ -84,6 +265,22 @@ impl SequencerArgs {
         }
         if let Some(key) = self.vrf_public_key {
             config.cluster.vrf_public_key = key;
+        }
+        if !self.shards.is_empty() {
+            config.cluster.shards = self.shards;
+        }
+        if let Some(bits) = self.partition_bits {
+            config.cluster.partition_bits = bits;
+        }
+        if let Some(configuration) = self.configuration {
+            config.cluster.akd_configuration = configuration.to_string();
+        }
+        if let Some(interval) = self.epoch_interval {
+            config.epoch.interval = interval;
+        }
+        if let Some(max) = self.max_epoch_updates {
+            config.cluster.max_epoch_updates = max;
+            config.epoch.max_batch_updates = config.epoch.max_batch_updates.min(max as usize);
         }
         config.init = self.init;
         config.validate()?;
@@ -117,13 +314,274 @@ async fn run_sequencer(args: SequencerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    let settings = DevSettings {
+        data_dir: args.data_dir.clone(),
+        vrf_seed_file: args.vrf_seed_file,
+        epoch_interval: args.epoch_interval,
+        partition_bits: args.partition_bits,
+        config: args.configuration,
+        options: GatewayOptions {
+            max_in_flight: args.max_in_flight,
+            ..GatewayOptions::default()
+        },
+    };
+    let data_dir = args.data_dir;
+    gateway::run::run_dev(settings, listener, shutdown_signal(), move |addr| {
+        println!(
+            "ktd dev: serving the Directory API on http://{addr} (data in {})",
+            data_dir.display()
+        );
+        println!(
+            "try:     ktd --addr http://{addr} publish alice key-1 --wait && ktd --addr http://{addr} lookup alice --verify"
+        );
+    })
+    .await
+}
+
+async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
+    let settings = ShardSettings {
+        vrf_seed: gateway::run::read_vrf_seed(&args.vrf_seed_file)?,
+        id: args.id,
+        data_dir: args.data_dir,
+        partition_bits: args.partition_bits,
+        config: args.configuration,
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    gateway::run::run_shard(settings, listener, shutdown_signal()).await
+}
+
+async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    let settings = GatewaySettings {
+        sequencers: args.sequencers,
+        options: GatewayOptions {
+            max_in_flight: args.max_in_flight,
+            ..GatewayOptions::default()
+        },
+        drain: Duration::from_secs(10),
+    };
+    gateway::run::run_gateway(settings, listener, shutdown_signal()).await
+}
+
+fn bytes(text: &str, is_hex: bool) -> anyhow::Result<Vec<u8>> {
+    if is_hex {
+        hex::decode(text).with_context(|| format!("{text:?} is not hex"))
+    } else {
+        Ok(text.as_bytes().to_vec())
+    }
+}
+
+fn show(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !text.chars().any(char::is_control) => format!("{text:?}"),
+        _ => format!("0x{}", hex::encode(bytes)),
+    }
+}
+
+async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
+    if let Command::Keygen { out, public_key_of } = &command {
+        let seed = match (out, public_key_of) {
+            (_, Some(existing)) => gateway::run::read_vrf_seed(existing)?,
+            (Some(out), None) => gateway::run::write_new_vrf_seed(out)?,
+            (None, None) => bail!("keygen needs --out FILE or --public-key-of FILE"),
+        };
+        println!("{}", hex::encode(gateway::run::vrf_public_key(&seed)?));
+        return Ok(());
+    }
+    let client = Client::connect(addr).await?;
+    match command {
+        Command::Publish {
+            label,
+            value,
+            hex,
+            idempotency_key,
+            wait,
+        } => {
+            let published = client
+                .publish(
+                    vec![(bytes(&label, hex)?, bytes(&value, hex)?)],
+                    idempotency_key,
+                )
+                .await?;
+            println!(
+                "published: sealed in epoch {} (sequence {})",
+                published.epoch, published.sequence
+            );
+            if wait {
+                let root = client.wait_for_epoch(published.epoch).await?;
+                println!(
+                    "committed: epoch {} root {}",
+                    root.epoch,
+                    hex::encode(root.root_hash)
+                );
+            }
+        }
+        Command::Lookup(LabelQuery {
+            label,
+            epoch,
+            hex,
+            verify,
+        }) => {
+            let found = client.lookup(&bytes(&label, hex)?, epoch).await?;
+            // The client library always verifies; --verify makes that explicit in the output.
+            let how = if verify {
+                "verified with akd"
+            } else {
+                "proof verified"
+            };
+            println!(
+                "{} = {} (version {}, published in epoch {}); {how} against epoch {} root {} ({} proof bytes)",
+                label,
+                show(&found.value),
+                found.version,
+                found.epoch,
+                found.at.epoch,
+                hex::encode(found.at.root_hash),
+                found.proof_bytes
+            );
+        }
+        Command::History {
+            query:
+                LabelQuery {
+                    label,
+                    epoch,
+                    hex,
+                    verify,
+                },
+            most_recent,
+        } => {
+            let (at, versions) = client
+                .history(&bytes(&label, hex)?, most_recent, epoch)
+                .await?;
+            let how = if verify {
+                "verified with akd"
+            } else {
+                "proof verified"
+            };
+            println!(
+                "{label}: {} version(s); {how} against epoch {} root {}",
+                versions.len(),
+                at.epoch,
+                hex::encode(at.root_hash)
+            );
+            for version in versions {
+                println!(
+                    "  version {} (epoch {}): {}",
+                    version.version,
+                    version.epoch,
+                    show(&version.value)
+                );
+            }
+        }
+        Command::Audit { start, end, verify } => {
+            let audit = client.audit(start, end).await?;
+            let how = if verify {
+                "verified with akd::auditor::audit_verify"
+            } else {
+                "proof verified"
+            };
+            println!(
+                "epochs {start}..={end} are append-only ({how}; {} proof bytes)",
+                audit.proof_bytes
+            );
+            for root in audit.roots {
+                println!(
+                    "  epoch {} root {}",
+                    root.epoch,
+                    hex::encode(root.root_hash)
+                );
+            }
+        }
+        Command::Epoch { epoch, wait } => {
+            let root = match (epoch, wait) {
+                (Some(epoch), true) => client.wait_for_epoch(epoch).await?,
+                (epoch, false) => client.epoch(epoch).await?,
+                (None, true) => bail!("--wait needs an epoch number"),
+            };
+            println!("epoch {} root {}", root.epoch, hex::encode(root.root_hash));
+        }
+        Command::Seal => {
+            let root = client.seal().await?;
+            println!(
+                "sealed and committed epoch {} root {}",
+                root.epoch,
+                hex::encode(root.root_hash)
+            );
+        }
+        Command::Status => {
+            let status = client.cluster_status().await?;
+            if let Some(sequencer) = &status.sequencer {
+                println!(
+                    "sequencer: leader {} term {}; open epoch {}, last committed epoch {}",
+                    sequencer.leader_id,
+                    sequencer.term,
+                    sequencer.open_epoch,
+                    sequencer.last_committed_epoch
+                );
+                for member in &sequencer.members {
+                    let state = match &member.status {
+                        Some(node) => format!(
+                            "{}, term {}, applied index {}",
+                            node.state, node.term, node.applied_index
+                        ),
+                        None => format!("unreachable: {}", member.error),
+                    };
+                    let role = if member.voter { "voter" } else { "learner" };
+                    println!(
+                        "  node {} at {} ({role}): {state}",
+                        member.node_id, member.address
+                    );
+                }
+            }
+            for shard in &status.shards {
+                println!(
+                    "shard {} at {}: {} partitions, built epoch {}, {}",
+                    shard.shard_id,
+                    shard.address,
+                    shard.partitions.len(),
+                    shard.built_epoch,
+                    if shard.reachable {
+                        "reachable".to_string()
+                    } else {
+                        format!("UNREACHABLE: {}", shard.error)
+                    }
+                );
+            }
+        }
+        server @ (Command::Dev(_)
+        | Command::Sequencer(_)
+        | Command::Shard(_)
+        | Command::Gateway(_)
+        | Command::Keygen { .. }) => bail!("{server:?} is not a client command"),
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let is_server = matches!(
+        cli.command,
+        Command::Dev(_) | Command::Sequencer(_) | Command::Shard(_) | Command::Gateway(_)
+    );
+    // Servers log their progress; client commands print results and only log problems.
+    let default_filter = if is_server {
+        "info,openraft=error"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -138,13 +596,20 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Dev(args) => run_dev(args).await,
             Command::Sequencer(args) => run_sequencer(args).await,
+            Command::Shard(args) => run_shard(args).await,
+            Command::Gateway(args) => run_gateway(args).await,
+            command => run_client(&cli.addr, command).await,
         }
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            match error.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("error: {:?}: {}", status.code(), status.message()),
+                None => eprintln!("error: {error:#}"),
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -1,6 +1,8 @@
 //! The `gateway` crate's integration tests: real `ktd` processes (via `CARGO_BIN_EXE_ktd`) on
 //! `127.0.0.x` ports, each with its own data directory, under a deadline.
 
+mod cluster;
 mod deadline;
+mod dev;
 mod leader_kill;
 mod process;

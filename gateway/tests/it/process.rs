@@ -1,5 +1,6 @@
-//! `ktd sequencer` child processes: start, SIGKILL, SIGTERM, restart from the data directory.
-//! Each process logs to `<root>/node-<id>.log`; the log is printed if a test fails.
+//! `ktd` child processes (sequencers, shards, gateways, `ktd dev`): start, SIGKILL, SIGTERM,
+//! restart from the data directory. Each process logs to a file under the test's root
+//! directory; the logs are printed if a test fails.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,23 +12,36 @@ use sequencer::{ClientOptions, SequencerClient};
 /// A VRF public key for tests.
 pub const TEST_VRF_KEY: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
-/// One `ktd sequencer` process slot: its address and data directory survive restarts.
+/// One `ktd` process slot: its address and data directory survive restarts.
 pub struct KtdNode {
     pub id: u64,
     pub addr: String,
-    pub data_dir: PathBuf,
+    /// The subcommand and the flags every start passes (`sequencer --listen .. --data-dir ..`).
+    base_args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
 }
 
 /// Finds a free port on `ip` (bind port 0, then release it).
-fn free_addr(ip: &str) -> String {
+pub fn free_addr(ip: &str) -> String {
     let listener = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind");
     listener.local_addr().expect("addr").to_string()
 }
 
 impl KtdNode {
-    fn spawn(&mut self, extra: &[String]) {
+    /// A process slot running `ktd <base_args> ...`, logging to `<root>/<name>.log`.
+    pub fn new(name: &str, root: &Path, id: u64, addr: String, base_args: Vec<String>) -> Self {
+        Self {
+            id,
+            addr,
+            base_args,
+            log: root.join(format!("{name}.log")),
+            child: None,
+        }
+    }
+
+    /// Starts the process with `extra` flags after the base ones.
+    pub fn spawn(&mut self, extra: &[String]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -35,15 +49,12 @@ impl KtdNode {
             .expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_ktd"));
         command
-            .arg("sequencer")
-            .arg("--listen")
-            .arg(&self.addr)
-            .arg("--data-dir")
-            .arg(&self.data_dir)
+            .args(&self.base_args)
             .args(extra)
             .env(
                 "RUST_LOG",
-                std::env::var("KTD_NODE_LOG").unwrap_or_else(|_| "info,openraft=error,h2=warn,hyper=warn".into()),
+                std::env::var("KTD_NODE_LOG")
+                    .unwrap_or_else(|_| "info,openraft=error,h2=warn,hyper=warn".into()),
             )
             .stdout(Stdio::null())
             .stderr(log);
@@ -82,6 +93,18 @@ impl KtdNode {
         }
     }
 
+    /// A `ktd sequencer` slot logging to `<root>/node-<id>.log`.
+    pub fn sequencer(root: &Path, id: u64, addr: String, data_dir: PathBuf) -> Self {
+        let base_args = vec![
+            "sequencer".to_string(),
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        Self::new(&format!("node-{id}"), root, id, addr, base_args)
+    }
+
     /// Restarts from the data directory: no node id, no peers, no --init.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "node {} is running", self.id);
@@ -115,16 +138,9 @@ impl KtdCluster {
         let root = tempfile::tempdir().expect("temp dir");
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
-            nodes.insert(
-                id,
-                KtdNode {
-                    id,
-                    addr: free_addr(&format!("127.0.0.{}", 10 + id)),
-                    data_dir: root.path().join(format!("node-{id}")),
-                    log: root.path().join(format!("node-{id}.log")),
-                    child: None,
-                },
-            );
+            let addr = free_addr(&format!("127.0.0.{}", 10 + id));
+            let data_dir = root.path().join(format!("node-{id}"));
+            nodes.insert(id, KtdNode::sequencer(root.path(), id, addr, data_dir));
         }
         let peers: Vec<String> = nodes
             .values()

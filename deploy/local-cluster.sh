@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# A full ktd cluster on loopback: 3 sequencers, 2 shard servers (16 partitions), 1 gateway.
+#
+#   deploy/local-cluster.sh start [DIR]   build ktd (release), start everything, wait for health
+#   deploy/local-cluster.sh stop  [DIR]   SIGTERM every process (graceful), then wait
+#   deploy/local-cluster.sh status [DIR]  which processes run; the cluster's status via the gateway
+#
+# DIR (default /tmp/ktd-local) holds the data directories, the VRF seed, logs and pid files; a
+# second `start` on the same DIR restarts the cluster from its data. Addresses:
+#   sequencers 127.0.0.1:7001-7003, shards 127.0.0.1:7101-7102, gateway 127.0.0.1:8080
+# Then: ktd publish alice key-1 --wait && ktd lookup alice --verify   (gateway on :8080)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DIR="${2:-/tmp/ktd-local}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ktd-target}"
+KTD="$CARGO_TARGET_DIR/release/ktd"
+SEQUENCERS=(1=127.0.0.1:7001 2=127.0.0.1:7002 3=127.0.0.1:7003)
+SHARDS=(s1=127.0.0.1:7101 s2=127.0.0.1:7102)
+GATEWAY=127.0.0.1:8080
+BITS=4
+
+log() { printf '[local-cluster] %s\n' "$*" >&2; }
+
+launch() { # NAME ARGS... : start `ktd ARGS...` in the background, logging to DIR/NAME.log
+    local name="$1"
+    shift
+    if [ -f "$DIR/$name.pid" ] && kill -0 "$(cat "$DIR/$name.pid")" 2>/dev/null; then
+        log "$name already runs (pid $(cat "$DIR/$name.pid"))"
+        return
+    fi
+    "$KTD" "$@" >>"$DIR/$name.log" 2>&1 &
+    echo $! >"$DIR/$name.pid"
+    log "started $name (pid $!, log $DIR/$name.log)"
+}
+
+start() {
+    "$ROOT/x.sh" deps
+    (cd "$ROOT" && cargo build --release --locked -p gateway --bin ktd)
+    mkdir -p "$DIR"
+    local seed="$DIR/vrf-seed.hex"
+    [ -f "$seed" ] || "$KTD" keygen --out "$seed" >/dev/null
+    local public_key
+    public_key="$("$KTD" keygen --public-key-of "$seed")"
+
+    local shard_map=() entry
+    for entry in "${SHARDS[@]}"; do
+        local id="${entry%%=*}" addr="${entry#*=}"
+        shard_map+=("$id=http://$addr")
+        launch "shard-$id" shard --id "$id" --listen "$addr" --data-dir "$DIR/shard-$id" \
+            --vrf-seed-file "$seed" --partition-bits "$BITS"
+    done
+    local peers
+    peers="$(IFS=,; echo "${SEQUENCERS[*]}")"
+    for entry in "${SEQUENCERS[@]}"; do
+        local id="${entry%%=*}" addr="${entry#*=}" init=()
+        if [ "$id" = 1 ]; then
+            init=(--init --vrf-public-key "$public_key" --partition-bits "$BITS"
+                --shards "$(IFS=,; echo "${shard_map[*]}")")
+        fi
+        launch "sequencer-$id" sequencer --id "$id" --listen "$addr" --data-dir "$DIR/sequencer-$id" \
+            --peers "$peers" --epoch-interval "${KTD_EPOCH_INTERVAL:-2s}" "${init[@]}"
+    done
+    local addrs=()
+    for entry in "${SEQUENCERS[@]}"; do addrs+=("${entry#*=}"); done
+    launch gateway gateway --listen "$GATEWAY" --sequencers "$(IFS=,; echo "${addrs[*]}")"
+
+    log "waiting for the gateway to answer"
+    for _ in $(seq 1 150); do
+        if "$KTD" --addr "http://$GATEWAY" epoch >/dev/null 2>&1; then
+            "$KTD" --addr "http://$GATEWAY" status
+            log "ready: ktd --addr http://$GATEWAY publish alice key-1 --wait && ktd --addr http://$GATEWAY lookup alice --verify"
+            return 0
+        fi
+        sleep 0.2
+    done
+    log "the gateway did not answer within 30 s; see the logs in $DIR"
+    exit 1
+}
+
+stop() {
+    local pidfile pids=()
+    for pidfile in "$DIR"/*.pid; do
+        [ -e "$pidfile" ] || continue
+        local pid
+        pid="$(cat "$pidfile")"
+        kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+        rm -f "$pidfile"
+    done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    log "stopped ${#pids[@]} processes (data kept in $DIR)"
+}
+
+status() {
+    local pidfile
+    for pidfile in "$DIR"/*.pid; do
+        [ -e "$pidfile" ] || continue
+        local name
+        name="$(basename "$pidfile" .pid)"
+        if kill -0 "$(cat "$pidfile")" 2>/dev/null; then echo "$name: running"; else echo "$name: NOT running"; fi
+    done
+    "$KTD" --addr "http://$GATEWAY" status
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    status) status ;;
+    *) sed -n '2,12p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,183 @@
+//! Committed epochs as the gateway sees them: the latest one (a linearizable read at the
+//! sequencer, shared by every request that arrives while one is in flight) and each epoch's top
+//! tree (decoded once from its partition roots and cached; committed epochs never change).
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sequencer::coordinator;
+use sequencer::{SequencerError, pb};
+use shard::akd_core::configuration::Configuration;
+use shard::stitch::TopTree;
+use tokio::sync::oneshot;
+
+use crate::error::{GatewayError, Result};
+use crate::sequencing::Sequencing;
+
+/// How many epochs' top trees stay decoded.
+const CACHED_EPOCHS: usize = 128;
+
+/// A committed epoch: its number and its top tree (whose root hash is the epoch's root).
+pub struct Committed<TC> {
+    /// The epoch.
+    pub epoch: u64,
+    /// The stitched top of the tree as of `epoch`.
+    pub top: Arc<TopTree<TC>>,
+}
+
+impl<TC: Configuration> Committed<TC> {
+    /// The epoch's root hash.
+    pub fn root_hash(&self) -> [u8; 32] {
+        self.top.root_hash()
+    }
+}
+
+type Waiter = oneshot::Sender<Result<pb::EpochRecord, (tonic::Code, String)>>;
+
+#[derive(Default)]
+struct Batch {
+    waiters: Vec<Waiter>,
+    running: bool,
+}
+
+/// Committed epochs, read through a [`Sequencing`].
+pub struct Epochs<TC> {
+    sequencing: Arc<dyn Sequencing>,
+    bits: u8,
+    batch: Arc<Mutex<Batch>>,
+    tops: Mutex<BTreeMap<u64, Arc<TopTree<TC>>>>,
+    config: PhantomData<fn() -> TC>,
+}
+
+impl<TC: Configuration> Epochs<TC> {
+    /// Epochs of a directory with `bits` partition bits.
+    pub fn new(sequencing: Arc<dyn Sequencing>, bits: u8) -> Self {
+        Self {
+            sequencing,
+            bits,
+            batch: Arc::default(),
+            tops: Mutex::new(BTreeMap::new()),
+            config: PhantomData,
+        }
+    }
+
+    /// The latest committed epoch, linearizable: the read at the sequencer starts after this
+    /// call did. Requests that arrive while a read is in flight share the next one.
+    pub async fn latest(&self) -> Result<Committed<TC>> {
+        let record = self.latest_record().await?;
+        self.committed(record)
+    }
+
+    /// Committed epoch `epoch`, or [`GatewayError::EpochNotCommitted`].
+    pub async fn at(&self, epoch: u64) -> Result<Committed<TC>> {
+        if let Some(top) = self.cached(epoch) {
+            return Ok(Committed { epoch, top });
+        }
+        match self.sequencing.get_epoch(Some(epoch)).await {
+            Ok(record) => self.committed(record),
+            Err(SequencerError::EpochNotFound { epoch, latest }) => {
+                Err(GatewayError::EpochNotCommitted { epoch, latest })
+            }
+            Err(SequencerError::Remote(status)) if status.code() == tonic::Code::NotFound => {
+                let latest = self.latest_record().await?.epoch;
+                Err(GatewayError::EpochNotCommitted { epoch, latest })
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// `epoch` if given, else the latest.
+    pub async fn resolve(&self, epoch: Option<u64>) -> Result<Committed<TC>> {
+        match epoch {
+            Some(epoch) => self.at(epoch).await,
+            None => self.latest().await,
+        }
+    }
+
+    /// Waits until `epoch` is committed (the caller bounds the wait with its deadline).
+    pub async fn wait_for(&self, epoch: u64) -> Result<Committed<TC>> {
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match self.at(epoch).await {
+                Err(GatewayError::EpochNotCommitted { .. }) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(250));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn cached(&self, epoch: u64) -> Option<Arc<TopTree<TC>>> {
+        self.tops
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&epoch)
+            .cloned()
+    }
+
+    fn committed(&self, record: pb::EpochRecord) -> Result<Committed<TC>> {
+        let epoch = record.epoch;
+        if let Some(top) = self.cached(epoch) {
+            return Ok(Committed { epoch, top });
+        }
+        let top = Arc::new(coordinator::top_tree::<TC>(self.bits, &record)?);
+        let mut tops = self
+            .tops
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tops.insert(epoch, top.clone());
+        while tops.len() > CACHED_EPOCHS {
+            tops.pop_first();
+        }
+        Ok(Committed { epoch, top })
+    }
+
+    async fn latest_record(&self) -> Result<pb::EpochRecord> {
+        let (sender, receiver) = oneshot::channel();
+        let start = {
+            let mut batch = self
+                .batch
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            batch.waiters.push(sender);
+            !std::mem::replace(&mut batch.running, true)
+        };
+        if start {
+            tokio::spawn(run_batches(self.sequencing.clone(), self.batch.clone()));
+        }
+        match receiver.await {
+            Ok(Ok(record)) => Ok(record),
+            Ok(Err((code, message))) => {
+                Err(SequencerError::Remote(tonic::Status::new(code, message)).into())
+            }
+            Err(_) => Err(SequencerError::ShuttingDown.into()),
+        }
+    }
+}
+
+/// Serves waiting `latest` requests one read at a time: everyone who arrived during a read gets
+/// the next one, so no answer predates its request.
+async fn run_batches(sequencing: Arc<dyn Sequencing>, batch: Arc<Mutex<Batch>>) {
+    loop {
+        let waiters = {
+            let mut batch = batch
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if batch.waiters.is_empty() {
+                batch.running = false;
+                return;
+            }
+            std::mem::take(&mut batch.waiters)
+        };
+        let answer = sequencing
+            .get_epoch(None)
+            .await
+            .map_err(|error| (error.code(), format!("latest epoch: {error}")));
+        for waiter in waiters {
+            let _ = waiter.send(answer.clone());
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! The gateway's errors and the one place they become gRPC status codes.
+
+use sequencer::SequencerError;
+use tonic::{Code, Status};
+
+/// Result of a gateway operation.
+pub type Result<T, E = GatewayError> = std::result::Result<T, E>;
+
+/// Why a gateway request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The request itself is wrong (empty label, oversized value, start > end, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The epoch is not committed (yet).
+    #[error("epoch {epoch} is not committed; the latest committed epoch is {latest}")]
+    EpochNotCommitted {
+        /// The requested epoch.
+        epoch: u64,
+        /// The latest committed epoch.
+        latest: u64,
+    },
+    /// Too many requests are in flight at this gateway.
+    #[error("the gateway is overloaded ({in_flight} requests in flight); retry with backoff")]
+    Overloaded {
+        /// The configured limit.
+        in_flight: usize,
+    },
+    /// The request's deadline passed.
+    #[error("deadline exceeded after {0:?}")]
+    DeadlineExceeded(std::time::Duration),
+    /// Nothing to seal.
+    #[error("the open epoch has no updates; nothing to seal")]
+    NothingToSeal,
+    /// The sequencer answered with an error (or could not be reached).
+    #[error("sequencer: {0}")]
+    Sequencer(#[from] SequencerError),
+    /// A shard answered with an error (or could not be reached), or a proof could not be built.
+    #[error("{0}")]
+    Shard(#[from] shard::Error),
+}
+
+impl From<GatewayError> for Status {
+    fn from(error: GatewayError) -> Self {
+        let message = error.to_string();
+        match error {
+            GatewayError::InvalidArgument(_) => Status::invalid_argument(message),
+            GatewayError::EpochNotCommitted { latest, .. } => {
+                let mut status = Status::not_found(message);
+                status
+                    .metadata_mut()
+                    .insert(LATEST_EPOCH_METADATA, latest.into());
+                status
+            }
+            GatewayError::Overloaded { .. } => Status::resource_exhausted(message),
+            GatewayError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+            GatewayError::NothingToSeal => Status::failed_precondition(message),
+            GatewayError::Sequencer(error) => Status::new(error.code(), message),
+            GatewayError::Shard(error) => {
+                let status = Status::from(error);
+                match status.code() {
+                    // Internal shard-to-shard failures are the gateway's problem, not the
+                    // client's argument: report them as retryable.
+                    Code::FailedPrecondition | Code::Aborted => {
+                        Status::unavailable(status.message())
+                    }
+                    _ => status,
+                }
+            }
+        }
+    }
+}
+
+/// Trailer on `NOT_FOUND` answers for uncommitted epochs: the latest committed epoch.
+pub const LATEST_EPOCH_METADATA: &str = "ktd-latest-epoch";

@@ -1,0 +1,90 @@
+//! Serving a gateway: `ktd.v1.Directory`, `ktd.v1.Admin`, `grpc.health.v1` and server
+//! reflection on one listener, with `TCP_NODELAY` on every accepted socket.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::ktd::v1 as api;
+use shard::akd_core::configuration::Configuration;
+use tokio::net::TcpListener;
+use tonic::server::NamedService;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::service::{AdminService, DirectoryService, Gateway};
+
+/// Largest request or answer (history and audit proofs of busy labels can be large).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The health service name of the public API (`""` is the whole server).
+pub const HEALTH_SERVICE: &str = <api::directory_server::DirectoryServer<
+    DirectoryService<shard::config::WhatsAppV1>,
+> as NamedService>::NAME;
+
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for service in ["", HEALTH_SERVICE] {
+        reporter.set_service_status(service, status).await;
+    }
+}
+
+/// Serves `gateway` on `listener` until `shutdown`; then reports NOT_SERVING and drains
+/// in-flight requests for at most `drain`.
+pub async fn serve<TC: Configuration>(
+    gateway: Arc<Gateway<TC>>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let local_addr = listener.local_addr()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let directory = api::directory_server::DirectoryServer::new(DirectoryService(gateway.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = api::admin_server::AdminServer::new(AdminService(gateway));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(10)));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(directory)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            }),
+    );
+    tracing::info!(addr = %local_addr, "gateway serving");
+    tokio::select! {
+        () = shutdown => {}
+        result = &mut server => {
+            return match result {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the gateway's gRPC server stopped unexpectedly")),
+                Ok(Err(error)) => Err(anyhow::anyhow!("the gateway's gRPC server failed: {error}")),
+                Err(error) => Err(anyhow::anyhow!("the gateway's gRPC server panicked: {error}")),
+            };
+        }
+    }
+    tracing::info!("gateway shutting down");
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let _ = stop.send(());
+    if tokio::time::timeout(drain, &mut server).await.is_err() {
+        tracing::warn!(
+            ?drain,
+            "in-flight requests did not finish in time; closing them"
+        );
+        server.abort();
+    }
+    Ok(())
+}

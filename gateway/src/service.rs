@@ -1,0 +1,437 @@
+//! The public `ktd.v1.Directory` and `ktd.v1.Admin` services.
+//!
+//! Publishes go to the sequencer; reads resolve a committed epoch (the latest, linearizable, or
+//! the requested one), then fan out to the owning shards in parallel through
+//! [`shard::cluster`], which stitches the proof. Every request holds one of a bounded number of
+//! in-flight permits (none left: `RESOURCE_EXHAUSTED`, at once) and runs under its deadline (the
+//! client's `grpc-timeout`, capped by the gateway's own); when it expires the handler's future is
+//! dropped, which cancels the calls it made downstream.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use proto::ktd::v1 as api;
+use sequencer::coordinator::{self, ShardConnector};
+use sequencer::pb;
+use shard::akd_core::AkdLabel;
+use shard::akd_core::configuration::Configuration;
+use shard::akd_core::verify::history::HistoryParams;
+use shard::cluster::{self, ShardSet};
+use shard::stitch::TopTree;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::{Request, Response, Status};
+
+use crate::epochs::{Committed, Epochs};
+use crate::error::{GatewayError, Result};
+use crate::sequencing::Sequencing;
+
+/// Gateway limits and timeouts.
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    /// Requests served at once; more are refused with `RESOURCE_EXHAUSTED`.
+    pub max_in_flight: usize,
+    /// Longest label, in bytes.
+    pub max_label_bytes: usize,
+    /// Largest value, in bytes.
+    pub max_value_bytes: usize,
+    /// Most updates in one `Publish`.
+    pub max_publish_updates: usize,
+    /// Most epochs one `Audit` may span.
+    pub max_audit_epochs: u64,
+    /// Deadline of a request that carries none (and the cap on any it carries).
+    pub max_request_time: Duration,
+    /// How often the shard map is re-read from the sequencer.
+    pub shard_map_refresh: Duration,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 1024,
+            max_label_bytes: 1024,
+            max_value_bytes: 64 * 1024,
+            max_publish_updates: 10_000,
+            max_audit_epochs: 1024,
+            max_request_time: Duration::from_secs(60),
+            shard_map_refresh: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A gateway: the state behind both services.
+pub struct Gateway<TC> {
+    sequencing: Arc<dyn Sequencing>,
+    connector: Arc<dyn ShardConnector>,
+    metadata: pb::ClusterMetadata,
+    epochs: Epochs<TC>,
+    shards: Mutex<Option<(Instant, ShardSet)>>,
+    options: GatewayOptions,
+    permits: Arc<Semaphore>,
+    config: PhantomData<fn() -> TC>,
+}
+
+impl<TC: Configuration> Gateway<TC> {
+    /// A gateway for the cluster described by `metadata`.
+    pub fn new(
+        sequencing: Arc<dyn Sequencing>,
+        connector: Arc<dyn ShardConnector>,
+        metadata: pb::ClusterMetadata,
+        options: GatewayOptions,
+    ) -> Result<Arc<Self>> {
+        let bits = u8::try_from(metadata.partition_bits).map_err(|_| {
+            GatewayError::InvalidArgument(format!(
+                "cluster metadata: partition bits {}",
+                metadata.partition_bits
+            ))
+        })?;
+        Ok(Arc::new(Self {
+            epochs: Epochs::new(sequencing.clone(), bits),
+            sequencing,
+            connector,
+            metadata,
+            shards: Mutex::new(None),
+            permits: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
+            options,
+            config: PhantomData,
+        }))
+    }
+
+    /// The committed epochs this gateway reads.
+    pub fn epochs(&self) -> &Epochs<TC> {
+        &self.epochs
+    }
+
+    fn admit(&self) -> Result<OwnedSemaphorePermit> {
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| GatewayError::Overloaded {
+                in_flight: self.options.max_in_flight,
+            })
+    }
+
+    /// Runs `work` under an in-flight permit and the request's deadline.
+    async fn serve<T, F>(&self, deadline: Option<Duration>, work: F) -> Result<Response<T>, Status>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        let _permit = self.admit()?;
+        let limit = deadline
+            .unwrap_or(self.options.max_request_time)
+            .min(self.options.max_request_time);
+        match tokio::time::timeout(limit, work).await {
+            Ok(Ok(answer)) => Ok(Response::new(answer)),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "request failed");
+                Err(error.into())
+            }
+            Err(_) => Err(GatewayError::DeadlineExceeded(limit).into()),
+        }
+    }
+
+    async fn shard_set(&self) -> Result<ShardSet> {
+        if let Some((fetched, shards)) = &*self.shards.lock().unwrap_or_else(|p| p.into_inner())
+            && fetched.elapsed() < self.options.shard_map_refresh
+        {
+            return Ok(shards.clone());
+        }
+        let answer = self.sequencing.cluster_metadata().await?;
+        let map = coordinator::shard_map(&self.metadata, &answer.shard_map.unwrap_or_default())?;
+        let mut slot = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let shards = match slot.take() {
+            Some((_, shards)) if shards.map().version == map.version => shards,
+            _ => self.connector.connect(map)?,
+        };
+        *slot = Some((Instant::now(), shards.clone()));
+        Ok(shards)
+    }
+
+    fn label(&self, label: Vec<u8>) -> Result<AkdLabel> {
+        if label.is_empty() {
+            return Err(GatewayError::InvalidArgument("the label is empty".into()));
+        }
+        if label.len() > self.options.max_label_bytes {
+            return Err(GatewayError::InvalidArgument(format!(
+                "the label is {} bytes; the limit is {}",
+                label.len(),
+                self.options.max_label_bytes
+            )));
+        }
+        Ok(AkdLabel(label))
+    }
+
+    async fn publish(&self, request: api::PublishRequest) -> Result<api::PublishResponse> {
+        if request.updates.is_empty() {
+            return Err(GatewayError::InvalidArgument("no updates".into()));
+        }
+        if request.updates.len() > self.options.max_publish_updates {
+            return Err(GatewayError::InvalidArgument(format!(
+                "{} updates in one publish; the limit is {}",
+                request.updates.len(),
+                self.options.max_publish_updates
+            )));
+        }
+        let mut updates = Vec::with_capacity(request.updates.len());
+        for (index, update) in request.updates.into_iter().enumerate() {
+            let label = self.label(update.label).map_err(|error| {
+                GatewayError::InvalidArgument(format!("update {index}: {error}"))
+            })?;
+            if update.value.len() > self.options.max_value_bytes {
+                return Err(GatewayError::InvalidArgument(format!(
+                    "update {index}: the value is {} bytes; the limit is {}",
+                    update.value.len(),
+                    self.options.max_value_bytes
+                )));
+            }
+            updates.push(pb::Update {
+                label: label.0,
+                value: update.value,
+            });
+        }
+        let answer = self
+            .sequencing
+            .append(updates, request.idempotency_key.into_bytes())
+            .await?;
+        Ok(api::PublishResponse {
+            epoch: answer.epoch,
+            sequence: answer.first_sequence,
+        })
+    }
+
+    async fn get_epoch(&self, request: api::GetEpochRequest) -> Result<api::EpochHash> {
+        let committed = match request.epoch {
+            Some(epoch) if request.wait => self.epochs.wait_for(epoch).await?,
+            epoch => self.epochs.resolve(epoch).await?,
+        };
+        Ok(epoch_hash(&committed))
+    }
+
+    async fn lookup(&self, request: api::LookupRequest) -> Result<api::LookupResponse> {
+        let label = self.label(request.label)?;
+        let committed = self.epochs.resolve(request.epoch).await?;
+        let shards = self.shard_set().await?;
+        let proof = cluster::lookup(&shards, &committed.top, committed.epoch, &label).await?;
+        Ok(api::LookupResponse {
+            epoch_hash: Some(epoch_hash(&committed)),
+            proof: Some((&proof).into()),
+        })
+    }
+
+    async fn key_history(
+        &self,
+        request: api::KeyHistoryRequest,
+    ) -> Result<api::KeyHistoryResponse> {
+        let label = self.label(request.label)?;
+        let params = match request.most_recent {
+            0 => HistoryParams::Complete,
+            n => HistoryParams::MostRecent(usize::try_from(n).unwrap_or(usize::MAX)),
+        };
+        let committed = self.epochs.resolve(request.epoch).await?;
+        let shards = self.shard_set().await?;
+        let proof =
+            cluster::key_history(&shards, &committed.top, committed.epoch, &label, params).await?;
+        Ok(api::KeyHistoryResponse {
+            epoch_hash: Some(epoch_hash(&committed)),
+            proof: Some((&proof).into()),
+        })
+    }
+
+    async fn audit(&self, request: api::AuditRequest) -> Result<api::AuditResponse> {
+        let (start, end) = (request.start_epoch, request.end_epoch);
+        if start > end {
+            return Err(GatewayError::InvalidArgument(format!(
+                "start epoch {start} is after end epoch {end}"
+            )));
+        }
+        if end - start > self.options.max_audit_epochs {
+            return Err(GatewayError::InvalidArgument(format!(
+                "an audit spans at most {} epochs; ask for {start}..{} and continue from there",
+                self.options.max_audit_epochs,
+                start + self.options.max_audit_epochs
+            )));
+        }
+        // Resolving the end first answers NOT_FOUND for an uncommitted range at once.
+        self.epochs.at(end).await?;
+        let shards = self.shard_set().await?;
+        let tops: Vec<Committed<TC>> = futures::stream::iter(start..=end)
+            .map(|epoch| self.epochs.at(epoch))
+            .buffered(8)
+            .try_collect()
+            .await?;
+        let steps: Vec<(u64, Arc<TopTree<TC>>)> = tops
+            .windows(2)
+            .map(|pair| (pair[0].epoch, pair[1].top.clone()))
+            .collect();
+        let shards = &shards;
+        let proofs: Vec<_> = futures::stream::iter(steps)
+            .map(|(from, to)| async move { cluster::audit_step(shards, &to, from).await })
+            .buffered(4)
+            .try_collect()
+            .await?;
+        let proof = shard::akd_core::AppendOnlyProof {
+            proofs,
+            epochs: (start..end).collect(),
+        };
+        Ok(api::AuditResponse {
+            proof: Some((&proof).into()),
+            root_hashes: tops.iter().map(|top| top.root_hash().to_vec()).collect(),
+        })
+    }
+
+    async fn seal(&self) -> Result<api::EpochHash> {
+        let sealed = match self.sequencing.seal().await {
+            Ok(sealed) => sealed,
+            Err(error) if error.code() == tonic::Code::FailedPrecondition => {
+                return Err(GatewayError::NothingToSeal);
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let committed = self.epochs.wait_for(sealed.epoch).await?;
+        Ok(epoch_hash(&committed))
+    }
+
+    async fn cluster_status(&self) -> Result<api::ClusterStatusResponse> {
+        let sequencer = self.sequencing.cluster_status().await?;
+        let shards = self.shard_set().await?;
+        let statuses = futures::future::join_all(shards.map().shards.iter().map(|info| {
+            let shards = &shards;
+            async move {
+                let answer = match shards.api(&info.id) {
+                    Ok(api) => api.status().await,
+                    Err(error) => Err(error),
+                };
+                let (reachable, built_epoch, error) = match answer {
+                    Ok(status) => (true, status.built_epoch, String::new()),
+                    Err(error) => (false, 0, error.to_string()),
+                };
+                api::ShardStatus {
+                    shard_id: info.id.clone(),
+                    address: info.address.clone(),
+                    partitions: info.partitions.clone(),
+                    reachable,
+                    built_epoch,
+                    error,
+                }
+            }
+        }))
+        .await;
+        Ok(api::ClusterStatusResponse {
+            sequencer: Some(sequencer),
+            shards: statuses,
+        })
+    }
+}
+
+fn epoch_hash<TC: Configuration>(committed: &Committed<TC>) -> api::EpochHash {
+    api::EpochHash {
+        epoch: committed.epoch,
+        root_hash: committed.root_hash().to_vec(),
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header (`"<digits><unit>"`, gRPC over HTTP/2).
+fn deadline<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// The `ktd.v1.Directory` service over a [`Gateway`].
+pub struct DirectoryService<TC>(pub Arc<Gateway<TC>>);
+
+/// The `ktd.v1.Admin` service over a [`Gateway`].
+pub struct AdminService<TC>(pub Arc<Gateway<TC>>);
+
+#[tonic::async_trait]
+impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC> {
+    async fn publish(
+        &self,
+        request: Request<api::PublishRequest>,
+    ) -> Result<Response<api::PublishResponse>, Status> {
+        let deadline = deadline(&request);
+        self.0
+            .serve(deadline, self.0.publish(request.into_inner()))
+            .await
+    }
+
+    async fn get_epoch(
+        &self,
+        request: Request<api::GetEpochRequest>,
+    ) -> Result<Response<api::EpochHash>, Status> {
+        let deadline = deadline(&request);
+        self.0
+            .serve(deadline, self.0.get_epoch(request.into_inner()))
+            .await
+    }
+
+    async fn lookup(
+        &self,
+        request: Request<api::LookupRequest>,
+    ) -> Result<Response<api::LookupResponse>, Status> {
+        let deadline = deadline(&request);
+        self.0
+            .serve(deadline, self.0.lookup(request.into_inner()))
+            .await
+    }
+
+    async fn key_history(
+        &self,
+        request: Request<api::KeyHistoryRequest>,
+    ) -> Result<Response<api::KeyHistoryResponse>, Status> {
+        let deadline = deadline(&request);
+        self.0
+            .serve(deadline, self.0.key_history(request.into_inner()))
+            .await
+    }
+
+    async fn audit(
+        &self,
+        request: Request<api::AuditRequest>,
+    ) -> Result<Response<api::AuditResponse>, Status> {
+        let deadline = deadline(&request);
+        self.0
+            .serve(deadline, self.0.audit(request.into_inner()))
+            .await
+    }
+
+    async fn get_public_key(
+        &self,
+        _request: Request<api::GetPublicKeyRequest>,
+    ) -> Result<Response<api::PublicKeyResponse>, Status> {
+        Ok(Response::new(api::PublicKeyResponse {
+            vrf_public_key: self.0.metadata.vrf_public_key.clone(),
+            configuration: self.0.metadata.akd_configuration.clone(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl<TC: Configuration> api::admin_server::Admin for AdminService<TC> {
+    async fn seal_epoch(
+        &self,
+        request: Request<api::SealEpochRequest>,
+    ) -> Result<Response<api::EpochHash>, Status> {
+        let deadline = deadline(&request);
+        self.0.serve(deadline, self.0.seal()).await
+    }
+
+    async fn cluster_status(
+        &self,
+        request: Request<api::ClusterStatusRequest>,
+    ) -> Result<Response<api::ClusterStatusResponse>, Status> {
+        let deadline = deadline(&request);
+        self.0.serve(deadline, self.0.cluster_status()).await
+    }
+}

@@ -1,0 +1,242 @@
+//! `ktd dev` as a user meets it: the README's flow (`ktd publish`, `ktd lookup --verify`) as
+//! real processes; bad input over gRPC answered with the documented status while the server
+//! keeps serving; overload answered `RESOURCE_EXHAUSTED`; a clean SIGTERM and a restart from the
+//! data directory that still serves what was published.
+
+use std::process::Command;
+use std::time::Duration;
+
+use proto::ktd::v1 as api;
+use tonic::Code;
+
+use crate::cluster::connect;
+use crate::deadline::with_deadline;
+use crate::process::{KtdNode, free_addr};
+
+fn ktd(addr: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ktd"))
+        .arg("--addr")
+        .arg(format!("http://{addr}"))
+        .args(args)
+        .output()
+        .expect("run ktd")
+}
+
+fn dev_node(root: &std::path::Path) -> KtdNode {
+    let addr = free_addr("127.0.0.41");
+    let args = [
+        "dev",
+        "--listen",
+        &addr,
+        "--data-dir",
+        &root.join("dev").display().to_string(),
+        "--epoch-interval",
+        "200ms",
+        "--max-in-flight",
+        "4",
+    ]
+    .map(String::from)
+    .to_vec();
+    KtdNode::new("dev", root, 1, addr, args)
+}
+
+fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Option<Code> {
+    result.err().map(|status| status.code())
+}
+
+/// Every status a bad request gets, and the server still answers afterwards.
+async fn bad_input_is_refused(
+    addr: &str,
+    client: &mut api::directory_client::DirectoryClient<tonic::transport::Channel>,
+) {
+    let publish = |label: Vec<u8>, value: Vec<u8>| api::PublishRequest {
+        updates: vec![api::Update { label, value }],
+        idempotency_key: String::new(),
+    };
+    assert_eq!(
+        code(client.publish(publish(Vec::new(), b"v".to_vec())).await),
+        Some(Code::InvalidArgument),
+        "empty label"
+    );
+    assert_eq!(
+        code(
+            client
+                .publish(publish(b"big".to_vec(), vec![7; 64 * 1024 + 1]))
+                .await
+        ),
+        Some(Code::InvalidArgument),
+        "a value over 64 KiB"
+    );
+    assert_eq!(
+        code(client.publish(api::PublishRequest::default()).await),
+        Some(Code::InvalidArgument),
+        "no updates"
+    );
+    let future = client
+        .get_epoch(api::GetEpochRequest {
+            epoch: Some(1_000_000),
+            wait: false,
+        })
+        .await
+        .expect_err("an epoch in the future");
+    assert_eq!(future.code(), Code::NotFound);
+    assert!(
+        future
+            .metadata()
+            .get(gateway::error::LATEST_EPOCH_METADATA)
+            .is_some()
+    );
+    assert_eq!(
+        code(
+            client
+                .lookup(api::LookupRequest {
+                    label: Vec::new(),
+                    epoch: None
+                })
+                .await
+        ),
+        Some(Code::InvalidArgument),
+        "lookup of an empty label"
+    );
+    assert_eq!(
+        code(
+            client
+                .lookup(api::LookupRequest {
+                    label: b"nobody".to_vec(),
+                    epoch: None
+                })
+                .await
+        ),
+        Some(Code::NotFound),
+        "a label never published"
+    );
+    assert_eq!(
+        code(
+            client
+                .audit(api::AuditRequest {
+                    start_epoch: 5,
+                    end_epoch: 2
+                })
+                .await
+        ),
+        Some(Code::InvalidArgument),
+        "start > end"
+    );
+    // A deadline shorter than the wait: DEADLINE_EXCEEDED, not a hang.
+    let mut waiting = tonic::Request::new(api::GetEpochRequest {
+        epoch: Some(1_000_000),
+        wait: true,
+    });
+    waiting.set_timeout(Duration::from_millis(300));
+    let status = client
+        .get_epoch(waiting)
+        .await
+        .expect_err("cannot be committed in time");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // Garbage bytes where a LookupRequest belongs: gRPC's code for an unparseable message.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut raw = tonic::client::Grpc::new(channel);
+    raw.ready().await.expect("ready");
+    let garbage = raw
+        .unary::<Garbage, api::LookupResponse, _>(
+            tonic::Request::new(Garbage {
+                not_bytes: 0xdead_beef,
+            }),
+            "/ktd.v1.Directory/Lookup".parse().expect("path"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect_err("garbage");
+    assert_eq!(garbage.code(), Code::Internal, "{garbage:?}");
+}
+
+/// Field 1 of `LookupRequest` is `bytes`; this sends a fixed64 there.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Garbage {
+    #[prost(fixed64, tag = "1")]
+    not_bytes: u64,
+}
+
+#[test]
+fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
+    with_deadline(Duration::from_secs(180), || async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut dev = dev_node(root.path());
+        dev.spawn(&[]);
+        let client = connect(&dev.addr).await;
+
+        let addr = dev.addr.clone();
+        let published = tokio::task::spawn_blocking(move || {
+            let publish = ktd(&addr, &["publish", "alice", "key-1", "--wait"]);
+            let lookup = ktd(&addr, &["lookup", "alice", "--verify"]);
+            (publish, lookup)
+        })
+        .await
+        .expect("client processes");
+        let (publish, lookup) = published;
+        assert!(publish.status.success(), "{publish:?}\n{}", dev.log_text());
+        let lookup_text = String::from_utf8_lossy(&lookup.stdout);
+        assert!(lookup.status.success(), "{lookup:?}");
+        assert!(
+            lookup_text.contains("alice = \"key-1\"") && lookup_text.contains("verified with akd"),
+            "{lookup_text}"
+        );
+
+        let mut raw = client.directory();
+        bad_input_is_refused(&dev.addr, &mut raw).await;
+
+        // Overload: more concurrent requests than in-flight permits (4).
+        let answers = futures::future::join_all((0..64).map(|_| {
+            let mut raw = client.directory();
+            async move {
+                raw.key_history(api::KeyHistoryRequest {
+                    label: b"alice".to_vec(),
+                    most_recent: 0,
+                    epoch: None,
+                })
+                .await
+            }
+        }))
+        .await;
+        let exhausted = answers
+            .iter()
+            .filter(
+                |answer| matches!(answer, Err(status) if status.code() == Code::ResourceExhausted),
+            )
+            .count();
+        assert!(
+            answers.iter().all(|answer| match answer {
+                Ok(_) => true,
+                Err(status) => status.code() == Code::ResourceExhausted,
+            }),
+            "only RESOURCE_EXHAUSTED may fail: {answers:?}"
+        );
+        assert!(
+            exhausted > 0,
+            "64 concurrent requests never exceeded 4 permits"
+        );
+
+        // Still serving after all of that; then a clean stop and a restart from the data dir.
+        let before = client.lookup(b"alice", None).await.expect("lookup");
+        let status = dev.terminate(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "ktd dev exited with {status:?}\n{}",
+            dev.log_text()
+        );
+        dev.spawn(&[]);
+        let client = connect(&dev.addr).await;
+        let after = client
+            .lookup(b"alice", None)
+            .await
+            .expect("lookup after restart");
+        assert_eq!(after, before);
+    });
+}

@@ -43,12 +43,16 @@ start() {
     local public_key
     public_key="$("$KTD" keygen --public-key-of "$seed")"
 
-    local shard_map=() entry
+    local addrs=() entry
+    for entry in "${SEQUENCERS[@]}"; do addrs+=("${entry#*=}"); done
+    local sequencer_list
+    sequencer_list="$(IFS=,; echo "${addrs[*]}")"
+    local shard_map=()
     for entry in "${SHARDS[@]}"; do
         local id="${entry%%=*}" addr="${entry#*=}"
         shard_map+=("$id=http://$addr")
         launch "shard-$id" shard --id "$id" --listen "$addr" --data-dir "$DIR/shard-$id" \
-            --vrf-seed-file "$seed" --partition-bits "$BITS"
+            --vrf-seed-file "$seed" --partition-bits "$BITS" --sequencers "$sequencer_list"
     done
     local peers
     peers="$(IFS=,; echo "${SEQUENCERS[*]}")"
@@ -61,9 +65,7 @@ start() {
         launch "sequencer-$id" sequencer --id "$id" --listen "$addr" --data-dir "$DIR/sequencer-$id" \
             --peers "$peers" --epoch-interval "${KTD_EPOCH_INTERVAL:-2s}" "${init[@]}"
     done
-    local addrs=()
-    for entry in "${SEQUENCERS[@]}"; do addrs+=("${entry#*=}"); done
-    launch gateway gateway --listen "$GATEWAY" --sequencers "$(IFS=,; echo "${addrs[*]}")"
+    launch gateway gateway --listen "$GATEWAY" --sequencers "$sequencer_list"
 
     log "waiting for the gateway to answer"
     for _ in $(seq 1 150); do

@@ -280,8 +280,8 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         println!(
-            "3 ktd sequencer processes on loopback, fsync on, default raft timing (heartbeat 100 ms, \
-             election 300-600 ms, pre-vote); {} cores",
+            "3 ktd sequencer processes on loopback, fsync on, default raft timing (heartbeat 50 ms, \
+             election 200-400 ms, pre-vote); {} cores",
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
         let throughput = if args.seconds > 0 {

@@ -6,6 +6,7 @@
 //! - [`sequencing`]: how the gateway reaches the sequencer (gRPC, or in process for `ktd dev`).
 //! - [`server`]: serving a gateway (health, reflection, `TCP_NODELAY`, draining shutdown).
 //! - [`run`]: starting each process kind: shard server, gateway, and `ktd dev`.
+//! - [`tail`]: shards tail the sequencer's log to pre-compute VRF labels while an epoch is open.
 //! - [`client`]: the Rust client library, verifying every proof with stock akd.
 //! - [`error`]: the gateway's errors and their gRPC status codes.
 
@@ -16,3 +17,4 @@ pub mod run;
 pub mod sequencing;
 pub mod server;
 pub mod service;
+pub mod tail;

@@ -27,6 +27,7 @@ use tonic_health::ServingStatus;
 
 use crate::sequencing::Sequencing;
 use crate::service::{Gateway, GatewayOptions};
+use crate::tail::{LogSource, precompute_from_log};
 
 /// The shard id of `ktd dev`'s in-process shard.
 pub const DEV_SHARD: &str = "dev";
@@ -93,6 +94,9 @@ pub struct ShardSettings {
     pub partition_bits: u8,
     /// The directory's akd configuration.
     pub config: AkdConfig,
+    /// Sequencer addresses to tail the log from (pre-computing VRF labels while an epoch is
+    /// open); empty: no pre-computation, labels are evaluated when the epoch is built.
+    pub sequencers: Vec<String>,
 }
 
 /// Runs a shard server on `listener` until `shutdown`.
@@ -102,9 +106,11 @@ pub async fn run_shard(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     settings.config.install()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_tail = stop.clone().drop_guard();
     let api: Arc<dyn ShardApi> = match settings.config {
-        AkdConfig::WhatsAppV1 => open_shard::<WhatsAppV1>(&settings).await?,
-        AkdConfig::Experimental { .. } => open_shard::<Experimental>(&settings).await?,
+        AkdConfig::WhatsAppV1 => open_shard::<WhatsAppV1>(&settings, stop).await?,
+        AkdConfig::Experimental { .. } => open_shard::<Experimental>(&settings, stop).await?,
     };
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -126,8 +132,23 @@ pub async fn run_shard(
 
 async fn open_shard<TC: Configuration>(
     settings: &ShardSettings,
+    stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Arc<dyn ShardApi>> {
     let node = open_node::<TC>(settings).await?;
+    if settings.sequencers.is_empty() {
+        tracing::warn!("no --sequencers: VRF labels are evaluated when each epoch is built");
+    } else {
+        let source = LogSource::Remote {
+            client: SequencerClient::new(settings.sequencers.clone()),
+            addrs: settings.sequencers.clone(),
+        };
+        tokio::spawn(precompute_from_log(
+            node.clone(),
+            settings.id.clone(),
+            source,
+            stop,
+        ));
+    }
     let peers: Arc<dyn PeerResolver> = Arc::new(GrpcPeers::new(ClientTimeouts::default()));
     Ok(Arc::new(LocalShard::new(settings.id.clone(), node, peers)))
 }
@@ -332,10 +353,13 @@ pub async fn run_dev(
             vrf_seed: seed,
             partition_bits: settings.partition_bits,
             config: settings.config.clone(),
+            sequencers: Vec::new(),
         };
         let shards = match settings.config {
-            AkdConfig::WhatsAppV1 => dev_shards::<WhatsAppV1>(&shard_settings).await?,
-            AkdConfig::Experimental { .. } => dev_shards::<Experimental>(&shard_settings).await?,
+            AkdConfig::WhatsAppV1 => dev_shards::<WhatsAppV1>(&shard_settings, &sequencer).await?,
+            AkdConfig::Experimental { .. } => {
+                dev_shards::<Experimental>(&shard_settings, &sequencer).await?
+            }
         };
         let connector: Arc<dyn ShardConnector> = Arc::new(FixedShards(shards));
         sequencer.spawn_coordinator(connector.clone());
@@ -357,8 +381,17 @@ pub async fn run_dev(
     result
 }
 
-async fn dev_shards<TC: Configuration>(settings: &ShardSettings) -> anyhow::Result<ShardSet> {
+async fn dev_shards<TC: Configuration>(
+    settings: &ShardSettings,
+    sequencer: &Sequencer,
+) -> anyhow::Result<ShardSet> {
     let node = open_node::<TC>(settings).await?;
+    tokio::spawn(precompute_from_log(
+        node.clone(),
+        DEV_SHARD.to_string(),
+        LogSource::Local(sequencer.clone()),
+        sequencer.shutdown_token(),
+    ));
     let shard: Arc<dyn ShardApi> = Arc::new(LocalShard::new(DEV_SHARD, node, Arc::new(NoPeers)));
     let map = ShardMap::even(
         settings.partition_bits,

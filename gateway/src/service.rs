@@ -303,9 +303,14 @@ impl<TC: Configuration> Gateway<TC> {
                     Ok(api) => api.status().await,
                     Err(error) => Err(error),
                 };
-                let (reachable, built_epoch, error) = match answer {
-                    Ok(status) => (true, status.built_epoch, String::new()),
-                    Err(error) => (false, 0, error.to_string()),
+                let (reachable, built_epoch, precomputed_labels, error) = match answer {
+                    Ok(status) => (
+                        true,
+                        status.built_epoch,
+                        status.label_cache_entries,
+                        String::new(),
+                    ),
+                    Err(error) => (false, 0, 0, error.to_string()),
                 };
                 api::ShardStatus {
                     shard_id: info.id.clone(),
@@ -314,6 +319,7 @@ impl<TC: Configuration> Gateway<TC> {
                     reachable,
                     built_epoch,
                     error,
+                    precomputed_labels,
                 }
             }
         }))

@@ -157,6 +157,38 @@ impl<TC: Configuration> ShardNode<TC> {
         &self.labels
     }
 
+    /// Evaluates ahead of time the node labels that updates of `labels` in the open epoch will
+    /// need (a new user's fresh label of version 1; an existing user's fresh label of the next
+    /// version and stale label of the current one, as of the newest epoch this node has built)
+    /// and keeps them in the [`LabelCache`]. A guess that turns out wrong (the user also changed
+    /// in a sealed epoch not built yet) only costs a cache miss later. Blocking (RocksDB, VRF on
+    /// the rayon pool). Returns the number of labels evaluated or found cached.
+    pub fn precompute_labels(&self, labels: Vec<AkdLabel>) -> Result<usize> {
+        let keys: Vec<&[u8]> = labels.iter().map(|label| label.as_slice()).collect();
+        let prior = self.store.latest_user_versions(&keys, u64::MAX)?;
+        let inputs: Vec<user::LabelInput> = labels
+            .into_iter()
+            .zip(prior)
+            .flat_map(|(akd_label, prior)| {
+                let input = |freshness, version| user::LabelInput {
+                    akd_label: akd_label.to_vec(),
+                    freshness,
+                    version,
+                };
+                match prior {
+                    None => vec![input(akd_core::VersionFreshness::Fresh, 1)],
+                    Some(prior) => vec![
+                        input(akd_core::VersionFreshness::Fresh, prior.version + 1),
+                        input(akd_core::VersionFreshness::Stale, prior.version),
+                    ],
+                }
+            })
+            .collect();
+        let count = inputs.len();
+        self.labels.precompute::<TC>(&self.vrf, inputs);
+        Ok(count)
+    }
+
     /// Step 1 of an epoch: applies the version rules to `updates` (users this node owns, at
     /// most one update per label) against their versions as of `epoch - 1`, and computes the
     /// leaves. Writes nothing.

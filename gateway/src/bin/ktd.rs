@@ -179,6 +179,10 @@ struct ShardArgs {
     /// `whatsapp_v1` or `experimental:<domain label>` (must match the cluster's).
     #[arg(long, default_value = "whatsapp_v1")]
     configuration: AkdConfig,
+    /// Sequencer addresses, comma-separated: the shard tails their log to evaluate VRF labels
+    /// while epochs are open (without it, labels are evaluated when an epoch is built).
+    #[arg(long, env = "KTD_SHARD_SEQUENCERS", value_delimiter = ',')]
+    sequencers: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -349,6 +353,7 @@ async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         partition_bits: args.partition_bits,
         config: args.configuration,
+        sequencers: args.sequencers,
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -543,11 +548,12 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
             }
             for shard in &status.shards {
                 println!(
-                    "shard {} at {}: {} partitions, built epoch {}, {}",
+                    "shard {} at {}: {} partitions, built epoch {}, {} pre-computed VRF labels, {}",
                     shard.shard_id,
                     shard.address,
                     shard.partitions.len(),
                     shard.built_epoch,
+                    shard.precomputed_labels,
                     if shard.reachable {
                         "reachable".to_string()
                     } else {

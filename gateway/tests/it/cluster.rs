@@ -44,6 +44,10 @@ impl Topology {
     fn start() -> Self {
         let root = tempfile::tempdir().expect("temp dir");
         let seed_file = write_seed(root.path());
+        let sequencer_addrs: Vec<String> = (1..=3u64)
+            .map(|id| free_addr(&format!("127.0.0.{}", 10 + id)))
+            .collect();
+        let sequencer_list = sequencer_addrs.join(",");
         let public_key = hex::encode(VrfKey::from_seed(&SEED).expect("seed").public_key());
         let mut shards = Vec::new();
         for index in 1..=2u64 {
@@ -61,6 +65,8 @@ impl Topology {
                 &seed_file,
                 "--partition-bits",
                 "4",
+                "--sequencers",
+                &sequencer_list,
             ]
             .map(String::from)
             .to_vec();
@@ -75,8 +81,8 @@ impl Topology {
             .collect::<Vec<_>>()
             .join(",");
         let mut sequencers: Vec<KtdNode> = (1..=3u64)
-            .map(|id| {
-                let addr = free_addr(&format!("127.0.0.{}", 10 + id));
+            .zip(sequencer_addrs)
+            .map(|(id, addr)| {
                 KtdNode::sequencer(
                     root.path(),
                     id,
@@ -116,11 +122,6 @@ impl Topology {
             }
             node.spawn(&args);
         }
-        let sequencer_list = sequencers
-            .iter()
-            .map(|node| node.addr.clone())
-            .collect::<Vec<_>>()
-            .join(",");
         let mut topology = Self {
             root,
             sequencers,
@@ -299,6 +300,23 @@ async fn run(topology: &mut Topology) {
             assert_eq!(published.epoch, epoch, "updates land in the open epoch");
         }
 
+        if epoch == 1 {
+            // While the epoch is open, the shards tail the log and evaluate its VRF labels.
+            let mut precomputed = 0;
+            for _ in 0..100 {
+                let status = client.cluster_status().await.expect("cluster status");
+                precomputed = status
+                    .shards
+                    .iter()
+                    .map(|shard| shard.precomputed_labels)
+                    .sum();
+                if precomputed > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(precomputed > 0, "no shard pre-computed a VRF label");
+        }
         if epoch == SHARD_KILL_EPOCH {
             // The shard dies with the epoch's updates ordered but not built: the coordinator
             // must keep retrying until it is back, then commit the same root.

@@ -202,8 +202,10 @@ async fn failover(cluster: &mut KtdCluster, args: &Args) -> serde_json::Value {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let killed_at = Instant::now();
+        // Measured from the moment the process is gone (SIGKILL delivered and reaped): an
+        // acknowledgement that raced with the kill would otherwise count as "resumed at 0 ms".
         cluster.nodes.get_mut(&leader).expect("leader").kill9();
+        let killed_at = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(30);
         let first_ack = loop {
             let ack = *last_ack.lock().expect("lock");

@@ -1,6 +1,7 @@
-//! A Rust client of the public API: typed calls, and proofs checked locally with stock akd
-//! (`akd_core::verify`, `akd::auditor`) against the root the gateway named, before anything is
-//! returned. Internal Rust services depend on this instead of the raw gRPC stubs.
+//! A Rust client of the public API: typed calls, and proofs checked locally against the root the
+//! gateway named before anything is returned — lookups and histories with the strict verifier
+//! ([`crate::strict`]: stock `akd_core::verify` plus the structural checks akd skips), audits with
+//! stock `akd::auditor::audit_verify`. Internal Rust services depend on this instead of the raw gRPC stubs.
 //!
 //! ```no_run
 //! # async fn example() -> anyhow::Result<()> {
@@ -265,7 +266,7 @@ impl Client {
         let label = AkdLabel(label.to_vec());
         let key = &self.vrf_public_key;
         let results = match self.config {
-            AkdConfig::WhatsAppV1 => shard::akd_core::verify::key_history_verify::<WhatsAppV1>(
+            AkdConfig::WhatsAppV1 => crate::strict::key_history_verify::<WhatsAppV1>(
                 key,
                 at.root_hash,
                 at.epoch,
@@ -273,10 +274,13 @@ impl Client {
                 proof,
                 params,
             ),
-            AkdConfig::Experimental { .. } => shard::akd_core::verify::key_history_verify::<
-                Experimental,
-            >(
-                key, at.root_hash, at.epoch, label, proof, params
+            AkdConfig::Experimental { .. } => crate::strict::key_history_verify::<Experimental>(
+                key,
+                at.root_hash,
+                at.epoch,
+                label,
+                proof,
+                params,
             ),
         }
         .map_err(|error| anyhow!("the history proof does not verify: {error}"))?;
@@ -352,14 +356,8 @@ fn verify_lookup<TC: Configuration>(
     label: AkdLabel,
     proof: shard::akd_core::LookupProof,
 ) -> anyhow::Result<shard::akd_core::VerifyResult> {
-    shard::akd_core::verify::lookup_verify::<TC>(
-        vrf_public_key,
-        at.root_hash,
-        at.epoch,
-        label,
-        proof,
-    )
-    .map_err(|error| anyhow!("the lookup proof does not verify: {error}"))
+    crate::strict::lookup_verify::<TC>(vrf_public_key, at.root_hash, at.epoch, label, proof)
+        .map_err(|error| anyhow!("the lookup proof does not verify: {error}"))
 }
 
 fn digest(bytes: &[u8]) -> anyhow::Result<Digest> {

@@ -7,6 +7,7 @@
 //! - [`server`]: serving a gateway (health, reflection, `TCP_NODELAY`, draining shutdown).
 //! - [`run`]: starting each process kind: shard server, gateway, and `ktd dev`.
 //! - [`tail`]: shards tail the sequencer's log to pre-compute VRF labels while an epoch is open.
+//! - [`strict`]: the strict proof verifier (stock akd plus the structural checks akd skips).
 //! - [`client`]: the Rust client library, verifying every proof with stock akd.
 //! - [`error`]: the gateway's errors and their gRPC status codes.
 
@@ -17,4 +18,5 @@ pub mod run;
 pub mod sequencing;
 pub mod server;
 pub mod service;
+pub mod strict;
 pub mod tail;

@@ -350,6 +350,76 @@ impl Client {
     }
 }
 
+/// A verified audit blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedBlob {
+    /// `"{epoch}/{hex root of epoch - 1}/{hex root of epoch}"`.
+    pub name: String,
+    /// The end epoch.
+    pub epoch: u64,
+    /// The protobuf `SingleAppendOnlyProof`, exactly as served.
+    pub bytes: Vec<u8>,
+}
+
+impl Client {
+    /// Names of the audit blobs of end epochs `start..` (at most `limit`), and the latest
+    /// committed epoch.
+    pub async fn audit_blob_names(
+        &self,
+        start: u64,
+        limit: u32,
+    ) -> anyhow::Result<(Vec<String>, u64)> {
+        let answer = self
+            .directory
+            .clone()
+            .list_audit_blobs(api::ListAuditBlobsRequest {
+                start_epoch: start,
+                limit,
+            })
+            .await?
+            .into_inner();
+        Ok((answer.names, answer.latest_epoch))
+    }
+
+    /// Fetches audit blob `name` and verifies it with stock
+    /// `akd::auditor::verify_consecutive_append_only` against the roots its name carries (which
+    /// the caller should check against roots it trusts, e.g. an auditor's signed heads).
+    pub async fn audit_blob(&self, name: &str) -> anyhow::Result<VerifiedBlob> {
+        let (epoch, previous, root) = crate::service::parse_audit_blob_name(name)?;
+        let blob = self
+            .directory
+            .clone()
+            .get_audit_blob(api::GetAuditBlobRequest {
+                name: name.to_string(),
+            })
+            .await?
+            .into_inner();
+        let message: api::SingleAppendOnlyProof = prost::Message::decode(blob.proof.as_slice())
+            .map_err(|error| anyhow!("audit blob {name}: not a SingleAppendOnlyProof ({error})"))?;
+        let proof: shard::akd_core::SingleAppendOnlyProof = (&message).try_into()?;
+        match self.config {
+            AkdConfig::WhatsAppV1 => {
+                akd::auditor::verify_consecutive_append_only::<WhatsAppV1>(
+                    &proof, previous, root, epoch,
+                )
+                .await
+            }
+            AkdConfig::Experimental { .. } => {
+                akd::auditor::verify_consecutive_append_only::<Experimental>(
+                    &proof, previous, root, epoch,
+                )
+                .await
+            }
+        }
+        .map_err(|error| anyhow!("audit blob {name} does not verify: {error}"))?;
+        Ok(VerifiedBlob {
+            name: name.to_string(),
+            epoch,
+            bytes: blob.proof,
+        })
+    }
+}
+
 fn verify_lookup<TC: Configuration>(
     vrf_public_key: &[u8],
     at: EpochRoot,

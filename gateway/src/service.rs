@@ -281,6 +281,57 @@ impl<TC: Configuration> Gateway<TC> {
         })
     }
 
+    async fn list_audit_blobs(
+        &self,
+        request: api::ListAuditBlobsRequest,
+    ) -> Result<api::ListAuditBlobsResponse> {
+        let latest = self.epochs.latest().await?.epoch;
+        let start = request.start_epoch.max(1);
+        let limit = match request.limit {
+            0 => 100,
+            limit => u64::from(limit.min(1000)),
+        };
+        let end = latest.min(start.saturating_add(limit - 1));
+        let mut names = Vec::new();
+        if start <= end {
+            let tops: Vec<Committed<TC>> = futures::stream::iter(start - 1..=end)
+                .map(|epoch| self.epochs.at(epoch))
+                .buffered(8)
+                .try_collect()
+                .await?;
+            names = tops
+                .windows(2)
+                .map(|pair| {
+                    audit_blob_name(pair[1].epoch, &pair[0].root_hash(), &pair[1].root_hash())
+                })
+                .collect();
+        }
+        Ok(api::ListAuditBlobsResponse {
+            names,
+            latest_epoch: latest,
+        })
+    }
+
+    async fn get_audit_blob(&self, request: api::GetAuditBlobRequest) -> Result<api::AuditBlob> {
+        let (epoch, previous_root, root) = parse_audit_blob_name(&request.name)?;
+        let end = self.epochs.at(epoch).await?;
+        let start = self.epochs.at(epoch - 1).await?;
+        if start.root_hash() != previous_root || end.root_hash() != root {
+            return Err(GatewayError::InvalidArgument(format!(
+                "{:?} names roots this directory did not commit for epochs {} and {epoch}",
+                request.name,
+                epoch - 1
+            )));
+        }
+        let shards = self.shard_set().await?;
+        let proof = cluster::audit_step(&shards, &end.top, epoch - 1).await?;
+        let proof: proto::ktd::v1::SingleAppendOnlyProof = (&proof).into();
+        Ok(api::AuditBlob {
+            name: request.name,
+            proof: prost::Message::encode_to_vec(&proof),
+        })
+    }
+
     async fn seal(&self) -> Result<api::EpochHash> {
         let sealed = match self.sequencing.seal().await {
             Ok(sealed) => sealed,
@@ -336,6 +387,41 @@ fn epoch_hash<TC: Configuration>(committed: &Committed<TC>) -> api::EpochHash {
         epoch: committed.epoch,
         root_hash: committed.root_hash().to_vec(),
     }
+}
+
+/// The audit blob name of the step `epoch - 1 → epoch`: `"{epoch}/{hex root}/{hex root}"`.
+pub fn audit_blob_name(epoch: u64, previous_root: &[u8; 32], root: &[u8; 32]) -> String {
+    format!(
+        "{epoch}/{}/{}",
+        hex::encode(previous_root),
+        hex::encode(root)
+    )
+}
+
+/// Parses an audit blob name into (end epoch, root of epoch - 1, root of epoch).
+pub fn parse_audit_blob_name(name: &str) -> Result<(u64, [u8; 32], [u8; 32])> {
+    let bad = || {
+        GatewayError::InvalidArgument(format!(
+            "{name:?} is not an audit blob name (EPOCH/HEX ROOT/HEX ROOT, EPOCH >= 1)"
+        ))
+    };
+    let mut parts = name.split('/');
+    let (Some(epoch), Some(previous), Some(root), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let epoch: u64 = epoch.parse().map_err(|_| bad())?;
+    let digest = |text: &str| -> Result<[u8; 32]> {
+        hex::decode(text)
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or_else(bad)
+    };
+    if epoch == 0 {
+        return Err(bad());
+    }
+    Ok((epoch, digest(previous)?, digest(root)?))
 }
 
 /// The client's deadline from the `grpc-timeout` header (`"<digits><unit>"`, gRPC over HTTP/2).
@@ -409,6 +495,26 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
         let deadline = deadline(&request);
         self.0
             .serve(deadline, self.0.audit(request.into_inner()))
+            .await
+    }
+
+    async fn list_audit_blobs(
+        &self,
+        request: Request<api::ListAuditBlobsRequest>,
+    ) -> Result<Response<api::ListAuditBlobsResponse>, Status> {
+        let deadline = deadline(&request);
+        self.0
+            .serve(deadline, self.0.list_audit_blobs(request.into_inner()))
+            .await
+    }
+
+    async fn get_audit_blob(
+        &self,
+        request: Request<api::GetAuditBlobRequest>,
+    ) -> Result<Response<api::AuditBlob>, Status> {
+        let deadline = deadline(&request);
+        self.0
+            .serve(deadline, self.0.get_audit_blob(request.into_inner()))
             .await
     }
 

@@ -91,6 +91,19 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Write every epoch's audit blob (verified) into a directory, as public auditors read them:
+    /// DIR/{E}/{hex root E-1}/{hex root E} holds the protobuf SingleAppendOnlyProof of E-1 → E.
+    AuditBlobs {
+        /// The directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// First end epoch (default: after the newest blob already in --out, else 1).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Keep following new epochs until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
     /// The latest committed epoch and root, or epoch N's.
     Epoch {
         /// The epoch.
@@ -391,6 +404,50 @@ fn show(bytes: &[u8]) -> String {
     }
 }
 
+/// The newest end epoch among the blobs already in `out` (names `E/…/…`).
+fn newest_blob(out: &std::path::Path) -> Option<u64> {
+    std::fs::read_dir(out)
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+}
+
+async fn write_audit_blobs(
+    client: &Client,
+    out: &std::path::Path,
+    from: Option<u64>,
+    follow: bool,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let mut next = from.unwrap_or_else(|| newest_blob(out).map_or(1, |newest| newest + 1));
+    loop {
+        let (names, latest) = client.audit_blob_names(next, 100).await?;
+        for name in &names {
+            let blob = client.audit_blob(name).await?;
+            let path = out.join(name);
+            let parent = path.parent().context("blob path")?;
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("create {}", parent.display()))?;
+            // Write-then-rename, so a reader never sees half a blob.
+            let partial = parent.join(".partial");
+            std::fs::write(&partial, &blob.bytes)
+                .with_context(|| format!("write {}", partial.display()))?;
+            std::fs::rename(&partial, &path)
+                .with_context(|| format!("rename to {}", path.display()))?;
+            println!("{name} ({} bytes, verified)", blob.bytes.len());
+            next = blob.epoch + 1;
+        }
+        if next <= latest {
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        // Wait (bounded per call) for the next epoch to commit.
+        let _ = tokio::time::timeout(Duration::from_secs(60), client.wait_for_epoch(next)).await;
+    }
+}
+
 async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
     if let Command::Keygen { out, public_key_of } = &command {
         let seed = match (out, public_key_of) {
@@ -438,7 +495,7 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
             let found = client.lookup(&bytes(&label, hex)?, epoch).await?;
             // The client library always verifies; --verify makes that explicit in the output.
             let how = if verify {
-                "verified with akd"
+                "verified with akd + strict checks"
             } else {
                 "proof verified"
             };
@@ -467,7 +524,7 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
                 .history(&bytes(&label, hex)?, most_recent, epoch)
                 .await?;
             let how = if verify {
-                "verified with akd"
+                "verified with akd + strict checks"
             } else {
                 "proof verified"
             };
@@ -504,6 +561,9 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
                     hex::encode(root.root_hash)
                 );
             }
+        }
+        Command::AuditBlobs { out, from, follow } => {
+            write_audit_blobs(&client, &out, from, follow).await?;
         }
         Command::Epoch { epoch, wait } => {
             let root = match (epoch, wait) {

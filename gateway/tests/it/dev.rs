@@ -1,5 +1,5 @@
 //! `ktd dev` as a user meets it: the README's flow (`ktd publish`, `ktd lookup --verify`) as
-//! real processes; bad input over gRPC answered with the documented status while the server
+//! real processes; audit blobs written by `ktd audit-blobs` and verified; bad input over gRPC answered with the documented status while the server
 //! keeps serving; overload answered `RESOURCE_EXHAUSTED`; a clean SIGTERM and a restart from the
 //! data directory that still serves what was published.
 
@@ -38,6 +38,71 @@ fn dev_node(root: &std::path::Path) -> KtdNode {
     .map(String::from)
     .to_vec();
     KtdNode::new("dev", root, 1, addr, args)
+}
+
+/// A few more epochs, then `ktd audit-blobs` writes one verified blob per epoch, named by its
+/// end epoch; bad names are refused.
+async fn audit_blobs_verify(client: &gateway::client::Client, addr: &str) {
+    let mut latest = 0;
+    for round in 0..3 {
+        let published = client
+            .publish(
+                vec![(format!("blob-user-{round}").into_bytes(), b"k".to_vec())],
+                None,
+            )
+            .await
+            .expect("publish");
+        latest = client
+            .wait_for_epoch(published.epoch)
+            .await
+            .expect("commit")
+            .epoch;
+    }
+    let out = tempfile::tempdir().expect("temp dir");
+    let (addr, dir) = (addr.to_string(), out.path().to_path_buf());
+    let written = tokio::task::spawn_blocking(move || {
+        ktd(&addr, &["audit-blobs", "--out", &dir.display().to_string()])
+    })
+    .await
+    .expect("ktd audit-blobs");
+    assert!(written.status.success(), "{written:?}");
+    let (names, listed_latest) = client.audit_blob_names(1, 0).await.expect("list");
+    assert_eq!(listed_latest, latest);
+    assert_eq!(names.len() as u64, latest, "one blob per epoch 1..=latest");
+    for (index, name) in names.iter().enumerate() {
+        let epoch = index as u64 + 1;
+        let previous = client.epoch(Some(epoch - 1)).await.expect("epoch");
+        let root = client.epoch(Some(epoch)).await.expect("epoch");
+        assert_eq!(
+            name,
+            &format!(
+                "{epoch}/{}/{}",
+                hex::encode(previous.root_hash),
+                hex::encode(root.root_hash)
+            )
+        );
+        let blob = client.audit_blob(name).await.expect("a blob verifies");
+        let on_disk = std::fs::read(out.path().join(name)).expect("blob file");
+        assert_eq!(on_disk, blob.bytes);
+    }
+    let mut raw = client.directory();
+    let forged = names[0].replace('/', "/00");
+    for (name, expected) in [
+        (forged.as_str(), Code::InvalidArgument),
+        ("0/aa/bb", Code::InvalidArgument),
+        (
+            &format!("{}/{}/{}", latest + 5, "00".repeat(32), "11".repeat(32))[..],
+            Code::NotFound,
+        ),
+    ] {
+        let status = raw
+            .get_audit_blob(api::GetAuditBlobRequest {
+                name: name.to_string(),
+            })
+            .await
+            .expect_err("a bad name");
+        assert_eq!(status.code(), expected, "{name}: {status:?}");
+    }
 }
 
 fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Option<Code> {
@@ -188,6 +253,8 @@ fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
             lookup_text.contains("alice = \"key-1\"") && lookup_text.contains("verified with akd"),
             "{lookup_text}"
         );
+
+        audit_blobs_verify(&client, &dev.addr).await;
 
         let mut raw = client.directory();
         bad_input_is_refused(&dev.addr, &mut raw).await;

@@ -12,7 +12,8 @@
 //!    `--lookup-seconds` each (raw, unverified: server-side cost) → lookups/s and latency
 //!    percentiles; then one client measures verified lookups (proof checked with stock akd).
 //!
-//! Roots are compared after every epoch. Run: `./x.sh bench dev_vs_akd -- --initial 1000000`.
+//! After each measured epoch its audit blob is fetched and verified with stock akd (size and
+//! time reported). Roots are compared after every epoch. Run: `./x.sh bench dev_vs_akd -- --initial 1000000`.
 //! Prints a human summary and one JSON line (`{"bench":"dev_vs_akd",...}`).
 
 use std::sync::Arc;
@@ -221,6 +222,7 @@ async fn run(args: Args) {
     // Measured epochs.
     let (mut publish_rates, mut seal_secs, mut akd_secs) = (Vec::new(), Vec::new(), Vec::new());
     let mut precompute_secs = Vec::new();
+    let (mut blob_bytes, mut blob_secs) = (Vec::new(), Vec::new());
     for _ in 0..args.epochs {
         let half = args.epoch_size / 2;
         let updates = batch(epoch + 1, users, half, args.epoch_size - half);
@@ -241,6 +243,17 @@ async fn run(args: Args) {
             akd_secs.push(started.elapsed().as_secs_f64());
             assert_eq!(root.root_hash, akd_root.1, "epoch {epoch}: roots differ");
         }
+        // The epoch's audit blob, fetched and verified the way a public auditor would.
+        let (names, _) = client.audit_blob_names(epoch, 1).await.expect("blob names");
+        let started = Instant::now();
+        let blob = client.audit_blob(&names[0]).await.expect("audit blob");
+        blob_secs.push(started.elapsed().as_secs_f64());
+        blob_bytes.push(blob.bytes.len() as f64);
+        eprintln!(
+            "epoch {epoch}: audit blob {} bytes, fetched + verified in {:.2} s",
+            blob.bytes.len(),
+            blob_secs.last().expect("pushed")
+        );
         eprintln!(
             "epoch {epoch}: publish {:.0} updates/s, VRF pre-compute {:.2} s, seal {:.2} s, akd publish {:?} s",
             publish_rates.last().expect("pushed"),
@@ -320,6 +333,12 @@ async fn run(args: Args) {
         "  VRF pre-compute while open: median {:.2} s",
         median(&precompute_secs)
     );
+    println!(
+        "  audit blob: median {:.0} bytes ({:.0} bytes per update), fetch + stock-akd verify {:.2} s",
+        median(&blob_bytes),
+        median(&blob_bytes) / args.epoch_size as f64,
+        median(&blob_secs)
+    );
     for run in &lookup_runs {
         println!("  lookups, unverified: {run}");
     }
@@ -335,6 +354,8 @@ async fn run(args: Args) {
             "seal_seconds": seal_secs,
             "akd_publish_seconds": akd_secs,
             "precompute_seconds": precompute_secs,
+            "audit_blob_bytes": blob_bytes,
+            "audit_blob_fetch_verify_seconds": blob_secs,
             "lookups": lookup_runs,
             "verified_lookup_ms": verified_ms,
         })

@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "ktd/sequencer/v1/sequencer.proto",
     "ktd/raft/v1/raft.proto",
     "ktd/shard/v1/shard.proto",
+    "ktd/auditor/v1/auditor.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

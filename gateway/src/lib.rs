@@ -9,8 +9,12 @@
 //! - [`tail`]: shards tail the sequencer's log to pre-compute VRF labels while an epoch is open.
 //! - [`strict`]: the strict proof verifier (stock akd plus the structural checks akd skips).
 //! - [`client`]: the Rust client library, verifying every proof with stock akd.
+//! - [`auditor`], [`auditor_server`]: `ktd auditor`, an independent auditor that verifies every
+//!   audit blob with stock akd and signs the heads it verified (Plexi's signature format).
 //! - [`error`]: the gateway's errors and their gRPC status codes.
 
+pub mod auditor;
+pub mod auditor_server;
 pub mod client;
 pub mod epochs;
 pub mod error;

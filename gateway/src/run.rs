@@ -34,23 +34,28 @@ pub const DEV_SHARD: &str = "dev";
 
 /// A 32-byte VRF seed from a file of 64 hex digits. Refuses files others can read.
 pub fn read_vrf_seed(path: &Path) -> anyhow::Result<[u8; 32]> {
+    read_secret_file(path, "VRF seed file")
+}
+
+/// A 32-byte secret (`what`: "VRF seed file", "signing key file") from a file of 64 hex
+/// digits. Refuses files others can read; never logs the contents.
+pub fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<[u8; 32]> {
     use std::os::unix::fs::PermissionsExt;
-    let metadata =
-        std::fs::metadata(path).with_context(|| format!("VRF seed file {}", path.display()))?;
+    let metadata = std::fs::metadata(path).with_context(|| format!("{what} {}", path.display()))?;
     if metadata.permissions().mode() & 0o077 != 0 {
         bail!(
-            "VRF seed file {} is readable by others (mode {:o}); chmod 600 it",
+            "{what} {} is readable by others (mode {:o}); chmod 600 it",
             path.display(),
             metadata.permissions().mode() & 0o777
         );
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("read VRF seed file {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("read {what} {}", path.display()))?;
     let bytes = hex::decode(text.trim())
-        .map_err(|error| anyhow!("VRF seed file {}: not hex ({error})", path.display()))?;
+        .map_err(|error| anyhow!("{what} {}: not hex ({error})", path.display()))?;
     bytes.try_into().map_err(|bytes: Vec<u8>| {
         anyhow!(
-            "VRF seed file {}: expected 32 bytes (64 hex digits), got {}",
+            "{what} {}: expected 32 bytes (64 hex digits), got {}",
             path.display(),
             bytes.len()
         )

@@ -39,6 +39,15 @@ pub mod ktd {
         }
     }
 
+    /// Auditor packages.
+    pub mod auditor {
+        /// Package `ktd.auditor.v1`: the independent auditor's signed heads.
+        #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
+        pub mod v1 {
+            tonic::include_proto!("ktd.auditor.v1");
+        }
+    }
+
     /// Raft packages.
     pub mod raft {
         /// Package `ktd.raft.v1`: Raft transport between sequencer nodes.

@@ -55,6 +55,8 @@ enum Command {
     Shard(ShardArgs),
     /// Run a gateway (the public Directory API).
     Gateway(GatewayArgs),
+    /// Run an independent auditor: verify every audit blob with stock akd, sign verified heads.
+    Auditor(AuditorArgs),
     /// Publish LABEL = VALUE (durable when this returns; visible once its epoch commits).
     Publish {
         /// The label (UTF-8 text; use --hex for bytes).
@@ -196,6 +198,44 @@ struct ShardArgs {
     /// while epochs are open (without it, labels are evaluated when an epoch is built).
     #[arg(long, env = "KTD_SHARD_SEQUENCERS", value_delimiter = ',')]
     sequencers: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct AuditorArgs {
+    /// The namespace signed into every head.
+    #[arg(long, default_value = "ktd.key-transparency.v1")]
+    namespace: String,
+    /// Where verified heads and violations are kept (a restart resumes from it).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Ed25519 signing key file, 64 hex digits, mode 600 (`ktd keygen --out FILE` makes one).
+    #[arg(long)]
+    signing_key_file: PathBuf,
+    /// Follow this gateway's audit blobs (http://HOST:PORT).
+    #[arg(
+        long,
+        conflicts_with = "blob_dir",
+        required_unless_present = "blob_dir"
+    )]
+    gateway: Option<String>,
+    /// Or read blobs from a directory written by `ktd audit-blobs`.
+    #[arg(long)]
+    blob_dir: Option<PathBuf>,
+    /// The directory's akd configuration.
+    #[arg(long, default_value = "whatsapp_v1")]
+    configuration: AkdConfig,
+    /// The trusted start, EPOCH/HEX_ROOT (default: epoch 0, the empty directory).
+    #[arg(long)]
+    start: Option<String>,
+    /// gRPC address (ktd.auditor.v1.Auditor).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    listen: String,
+    /// HTTP address (dashboard at /, JSON API).
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    http_listen: String,
+    /// How often to look for new blobs when caught up.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    poll: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -372,6 +412,43 @@ async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind {}", args.listen))?;
     gateway::run::run_shard(settings, listener, shutdown_signal()).await
+}
+
+async fn run_auditor(args: AuditorArgs) -> anyhow::Result<()> {
+    let start = match &args.start {
+        None => None,
+        Some(text) => {
+            let (epoch, root) = text
+                .split_once('/')
+                .context("--start must be EPOCH/HEX_ROOT")?;
+            let root: [u8; 32] = hex::decode(root)
+                .ok()
+                .and_then(|bytes| bytes.try_into().ok())
+                .context("--start: the root must be 64 hex digits")?;
+            Some((epoch.parse().context("--start: bad epoch")?, root))
+        }
+    };
+    let source = match (args.gateway, args.blob_dir) {
+        (Some(gateway), _) => gateway::auditor::BlobSource::Gateway(gateway),
+        (None, Some(dir)) => gateway::auditor::BlobSource::Directory(dir),
+        (None, None) => bail!("give --gateway URL or --blob-dir DIR"),
+    };
+    let settings = gateway::auditor::AuditorSettings {
+        namespace: args.namespace,
+        data_dir: args.data_dir,
+        signing_key: gateway::run::read_secret_file(&args.signing_key_file, "signing key file")?,
+        config: args.configuration,
+        start,
+        source,
+        poll: args.poll,
+    };
+    let grpc = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    let http = tokio::net::TcpListener::bind(&args.http_listen)
+        .await
+        .with_context(|| format!("bind {}", args.http_listen))?;
+    gateway::auditor_server::run(settings, grpc, http, shutdown_signal()).await
 }
 
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
@@ -626,6 +703,7 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
         | Command::Sequencer(_)
         | Command::Shard(_)
         | Command::Gateway(_)
+        | Command::Auditor(_)
         | Command::Keygen { .. }) => bail!("{server:?} is not a client command"),
     }
     Ok(())
@@ -635,7 +713,11 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let is_server = matches!(
         cli.command,
-        Command::Dev(_) | Command::Sequencer(_) | Command::Shard(_) | Command::Gateway(_)
+        Command::Dev(_)
+            | Command::Sequencer(_)
+            | Command::Shard(_)
+            | Command::Gateway(_)
+            | Command::Auditor(_)
     );
     // Servers log their progress; client commands print results and only log problems.
     let default_filter = if is_server {
@@ -666,6 +748,7 @@ fn main() -> std::process::ExitCode {
             Command::Sequencer(args) => run_sequencer(args).await,
             Command::Shard(args) => run_shard(args).await,
             Command::Gateway(args) => run_gateway(args).await,
+            Command::Auditor(args) => run_auditor(args).await,
             command => run_client(&cli.addr, command).await,
         }
     });

@@ -1,6 +1,7 @@
 //! The `gateway` crate's integration tests: real `ktd` processes (via `CARGO_BIN_EXE_ktd`) on
 //! `127.0.0.x` ports, each with its own data directory, under a deadline.
 
+mod auditor;
 mod cluster;
 mod deadline;
 mod dev;

@@ -1,0 +1,502 @@
+//! `ktd auditor`: an independent auditor of a ktd (or any akd) directory, in the manner of
+//! Cloudflare's Plexi auditor for WhatsApp.
+//!
+//! It follows a directory's audit blobs (over the public gRPC API, or from a blob directory
+//! written by `ktd audit-blobs`), verifies every consecutive append-only proof with stock
+//! `akd::auditor::verify_consecutive_append_only`, enforces the auditor rules — epochs strictly
+//! +1, each blob's previous root is the root it verified for the previous epoch, no epoch
+//! re-published with another root, 32-byte digests, the first epoch extends the configured
+//! starting root — and signs each verified head with Ed25519 over Plexi's `SignatureMessage`
+//! (ciphersuite 1: protobuf + Ed25519). Verified heads and violations are appended to files in
+//! its data directory (fsynced before they are served), so a restart resumes where it stopped.
+//! A violation stops the auditor at the last good epoch: nothing after it is ever signed.
+//!
+//! [`verify_head`] is the client side: check a root against the auditor's signature before
+//! trusting it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use proto::ktd::auditor::v1 as pb;
+use proto::ktd::v1 as api;
+use serde::{Deserialize, Serialize};
+use shard::AkdConfig;
+use shard::akd_core::configuration::Configuration;
+use shard::config::{Experimental, WhatsAppV1};
+use tokio_util::sync::CancellationToken;
+
+use crate::service::parse_audit_blob_name;
+
+/// Plexi ciphersuite 0x0001: protobuf serialisation, Ed25519 signature.
+pub const CIPHERSUITE_PROTOBUF_ED25519: u32 = 1;
+
+/// One verified, signed epoch, as persisted and served.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Head {
+    /// The epoch.
+    pub epoch: u64,
+    /// Its root hash, hex.
+    pub digest: String,
+    /// When it was verified, ms since the Unix epoch.
+    pub timestamp: u64,
+    /// Ed25519 signature over `signed_bytes`, hex.
+    pub signature: String,
+    /// The encoded `SignatureMessage`, hex.
+    pub signed_bytes: String,
+    /// Size of the verified proof, bytes.
+    pub proof_bytes: u64,
+    /// Time the stock verifier took, ms.
+    pub verify_ms: f64,
+}
+
+/// Where the auditor reads audit blobs from.
+#[derive(Clone, Debug)]
+pub enum BlobSource {
+    /// A gateway's `ListAuditBlobs` / `GetAuditBlob`.
+    Gateway(String),
+    /// A directory of `E/{hex root E-1}/{hex root E}` files.
+    Directory(PathBuf),
+}
+
+/// Settings of an auditor.
+#[derive(Clone, Debug)]
+pub struct AuditorSettings {
+    /// The namespace signed into every head (e.g. `whatsapp.key-transparency.v1`).
+    pub namespace: String,
+    /// Where heads and violations are kept.
+    pub data_dir: PathBuf,
+    /// Ed25519 signing key (32 bytes).
+    pub signing_key: [u8; 32],
+    /// The directory's akd configuration.
+    pub config: AkdConfig,
+    /// The trusted starting point `(epoch, root)`; `None` = epoch 0, akd's empty directory.
+    pub start: Option<(u64, [u8; 32])>,
+    /// Where blobs come from.
+    pub source: BlobSource,
+    /// How often to look for new blobs when caught up.
+    pub poll: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    heads: BTreeMap<u64, Head>,
+    violations: Vec<String>,
+    /// The last verified `(epoch, root)` (the trusted start before any head).
+    latest: (u64, [u8; 32]),
+}
+
+/// A running auditor's state, shared with the servers that publish it.
+pub struct Auditor {
+    settings: AuditorSettings,
+    key: SigningKey,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("namespace", &self.settings.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+fn empty_root(config: &AkdConfig) -> anyhow::Result<[u8; 32]> {
+    Ok(match config {
+        AkdConfig::WhatsAppV1 => {
+            shard::stitch::TopTree::<WhatsAppV1>::new(0, vec![None])?.root_hash()
+        }
+        AkdConfig::Experimental { .. } => {
+            shard::stitch::TopTree::<Experimental>::new(0, vec![None])?.root_hash()
+        }
+    })
+}
+
+fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<Vec<T>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .enumerate()
+            .map(|(index, line)| {
+                serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}: damaged", path.display(), index + 1))
+            })
+            .collect(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(error) => Err(error).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+fn append_jsonl<T: Serialize>(path: &Path, record: &T) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    writeln!(file, "{}", serde_json::to_string(record)?)?;
+    file.sync_all()
+        .with_context(|| format!("fsync {}", path.display()))?;
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+fn digest(hex_text: &str) -> anyhow::Result<[u8; 32]> {
+    hex::decode(hex_text)
+        .ok()
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| anyhow!("{hex_text:?} is not a 32-byte hex digest"))
+}
+
+/// A rule the directory broke; the auditor stops before it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("epoch {epoch}: {rule}")]
+pub struct Violation {
+    /// The epoch the blob claims.
+    pub epoch: u64,
+    /// What is wrong.
+    pub rule: String,
+}
+
+impl Auditor {
+    /// Opens (or creates) the auditor's data directory and loads its verified heads.
+    pub fn open(settings: AuditorSettings) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("create {}", settings.data_dir.display()))?;
+        let start = match settings.start {
+            Some(start) => start,
+            None => (0, empty_root(&settings.config)?),
+        };
+        let mut state = State {
+            latest: start,
+            ..State::default()
+        };
+        for head in read_jsonl::<Head>(&settings.data_dir.join("heads.jsonl"))? {
+            state.latest = (head.epoch, digest(&head.digest)?);
+            state.heads.insert(head.epoch, head);
+        }
+        state.violations = read_jsonl(&settings.data_dir.join("violations.jsonl"))?;
+        let key = SigningKey::from_bytes(&settings.signing_key);
+        Ok(Arc::new(Self {
+            settings,
+            key,
+            state: Mutex::new(state),
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The auditor's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.settings.namespace
+    }
+
+    /// The latest verified head, if any.
+    pub fn latest(&self) -> Option<Head> {
+        self.state().heads.values().next_back().cloned()
+    }
+
+    /// The head of `epoch`, if verified.
+    pub fn head(&self, epoch: u64) -> Option<Head> {
+        self.state().heads.get(&epoch).cloned()
+    }
+
+    /// The most recent `count` heads, newest first.
+    pub fn recent(&self, count: usize) -> Vec<Head> {
+        self.state()
+            .heads
+            .values()
+            .rev()
+            .take(count)
+            .cloned()
+            .collect()
+    }
+
+    /// Every rule violation seen.
+    pub fn violations(&self) -> Vec<String> {
+        self.state().violations.clone()
+    }
+
+    fn record_violation(&self, violation: &Violation) -> anyhow::Result<()> {
+        let text = violation.to_string();
+        let mut state = self.state();
+        if !state.violations.contains(&text) {
+            tracing::error!(%violation, "audit rule violated; not signing");
+            append_jsonl(&self.settings.data_dir.join("violations.jsonl"), &text)?;
+            state.violations.push(text);
+        }
+        Ok(())
+    }
+
+    /// Checks one blob against the rules and the stock verifier; signs and persists its head.
+    /// `Ok(None)`: the blob is for an epoch already verified with the same root (nothing to do).
+    pub async fn accept(&self, name: &str, proof: &[u8]) -> Result<Option<Head>, Violation> {
+        let (epoch, previous, root) = parse_audit_blob_name(name).map_err(|error| Violation {
+            epoch: 0,
+            rule: error.to_string(),
+        })?;
+        let violation = |rule: String| Violation { epoch, rule };
+        let (latest_epoch, latest_root) = self.state().latest;
+        if epoch <= latest_epoch {
+            let known = self
+                .state()
+                .heads
+                .get(&epoch)
+                .map(|head| head.digest.clone());
+            return match known {
+                Some(known) if known == hex::encode(root) => Ok(None),
+                Some(known) => Err(violation(format!(
+                    "re-published with root {} after the auditor verified {known}",
+                    hex::encode(root)
+                ))),
+                // Before the trusted start: not ours to judge.
+                None => Ok(None),
+            };
+        }
+        if epoch != latest_epoch + 1 {
+            return Err(violation(format!(
+                "gap: the next epoch to verify is {}",
+                latest_epoch + 1
+            )));
+        }
+        if previous != latest_root {
+            return Err(violation(format!(
+                "the blob's previous root {} is not the verified root {} of epoch {latest_epoch}",
+                hex::encode(previous),
+                hex::encode(latest_root)
+            )));
+        }
+        let message: api::SingleAppendOnlyProof = prost::Message::decode(proof)
+            .map_err(|error| violation(format!("not a SingleAppendOnlyProof: {error}")))?;
+        let proof_akd: shard::akd_core::SingleAppendOnlyProof = (&message)
+            .try_into()
+            .map_err(|error| violation(format!("malformed proof: {error}")))?;
+        let started = Instant::now();
+        let verified = match self.settings.config {
+            AkdConfig::WhatsAppV1 => verify::<WhatsAppV1>(proof_akd, previous, root, epoch).await,
+            AkdConfig::Experimental { .. } => {
+                verify::<Experimental>(proof_akd, previous, root, epoch).await
+            }
+        };
+        verified.map_err(|error| {
+            violation(format!("the append-only proof does not verify: {error}"))
+        })?;
+        let verify_ms = started.elapsed().as_secs_f64() * 1e3;
+        let head = self.sign(epoch, root, proof.len() as u64, verify_ms);
+        append_jsonl(&self.settings.data_dir.join("heads.jsonl"), &head)
+            .map_err(|error| violation(format!("cannot persist the head: {error:#}")))?;
+        let mut state = self.state();
+        state.latest = (epoch, root);
+        state.heads.insert(epoch, head.clone());
+        Ok(Some(head))
+    }
+
+    fn sign(&self, epoch: u64, root: [u8; 32], proof_bytes: u64, verify_ms: f64) -> Head {
+        let timestamp = now_ms();
+        let message = pb::SignatureMessage {
+            version: Some(CIPHERSUITE_PROTOBUF_ED25519),
+            namespace: Some(self.settings.namespace.clone()),
+            timestamp: Some(timestamp),
+            epoch: Some(pb::PlexiEpoch { inner: Some(epoch) }),
+            digest: Some(root.to_vec()),
+        };
+        let signed_bytes = prost::Message::encode_to_vec(&message);
+        let signature = self.key.sign(&signed_bytes);
+        Head {
+            epoch,
+            digest: hex::encode(root),
+            timestamp,
+            signature: hex::encode(signature.to_bytes()),
+            signed_bytes: hex::encode(signed_bytes),
+            proof_bytes,
+            verify_ms,
+        }
+    }
+
+    /// Follows the blob source until `shutdown` or a violation (which is recorded; the auditor
+    /// then keeps serving what it verified, and reports the violation).
+    pub async fn follow(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut client = None;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let next = self.state().latest.0 + 1;
+            let blobs = match &self.settings.source {
+                BlobSource::Gateway(addr) => {
+                    if client.is_none() {
+                        client = crate::client::Client::connect(addr).await.ok();
+                    }
+                    match &client {
+                        Some(client) => fetch_from_gateway(client, next).await,
+                        None => Err(anyhow!("cannot reach the gateway at {addr}")),
+                    }
+                }
+                BlobSource::Directory(dir) => read_from_directory(dir, next),
+            };
+            let blobs = match blobs {
+                Ok(blobs) => blobs,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read audit blobs; retrying");
+                    client = None;
+                    Vec::new()
+                }
+            };
+            let caught_up = blobs.is_empty();
+            for (name, proof) in blobs {
+                match self.accept(&name, &proof).await {
+                    Ok(Some(head)) => {
+                        tracing::info!(epoch = head.epoch, root = %head.digest, verify_ms = head.verify_ms, "epoch verified and signed")
+                    }
+                    Ok(None) => {}
+                    Err(violation) => {
+                        self.record_violation(&violation)?;
+                        // Nothing after a violation is signed; keep serving, stop following.
+                        shutdown.cancelled().await;
+                        return Ok(());
+                    }
+                }
+            }
+            if caught_up {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(self.settings.poll) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn verify<TC: Configuration>(
+    proof: shard::akd_core::SingleAppendOnlyProof,
+    previous: [u8; 32],
+    root: [u8; 32],
+    epoch: u64,
+) -> Result<(), String> {
+    // The stock verifier rebuilds an in-memory tree: CPU work, off the async threads.
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        handle.block_on(akd::auditor::verify_consecutive_append_only::<TC>(
+            &proof, previous, root, epoch,
+        ))
+    })
+    .await
+    .map_err(|error| error.to_string())?
+    .map_err(|error| error.to_string())
+}
+
+async fn fetch_from_gateway(
+    client: &crate::client::Client,
+    next: u64,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let (names, _) = client.audit_blob_names(next, 16).await?;
+    let mut blobs = Vec::new();
+    for name in names {
+        let blob = client
+            .directory()
+            .get_audit_blob(api::GetAuditBlobRequest { name: name.clone() })
+            .await?
+            .into_inner();
+        blobs.push((name, blob.proof));
+    }
+    Ok(blobs)
+}
+
+/// Blobs of epochs `next..` present in `dir`, in order, stopping at the first missing epoch
+/// (a later epoch present after a missing one is reported, so the gap rule can see it).
+fn read_from_directory(dir: &Path, next: u64) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut epochs: Vec<u64> = std::fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|epoch| *epoch >= next)
+        .collect();
+    epochs.sort_unstable();
+    let mut blobs = Vec::new();
+    for epoch in epochs.into_iter().take(16) {
+        for previous in std::fs::read_dir(dir.join(epoch.to_string()))? {
+            let previous = previous?;
+            for root in std::fs::read_dir(previous.path())? {
+                let root = root?;
+                let (Some(previous), Some(root)) = (
+                    previous.file_name().to_str().map(String::from),
+                    root.file_name().to_str().map(String::from),
+                ) else {
+                    continue;
+                };
+                if root.starts_with('.') {
+                    continue;
+                }
+                let name = format!("{epoch}/{previous}/{root}");
+                let bytes = std::fs::read(dir.join(&name))?;
+                blobs.push((name, bytes));
+            }
+        }
+    }
+    Ok(blobs)
+}
+
+/// Checks `head` against the auditor's public key and returns the `(epoch, root)` it vouches
+/// for. Trust a directory's root only if it equals what this returns.
+pub fn verify_head(
+    public_key: &[u8; 32],
+    namespace: &str,
+    head: &pb::SignedHead,
+) -> anyhow::Result<(u64, [u8; 32])> {
+    let key =
+        VerifyingKey::from_bytes(public_key).map_err(|error| anyhow!("auditor key: {error}"))?;
+    let signature =
+        Signature::from_slice(&head.signature).map_err(|error| anyhow!("signature: {error}"))?;
+    key.verify(&head.signed_bytes, &signature)
+        .map_err(|_| anyhow!("the signature does not verify with the auditor's key"))?;
+    let message: pb::SignatureMessage = prost::Message::decode(head.signed_bytes.as_slice())?;
+    if message.version != Some(CIPHERSUITE_PROTOBUF_ED25519) {
+        bail!("unknown ciphersuite {:?}", message.version);
+    }
+    if message.namespace.as_deref() != Some(namespace) {
+        bail!(
+            "signed for namespace {:?}, not {namespace:?}",
+            message.namespace
+        );
+    }
+    let epoch = message
+        .epoch
+        .and_then(|epoch| epoch.inner)
+        .ok_or_else(|| anyhow!("no epoch in the signed message"))?;
+    let root: [u8; 32] = message
+        .digest
+        .unwrap_or_default()
+        .try_into()
+        .map_err(|_| anyhow!("the signed digest is not 32 bytes"))?;
+    Ok((epoch, root))
+}
+
+impl Auditor {
+    /// `head` as the gRPC message (with Plexi's `key_id`: the public key's last byte).
+    pub fn head_message(&self, head: &Head) -> anyhow::Result<pb::SignedHead> {
+        let signed_bytes = hex::decode(&head.signed_bytes)?;
+        Ok(pb::SignedHead {
+            message: Some(prost::Message::decode(signed_bytes.as_slice())?),
+            signature: hex::decode(&head.signature)?,
+            key_id: u32::from(self.public_key()[31]),
+            signed_bytes,
+        })
+    }
+}

@@ -1,0 +1,298 @@
+//! `ktd auditor` against a live `ktd dev`: it verifies and signs every epoch, its signatures
+//! verify with its public key and match the directory's roots, its HTTP API and dashboard show
+//! the latest epoch, and a restart resumes without re-signing. Against doctored blob directories
+//! (a forged proof, a gap, an epoch re-published with another root) it records the violation and
+//! signs nothing over bad data.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway::auditor::{Auditor, AuditorSettings, BlobSource};
+use gateway::client::Client;
+use shard::AkdConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::connect;
+use crate::deadline::with_deadline;
+use crate::process::{KtdNode, free_addr};
+
+const NAMESPACE: &str = "test.key-transparency.v1";
+const KEY: [u8; 32] = [0x33; 32];
+
+fn settings(data_dir: &Path, source: BlobSource) -> AuditorSettings {
+    AuditorSettings {
+        namespace: NAMESPACE.into(),
+        data_dir: data_dir.to_path_buf(),
+        signing_key: KEY,
+        config: AkdConfig::WhatsAppV1,
+        start: None,
+        source,
+        poll: Duration::from_millis(50),
+    }
+}
+
+/// Runs an auditor until `done` holds of it (bounded), then stops it.
+async fn audit_until(settings: AuditorSettings, done: impl Fn(&Auditor) -> bool) -> Arc<Auditor> {
+    let auditor = Auditor::open(settings).expect("open auditor");
+    let stop = CancellationToken::new();
+    let follower = tokio::spawn(auditor.clone().follow(stop.clone()));
+    for _ in 0..600 {
+        if done(&auditor) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    follower.await.expect("follower").expect("follow");
+    auditor
+}
+
+async fn publish_epochs(client: &Client, count: usize) -> u64 {
+    let mut latest = 0;
+    for round in 0..count {
+        let published = client
+            .publish(
+                (0..5)
+                    .map(|i| (format!("audited-{round}-{i}").into_bytes(), b"key".to_vec()))
+                    .collect(),
+                None,
+            )
+            .await
+            .expect("publish");
+        latest = client
+            .wait_for_epoch(published.epoch)
+            .await
+            .expect("commit")
+            .epoch;
+    }
+    latest
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: auditor\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    response
+}
+
+fn start_dev(root: &Path) -> KtdNode {
+    let addr = free_addr("127.0.0.42");
+    let args = [
+        "dev",
+        "--listen",
+        &addr,
+        "--data-dir",
+        &root.join("dev").display().to_string(),
+        "--epoch-interval",
+        "100ms",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut dev = KtdNode::new("dev", root, 1, addr, args);
+    dev.spawn(&[]);
+    dev
+}
+
+#[test]
+fn the_auditor_signs_every_epoch_of_a_live_directory_and_resumes() {
+    with_deadline(Duration::from_secs(180), || async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let dev = start_dev(root.path());
+        let client = connect(&dev.addr).await;
+        let latest = publish_epochs(&client, 3).await;
+        let source = BlobSource::Gateway(format!("http://{}", dev.addr));
+        let data_dir = root.path().join("auditor");
+        let auditor = audit_until(settings(&data_dir, source.clone()), |auditor| {
+            auditor.latest().is_some_and(|head| head.epoch == latest)
+        })
+        .await;
+        assert!(
+            auditor.violations().is_empty(),
+            "{:?}",
+            auditor.violations()
+        );
+        for epoch in 1..=latest {
+            let head = auditor.head(epoch).expect("every epoch signed");
+            let message = auditor.head_message(&head).expect("message");
+            let (signed_epoch, signed_root) =
+                gateway::auditor::verify_head(&auditor.public_key(), NAMESPACE, &message)
+                    .expect("the signature verifies");
+            let root = client.epoch(Some(epoch)).await.expect("epoch");
+            assert_eq!((signed_epoch, signed_root), (epoch, root.root_hash));
+            assert!(
+                gateway::auditor::verify_head(&auditor.public_key(), "other.namespace", &message)
+                    .is_err()
+            );
+            let mut tampered = message.clone();
+            tampered.signed_bytes[3] ^= 1;
+            assert!(
+                gateway::auditor::verify_head(&auditor.public_key(), NAMESPACE, &tampered).is_err()
+            );
+        }
+
+        // HTTP API and dashboard.
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http_addr = http.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(gateway::auditor_server::serve(
+            auditor.clone(),
+            grpc,
+            http,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let last = http_get(
+            http_addr,
+            &format!("/namespaces/{NAMESPACE}/last-verified-epoch"),
+        )
+        .await;
+        assert!(last.starts_with("HTTP/1.1 200"), "{last}");
+        assert!(last.contains(&format!("\"epoch\":{latest}")), "{last}");
+        let page = http_get(http_addr, "/").await;
+        assert!(
+            page.contains(&format!("id=\"latest-epoch\">{latest}<")),
+            "{page}"
+        );
+        assert!(page.contains("No rule violations"), "{page}");
+        let missing = http_get(http_addr, &format!("/namespaces/{NAMESPACE}/audits/999")).await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let _ = stop.send(());
+        server.await.expect("server").expect("serve");
+
+        // A restart resumes from the data directory: earlier heads are kept, not re-signed.
+        let signed_before = auditor.head(1).expect("head 1");
+        drop(auditor);
+        let latest = publish_epochs(&client, 1).await;
+        let auditor = audit_until(settings(&data_dir, source), |auditor| {
+            auditor.latest().is_some_and(|head| head.epoch == latest)
+        })
+        .await;
+        assert_eq!(auditor.head(1), Some(signed_before));
+        let lines = std::fs::read_to_string(data_dir.join("heads.jsonl")).expect("heads");
+        assert_eq!(
+            lines.lines().count() as u64,
+            latest,
+            "one persisted head per epoch"
+        );
+    });
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+/// The only blob file of epoch `epoch` in `dir`.
+fn blob_of(dir: &Path, epoch: u64) -> PathBuf {
+    let epoch_dir = dir.join(epoch.to_string());
+    let previous = std::fs::read_dir(&epoch_dir)
+        .expect("epoch dir")
+        .next()
+        .expect("one")
+        .expect("entry");
+    std::fs::read_dir(previous.path())
+        .expect("dir")
+        .next()
+        .expect("one")
+        .expect("entry")
+        .path()
+}
+
+#[test]
+fn the_auditor_refuses_forged_gapped_and_republished_histories() {
+    with_deadline(Duration::from_secs(180), || async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let dev = start_dev(root.path());
+        let client = connect(&dev.addr).await;
+        publish_epochs(&client, 3).await;
+        let blobs = root.path().join("blobs");
+        let addr = dev.addr.clone();
+        let out = blobs.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_ktd"))
+                .args(["--addr", &format!("http://{addr}"), "audit-blobs", "--out"])
+                .arg(&out)
+                .output()
+                .expect("ktd audit-blobs")
+        })
+        .await
+        .expect("blocking");
+        assert!(written.status.success(), "{written:?}");
+
+        let case = |name: &str| {
+            let dir = root.path().join(name);
+            copy_dir(&blobs, &dir);
+            dir
+        };
+        let run = |dir: PathBuf, name: &str| {
+            let data_dir = root.path().join(format!("auditor-{name}"));
+            audit_until(settings(&data_dir, BlobSource::Directory(dir)), |auditor| {
+                !auditor.violations().is_empty()
+            })
+        };
+
+        // A forged proof for epoch 2: epoch 1 is signed, 2 and later are not.
+        let forged = case("forged");
+        let blob = blob_of(&forged, 2);
+        let mut bytes = std::fs::read(&blob).expect("blob");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        std::fs::write(&blob, bytes).expect("write");
+        let auditor = run(forged, "forged").await;
+        assert!(
+            auditor.head(1).is_some() && auditor.head(2).is_none() && auditor.head(3).is_none()
+        );
+        assert!(
+            auditor.violations()[0].starts_with("epoch 2:"),
+            "{:?}",
+            auditor.violations()
+        );
+
+        // A gap: epoch 2 missing.
+        let gapped = case("gapped");
+        std::fs::remove_dir_all(gapped.join("2")).expect("remove");
+        let auditor = run(gapped, "gapped").await;
+        assert!(auditor.head(1).is_some() && auditor.head(3).is_none());
+        assert!(
+            auditor.violations()[0].contains("gap"),
+            "{:?}",
+            auditor.violations()
+        );
+
+        // Epoch 2 published again with another root (a fork): no signature over it.
+        let forked = case("forked");
+        let genuine = blob_of(&forked, 2);
+        let previous_dir = genuine.parent().expect("parent");
+        std::fs::copy(&genuine, previous_dir.join("ff".repeat(32))).expect("fork");
+        let auditor = run(forked, "forked").await;
+        let signed_roots: Vec<String> = (1..=3)
+            .filter_map(|epoch| auditor.head(epoch))
+            .map(|head| head.digest)
+            .collect();
+        assert!(
+            !signed_roots.contains(&"ff".repeat(32)),
+            "signed the forged root"
+        );
+        assert!(!auditor.violations().is_empty());
+        let page = gateway::auditor_server::dashboard(&auditor, 0);
+        assert!(page.contains("Rule violations"), "{page}");
+    });
+}

@@ -38,9 +38,12 @@ struct Args {
     /// Users loaded before measuring.
     #[arg(long, default_value_t = 1_000_000)]
     initial: u64,
-    /// Updates per epoch.
+    /// Updates per measured epoch.
     #[arg(long, default_value_t = 100_000)]
     epoch_size: u64,
+    /// Users per pre-load epoch.
+    #[arg(long, default_value_t = 100_000)]
+    preload_epoch_size: u64,
     /// Measured epochs.
     #[arg(long, default_value_t = 3)]
     epochs: u64,
@@ -202,7 +205,7 @@ async fn run(args: Args) {
     let mut users = 0u64;
     let mut epoch = 0u64;
     while users < args.initial {
-        let new = args.epoch_size.min(args.initial - users);
+        let new = args.preload_epoch_size.min(args.initial - users);
         let updates = batch(epoch + 1, users, new, 0);
         publish_all(&client, updates.clone()).await;
         wait_for_precompute(&client, new).await;

@@ -11,6 +11,7 @@
 //! - [`client`]: the Rust client library, verifying every proof with stock akd.
 //! - [`auditor`], [`auditor_server`]: `ktd auditor`, an independent auditor that verifies every
 //!   audit blob with stock akd and signs the heads it verified (Plexi's signature format).
+//! - [`loadgen`]: `ktd bench`, the open-loop load generator and its reports.
 //! - [`error`]: the gateway's errors and their gRPC status codes.
 
 pub mod auditor;
@@ -18,6 +19,7 @@ pub mod auditor_server;
 pub mod client;
 pub mod epochs;
 pub mod error;
+pub mod loadgen;
 pub mod run;
 pub mod sequencing;
 pub mod server;

@@ -116,6 +116,9 @@ enum Command {
     },
     /// Seal the open epoch now and wait for its root (admin).
     Seal,
+    /// Load-test a running directory: open-loop constant-rate publishes and reads, HDR
+    /// latency histograms, report (JSON, Markdown, SVG) and an optional baseline comparison.
+    Bench(BenchArgs),
     /// Cluster status: sequencer members and leader, epochs, shards (admin).
     Status,
     /// Make a VRF seed: writes 64 hex digits to --out (mode 600), prints the public key.
@@ -131,6 +134,45 @@ enum Command {
         #[arg(long)]
         public_key_of: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Operations per second offered (all call types together).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// How long to offer them (e.g. 30s, 5m).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Most operations in flight.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// `publish-only`, `lookup-only`, `90/10` (lookups/publishes) or
+    /// `publish=W,lookup=W,history=W,audit=W`.
+    #[arg(long, default_value = "90/10")]
+    mix: gateway::loadgen::Mix,
+    /// Users to load before measuring (batches of 5,000, then one seal).
+    #[arg(long, default_value_t = 10_000)]
+    preload: u64,
+    /// Updates per publish in the measured phase.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Value size, bytes.
+    #[arg(long, default_value_t = 32)]
+    value_bytes: usize,
+    /// Random seed (labels and the mix); also names the users, so runs with different seeds
+    /// do not collide.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Directory for report.json, report.md and timeline.svg.
+    #[arg(long, default_value = "ktd-bench-report")]
+    report: PathBuf,
+    /// An earlier report.json to compare with; a regression beyond --max-regression fails.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Allowed regression against the baseline, as a fraction (0.2 = 20%).
+    #[arg(long, default_value_t = 0.2)]
+    max_regression: f64,
 }
 
 /// A read of one label.
@@ -657,6 +699,38 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
                 root.epoch,
                 hex::encode(root.root_hash)
             );
+        }
+        Command::Bench(args) => {
+            let settings = gateway::loadgen::BenchSettings {
+                rate: args.rate,
+                duration: args.duration,
+                concurrency: args.concurrency,
+                mix: args.mix,
+                preload: args.preload,
+                batch: args.batch.max(1),
+                value_bytes: args.value_bytes,
+                seed: args.seed,
+            };
+            let users = gateway::loadgen::preload(&client, &settings).await?;
+            let (report, timeline) = gateway::loadgen::run(&client, &settings, users).await?;
+            gateway::loadgen::write_report(&args.report, &report, &timeline)?;
+            print!("{}", gateway::loadgen::markdown(&report));
+            println!("report: {}", args.report.join("report.json").display());
+            if let Some(baseline) = &args.baseline {
+                let text = std::fs::read_to_string(baseline)
+                    .with_context(|| format!("read {}", baseline.display()))?;
+                let baseline: gateway::loadgen::Report = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a ktd bench report", baseline.display()))?;
+                let regressions =
+                    gateway::loadgen::compare(&report, &baseline, args.max_regression);
+                if !regressions.is_empty() {
+                    bail!(
+                        "regression against the baseline: {}",
+                        regressions.join("; ")
+                    );
+                }
+                println!("no regression against {}", args.report.display());
+            }
         }
         Command::Status => {
             let status = client.cluster_status().await?;

@@ -105,6 +105,65 @@ async fn audit_blobs_verify(client: &gateway::client::Client, addr: &str) {
     }
 }
 
+/// `ktd bench` against the instance: a report with no errors, and a baseline comparison with
+/// itself passes while an impossible baseline fails the command.
+async fn bench_reports(addr: &str, root: &std::path::Path) {
+    let report_dir = root.join("bench-report");
+    let (addr, dir) = (addr.to_string(), report_dir.clone());
+    let run = move |extra: Vec<String>| {
+        let mut args = vec![
+            "bench",
+            "--rate",
+            "100",
+            "--duration",
+            "2s",
+            "--preload",
+            "300",
+            "--concurrency",
+            "2",
+            "--mix",
+            "publish=1,lookup=6,history=2,audit=1",
+            "--report",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.push(dir.display().to_string());
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ktd(&addr, &args)
+    };
+    let first = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || run(Vec::new())
+    })
+    .await
+    .expect("ktd bench");
+    assert!(first.status.success(), "{first:?}");
+    let text = std::fs::read_to_string(report_dir.join("report.json")).expect("report.json");
+    let report: gateway::loadgen::Report = serde_json::from_str(&text).expect("a report");
+    assert!(report.calls.contains_key("lookup") && report.calls.contains_key("publish"));
+    for (name, call) in &report.calls {
+        assert!(call.errors.is_empty(), "{name}: {:?}", call.errors);
+    }
+    assert!(report_dir.join("timeline.svg").exists() && report_dir.join("report.md").exists());
+
+    let mut impossible = report.clone();
+    impossible.ok_per_second *= 100.0;
+    let baseline = root.join("impossible.json");
+    std::fs::write(&baseline, serde_json::to_string(&impossible).expect("json")).expect("write");
+    let compared = tokio::task::spawn_blocking(move || {
+        run(vec!["--baseline".into(), baseline.display().to_string()])
+    })
+    .await
+    .expect("ktd bench");
+    assert!(
+        !compared.status.success(),
+        "a 100x baseline must fail the run"
+    );
+    assert!(String::from_utf8_lossy(&compared.stderr).contains("regression"));
+}
+
 fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Option<Code> {
     result.err().map(|status| status.code())
 }
@@ -258,6 +317,8 @@ fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
 
         let mut raw = client.directory();
         bad_input_is_refused(&dev.addr, &mut raw).await;
+
+        bench_reports(&dev.addr, root.path()).await;
 
         // Overload: more concurrent requests than in-flight permits (4).
         let answers = futures::future::join_all((0..64).map(|_| {

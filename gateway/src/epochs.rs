@@ -48,6 +48,7 @@ pub struct Epochs<TC> {
     bits: u8,
     batch: Arc<Mutex<Batch>>,
     tops: Mutex<BTreeMap<u64, Arc<TopTree<TC>>>>,
+    latest_seen: std::sync::atomic::AtomicU64,
     config: PhantomData<fn() -> TC>,
 }
 
@@ -59,6 +60,7 @@ impl<TC: Configuration> Epochs<TC> {
             bits,
             batch: Arc::default(),
             tops: Mutex::new(BTreeMap::new()),
+            latest_seen: std::sync::atomic::AtomicU64::new(0),
             config: PhantomData,
         }
     }
@@ -67,7 +69,21 @@ impl<TC: Configuration> Epochs<TC> {
     /// call did. Requests that arrive while a read is in flight share the next one.
     pub async fn latest(&self) -> Result<Committed<TC>> {
         let record = self.latest_record().await?;
-        self.committed(record)
+        let epoch = record.epoch;
+        let committed = self.committed(record)?;
+        if epoch
+            > self
+                .latest_seen
+                .swap(epoch, std::sync::atomic::Ordering::Relaxed)
+        {
+            // First sight of a new latest epoch: its age is time() minus this, in PromQL.
+            metrics::gauge!("ktd_epoch_latest_committed").set(epoch as f64);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |elapsed| elapsed.as_secs_f64());
+            metrics::gauge!("ktd_epoch_latest_seen_timestamp_seconds").set(now);
+        }
+        Ok(committed)
     }
 
     /// Committed epoch `epoch`, or [`GatewayError::EpochNotCommitted`].

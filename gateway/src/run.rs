@@ -368,6 +368,21 @@ pub async fn run_dev(
         };
         let connector: Arc<dyn ShardConnector> = Arc::new(FixedShards(shards));
         sequencer.spawn_coordinator(connector.clone());
+        {
+            // `ktd sequencer` exports its gauges from its health loop; here nobody serves the
+            // sequencer, so a small loop does it.
+            let sequencer = sequencer.clone();
+            let stop = sequencer.shutdown_token();
+            tokio::spawn(async move {
+                loop {
+                    sequencer.export_metrics();
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            });
+        }
         ready(addr);
         let sequencing: Arc<dyn Sequencing> = Arc::new(sequencer.clone());
         serve_for_config(

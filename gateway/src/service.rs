@@ -113,8 +113,35 @@ impl<TC: Configuration> Gateway<TC> {
             })
     }
 
-    /// Runs `work` under an in-flight permit and the request's deadline.
-    async fn serve<T, F>(&self, deadline: Option<Duration>, work: F) -> Result<Response<T>, Status>
+    /// Runs `work` under an in-flight permit and the request's deadline, and records the
+    /// call in the `ktd_grpc_*` metrics.
+    async fn serve<T, F>(
+        &self,
+        method: &'static str,
+        deadline: Option<Duration>,
+        work: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        let started = Instant::now();
+        let result = self.serve_unrecorded(deadline, work).await;
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        };
+        metrics::counter!("ktd_grpc_requests_total", "method" => method, "code" => format!("{code:?}"))
+            .increment(1);
+        metrics::histogram!("ktd_grpc_request_duration_seconds", "method" => method)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn serve_unrecorded<T, F>(
+        &self,
+        deadline: Option<Duration>,
+        work: F,
+    ) -> Result<Response<T>, Status>
     where
         F: Future<Output = Result<T>>,
     {
@@ -454,7 +481,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::PublishResponse>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve(deadline, self.0.publish(request.into_inner()))
+            .serve("Publish", deadline, self.0.publish(request.into_inner()))
             .await
     }
 
@@ -464,7 +491,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::EpochHash>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve(deadline, self.0.get_epoch(request.into_inner()))
+            .serve("GetEpoch", deadline, self.0.get_epoch(request.into_inner()))
             .await
     }
 
@@ -474,7 +501,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::LookupResponse>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve(deadline, self.0.lookup(request.into_inner()))
+            .serve("Lookup", deadline, self.0.lookup(request.into_inner()))
             .await
     }
 
@@ -484,7 +511,11 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::KeyHistoryResponse>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve(deadline, self.0.key_history(request.into_inner()))
+            .serve(
+                "KeyHistory",
+                deadline,
+                self.0.key_history(request.into_inner()),
+            )
             .await
     }
 
@@ -494,7 +525,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::AuditResponse>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve(deadline, self.0.audit(request.into_inner()))
+            .serve("Audit", deadline, self.0.audit(request.into_inner()))
             .await
     }
 
@@ -504,7 +535,11 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::ListAuditBlobsResponse>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve(deadline, self.0.list_audit_blobs(request.into_inner()))
+            .serve(
+                "ListAuditBlobs",
+                deadline,
+                self.0.list_audit_blobs(request.into_inner()),
+            )
             .await
     }
 
@@ -514,7 +549,11 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::AuditBlob>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve(deadline, self.0.get_audit_blob(request.into_inner()))
+            .serve(
+                "GetAuditBlob",
+                deadline,
+                self.0.get_audit_blob(request.into_inner()),
+            )
             .await
     }
 
@@ -536,7 +575,7 @@ impl<TC: Configuration> api::admin_server::Admin for AdminService<TC> {
         request: Request<api::SealEpochRequest>,
     ) -> Result<Response<api::EpochHash>, Status> {
         let deadline = deadline(&request);
-        self.0.serve(deadline, self.0.seal()).await
+        self.0.serve("SealEpoch", deadline, self.0.seal()).await
     }
 
     async fn cluster_status(
@@ -544,6 +583,8 @@ impl<TC: Configuration> api::admin_server::Admin for AdminService<TC> {
         request: Request<api::ClusterStatusRequest>,
     ) -> Result<Response<api::ClusterStatusResponse>, Status> {
         let deadline = deadline(&request);
-        self.0.serve(deadline, self.0.cluster_status()).await
+        self.0
+            .serve("ClusterStatus", deadline, self.0.cluster_status())
+            .await
     }
 }

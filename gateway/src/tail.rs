@@ -205,7 +205,9 @@ async fn flush<TC: Configuration>(node: &Arc<ShardNode<TC>>, pending: &mut Vec<A
     let labels = std::mem::take(pending);
     let node = node.clone();
     match tokio::task::spawn_blocking(move || node.precompute_labels(labels)).await {
-        Ok(Ok(_)) => {}
+        Ok(Ok(count)) => {
+            metrics::counter!("ktd_shard_precomputed_labels_total").increment(count as u64);
+        }
         Ok(Err(error)) => tracing::warn!(%error, "pre-computing VRF labels failed"),
         Err(error) => tracing::warn!(%error, "pre-computing VRF labels panicked"),
     }

@@ -212,6 +212,9 @@ pub async fn run<TC: Configuration>(
                 match outcome {
                     Ok(root) => {
                         backoff.reset();
+                        metrics::counter!("ktd_epochs_committed_total").increment(1);
+                        metrics::histogram!("ktd_epoch_commit_duration_seconds")
+                            .record(started.elapsed().as_secs_f64());
                         tracing::info!(
                             epoch,
                             root = %hex(&root),
@@ -220,6 +223,7 @@ pub async fn run<TC: Configuration>(
                         );
                     }
                     Err(error) => {
+                        metrics::counter!("ktd_epoch_commit_failures_total").increment(1);
                         let delay = backoff.next();
                         tracing::warn!(epoch, %error, retry_in_ms = delay.as_millis() as u64, "epoch not committed yet");
                         tokio::select! {

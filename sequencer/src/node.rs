@@ -403,6 +403,9 @@ impl Sequencer {
                     if *previous == state {
                         return false;
                     }
+                    if previous.leader_id != state.leader_id {
+                        metrics::counter!("ktd_raft_leader_changes_total").increment(1);
+                    }
                     if previous.is_self != state.is_self || previous.leader_id != state.leader_id {
                         tracing::info!(leader = ?state.leader_id, term = state.term, is_self = state.is_self, "leader changed");
                     }
@@ -427,6 +430,24 @@ impl Sequencer {
             connector,
             shutdown,
         ));
+    }
+
+    /// Sets the `ktd_raft_*` and `ktd_epoch_*` gauges from this node's status (called on every
+    /// Raft metrics change and at least every 500 ms while serving).
+    pub fn export_metrics(&self) {
+        let status = self.node_status();
+        let leader = self.inner.leader.borrow().clone();
+        metrics::gauge!("ktd_raft_term").set(status.term as f64);
+        metrics::gauge!("ktd_raft_leader_id").set(status.leader_id as f64);
+        metrics::gauge!("ktd_raft_is_leader").set(if leader.is_self { 1.0 } else { 0.0 });
+        metrics::gauge!("ktd_raft_last_log_index").set(status.last_log_index as f64);
+        metrics::gauge!("ktd_raft_commit_index").set(status.committed_index as f64);
+        metrics::gauge!("ktd_raft_applied_index").set(status.applied_index as f64);
+        metrics::gauge!("ktd_raft_snapshot_index").set(status.snapshot_index as f64);
+        metrics::gauge!("ktd_epoch_open").set(status.open_epoch as f64);
+        metrics::gauge!("ktd_epoch_pending_updates").set(status.open_epoch_updates as f64);
+        metrics::gauge!("ktd_epoch_last_sealed").set(status.last_sealed_epoch as f64);
+        metrics::gauge!("ktd_epoch_last_committed").set(status.last_committed_epoch as f64);
     }
 
     /// A handle that does not keep the node alive.

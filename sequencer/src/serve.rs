@@ -58,6 +58,7 @@ async fn track_health(sequencer: Sequencer, reporter: HealthReporter) {
     let shutdown = sequencer.shutdown_token();
     let mut serving = None;
     loop {
+        sequencer.export_metrics();
         let now = sequencer.is_healthy();
         if serving != Some(now) {
             set_health(&reporter, now).await;

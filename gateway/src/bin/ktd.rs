@@ -175,6 +175,27 @@ struct BenchArgs {
     max_regression: f64,
 }
 
+/// The Prometheus endpoint of a server process.
+#[derive(Debug, Args)]
+struct MetricsArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "KTD_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl MetricsArgs {
+    fn install(&self) -> anyhow::Result<()> {
+        if let Some(addr) = self.metrics_listen {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .with_context(|| format!("serve metrics on {addr}"))?;
+            tracing::info!(%addr, "Prometheus metrics at /metrics");
+        }
+        Ok(())
+    }
+}
+
 /// A read of one label.
 #[derive(Debug, Args)]
 struct LabelQuery {
@@ -193,6 +214,8 @@ struct LabelQuery {
 
 #[derive(Debug, Args)]
 struct DevArgs {
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// Address to serve the public API on.
     #[arg(long, env = "KTD_DEV_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
@@ -218,6 +241,8 @@ struct DevArgs {
 
 #[derive(Debug, Args)]
 struct ShardArgs {
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// This shard's id in the shard map.
     #[arg(long, env = "KTD_SHARD_ID")]
     id: String,
@@ -244,6 +269,8 @@ struct ShardArgs {
 
 #[derive(Debug, Args)]
 struct AuditorArgs {
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// The namespace signed into every head.
     #[arg(long, default_value = "ktd.key-transparency.v1")]
     namespace: String,
@@ -282,6 +309,8 @@ struct AuditorArgs {
 
 #[derive(Debug, Args)]
 struct GatewayArgs {
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// Address to serve the public API on.
     #[arg(long, env = "KTD_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
@@ -300,6 +329,8 @@ struct GatewayArgs {
 
 #[derive(Debug, Args)]
 struct SequencerArgs {
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// TOML configuration file; flags and environment variables override it.
     #[arg(long, env = "KTD_SEQUENCER_CONFIG")]
     config: Option<PathBuf>,
@@ -404,6 +435,7 @@ async fn shutdown_signal() {
 }
 
 async fn run_sequencer(args: SequencerArgs) -> anyhow::Result<()> {
+    args.metrics.install()?;
     let config = args.resolve()?;
     tracing::info!(config = ?config, "effective configuration");
     let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -414,6 +446,7 @@ async fn run_sequencer(args: SequencerArgs) -> anyhow::Result<()> {
 }
 
 async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    args.metrics.install()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
@@ -442,6 +475,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
 }
 
 async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
+    args.metrics.install()?;
     let settings = ShardSettings {
         vrf_seed: gateway::run::read_vrf_seed(&args.vrf_seed_file)?,
         id: args.id,
@@ -457,6 +491,7 @@ async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
 }
 
 async fn run_auditor(args: AuditorArgs) -> anyhow::Result<()> {
+    args.metrics.install()?;
     let start = match &args.start {
         None => None,
         Some(text) => {
@@ -494,6 +529,7 @@ async fn run_auditor(args: AuditorArgs) -> anyhow::Result<()> {
 }
 
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    args.metrics.install()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;

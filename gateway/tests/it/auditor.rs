@@ -69,7 +69,8 @@ async fn publish_epochs(client: &Client, count: usize) -> u64 {
     latest
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+/// A plain HTTP/1.1 GET; the whole response (status line, headers, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: auditor\r\nConnection: close\r\n\r\n");

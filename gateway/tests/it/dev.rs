@@ -22,7 +22,7 @@ fn ktd(addr: &str, args: &[&str]) -> std::process::Output {
         .expect("run ktd")
 }
 
-fn dev_node(root: &std::path::Path) -> KtdNode {
+fn dev_node(root: &std::path::Path, metrics: &str) -> KtdNode {
     let addr = free_addr("127.0.0.41");
     let args = [
         "dev",
@@ -34,6 +34,8 @@ fn dev_node(root: &std::path::Path) -> KtdNode {
         "200ms",
         "--max-in-flight",
         "4",
+        "--metrics-listen",
+        metrics,
     ]
     .map(String::from)
     .to_vec();
@@ -292,7 +294,8 @@ struct Garbage {
 fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
     with_deadline(Duration::from_secs(180), || async {
         let root = tempfile::tempdir().expect("temp dir");
-        let mut dev = dev_node(root.path());
+        let metrics_addr = free_addr("127.0.0.41");
+        let mut dev = dev_node(root.path(), &metrics_addr);
         dev.spawn(&[]);
         let client = connect(&dev.addr).await;
 
@@ -351,6 +354,28 @@ fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
             "64 concurrent requests never exceeded 4 permits"
         );
 
+        // Prometheus metrics: gRPC calls by method and code, Raft, epochs, pre-computation.
+        let metrics =
+            crate::auditor::http_get(metrics_addr.parse().expect("addr"), "/metrics").await;
+        for name in [
+            "ktd_grpc_requests_total{method=\"Lookup\",code=\"Ok\"}",
+            "ktd_grpc_requests_total{method=\"Publish\",code=\"InvalidArgument\"}",
+            "ktd_grpc_request_duration_seconds",
+            "ktd_raft_term",
+            "ktd_raft_is_leader 1",
+            "ktd_epoch_last_committed",
+            "ktd_epoch_pending_updates",
+            "ktd_epoch_latest_seen_timestamp_seconds",
+            "ktd_epochs_committed_total",
+            "ktd_epoch_commit_duration_seconds",
+            "ktd_shard_precomputed_labels_total",
+        ] {
+            assert!(
+                metrics.contains(name),
+                "{name} missing from /metrics:\n{metrics}"
+            );
+        }
+
         // Still serving after all of that; then a clean stop and a restart from the data dir.
         let before = client.lookup(b"alice", None).await.expect("lookup");
         let status = dev.terminate(Duration::from_secs(30));
@@ -367,4 +392,33 @@ fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
             .expect("lookup after restart");
         assert_eq!(after, before);
     });
+}
+
+/// Every metric the shipped alert rules use is one the binary exports.
+#[test]
+fn alert_rules_name_exported_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml")).expect("rules");
+    let mut source = String::new();
+    for dir in ["gateway/src", "sequencer/src", "shard/src"] {
+        for entry in std::fs::read_dir(root.join(dir)).expect("dir").flatten() {
+            if entry.path().extension().is_some_and(|ext| ext == "rs") {
+                source.push_str(&std::fs::read_to_string(entry.path()).expect("source"));
+            }
+        }
+    }
+    let mut names: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("ktd_"))
+        .map(|word| word.trim_end_matches("_bucket"))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        assert!(
+            source.contains(&format!("\"{name}\"")),
+            "{name} is not exported"
+        );
+    }
 }

@@ -36,7 +36,7 @@ use crate::service::parse_audit_blob_name;
 pub const CIPHERSUITE_PROTOBUF_ED25519: u32 = 1;
 
 /// One verified, signed epoch, as persisted and served.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Head {
     /// The epoch.
     pub epoch: u64,
@@ -50,8 +50,8 @@ pub struct Head {
     pub signed_bytes: String,
     /// Size of the verified proof, bytes.
     pub proof_bytes: u64,
-    /// Time the stock verifier took, ms.
-    pub verify_ms: f64,
+    /// Time the stock verifier took, microseconds.
+    pub verify_us: u64,
 }
 
 /// Where the auditor reads audit blobs from.
@@ -299,8 +299,8 @@ impl Auditor {
         verified.map_err(|error| {
             violation(format!("the append-only proof does not verify: {error}"))
         })?;
-        let verify_ms = started.elapsed().as_secs_f64() * 1e3;
-        let head = self.sign(epoch, root, proof.len() as u64, verify_ms);
+        let verify_us = started.elapsed().as_micros() as u64;
+        let head = self.sign(epoch, root, proof.len() as u64, verify_us);
         append_jsonl(&self.settings.data_dir.join("heads.jsonl"), &head)
             .map_err(|error| violation(format!("cannot persist the head: {error:#}")))?;
         let mut state = self.state();
@@ -309,7 +309,7 @@ impl Auditor {
         Ok(Some(head))
     }
 
-    fn sign(&self, epoch: u64, root: [u8; 32], proof_bytes: u64, verify_ms: f64) -> Head {
+    fn sign(&self, epoch: u64, root: [u8; 32], proof_bytes: u64, verify_us: u64) -> Head {
         let timestamp = now_ms();
         let message = pb::SignatureMessage {
             version: Some(CIPHERSUITE_PROTOBUF_ED25519),
@@ -327,7 +327,7 @@ impl Auditor {
             signature: hex::encode(signature.to_bytes()),
             signed_bytes: hex::encode(signed_bytes),
             proof_bytes,
-            verify_ms,
+            verify_us,
         }
     }
 
@@ -364,7 +364,7 @@ impl Auditor {
             for (name, proof) in blobs {
                 match self.accept(&name, &proof).await {
                     Ok(Some(head)) => {
-                        tracing::info!(epoch = head.epoch, root = %head.digest, verify_ms = head.verify_ms, "epoch verified and signed")
+                        tracing::info!(epoch = head.epoch, root = %head.digest, verify_us = head.verify_us, "epoch verified and signed")
                     }
                     Ok(None) => {}
                     Err(violation) => {

@@ -155,12 +155,13 @@ pub fn dashboard(auditor: &Auditor, now_ms: u64) -> String {
             epoch,
             digest,
             proof_bytes,
-            verify_ms,
+            verify_us,
             ..
         } = head;
         let _ = write!(
             page,
-            "<tr><td>{epoch}</td><td><code>{digest}</code></td><td>{proof_bytes}</td><td>{verify_ms:.1}</td></tr>"
+            "<tr><td>{epoch}</td><td><code>{digest}</code></td><td>{proof_bytes}</td><td>{:.1}</td></tr>",
+            verify_us as f64 / 1e3
         );
     }
     page.push_str("</table></body></html>");

@@ -68,6 +68,12 @@ pub enum Outcome {
         /// Its root hash, hex.
         root: String,
     },
+    /// An answer arrived but its proof did not verify or could not be decoded: the server (or
+    /// something between it and the client) lied. Always a violation.
+    Unverified {
+        /// What failed.
+        reason: String,
+    },
     /// The operation definitely did not take effect (e.g. rejected as invalid or overloaded).
     Failed {
         /// gRPC code.
@@ -142,4 +148,7 @@ pub struct FinalState {
     pub roots: Vec<(u64, String, String)>,
     /// `(start epoch, whether the append-only proof start → start + 1 verified)`.
     pub audits: Vec<(u64, bool)>,
+    /// Final reads (history proofs, roots) whose proofs did not verify.
+    #[serde(default)]
+    pub unverified: Vec<String>,
 }

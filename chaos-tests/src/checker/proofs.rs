@@ -20,6 +20,16 @@ pub fn proofs_verified(history: &History, final_state: &FinalState) -> Verdict {
                 ));
             }
         }
+        if let Outcome::Unverified { reason } = &event.outcome {
+            verdict.count("answers that did not verify");
+            verdict.violation(format!(
+                "{:?} {}: the answer did not verify: {reason}",
+                event.op, event.id
+            ));
+        }
+    }
+    for problem in &final_state.unverified {
+        verdict.violation(format!("final read: {problem}"));
     }
     let mut audited: Vec<(u64, bool)> = final_state.audits.clone();
     audited.sort_unstable();
@@ -57,12 +67,20 @@ mod tests {
                 verified: false,
             },
         );
+        history.lookup(
+            (2, 3),
+            "k",
+            Outcome::Unverified {
+                reason: "bad membership proof".into(),
+            },
+        );
         let final_state = FinalState {
             epoch: 3,
             audits: vec![(0, true), (2, false)],
+            unverified: vec!["history of k: bad proof".into()],
             ..FinalState::default()
         };
         let verdict = proofs_verified(&history.history, &final_state);
-        assert_eq!(verdict.violations.len(), 3, "{verdict:#?}");
+        assert_eq!(verdict.violations.len(), 5, "{verdict:#?}");
     }
 }

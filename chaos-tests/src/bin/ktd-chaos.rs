@@ -1,0 +1,229 @@
+//! `ktd-chaos`: run fault scenarios against a local ktd cluster and judge the history.
+//!
+//! ```text
+//! ktd-chaos list
+//! ktd-chaos run --scenario leader-kill --seed 42 --duration 30s --out /tmp/chaos-out
+//! ktd-chaos run --scenario leader-kill --inject-violation stale-read   # must exit 1
+//! ktd-chaos replay /tmp/chaos-out          # re-run the checkers on a saved history
+//! ```
+//!
+//! Exit codes: 0 ok, 1 correctness violation, 2 SLO breach, 3 harness problem.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chaos_tests::checker::check_all;
+use chaos_tests::history::{FinalState, History};
+use chaos_tests::positive_control::{self, Mutation};
+use chaos_tests::report::Exit;
+use chaos_tests::runner::{self, RunOptions};
+use chaos_tests::scenario::{BUILTIN, Scenario};
+use chaos_tests::topology::find_ktd;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "ktd-chaos", about = "Failover drills and chaos tests for ktd")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the shipped scenarios.
+    List,
+    /// Start a local cluster, run a scenario, check the history, report.
+    Run {
+        /// A shipped scenario's name, or a path to a scenario `.toml`.
+        #[arg(long)]
+        scenario: String,
+        /// Seed (fault targets, jitter, keys, VRF key).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Fault window length (default: the scenario's).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Artifact directory (history, final state, report, logs).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The ktd binary (default: $KTD_BIN, next to this binary, or $CARGO_TARGET_DIR/release/ktd).
+        #[arg(long)]
+        ktd: Option<PathBuf>,
+        /// Positive control: mutate the history before checking; the run must exit 1.
+        #[arg(long, value_enum)]
+        inject_violation: Option<Mutation>,
+        /// Print the JSON report instead of the text one.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-run the checkers on a saved run (a directory with history.jsonl and final.json, or
+    /// the history.jsonl file itself).
+    Replay {
+        /// The run directory or history file.
+        path: PathBuf,
+        /// Positive control: mutate the history before checking.
+        #[arg(long, value_enum)]
+        inject_violation: Option<Mutation>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let exit = match cli.command {
+        Command::List => {
+            for (name, text) in BUILTIN {
+                match Scenario::parse(name, text) {
+                    Ok(scenario) => println!(
+                        "{name:<24} {:>5}  {}",
+                        humantime::format_duration(scenario.duration).to_string(),
+                        scenario.description
+                    ),
+                    Err(error) => println!("{name:<24} INVALID: {error}"),
+                }
+            }
+            Exit::Ok
+        }
+        Command::Run {
+            scenario,
+            seed,
+            duration,
+            out,
+            ktd,
+            inject_violation,
+            json,
+        } => run(scenario, seed, duration, out, ktd, inject_violation, json),
+        Command::Replay {
+            path,
+            inject_violation,
+        } => replay(&path, inject_violation),
+    };
+    ExitCode::from(exit as u8)
+}
+
+fn run(
+    scenario: String,
+    seed: u64,
+    duration: Option<Duration>,
+    out: Option<PathBuf>,
+    ktd: Option<PathBuf>,
+    mutation: Option<Mutation>,
+    json: bool,
+) -> Exit {
+    let scenario = match Scenario::load(&scenario) {
+        Ok(scenario) => scenario,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return Exit::Harness;
+        }
+    };
+    let ktd = match find_ktd(ktd.as_deref()) {
+        Ok(ktd) => ktd,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return Exit::Harness;
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return Exit::Harness;
+        }
+    };
+    eprintln!(
+        "ktd-chaos: running {} with seed {seed} ({})",
+        scenario.name,
+        humantime::format_duration(duration.unwrap_or(scenario.duration))
+    );
+    let options = RunOptions {
+        ktd,
+        seed,
+        duration,
+        out: out.clone(),
+        mutation,
+    };
+    match runtime.block_on(runner::run(&scenario, &options)) {
+        Ok(output) => {
+            if json {
+                match serde_json::to_string_pretty(&output.report) {
+                    Ok(text) => println!("{text}"),
+                    Err(error) => eprintln!("error: {error}"),
+                }
+            } else {
+                print!("{}", output.report.render());
+            }
+            if let Some(out) = out {
+                eprintln!("artifacts in {}", out.display());
+            }
+            output.report.exit
+        }
+        Err(error) => {
+            eprintln!("harness error: {error}");
+            Exit::Harness
+        }
+    }
+}
+
+fn replay(path: &Path, mutation: Option<Mutation>) -> Exit {
+    let (history_path, final_path) = if path.is_dir() {
+        (path.join("history.jsonl"), path.join("final.json"))
+    } else {
+        (path.to_path_buf(), path.with_file_name("final.json"))
+    };
+    let history = std::fs::read_to_string(&history_path)
+        .map_err(|error| format!("read {}: {error}", history_path.display()))
+        .and_then(|text| {
+            History::from_jsonl(&text)
+                .map_err(|error| format!("{}: {error}", history_path.display()))
+        });
+    let mut history = match history {
+        Ok(history) => history,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return Exit::Harness;
+        }
+    };
+    let mut final_state: FinalState = match std::fs::read_to_string(&final_path) {
+        Ok(text) => match serde_json::from_str(&text) {
+            Ok(state) => state,
+            Err(error) => {
+                eprintln!("error: {}: {error}", final_path.display());
+                return Exit::Harness;
+            }
+        },
+        Err(_) => {
+            eprintln!(
+                "note: no {}; checking the history alone",
+                final_path.display()
+            );
+            FinalState::default()
+        }
+    };
+    if let Some(mutation) = mutation {
+        match positive_control::apply(mutation, &mut history, &mut final_state) {
+            Some(description) => println!("POSITIVE CONTROL: {description}"),
+            None => {
+                eprintln!("error: nothing to mutate for {mutation:?}");
+                return Exit::Harness;
+            }
+        }
+    }
+    let verdicts = check_all(&history, &final_state);
+    let mut exit = Exit::Ok;
+    println!("{} events", history.events.len());
+    for verdict in &verdicts {
+        println!(
+            "  {:<28} {}",
+            verdict.checker,
+            if verdict.ok() { "ok" } else { "VIOLATED" }
+        );
+        for violation in verdict.violations.iter().take(10) {
+            println!("      - {violation}");
+        }
+        if !verdict.ok() {
+            exit = Exit::Violation;
+        }
+    }
+    exit
+}

@@ -1,0 +1,291 @@
+//! Scenarios: reviewable TOML files under `chaos-tests/scenarios/` naming a workload, a fault
+//! schedule and SLOs. The shipped ones are compiled in (so `ktd-chaos list` works from any
+//! directory); `--scenario PATH.toml` loads another one.
+//!
+//! ```toml
+//! name = "leader-kill"
+//! description = "SIGKILL the sequencer leader, restart it 3 s later"
+//! duration = "40s"
+//! epoch_interval = "1s"
+//! clients = 4
+//! keys = 16
+//!
+//! [[faults]]
+//! kind = "kill-leader"
+//! at = "6s"            # after the workload starts
+//! heal_after = "3s"    # restart / resume after this long
+//! repeat_every = "12s" # optional: again every 12 s (± 20 %, seeded) while time is left
+//!
+//! [slo]
+//! max_write_unavailable = "10s"
+//! max_p99_publish = "8s"
+//! ```
+
+use std::path::Path;
+use std::time::Duration;
+
+use rand::Rng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use crate::nemesis::FaultKind;
+
+/// A scenario file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Its name (the file stem).
+    pub name: String,
+    /// What it does, one line.
+    pub description: String,
+    /// Default run length (the fault window; `--duration` overrides it).
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// The sequencer's epoch interval.
+    #[serde(with = "humantime_serde", default = "default_epoch_interval")]
+    pub epoch_interval: Duration,
+    /// Concurrent clients.
+    #[serde(default = "default_clients")]
+    pub clients: u32,
+    /// Key space size.
+    #[serde(default = "default_keys")]
+    pub keys: u32,
+    /// Fraction of operations that are publishes.
+    #[serde(default = "default_publish_ratio")]
+    pub publish_ratio: f64,
+    /// Per-operation client timeout.
+    #[serde(with = "humantime_serde", default = "default_op_timeout")]
+    pub op_timeout: Duration,
+    /// The fault schedule.
+    #[serde(default)]
+    pub faults: Vec<FaultSpec>,
+    /// Service-level objectives (breach: exit 2).
+    #[serde(default)]
+    pub slo: Slo,
+}
+
+fn default_epoch_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_clients() -> u32 {
+    4
+}
+fn default_keys() -> u32 {
+    16
+}
+fn default_publish_ratio() -> f64 {
+    0.6
+}
+fn default_op_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+/// One scheduled fault (possibly repeated).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    /// What to do.
+    pub kind: FaultKind,
+    /// When, after the workload starts.
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    /// Heal (restart / resume) this long after injecting.
+    #[serde(with = "humantime_serde", default = "default_heal_after")]
+    pub heal_after: Duration,
+    /// Repeat with this period (± 20 %, seeded) while the run has time left.
+    #[serde(with = "humantime_serde", default)]
+    pub repeat_every: Option<Duration>,
+}
+
+fn default_heal_after() -> Duration {
+    Duration::from_secs(3)
+}
+
+/// SLOs measured per fault.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slo {
+    /// Longest acceptable write unavailability after a fault.
+    #[serde(with = "humantime_serde", default = "default_unavailable")]
+    pub max_write_unavailable: Duration,
+    /// Acceptable p99 latency of acknowledged publishes during fault windows.
+    #[serde(with = "humantime_serde", default = "default_p99")]
+    pub max_p99_publish: Duration,
+    /// Bound on healing: the last acknowledged epoch must commit within this after the run.
+    #[serde(with = "humantime_serde", default = "default_heal")]
+    pub max_heal: Duration,
+}
+
+fn default_unavailable() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_p99() -> Duration {
+    Duration::from_secs(8)
+}
+fn default_heal() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for Slo {
+    fn default() -> Self {
+        Self {
+            max_write_unavailable: default_unavailable(),
+            max_p99_publish: default_p99(),
+            max_heal: default_heal(),
+        }
+    }
+}
+
+/// A fault at a concrete time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scheduled {
+    /// What.
+    pub kind: FaultKind,
+    /// When, after the workload starts.
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    /// How long it holds.
+    #[serde(with = "humantime_serde")]
+    pub heal_after: Duration,
+}
+
+/// Why a scenario could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// No shipped scenario has that name, and it is not a file.
+    #[error("no scenario named {0:?} (see `ktd-chaos list`)")]
+    Unknown(String),
+    /// The file could not be read.
+    #[error("read {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid.
+    #[error("scenario {name}: {source}")]
+    Parse {
+        /// Which scenario.
+        name: String,
+        /// The error.
+        source: toml::de::Error,
+    },
+}
+
+/// The shipped scenarios: `(name, TOML)`.
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("leader-kill", include_str!("../scenarios/leader-kill.toml")),
+    (
+        "follower-kill",
+        include_str!("../scenarios/follower-kill.toml"),
+    ),
+    (
+        "follower-pause",
+        include_str!("../scenarios/follower-pause.toml"),
+    ),
+    (
+        "leader-pause",
+        include_str!("../scenarios/leader-pause.toml"),
+    ),
+    (
+        "leader-transfer",
+        include_str!("../scenarios/leader-transfer.toml"),
+    ),
+    (
+        "shard-crash-mid-epoch",
+        include_str!("../scenarios/shard-crash-mid-epoch.toml"),
+    ),
+    (
+        "gateway-restart",
+        include_str!("../scenarios/gateway-restart.toml"),
+    ),
+    (
+        "leader-kill-loop",
+        include_str!("../scenarios/leader-kill-loop.toml"),
+    ),
+];
+
+impl Scenario {
+    /// Parses TOML.
+    pub fn parse(name: &str, text: &str) -> Result<Self, ScenarioError> {
+        toml::from_str(text).map_err(|source| ScenarioError::Parse {
+            name: name.to_string(),
+            source,
+        })
+    }
+
+    /// A shipped scenario by name, or a TOML file by path.
+    pub fn load(name_or_path: &str) -> Result<Self, ScenarioError> {
+        if let Some((name, text)) = BUILTIN.iter().find(|(name, _)| *name == name_or_path) {
+            return Self::parse(name, text);
+        }
+        let path = Path::new(name_or_path);
+        if path.extension().is_some_and(|ext| ext == "toml") {
+            let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+                path: name_or_path.to_string(),
+                source,
+            })?;
+            return Self::parse(name_or_path, &text);
+        }
+        Err(ScenarioError::Unknown(name_or_path.to_string()))
+    }
+
+    /// The concrete fault times for a run of `duration`: every fault and its repeats, leaving
+    /// the fault's hold plus 2 s before the end; sorted by time.
+    pub fn schedule(&self, duration: Duration, rng: &mut StdRng) -> Vec<Scheduled> {
+        let mut out = Vec::new();
+        for spec in &self.faults {
+            let mut at = spec.at;
+            loop {
+                if at + spec.heal_after + Duration::from_secs(2) > duration {
+                    break;
+                }
+                out.push(Scheduled {
+                    kind: spec.kind,
+                    at,
+                    heal_after: spec.heal_after,
+                });
+                let Some(period) = spec.repeat_every else {
+                    break;
+                };
+                // Next one after this one has healed, with ± 20 % jitter.
+                let jitter = rng.random_range(0.8..1.2);
+                at += period
+                    .mul_f64(jitter)
+                    .max(spec.heal_after + Duration::from_secs(1));
+            }
+        }
+        out.sort_by_key(|scheduled| scheduled.at);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn shipped_scenarios_parse_and_schedule() {
+        for (name, text) in BUILTIN {
+            let scenario = Scenario::parse(name, text).expect("parses");
+            assert_eq!(scenario.name, *name);
+            let schedule = scenario.schedule(scenario.duration, &mut StdRng::seed_from_u64(7));
+            assert!(!schedule.is_empty(), "{name} schedules no fault");
+        }
+    }
+
+    #[test]
+    fn repeats_stay_inside_the_run() {
+        let scenario = Scenario::load("leader-kill-loop").expect("shipped");
+        let duration = Duration::from_secs(120);
+        let schedule = scenario.schedule(duration, &mut StdRng::seed_from_u64(1));
+        assert!(schedule.len() > 3);
+        for pair in schedule.windows(2) {
+            assert!(pair[1].at >= pair[0].at + pair[0].heal_after);
+        }
+        let last = schedule.last().expect("some");
+        assert!(last.at + last.heal_after < duration);
+    }
+}

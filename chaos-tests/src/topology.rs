@@ -1,0 +1,522 @@
+//! A real ktd cluster on one machine: 3 sequencer processes, 2 shard processes and 1 gateway
+//! on `127.0.0.x` with free ports and data directories under one temporary root. Every process
+//! logs to `<root>/<name>.log`. Processes can be SIGKILLed and restarted from their data
+//! directory, or paused with SIGSTOP and resumed with SIGCONT. Dropping the [`Topology`] kills
+//! every process it started (and resumes paused ones first so that they die).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway::client::Client;
+
+/// Why the harness could not build or drive the cluster (never the system under test's fault).
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// The `ktd` binary is missing.
+    #[error(
+        "the ktd binary was not found at {0}; build it with `cargo build --release -p gateway --bin ktd` \
+         (or run `cargo test --release --workspace`), or point KTD_BIN / --ktd at it"
+    )]
+    BinaryMissing(PathBuf),
+    /// A local I/O step failed (temp dir, log file, port probe, spawn).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The cluster did not become healthy in time.
+    #[error("the cluster did not become healthy within {limit:?}: {last_error}")]
+    NotHealthy {
+        /// The bound.
+        limit: Duration,
+        /// The last error seen while waiting.
+        last_error: String,
+    },
+    /// A process slot was used in the wrong state (e.g. resuming one that is not paused).
+    #[error("{0}")]
+    State(String),
+    /// The VRF seed could not be turned into a public key.
+    #[error("VRF key: {0}")]
+    Vrf(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TopologyError {
+    let what = what.into();
+    move |source| TopologyError::Io { what, source }
+}
+
+/// Where the `ktd` binary is: `explicit`, else `$KTD_BIN`, else next to the running executable
+/// (`target/release/ktd` for both `ktd-chaos` and the test binaries in `target/release/deps`),
+/// else `$CARGO_TARGET_DIR/release/ktd` (default `$HOME/.cache/ktd-target`).
+pub fn find_ktd(explicit: Option<&Path>) -> Result<PathBuf, TopologyError> {
+    if let Some(path) = explicit {
+        return exists(path.to_path_buf());
+    }
+    if let Some(path) = std::env::var_os("KTD_BIN") {
+        return exists(PathBuf::from(path));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join("ktd");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            PathBuf::from(home).join(".cache/ktd-target")
+        });
+    exists(target.join("release/ktd"))
+}
+
+fn exists(path: PathBuf) -> Result<PathBuf, TopologyError> {
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(TopologyError::BinaryMissing(path))
+    }
+}
+
+/// A free `ip:port` (bind port 0, then release it).
+pub fn free_addr(ip: &str) -> Result<String, TopologyError> {
+    let listener =
+        std::net::TcpListener::bind(format!("{ip}:0")).map_err(io(format!("bind {ip}:0")))?;
+    Ok(listener
+        .local_addr()
+        .map_err(io("local address"))?
+        .to_string())
+}
+
+/// What a process is in the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A sequencer node (Raft voter).
+    Sequencer,
+    /// A shard server.
+    Shard,
+    /// A gateway.
+    Gateway,
+}
+
+/// One `ktd` process slot: address, data directory and log survive restarts.
+pub struct Process {
+    /// Its name (`seq-1`, `shard-2`, `gateway-1`) and log file stem.
+    pub name: String,
+    /// What it is.
+    pub role: Role,
+    /// The sequencer node id, or the index among its role.
+    pub id: u64,
+    /// `ip:port` it listens on.
+    pub addr: String,
+    binary: PathBuf,
+    /// Flags every start passes.
+    base_args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+}
+
+impl Process {
+    fn new(
+        binary: &Path,
+        root: &Path,
+        name: String,
+        role: Role,
+        id: u64,
+        addr: String,
+        base_args: Vec<String>,
+    ) -> Self {
+        Self {
+            log: root.join(format!("{name}.log")),
+            name,
+            role,
+            id,
+            addr,
+            binary: binary.to_path_buf(),
+            base_args,
+            child: None,
+            paused: false,
+        }
+    }
+
+    /// Starts the process with `extra` flags after the base ones.
+    pub fn spawn(&mut self, extra: &[String]) -> Result<(), TopologyError> {
+        if self.child.is_some() {
+            return Err(TopologyError::State(format!("{} is running", self.name)));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(io(format!("open {}", self.log.display())))?;
+        let child = Command::new(&self.binary)
+            .args(&self.base_args)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("KTD_NODE_LOG")
+                    .unwrap_or_else(|_| "info,openraft=error,h2=warn,hyper=warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(io(format!("start {}", self.name)))?;
+        self.child = Some(child);
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Restarts from the data directory with the base flags only.
+    pub fn restart(&mut self) -> Result<(), TopologyError> {
+        self.spawn(&[])
+    }
+
+    /// Whether the process is running (possibly paused).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Whether it is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) -> Result<(), TopologyError> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| TopologyError::State(format!("{} is not running", self.name)))?;
+        child.kill().map_err(io(format!("SIGKILL {}", self.name)))?;
+        child.wait().map_err(io(format!("reap {}", self.name)))?;
+        self.paused = false;
+        Ok(())
+    }
+
+    fn signal(&self, signal: &str) -> Result<(), TopologyError> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| TopologyError::State(format!("{} is not running", self.name)))?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .map_err(io("run kill"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(TopologyError::State(format!(
+                "kill -{signal} {} failed",
+                self.name
+            )))
+        }
+    }
+
+    /// SIGSTOP: the process keeps its sockets but does nothing.
+    pub fn pause(&mut self) -> Result<(), TopologyError> {
+        self.signal("STOP")?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self) -> Result<(), TopologyError> {
+        if !self.paused {
+            return Err(TopologyError::State(format!("{} is not paused", self.name)));
+        }
+        self.signal("CONT")?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if self.paused {
+                let _ = Command::new("kill")
+                    .arg("-CONT")
+                    .arg(child.id().to_string())
+                    .status();
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// How to start a cluster.
+#[derive(Clone, Debug)]
+pub struct TopologyOptions {
+    /// The `ktd` binary.
+    pub ktd: PathBuf,
+    /// The sequencer's automatic epoch interval.
+    pub epoch_interval: Duration,
+    /// The VRF seed (the directory's key), 32 bytes.
+    pub vrf_seed: [u8; 32],
+    /// Bound on startup until the gateway answers `GetEpoch`.
+    pub startup_limit: Duration,
+}
+
+/// A running cluster.
+pub struct Topology {
+    /// Sequencers, by node id 1, 2, 3 (index = id - 1).
+    pub sequencers: Vec<Process>,
+    /// Shard servers.
+    pub shards: Vec<Process>,
+    /// Gateways.
+    pub gateways: Vec<Process>,
+    // Declared last: the processes die before their directory is removed.
+    root: tempfile::TempDir,
+}
+
+impl Topology {
+    /// Starts 3 sequencers, 2 shards (16 partitions) and 1 gateway, and waits until the gateway
+    /// answers `GetEpoch`.
+    pub async fn start(options: &TopologyOptions) -> Result<Self, TopologyError> {
+        let binary = exists(options.ktd.clone())?;
+        let root = tempfile::Builder::new()
+            .prefix("ktd-chaos-")
+            .tempdir()
+            .map_err(io("create the cluster's temp dir"))?;
+        let seed_file = write_seed(root.path(), &options.vrf_seed)?;
+        let public_key = gateway::run::vrf_public_key(&options.vrf_seed)
+            .map_err(|error| TopologyError::Vrf(format!("{error:#}")))?;
+        let sequencer_addrs = (1..=3u64)
+            .map(|id| free_addr(&format!("127.0.0.{}", 10 + id)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sequencer_list = sequencer_addrs.join(",");
+        let interval = humantime::format_duration(options.epoch_interval).to_string();
+
+        let mut shards = Vec::new();
+        for index in 1..=2u64 {
+            let addr = free_addr(&format!("127.0.0.{}", 20 + index))?;
+            let data_dir = root.path().join(format!("shard-{index}"));
+            let args = vec![
+                "shard".to_string(),
+                "--id".into(),
+                format!("s{index}"),
+                "--listen".into(),
+                addr.clone(),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--vrf-seed-file".into(),
+                seed_file.display().to_string(),
+                "--partition-bits".into(),
+                "4".into(),
+                "--sequencers".into(),
+                sequencer_list.clone(),
+            ];
+            let name = format!("shard-{index}");
+            let mut process =
+                Process::new(&binary, root.path(), name, Role::Shard, index, addr, args);
+            process.spawn(&[])?;
+            shards.push(process);
+        }
+        let shard_map = shards
+            .iter()
+            .map(|shard| format!("s{}=http://{}", shard.id, shard.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let peers = sequencer_addrs
+            .iter()
+            .enumerate()
+            .map(|(index, addr)| format!("{}={addr}", index + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut sequencers = Vec::new();
+        for (index, addr) in sequencer_addrs.iter().enumerate() {
+            let id = index as u64 + 1;
+            let data_dir = root.path().join(format!("seq-{id}"));
+            let base = vec![
+                "sequencer".to_string(),
+                "--listen".into(),
+                addr.clone(),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--epoch-interval".into(),
+                interval.clone(),
+            ];
+            let mut first = vec![
+                "--id".to_string(),
+                id.to_string(),
+                "--peers".into(),
+                peers.clone(),
+            ];
+            if id == 1 {
+                first.extend([
+                    "--init".to_string(),
+                    "--vrf-public-key".into(),
+                    hex::encode(public_key),
+                    "--partition-bits".into(),
+                    "4".into(),
+                    "--shards".into(),
+                    shard_map.clone(),
+                ]);
+            }
+            let mut process = Process::new(
+                &binary,
+                root.path(),
+                format!("seq-{id}"),
+                Role::Sequencer,
+                id,
+                addr.clone(),
+                base,
+            );
+            process.spawn(&first)?;
+            sequencers.push(process);
+        }
+        let gateway_addr = free_addr("127.0.0.31")?;
+        let args = vec![
+            "gateway".to_string(),
+            "--listen".into(),
+            gateway_addr.clone(),
+            "--sequencers".into(),
+            sequencer_list,
+        ];
+        let mut gateway = Process::new(
+            &binary,
+            root.path(),
+            "gateway-1".into(),
+            Role::Gateway,
+            1,
+            gateway_addr,
+            args,
+        );
+        gateway.spawn(&[])?;
+        let topology = Self {
+            sequencers,
+            shards,
+            gateways: vec![gateway],
+            root,
+        };
+        topology.wait_healthy(options.startup_limit).await?;
+        Ok(topology)
+    }
+
+    /// Waits until the first gateway connects and answers `GetEpoch`.
+    pub async fn wait_healthy(&self, limit: Duration) -> Result<Client, TopologyError> {
+        let started = Instant::now();
+        let mut last_error = String::from("not tried");
+        while started.elapsed() < limit {
+            match tokio::time::timeout(Duration::from_secs(3), async {
+                let client = Client::connect(&self.gateway_url()).await?;
+                client.epoch(None).await?;
+                anyhow::Ok(client)
+            })
+            .await
+            {
+                Ok(Ok(client)) => return Ok(client),
+                Ok(Err(error)) => last_error = format!("{error:#}"),
+                Err(_) => last_error = "GetEpoch timed out".into(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(TopologyError::NotHealthy { limit, last_error })
+    }
+
+    /// `http://ip:port` of the first gateway.
+    pub fn gateway_url(&self) -> String {
+        format!("http://{}", self.gateways[0].addr)
+    }
+
+    /// The sequencers' `ip:port`s.
+    pub fn sequencer_addrs(&self) -> Vec<String> {
+        self.sequencers.iter().map(|p| p.addr.clone()).collect()
+    }
+
+    /// The root directory (data dirs and logs).
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Every process, sequencers first.
+    pub fn processes(&self) -> impl Iterator<Item = &Process> {
+        self.sequencers
+            .iter()
+            .chain(&self.shards)
+            .chain(&self.gateways)
+    }
+
+    /// The process named `name`.
+    pub fn process_mut(&mut self, name: &str) -> Option<&mut Process> {
+        self.sequencers
+            .iter_mut()
+            .chain(&mut self.shards)
+            .chain(&mut self.gateways)
+            .find(|process| process.name == name)
+    }
+
+    /// The current leader's node id, as a running, unpaused sequencer reports it (`None` if no
+    /// reachable node reports itself leader).
+    pub async fn leader(&self) -> Option<u64> {
+        for process in &self.sequencers {
+            if !process.is_running() || process.is_paused() {
+                continue;
+            }
+            if let Ok(Ok(status)) = tokio::time::timeout(
+                Duration::from_millis(800),
+                sequencer::client::node_status_at(&process.addr),
+            )
+            .await
+                && status.state == "leader"
+            {
+                return Some(status.node_id);
+            }
+        }
+        None
+    }
+
+    /// Copies every log to `dir`.
+    pub fn copy_logs(&self, dir: &Path) -> Result<(), TopologyError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        for process in self.processes() {
+            let target = dir.join(format!("{}.log", process.name));
+            // A log that was never written is not an error.
+            if process.log_path().is_file() {
+                std::fs::copy(process.log_path(), &target)
+                    .map_err(io(format!("copy {}", process.log_path().display())))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.processes()
+            .map(|process| format!("===== {} =====\n{}", process.name, process.log_text()))
+            .collect()
+    }
+}
+
+fn write_seed(root: &Path, seed: &[u8; 32]) -> Result<PathBuf, TopologyError> {
+    let path = root.join("vrf-seed.hex");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io("create the VRF seed file"))?;
+    writeln!(file, "{}", hex::encode(seed)).map_err(io("write the VRF seed file"))?;
+    Ok(path)
+}

@@ -1,0 +1,145 @@
+//! The shipped scenarios, shortened to CI budgets: each must pass every checker and heal, and
+//! the positive control must be caught.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chaos_tests::nemesis::FaultKind;
+use chaos_tests::positive_control::Mutation;
+use chaos_tests::report::Exit;
+use chaos_tests::runner::{self, RunOptions, RunOutput};
+use chaos_tests::scenario::Scenario;
+use chaos_tests::topology::find_ktd;
+
+use crate::deadline::with_deadline;
+
+/// Runs a shipped scenario for `duration`; artifacts under `$KTD_CHAOS_OUT/<name>` if set.
+async fn run(name: &str, duration: Duration, mutation: Option<Mutation>) -> RunOutput {
+    let scenario = Scenario::load(name).expect("shipped scenario");
+    let ktd = find_ktd(None).unwrap_or_else(|error| panic!("{error}"));
+    let out = std::env::var_os("KTD_CHAOS_OUT").map(|dir| PathBuf::from(dir).join(name));
+    let options = RunOptions {
+        ktd,
+        seed: 7,
+        duration: Some(duration),
+        out,
+        mutation,
+    };
+    let output = runner::run(&scenario, &options)
+        .await
+        .unwrap_or_else(|error| panic!("harness error: {error}"));
+    eprintln!("{}", output.report.render());
+    output
+}
+
+/// A correct run: no violation, every fault installed, the cluster healed.
+fn assert_clean(output: &RunOutput, kind: FaultKind) {
+    let report = &output.report;
+    for verdict in &report.verdicts {
+        assert!(
+            verdict.ok(),
+            "{}: {:#?}",
+            verdict.checker,
+            verdict.violations
+        );
+    }
+    assert!(
+        report.heal_error.is_none(),
+        "did not heal: {:?}",
+        report.heal_error
+    );
+    let faults: Vec<_> = report
+        .faults
+        .iter()
+        .filter(|f| f.fault.kind == kind)
+        .collect();
+    assert!(!faults.is_empty(), "no {kind:?} fault was scheduled");
+    for figure in faults {
+        assert!(figure.fault.installed(), "{:?}", figure.fault);
+        assert!(
+            figure.write_unavailable_ms.is_some(),
+            "no publish was acknowledged after {:?}",
+            figure.fault
+        );
+    }
+    assert!(
+        report.ops.get("publish ok").copied().unwrap_or(0) > 20,
+        "too few acknowledged publishes: {:?}",
+        report.ops
+    );
+    assert!(
+        output.final_state.epoch > 5,
+        "too few epochs: {}",
+        output.final_state.epoch
+    );
+}
+
+#[test]
+fn leader_kill() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run("leader-kill", Duration::from_secs(16), None).await;
+        assert_clean(&output, FaultKind::KillLeader);
+        let fault = &output.report.faults[0];
+        assert!(fault.new_leader.is_some(), "no new leader: {fault:?}");
+        assert_ne!(fault.new_leader, fault.fault.leader_before);
+    });
+}
+
+#[test]
+fn follower_pause() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run("follower-pause", Duration::from_secs(14), None).await;
+        assert_clean(&output, FaultKind::PauseFollower);
+    });
+}
+
+#[test]
+fn shard_crash_mid_epoch() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run("shard-crash-mid-epoch", Duration::from_secs(14), None).await;
+        assert_clean(&output, FaultKind::KillShard);
+    });
+}
+
+/// The checkers must fail on a broken cluster: the same run with an acknowledged publish lost
+/// and a stale read injected exits 1.
+#[test]
+fn positive_control_is_caught() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run(
+            "leader-kill",
+            Duration::from_secs(12),
+            Some(Mutation::LoseAckedPublish),
+        )
+        .await;
+        assert_eq!(
+            output.report.exit,
+            Exit::Violation,
+            "lost publish not caught"
+        );
+        let failed: Vec<_> = output
+            .report
+            .verdicts
+            .iter()
+            .filter(|v| !v.ok())
+            .map(|v| v.checker)
+            .collect();
+        assert!(failed.contains(&"no_lost_publish"), "{failed:?}");
+
+        // The same history, healthy, then with a stale read: only the mutation makes it fail.
+        let mut history = output.history.clone();
+        let mut final_state = output.final_state.clone();
+        chaos_tests::positive_control::apply(Mutation::StaleRead, &mut history, &mut final_state)
+            .expect("a lookup to make stale");
+        let verdicts = chaos_tests::checker::check_all(&history, &final_state);
+        let failed: Vec<_> = verdicts
+            .iter()
+            .filter(|v| !v.ok())
+            .map(|v| v.checker)
+            .collect();
+        assert!(
+            failed.contains(&"reads_follow_the_log"),
+            "stale read not caught: {failed:?}"
+        );
+    });
+}

@@ -5,6 +5,7 @@
 #   ./x.sh test                    the full gate CI runs: fmt, clippy, tests, docs
 #   ./x.sh ktd ARGS...             run any `ktd` subcommand (release build)
 #   ./x.sh bench NAME [ARGS...]    run a benchmark (e.g. sequencer; bench profile = release)
+#   ./x.sh chaos ARGS...           failover drills (`ktd-chaos list`, `ktd-chaos run --scenario NAME`)
 #
 # Everything builds in ONE profile (release): tests, benches and binaries share the RocksDB C++
 # build, which takes ~12 minutes cold on 2 cores. CARGO_TARGET_DIR defaults to a directory outside
@@ -51,6 +52,11 @@ main() {
         test) ensure_system_deps; cmd_test "$@" ;;
         dev) ensure_system_deps; exec cargo run --release --locked -p gateway --bin ktd -- dev "$@" ;;
         ktd) ensure_system_deps; exec cargo run --release --locked -p gateway --bin ktd -- "$@" ;;
+        chaos)
+            ensure_system_deps
+            cargo build --release --locked -p gateway --bin ktd
+            exec cargo run --release --locked -p chaos-tests --bin ktd-chaos -- "$@"
+            ;;
         bench)
             ensure_system_deps
             local name="${1:?usage: ./x.sh bench NAME [ARGS...]}"
@@ -58,8 +64,8 @@ main() {
             exec cargo bench --locked --bench "$name" -- "$@"
             ;;
         deps) ensure_system_deps ;;
-        help | -h | --help) sed -n '2,12p' "$0" ;;
-        *) log "unknown command: $sub"; sed -n '2,12p' "$0"; exit 2 ;;
+        help | -h | --help) sed -n '2,13p' "$0" ;;
+        *) log "unknown command: $sub"; sed -n '2,13p' "$0"; exit 2 ;;
     esac
 }
 

@@ -324,14 +324,13 @@ pub async fn read_final_state(
         .max()
         .unwrap_or(0);
     let started = Instant::now();
-    let mut last = String::from("not tried");
     let latest = loop {
-        match tokio::time::timeout(Duration::from_secs(5), client.epoch(None)).await {
+        let last = match tokio::time::timeout(Duration::from_secs(5), client.epoch(None)).await {
             Ok(Ok(root)) if root.epoch >= target => break root.epoch,
-            Ok(Ok(root)) => last = format!("latest committed epoch is {}", root.epoch),
-            Ok(Err(error)) => last = format!("{error:#}"),
-            Err(_) => last = "GetEpoch timed out".into(),
-        }
+            Ok(Ok(root)) => format!("latest committed epoch is {}", root.epoch),
+            Ok(Err(error)) => format!("{error:#}"),
+            Err(_) => "GetEpoch timed out".into(),
+        };
         if started.elapsed() > limit {
             return Err(FinalStateError::NotHealed {
                 epoch: target,

@@ -80,8 +80,8 @@ fn leader_kill() {
         let output = run("leader-kill", Duration::from_secs(16), None).await;
         assert_clean(&output, FaultKind::KillLeader);
         let fault = &output.report.faults[0];
-        assert!(fault.new_leader.is_some(), "no new leader: {fault:?}");
-        assert_ne!(fault.new_leader, fault.fault.leader_before);
+        assert!(fault.fault.new_leader.is_some(), "no new leader: {fault:?}");
+        assert_ne!(fault.fault.new_leader, fault.fault.leader_before);
     });
 }
 

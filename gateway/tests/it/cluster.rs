@@ -303,7 +303,8 @@ async fn run(topology: &mut Topology) {
         if epoch == 1 {
             // While the epoch is open, the shards tail the log and evaluate its VRF labels.
             let mut precomputed = 0;
-            for _ in 0..100 {
+            // Up to 20 s: the shards start tailing only once the cluster has its metadata.
+            for _ in 0..400 {
                 let status = client.cluster_status().await.expect("cluster status");
                 precomputed = status
                     .shards

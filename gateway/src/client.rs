@@ -197,7 +197,8 @@ impl Client {
             .into_inner())
     }
 
-    /// Looks `label` up as of `epoch` (latest if `None`) and verifies the proof with stock akd.
+    /// Looks `label` up as of `epoch` (latest if `None`) and checks the proof with the strict
+    /// verifier.
     pub async fn lookup(&self, label: &[u8], epoch: Option<u64>) -> anyhow::Result<VerifiedLookup> {
         let answer = self
             .directory
@@ -210,11 +211,7 @@ impl Client {
             .into_inner();
         let proof_bytes = prost::Message::encoded_len(&answer);
         let at = epoch_root(answer.epoch_hash)?;
-        let proof: shard::akd_core::LookupProof = answer
-            .proof
-            .as_ref()
-            .ok_or_else(|| anyhow!("the answer has no proof"))?
-            .try_into()?;
+        let proof: shard::akd_core::LookupProof = decode_proof(answer.proof.as_ref())?;
         let label = AkdLabel(label.to_vec());
         let result = match self.config {
             AkdConfig::WhatsAppV1 => {
@@ -251,11 +248,7 @@ impl Client {
             .await?
             .into_inner();
         let at = epoch_root(answer.epoch_hash)?;
-        let proof: shard::akd_core::HistoryProof = answer
-            .proof
-            .as_ref()
-            .ok_or_else(|| anyhow!("the answer has no proof"))?
-            .try_into()?;
+        let proof: shard::akd_core::HistoryProof = decode_proof(answer.proof.as_ref())?;
         let params = match most_recent {
             0 => HistoryParams::Complete,
             n => HistoryParams::MostRecent(usize::try_from(n).unwrap_or(usize::MAX)),
@@ -309,11 +302,7 @@ impl Client {
             .await?
             .into_inner();
         let proof_bytes = prost::Message::encoded_len(&answer);
-        let proof: shard::akd_core::AppendOnlyProof = answer
-            .proof
-            .as_ref()
-            .ok_or_else(|| anyhow!("the answer has no proof"))?
-            .try_into()?;
+        let proof: shard::akd_core::AppendOnlyProof = decode_proof(answer.proof.as_ref())?;
         let hashes = answer
             .root_hashes
             .iter()
@@ -428,6 +417,17 @@ fn verify_lookup<TC: Configuration>(
 ) -> anyhow::Result<shard::akd_core::VerifyResult> {
     crate::strict::lookup_verify::<TC>(vrf_public_key, at.root_hash, at.epoch, label, proof)
         .map_err(|error| anyhow!("the lookup proof does not verify: {error}"))
+}
+
+/// The proof an answer carries, converted to akd's type.
+fn decode_proof<'a, M, P>(proof: Option<&'a M>) -> anyhow::Result<P>
+where
+    P: TryFrom<&'a M>,
+    P::Error: std::error::Error + Send + Sync + 'static,
+{
+    Ok(proof
+        .ok_or_else(|| anyhow!("the answer has no proof"))?
+        .try_into()?)
 }
 
 fn digest(bytes: &[u8]) -> anyhow::Result<Digest> {

@@ -112,6 +112,16 @@ impl<TC: Configuration> Epochs<TC> {
         }
     }
 
+    /// Committed epochs `epochs`, in order (fetched a few at a time).
+    pub async fn range(&self, epochs: std::ops::RangeInclusive<u64>) -> Result<Vec<Committed<TC>>> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(epochs)
+            .map(|epoch| self.at(epoch))
+            .buffered(8)
+            .try_collect()
+            .await
+    }
+
     /// Waits until `epoch` is committed (the caller bounds the wait with its deadline).
     pub async fn wait_for(&self, epoch: u64) -> Result<Committed<TC>> {
         let mut delay = Duration::from_millis(20);

@@ -21,6 +21,7 @@ use shard::akd_core::configuration::Configuration;
 use shard::akd_core::verify::history::HistoryParams;
 use shard::cluster::{self, ShardSet};
 use shard::stitch::TopTree;
+use shard::user::UpdateLimits;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
@@ -51,8 +52,9 @@ impl Default for GatewayOptions {
     fn default() -> Self {
         Self {
             max_in_flight: 1024,
-            max_label_bytes: 1024,
-            max_value_bytes: 64 * 1024,
+            // The shards' own limits: a publish they would refuse is refused here, at once.
+            max_label_bytes: UpdateLimits::default().max_label_len,
+            max_value_bytes: UpdateLimits::default().max_value_len,
             max_publish_updates: 10_000,
             max_audit_epochs: 1024,
             max_request_time: Duration::from_secs(60),
@@ -283,11 +285,7 @@ impl<TC: Configuration> Gateway<TC> {
         // Resolving the end first answers NOT_FOUND for an uncommitted range at once.
         self.epochs.at(end).await?;
         let shards = self.shard_set().await?;
-        let tops: Vec<Committed<TC>> = futures::stream::iter(start..=end)
-            .map(|epoch| self.epochs.at(epoch))
-            .buffered(8)
-            .try_collect()
-            .await?;
+        let tops = self.epochs.range(start..=end).await?;
         let steps: Vec<(u64, Arc<TopTree<TC>>)> = tops
             .windows(2)
             .map(|pair| (pair[0].epoch, pair[1].top.clone()))
@@ -321,11 +319,7 @@ impl<TC: Configuration> Gateway<TC> {
         let end = latest.min(start.saturating_add(limit - 1));
         let mut names = Vec::new();
         if start <= end {
-            let tops: Vec<Committed<TC>> = futures::stream::iter(start - 1..=end)
-                .map(|epoch| self.epochs.at(epoch))
-                .buffered(8)
-                .try_collect()
-                .await?;
+            let tops = self.epochs.range(start - 1..=end).await?;
             names = tops
                 .windows(2)
                 .map(|pair| {

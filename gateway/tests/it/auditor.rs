@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::connect;
 use crate::deadline::with_deadline;
-use crate::process::{KtdNode, free_addr};
+use crate::process::KtdNode;
 
 const NAMESPACE: &str = "test.key-transparency.v1";
 const KEY: [u8; 32] = [0x33; 32];
@@ -81,19 +81,7 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 }
 
 fn start_dev(root: &Path) -> KtdNode {
-    let addr = free_addr("127.0.0.42");
-    let args = [
-        "dev",
-        "--listen",
-        &addr,
-        "--data-dir",
-        &root.join("dev").display().to_string(),
-        "--epoch-interval",
-        "100ms",
-    ]
-    .map(String::from)
-    .to_vec();
-    let mut dev = KtdNode::new("dev", root, 1, addr, args);
+    let mut dev = KtdNode::dev(root, "127.0.0.42", &["--epoch-interval", "100ms"]);
     dev.spawn(&[]);
     dev
 }

@@ -23,23 +23,15 @@ fn ktd(addr: &str, args: &[&str]) -> std::process::Output {
 }
 
 fn dev_node(root: &std::path::Path, metrics: &str) -> KtdNode {
-    let addr = free_addr("127.0.0.41");
-    let args = [
-        "dev",
-        "--listen",
-        &addr,
-        "--data-dir",
-        &root.join("dev").display().to_string(),
+    let extra = [
         "--epoch-interval",
         "200ms",
         "--max-in-flight",
         "4",
         "--metrics-listen",
         metrics,
-    ]
-    .map(String::from)
-    .to_vec();
-    KtdNode::new("dev", root, 1, addr, args)
+    ];
+    KtdNode::dev(root, "127.0.0.41", &extra)
 }
 
 /// A few more epochs, then `ktd audit-blobs` writes one verified blob per epoch, named by its

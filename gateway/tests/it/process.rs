@@ -105,6 +105,21 @@ impl KtdNode {
         Self::new(&format!("node-{id}"), root, id, addr, base_args)
     }
 
+    /// A `ktd dev` slot on `ip` (free port) with its data under `root/dev`, logging to
+    /// `root/dev.log`; `extra` flags follow the base ones.
+    pub fn dev(root: &Path, ip: &str, extra: &[&str]) -> Self {
+        let addr = free_addr(ip);
+        let mut base_args = vec![
+            "dev".to_string(),
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            root.join("dev").display().to_string(),
+        ];
+        base_args.extend(extra.iter().map(|arg| arg.to_string()));
+        Self::new("dev", root, 1, addr, base_args)
+    }
+
     /// Restarts from the data directory: no node id, no peers, no --init.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "node {} is running", self.id);

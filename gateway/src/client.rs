@@ -23,6 +23,7 @@ use shard::akd_core::configuration::Configuration;
 use shard::akd_core::hash::Digest;
 use shard::akd_core::verify::history::{HistoryParams, HistoryVerificationParams};
 use shard::config::{Experimental, WhatsAppV1};
+use shard::proof::AbsenceProof;
 use tonic::transport::{Channel, Endpoint};
 
 /// A connection to a gateway.
@@ -50,6 +51,15 @@ pub struct EpochRoot {
     pub epoch: u64,
     /// Its root hash.
     pub root_hash: [u8; 32],
+}
+
+/// A verified proof that a label was never published.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifiedAbsence {
+    /// The epoch (and root) the proof was checked against.
+    pub at: EpochRoot,
+    /// Size of the answer on the wire.
+    pub proof_bytes: usize,
 }
 
 /// A verified lookup answer.
@@ -228,6 +238,70 @@ impl Client {
             epoch: result.epoch,
             proof_bytes,
         })
+    }
+
+    /// A proof that `label` was never published as of `epoch` (latest if `None`), checked with
+    /// [`crate::strict::absence_verify`]. Fails with `FAILED_PRECONDITION` if it was.
+    pub async fn prove_absence(
+        &self,
+        label: &[u8],
+        epoch: Option<u64>,
+    ) -> anyhow::Result<VerifiedAbsence> {
+        let answer = self
+            .directory
+            .clone()
+            .prove_absence(api::ProveAbsenceRequest {
+                label: label.to_vec(),
+                epoch,
+            })
+            .await?
+            .into_inner();
+        let proof_bytes = prost::Message::encoded_len(&answer);
+        let at = epoch_root(answer.epoch_hash)?;
+        let proof = answer
+            .proof
+            .ok_or_else(|| anyhow!("the answer has no proof"))?;
+        let proof = AbsenceProof {
+            vrf_proof: proof.vrf_proof,
+            non_membership: decode_proof(proof.non_membership_proof.as_ref())?,
+        };
+        let label = AkdLabel(label.to_vec());
+        let key = &self.vrf_public_key;
+        match self.config {
+            AkdConfig::WhatsAppV1 => {
+                crate::strict::absence_verify::<WhatsAppV1>(key, at.root_hash, &label, &proof)
+            }
+            AkdConfig::Experimental { .. } => {
+                crate::strict::absence_verify::<Experimental>(key, at.root_hash, &label, &proof)
+            }
+        }
+        .map_err(|error| anyhow!("the absence proof does not verify: {error}"))?;
+        Ok(VerifiedAbsence { at, proof_bytes })
+    }
+
+    /// Looks `label` up; if the gateway says it has no version, asks for an absence proof and
+    /// verifies it, so both answers are proven.
+    pub async fn lookup_or_absence(
+        &self,
+        label: &[u8],
+        epoch: Option<u64>,
+    ) -> anyhow::Result<Result<VerifiedLookup, VerifiedAbsence>> {
+        match self.lookup(label, epoch).await {
+            Ok(found) => Ok(Ok(found)),
+            Err(error)
+                if error
+                    .downcast_ref::<tonic::Status>()
+                    .is_some_and(|status| status.code() == tonic::Code::NotFound) =>
+            {
+                // NOT_FOUND is either "no such version" or "no such epoch"; only a verified
+                // absence proof tells them apart.
+                match self.prove_absence(label, epoch).await {
+                    Ok(absent) => Ok(Err(absent)),
+                    Err(_) => Err(error),
+                }
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// The history of `label` (the `most_recent` versions; 0 = all) as of `epoch`, verified.

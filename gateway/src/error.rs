@@ -56,6 +56,9 @@ impl From<GatewayError> for Status {
             GatewayError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             GatewayError::NothingToSeal => Status::failed_precondition(message),
             GatewayError::Sequencer(error) => Status::new(error.code(), message),
+            GatewayError::Shard(
+                error @ (shard::Error::LabelExists { .. } | shard::Error::EmptyDirectory { .. }),
+            ) => Status::failed_precondition(error.to_string()),
             GatewayError::Shard(error) => {
                 let status = Status::from(error);
                 match status.code() {

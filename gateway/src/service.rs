@@ -249,6 +249,23 @@ impl<TC: Configuration> Gateway<TC> {
         })
     }
 
+    async fn prove_absence(
+        &self,
+        request: api::ProveAbsenceRequest,
+    ) -> Result<api::ProveAbsenceResponse> {
+        let label = self.label(request.label)?;
+        let committed = self.epochs.resolve(request.epoch).await?;
+        let shards = self.shard_set().await?;
+        let proof = cluster::absence(&shards, &committed.top, committed.epoch, &label).await?;
+        Ok(api::ProveAbsenceResponse {
+            epoch_hash: Some(epoch_hash(&committed)),
+            proof: Some(api::AbsenceProof {
+                vrf_proof: proof.vrf_proof,
+                non_membership_proof: Some((&proof.non_membership).into()),
+            }),
+        })
+    }
+
     async fn key_history(
         &self,
         request: api::KeyHistoryRequest,
@@ -496,6 +513,20 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
         let deadline = deadline(&request);
         self.0
             .serve("Lookup", deadline, self.0.lookup(request.into_inner()))
+            .await
+    }
+
+    async fn prove_absence(
+        &self,
+        request: Request<api::ProveAbsenceRequest>,
+    ) -> Result<Response<api::ProveAbsenceResponse>, Status> {
+        let deadline = deadline(&request);
+        self.0
+            .serve(
+                "ProveAbsence",
+                deadline,
+                self.0.prove_absence(request.into_inner()),
+            )
             .await
     }
 

@@ -16,8 +16,9 @@ use shard::akd_core::hash::Digest;
 use shard::akd_core::verify::history::HistoryVerificationParams;
 use shard::akd_core::{
     self as akd_core, AkdLabel, HistoryProof, LookupProof, MembershipProof, NodeLabel,
-    NonMembershipProof, VerifyResult,
+    NonMembershipProof, VerifyResult, VersionFreshness,
 };
+use shard::proof::AbsenceProof;
 
 /// Why a proof was rejected.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -163,6 +164,31 @@ pub fn lookup_verify<TC: Configuration>(
         proof,
     )
     .map_err(|error| StrictError::Akd(error.to_string()))
+}
+
+/// Checks a proof that `akd_label` was never published (ktd's extension; akd has none): the
+/// VRF proof binds the proven label to `(akd_label, fresh, version 1)` (stock ECVRF
+/// verification and akd's proof-to-label mapping), the non-membership proof is canonical, and
+/// it verifies against `root_hash` with akd's own `verify_nonmembership`. Versions are numbered
+/// from 1 without gaps, so no version 1 means no version at all.
+pub fn absence_verify<TC: Configuration>(
+    vrf_public_key: &[u8],
+    root_hash: Digest,
+    akd_label: &AkdLabel,
+    proof: &AbsenceProof,
+) -> Result<(), StrictError> {
+    check_non_membership::<TC>(&proof.non_membership, "the absence proof")?;
+    shard::vrf::verify_label::<TC>(
+        vrf_public_key,
+        akd_label,
+        VersionFreshness::Fresh,
+        1,
+        &proof.vrf_proof,
+        proof.non_membership.label,
+    )
+    .map_err(|error| StrictError::Akd(error.to_string()))?;
+    akd_core::verify::verify_nonmembership_for_tests_only::<TC>(root_hash, &proof.non_membership)
+        .map_err(|error| StrictError::Akd(error.to_string()))
 }
 
 /// `akd::client::key_history_verify` plus the structural checks.
@@ -342,5 +368,97 @@ mod tests {
         assert!(
             lookup_verify::<WhatsAppV1>(&key, hash.root_hash, hash.epoch, alice, turned).is_err()
         );
+    }
+
+    #[test]
+    fn absence_proofs_verify_and_forged_ones_do_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let directory = directory(dir.path());
+        let key = directory.vrf_public_key();
+        let carol = AkdLabel::from("carol");
+        let (proof, hash) = directory.absence(&carol, None).expect("absence proof");
+        absence_verify::<WhatsAppV1>(&key, hash.root_hash, &carol, &proof)
+            .expect("an honest absence proof passes");
+        // At every earlier epoch too, against that epoch's root.
+        for epoch in 1..=2 {
+            let (proof, hash) = directory.absence(&carol, Some(epoch)).expect("absence");
+            assert_eq!(hash.epoch, epoch);
+            absence_verify::<WhatsAppV1>(&key, hash.root_hash, &carol, &proof)
+                .expect("an honest absence proof at an earlier epoch passes");
+        }
+        // The proof is about carol's label only, and only against its root.
+        let alice = AkdLabel::from("alice");
+        assert!(absence_verify::<WhatsAppV1>(&key, hash.root_hash, &alice, &proof).is_err());
+        let (_, old) = directory.absence(&carol, Some(1)).expect("absence");
+        assert!(absence_verify::<WhatsAppV1>(&key, old.root_hash, &carol, &proof).is_err());
+        // A published label gets no absence proof.
+        assert!(matches!(
+            directory.absence(&alice, None),
+            Err(shard::Error::LabelExists { .. })
+        ));
+        let user = AkdLabel::from("user-3-0");
+        assert!(directory.absence(&user, Some(2)).is_ok());
+        assert!(directory.absence(&user, Some(3)).is_err());
+
+        // A forged "alice was never published": her real version-1 label, proven absent at
+        // the grandparent of its leaf, whose child on the path is a prefix of the label.
+        // Stock akd accepts it; the strict verifier does not.
+        let (history, hash) = directory
+            .key_history(
+                &alice,
+                shard::akd_core::verify::history::HistoryParams::Complete,
+                None,
+            )
+            .expect("history");
+        let first = history
+            .update_proofs
+            .iter()
+            .find(|update| update.version == 1)
+            .expect("version 1");
+        let leaf = &first.existence_proof;
+        let steps = &leaf.sibling_proofs;
+        assert!(steps.len() >= 2, "the leaf is at depth >= 2");
+        let join = |step: &akd_core::SiblingProof, label: NodeLabel, value| {
+            let sibling = step.siblings[0];
+            let child = akd_core::AzksElement { label, value };
+            match step.direction {
+                akd_core::Direction::Left => [child, sibling],
+                akd_core::Direction::Right => [sibling, child],
+            }
+        };
+        let parent_value = |children: &[akd_core::AzksElement; 2]| {
+            WhatsAppV1::compute_parent_hash_from_children(
+                &children[0].value,
+                &children[0].label.value::<WhatsAppV1>(),
+                &children[1].value,
+                &children[1].label.value::<WhatsAppV1>(),
+            )
+        };
+        let parent = &steps[steps.len() - 1];
+        let parent_hash = parent_value(&join(parent, leaf.label, leaf.hash_val));
+        let grandparent = &steps[steps.len() - 2];
+        let children = join(grandparent, parent.label, parent_hash);
+        let forged = AbsenceProof {
+            vrf_proof: first.existence_vrf_proof.clone(),
+            non_membership: NonMembershipProof {
+                label: leaf.label,
+                longest_prefix: grandparent.label,
+                longest_prefix_children: children,
+                longest_prefix_membership_proof: MembershipProof {
+                    label: grandparent.label,
+                    hash_val: parent_value(&children),
+                    sibling_proofs: steps[..steps.len() - 2].to_vec(),
+                },
+            },
+        };
+        akd_core::verify::verify_nonmembership_for_tests_only::<WhatsAppV1>(
+            hash.root_hash,
+            &forged.non_membership,
+        )
+        .expect("stock akd accepts the ancestor-anchored proof");
+        assert!(matches!(
+            absence_verify::<WhatsAppV1>(&key, hash.root_hash, &alice, &forged),
+            Err(StrictError::NonCanonicalAbsence { .. })
+        ));
     }
 }

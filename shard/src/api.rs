@@ -12,7 +12,7 @@ use akd_core::{AkdLabel, AkdValue};
 use crate::error::Result;
 use crate::label;
 use crate::node::user_partition;
-use crate::proof::{HistoryPlan, LookupPlan};
+use crate::proof::{AbsencePlan, HistoryPlan, LookupPlan};
 use crate::tree::audit::AppendOnlySlice;
 use crate::tree::{LeavesByPartition, NodeRef, PartitionWalk, WalkRequest};
 
@@ -193,6 +193,9 @@ pub trait ShardApi: Send + Sync {
 
     /// The user-side plan of a lookup proof as of `epoch`.
     async fn lookup_plan(&self, akd_label: AkdLabel, epoch: u64) -> Result<LookupPlan>;
+
+    /// The user-side plan of an absence proof as of `epoch`.
+    async fn absence_plan(&self, akd_label: AkdLabel, epoch: u64) -> Result<AbsencePlan>;
 
     /// The user-side plan of a history proof as of `epoch`.
     async fn history_plan(

@@ -16,9 +16,9 @@ use proto::ktd::shard::v1::shard_client::ShardClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::api::{BuildSummary, PrepareSummary, ShardApi, ShardInfo, ShardMap, ShardStatus};
-use crate::error::{Error, Result};
+use crate::error::{Error, LabelTag, Result};
 use crate::local::PeerResolver;
-use crate::proof::{HistoryPlan, LookupPlan};
+use crate::proof::{AbsencePlan, HistoryPlan, LookupPlan};
 use crate::server::MAX_MESSAGE_BYTES;
 use crate::tree::audit::AppendOnlySlice;
 use crate::tree::{LeavesByPartition, NodeRef, PartitionWalk, WalkRequest};
@@ -215,6 +215,26 @@ impl ShardApi for GrpcShard {
             .map_err(|status| self.remote(status))?
             .into_inner();
         self.decoder().lookup_plan(&response)
+    }
+
+    async fn absence_plan(&self, akd_label: AkdLabel, epoch: u64) -> Result<AbsencePlan> {
+        let label = LabelTag::of(&akd_label);
+        let request = pb::AbsencePlanRequest {
+            label: akd_label.0,
+            epoch,
+        };
+        let response = self
+            .client
+            .clone()
+            .absence_plan(self.request(request, self.timeouts.read))
+            .await
+            .map_err(|status| match status.code() {
+                // The one precondition the shard checks: the label has a version.
+                tonic::Code::FailedPrecondition => Error::LabelExists { label, epoch },
+                _ => self.remote(status),
+            })?
+            .into_inner();
+        self.decoder().absence_plan(&response)
     }
 
     async fn history_plan(

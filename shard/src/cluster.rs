@@ -26,7 +26,7 @@ use crate::api::{ShardApi, ShardMap};
 use crate::error::{Error, Result};
 use crate::label;
 use crate::local::PeerResolver;
-use crate::proof::{Claim, LocatedClaims, TreeProof};
+use crate::proof::{AbsenceProof, Claim, LocatedClaims, TreeProof};
 use crate::stitch::{self, TopTree};
 use crate::tree::{NodeRef, PartitionWalk, WalkRequest};
 
@@ -226,6 +226,25 @@ pub async fn lookup<TC: Configuration>(
     let plan = shards
         .api(&owner)?
         .lookup_plan(akd_label.clone(), epoch)
+        .await?;
+    let proofs = prove_on_shards(shards, top, &plan.claims()).await?;
+    plan.assemble(proofs)
+}
+
+/// Proof that `akd_label` has no version as of `epoch`, whose top tree is `top`.
+pub async fn absence<TC: Configuration>(
+    shards: &ShardSet,
+    top: &TopTree<TC>,
+    epoch: u64,
+    akd_label: &AkdLabel,
+) -> Result<AbsenceProof> {
+    if top.partitions().iter().all(Option::is_none) {
+        return Err(Error::EmptyDirectory { epoch });
+    }
+    let owner = shards.map.user_owner(akd_label).id.clone();
+    let plan = shards
+        .api(&owner)?
+        .absence_plan(akd_label.clone(), epoch)
         .await?;
     let proofs = prove_on_shards(shards, top, &plan.claims()).await?;
     plan.assemble(proofs)

@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use crate::config::{AkdConfig, Experimental, WhatsAppV1};
 use crate::error::{Error, Result};
 use crate::node::ShardNode;
-use crate::proof::prove_claims;
+use crate::proof::{AbsenceProof, prove_claims};
 use crate::stitch::{self, TopTree};
 use crate::store::{DirectoryMeta, EpochRecord, RocksStore, StoreOptions};
 use crate::tree;
@@ -228,6 +228,15 @@ impl Directory {
         epoch: Option<u64>,
     ) -> Result<(LookupProof, EpochHash)> {
         dispatch!(self, core => core.lookup(akd_label, epoch))
+    }
+
+    /// Proof that `akd_label` was never published as of `epoch` (default: latest).
+    pub fn absence(
+        &self,
+        akd_label: &AkdLabel,
+        epoch: Option<u64>,
+    ) -> Result<(AbsenceProof, EpochHash)> {
+        dispatch!(self, core => core.absence(akd_label, epoch))
     }
 
     /// The history proof of `akd_label` as of `epoch` (default: latest).
@@ -458,6 +467,20 @@ impl<TC: Configuration> Core<TC> {
     fn lookup(&self, akd_label: &AkdLabel, epoch: Option<u64>) -> Result<(LookupProof, EpochHash)> {
         let view = self.view(epoch)?;
         let plan = self.node.lookup_plan(akd_label, view.epoch)?;
+        let proofs = prove_claims(&view.top, &plan.claims(), self.walker())?;
+        Ok((plan.assemble(proofs)?, view.epoch_hash()))
+    }
+
+    fn absence(
+        &self,
+        akd_label: &AkdLabel,
+        epoch: Option<u64>,
+    ) -> Result<(AbsenceProof, EpochHash)> {
+        let view = self.view(epoch)?;
+        let plan = self.node.absence_plan(akd_label, view.epoch)?;
+        if view.top.partitions().iter().all(Option::is_none) {
+            return Err(Error::EmptyDirectory { epoch: view.epoch });
+        }
         let proofs = prove_claims(&view.top, &plan.claims(), self.walker())?;
         Ok((plan.assemble(proofs)?, view.epoch_hash()))
     }

@@ -98,6 +98,23 @@ pub enum Error {
         /// Epoch the lookup was made at.
         epoch: u64,
     },
+    /// An absence proof was asked for a label that has a published version.
+    #[error("label {label} has a published version as of epoch {epoch}; look it up instead")]
+    LabelExists {
+        /// Tag of the label.
+        label: LabelTag,
+        /// Epoch the absence proof was asked for.
+        epoch: u64,
+    },
+    /// Non-membership cannot be proven in a directory with no leaves (akd-spec §10.2); every
+    /// label is absent there, which its root (akd's empty root) shows.
+    #[error(
+        "the directory is empty as of epoch {epoch}: every label is absent (its root is akd's empty-directory root)"
+    )]
+    EmptyDirectory {
+        /// The epoch.
+        epoch: u64,
+    },
     /// A history request asked for zero versions.
     #[error("a history request must ask for at least one version")]
     EmptyHistoryRequest,

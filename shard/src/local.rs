@@ -18,7 +18,7 @@ use futures::future::try_join_all;
 use crate::api::{BuildSummary, PrepareSummary, ShardApi, ShardInfo, ShardMap, ShardStatus};
 use crate::error::{Error, Result};
 use crate::node::ShardNode;
-use crate::proof::{HistoryPlan, LookupPlan};
+use crate::proof::{AbsencePlan, HistoryPlan, LookupPlan};
 use crate::tree::audit::AppendOnlySlice;
 use crate::tree::{LeavesByPartition, NewLeaf, NodeRef, PartitionWalk, SortedLeaves, WalkRequest};
 
@@ -264,6 +264,11 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
     async fn lookup_plan(&self, akd_label: AkdLabel, epoch: u64) -> Result<LookupPlan> {
         let node = self.node.clone();
         blocking(move || node.lookup_plan(&akd_label, epoch)).await
+    }
+
+    async fn absence_plan(&self, akd_label: AkdLabel, epoch: u64) -> Result<AbsencePlan> {
+        let node = self.node.clone();
+        blocking(move || node.absence_plan(&akd_label, epoch)).await
     }
 
     async fn history_plan(

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, LabelTag, Result};
 use crate::label;
-use crate::proof::{HistoryPlan, LookupPlan};
+use crate::proof::{AbsencePlan, HistoryPlan, LookupPlan};
 use crate::store::RocksStore;
 use crate::tree::audit::{AppendOnlySlice, append_only_slice};
 use crate::tree::{
@@ -304,6 +304,19 @@ impl<TC: Configuration> ShardNode<TC> {
                     epoch,
                 })?;
         Ok(LookupPlan::new::<TC>(&self.vrf, akd_label, latest))
+    }
+
+    /// The absence plan of `akd_label` as of `epoch`; [`Error::LabelExists`] if it has a
+    /// version then.
+    pub fn absence_plan(&self, akd_label: &AkdLabel, epoch: u64) -> Result<AbsencePlan> {
+        self.limits.check_label(akd_label)?;
+        if self.store.latest_user_version(akd_label, epoch)?.is_some() {
+            return Err(Error::LabelExists {
+                label: LabelTag::of(akd_label),
+                epoch,
+            });
+        }
+        Ok(AbsencePlan::new::<TC>(&self.vrf, akd_label))
     }
 
     /// The history plan of `akd_label` as of `epoch`.

@@ -232,6 +232,52 @@ impl LookupPlan {
     }
 }
 
+/// Proof that a label has never been published as of an epoch, which akd cannot give: the
+/// VRF-proven `FreshLabel(1)` and its non-membership proof. Versions are numbered from 1 without
+/// gaps, so a label whose version 1 is absent has no version at all. Each half verifies with
+/// stock akd code (the VRF with `akd_core::ecvrf`, the tree proof like a lookup's freshness
+/// proof); `gateway::strict::absence_verify` checks both plus canonical anchoring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AbsenceProof {
+    /// VRF proof binding `non_membership.label` to `(akd_label, Fresh, 1)`.
+    pub vrf_proof: Vec<u8>,
+    /// Non-membership proof of `FreshLabel(1)`.
+    pub non_membership: NonMembershipProof,
+}
+
+/// Everything an absence proof needs besides the tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AbsencePlan {
+    /// `FreshLabel(1)` and its VRF proof.
+    pub first: ProvenLabel,
+}
+
+impl AbsencePlan {
+    /// Plans the absence proof of `akd_label` (the caller has checked it has no version).
+    pub fn new<TC: Configuration>(vrf: &VrfKey, akd_label: &AkdLabel) -> Self {
+        let (label, vrf_proof) = vrf.prove::<TC>(akd_label, VersionFreshness::Fresh, 1);
+        Self {
+            first: ProvenLabel { label, vrf_proof },
+        }
+    }
+
+    /// The one tree claim: `FreshLabel(1)` is not a leaf.
+    pub fn claims(&self) -> Vec<Claim> {
+        vec![Claim::Absent(self.first.label)]
+    }
+
+    /// Builds the proof from the answer to [`AbsencePlan::claims`].
+    pub fn assemble(self, proofs: Vec<TreeProof>) -> Result<AbsenceProof> {
+        let [absent]: [TreeProof; 1] = proofs
+            .try_into()
+            .map_err(|_| Error::Proof("an absence proof needs exactly one tree proof".into()))?;
+        Ok(AbsenceProof {
+            vrf_proof: self.first.vrf_proof,
+            non_membership: absent.absent()?,
+        })
+    }
+}
+
 fn next(labels: &mut impl Iterator<Item = ProvenLabel>) -> ProvenLabel {
     labels.next().expect("one proven label per requested label")
 }

@@ -32,7 +32,9 @@ impl From<Error> for Status {
             Error::IncompatibleDataDir { .. }
             | Error::EpochOutOfOrder { .. }
             | Error::MissingDelivery { .. }
-            | Error::LeafExists { .. } => Status::failed_precondition(message),
+            | Error::LeafExists { .. }
+            | Error::LabelExists { .. }
+            | Error::EmptyDirectory { .. } => Status::failed_precondition(message),
             Error::Corrupt(_) => Status::data_loss(message),
             Error::Remote { code, message, .. } => Status::new(code, message),
             Error::Storage { .. } | Error::Vrf(_) | Error::Proof(_) => Status::internal(message),
@@ -158,6 +160,18 @@ impl pb::shard_server::Shard for ShardService {
             .lookup_plan(akd_core::AkdLabel(request.label), request.epoch)
             .await?;
         Ok(Response::new(wire::lookup_plan(&plan)))
+    }
+
+    async fn absence_plan(
+        &self,
+        request: Request<pb::AbsencePlanRequest>,
+    ) -> Result<Response<pb::AbsencePlanResponse>, Status> {
+        let request = request.into_inner();
+        let plan = self
+            .api
+            .absence_plan(akd_core::AkdLabel(request.label), request.epoch)
+            .await?;
+        Ok(Response::new(wire::absence_plan(&plan)))
     }
 
     async fn history_plan(

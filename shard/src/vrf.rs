@@ -114,6 +114,45 @@ impl VRFKeyStorage for VrfKey {
     }
 }
 
+/// Checks that `vrf_proof` proves `expected` is the node label of `(akd_label, freshness,
+/// version)` under `public_key`, with stock akd code only: `VRFPublicKey::verify` on akd's label
+/// input, then akd's own proof-to-label mapping (what `akd_core`'s private `verify_label` does).
+pub fn verify_label<TC: Configuration>(
+    public_key: &[u8],
+    akd_label: &AkdLabel,
+    freshness: VersionFreshness,
+    version: u64,
+    vrf_proof: &[u8],
+    expected: NodeLabel,
+) -> Result<()> {
+    let public = VRFPublicKey::try_from(public_key).map_err(vrf_error)?;
+    let proof = Proof::try_from(vrf_proof).map_err(vrf_error)?;
+    let input = TC::get_hash_from_label_input(akd_label, freshness, version);
+    public.verify(&proof, &input).map_err(vrf_error)?;
+    let label = ready(ProofOnly.get_node_label_from_vrf_proof(proof))
+        .ok_or_else(|| Error::Vrf("akd's label mapping did not complete".into()))?;
+    if label != expected {
+        return Err(Error::Vrf(
+            "the VRF proof's output does not match the proven node label".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A key storage with no key: only akd's provided `get_node_label_from_vrf_proof`, which reads
+/// the proof alone, is ever called on it.
+#[derive(Clone)]
+struct ProofOnly;
+
+#[async_trait::async_trait]
+impl VRFKeyStorage for ProofOnly {
+    async fn retrieve(&self) -> std::result::Result<Vec<u8>, VrfError> {
+        Err(VrfError::SigningKey(
+            "a proof-only key storage holds no key".into(),
+        ))
+    }
+}
+
 fn proof_bytes(proof: &Proof) -> Vec<u8> {
     proof.to_bytes().to_vec()
 }
@@ -163,5 +202,39 @@ mod tests {
         );
         assert_eq!(proof.len(), 80);
         assert!(!format!("{key:?}").contains("0909"));
+    }
+
+    #[test]
+    fn stock_label_verification_accepts_honest_and_rejects_swapped_proofs() {
+        let key = VrfKey::from_seed(&[9u8; 32]).expect("valid seed");
+        let alice = AkdLabel::from("alice");
+        let (label, proof) = key.prove::<Wa>(&alice, VersionFreshness::Fresh, 1);
+        let public = key.public_key();
+        verify_label::<Wa>(&public, &alice, VersionFreshness::Fresh, 1, &proof, label)
+            .expect("honest proof");
+        let (other, _) = key.prove::<Wa>(&alice, VersionFreshness::Fresh, 2);
+        for (who, version, claimed) in [("bob", 1, label), ("alice", 2, label), ("alice", 1, other)]
+        {
+            let result = verify_label::<Wa>(
+                &public,
+                &AkdLabel::from(who),
+                VersionFreshness::Fresh,
+                version,
+                &proof,
+                claimed,
+            );
+            assert!(result.is_err(), "{who} v{version} must not verify");
+        }
+        assert!(
+            verify_label::<Wa>(
+                &public,
+                &alice,
+                VersionFreshness::Fresh,
+                1,
+                &proof[..79],
+                label
+            )
+            .is_err()
+        );
     }
 }

@@ -9,7 +9,7 @@ use proto::ktd::shard::v1 as pb;
 use proto::ktd::v1 as akd_pb;
 
 use crate::error::{Error, Result};
-use crate::proof::{HistoryPlan, LookupPlan, ProvenLabel, UpdatePlan};
+use crate::proof::{AbsencePlan, HistoryPlan, LookupPlan, ProvenLabel, UpdatePlan};
 use crate::tree::audit::AppendOnlySlice;
 use crate::tree::{LeavesByPartition, NewLeaf, NodeRef, PartitionWalk, WalkRequest};
 use crate::user::UserVersion;
@@ -216,6 +216,13 @@ impl Decoder<'_> {
         })
     }
 
+    /// An absence plan.
+    pub fn absence_plan(&self, plan: &pb::AbsencePlanResponse) -> Result<AbsencePlan> {
+        Ok(AbsencePlan {
+            first: self.proven(&plan.first, "AbsencePlan.first")?,
+        })
+    }
+
     /// A history plan.
     pub fn history_plan(&self, plan: &pb::HistoryPlanResponse) -> Result<HistoryPlan> {
         let markers = |markers: &[pb::ProvenLabel]| {
@@ -359,6 +366,13 @@ pub fn lookup_plan(plan: &LookupPlan) -> pb::LookupPlanResponse {
         marker: Some(proven(&plan.marker)),
         freshness: Some(proven(&plan.freshness)),
         commitment_nonce: plan.commitment_nonce.clone(),
+    }
+}
+
+/// Encodes an absence plan.
+pub fn absence_plan(plan: &AbsencePlan) -> pb::AbsencePlanResponse {
+    pb::AbsencePlanResponse {
+        first: Some(proven(&plan.first)),
     }
 }
 

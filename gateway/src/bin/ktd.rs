@@ -73,7 +73,8 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// Look LABEL up (latest committed epoch, or --epoch).
+    /// Look LABEL up (latest committed epoch, or --epoch). A label that was never published
+    /// is proven absent (exit status 3).
     Lookup(LabelQuery),
     /// The version history of LABEL.
     History {
@@ -647,7 +648,21 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
             hex,
             verify,
         }) => {
-            let found = client.lookup(&bytes(&label, hex)?, epoch).await?;
+            let found = match client
+                .lookup_or_absence(&bytes(&label, hex)?, epoch)
+                .await?
+            {
+                Ok(found) => found,
+                Err(absent) => {
+                    println!(
+                        "{label}: never published as of epoch {}; absence proof verified against root {} ({} proof bytes)",
+                        absent.at.epoch,
+                        hex::encode(absent.at.root_hash),
+                        absent.proof_bytes
+                    );
+                    std::process::exit(NOT_FOUND_EXIT);
+                }
+            };
             // The client library always verifies; --verify makes that explicit in the output.
             let how = if verify {
                 "verified with akd + strict checks"
@@ -818,6 +833,9 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Exit status of `ktd lookup` for a label proven absent.
+const NOT_FOUND_EXIT: i32 = 3;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -369,6 +369,40 @@ async fn run(topology: &mut Topology) {
         .any(|node| node.log_text().contains("epoch not committed yet"));
     assert!(retried, "the coordinator never saw the killed shard");
 
+    // Labels never published are proven absent (at the latest and an earlier epoch, across
+    // both shard processes); a published label and the empty directory are refused.
+    for label in ["nobody-1", "nobody-2", "nobody-3"] {
+        for epoch in [None, Some(3)] {
+            let absent = client
+                .prove_absence(label.as_bytes(), epoch)
+                .await
+                .expect("verified absence proof");
+            assert_eq!(absent.at, roots[epoch.unwrap_or(EPOCHS) as usize]);
+        }
+        match client.lookup_or_absence(label.as_bytes(), None).await {
+            Ok(Err(absent)) => assert_eq!(absent.at.epoch, EPOCHS),
+            other => panic!("{label}: expected a verified absence, got {other:?}"),
+        }
+    }
+    let mut published_label = None;
+    for label in &labels {
+        if client.lookup(label, None).await.is_ok() {
+            published_label = Some(label.clone());
+            break;
+        }
+    }
+    let published_label = published_label.expect("some label was published");
+    let published = client.prove_absence(&published_label, None).await;
+    let empty = client.prove_absence(b"nobody-1", Some(0)).await;
+    for refused in [published.map(|_| ()), empty.map(|_| ())] {
+        let error = refused.expect_err("refused");
+        assert_eq!(
+            code(&error),
+            Some(tonic::Code::FailedPrecondition),
+            "{error:#}"
+        );
+    }
+
     let audit = client.audit(0, EPOCHS).await.expect("verified audit");
     assert_eq!(audit.roots, roots, "audit roots are the committed roots");
 

@@ -167,6 +167,7 @@ async fn run(args: Args) {
         vrf_seed_file: Some(seed_file),
         // The bench seals every epoch itself.
         epoch_interval: Duration::from_secs(3600),
+        heartbeat_interval: None,
         partition_bits: args.bits,
         config: AkdConfig::WhatsAppV1,
         options: GatewayOptions::default(),

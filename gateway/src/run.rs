@@ -288,6 +288,8 @@ pub struct DevSettings {
     pub vrf_seed_file: Option<PathBuf>,
     /// Seal a non-empty open epoch this often.
     pub epoch_interval: Duration,
+    /// Seal an empty (heartbeat) epoch after this long without updates.
+    pub heartbeat_interval: Option<Duration>,
     /// Partition bits.
     pub partition_bits: u8,
     /// akd configuration.
@@ -334,6 +336,7 @@ pub async fn run_dev(
     config.cluster.vrf_public_key = hex::encode(public_key);
     config.cluster.shards = vec![format!("{DEV_SHARD}=in-process")];
     config.epoch.interval = settings.epoch_interval;
+    config.epoch.heartbeat_interval = settings.heartbeat_interval;
     let sequencer = Sequencer::start(config)
         .await
         .context("start the sequencer")?;

@@ -42,8 +42,13 @@ impl sequencer_admin_server::SequencerAdmin for AdminService {
         &self,
         request: Request<pb::SealRequest>,
     ) -> Result<Response<pb::SealResponse>, Status> {
-        let epoch = request.into_inner().epoch;
-        let sealed = self.node()?.seal((epoch != 0).then_some(epoch)).await?;
+        let request = request.into_inner();
+        let node = self.node()?;
+        let sealed = match (request.epoch, request.heartbeat) {
+            (epoch, false) => node.seal((epoch != 0).then_some(epoch)).await?,
+            (0, true) => node.heartbeat(node.open_epoch_view().0).await?,
+            (epoch, true) => node.heartbeat(epoch).await?,
+        };
         Ok(Response::new(sealed))
     }
 

@@ -279,6 +279,7 @@ impl SequencerClient {
         self.on_leader(retry, |channel| {
             let request = self.request(pb::SealRequest {
                 epoch: epoch.unwrap_or(0),
+                heartbeat: false,
             });
             async move {
                 SequencerAdminClient::new(channel)

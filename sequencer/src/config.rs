@@ -114,6 +114,11 @@ pub struct EpochOptions {
     /// The leader seals a non-empty open epoch this long after it opened.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// If set, the leader seals an *empty* epoch this long after it opened (a heartbeat epoch:
+    /// same root, new epoch number, so clients and auditors see the directory is alive even
+    /// when nobody publishes). Off by default, as in akd, which never makes an empty epoch.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Option<Duration>,
     /// Most updates in one Append.
     pub max_batch_updates: usize,
     /// Largest value, in bytes.
@@ -128,6 +133,7 @@ impl Default for EpochOptions {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(120),
+            heartbeat_interval: None,
             max_batch_updates: 10_000,
             max_value_bytes: 64 * 1024,
             max_label_bytes: 4096,
@@ -286,6 +292,15 @@ impl SequencerConfig {
         }
         if self.epoch.interval.is_zero() {
             return Err(invalid("epoch.interval must be positive"));
+        }
+        if self
+            .epoch
+            .heartbeat_interval
+            .is_some_and(|interval| interval.is_zero())
+        {
+            return Err(invalid(
+                "epoch.heartbeat_interval must be positive when set",
+            ));
         }
         if self.epoch.max_batch_updates == 0 || self.epoch.max_value_bytes == 0 {
             return Err(invalid(

@@ -1,7 +1,9 @@
 //! Leader duties: the seal timer.
 //!
 //! While this node leads, it seals the open epoch once it has been open for `epoch.interval` and
-//! holds updates; an empty epoch is never sealed. The size limit needs no timer: the state
+//! holds updates. An empty epoch is sealed only as a *heartbeat*, when
+//! `epoch.heartbeat_interval` is set and the epoch has been open that long (its root equals the
+//! previous one; its append-only step carries the root's children as unchanged nodes). The size limit needs no timer: the state
 //! machine itself seals an epoch before an append would push it past `max_epoch_updates`, so a
 //! backlog becomes several bounded epochs. Sealing is one small Raft entry proposed beside the
 //! appends, so it never blocks them. `Seal(E)` names the epoch, so a seal that races another one
@@ -22,7 +24,9 @@ async fn run(sequencer: Sequencer) {
     let shutdown = sequencer.shutdown_token();
     let mut leader = sequencer.leader_changes();
     let interval = sequencer.config().epoch.interval;
-    let tick = (interval / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let heartbeat = sequencer.config().epoch.heartbeat_interval;
+    let shortest = heartbeat.map_or(interval, |heartbeat| heartbeat.min(interval));
+    let tick = (shortest / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         // Wait to become leader.
         while !leader.borrow_and_update().is_self {
@@ -52,10 +56,18 @@ async fn run(sequencer: Sequencer) {
                 tracked_epoch = open_epoch;
                 opened_at = Instant::now();
             }
-            if open_updates == 0 || opened_at.elapsed() < interval {
+            let open_for = opened_at.elapsed();
+            let sealed = if open_updates > 0 && open_for >= interval {
+                sequencer.seal(Some(open_epoch)).await
+            } else if open_updates == 0
+                && heartbeat.is_some_and(|heartbeat| open_for >= heartbeat)
+                && open_epoch > 1
+            {
+                sequencer.heartbeat(open_epoch).await
+            } else {
                 continue;
-            }
-            match sequencer.seal(Some(open_epoch)).await {
+            };
+            match sealed {
                 Ok(sealed) => {
                     tracing::info!(
                         epoch = sealed.epoch,

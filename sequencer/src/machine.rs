@@ -136,7 +136,7 @@ impl Machine {
         use pb::command::Kind;
         match &command.kind {
             Some(Kind::Append(append)) => self.append(tx, append),
-            Some(Kind::Seal(seal)) => Ok(self.seal(seal.epoch)),
+            Some(Kind::Seal(seal)) => Ok(self.seal(seal.epoch, seal.heartbeat)),
             Some(Kind::CommitEpoch(commit)) => self.commit_epoch(tx, index, commit),
             Some(Kind::InitCluster(metadata)) => Ok(self.init_cluster(metadata)),
             Some(Kind::SetShardMap(request)) => Ok(self.set_shard_map(request)),
@@ -239,7 +239,7 @@ impl Machine {
         Ok(result(pb::apply_result::Kind::Appended(answer)))
     }
 
-    fn seal(&mut self, epoch: u64) -> pb::ApplyResult {
+    fn seal(&mut self, epoch: u64, heartbeat: bool) -> pb::ApplyResult {
         let open = self.state.open_epoch;
         if epoch == 0 {
             return rejected(Code::InvalidArgument, "epoch 0 is the empty directory");
@@ -262,6 +262,9 @@ impl Machine {
                 Code::FailedPrecondition,
                 format!("epoch {epoch} is not open yet; the open epoch is {open}"),
             );
+        }
+        if self.open_labels.is_empty() && heartbeat && epoch > 1 {
+            return result(pb::apply_result::Kind::Sealed(self.seal_open()));
         }
         if self.open_labels.is_empty() {
             return rejected(

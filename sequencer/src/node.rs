@@ -552,7 +552,25 @@ impl Sequencer {
             }
         };
         match self
-            .propose(pb::command::Kind::Seal(pb::SealRequest { epoch }))
+            .propose(pb::command::Kind::Seal(pb::SealRequest {
+                epoch,
+                heartbeat: false,
+            }))
+            .await?
+        {
+            pb::apply_result::Kind::Sealed(sealed) => Ok(sealed),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Seals open epoch `epoch` even if it holds no update: a heartbeat epoch (root unchanged,
+    /// a new epoch number and audit step). Refused before the first epoch with updates.
+    pub async fn heartbeat(&self, epoch: u64) -> Result<pb::SealResponse> {
+        match self
+            .propose(pb::command::Kind::Seal(pb::SealRequest {
+                epoch,
+                heartbeat: true,
+            }))
             .await?
         {
             pb::apply_result::Kind::Sealed(sealed) => Ok(sealed),

@@ -229,6 +229,9 @@ struct DevArgs {
     /// Seal a non-empty epoch this often (e.g. 1s, 500ms, 2m).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     epoch_interval: Duration,
+    /// Seal an empty "heartbeat" epoch after this long without updates (off by default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat_interval: Option<Duration>,
     /// Tree partition bits (2^k partitions).
     #[arg(long, default_value_t = 4)]
     partition_bits: u8,
@@ -368,6 +371,9 @@ struct SequencerArgs {
     /// Seal a non-empty open epoch this often (e.g. 1s, 2m).
     #[arg(long, value_parser = humantime::parse_duration)]
     epoch_interval: Option<Duration>,
+    /// Seal an empty "heartbeat" epoch after this long without updates (default: never).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat_interval: Option<Duration>,
     /// Seal when the open epoch holds this many updates (recorded at --init).
     #[arg(long)]
     max_epoch_updates: Option<u64>,
@@ -408,6 +414,9 @@ impl SequencerArgs {
         }
         if let Some(interval) = self.epoch_interval {
             config.epoch.interval = interval;
+        }
+        if let Some(interval) = self.heartbeat_interval {
+            config.epoch.heartbeat_interval = Some(interval);
         }
         if let Some(max) = self.max_epoch_updates {
             config.cluster.max_epoch_updates = max;
@@ -455,6 +464,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         vrf_seed_file: args.vrf_seed_file,
         epoch_interval: args.epoch_interval,
+        heartbeat_interval: args.heartbeat_interval,
         partition_bits: args.partition_bits,
         config: args.configuration,
         options: GatewayOptions {

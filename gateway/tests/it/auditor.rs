@@ -80,6 +80,66 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     response
 }
 
+#[test]
+fn heartbeat_epochs_verify_with_stock_akd_and_get_signed() {
+    with_deadline(Duration::from_secs(120), || async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut dev = KtdNode::dev(
+            root.path(),
+            "127.0.0.43",
+            &["--epoch-interval", "100ms", "--heartbeat-interval", "150ms"],
+        );
+        dev.spawn(&[]);
+        let client = connect(&dev.addr).await;
+        // No heartbeat before the first epoch with updates.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(client.epoch(None).await.expect("epoch").epoch, 0);
+        let published = publish_epochs(&client, 1).await;
+        // Nobody publishes: the leader seals heartbeat epochs, each with the same root.
+        let last = client
+            .wait_for_epoch(published + 3)
+            .await
+            .expect("heartbeat epochs commit");
+        let first = client.epoch(Some(published)).await.expect("epoch");
+        assert_eq!(
+            last.root_hash, first.root_hash,
+            "a heartbeat keeps the root"
+        );
+        // Their append-only steps verify with stock akd (audit_verify and the blob verifier).
+        let audit = client
+            .audit(published, last.epoch)
+            .await
+            .expect("stock audit_verify accepts heartbeat steps");
+        assert_eq!(audit.roots.len() as u64, last.epoch - published + 1);
+        let (names, _) = client
+            .audit_blob_names(published + 1, 10)
+            .await
+            .expect("blob names");
+        let blob = client.audit_blob(&names[0]).await.expect("verified blob");
+        assert_eq!(blob.epoch, published + 1);
+        // Lookups at a heartbeat epoch verify against its root.
+        let found = client
+            .lookup(b"audited-0-0", Some(last.epoch))
+            .await
+            .expect("lookup at a heartbeat epoch");
+        assert_eq!((found.epoch, found.at), (published, last));
+        // The auditor signs heartbeat epochs like any other.
+        let source = BlobSource::Gateway(format!("http://{}", dev.addr));
+        let auditor = audit_until(settings(&root.path().join("auditor"), source), |auditor| {
+            auditor
+                .latest()
+                .is_some_and(|head| head.epoch >= last.epoch)
+        })
+        .await;
+        assert!(
+            auditor.violations().is_empty(),
+            "{:?}",
+            auditor.violations()
+        );
+        assert!(auditor.head(last.epoch).is_some(), "heartbeat epoch signed");
+    })
+}
+
 fn start_dev(root: &Path) -> KtdNode {
     let mut dev = KtdNode::dev(root, "127.0.0.42", &["--epoch-interval", "100ms"]);
     dev.spawn(&[]);

@@ -117,7 +117,17 @@ impl Harness {
     }
 
     fn seal(&mut self, epoch: u64) -> pb::ApplyResult {
-        self.run(pb::command::Kind::Seal(pb::SealRequest { epoch }))
+        self.run(pb::command::Kind::Seal(pb::SealRequest {
+            epoch,
+            heartbeat: false,
+        }))
+    }
+
+    fn heartbeat(&mut self, epoch: u64) -> pb::ApplyResult {
+        self.run(pb::command::Kind::Seal(pb::SealRequest {
+            epoch,
+            heartbeat: true,
+        }))
     }
 
     fn commit(&mut self, epoch: u64, root: u8) -> pb::ApplyResult {
@@ -231,6 +241,49 @@ fn seal_rules() {
         }))
     ));
     assert_eq!(harness.appended(&["b"], "").epoch, 2);
+}
+
+#[test]
+fn heartbeat_seals_an_empty_epoch_only_after_the_first_updates() {
+    let mut harness = Harness::new(100, 100, 0);
+    assert_eq!(
+        rejection_code(&harness.heartbeat(1)),
+        Some(Code::FailedPrecondition),
+        "no heartbeat while the directory is empty"
+    );
+    harness.appended(&["a"], "");
+    harness.seal(1);
+    assert_eq!(
+        rejection_code(&harness.seal(2)),
+        Some(Code::FailedPrecondition),
+        "a plain seal of an empty epoch is still refused"
+    );
+    assert!(matches!(
+        harness.heartbeat(2).kind,
+        Some(pb::apply_result::Kind::Sealed(pb::SealResponse {
+            epoch: 2,
+            updates: 0,
+            already_sealed: false
+        }))
+    ));
+    assert!(matches!(
+        harness.heartbeat(2).kind,
+        Some(pb::apply_result::Kind::Sealed(pb::SealResponse {
+            epoch: 2,
+            already_sealed: true,
+            ..
+        }))
+    ));
+    assert_eq!(harness.appended(&["b"], "").epoch, 3);
+    // A heartbeat on an epoch that holds updates is an ordinary seal.
+    assert!(matches!(
+        harness.heartbeat(3).kind,
+        Some(pb::apply_result::Kind::Sealed(pb::SealResponse {
+            epoch: 3,
+            updates: 1,
+            ..
+        }))
+    ));
 }
 
 #[test]

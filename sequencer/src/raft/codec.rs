@@ -419,7 +419,10 @@ mod tests {
         )
         .expect("valid membership");
         let command = Command(api::Command {
-            kind: Some(api::command::Kind::Seal(api::SealRequest { epoch: 5 })),
+            kind: Some(api::command::Kind::Seal(api::SealRequest {
+                epoch: 5,
+                heartbeat: true,
+            })),
         });
         for payload in [
             EntryPayload::Blank,

@@ -32,6 +32,7 @@ impl fmt::Display for Command {
         use pb::command::Kind;
         match &self.0.kind {
             Some(Kind::Append(append)) => write!(f, "Append({} updates)", append.updates.len()),
+            Some(Kind::Seal(seal)) if seal.heartbeat => write!(f, "Heartbeat({})", seal.epoch),
             Some(Kind::Seal(seal)) => write!(f, "Seal({})", seal.epoch),
             Some(Kind::CommitEpoch(commit)) => write!(f, "CommitEpoch({})", commit.epoch),
             Some(Kind::InitCluster(_)) => write!(f, "InitCluster"),

@@ -88,6 +88,9 @@ struct State {
     violations: Vec<String>,
     /// The last verified `(epoch, root)` (the trusted start before any head).
     latest: (u64, [u8; 32]),
+    /// The source's latest epoch when last asked (the gateway's latest committed epoch, or the
+    /// highest epoch in the blob directory).
+    source_latest: u64,
 }
 
 /// A running auditor's state, shared with the servers that publish it.
@@ -230,6 +233,12 @@ impl Auditor {
             .collect()
     }
 
+    /// The source's latest epoch when last asked: with [`Auditor::latest`], how far the
+    /// auditor trails the directory.
+    pub fn source_latest(&self) -> u64 {
+        self.state().source_latest
+    }
+
     /// Every rule violation seen.
     pub fn violations(&self) -> Vec<String> {
         self.state().violations.clone()
@@ -346,11 +355,25 @@ impl Auditor {
                         client = crate::client::Client::connect(addr).await.ok();
                     }
                     match &client {
-                        Some(client) => fetch_from_gateway(client, next).await,
+                        Some(client) => {
+                            fetch_from_gateway(client, next)
+                                .await
+                                .map(|(blobs, latest)| {
+                                    let mut state = self.state();
+                                    state.source_latest = state.source_latest.max(latest);
+                                    blobs
+                                })
+                        }
                         None => Err(anyhow!("cannot reach the gateway at {addr}")),
                     }
                 }
-                BlobSource::Directory(dir) => read_from_directory(dir, next),
+                BlobSource::Directory(dir) => {
+                    read_from_directory(dir, next).map(|(blobs, latest)| {
+                        let mut state = self.state();
+                        state.source_latest = state.source_latest.max(latest);
+                        blobs
+                    })
+                }
             };
             let blobs = match blobs {
                 Ok(blobs) => blobs,
@@ -403,11 +426,12 @@ async fn verify<TC: Configuration>(
     .map_err(|error| error.to_string())
 }
 
+/// Blobs of epochs `next..` (at most 16) and the gateway's latest committed epoch.
 async fn fetch_from_gateway(
     client: &crate::client::Client,
     next: u64,
-) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-    let (names, _) = client.audit_blob_names(next, 16).await?;
+) -> anyhow::Result<(Vec<(String, Vec<u8>)>, u64)> {
+    let (names, latest) = client.audit_blob_names(next, 16).await?;
     let mut blobs = Vec::new();
     for name in names {
         let blob = client
@@ -417,18 +441,20 @@ async fn fetch_from_gateway(
             .into_inner();
         blobs.push((name, blob.proof));
     }
-    Ok(blobs)
+    Ok((blobs, latest))
 }
 
 /// Blobs of epochs `next..` present in `dir`, in order, stopping at the first missing epoch
-/// (a later epoch present after a missing one is reported, so the gap rule can see it).
-fn read_from_directory(dir: &Path, next: u64) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+/// (a later epoch present after a missing one is reported, so the gap rule can see it), and the
+/// highest epoch present.
+fn read_from_directory(dir: &Path, next: u64) -> anyhow::Result<(Vec<(String, Vec<u8>)>, u64)> {
     let mut epochs: Vec<u64> = std::fs::read_dir(dir)
         .with_context(|| format!("read {}", dir.display()))?
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
         .filter(|epoch| *epoch >= next)
         .collect();
     epochs.sort_unstable();
+    let highest = epochs.last().copied().unwrap_or(0);
     let mut blobs = Vec::new();
     for epoch in epochs.into_iter().take(16) {
         for previous in std::fs::read_dir(dir.join(epoch.to_string()))? {
@@ -450,7 +476,7 @@ fn read_from_directory(dir: &Path, next: u64) -> anyhow::Result<Vec<(String, Vec
             }
         }
     }
-    Ok(blobs)
+    Ok((blobs, highest))
 }
 
 /// Checks `head` against the auditor's public key and returns the `(epoch, root)` it vouches

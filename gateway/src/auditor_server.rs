@@ -70,6 +70,7 @@ async fn info(State(auditor): State<Arc<Auditor>>) -> Json<serde_json::Value> {
         "public_key": hex::encode(auditor.public_key()),
         "ciphersuite": CIPHERSUITE_PROTOBUF_ED25519,
         "last_verified_epoch": auditor.latest().map(|head| head.epoch),
+        "source_latest_epoch": auditor.source_latest(),
         "violations": auditor.violations(),
     }))
 }
@@ -128,11 +129,14 @@ pub fn dashboard(auditor: &Auditor, now_ms: u64) -> String {
                 page,
                 "<h2>Latest verified epoch <span id=\"latest-epoch\">{}</span></h2>\
                  <p>Root <code id=\"latest-root\">{}</code></p><p>Signature <code>{}</code></p>\
-                 <p>Verified {:.1} s ago</p>",
+                 <p>Verified {:.1} s ago; the directory is at epoch <span id=\"source-epoch\">{}</span>: \
+                 verification lag <span id=\"lag-epochs\">{}</span> epoch(s)</p>",
                 head.epoch,
                 head.digest,
                 head.signature,
-                now_ms.saturating_sub(head.timestamp) as f64 / 1e3
+                now_ms.saturating_sub(head.timestamp) as f64 / 1e3,
+                auditor.source_latest().max(head.epoch),
+                auditor.source_latest().saturating_sub(head.epoch)
             );
         }
         None => page.push_str("<h2>No epoch verified yet</h2>"),

@@ -46,6 +46,8 @@ pub struct BenchSettings {
     pub value_bytes: usize,
     /// Random seed (labels, mix).
     pub seed: u64,
+    /// A `ktd auditor`'s gRPC address to follow: the report then has the auditor's lag.
+    pub auditor: Option<String>,
 }
 
 /// Relative weights of the call types.
@@ -162,6 +164,27 @@ pub struct Report {
     pub lookup_proof_bytes_p50: f64,
     /// Operations that started more than 10 ms after their due time (client saturated).
     pub late_starts: u64,
+    /// With `--auditor`: epoch committed (seen at the gateway) → signed head (seen at the
+    /// auditor), ms; both polled every 50 ms. Absent without an auditor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auditor_lag: Option<AuditorLag>,
+}
+
+/// How far a `ktd auditor` trails the directory during a run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditorLag {
+    /// Epochs committed during the run that the auditor signed before the report.
+    pub epochs_signed: u64,
+    /// Epochs committed during the run that it had not signed by then.
+    pub epochs_unsigned: u64,
+    /// Commit → signed, median ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Worst, ms.
+    pub max_ms: f64,
+    /// Rule violations the auditor reported.
+    pub violations: Vec<String>,
 }
 
 struct Recorder {
@@ -288,6 +311,22 @@ pub async fn run(
     let commits: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
     let watcher = tokio::spawn(watch_epochs(client.clone(), commits.clone(), stop.clone()));
+    let signed: Arc<Mutex<AuditorSeen>> = Arc::default();
+    let auditor_watcher = match &settings.auditor {
+        Some(addr) => {
+            let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+                .with_context(|| format!("bad auditor address {addr}"))?
+                .connect()
+                .await
+                .with_context(|| format!("connect to the auditor at {addr}"))?;
+            Some(tokio::spawn(watch_auditor(
+                channel,
+                signed.clone(),
+                stop.clone(),
+            )))
+        }
+        None => None,
+    };
     let progress = tokio::spawn(print_progress(
         recorder.clone(),
         commits.clone(),
@@ -407,12 +446,99 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(30), client.wait_for_epoch(epoch)).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    if settings.auditor.is_some() {
+        // Let the auditor catch up with the last commit (bounded).
+        let last = commits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .map_or(0, |(epoch, _)| *epoch);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline
+            && signed.lock().unwrap_or_else(|p| p.into_inner()).latest < last
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     stop.cancel();
     let _ = watcher.await;
     let _ = progress.await;
+    if let Some(auditor_watcher) = auditor_watcher {
+        let _ = auditor_watcher.await;
+    }
     let recorder = recorder.lock().unwrap_or_else(|p| p.into_inner());
     let commits = commits.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    Ok(summarise(settings, &recorder, &commits, elapsed))
+    let (mut report, timeline) = summarise(settings, &recorder, &commits, elapsed);
+    if settings.auditor.is_some() {
+        let signed = signed.lock().unwrap_or_else(|p| p.into_inner());
+        report.auditor_lag = Some(auditor_lag(&commits, &signed));
+    }
+    Ok((report, timeline))
+}
+
+/// What the bench saw of the auditor: when each epoch's signed head first appeared.
+#[derive(Debug, Default)]
+struct AuditorSeen {
+    latest: u64,
+    signed_at: BTreeMap<u64, Instant>,
+    violations: Vec<String>,
+}
+
+async fn watch_auditor(
+    channel: tonic::transport::Channel,
+    seen: Arc<Mutex<AuditorSeen>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use proto::ktd::auditor::v1 as auditor;
+    let mut client = auditor::auditor_client::AuditorClient::new(channel);
+    while !stop.is_cancelled() {
+        if let Ok(info) = client.get_info(auditor::GetInfoRequest {}).await {
+            let info = info.into_inner();
+            let now = Instant::now();
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            for epoch in seen.latest + 1..=info.last_verified_epoch {
+                seen.signed_at.insert(epoch, now);
+            }
+            seen.latest = seen.latest.max(info.last_verified_epoch);
+            seen.violations = info.violations;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn auditor_lag(commits: &[(u64, Instant)], seen: &AuditorSeen) -> AuditorLag {
+    let mut lag = AuditorLag {
+        violations: seen.violations.clone(),
+        ..AuditorLag::default()
+    };
+    // The first commit seen may predate the run; only epochs seen committing are measured.
+    let mut millis = Vec::new();
+    for window in commits.windows(2) {
+        let (previous, _) = window[0];
+        let (epoch, committed_at) = window[1];
+        for epoch in previous + 1..=epoch {
+            match seen.signed_at.get(&epoch) {
+                Some(signed_at) => {
+                    millis.push(
+                        signed_at
+                            .saturating_duration_since(committed_at)
+                            .as_secs_f64()
+                            * 1e3,
+                    );
+                    lag.epochs_signed += 1;
+                }
+                None => lag.epochs_unsigned += 1,
+            }
+        }
+    }
+    millis.sort_by(f64::total_cmp);
+    if let Some(max) = millis.last() {
+        let at = |quantile: f64| millis[((millis.len() - 1) as f64 * quantile).round() as usize];
+        lag.p50_ms = at(0.5);
+        lag.p99_ms = at(0.99);
+        lag.max_ms = *max;
+    }
+    lag
 }
 
 /// Per-second series for the plot, and the epoch commit times (seconds since start).
@@ -591,6 +717,12 @@ pub fn markdown(report: &Report) -> String {
             call.p99_ms,
             call.p999_ms,
             call.errors
+        ));
+    }
+    if let Some(lag) = &report.auditor_lag {
+        text.push_str(&format!(
+            "\nAuditor: {} epochs signed, {} not yet; commit → signed p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; violations: {:?}\n",
+            lag.epochs_signed, lag.epochs_unsigned, lag.p50_ms, lag.p99_ms, lag.max_ms, lag.violations
         ));
     }
     text.push_str("\n| epoch | acknowledged updates |\n|---|---|\n");

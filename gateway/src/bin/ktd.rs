@@ -174,6 +174,10 @@ struct BenchArgs {
     /// Allowed regression against the baseline, as a fraction (0.2 = 20%).
     #[arg(long, default_value_t = 0.2)]
     max_regression: f64,
+    /// A `ktd auditor`'s gRPC address (http://HOST:PORT) following the same directory: the
+    /// report then includes how far the auditor trails the commits (commit → signed head).
+    #[arg(long)]
+    auditor: Option<String>,
 }
 
 /// The Prometheus endpoint of a server process.
@@ -771,6 +775,7 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
                 batch: args.batch.max(1),
                 value_bytes: args.value_bytes,
                 seed: args.seed,
+                auditor: args.auditor.clone(),
             };
             let users = gateway::loadgen::preload(&client, &settings).await?;
             let (report, timeline) = gateway::loadgen::run(&client, &settings, users).await?;

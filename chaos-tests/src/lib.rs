@@ -6,7 +6,9 @@
 //!   `127.0.0.x`, with kill -9 / restart and SIGSTOP / SIGCONT per process.
 //! - [`workload`]: concurrent clients publishing unique values and doing verified lookups,
 //!   recorded as a [`history::History`]; the final-state reads after healing.
-//! - [`nemesis`]: leader-aware faults, each recorded with timestamps.
+//! - [`proxy`]: a userspace TCP fault proxy per directed sequencer link (pass, blackhole,
+//!   reject, delay), which the sequencers dial instead of each other.
+//! - [`nemesis`]: leader-aware faults (process and network), each recorded with timestamps.
 //! - [`scenario`]: the reviewable TOML scenarios under `chaos-tests/scenarios/`.
 //! - [`history`]: what clients did and saw, one event per operation (invoke / ok / fail /
 //!   unknown), serialised as JSON lines.
@@ -21,6 +23,7 @@ pub mod checker;
 pub mod history;
 pub mod nemesis;
 pub mod positive_control;
+pub mod proxy;
 pub mod report;
 pub mod runner;
 pub mod scenario;

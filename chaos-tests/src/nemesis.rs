@@ -1,13 +1,23 @@
 //! Faults injected into a running [`Topology`], each recorded with timestamps. Leader-aware: a
 //! leader fault finds the current leader first; a follower fault picks a follower at random
 //! (seeded). A fault that has no safe target is `skipped` with a reason, never half-applied.
+//!
+//! Process faults kill, pause or restart `ktd` processes. Network faults change the sequencer
+//! link proxies ([`crate::proxy`]): `partition` blackholes every link between a set of
+//! sequencers and the rest, both directions; `one-way` blackholes the connections one node
+//! initiates to another (the reverse ones keep working); `latency` delays the selected links;
+//! `heal` puts every link back to pass. Their targets ([`Target`]) are `leader`, `follower`
+//! (a random healthy one, seeded), `seq-N` or, for latency, `all`.
 
+use std::collections::BTreeSet;
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
+use crate::proxy::LinkFault;
 use crate::topology::{Topology, TopologyError};
 
 /// The kinds of fault.
@@ -28,15 +38,173 @@ pub enum FaultKind {
     PauseFollower,
     /// Planned failover: transfer leadership to a follower (nothing to heal).
     TransferLeader,
+    /// Cut `nodes` off from the other sequencers, both directions (blackhole); pass at heal.
+    Partition,
+    /// Blackhole the connections `from` initiates to `to` only; pass at heal.
+    OneWay,
+    /// Delay every chunk on the links `from` → `to` by `delay`, each direction; pass at heal.
+    Latency,
+    /// Every sequencer link back to pass (nothing to heal).
+    Heal,
 }
 
 impl FaultKind {
-    /// Whether the fault targets the sequencer leader (so a new leader is expected).
+    /// Whether the fault always targets the sequencer leader (so a new leader is expected). A
+    /// partition expects one when it isolates the leader (see [`FaultRecord::isolated`]).
     pub fn moves_leader(self) -> bool {
         matches!(
             self,
             Self::KillLeader | Self::PauseLeader | Self::TransferLeader
         )
+    }
+
+    /// Whether it acts on the sequencer link proxies.
+    pub fn is_network(self) -> bool {
+        matches!(
+            self,
+            Self::Partition | Self::OneWay | Self::Latency | Self::Heal
+        )
+    }
+}
+
+/// A sequencer named in a network fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Target {
+    /// The current leader.
+    Leader,
+    /// A running, unpaused follower, picked at random (seeded), different from the fault's
+    /// other targets.
+    Follower,
+    /// Every sequencer (`latency` only).
+    All,
+    /// The sequencer with this node id (`seq-2`).
+    Node(u64),
+}
+
+impl TryFrom<String> for Target {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        let node = name
+            .strip_prefix("seq-")
+            .and_then(|id| id.parse::<u64>().ok())
+            .filter(|id| *id > 0);
+        match (name.as_str(), node) {
+            ("leader", _) => Ok(Self::Leader),
+            ("follower", _) => Ok(Self::Follower),
+            ("all", _) => Ok(Self::All),
+            (_, Some(id)) => Ok(Self::Node(id)),
+            _ => Err(format!(
+                "unknown target {name:?}: expected \"leader\", \"follower\", \"all\" or \"seq-N\""
+            )),
+        }
+    }
+}
+
+impl From<Target> for String {
+    fn from(target: Target) -> Self {
+        target.to_string()
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Leader => f.write_str("leader"),
+            Self::Follower => f.write_str("follower"),
+            Self::All => f.write_str("all"),
+            Self::Node(id) => write!(f, "seq-{id}"),
+        }
+    }
+}
+
+/// The targets of a network fault (empty for process faults).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetTargets {
+    /// `partition`: the side cut off from the rest.
+    pub nodes: Vec<Target>,
+    /// `one-way`, `latency`: where the links start (`latency` default: all).
+    pub from: Option<Target>,
+    /// `one-way`, `latency`: where they end (`latency` default: all).
+    pub to: Option<Target>,
+    /// `latency`: the added delay per chunk, each direction.
+    #[serde(with = "humantime_serde", default)]
+    pub delay: Option<Duration>,
+}
+
+impl NetTargets {
+    /// Checks the targets against `kind`; the message names the problem.
+    pub fn validate(&self, kind: FaultKind) -> Result<(), String> {
+        let only = |present: bool, field: &str, kinds: &str| {
+            if present {
+                Err(format!("`{field}` only applies to {kinds} faults"))
+            } else {
+                Ok(())
+            }
+        };
+        if kind != FaultKind::Partition {
+            only(!self.nodes.is_empty(), "nodes", "partition")?;
+        }
+        if !matches!(kind, FaultKind::OneWay | FaultKind::Latency) {
+            only(self.from.is_some(), "from", "one-way and latency")?;
+            only(self.to.is_some(), "to", "one-way and latency")?;
+        }
+        if kind != FaultKind::Latency {
+            only(self.delay.is_some(), "delay", "latency")?;
+        }
+        match kind {
+            FaultKind::Partition => {
+                if self.nodes.is_empty() {
+                    return Err("a partition needs `nodes` (the side to cut off)".into());
+                }
+                if self.nodes.contains(&Target::All) {
+                    return Err("a partition cannot cut off \"all\" nodes".into());
+                }
+                if self.nodes.len() >= 3 {
+                    return Err(
+                        "a partition must leave at least one of the 3 sequencers on the other side"
+                            .into(),
+                    );
+                }
+                let distinct: BTreeSet<String> = self
+                    .nodes
+                    .iter()
+                    .filter(|target| **target != Target::Follower)
+                    .map(ToString::to_string)
+                    .collect();
+                let named = self
+                    .nodes
+                    .iter()
+                    .filter(|t| **t != Target::Follower)
+                    .count();
+                if distinct.len() != named {
+                    return Err("a partition names a node twice".into());
+                }
+            }
+            FaultKind::OneWay => {
+                let (Some(from), Some(to)) = (self.from, self.to) else {
+                    return Err("a one-way fault needs `from` and `to`".into());
+                };
+                if from == Target::All || to == Target::All {
+                    return Err(
+                        "a one-way fault cuts one link: `from` and `to` cannot be \"all\"".into(),
+                    );
+                }
+                if from == to && from != Target::Follower {
+                    return Err(format!("a one-way fault from {from} to itself"));
+                }
+            }
+            FaultKind::Latency => match self.delay {
+                None => return Err("a latency fault needs `delay`".into()),
+                Some(delay) if delay.is_zero() => {
+                    return Err("a latency fault needs a positive `delay`".into());
+                }
+                Some(_) => {}
+            },
+            _ => {}
+        }
+        Ok(())
     }
 }
 
@@ -72,6 +240,12 @@ pub struct FaultRecord {
     pub new_leader: Option<u64>,
     /// When that leader was first seen, µs on the history's clock.
     pub new_leader_us: Option<u64>,
+    /// Network faults: the sequencers cut off (partition).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isolated: Vec<u64>,
+    /// Network faults: the directed links `(from, to)` changed, and to what.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<(u64, u64, LinkFault)>,
 }
 
 impl FaultRecord {
@@ -79,12 +253,23 @@ impl FaultRecord {
     pub fn installed(&self) -> bool {
         self.status == FaultStatus::Installed
     }
+
+    /// Whether a new leader is expected: the fault hit the leader, or cut it off from the
+    /// majority.
+    pub fn expects_new_leader(&self) -> bool {
+        self.installed()
+            && (self.kind.moves_leader()
+                || self
+                    .leader_before
+                    .is_some_and(|leader| self.isolated.contains(&leader)))
+    }
 }
 
-/// Applies `kind`. `now_us` reads the history's clock.
+/// Applies `kind` (with `targets` for network faults). `now_us` reads the history's clock.
 pub async fn inject(
     topology: &mut Topology,
     kind: FaultKind,
+    targets: &NetTargets,
     rng: &mut StdRng,
     now_us: impl Fn() -> u64,
 ) -> Result<FaultRecord, TopologyError> {
@@ -98,7 +283,12 @@ pub async fn inject(
         leader_before,
         new_leader: None,
         new_leader_us: None,
+        isolated: Vec::new(),
+        links: Vec::new(),
     };
+    if kind.is_network() {
+        return Ok(inject_network(topology, record, targets, rng, now_us));
+    }
     let skip = |mut record: FaultRecord, reason: &str| {
         record.status = FaultStatus::Skipped {
             reason: reason.to_string(),
@@ -131,6 +321,9 @@ pub async fn inject(
             topology.shards[index].name.clone()
         }
         FaultKind::KillGateway => topology.gateways[0].name.clone(),
+        FaultKind::Partition | FaultKind::OneWay | FaultKind::Latency | FaultKind::Heal => {
+            return Err(TopologyError::State(format!("{kind:?} is a network fault")));
+        }
     };
     record.target.clone_from(&target);
     if kind == FaultKind::TransferLeader {
@@ -164,13 +357,201 @@ pub async fn inject(
     Ok(record)
 }
 
-/// Undoes `record`'s fault (restart or resume) and stamps `healed_us`.
+/// Resolves [`Target`]s to node ids at injection time.
+struct Resolver<'a> {
+    all: Vec<u64>,
+    leader: Option<u64>,
+    healthy_followers: Vec<u64>,
+    rng: &'a mut StdRng,
+}
+
+impl Resolver<'_> {
+    /// One target's node ids; `follower` never picks one in `taken`.
+    fn resolve(&mut self, target: Target, taken: &[u64]) -> Result<Vec<u64>, String> {
+        match target {
+            Target::Leader => self
+                .leader
+                .map(|id| vec![id])
+                .ok_or_else(|| "no leader".to_string()),
+            Target::Follower => {
+                if self.leader.is_none() {
+                    return Err("no leader, so no follower".into());
+                }
+                let free: Vec<u64> = self
+                    .healthy_followers
+                    .iter()
+                    .copied()
+                    .filter(|id| !taken.contains(id))
+                    .collect();
+                if free.is_empty() {
+                    return Err("no healthy follower left to pick".into());
+                }
+                Ok(vec![free[self.rng.random_range(0..free.len())]])
+            }
+            Target::All => Ok(self.all.clone()),
+            Target::Node(id) if self.all.contains(&id) => Ok(vec![id]),
+            Target::Node(id) => Err(format!("there is no seq-{id}")),
+        }
+    }
+}
+
+/// What a network fault will do, once its targets are resolved.
+struct NetPlan {
+    /// For the record: `seq-1 | seq-2, seq-3`, `seq-1 -> seq-2`, ...
+    target: String,
+    /// The side a partition cuts off.
+    isolated: Vec<u64>,
+    /// The links to change.
+    links: Vec<(u64, u64, LinkFault)>,
+}
+
+fn names(ids: &[u64]) -> String {
+    ids.iter()
+        .map(|id| format!("seq-{id}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn plan_network(
+    kind: FaultKind,
+    targets: &NetTargets,
+    pairs: &[(u64, u64)],
+    resolver: &mut Resolver<'_>,
+) -> Result<NetPlan, String> {
+    match kind {
+        FaultKind::Partition => {
+            let mut side: Vec<u64> = Vec::new();
+            for target in &targets.nodes {
+                for id in resolver.resolve(*target, &side)? {
+                    if side.contains(&id) {
+                        return Err(format!("{target} is already in the partition (seq-{id})"));
+                    }
+                    side.push(id);
+                }
+            }
+            side.sort_unstable();
+            let rest: Vec<u64> = resolver
+                .all
+                .iter()
+                .copied()
+                .filter(|id| !side.contains(id))
+                .collect();
+            if rest.is_empty() {
+                return Err("the partition would leave no node on the other side".into());
+            }
+            let links = pairs
+                .iter()
+                .filter(|(from, to)| side.contains(from) != side.contains(to))
+                .map(|(from, to)| (*from, *to, LinkFault::Blackhole))
+                .collect();
+            Ok(NetPlan {
+                target: format!("{} | {}", names(&side), names(&rest)),
+                isolated: side,
+                links,
+            })
+        }
+        FaultKind::OneWay => {
+            let (Some(from), Some(to)) = (targets.from, targets.to) else {
+                return Err("a one-way fault needs from and to".into());
+            };
+            let from = resolver.resolve(from, &[])?;
+            let to = resolver.resolve(to, &from)?;
+            match (from.as_slice(), to.as_slice()) {
+                ([from], [to]) if from != to => Ok(NetPlan {
+                    target: format!("seq-{from} -> seq-{to}"),
+                    isolated: Vec::new(),
+                    links: vec![(*from, *to, LinkFault::Blackhole)],
+                }),
+                _ => Err("a one-way fault needs two different single nodes".into()),
+            }
+        }
+        FaultKind::Latency => {
+            let delay = targets
+                .delay
+                .ok_or_else(|| "a latency fault needs a delay".to_string())?;
+            let from = resolver.resolve(targets.from.unwrap_or(Target::All), &[])?;
+            let to = resolver.resolve(targets.to.unwrap_or(Target::All), &from)?;
+            let links: Vec<_> = pairs
+                .iter()
+                .filter(|(a, b)| from.contains(a) && to.contains(b))
+                .map(|(a, b)| (*a, *b, LinkFault::Delay(delay)))
+                .collect();
+            if links.is_empty() {
+                return Err("no link between the selected nodes".into());
+            }
+            Ok(NetPlan {
+                target: format!(
+                    "{} -> {} (+{})",
+                    names(&from),
+                    names(&to),
+                    humantime::format_duration(delay)
+                ),
+                isolated: Vec::new(),
+                links,
+            })
+        }
+        FaultKind::Heal => Ok(NetPlan {
+            target: "every link".into(),
+            isolated: Vec::new(),
+            links: Vec::new(),
+        }),
+        other => Err(format!("{other:?} is not a network fault")),
+    }
+}
+
+/// Resolves `targets` against the current leader and the healthy followers, then changes the
+/// links. Skipped (nothing changed) if a target cannot be resolved.
+fn inject_network(
+    topology: &Topology,
+    mut record: FaultRecord,
+    targets: &NetTargets,
+    rng: &mut StdRng,
+    now_us: impl Fn() -> u64,
+) -> FaultRecord {
+    let mut resolver = Resolver {
+        all: topology.sequencers.iter().map(|p| p.id).collect(),
+        leader: record.leader_before,
+        healthy_followers: topology
+            .sequencers
+            .iter()
+            .filter(|p| p.is_running() && !p.is_paused() && Some(p.id) != record.leader_before)
+            .map(|p| p.id)
+            .collect(),
+        rng,
+    };
+    let pairs: Vec<(u64, u64)> = topology.links.pairs().collect();
+    match plan_network(record.kind, targets, &pairs, &mut resolver) {
+        Ok(plan) => {
+            record.target = plan.target;
+            record.isolated = plan.isolated;
+            record.injected_us = now_us();
+            if record.kind == FaultKind::Heal {
+                topology.links.heal_all();
+            }
+            for (from, to, fault) in &plan.links {
+                topology.links.set(*from, *to, *fault);
+            }
+            record.links = plan.links;
+        }
+        Err(reason) => record.status = FaultStatus::Skipped { reason },
+    }
+    record
+}
+
+/// Undoes `record`'s fault (restart, resume, or links back to pass) and stamps `healed_us`.
 pub fn heal(
     topology: &mut Topology,
     record: &mut FaultRecord,
     now_us: u64,
 ) -> Result<(), TopologyError> {
-    if !record.installed() || record.kind == FaultKind::TransferLeader {
+    if !record.installed() || matches!(record.kind, FaultKind::TransferLeader | FaultKind::Heal) {
+        return Ok(());
+    }
+    if record.kind.is_network() {
+        for (from, to, _) in &record.links {
+            topology.links.set(*from, *to, LinkFault::Pass);
+        }
+        record.healed_us = Some(now_us);
         return Ok(());
     }
     let process = topology
@@ -185,8 +566,10 @@ pub fn heal(
     Ok(())
 }
 
-/// Restarts or resumes every process that is down or paused (the final heal).
+/// Puts every link back to pass and restarts or resumes every process that is down or paused
+/// (the final heal).
 pub fn heal_all(topology: &mut Topology) -> Result<(), TopologyError> {
+    topology.links.heal_all();
     for process in topology
         .sequencers
         .iter_mut()
@@ -229,4 +612,165 @@ pub async fn wait_new_leader(
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     None
+}
+
+/// The sequencers after the heal: one leader that every node follows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Converged {
+    /// The leader every node names.
+    pub leader: u64,
+    /// Its term.
+    pub term: u64,
+    /// How long the wait took, ms.
+    pub waited_ms: u64,
+}
+
+/// Waits until every sequencer in `addrs` answers, exactly one says it is the leader, every one
+/// names it at the same term, and every follower has applied the leader's commit index as seen
+/// at the first such poll: a node cut off during the run (an isolated old leader) has rejoined
+/// and caught up. Errors with the last disagreement after `limit`.
+pub async fn wait_converged(addrs: &[(u64, String)], limit: Duration) -> Result<Converged, String> {
+    let started = Instant::now();
+    let mut target_index: Option<(u64, u64, u64)> = None;
+    let mut last = String::from("not polled");
+    while started.elapsed() < limit {
+        let mut statuses = Vec::new();
+        for (id, addr) in addrs {
+            match tokio::time::timeout(
+                Duration::from_millis(1500),
+                sequencer::client::node_status_at(addr),
+            )
+            .await
+            {
+                Ok(Ok(status)) => statuses.push(status),
+                Ok(Err(error)) => last = format!("seq-{id}: {error}"),
+                Err(_) => last = format!("seq-{id}: no status within 1.5 s"),
+            }
+        }
+        if statuses.len() == addrs.len() {
+            let leaders: Vec<_> = statuses.iter().filter(|s| s.state == "leader").collect();
+            match leaders.as_slice() {
+                [leader] => {
+                    let (id, term) = (leader.node_id, leader.term);
+                    // The index to reach is fixed once, so a busy leader cannot outrun it.
+                    let (_, _, index) =
+                        *target_index.get_or_insert((id, term, leader.committed_index));
+                    let behind: Vec<String> = statuses
+                        .iter()
+                        .filter(|s| s.leader_id != id || s.term != term || s.applied_index < index)
+                        .map(|s| {
+                            format!(
+                                "seq-{} ({}, leader {}, term {}, applied {})",
+                                s.node_id, s.state, s.leader_id, s.term, s.applied_index
+                            )
+                        })
+                        .collect();
+                    if behind.is_empty() {
+                        return Ok(Converged {
+                            leader: id,
+                            term,
+                            waited_ms: u64::try_from(started.elapsed().as_millis())
+                                .unwrap_or(u64::MAX),
+                        });
+                    }
+                    last = format!(
+                        "leader seq-{id} (term {term}, commit index {index}); not following or not caught up: {}",
+                        behind.join(", ")
+                    );
+                }
+                _ => {
+                    last = format!(
+                        "{} nodes say they lead: {:?}",
+                        leaders.len(),
+                        leaders.iter().map(|s| s.node_id).collect::<Vec<_>>()
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    const PAIRS: &[(u64, u64)] = &[(1, 2), (1, 3), (2, 1), (2, 3), (3, 1), (3, 2)];
+
+    fn plan(kind: FaultKind, targets: NetTargets, leader: Option<u64>) -> Result<NetPlan, String> {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut resolver = Resolver {
+            all: vec![1, 2, 3],
+            leader,
+            healthy_followers: [1, 2, 3]
+                .into_iter()
+                .filter(|id| Some(*id) != leader)
+                .collect(),
+            rng: &mut rng,
+        };
+        plan_network(kind, &targets, PAIRS, &mut resolver)
+    }
+
+    #[test]
+    fn an_isolated_leader_loses_every_link_both_ways() {
+        let targets = NetTargets {
+            nodes: vec![Target::Leader],
+            ..NetTargets::default()
+        };
+        let isolated = plan(FaultKind::Partition, targets.clone(), Some(2)).expect("plan");
+        assert_eq!(isolated.isolated, [2]);
+        assert_eq!(isolated.target, "seq-2 | seq-1, seq-3");
+        let cut: Vec<_> = isolated.links.iter().map(|(a, b, _)| (*a, *b)).collect();
+        assert_eq!(cut, [(1, 2), (2, 1), (2, 3), (3, 2)]);
+        assert!(isolated.links.iter().all(|l| l.2 == LinkFault::Blackhole));
+        let skipped = plan(FaultKind::Partition, targets, None).map(|p| p.target);
+        assert_eq!(skipped, Err("no leader".to_string()));
+    }
+
+    #[test]
+    fn one_way_and_latency_pick_their_links() {
+        let one_way = NetTargets {
+            from: Some(Target::Leader),
+            to: Some(Target::Follower),
+            ..NetTargets::default()
+        };
+        let plan_one = plan(FaultKind::OneWay, one_way, Some(1)).expect("plan");
+        assert_eq!(plan_one.links.len(), 1);
+        let (from, to, fault) = plan_one.links[0];
+        assert_eq!((from, fault), (1, LinkFault::Blackhole));
+        assert!(to == 2 || to == 3);
+
+        let latency = NetTargets {
+            from: Some(Target::Leader),
+            delay: Some(Duration::from_millis(50)),
+            ..NetTargets::default()
+        };
+        let plan_latency = plan(FaultKind::Latency, latency, Some(3)).expect("plan");
+        let links: Vec<_> = plan_latency
+            .links
+            .iter()
+            .map(|(a, b, _)| (*a, *b))
+            .collect();
+        assert_eq!(links, [(3, 1), (3, 2)]);
+        assert!(
+            plan_latency
+                .links
+                .iter()
+                .all(|l| l.2 == LinkFault::Delay(Duration::from_millis(50)))
+        );
+
+        let two_followers = NetTargets {
+            nodes: vec![Target::Follower, Target::Follower],
+            ..NetTargets::default()
+        };
+        let plan_two = plan(FaultKind::Partition, two_followers, Some(1)).expect("plan");
+        assert_eq!(plan_two.target, "seq-2, seq-3 | seq-1");
+        let missing = NetTargets {
+            nodes: vec![Target::Node(9)],
+            ..NetTargets::default()
+        };
+        assert!(plan(FaultKind::Partition, missing, Some(1)).is_err());
+    }
 }

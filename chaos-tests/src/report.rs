@@ -82,6 +82,9 @@ pub struct Report {
     pub slo: Vec<SloCheck>,
     /// Why the final state could not be read (the cluster did not heal), if so.
     pub heal_error: Option<String>,
+    /// The sequencers after the heal: one leader every node follows and has caught up with
+    /// (an error names the disagreement).
+    pub converged: Result<crate::nemesis::Converged, String>,
     /// Positive-control mutation applied to the history, if any.
     pub mutation: Option<String>,
     /// The verdict.
@@ -176,8 +179,13 @@ pub fn fault_figures(
         .collect()
 }
 
-/// SLO checks over the figures.
-pub fn slo_checks(figures: &[FaultFigures], slo: &Slo, heal_error: Option<&str>) -> Vec<SloCheck> {
+/// SLO checks over the figures and the heal.
+pub fn slo_checks(
+    figures: &[FaultFigures],
+    slo: &Slo,
+    heal_error: Option<&str>,
+    converged: &Result<crate::nemesis::Converged, String>,
+) -> Vec<SloCheck> {
     let mut checks = Vec::new();
     let limit_ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     for figure in figures.iter().filter(|f| f.fault.installed()) {
@@ -210,6 +218,19 @@ pub fn slo_checks(figures: &[FaultFigures], slo: &Slo, heal_error: Option<&str>)
             Some(error) => format!("healed: {error}"),
         },
         ok: heal_error.is_none(),
+    });
+    checks.push(SloCheck {
+        what: match converged {
+            Ok(c) => format!(
+                "converged: every sequencer follows seq-{} (term {}) and has caught up, {} ms after the final reads",
+                c.leader, c.term, c.waited_ms
+            ),
+            Err(error) => format!(
+                "converged within {}: {error}",
+                humantime::format_duration(slo.max_heal)
+            ),
+        },
+        ok: converged.is_ok(),
     });
     checks
 }

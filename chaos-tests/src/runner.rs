@@ -133,14 +133,15 @@ async fn drive(
     for scheduled in schedule {
         tokio::time::sleep_until(recorder.instant_at(scheduled.at.as_micros() as u64).into()).await;
         let now = || recorder.now_us();
-        let mut record = match nemesis::inject(topology, scheduled.kind, rng, now).await {
-            Ok(record) => record,
-            Err(error) => {
-                fault_error = Some(error);
-                break;
-            }
-        };
-        let watcher = (record.installed() && scheduled.kind.moves_leader()).then(|| {
+        let mut record =
+            match nemesis::inject(topology, scheduled.kind, &scheduled.targets, rng, now).await {
+                Ok(record) => record,
+                Err(error) => {
+                    fault_error = Some(error);
+                    break;
+                }
+            };
+        let watcher = record.expects_new_leader().then(|| {
             tokio::spawn(nemesis::wait_new_leader(
                 sequencers.clone(),
                 record.leader_before,
@@ -207,8 +208,9 @@ async fn drive(
         // Without a final state the final-state checkers have nothing to compare with.
         verdicts.retain(|v| !matches!(v.checker, "no_lost_publish" | "proofs_verified"));
     }
+    let converged = nemesis::wait_converged(&sequencers, scenario.slo.max_heal).await;
     let figures = report::fault_figures(&history, &faults, scenario.epoch_interval);
-    let slo = report::slo_checks(&figures, &scenario.slo, heal_error.as_deref());
+    let slo = report::slo_checks(&figures, &scenario.slo, heal_error.as_deref(), &converged);
     let exit = report::exit_code(&verdicts, &slo);
     let report = Report {
         scenario: scenario.name.clone(),
@@ -219,6 +221,7 @@ async fn drive(
         verdicts,
         slo,
         heal_error,
+        converged,
         mutation,
         exit,
     };

@@ -16,6 +16,26 @@
 //! heal_after = "3s"    # restart / resume after this long
 //! repeat_every = "12s" # optional: again every 12 s (± 20 %, seeded) while time is left
 //!
+//! # Network faults act on the proxies between sequencers; targets are "leader", "follower",
+//! # "seq-N" and (latency only) "all".
+//! [[faults]]
+//! kind = "partition"   # cut these nodes off from the rest, both directions
+//! nodes = ["leader"]
+//! at = "20s"
+//! heal_after = "6s"
+//!
+//! [[faults]]
+//! kind = "one-way"     # blackhole the connections `from` opens to `to` only
+//! from = "leader"
+//! to = "follower"
+//! at = "30s"
+//!
+//! [[faults]]
+//! kind = "latency"     # delay every chunk on the links from → to (default all → all)
+//! from = "leader"
+//! delay = "100ms"
+//! at = "35s"
+//!
 //! [slo]
 //! max_write_unavailable = "10s"
 //! max_p99_publish = "8s"
@@ -28,7 +48,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::nemesis::FaultKind;
+use crate::nemesis::{FaultKind, NetTargets, Target};
 
 /// A scenario file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -95,6 +115,34 @@ pub struct FaultSpec {
     /// Repeat with this period (± 20 %, seeded) while the run has time left.
     #[serde(with = "humantime_serde", default)]
     pub repeat_every: Option<Duration>,
+    /// `partition`: the sequencers to cut off from the rest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<Target>,
+    /// `one-way`, `latency`: where the links start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Target>,
+    /// `one-way`, `latency`: where the links end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Target>,
+    /// `latency`: delay added per chunk, each direction.
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub delay: Option<Duration>,
+}
+
+impl FaultSpec {
+    /// The network targets.
+    pub fn targets(&self) -> NetTargets {
+        NetTargets {
+            nodes: self.nodes.clone(),
+            from: self.from,
+            to: self.to,
+            delay: self.delay,
+        }
+    }
 }
 
 fn default_heal_after() -> Duration {
@@ -137,7 +185,7 @@ impl Default for Slo {
 }
 
 /// A fault at a concrete time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Scheduled {
     /// What.
     pub kind: FaultKind,
@@ -147,6 +195,9 @@ pub struct Scheduled {
     /// How long it holds.
     #[serde(with = "humantime_serde")]
     pub heal_after: Duration,
+    /// Network faults' targets.
+    #[serde(default)]
+    pub targets: NetTargets,
 }
 
 /// Why a scenario could not be loaded.
@@ -171,11 +222,32 @@ pub enum ScenarioError {
         /// The error.
         source: toml::de::Error,
     },
+    /// A fault's fields do not fit its kind.
+    #[error("scenario {name}: fault {index} ({kind}): {message}")]
+    Invalid {
+        /// Which scenario.
+        name: String,
+        /// The fault's position, from 1.
+        index: usize,
+        /// Its kind.
+        kind: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// The shipped scenarios: `(name, TOML)`.
 pub const BUILTIN: &[(&str, &str)] = &[
     ("leader-kill", include_str!("../scenarios/leader-kill.toml")),
+    (
+        "leader-isolated",
+        include_str!("../scenarios/leader-isolated.toml"),
+    ),
+    (
+        "one-way-partition",
+        include_str!("../scenarios/one-way-partition.toml"),
+    ),
+    ("latency", include_str!("../scenarios/latency.toml")),
     (
         "follower-kill",
         include_str!("../scenarios/follower-kill.toml"),
@@ -207,12 +279,27 @@ pub const BUILTIN: &[(&str, &str)] = &[
 ];
 
 impl Scenario {
-    /// Parses TOML.
+    /// Parses TOML and checks every fault's fields against its kind.
     pub fn parse(name: &str, text: &str) -> Result<Self, ScenarioError> {
-        toml::from_str(text).map_err(|source| ScenarioError::Parse {
+        let scenario: Self = toml::from_str(text).map_err(|source| ScenarioError::Parse {
             name: name.to_string(),
             source,
-        })
+        })?;
+        for (index, fault) in scenario.faults.iter().enumerate() {
+            fault
+                .targets()
+                .validate(fault.kind)
+                .map_err(|message| ScenarioError::Invalid {
+                    name: name.to_string(),
+                    index: index + 1,
+                    kind: serde_json::to_value(fault.kind)
+                        .ok()
+                        .and_then(|value| value.as_str().map(str::to_string))
+                        .unwrap_or_else(|| format!("{:?}", fault.kind)),
+                    message,
+                })?;
+        }
+        Ok(scenario)
     }
 
     /// A shipped scenario by name, or a TOML file by path.
@@ -245,6 +332,7 @@ impl Scenario {
                     kind: spec.kind,
                     at,
                     heal_after: spec.heal_after,
+                    targets: spec.targets(),
                 });
                 let Some(period) = spec.repeat_every else {
                     break;
@@ -273,6 +361,68 @@ mod tests {
             assert_eq!(scenario.name, *name);
             let schedule = scenario.schedule(scenario.duration, &mut StdRng::seed_from_u64(7));
             assert!(!schedule.is_empty(), "{name} schedules no fault");
+        }
+    }
+
+    #[test]
+    fn network_targets_parse_and_bad_ones_are_refused() {
+        let scenario = Scenario::load("leader-isolated").expect("shipped");
+        assert_eq!(scenario.faults[0].kind, FaultKind::Partition);
+        assert_eq!(scenario.faults[0].nodes, [Target::Leader]);
+        let with = |fault: &str| {
+            let text = format!(
+                "name = \"t\"\ndescription = \"t\"\nduration = \"10s\"\n[[faults]]\nat = \"1s\"\n{fault}\n"
+            );
+            Scenario::parse("t", &text).map_err(|error| error.to_string())
+        };
+        let ok = with("kind = \"one-way\"\nfrom = \"seq-1\"\nto = \"follower\"").expect("valid");
+        assert_eq!(ok.faults[0].from, Some(Target::Node(1)));
+        with("kind = \"latency\"\ndelay = \"50ms\"").expect("latency all -> all");
+        for (fault, expected) in [
+            (
+                "kind = \"partition\"\nnodes = [\"leadr\"]",
+                "unknown target \"leadr\"",
+            ),
+            (
+                "kind = \"partition\"\nnodes = [\"seq-0\"]",
+                "unknown target",
+            ),
+            ("kind = \"partition\"", "needs `nodes`"),
+            ("kind = \"partition\"\nnodes = [\"all\"]", "cannot cut off"),
+            (
+                "kind = \"partition\"\nnodes = [\"leader\", \"leader\"]",
+                "twice",
+            ),
+            (
+                "kind = \"partition\"\nnodes = [\"seq-1\", \"seq-2\", \"seq-3\"]",
+                "at least one",
+            ),
+            (
+                "kind = \"one-way\"\nfrom = \"leader\"",
+                "needs `from` and `to`",
+            ),
+            (
+                "kind = \"one-way\"\nfrom = \"leader\"\nto = \"leader\"",
+                "to itself",
+            ),
+            (
+                "kind = \"one-way\"\nfrom = \"all\"\nto = \"leader\"",
+                "cannot be \"all\"",
+            ),
+            ("kind = \"latency\"", "needs `delay`"),
+            ("kind = \"latency\"\ndelay = \"0s\"", "positive"),
+            (
+                "kind = \"kill-leader\"\nnodes = [\"leader\"]",
+                "`nodes` only applies",
+            ),
+            (
+                "kind = \"partition\"\nnodes = [\"leader\"]\ndelay = \"1s\"",
+                "`delay` only applies",
+            ),
+            ("kind = \"cut-wire\"", "unknown variant"),
+        ] {
+            let error = with(fault).expect_err(fault);
+            assert!(error.contains(expected), "{fault}: {error}");
         }
     }
 

@@ -1,5 +1,7 @@
 //! A real ktd cluster on one machine: 3 sequencer processes, 2 shard processes and 1 gateway
-//! on `127.0.0.x` with free ports and data directories under one temporary root. Every process
+//! on `127.0.0.x` with free ports and data directories under one temporary root. Sequencers
+//! dial each other through a fault proxy per directed link ([`Links`], `--peer-override`);
+//! gateways and shards reach the sequencers directly. Every process
 //! logs to `<root>/<name>.log`. Processes can be SIGKILLed and restarted from their data
 //! directory, or paused with SIGSTOP and resumed with SIGCONT. Dropping the [`Topology`] kills
 //! every process it started (and resumes paused ones first so that they die).
@@ -11,6 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gateway::client::Client;
+
+use crate::proxy::Links;
 
 /// Why the harness could not build or drive the cluster (never the system under test's fault).
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +290,8 @@ pub struct Topology {
     pub shards: Vec<Process>,
     /// Gateways.
     pub gateways: Vec<Process>,
+    /// The fault proxies between sequencers, one per directed link.
+    pub links: Links,
     // Declared last: the processes die before their directory is removed.
     root: tempfile::TempDir,
 }
@@ -344,11 +350,15 @@ impl Topology {
             .map(|(index, addr)| format!("{}={addr}", index + 1))
             .collect::<Vec<_>>()
             .join(",");
+        let members: Vec<(u64, String)> = (1u64..).zip(sequencer_addrs.iter().cloned()).collect();
+        let links = Links::start(&members)
+            .await
+            .map_err(io("start the sequencer link proxies"))?;
         let mut sequencers = Vec::new();
         for (index, addr) in sequencer_addrs.iter().enumerate() {
             let id = index as u64 + 1;
             let data_dir = root.path().join(format!("seq-{id}"));
-            let base = vec![
+            let mut base = vec![
                 "sequencer".to_string(),
                 "--listen".into(),
                 addr.clone(),
@@ -357,6 +367,10 @@ impl Topology {
                 "--epoch-interval".into(),
                 interval.clone(),
             ];
+            // Restarts keep dialling through the proxies.
+            for entry in links.overrides(id) {
+                base.extend(["--peer-override".to_string(), entry]);
+            }
             let mut first = vec![
                 "--id".to_string(),
                 id.to_string(),
@@ -408,6 +422,7 @@ impl Topology {
             sequencers,
             shards,
             gateways: vec![gateway],
+            links,
             root,
         };
         topology.wait_healthy(options.startup_limit).await?;
@@ -468,8 +483,10 @@ impl Topology {
     }
 
     /// The current leader's node id, as a running, unpaused sequencer reports it (`None` if no
-    /// reachable node reports itself leader).
+    /// reachable node reports itself leader). If several do (an old leader cut off by a
+    /// partition still believes it leads), the one with the highest term.
     pub async fn leader(&self) -> Option<u64> {
+        let mut best: Option<(u64, u64)> = None;
         for process in &self.sequencers {
             if !process.is_running() || process.is_paused() {
                 continue;
@@ -480,11 +497,12 @@ impl Topology {
             )
             .await
                 && status.state == "leader"
+                && best.is_none_or(|(term, _)| status.term > term)
             {
-                return Some(status.node_id);
+                best = Some((status.term, status.node_id));
             }
         }
-        None
+        best.map(|(_, id)| id)
     }
 
     /// Copies every log to `dir`.

@@ -10,6 +10,8 @@
 //! listen = "127.0.0.1:7001"
 //! data_dir = "/var/lib/ktd/sequencer-1"
 //! peers = ["1=127.0.0.1:7001", "2=127.0.0.2:7001", "3=127.0.0.3:7001"]
+//! # Optional: dial node 2 at another address than the membership's (a proxy, a tunnel).
+//! peer_overrides = ["2=127.0.0.9:17002"]
 //!
 //! [cluster]
 //! vrf_public_key = "…64 hex digits…"
@@ -42,6 +44,11 @@ pub struct SequencerConfig {
     pub data_dir: PathBuf,
     /// Initial members as `ID=HOST:PORT`, used only with `--init`.
     pub peers: Vec<String>,
+    /// `ID=HOST:PORT` entries: when this node dials peer `ID` for Raft, it connects to
+    /// `HOST:PORT` instead of the address in the membership (which other nodes, clients and
+    /// leader hints keep using). For fault proxies and tunnels; local to this node, never
+    /// replicated. Flag: `--peer-override` (repeatable or comma-separated).
+    pub peer_overrides: Vec<String>,
     /// Bootstrap a new cluster from `peers` (flag only; ignored for an initialised data dir).
     #[serde(skip)]
     pub init: bool,
@@ -63,6 +70,7 @@ impl Default for SequencerConfig {
             advertise: None,
             data_dir: PathBuf::from("ktd-sequencer-data"),
             peers: Vec::new(),
+            peer_overrides: Vec::new(),
             init: false,
             cluster: ClusterOptions::default(),
             epoch: EpochOptions::default(),
@@ -247,6 +255,25 @@ impl SequencerConfig {
         parse_peers(&self.peers)
     }
 
+    /// The Raft dial-address overrides, `id → HOST:PORT` (see `peer_overrides`).
+    pub fn peer_overrides(&self) -> Result<BTreeMap<NodeId, String>> {
+        let overrides = parse_peers(&self.peer_overrides).map_err(|error| match error {
+            SequencerError::InvalidConfig(message) => invalid(format!("peer_overrides: {message}")),
+            other => other,
+        })?;
+        for (id, addr) in &overrides {
+            let port = addr
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(_))) if !host.is_empty() && !host.contains('/')) {
+                return Err(invalid(format!(
+                    "peer_overrides: node {id}: {addr:?} must be HOST:PORT"
+                )));
+            }
+        }
+        Ok(overrides)
+    }
+
     /// The VRF public key for `--init`.
     pub fn vrf_public_key(&self) -> Result<[u8; 32]> {
         let hex = self.cluster.vrf_public_key.trim();
@@ -308,6 +335,7 @@ impl SequencerConfig {
             ));
         }
         let members = self.initial_members()?;
+        self.peer_overrides()?;
         if self.init {
             let id = self.id.ok_or_else(|| invalid("--init needs --id"))?;
             if !members.contains_key(&id) {
@@ -425,5 +453,37 @@ mod tests {
         config.id = Some(3);
         assert!(config.validate().is_err(), "not a peer");
         assert!(parse_peers(&["1=a".into(), "1=b".into()]).is_err());
+    }
+
+    #[test]
+    fn peer_overrides_are_validated() {
+        let with = |entries: &[&str]| SequencerConfig {
+            peer_overrides: entries.iter().map(|entry| entry.to_string()).collect(),
+            ..SequencerConfig::default()
+        };
+        let config = with(&["2=127.0.0.9:17002,3=proxy.local:7003"]);
+        config.validate().expect("valid");
+        let overrides = config.peer_overrides().expect("parse");
+        assert_eq!(overrides[&2], "127.0.0.9:17002");
+        assert_eq!(overrides[&3], "proxy.local:7003");
+        for bad in [
+            "2",
+            "x=127.0.0.1:1",
+            "0=127.0.0.1:1",
+            "2=127.0.0.1",
+            "2=:7001",
+            "2=http://a:1",
+            "2=127.0.0.1:99999",
+        ] {
+            let error = with(&[bad]).validate().expect_err(bad).to_string();
+            assert!(error.contains("peer_overrides"), "{bad}: {error}");
+        }
+        assert!(
+            with(&["2=a:1", "2=b:1"]).validate().is_err(),
+            "listed twice"
+        );
+        let parsed =
+            SequencerConfig::from_toml("peer_overrides = [\"2=127.0.0.9:1\"]\n").expect("toml");
+        assert_eq!(parsed.peer_overrides, ["2=127.0.0.9:1"]);
     }
 }

@@ -235,7 +235,8 @@ impl Sequencer {
             stream_progress_timeout: config.raft.stream_progress_timeout,
             snapshot_min_timeout: config.raft.snapshot_min_timeout,
             ..TransportOptions::default()
-        });
+        })
+        .with_overrides(config.peer_overrides()?);
         let raft_config = raft::raft_config(&config.raft)?;
         let raft = Raft::new(
             id,

@@ -48,6 +48,11 @@ fn assert_clean(output: &RunOutput, kind: FaultKind) {
         "did not heal: {:?}",
         report.heal_error
     );
+    assert!(
+        report.converged.is_ok(),
+        "the sequencers did not converge: {:?}",
+        report.converged
+    );
     let faults: Vec<_> = report
         .faults
         .iter()
@@ -82,6 +87,28 @@ fn leader_kill() {
         let fault = &output.report.faults[0];
         assert!(fault.fault.new_leader.is_some(), "no new leader: {fault:?}");
         assert_ne!(fault.fault.new_leader, fault.fault.leader_before);
+    });
+}
+
+/// A minority partition of the leader (network faults through the link proxies): the majority
+/// elects a new leader and keeps acknowledging writes, and the old leader rejoins it.
+#[test]
+fn leader_isolated() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run("leader-isolated", Duration::from_secs(16), None).await;
+        assert_clean(&output, FaultKind::Partition);
+        let fault = &output.report.faults[0].fault;
+        let old = fault.leader_before.expect("a leader before the partition");
+        assert_eq!(fault.isolated, [old], "the leader is the isolated side");
+        assert_eq!(
+            fault.links.len(),
+            4,
+            "both directions to both peers: {fault:?}"
+        );
+        let new = fault.new_leader.expect("the majority elects a new leader");
+        assert_ne!(new, old);
+        let converged = output.report.converged.as_ref().expect("converged");
+        assert_ne!(converged.leader, 0);
     });
 }
 

@@ -357,6 +357,10 @@ struct SequencerArgs {
     /// Initial members, ID=HOST:PORT, comma-separated (used with --init).
     #[arg(long, env = "KTD_SEQUENCER_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
+    /// Dial peer ID at HOST:PORT instead of its membership address, ID=HOST:PORT,
+    /// comma-separated or repeated (fault proxies, tunnels; this node only).
+    #[arg(long, env = "KTD_SEQUENCER_PEER_OVERRIDES", value_delimiter = ',')]
+    peer_override: Vec<String>,
     /// Bootstrap a new cluster from --peers (ignored if the data directory is initialised).
     #[arg(long)]
     init: bool,
@@ -403,6 +407,9 @@ impl SequencerArgs {
         }
         if !self.peers.is_empty() {
             config.peers = self.peers;
+        }
+        if !self.peer_override.is_empty() {
+            config.peer_overrides = self.peer_override;
         }
         if let Some(key) = self.vrf_public_key {
             config.cluster.vrf_public_key = key;

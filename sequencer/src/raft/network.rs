@@ -9,10 +9,12 @@
 //!   a setup deadline and a progress deadline: while requests are in flight, a response must
 //!   arrive within `stream_progress_timeout`. A snapshot transfer is bounded by a deadline
 //!   derived from its size and races openraft's cancel signal.
+//! * **Dial overrides.** A peer listed in `peer_overrides` is dialled at that address instead of
+//!   its membership address (the chaos harness routes each directed link through a fault proxy).
 //! * **Errors drive backoff.** Every failure is reported as `Unreachable`, so openraft backs off
 //!   instead of retrying a dead peer in a tight loop.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -122,6 +124,8 @@ impl ChannelPool {
 pub struct PeerNetwork {
     pool: Arc<ChannelPool>,
     options: TransportOptions,
+    /// Dial these addresses instead of the membership's (`peer_overrides` in the config).
+    overrides: Arc<BTreeMap<NodeId, String>>,
 }
 
 impl PeerNetwork {
@@ -130,15 +134,23 @@ impl PeerNetwork {
         Self {
             pool: Arc::new(ChannelPool::default()),
             options,
+            overrides: Arc::default(),
         }
     }
 
+    /// Dials peer `id` at `overrides[id]` instead of its membership address.
+    pub fn with_overrides(mut self, overrides: BTreeMap<NodeId, String>) -> Self {
+        self.overrides = Arc::new(overrides);
+        self
+    }
+
     fn client(&self, target: NodeId, node: &Node, purpose: Purpose) -> PeerClient {
+        let addr = self.overrides.get(&target).unwrap_or(&node.addr);
         PeerClient {
             target,
             client: self
                 .pool
-                .get(&node.addr, purpose, self.options.connect_timeout)
+                .get(addr, purpose, self.options.connect_timeout)
                 .map(|channel| {
                     RaftClient::new(channel)
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -84,6 +84,16 @@ pub enum SequencerError {
         /// The leader's address, if known.
         leader_addr: Option<String>,
     },
+    /// This node is the Raft leader but no quorum has acknowledged it for longer than the
+    /// election timeout: it is probably cut off, and a newer leader may exist. It refuses work
+    /// (the request never ran), so clients try another node.
+    #[error(
+        "not the leader: no quorum has acknowledged this leader for {since_ms} ms (partitioned?)"
+    )]
+    LeaseExpired {
+        /// Time since a quorum last acknowledged this leader.
+        since_ms: u64,
+    },
     /// The requested epoch is not committed.
     #[error("epoch {epoch} is not committed; the latest committed epoch is {latest}")]
     EpochNotFound {
@@ -220,6 +230,7 @@ impl SequencerError {
             | Self::InvalidRequest(_)
             | Self::Malformed(_) => Code::InvalidArgument,
             Self::NotLeader { .. }
+            | Self::LeaseExpired { .. }
             | Self::ShuttingDown
             | Self::NoQuorum(_)
             | Self::Coordination(_) => Code::Unavailable,

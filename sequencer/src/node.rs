@@ -496,6 +496,7 @@ impl Sequencer {
         if self.inner.shutdown.is_cancelled() {
             return Err(SequencerError::ShuttingDown);
         }
+        self.check_lease()?;
         let response = self
             .inner
             .raft
@@ -647,9 +648,37 @@ impl Sequencer {
         }
     }
 
+    /// Refuses work while this node leads without a quorum's recent acknowledgement (longer
+    /// than `raft.election_timeout_max`): a leader cut off in a minority never learns of the
+    /// newer term by itself, and openraft does not step it down, so without this check its
+    /// writes and reads would wait for a quorum that cannot answer. Single-voter clusters are
+    /// their own quorum.
+    fn check_lease(&self) -> Result<()> {
+        use openraft::Instant as _;
+        use openraft::async_runtime::WatchReceiver;
+        let metrics = self.inner.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        if metrics.state != ServerState::Leader
+            || metrics.membership_config.membership().voter_ids().count() <= 1
+        {
+            return Ok(());
+        }
+        let Some(acked) = &metrics.last_quorum_acked else {
+            return Ok(());
+        };
+        let since = acked.elapsed();
+        if since > self.inner.config.raft.election_timeout_max {
+            return Err(SequencerError::LeaseExpired {
+                since_ms: since.as_millis() as u64,
+            });
+        }
+        Ok(())
+    }
+
     /// Confirms leadership with a ReadIndex round and waits until this node has applied
     /// everything committed before the read.
     pub async fn linearize(&self) -> Result<()> {
+        self.check_lease()?;
         self.inner
             .raft
             .ensure_linearizable(ReadPolicy::ReadIndex)

@@ -20,8 +20,13 @@ log() { printf '[x.sh] %s\n' "$*" >&2; }
 
 # The build needs libclang (bindgen for RocksDB's C API) and a C++ compiler. protoc is not needed:
 # proto/build.rs uses a vendored protoc binary from crates.io.
+# With `test`, also Debian's chromium: the auditor dashboard test renders the page in headless
+# Chromium (KTD_CHROMIUM names another binary).
 ensure_system_deps() {
     local missing=()
+    if [ "${1:-}" = test ] && [ -z "${KTD_CHROMIUM:-}" ] && ! [ -x /usr/bin/chromium ]; then
+        missing+=(chromium)
+    fi
     command -v c++ >/dev/null 2>&1 || missing+=(g++)
     command -v clang >/dev/null 2>&1 || missing+=(clang)
     compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || compgen -G '/usr/lib/*/libclang-[0-9]*.so*' >/dev/null \
@@ -49,7 +54,7 @@ main() {
     local sub="${1:-help}"
     [ $# -gt 0 ] && shift
     case "$sub" in
-        test) ensure_system_deps; cmd_test "$@" ;;
+        test) ensure_system_deps test; cmd_test "$@" ;;
         dev) ensure_system_deps; exec cargo run --release --locked -p gateway --bin ktd -- dev "$@" ;;
         ktd) ensure_system_deps; exec cargo run --release --locked -p gateway --bin ktd -- "$@" ;;
         chaos)

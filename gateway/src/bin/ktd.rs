@@ -106,6 +106,10 @@ enum Command {
         /// Keep following new epochs until interrupted.
         #[arg(long)]
         follow: bool,
+        /// Retention: keep only the blobs of the newest N epochs in --out (default: all). An
+        /// auditor reading the directory must stay less than N epochs behind, or it sees a gap.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        keep: Option<u64>,
     },
     /// The latest committed epoch and root, or epoch N's.
     Epoch {
@@ -589,11 +593,33 @@ fn newest_blob(out: &std::path::Path) -> Option<u64> {
         .max()
 }
 
+/// Deletes the blob directories of all but the newest `keep` epochs in `out` (only directories
+/// named by an epoch number; anything else is left alone).
+fn prune_blobs(out: &std::path::Path, keep: u64) -> anyhow::Result<()> {
+    let mut epochs: Vec<u64> = std::fs::read_dir(out)
+        .with_context(|| format!("read {}", out.display()))?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            entry.file_type().ok()?.is_dir().then_some(())?;
+            entry.file_name().to_str()?.parse().ok()
+        })
+        .collect();
+    epochs.sort_unstable();
+    let excess = epochs.len().saturating_sub(keep as usize);
+    for epoch in &epochs[..excess] {
+        let dir = out.join(epoch.to_string());
+        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+        println!("pruned epoch {epoch} (retention: newest {keep})");
+    }
+    Ok(())
+}
+
 async fn write_audit_blobs(
     client: &Client,
     out: &std::path::Path,
     from: Option<u64>,
     follow: bool,
+    keep: Option<u64>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     let mut next = from.unwrap_or_else(|| newest_blob(out).map_or(1, |newest| newest + 1));
@@ -613,6 +639,9 @@ async fn write_audit_blobs(
                 .with_context(|| format!("rename to {}", path.display()))?;
             println!("{name} ({} bytes, verified)", blob.bytes.len());
             next = blob.epoch + 1;
+        }
+        if let Some(keep) = keep {
+            prune_blobs(out, keep)?;
         }
         if next <= latest {
             continue;
@@ -753,8 +782,13 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::AuditBlobs { out, from, follow } => {
-            write_audit_blobs(&client, &out, from, follow).await?;
+        Command::AuditBlobs {
+            out,
+            from,
+            follow,
+            keep,
+        } => {
+            write_audit_blobs(&client, &out, from, follow, keep).await?;
         }
         Command::Epoch { epoch, wait } => {
             let root = match (epoch, wait) {

@@ -249,6 +249,158 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The DOM of `url` after Chromium (Debian's `chromium`, headless) loaded it. `./x.sh test`
+/// installs Chromium; `KTD_CHROMIUM` names another binary.
+async fn chromium_dom(url: &str, profile: &Path) -> String {
+    let binary = std::env::var("KTD_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&binary).exists(),
+        "{binary} is missing: the dashboard test needs Debian's chromium (./x.sh test installs it; \
+         or set KTD_CHROMIUM)"
+    );
+    let mut command = tokio::process::Command::new(&binary);
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=2000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(url)
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("chromium finished within 60 s")
+        .expect("run chromium");
+    assert!(output.status.success(), "chromium failed: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Serves `auditor` on ephemeral ports; the HTTP address and a stop handle.
+async fn serve_auditor(
+    auditor: Arc<Auditor>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let http_addr = http.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(gateway::auditor_server::serve(auditor, grpc, http, async {
+        let _ = stopped.await;
+    }));
+    (http_addr, stop, server)
+}
+
+#[test]
+fn the_dashboard_renders_in_headless_chromium() {
+    with_deadline(Duration::from_secs(240), || async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let dev = start_dev(root.path());
+        let client = connect(&dev.addr).await;
+        let latest = publish_epochs(&client, 2).await;
+
+        // A live auditor following the directory, served while it follows.
+        let source = BlobSource::Gateway(format!("http://{}", dev.addr));
+        let auditor =
+            Auditor::open(settings(&root.path().join("auditor"), source)).expect("open auditor");
+        let stop_following = CancellationToken::new();
+        let follower = tokio::spawn(auditor.clone().follow(stop_following.clone()));
+        let (http_addr, stop, server) = serve_auditor(auditor.clone()).await;
+        let signed = |epoch: u64| {
+            let auditor = auditor.clone();
+            async move {
+                for _ in 0..600 {
+                    if auditor.latest().is_some_and(|head| head.epoch >= epoch) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!("epoch {epoch} not signed in 30 s");
+            }
+        };
+        signed(latest).await;
+        let url = format!("http://{http_addr}/");
+        let dom = chromium_dom(&url, &root.path().join("chromium-1")).await;
+        assert!(
+            dom.contains(&format!("id=\"latest-epoch\">{latest}<")),
+            "{dom}"
+        );
+        assert!(dom.contains("No rule violations"), "{dom}");
+        let root_hex = hex::encode(client.epoch(Some(latest)).await.expect("epoch").root_hash);
+        assert!(
+            dom.contains(&root_hex),
+            "the page shows the verified root: {dom}"
+        );
+
+        // After a publish, the page shows the new epoch.
+        let newer = publish_epochs(&client, 1).await;
+        assert!(newer > latest);
+        signed(newer).await;
+        let dom = chromium_dom(&url, &root.path().join("chromium-2")).await;
+        assert!(
+            dom.contains(&format!("id=\"latest-epoch\">{newer}<")),
+            "{dom}"
+        );
+        stop_following.cancel();
+        follower.await.expect("follower").expect("follow");
+        let _ = stop.send(());
+        server.await.expect("server").expect("serve");
+
+        // Fed a forged history, it shows the violation.
+        let blobs = root.path().join("blobs");
+        let addr = dev.addr.clone();
+        let out = blobs.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_ktd"))
+                .args(["--addr", &format!("http://{addr}"), "audit-blobs", "--out"])
+                .arg(&out)
+                .output()
+                .expect("ktd audit-blobs")
+        })
+        .await
+        .expect("blocking");
+        assert!(written.status.success(), "{written:?}");
+        let blob = blob_of(&blobs, 2);
+        let mut bytes = std::fs::read(&blob).expect("blob");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        std::fs::write(&blob, bytes).expect("write");
+        let forged = audit_until(
+            settings(
+                &root.path().join("auditor-forged"),
+                BlobSource::Directory(blobs),
+            ),
+            |auditor| !auditor.violations().is_empty(),
+        )
+        .await;
+        let (http_addr, stop, server) = serve_auditor(forged).await;
+        let dom = chromium_dom(
+            &format!("http://{http_addr}/"),
+            &root.path().join("chromium-3"),
+        )
+        .await;
+        assert!(dom.contains("id=\"status\">Rule violations<"), "{dom}");
+        assert!(dom.contains("epoch 2:"), "{dom}");
+        assert!(dom.contains("id=\"latest-epoch\">1<"), "{dom}");
+        let _ = stop.send(());
+        server.await.expect("server").expect("serve");
+    })
+}
+
 /// The only blob file of epoch `epoch` in `dir`.
 fn blob_of(dir: &Path, epoch: u64) -> PathBuf {
     let epoch_dir = dir.join(epoch.to_string());

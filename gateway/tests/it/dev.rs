@@ -53,9 +53,12 @@ async fn audit_blobs_verify(client: &gateway::client::Client, addr: &str) {
             .epoch;
     }
     let out = tempfile::tempdir().expect("temp dir");
-    let (addr, dir) = (addr.to_string(), out.path().to_path_buf());
+    let (blob_addr, dir) = (addr.to_string(), out.path().to_path_buf());
     let written = tokio::task::spawn_blocking(move || {
-        ktd(&addr, &["audit-blobs", "--out", &dir.display().to_string()])
+        ktd(
+            &blob_addr,
+            &["audit-blobs", "--out", &dir.display().to_string()],
+        )
     })
     .await
     .expect("ktd audit-blobs");
@@ -79,6 +82,30 @@ async fn audit_blobs_verify(client: &gateway::client::Client, addr: &str) {
         let on_disk = std::fs::read(out.path().join(name)).expect("blob file");
         assert_eq!(on_disk, blob.bytes);
     }
+    // Retention: only the newest two epochs' blobs stay in the directory.
+    let kept = tempfile::tempdir().expect("temp dir");
+    let (addr_copy, dir) = (addr.to_string(), kept.path().to_path_buf());
+    let written = tokio::task::spawn_blocking(move || {
+        ktd(
+            &addr_copy,
+            &[
+                "audit-blobs",
+                "--out",
+                &dir.display().to_string(),
+                "--keep",
+                "2",
+            ],
+        )
+    })
+    .await
+    .expect("ktd audit-blobs --keep");
+    assert!(written.status.success(), "{written:?}");
+    let mut epochs: Vec<u64> = std::fs::read_dir(kept.path())
+        .expect("read")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    epochs.sort_unstable();
+    assert_eq!(epochs, vec![latest - 1, latest]);
     let mut raw = client.directory();
     let forged = names[0].replace('/', "/00");
     for (name, expected) in [

@@ -25,6 +25,29 @@ pub struct Committed<TC> {
     pub epoch: u64,
     /// The stitched top of the tree as of `epoch`.
     pub top: Arc<TopTree<TC>>,
+    /// Its size and seal/commit times, as the sequencer recorded them.
+    pub info: EpochInfo,
+}
+
+/// What the sequencer records about a committed epoch besides its roots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpochInfo {
+    /// Distinct labels in its batch.
+    pub updates: u64,
+    /// Leader wall clock at the seal, ms since the Unix epoch (0 = unknown).
+    pub sealed_at_ms: u64,
+    /// Leader wall clock at the commit, ms since the Unix epoch (0 = unknown).
+    pub committed_at_ms: u64,
+}
+
+impl EpochInfo {
+    fn of(record: &pb::EpochRecord) -> Self {
+        Self {
+            updates: record.updates,
+            sealed_at_ms: record.sealed_at_ms,
+            committed_at_ms: record.committed_at_ms,
+        }
+    }
 }
 
 impl<TC: Configuration> Committed<TC> {
@@ -47,7 +70,7 @@ pub struct Epochs<TC> {
     sequencing: Arc<dyn Sequencing>,
     bits: u8,
     batch: Arc<Mutex<Batch>>,
-    tops: Mutex<BTreeMap<u64, Arc<TopTree<TC>>>>,
+    tops: Mutex<BTreeMap<u64, (Arc<TopTree<TC>>, EpochInfo)>>,
     latest_seen: std::sync::atomic::AtomicU64,
     config: PhantomData<fn() -> TC>,
 }
@@ -88,8 +111,8 @@ impl<TC: Configuration> Epochs<TC> {
 
     /// Committed epoch `epoch`, or [`GatewayError::EpochNotCommitted`].
     pub async fn at(&self, epoch: u64) -> Result<Committed<TC>> {
-        if let Some(top) = self.cached(epoch) {
-            return Ok(Committed { epoch, top });
+        if let Some(committed) = self.cached(epoch) {
+            return Ok(committed);
         }
         match self.sequencing.get_epoch(Some(epoch)).await {
             Ok(record) => self.committed(record),
@@ -136,29 +159,34 @@ impl<TC: Configuration> Epochs<TC> {
         }
     }
 
-    fn cached(&self, epoch: u64) -> Option<Arc<TopTree<TC>>> {
+    fn cached(&self, epoch: u64) -> Option<Committed<TC>> {
         self.tops
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(&epoch)
-            .cloned()
+            .map(|(top, info)| Committed {
+                epoch,
+                top: top.clone(),
+                info: *info,
+            })
     }
 
     fn committed(&self, record: pb::EpochRecord) -> Result<Committed<TC>> {
         let epoch = record.epoch;
-        if let Some(top) = self.cached(epoch) {
-            return Ok(Committed { epoch, top });
+        if let Some(committed) = self.cached(epoch) {
+            return Ok(committed);
         }
         let top = Arc::new(coordinator::top_tree::<TC>(self.bits, &record)?);
+        let info = EpochInfo::of(&record);
         let mut tops = self
             .tops
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        tops.insert(epoch, top.clone());
+        tops.insert(epoch, (top.clone(), info));
         while tops.len() > CACHED_EPOCHS {
             tops.pop_first();
         }
-        Ok(Committed { epoch, top })
+        Ok(Committed { epoch, top, info })
     }
 
     async fn latest_record(&self) -> Result<pb::EpochRecord> {

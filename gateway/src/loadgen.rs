@@ -48,6 +48,8 @@ pub struct BenchSettings {
     pub seed: u64,
     /// A `ktd auditor`'s gRPC address to follow: the report then has the auditor's lag.
     pub auditor: Option<String>,
+    /// Local server processes to sample (name, pid): CPU and RSS go into the report.
+    pub servers: Vec<(String, i32)>,
 }
 
 /// Relative weights of the call types.
@@ -168,6 +170,45 @@ pub struct Report {
     /// auditor), ms; both polled every 50 ms. Absent without an auditor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auditor_lag: Option<AuditorLag>,
+    /// Epochs committed during the run, as the sequencer recorded them.
+    #[serde(default)]
+    pub epochs: Vec<EpochStats>,
+    /// Seal latency (leader's seal → committed root) over those epochs, ms.
+    #[serde(default)]
+    pub seal_p50_ms: f64,
+    /// 99th percentile of the same.
+    #[serde(default)]
+    pub seal_p99_ms: f64,
+    /// Worst of the same.
+    #[serde(default)]
+    pub seal_max_ms: f64,
+    /// Sampled server processes (`--server-pid`, `--server-pid-dir`), by name.
+    #[serde(default)]
+    pub servers: BTreeMap<String, ServerUsage>,
+}
+
+/// One committed epoch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochStats {
+    /// The epoch.
+    pub epoch: u64,
+    /// Distinct labels updated in it.
+    pub updates: u64,
+    /// Seal → committed root, ms (leader wall clock; 0 if unknown).
+    pub seal_ms: f64,
+}
+
+/// CPU and memory of one server process over the run (sampled once per second from /proc).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerUsage {
+    /// Mean CPU use, percent of one core.
+    pub cpu_percent_mean: f64,
+    /// Highest one-second CPU use, percent of one core.
+    pub cpu_percent_max: f64,
+    /// Highest resident set size, MiB.
+    pub rss_max_mib: f64,
+    /// Samples taken (0 = the process could not be read).
+    pub samples: u64,
 }
 
 /// How far a `ktd auditor` trails the directory during a run.
@@ -310,7 +351,19 @@ pub async fn run(
     let next_user = Arc::new(std::sync::atomic::AtomicU64::new(users));
     let commits: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
-    let watcher = tokio::spawn(watch_epochs(client.clone(), commits.clone(), stop.clone()));
+    let epochs: Arc<Mutex<Vec<EpochStats>>> = Arc::default();
+    let watcher = tokio::spawn(watch_epochs(
+        client.clone(),
+        commits.clone(),
+        epochs.clone(),
+        stop.clone(),
+    ));
+    let usage: Arc<Mutex<BTreeMap<String, ServerUsage>>> = Arc::default();
+    let server_watcher = tokio::spawn(watch_servers(
+        settings.servers.clone(),
+        usage.clone(),
+        stop.clone(),
+    ));
     let signed: Arc<Mutex<AuditorSeen>> = Arc::default();
     let auditor_watcher = match &settings.auditor {
         Some(addr) => {
@@ -463,12 +516,41 @@ pub async fn run(
     stop.cancel();
     let _ = watcher.await;
     let _ = progress.await;
+    let _ = server_watcher.await;
     if let Some(auditor_watcher) = auditor_watcher {
         let _ = auditor_watcher.await;
     }
     let recorder = recorder.lock().unwrap_or_else(|p| p.into_inner());
     let commits = commits.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let (mut report, timeline) = summarise(settings, &recorder, &commits, elapsed);
+    let (mut report, mut timeline) = summarise(settings, &recorder, &commits, elapsed);
+    report.epochs = epochs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut seals: Vec<f64> = report
+        .epochs
+        .iter()
+        .map(|epoch| epoch.seal_ms)
+        .filter(|ms| *ms > 0.0)
+        .collect();
+    seals.sort_by(f64::total_cmp);
+    if let Some(max) = seals.last() {
+        let at = |quantile: f64| seals[((seals.len() - 1) as f64 * quantile).round() as usize];
+        report.seal_p50_ms = at(0.5);
+        report.seal_p99_ms = at(0.99);
+        report.seal_max_ms = *max;
+    }
+    report.servers = usage.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // Seal latency per epoch, plotted at its commit.
+    timeline.seals = report
+        .epochs
+        .iter()
+        .filter_map(|stats| {
+            let at = timeline
+                .commits
+                .iter()
+                .find(|(epoch, _)| *epoch >= stats.epoch)?
+                .1;
+            Some((at, stats.seal_ms))
+        })
+        .collect();
     if settings.auditor.is_some() {
         let signed = signed.lock().unwrap_or_else(|p| p.into_inner());
         report.auditor_lag = Some(auditor_lag(&commits, &signed));
@@ -548,6 +630,8 @@ pub struct Timeline {
     pub seconds: Vec<(f64, u64, f64, f64)>,
     /// (epoch, committed at second).
     pub commits: Vec<(u64, f64)>,
+    /// (committed at second, seal latency ms) per epoch.
+    pub seals: Vec<(f64, f64)>,
 }
 
 fn summarise(
@@ -628,6 +712,7 @@ fn summarise(
                 )
             })
             .collect(),
+        seals: Vec::new(),
     };
     (report, timeline)
 }
@@ -635,6 +720,7 @@ fn summarise(
 async fn watch_epochs(
     client: Client,
     commits: Arc<Mutex<Vec<(u64, Instant)>>>,
+    epochs: Arc<Mutex<Vec<EpochStats>>>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut last = None;
@@ -642,6 +728,32 @@ async fn watch_epochs(
         if let Ok(root) = client.epoch(None).await
             && last != Some(root.epoch)
         {
+            // Every epoch committed since the previous sight (the first sight only marks the
+            // start), with the sequencer's record of its size and seal/commit times.
+            if let Some(previous) = last {
+                for epoch in previous + 1..=root.epoch {
+                    let request = api::GetEpochRequest {
+                        epoch: Some(epoch),
+                        wait: false,
+                    };
+                    if let Ok(hash) = client.directory().get_epoch(request).await {
+                        let hash = hash.into_inner();
+                        let seal_ms = if hash.sealed_at_ms > 0 && hash.committed_at_ms > 0 {
+                            hash.committed_at_ms.saturating_sub(hash.sealed_at_ms) as f64
+                        } else {
+                            0.0
+                        };
+                        epochs
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(EpochStats {
+                                epoch,
+                                updates: hash.updates,
+                                seal_ms,
+                            });
+                    }
+                }
+            }
             last = Some(root.epoch);
             commits
                 .lock()
@@ -649,6 +761,48 @@ async fn watch_epochs(
                 .push((root.epoch, Instant::now()));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Samples each server's CPU time and RSS from /proc once per second.
+async fn watch_servers(
+    servers: Vec<(String, i32)>,
+    usage: Arc<Mutex<BTreeMap<String, ServerUsage>>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let ticks = procfs::ticks_per_second() as f64;
+    let page = procfs::page_size() as f64;
+    let read = |pid: i32| -> Option<(f64, f64)> {
+        let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+        Some((
+            (stat.utime + stat.stime) as f64 / ticks,
+            stat.rss as f64 * page / (1024.0 * 1024.0),
+        ))
+    };
+    let mut previous: BTreeMap<String, (f64, Instant)> = BTreeMap::new();
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    while !stop.is_cancelled() {
+        for (name, pid) in &servers {
+            let Some((cpu_seconds, rss_mib)) = read(*pid) else {
+                continue;
+            };
+            let now = Instant::now();
+            let mut usage = usage.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = usage.entry(name.clone()).or_default();
+            entry.rss_max_mib = entry.rss_max_mib.max(rss_mib);
+            if let Some((before, at)) = previous.insert(name.clone(), (cpu_seconds, now)) {
+                let percent = (cpu_seconds - before) / now.duration_since(at).as_secs_f64() * 100.0;
+                entry.samples += 1;
+                entry.cpu_percent_max = entry.cpu_percent_max.max(percent);
+                let sum = sums.entry(name.clone()).or_default();
+                *sum += percent;
+                entry.cpu_percent_mean = *sum / entry.samples as f64;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 
@@ -719,15 +873,45 @@ pub fn markdown(report: &Report) -> String {
             call.errors
         ));
     }
+    if !report.epochs.is_empty() {
+        text.push_str(&format!(
+            "\nSeal latency (seal → committed root) over {} epochs: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms.\n",
+            report.epochs.len(),
+            report.seal_p50_ms,
+            report.seal_p99_ms,
+            report.seal_max_ms
+        ));
+    }
+    if !report.servers.is_empty() {
+        text.push_str("\n| server | CPU mean % | CPU max % | RSS max MiB |\n|---|---|---|---|\n");
+        for (name, usage) in &report.servers {
+            text.push_str(&format!(
+                "| {name} | {:.0} | {:.0} | {:.0} |\n",
+                usage.cpu_percent_mean, usage.cpu_percent_max, usage.rss_max_mib
+            ));
+        }
+    }
     if let Some(lag) = &report.auditor_lag {
         text.push_str(&format!(
             "\nAuditor: {} epochs signed, {} not yet; commit → signed p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; violations: {:?}\n",
             lag.epochs_signed, lag.epochs_unsigned, lag.p50_ms, lag.p99_ms, lag.max_ms, lag.violations
         ));
     }
-    text.push_str("\n| epoch | acknowledged updates |\n|---|---|\n");
-    for (epoch, updates) in &report.updates_per_epoch {
-        text.push_str(&format!("| {epoch} | {updates} |\n"));
+    text.push_str(
+        "\n| epoch | updates acknowledged by this run | updates in the epoch | seal ms |\n|---|---|---|---|\n",
+    );
+    for stats in &report.epochs {
+        text.push_str(&format!(
+            "| {} | {} | {} | {:.0} |\n",
+            stats.epoch,
+            report
+                .updates_per_epoch
+                .get(&stats.epoch)
+                .copied()
+                .unwrap_or(0),
+            stats.updates,
+            stats.seal_ms
+        ));
     }
     text.push_str("\n![latency and throughput over time](timeline.svg)\n");
     text
@@ -736,9 +920,10 @@ pub fn markdown(report: &Report) -> String {
 /// Plots throughput and latency per second, with epoch commits marked, as SVG.
 pub fn plot(timeline: &Timeline, path: &Path) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
+    let root = SVGBackend::new(path, (960, 810)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (upper, lower) = root.split_vertically(270);
+    let (upper, rest) = root.split_vertically(270);
+    let (lower, bottom) = rest.split_vertically(270);
     let end = timeline.seconds.len().max(1) as f64;
     let max_ops = timeline
         .seconds
@@ -783,6 +968,20 @@ pub fn plot(timeline: &Timeline, path: &Path) -> anyhow::Result<()> {
         timeline.seconds.iter().map(|s| (s.0, s.3)),
         &RED,
     ))?;
+    let max_seal = timeline.seals.iter().map(|s| s.1).fold(1.0, f64::max);
+    let mut seals = ChartBuilder::on(&bottom)
+        .caption(
+            "seal latency per epoch (seal → committed root), ms, at its commit",
+            ("sans-serif", 16),
+        )
+        .margin(8)
+        .x_label_area_size(24)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..end, 0.0..max_seal * 1.1)?;
+    seals.configure_mesh().x_desc("seconds").draw()?;
+    for (at, ms) in &timeline.seals {
+        seals.draw_series(LineSeries::new([(*at, 0.0), (*at, *ms)], &MAGENTA))?;
+    }
     root.present()?;
     Ok(())
 }

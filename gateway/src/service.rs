@@ -424,6 +424,9 @@ fn epoch_hash<TC: Configuration>(committed: &Committed<TC>) -> api::EpochHash {
     api::EpochHash {
         epoch: committed.epoch,
         root_hash: committed.root_hash().to_vec(),
+        updates: committed.info.updates,
+        sealed_at_ms: committed.info.sealed_at_ms,
+        committed_at_ms: committed.info.committed_at_ms,
     }
 }
 

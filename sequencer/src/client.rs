@@ -217,6 +217,8 @@ impl SequencerClient {
         let request = pb::AppendRequest {
             updates,
             idempotency_key,
+            // Stamped by the node that proposes it.
+            proposed_at_ms: 0,
         };
         self.on_leader(Retry::Idempotent, |channel| {
             let request = self.request(request.clone());
@@ -241,6 +243,8 @@ impl SequencerClient {
             epoch,
             root_hash,
             partition_roots,
+            // Stamped by the node that proposes it.
+            committed_at_ms: 0,
         };
         self.on_leader(Retry::Idempotent, |channel| {
             let request = self.request(request.clone());
@@ -280,6 +284,8 @@ impl SequencerClient {
             let request = self.request(pb::SealRequest {
                 epoch: epoch.unwrap_or(0),
                 heartbeat: false,
+                // Stamped by the node that proposes it.
+                sealed_at_ms: 0,
             });
             async move {
                 SequencerAdminClient::new(channel)

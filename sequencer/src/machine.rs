@@ -66,6 +66,8 @@ pub struct EpochState {
     pub shard_map: pb::ShardMap,
     /// Epochs whose batch is retained → number of updates in it.
     pub retained_batches: BTreeMap<u64, u64>,
+    /// Sealed, uncommitted epochs → when they were sealed (ms since the Unix epoch).
+    pub sealed_at_ms: BTreeMap<u64, u64>,
 }
 
 impl Default for EpochState {
@@ -79,6 +81,7 @@ impl Default for EpochState {
             metadata: None,
             shard_map: pb::ShardMap::default(),
             retained_batches: BTreeMap::new(),
+            sealed_at_ms: BTreeMap::new(),
         }
     }
 }
@@ -136,7 +139,7 @@ impl Machine {
         use pb::command::Kind;
         match &command.kind {
             Some(Kind::Append(append)) => self.append(tx, append),
-            Some(Kind::Seal(seal)) => Ok(self.seal(seal.epoch, seal.heartbeat)),
+            Some(Kind::Seal(seal)) => Ok(self.seal(seal)),
             Some(Kind::CommitEpoch(commit)) => self.commit_epoch(tx, index, commit),
             Some(Kind::InitCluster(metadata)) => Ok(self.init_cluster(metadata)),
             Some(Kind::SetShardMap(request)) => Ok(self.set_shard_map(request)),
@@ -144,10 +147,11 @@ impl Machine {
         }
     }
 
-    fn seal_open(&mut self) -> pb::SealResponse {
+    fn seal_open(&mut self, sealed_at_ms: u64) -> pb::SealResponse {
         let epoch = self.state.open_epoch;
         let updates = self.open_labels.len() as u64;
         self.state.retained_batches.insert(epoch, updates);
+        self.state.sealed_at_ms.insert(epoch, sealed_at_ms);
         self.state.open_epoch += 1;
         self.open_labels.clear();
         pb::SealResponse {
@@ -201,7 +205,7 @@ impl Machine {
             .filter(|label| !self.open_labels.contains(**label))
             .count() as u64;
         let sealed_before = (self.open_labels.len() as u64 + new_labels > max_epoch_updates)
-            .then(|| self.seal_open());
+            .then(|| self.seal_open(append.proposed_at_ms));
 
         let epoch = self.state.open_epoch;
         let first_sequence = self.state.next_sequence;
@@ -239,7 +243,8 @@ impl Machine {
         Ok(result(pb::apply_result::Kind::Appended(answer)))
     }
 
-    fn seal(&mut self, epoch: u64, heartbeat: bool) -> pb::ApplyResult {
+    fn seal(&mut self, seal: &pb::SealRequest) -> pb::ApplyResult {
+        let (epoch, heartbeat) = (seal.epoch, seal.heartbeat);
         let open = self.state.open_epoch;
         if epoch == 0 {
             return rejected(Code::InvalidArgument, "epoch 0 is the empty directory");
@@ -264,7 +269,9 @@ impl Machine {
             );
         }
         if self.open_labels.is_empty() && heartbeat && epoch > 1 {
-            return result(pb::apply_result::Kind::Sealed(self.seal_open()));
+            return result(pb::apply_result::Kind::Sealed(
+                self.seal_open(seal.sealed_at_ms),
+            ));
         }
         if self.open_labels.is_empty() {
             return rejected(
@@ -272,7 +279,9 @@ impl Machine {
                 format!("epoch {epoch} has no updates; an empty epoch is never sealed"),
             );
         }
-        result(pb::apply_result::Kind::Sealed(self.seal_open()))
+        result(pb::apply_result::Kind::Sealed(
+            self.seal_open(seal.sealed_at_ms),
+        ))
     }
 
     fn commit_epoch(
@@ -340,6 +349,14 @@ impl Machine {
             root_hash: commit.root_hash.clone(),
             partition_roots: commit.partition_roots.clone(),
             commit_index: index,
+            updates: self
+                .state
+                .retained_batches
+                .get(&epoch)
+                .copied()
+                .unwrap_or(0),
+            sealed_at_ms: self.state.sealed_at_ms.remove(&epoch).unwrap_or(0),
+            committed_at_ms: commit.committed_at_ms,
         };
         tx.epoch_put(&record);
         self.state.last_committed_epoch = epoch;

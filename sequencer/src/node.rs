@@ -181,6 +181,15 @@ fn validate_append(config: &SequencerConfig, updates: &[pb::Update], key: &[u8])
     Ok(())
 }
 
+/// This node's wall clock in ms since the Unix epoch (0 if the clock is before 1970): stamped
+/// into seal, append and commit commands by the proposer, so every replica records the same
+/// value.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
 /// Mirrors openraft's metrics channel into a tokio watch channel (ends when Raft stops).
 fn forward_metrics(raft: &Raft, tasks: &TaskTracker) -> watch::Receiver<RaftMetrics> {
     use openraft::async_runtime::WatchReceiver;
@@ -536,6 +545,7 @@ impl Sequencer {
             .propose(pb::command::Kind::Append(pb::AppendRequest {
                 updates,
                 idempotency_key,
+                proposed_at_ms: unix_ms(),
             }))
             .await?
         {
@@ -557,6 +567,7 @@ impl Sequencer {
             .propose(pb::command::Kind::Seal(pb::SealRequest {
                 epoch,
                 heartbeat: false,
+                sealed_at_ms: unix_ms(),
             }))
             .await?
         {
@@ -572,6 +583,7 @@ impl Sequencer {
             .propose(pb::command::Kind::Seal(pb::SealRequest {
                 epoch,
                 heartbeat: true,
+                sealed_at_ms: unix_ms(),
             }))
             .await?
         {
@@ -598,6 +610,7 @@ impl Sequencer {
                 epoch,
                 root_hash,
                 partition_roots,
+                committed_at_ms: unix_ms(),
             }))
             .await?
         {

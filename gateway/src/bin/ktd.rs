@@ -182,6 +182,49 @@ struct BenchArgs {
     /// report then includes how far the auditor trails the commits (commit → signed head).
     #[arg(long)]
     auditor: Option<String>,
+    /// A local server process to sample for CPU and RSS, NAME=PID (repeatable).
+    #[arg(long, value_parser = parse_server_pid)]
+    server_pid: Vec<(String, i32)>,
+    /// Sample every server whose pid file (NAME.pid) is in DIR, e.g. /tmp/ktd-local (the
+    /// local cluster's).
+    #[arg(long)]
+    server_pid_dir: Option<PathBuf>,
+}
+
+fn parse_server_pid(text: &str) -> Result<(String, i32), String> {
+    let (name, pid) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected NAME=PID"))?;
+    let pid = pid
+        .parse::<i32>()
+        .ok()
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| format!("{text:?}: {pid:?} is not a process id"))?;
+    Ok((name.to_string(), pid))
+}
+
+/// `NAME.pid` files in `dir` → (NAME, pid).
+fn server_pids(dir: &std::path::Path) -> anyhow::Result<Vec<(String, i32)>> {
+    let mut servers = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_suffix(".pid"))
+        else {
+            continue;
+        };
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let pid = text
+            .trim()
+            .parse::<i32>()
+            .with_context(|| format!("{}: not a process id", path.display()))?;
+        servers.push((name.to_string(), pid));
+    }
+    servers.sort();
+    Ok(servers)
 }
 
 /// The Prometheus endpoint of a server process.
@@ -817,6 +860,13 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
                 value_bytes: args.value_bytes,
                 seed: args.seed,
                 auditor: args.auditor.clone(),
+                servers: {
+                    let mut servers = args.server_pid.clone();
+                    if let Some(dir) = &args.server_pid_dir {
+                        servers.extend(server_pids(dir)?);
+                    }
+                    servers
+                },
             };
             let users = gateway::loadgen::preload(&client, &settings).await?;
             let (report, timeline) = gateway::loadgen::run(&client, &settings, users).await?;

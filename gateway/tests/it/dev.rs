@@ -128,9 +128,10 @@ async fn audit_blobs_verify(client: &gateway::client::Client, addr: &str) {
 
 /// `ktd bench` against the instance: a report with no errors, and a baseline comparison with
 /// itself passes while an impossible baseline fails the command.
-async fn bench_reports(addr: &str, root: &std::path::Path) {
+async fn bench_reports(addr: &str, pid: u32, root: &std::path::Path) {
     let report_dir = root.join("bench-report");
     let (addr, dir) = (addr.to_string(), report_dir.clone());
+    let server = format!("dev={pid}");
     let run = move |extra: Vec<String>| {
         let mut args = vec![
             "bench",
@@ -150,6 +151,7 @@ async fn bench_reports(addr: &str, root: &std::path::Path) {
         .map(String::from)
         .collect::<Vec<_>>();
         args.push(dir.display().to_string());
+        args.extend(["--server-pid".to_string(), server.clone()]);
         args.extend(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         ktd(&addr, &args)
@@ -168,6 +170,21 @@ async fn bench_reports(addr: &str, root: &std::path::Path) {
         assert!(call.errors.is_empty(), "{name}: {:?}", call.errors);
     }
     assert!(report_dir.join("timeline.svg").exists() && report_dir.join("report.md").exists());
+    // Epochs committed during the run, with their size and seal latency from the sequencer.
+    assert!(
+        report
+            .epochs
+            .iter()
+            .any(|epoch| epoch.updates > 0 && epoch.seal_ms > 0.0),
+        "{:?}",
+        report.epochs
+    );
+    assert!(report.seal_p50_ms > 0.0 && report.seal_max_ms >= report.seal_p99_ms);
+    let usage = &report.servers["dev"];
+    assert!(
+        usage.samples >= 1 && usage.rss_max_mib > 1.0 && usage.cpu_percent_max > 0.0,
+        "{usage:?}"
+    );
 
     let mut impossible = report.clone();
     impossible.ok_per_second *= 100.0;
@@ -340,7 +357,7 @@ fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
         let mut raw = client.directory();
         bad_input_is_refused(&dev.addr, &mut raw).await;
 
-        bench_reports(&dev.addr, root.path()).await;
+        bench_reports(&dev.addr, dev.pid().expect("running"), root.path()).await;
 
         // Overload: more concurrent requests than in-flight permits (4).
         let answers = futures::future::join_all((0..64).map(|_| {

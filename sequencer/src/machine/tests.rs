@@ -106,6 +106,7 @@ impl Harness {
                 })
                 .collect(),
             idempotency_key: key.as_bytes().to_vec(),
+            proposed_at_ms: 500,
         }))
     }
 
@@ -120,6 +121,7 @@ impl Harness {
         self.run(pb::command::Kind::Seal(pb::SealRequest {
             epoch,
             heartbeat: false,
+            sealed_at_ms: 1_000 + epoch,
         }))
     }
 
@@ -127,6 +129,7 @@ impl Harness {
         self.run(pb::command::Kind::Seal(pb::SealRequest {
             epoch,
             heartbeat: true,
+            sealed_at_ms: 1_000 + epoch,
         }))
     }
 
@@ -135,6 +138,7 @@ impl Harness {
             epoch,
             root_hash: vec![root; 32],
             partition_roots: vec![root],
+            committed_at_ms: 2_000 + epoch,
         }))
     }
 }
@@ -287,6 +291,36 @@ fn heartbeat_seals_an_empty_epoch_only_after_the_first_updates() {
 }
 
 #[test]
+fn epoch_records_carry_their_size_and_seal_and_commit_times() {
+    let mut harness = Harness::new(3, 100, 8);
+    harness.appended(&["a", "b"], "");
+    harness.seal(1);
+    // Epoch 2 is sealed for size by the append that would overflow it (at its proposal time).
+    harness.appended(&["c", "d"], "");
+    harness.appended(&["e", "f"], "");
+    let records: Vec<pb::EpochRecord> = [(1, 9), (2, 8)]
+        .into_iter()
+        .map(|(epoch, root)| match harness.commit(epoch, root).kind {
+            Some(pb::apply_result::Kind::Committed(committed)) => {
+                committed.record.expect("a record")
+            }
+            other => panic!("expected Committed, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        records
+            .iter()
+            .map(|record| (record.updates, record.sealed_at_ms, record.committed_at_ms))
+            .collect::<Vec<_>>(),
+        vec![(2, 1_001, 2_001), (2, 500, 2_002)]
+    );
+    assert!(
+        harness.machine.state().sealed_at_ms.is_empty(),
+        "seal times are dropped once committed"
+    );
+}
+
+#[test]
 fn commit_epoch_never_forks() {
     let mut harness = Harness::new(100, 100, 1);
     harness.appended(&["a"], "");
@@ -341,6 +375,7 @@ fn uninitialised_cluster_refuses_appends_and_metadata_identity_is_fixed() {
                 value: b"1".to_vec(),
             }],
             idempotency_key: Vec::new(),
+            proposed_at_ms: 500,
         })),
     };
     let applied = machine.apply(&mut tx, 1, &append).expect("apply");

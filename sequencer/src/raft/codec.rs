@@ -422,6 +422,7 @@ mod tests {
             kind: Some(api::command::Kind::Seal(api::SealRequest {
                 epoch: 5,
                 heartbeat: true,
+                sealed_at_ms: 7,
             })),
         });
         for payload in [

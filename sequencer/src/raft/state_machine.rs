@@ -106,6 +106,11 @@ fn encode_meta(inner: &SmInner) -> Vec<u8> {
             .iter()
             .map(|(epoch, count)| (*epoch, *count))
             .collect(),
+        sealed_at_ms: state
+            .sealed_at_ms
+            .iter()
+            .map(|(epoch, at)| (*epoch, *at))
+            .collect(),
     }
     .encode_to_vec()
 }
@@ -134,6 +139,7 @@ fn load(db: &DB) -> Result<SmInner> {
         metadata: meta.metadata,
         shard_map: meta.shard_map.unwrap_or_default(),
         retained_batches: meta.retained_batches.into_iter().collect(),
+        sealed_at_ms: meta.sealed_at_ms.into_iter().collect(),
     };
     if state.open_epoch == 0 || state.next_sequence == 0 {
         return Err(SequencerError::Corrupt(

@@ -17,6 +17,7 @@
 pub mod auditor;
 pub mod auditor_server;
 pub mod client;
+pub mod compare_akd;
 pub mod epochs;
 pub mod error;
 pub mod loadgen;

@@ -185,6 +185,9 @@ pub struct Report {
     /// Sampled server processes (`--server-pid`, `--server-pid-dir`), by name.
     #[serde(default)]
     pub servers: BTreeMap<String, ServerUsage>,
+    /// With `--compare-akd`: the same batches through a stock in-process akd directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare_akd: Option<crate::compare_akd::AkdComparison>,
 }
 
 /// One committed epoch.
@@ -295,10 +298,32 @@ fn code_of(error: &anyhow::Error) -> tonic::Code {
         .map_or(tonic::Code::Unknown, tonic::Status::code)
 }
 
+/// Every acknowledged publish's updates, for `--compare-akd`.
+pub type Recording = Arc<Mutex<crate::compare_akd::Published>>;
+
+fn record_published(recording: Option<&Recording>, epoch: u64, updates: Vec<(Vec<u8>, Vec<u8>)>) {
+    if let Some(recording) = recording {
+        recording
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(epoch, updates);
+    }
+}
+
 /// Loads `count` users fast (batches of 5,000, 4 in flight), then seals and waits for the
 /// commit. Returns the number of users.
-pub async fn preload(client: &Client, settings: &BenchSettings) -> anyhow::Result<u64> {
+pub async fn preload(
+    client: &Client,
+    settings: &BenchSettings,
+    recording: Option<&Recording>,
+) -> anyhow::Result<u64> {
     use futures::StreamExt;
+    if let Some(recording) = recording {
+        recording
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .start_epoch = client.epoch(None).await?.epoch;
+    }
     if settings.preload == 0 {
         return Ok(0);
     }
@@ -312,10 +337,12 @@ pub async fn preload(client: &Client, settings: &BenchSettings) -> anyhow::Resul
         .map(|(first, end)| {
             let value = value.clone();
             async move {
-                let updates = (first..end)
+                let updates: Vec<(Vec<u8>, Vec<u8>)> = (first..end)
                     .map(|id| (label(settings.seed, id), value.clone()))
                     .collect();
-                Ok(client.publish(updates, None).await?.epoch)
+                let epoch = client.publish(updates.clone(), None).await?.epoch;
+                record_published(recording, epoch, updates);
+                Ok(epoch)
             }
         })
         .buffer_unordered(4)
@@ -345,6 +372,7 @@ pub async fn run(
     client: &Client,
     settings: &BenchSettings,
     users: u64,
+    recording: Option<Recording>,
 ) -> anyhow::Result<(Report, Timeline)> {
     let recorder = Arc::new(Mutex::new(Recorder::new()?));
     let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
@@ -423,19 +451,26 @@ pub async fn run(
         }
         let (client, recorder, next_user) = (client.clone(), recorder.clone(), next_user.clone());
         let (batch, value_bytes, seed) = (settings.batch, settings.value_bytes, settings.seed);
+        let recording = recording.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let outcome = match kind {
                 Kind::Publish => {
                     let first =
                         next_user.fetch_add(batch as u64, std::sync::atomic::Ordering::Relaxed);
-                    let updates = (first..first + batch as u64)
+                    let updates: Vec<(Vec<u8>, Vec<u8>)> = (first..first + batch as u64)
                         .map(|id| (label(seed, id), vec![b'v'; value_bytes]))
                         .collect();
+                    let copy = recording.is_some().then(|| updates.clone());
                     client
                         .publish(updates, None)
                         .await
-                        .map(|published| Some((published.epoch, batch as u64)))
+                        .map(|published| {
+                            if let Some(copy) = copy {
+                                record_published(recording.as_ref(), published.epoch, copy);
+                            }
+                            Some((published.epoch, batch as u64))
+                        })
                         .map_err(|status| status.code())
                 }
                 Kind::Lookup => client
@@ -890,6 +925,9 @@ pub fn markdown(report: &Report) -> String {
                 usage.cpu_percent_mean, usage.cpu_percent_max, usage.rss_max_mib
             ));
         }
+    }
+    if let Some(comparison) = &report.compare_akd {
+        text.push_str(&crate::compare_akd::markdown(comparison));
     }
     if let Some(lag) = &report.auditor_lag {
         text.push_str(&format!(

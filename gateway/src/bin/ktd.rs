@@ -182,6 +182,14 @@ struct BenchArgs {
     /// report then includes how far the auditor trails the commits (commit → signed head).
     #[arg(long)]
     auditor: Option<String>,
+    /// After the run, replay the same per-epoch batches through a stock in-process
+    /// `akd::Directory` and report ktd vs akd side by side (epoch processing, lookups).
+    #[arg(long)]
+    compare_akd: bool,
+    /// The directory's VRF seed file: with --compare-akd on a directory that was empty at the
+    /// start, every epoch's root is also checked against akd's.
+    #[arg(long)]
+    vrf_seed_file: Option<PathBuf>,
     /// A local server process to sample for CPU and RSS, NAME=PID (repeatable).
     #[arg(long, value_parser = parse_server_pid)]
     server_pid: Vec<(String, i32)>,
@@ -868,8 +876,26 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
                     servers
                 },
             };
-            let users = gateway::loadgen::preload(&client, &settings).await?;
-            let (report, timeline) = gateway::loadgen::run(&client, &settings, users).await?;
+            let seed = match &args.vrf_seed_file {
+                Some(path) => Some(gateway::run::read_vrf_seed(path)?),
+                None => None,
+            };
+            let recording: Option<gateway::loadgen::Recording> =
+                args.compare_akd.then(Default::default);
+            let users = gateway::loadgen::preload(&client, &settings, recording.as_ref()).await?;
+            let (mut report, timeline) =
+                gateway::loadgen::run(&client, &settings, users, recording.clone()).await?;
+            if let Some(recording) = recording {
+                eprintln!("replaying the same batches through a stock akd directory...");
+                let published = recording.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let seal_ms = report
+                    .epochs
+                    .iter()
+                    .map(|epoch| (epoch.epoch, epoch.seal_ms))
+                    .collect();
+                report.compare_akd =
+                    Some(gateway::compare_akd::compare(&client, &published, &seal_ms, seed).await?);
+            }
             gateway::loadgen::write_report(&args.report, &report, &timeline)?;
             print!("{}", gateway::loadgen::markdown(&report));
             println!("report: {}", args.report.join("report.json").display());

@@ -126,6 +126,64 @@ async fn audit_blobs_verify(client: &gateway::client::Client, addr: &str) {
     }
 }
 
+#[test]
+fn ktd_bench_compare_akd_replays_the_same_batches_with_equal_roots() {
+    with_deadline(Duration::from_secs(180), || async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut dev = KtdNode::dev(root.path(), "127.0.0.44", &["--epoch-interval", "300ms"]);
+        dev.spawn(&[]);
+        connect(&dev.addr).await;
+        let seed = root.path().join("dev").join("vrf-seed.hex");
+        let report_dir = root.path().join("report");
+        let (addr, seed_arg, dir) = (
+            dev.addr.clone(),
+            seed.display().to_string(),
+            report_dir.display().to_string(),
+        );
+        let output = tokio::task::spawn_blocking(move || {
+            ktd(
+                &addr,
+                &[
+                    "bench",
+                    "--rate",
+                    "100",
+                    "--duration",
+                    "3s",
+                    "--preload",
+                    "2000",
+                    "--mix",
+                    "publish=1,lookup=1",
+                    "--batch",
+                    "5",
+                    "--report",
+                    &dir,
+                    "--compare-akd",
+                    "--vrf-seed-file",
+                    &seed_arg,
+                ],
+            )
+        })
+        .await
+        .expect("ktd bench");
+        assert!(output.status.success(), "{output:?}");
+        let text = std::fs::read_to_string(report_dir.join("report.json")).expect("report");
+        let report: gateway::loadgen::Report = serde_json::from_str(&text).expect("a report");
+        let comparison = report.compare_akd.expect("a comparison");
+        assert!(comparison.roots_compared >= 3, "{comparison:?}");
+        assert_eq!(
+            comparison.roots_equal, comparison.roots_compared,
+            "{comparison:?}"
+        );
+        assert!(
+            comparison.epochs >= 1 && comparison.seal_ratio > 0.0,
+            "{comparison:?}"
+        );
+        assert!(comparison.ktd_lookup_median_ms > 0.0 && comparison.akd_lookup_median_ms > 0.0);
+        let markdown = std::fs::read_to_string(report_dir.join("report.md")).expect("md");
+        assert!(markdown.contains("ktd vs stock akd"), "{markdown}");
+    })
+}
+
 /// `ktd bench` against the instance: a report with no errors, and a baseline comparison with
 /// itself passes while an impossible baseline fails the command.
 async fn bench_reports(addr: &str, pid: u32, root: &std::path::Path) {

@@ -426,11 +426,14 @@ async fn verify<TC: Configuration>(
     .map_err(|error| error.to_string())
 }
 
+/// Audit blobs as (name, protobuf bytes).
+type Blobs = Vec<(String, Vec<u8>)>;
+
 /// Blobs of epochs `next..` (at most 16) and the gateway's latest committed epoch.
 async fn fetch_from_gateway(
     client: &crate::client::Client,
     next: u64,
-) -> anyhow::Result<(Vec<(String, Vec<u8>)>, u64)> {
+) -> anyhow::Result<(Blobs, u64)> {
     let (names, latest) = client.audit_blob_names(next, 16).await?;
     let mut blobs = Vec::new();
     for name in names {
@@ -447,7 +450,7 @@ async fn fetch_from_gateway(
 /// Blobs of epochs `next..` present in `dir`, in order, stopping at the first missing epoch
 /// (a later epoch present after a missing one is reported, so the gap rule can see it), and the
 /// highest epoch present.
-fn read_from_directory(dir: &Path, next: u64) -> anyhow::Result<(Vec<(String, Vec<u8>)>, u64)> {
+fn read_from_directory(dir: &Path, next: u64) -> anyhow::Result<(Blobs, u64)> {
     let mut epochs: Vec<u64> = std::fs::read_dir(dir)
         .with_context(|| format!("read {}", dir.display()))?
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())

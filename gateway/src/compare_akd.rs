@@ -23,18 +23,21 @@ use shard::vrf::VrfKey;
 
 use crate::client::Client;
 
+/// (label, value) pairs.
+pub type Updates = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// What the bench published: each acknowledged publish's epoch and updates.
 #[derive(Clone, Debug, Default)]
 pub struct Published {
     /// Epoch → updates acknowledged into it, in acknowledgement order.
-    pub epochs: BTreeMap<u64, Vec<(Vec<u8>, Vec<u8>)>>,
+    pub epochs: BTreeMap<u64, Updates>,
     /// The directory's latest epoch before the bench published anything.
     pub start_epoch: u64,
 }
 
 impl Published {
     /// Records one acknowledged publish.
-    pub fn add(&mut self, epoch: u64, updates: Vec<(Vec<u8>, Vec<u8>)>) {
+    pub fn add(&mut self, epoch: u64, updates: Updates) {
         self.epochs.entry(epoch).or_default().extend(updates);
     }
 }

@@ -29,6 +29,9 @@ pub struct Committed<TC> {
     pub info: EpochInfo,
 }
 
+/// Recently used epochs' top trees and records.
+type TopCache<TC> = BTreeMap<u64, (Arc<TopTree<TC>>, EpochInfo)>;
+
 /// What the sequencer records about a committed epoch besides its roots.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EpochInfo {
@@ -70,7 +73,7 @@ pub struct Epochs<TC> {
     sequencing: Arc<dyn Sequencing>,
     bits: u8,
     batch: Arc<Mutex<Batch>>,
-    tops: Mutex<BTreeMap<u64, (Arc<TopTree<TC>>, EpochInfo)>>,
+    tops: Mutex<TopCache<TC>>,
     latest_seen: std::sync::atomic::AtomicU64,
     config: PhantomData<fn() -> TC>,
 }

@@ -274,6 +274,10 @@ pub struct MembershipChange {
     pub remove_ms: Option<u64>,
     /// The voter sets after removal.
     pub voters_after_remove: Vec<Vec<u64>>,
+    /// `(epoch, root hex)` of every epoch the added node had committed, read from its own
+    /// state just before its removal (compared by `no_fork` with every other observation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roots: Vec<(u64, String)>,
     /// What went wrong, if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -455,6 +459,24 @@ async fn status_of(addr: &str) -> Option<sequencer::pb::NodeStatus> {
         Ok(Ok(status)) => Some(status),
         _ => None,
     }
+}
+
+/// `(epoch, root hex)` of every epoch the node at `addr` has committed, from its own state
+/// (bounded; what cannot be read is left out).
+async fn local_roots(addr: &str) -> Vec<(u64, String)> {
+    let client = sequencer::SequencerClient::new([addr.to_string()]);
+    let read =
+        |epoch| tokio::time::timeout(Duration::from_secs(3), client.local_epoch_at(addr, epoch));
+    let Ok(Ok(latest)) = read(None).await else {
+        return Vec::new();
+    };
+    let mut roots = Vec::new();
+    for epoch in 1..=latest.epoch {
+        if let Ok(Ok(record)) = read(Some(epoch)).await {
+            roots.push((epoch, hex::encode(&record.root_hash)));
+        }
+    }
+    roots
 }
 
 fn ms_since(started: Instant) -> u64 {
@@ -823,6 +845,14 @@ pub async fn heal(
     }
     if record.kind == FaultKind::AddVoter {
         let mut change = record.membership.take().unwrap_or_default();
+        if let Some(addr) = topology
+            .sequencers
+            .iter()
+            .find(|p| p.id == change.node)
+            .map(|p| p.addr.clone())
+        {
+            change.roots = local_roots(&addr).await;
+        }
         let removing = Instant::now();
         match admin_client(topology).remove_node(change.node).await {
             Ok(response) => {

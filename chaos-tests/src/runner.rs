@@ -341,6 +341,18 @@ async fn drive(
     if heal_error.is_none() && converged.is_ok() {
         read_node_roots(&sequencers, &mut final_state).await;
     }
+    // Sequencers added and removed during the run: their roots as read before removal.
+    for change in faults.iter().filter_map(|fault| fault.membership.as_ref()) {
+        final_state
+            .roots
+            .extend(change.roots.iter().map(|(epoch, root)| {
+                (
+                    *epoch,
+                    root.clone(),
+                    format!("seq-{} (own state, before its removal)", change.node),
+                )
+            }));
+    }
     let mut verdicts = check_all(&history, &final_state);
     if heal_error.is_some() {
         // Without a final state the final-state checkers have nothing to compare with.

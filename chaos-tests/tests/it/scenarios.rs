@@ -168,6 +168,10 @@ fn membership_change() {
         assert!(change.error.is_none(), "{change:?}");
         assert_eq!(change.voters_after_promote, [vec![1, 2, 3, 4]]);
         assert_eq!(change.voters_after_remove, [vec![1, 2, 3]]);
+        assert!(
+            change.roots.len() > 3,
+            "the added voter's roots were not read: {change:?}"
+        );
         assert_replicas_compared(&output);
     });
 }

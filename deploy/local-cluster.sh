@@ -4,6 +4,8 @@
 #   deploy/local-cluster.sh start [DIR]   build ktd (release), start everything, wait for health
 #   deploy/local-cluster.sh stop  [DIR]   SIGTERM every process (graceful), then wait
 #   deploy/local-cluster.sh status [DIR]  which processes run; the cluster's status via the gateway
+#   deploy/local-cluster.sh relaunch NAME [DIR]  start one process again with the arguments it was
+#                                         first started with (e.g. after `kill -9`; drill hooks)
 #
 # DIR (default /tmp/ktd-local) holds the data directories, the VRF seed, logs and pid files; a
 # second `start` on the same DIR restarts the cluster from its data. Addresses:
@@ -12,7 +14,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DIR="${2:-/tmp/ktd-local}"
+if [ "${1:-}" = relaunch ]; then DIR="${3:-/tmp/ktd-local}"; else DIR="${2:-/tmp/ktd-local}"; fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ktd-target}"
 KTD="$CARGO_TARGET_DIR/release/ktd"
 SEQUENCERS=(1=127.0.0.1:7001 2=127.0.0.1:7002 3=127.0.0.1:7003)
@@ -29,9 +31,19 @@ launch() { # NAME ARGS... : start `ktd ARGS...` in the background, logging to DI
         log "$name already runs (pid $(cat "$DIR/$name.pid"))"
         return
     fi
+    # Remembered for `relaunch NAME`, NUL-separated: the binary, then the arguments.
+    printf '%s\0' "$KTD" "$@" >"$DIR/$name.args"
     "$KTD" "$@" >>"$DIR/$name.log" 2>&1 &
     echo $! >"$DIR/$name.pid"
     log "started $name (pid $!, log $DIR/$name.log)"
+}
+
+relaunch() { # NAME : start NAME again with the binary and arguments of its first start
+    local name="$1" saved=()
+    [ -f "$DIR/$name.args" ] || { log "no $DIR/$name.args: start the cluster with this script first"; exit 1; }
+    mapfile -d '' saved <"$DIR/$name.args"
+    KTD="${saved[0]}"
+    launch "$name" "${saved[@]:1}"
 }
 
 start() {
@@ -111,5 +123,6 @@ case "${1:-}" in
     start) start ;;
     stop) stop ;;
     status) status ;;
-    *) sed -n '2,12p' "$0"; exit 2 ;;
+    relaunch) [ -n "${2:-}" ] || { sed -n '2,14p' "$0"; exit 2; }; relaunch "$2" ;;
+    *) sed -n '2,14p' "$0"; exit 2 ;;
 esac

@@ -151,4 +151,11 @@ pub struct FinalState {
     /// Final reads (history proofs, roots) whose proofs did not verify.
     #[serde(default)]
     pub unverified: Vec<String>,
+    /// `(node, its last committed epoch)` of every sequencer, read from its own state after
+    /// the cluster converged (empty if it did not).
+    #[serde(default)]
+    pub replicas: Vec<(String, u64)>,
+    /// Sequencers whose own state could not be read after convergence.
+    #[serde(default)]
+    pub replica_errors: Vec<String>,
 }

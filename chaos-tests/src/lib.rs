@@ -17,10 +17,13 @@
 //!   audit chain and proof verification. Each one is tested on crafted bad histories.
 //! - [`positive_control`]: deliberate bugs the checkers must catch.
 //! - [`report`]: per-fault figures, SLO checks, exit codes, text and JSON.
-//! - [`runner`]: one scenario run end to end (used by `ktd-chaos run` and the tests).
+//! - [`runner`]: one scenario run end to end (used by `ktd-chaos run` and the tests), or a
+//!   drill against a running cluster (`ktd-chaos drill`).
+//! - [`inventory`]: a running cluster's nodes and their fault hooks, for drills.
 
 pub mod checker;
 pub mod history;
+pub mod inventory;
 pub mod nemesis;
 pub mod positive_control;
 pub mod proxy;

@@ -46,6 +46,15 @@ pub enum FaultKind {
     Latency,
     /// Every sequencer link back to pass (nothing to heal).
     Heal,
+    /// Snapshot catch-up: SIGKILL a follower; at heal, every other sequencer builds a snapshot
+    /// and purges its log up to it, then the follower restarts and must catch up by installing
+    /// the leader's snapshot (the log it would replay is gone). Evidence in
+    /// [`FaultRecord::snapshot`].
+    SnapshotCatchUp,
+    /// Membership change under load: start a new sequencer, add it as a learner, promote it to
+    /// voter (4 voters); at heal, remove it again and stop it. Timings in
+    /// [`FaultRecord::membership`].
+    AddVoter,
 }
 
 impl FaultKind {
@@ -221,6 +230,59 @@ pub enum FaultStatus {
     },
 }
 
+/// How a follower caught up after a [`FaultKind::SnapshotCatchUp`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotCatchUp {
+    /// The follower's last log index when it was killed.
+    pub follower_last_log_before: u64,
+    /// `(node, snapshot index, purged index)` of every other sequencer after snapshot + purge.
+    pub snapshots: Vec<(u64, u64, u64)>,
+    /// How long building the snapshots and purging the logs took, ms.
+    pub build_ms: u64,
+    /// The leader's commit index when the follower restarted (what it had to reach).
+    pub target_index: u64,
+    /// The index up to which the leader's log was purged.
+    pub leader_purged_index: u64,
+    /// The follower's snapshot index once caught up.
+    pub follower_snapshot_index: u64,
+    /// The follower's applied index once caught up.
+    pub follower_applied_index: u64,
+    /// Restart → applied index ≥ `target_index`, ms (`None`: not within the bound).
+    pub catch_up_ms: Option<u64>,
+    /// The follower's log says `installed a snapshot` since the restart.
+    pub install_logged: bool,
+    /// The evidence holds: the leader purged past the follower's log, and the follower's
+    /// snapshot index reached the purged index, so it cannot have caught up by log replay.
+    pub via_snapshot: bool,
+    /// What went wrong, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Timings of a [`FaultKind::AddVoter`] membership change.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipChange {
+    /// The node added (and removed at heal).
+    pub node: u64,
+    /// Start → `AddLearner` (waiting for the learner to catch up) returned, ms.
+    pub learner_ms: Option<u64>,
+    /// `Promote` (joint consensus, then the new voter set) took, ms.
+    pub promote_ms: Option<u64>,
+    /// The voter sets after promotion.
+    pub voters_after_promote: Vec<Vec<u64>>,
+    /// `RemoveNode` at heal took, ms.
+    pub remove_ms: Option<u64>,
+    /// The voter sets after removal.
+    pub voters_after_remove: Vec<Vec<u64>>,
+    /// `(epoch, root hex)` of every epoch the added node had committed, read from its own
+    /// state just before its removal (compared by `no_fork` with every other observation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roots: Vec<(u64, String)>,
+    /// What went wrong, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// One fault, as it happened.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultRecord {
@@ -246,6 +308,12 @@ pub struct FaultRecord {
     /// Network faults: the directed links `(from, to)` changed, and to what.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<(u64, u64, LinkFault)>,
+    /// `snapshot-catch-up`: how the follower caught up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotCatchUp>,
+    /// `add-voter`: the membership change's timings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<MembershipChange>,
 }
 
 impl FaultRecord {
@@ -285,6 +353,8 @@ pub async fn inject(
         new_leader_us: None,
         isolated: Vec::new(),
         links: Vec::new(),
+        snapshot: None,
+        membership: None,
     };
     if kind.is_network() {
         return Ok(inject_network(topology, record, targets, rng, now_us));
@@ -312,15 +382,29 @@ pub async fn inject(
                 None => return skip(record, "no leader"),
             }
         }
-        FaultKind::KillFollower | FaultKind::PauseFollower => match follower(topology, rng) {
-            Some(name) if leader_before.is_some() => name,
-            _ => return skip(record, "no leader or no healthy follower"),
-        },
+        FaultKind::KillFollower | FaultKind::PauseFollower | FaultKind::SnapshotCatchUp => {
+            match follower(topology, rng) {
+                Some(name) if leader_before.is_some() => name,
+                _ => return skip(record, "no leader or no healthy follower"),
+            }
+        }
         FaultKind::KillShard => {
+            if topology.shards.is_empty() {
+                return skip(record, "no shard in the topology");
+            }
             let index = rng.random_range(0..topology.shards.len());
             topology.shards[index].name.clone()
         }
-        FaultKind::KillGateway => topology.gateways[0].name.clone(),
+        FaultKind::KillGateway => match topology.gateways.first() {
+            Some(gateway) => gateway.name.clone(),
+            None => return skip(record, "no gateway in the topology"),
+        },
+        FaultKind::AddVoter => {
+            if leader_before.is_none() {
+                return skip(record, "no leader");
+            }
+            return Ok(add_voter(topology, record, now_us).await);
+        }
         FaultKind::Partition | FaultKind::OneWay | FaultKind::Latency | FaultKind::Heal => {
             return Err(TopologyError::State(format!("{kind:?} is a network fault")));
         }
@@ -349,12 +433,206 @@ pub async fn inject(
     if !process.is_running() || process.is_paused() {
         return skip(record, "target is already down");
     }
+    if kind == FaultKind::SnapshotCatchUp {
+        let status = status_of(&process.addr).await;
+        record.snapshot = Some(SnapshotCatchUp {
+            follower_last_log_before: status.map_or(0, |s| s.last_log_index.max(s.applied_index)),
+            ..SnapshotCatchUp::default()
+        });
+    }
     record.injected_us = now_us();
     match kind {
         FaultKind::PauseLeader | FaultKind::PauseFollower => process.pause()?,
         _ => process.kill9()?,
     }
     Ok(record)
+}
+
+/// One node's status, bounded (`None` if it does not answer within 1.5 s).
+async fn status_of(addr: &str) -> Option<sequencer::pb::NodeStatus> {
+    match tokio::time::timeout(
+        Duration::from_millis(1500),
+        sequencer::client::node_status_at(addr),
+    )
+    .await
+    {
+        Ok(Ok(status)) => Some(status),
+        _ => None,
+    }
+}
+
+/// `(epoch, root hex)` of every epoch the node at `addr` has committed, from its own state
+/// (bounded; what cannot be read is left out).
+async fn local_roots(addr: &str) -> Vec<(u64, String)> {
+    let client = sequencer::SequencerClient::new([addr.to_string()]);
+    let read =
+        |epoch| tokio::time::timeout(Duration::from_secs(3), client.local_epoch_at(addr, epoch));
+    let Ok(Ok(latest)) = read(None).await else {
+        return Vec::new();
+    };
+    let mut roots = Vec::new();
+    for epoch in 1..=latest.epoch {
+        if let Ok(Ok(record)) = read(Some(epoch)).await {
+            roots.push((epoch, hex::encode(&record.root_hash)));
+        }
+    }
+    roots
+}
+
+fn ms_since(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A client for admin calls that may wait (a learner catching up): one attempt may take a
+/// minute.
+fn admin_client(topology: &Topology) -> sequencer::SequencerClient {
+    sequencer::SequencerClient::with_options(
+        topology.sequencer_addrs(),
+        sequencer::ClientOptions {
+            attempt_timeout: Duration::from_secs(60),
+            total_timeout: Duration::from_secs(90),
+            ..sequencer::ClientOptions::default()
+        },
+    )
+}
+
+fn voter_sets(response: &sequencer::pb::MembershipResponse) -> Vec<Vec<u64>> {
+    response
+        .voter_sets
+        .iter()
+        .map(|set| set.node_ids.clone())
+        .collect()
+}
+
+/// [`FaultKind::AddVoter`]'s injection: start a new sequencer, add it as a learner (waiting
+/// for it to catch up), promote it. Skipped (and the new process stopped) if no node can be
+/// started or the learner is refused; a failed promotion is recorded as an error.
+async fn add_voter(
+    topology: &mut Topology,
+    mut record: FaultRecord,
+    now_us: impl Fn() -> u64,
+) -> FaultRecord {
+    record.injected_us = now_us();
+    let id = match topology.spawn_sequencer() {
+        Ok(id) => id,
+        Err(error) => {
+            record.status = FaultStatus::Skipped {
+                reason: format!("cannot start a new sequencer: {error}"),
+            };
+            return record;
+        }
+    };
+    record.target = format!("seq-{id}");
+    let addr = topology
+        .sequencers
+        .iter()
+        .find(|p| p.id == id)
+        .map(|p| p.addr.clone())
+        .unwrap_or_default();
+    let client = admin_client(topology);
+    let mut change = MembershipChange {
+        node: id,
+        ..MembershipChange::default()
+    };
+    let started = Instant::now();
+    if let Err(error) = client.add_learner(id, addr, true).await {
+        let _ = topology.retire_sequencer(id);
+        record.status = FaultStatus::Skipped {
+            reason: format!("AddLearner seq-{id} refused: {error}"),
+        };
+        change.error = Some(format!("add learner: {error}"));
+        record.membership = Some(change);
+        return record;
+    }
+    change.learner_ms = Some(ms_since(started));
+    let promoting = Instant::now();
+    match client.promote(std::collections::BTreeSet::from([id])).await {
+        Ok(response) => {
+            change.promote_ms = Some(ms_since(promoting));
+            change.voters_after_promote = voter_sets(&response);
+        }
+        Err(error) => change.error = Some(format!("promote: {error}")),
+    }
+    record.membership = Some(change);
+    record
+}
+
+/// [`FaultKind::SnapshotCatchUp`]'s heal: snapshot + purge on every other running sequencer,
+/// restart the follower, wait (bounded) until it has applied the leader's commit index, and
+/// record the evidence that it installed a snapshot.
+async fn heal_snapshot_catch_up(
+    topology: &mut Topology,
+    record: &mut FaultRecord,
+    now_us: &impl Fn() -> u64,
+) -> Result<(), TopologyError> {
+    let mut evidence = record.snapshot.take().unwrap_or_default();
+    let leader = topology.leader().await;
+    let others: Vec<(u64, String)> = topology
+        .sequencers
+        .iter()
+        .filter(|p| p.name != record.target && p.is_running() && !p.is_paused())
+        .map(|p| (p.id, p.addr.clone()))
+        .collect();
+    let client = sequencer::SequencerClient::new(topology.sequencer_addrs());
+    let building = Instant::now();
+    for (id, addr) in &others {
+        match client.trigger_snapshot_at(addr, true).await {
+            Ok(done) => {
+                evidence
+                    .snapshots
+                    .push((*id, done.snapshot_index, done.purged_index));
+                if Some(*id) == leader {
+                    evidence.leader_purged_index = done.purged_index;
+                }
+            }
+            Err(error) => {
+                evidence.error = Some(format!("snapshot on seq-{id}: {error}"));
+            }
+        }
+    }
+    evidence.build_ms = ms_since(building);
+    if let Some(leader) = leader
+        && let Some((_, addr)) = others.iter().find(|(id, _)| *id == leader)
+    {
+        evidence.target_index = status_of(addr).await.map_or(0, |s| s.committed_index);
+    }
+    let process = topology
+        .process_mut(&record.target)
+        .ok_or_else(|| TopologyError::State(format!("no process {}", record.target)))?;
+    let log_offset = process.log_text().len();
+    let addr = process.addr.clone();
+    process.restart()?;
+    record.healed_us = Some(now_us());
+    let restarted = Instant::now();
+    let limit = Duration::from_secs(30);
+    while restarted.elapsed() < limit {
+        if let Some(status) = status_of(&addr).await {
+            evidence.follower_snapshot_index = status.snapshot_index;
+            evidence.follower_applied_index = status.applied_index;
+            if status.applied_index >= evidence.target_index {
+                evidence.catch_up_ms = Some(ms_since(restarted));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if evidence.catch_up_ms.is_none() && evidence.error.is_none() {
+        evidence.error = Some(format!(
+            "the follower had applied {} of {} after {limit:?}",
+            evidence.follower_applied_index, evidence.target_index
+        ));
+    }
+    let log = topology
+        .process_mut(&record.target)
+        .map(|p| p.log_text())
+        .unwrap_or_default();
+    evidence.install_logged = log
+        .get(log_offset..)
+        .is_some_and(|tail| tail.contains("installed a snapshot"));
+    evidence.via_snapshot = evidence.leader_purged_index > evidence.follower_last_log_before
+        && evidence.follower_snapshot_index >= evidence.leader_purged_index;
+    record.snapshot = Some(evidence);
+    Ok(())
 }
 
 /// Resolves [`Target`]s to node ids at injection time.
@@ -520,6 +798,13 @@ fn inject_network(
         rng,
     };
     let pairs: Vec<(u64, u64)> = topology.links.pairs().collect();
+    if pairs.is_empty() {
+        record.status = FaultStatus::Skipped {
+            reason: "no link proxies between the sequencers (a cluster the harness did not start)"
+                .into(),
+        };
+        return record;
+    }
     match plan_network(record.kind, targets, &pairs, &mut resolver) {
         Ok(plan) => {
             record.target = plan.target;
@@ -538,11 +823,12 @@ fn inject_network(
     record
 }
 
-/// Undoes `record`'s fault (restart, resume, or links back to pass) and stamps `healed_us`.
-pub fn heal(
+/// Undoes `record`'s fault (restart, resume, links back to pass, the added voter removed) and
+/// stamps `healed_us`. `now_us` reads the history's clock.
+pub async fn heal(
     topology: &mut Topology,
     record: &mut FaultRecord,
-    now_us: u64,
+    now_us: &impl Fn() -> u64,
 ) -> Result<(), TopologyError> {
     if !record.installed() || matches!(record.kind, FaultKind::TransferLeader | FaultKind::Heal) {
         return Ok(());
@@ -551,7 +837,34 @@ pub fn heal(
         for (from, to, _) in &record.links {
             topology.links.set(*from, *to, LinkFault::Pass);
         }
-        record.healed_us = Some(now_us);
+        record.healed_us = Some(now_us());
+        return Ok(());
+    }
+    if record.kind == FaultKind::SnapshotCatchUp {
+        return heal_snapshot_catch_up(topology, record, now_us).await;
+    }
+    if record.kind == FaultKind::AddVoter {
+        let mut change = record.membership.take().unwrap_or_default();
+        if let Some(addr) = topology
+            .sequencers
+            .iter()
+            .find(|p| p.id == change.node)
+            .map(|p| p.addr.clone())
+        {
+            change.roots = local_roots(&addr).await;
+        }
+        let removing = Instant::now();
+        match admin_client(topology).remove_node(change.node).await {
+            Ok(response) => {
+                change.remove_ms = Some(ms_since(removing));
+                change.voters_after_remove = voter_sets(&response);
+                topology.retire_sequencer(change.node)?;
+            }
+            // Still a member: leave it running rather than break the quorum.
+            Err(error) => change.error = Some(format!("remove: {error}")),
+        }
+        record.healed_us = Some(now_us());
+        record.membership = Some(change);
         return Ok(());
     }
     let process = topology
@@ -562,7 +875,7 @@ pub fn heal(
     } else if !process.is_running() {
         process.restart()?;
     }
-    record.healed_us = Some(now_us);
+    record.healed_us = Some(now_us());
     Ok(())
 }
 

@@ -7,6 +7,14 @@
 //!   would.
 //! - [`Mutation::StaleRead`]: one lookup answers with the key's previous version while claiming
 //!   the latest epoch, as a gateway serving reads from a lagging follower would.
+//!
+//! And a real broken *mode* of the product, run end to end ([`BrokenMode`], scenario
+//! `broken-stale-reads`): the gateway started with `--unsafe-test-mode` and
+//! `KTD_UNSAFE_STALE_READS=3s` answers latest-epoch lookups from a view of the latest epoch that
+//! it refreshes only every 3 s instead of a linearizable read at the sequencer. Every answer is
+//! a genuine, verifiable proof for the epoch it names; only the recency is wrong, so the checkers
+//! must catch it from real time alone (`monotonic_reads`: a lookup returns an older epoch than a
+//! `GetEpoch` that completed before it was sent).
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +28,32 @@ pub enum Mutation {
     LoseAckedPublish,
     /// Make one lookup return the previous version of its key.
     StaleRead,
+}
+
+/// A deliberately broken mode of the cluster (test-only flags of the product).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokenMode {
+    /// The gateway serves latest-epoch lookups from a 3 s old view (stale reads).
+    StaleReads,
+}
+
+impl BrokenMode {
+    /// The gateway's environment for this mode (it also gets `--unsafe-test-mode`).
+    pub fn gateway_env(self) -> Vec<(String, String)> {
+        match self {
+            Self::StaleReads => vec![("KTD_UNSAFE_STALE_READS".into(), "3s".into())],
+        }
+    }
+
+    /// One line for the report.
+    pub fn describe(self) -> String {
+        match self {
+            Self::StaleReads => {
+                "gateway --unsafe-test-mode with KTD_UNSAFE_STALE_READS=3s: latest-epoch lookups served from a view up to 3 s old".into()
+            }
+        }
+    }
 }
 
 /// Applies `mutation`; returns a description of what was changed, or `None` if the history has

@@ -87,6 +87,9 @@ pub struct Report {
     pub converged: Result<crate::nemesis::Converged, String>,
     /// Positive-control mutation applied to the history, if any.
     pub mutation: Option<String>,
+    /// Deliberately broken mode the cluster ran in (a positive control), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken_mode: Option<String>,
     /// The verdict.
     pub exit: Exit,
 }
@@ -208,6 +211,38 @@ pub fn slo_checks(
                 ok: p99 <= limit_ms(slo.max_p99_publish),
             });
         }
+        if let Some(snapshot) = &figure.fault.snapshot {
+            checks.push(SloCheck {
+                what: match (&snapshot.error, snapshot.catch_up_ms) {
+                    (None, Some(ms)) => format!(
+                        "{name}: caught up {ms} ms after restart (<= {}) by installing a snapshot: {}",
+                        humantime::format_duration(slo.max_heal),
+                        if snapshot.via_snapshot { "yes" } else { "NO (log replay)" }
+                    ),
+                    (Some(error), _) => format!("{name}: snapshot catch-up: {error}"),
+                    (None, None) => format!("{name}: did not catch up"),
+                },
+                ok: snapshot.error.is_none()
+                    && snapshot.via_snapshot
+                    && snapshot
+                        .catch_up_ms
+                        .is_some_and(|ms| ms <= limit_ms(slo.max_heal)),
+            });
+        }
+        if let Some(change) = &figure.fault.membership {
+            checks.push(SloCheck {
+                what: match &change.error {
+                    None => format!(
+                        "{name}: learner caught up in {}, promoted in {}, removed in {}",
+                        show_ms(change.learner_ms),
+                        show_ms(change.promote_ms),
+                        show_ms(change.remove_ms)
+                    ),
+                    Some(error) => format!("{name}: membership change failed: {error}"),
+                },
+                ok: change.error.is_none() && change.remove_ms.is_some(),
+            });
+        }
     }
     checks.push(SloCheck {
         what: match heal_error {
@@ -276,6 +311,12 @@ impl Report {
                 "POSITIVE CONTROL: the history was mutated ({mutation}); a violation is expected"
             );
         }
+        if let Some(mode) = &self.broken_mode {
+            let _ = writeln!(
+                out,
+                "POSITIVE CONTROL: the cluster ran in a deliberately broken mode ({mode}); a violation is expected"
+            );
+        }
         let ops: Vec<String> = self.ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "operations: {}", ops.join(", "));
         let _ = writeln!(out, "\ntimeline (s since start):");
@@ -305,6 +346,40 @@ impl Report {
                         figure.publishes_in_window,
                         figure.epochs_delayed
                     );
+                    if let Some(snap) = &fault.snapshot {
+                        let _ = writeln!(
+                            out,
+                            "           snapshot catch-up: follower's log ended at {}; snapshots (node, index, purged) {:?} built in {} ms; leader purged to {}; follower caught up to {} in {} (snapshot index {}, install logged: {}, via snapshot: {}){}",
+                            snap.follower_last_log_before,
+                            snap.snapshots,
+                            snap.build_ms,
+                            snap.leader_purged_index,
+                            snap.target_index,
+                            show_ms(snap.catch_up_ms),
+                            snap.follower_snapshot_index,
+                            snap.install_logged,
+                            snap.via_snapshot,
+                            snap.error
+                                .as_ref()
+                                .map_or_else(String::new, |e| format!("; ERROR {e}"))
+                        );
+                    }
+                    if let Some(change) = &fault.membership {
+                        let _ = writeln!(
+                            out,
+                            "           membership: seq-{} learner caught up in {}, promoted in {} (voters {:?}), removed in {} (voters {:?}){}",
+                            change.node,
+                            show_ms(change.learner_ms),
+                            show_ms(change.promote_ms),
+                            change.voters_after_promote,
+                            show_ms(change.remove_ms),
+                            change.voters_after_remove,
+                            change
+                                .error
+                                .as_ref()
+                                .map_or_else(String::new, |e| format!("; ERROR {e}"))
+                        );
+                    }
                 }
             }
         }

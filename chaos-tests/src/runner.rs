@@ -33,6 +33,9 @@ pub struct RunOptions {
     pub out: Option<PathBuf>,
     /// Positive control: mutate the history before checking.
     pub mutation: Option<Mutation>,
+    /// Prepended to every key the workload uses (empty on a fresh cluster; a drill against a
+    /// running cluster uses a unique one so earlier data cannot be mistaken for this run's).
+    pub key_prefix: String,
 }
 
 /// The harness failed (exit 3).
@@ -76,9 +79,22 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<RunOutput,
         epoch_interval: scenario.epoch_interval,
         vrf_seed,
         startup_limit: Duration::from_secs(60),
+        gateway_unsafe_env: scenario
+            .broken_mode
+            .map(|mode| mode.gateway_env())
+            .unwrap_or_default(),
     })
     .await?;
     let result = drive(scenario, options, duration, &mut rng, &mut topology).await;
+    save(options, &topology, result)
+}
+
+/// Copies the logs and writes the artifacts (if `--out`), whatever the run's result.
+fn save(
+    options: &RunOptions,
+    topology: &Topology,
+    result: Result<RunOutput, HarnessError>,
+) -> Result<RunOutput, HarnessError> {
     if let Some(out) = &options.out {
         topology.copy_logs(&out.join("logs"))?;
     }
@@ -87,6 +103,109 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<RunOutput,
         write_artifacts(out, &output)?;
     }
     Ok(output)
+}
+
+/// Runs `scenario` against a cluster this harness did not start (`ktd-chaos drill`): faults go
+/// through the inventory's hooks; the same workload, checkers and report. The scenario's epoch
+/// interval is the cluster's own (only used to count delayed epochs).
+pub async fn drill(
+    scenario: &Scenario,
+    options: &RunOptions,
+    mut topology: Topology,
+) -> Result<RunOutput, HarnessError> {
+    if scenario.broken_mode.is_some() {
+        return Err(HarnessError::Topology(TopologyError::State(format!(
+            "scenario {} needs a deliberately broken cluster; run it with `ktd-chaos run`",
+            scenario.name
+        ))));
+    }
+    let duration = options.duration.unwrap_or(scenario.duration);
+    let mut rng = StdRng::seed_from_u64(options.seed);
+    topology.wait_healthy(Duration::from_secs(30)).await?;
+    let result = drive(scenario, options, duration, &mut rng, &mut topology).await;
+    save(options, &topology, result)
+}
+
+/// Polls every sequencer's own latest committed epoch (a local read, not through the leader)
+/// every 500 ms until `stop`; one `(epoch, root, node)` per node and epoch.
+async fn sample_node_roots(
+    sequencers: Vec<(u64, String)>,
+    stop: Arc<AtomicBool>,
+    roots: Arc<std::sync::Mutex<Vec<(u64, String, String)>>>,
+) {
+    let client = sequencer::SequencerClient::new(sequencers.iter().map(|(_, addr)| addr.clone()));
+    let mut seen: std::collections::BTreeSet<(u64, u64)> = std::collections::BTreeSet::new();
+    while !stop.load(Ordering::Relaxed) {
+        for (id, addr) in &sequencers {
+            if let Ok(Ok(record)) = tokio::time::timeout(
+                Duration::from_millis(800),
+                client.local_epoch_at(addr, None),
+            )
+            .await
+                && record.epoch > 0
+                && seen.insert((*id, record.epoch))
+            {
+                roots
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push((
+                        record.epoch,
+                        hex::encode(&record.root_hash),
+                        format!("seq-{id} (own state, sampled during the run)"),
+                    ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// After convergence: every sequencer's own record of every committed epoch (local reads), so
+/// `no_fork` compares one root per epoch across all nodes and the gateway, and each node's last
+/// committed epoch (a node missing the final epoch has lost state).
+async fn read_node_roots(sequencers: &[(u64, String)], final_state: &mut FinalState) {
+    let client = sequencer::SequencerClient::new(sequencers.iter().map(|(_, addr)| addr.clone()));
+    for (id, addr) in sequencers {
+        let node = format!("seq-{id}");
+        let latest =
+            match tokio::time::timeout(Duration::from_secs(3), client.local_epoch_at(addr, None))
+                .await
+            {
+                Ok(Ok(record)) => record.epoch,
+                Ok(Err(error)) => {
+                    final_state
+                        .replica_errors
+                        .push(format!("{node}: latest epoch unreadable: {error}"));
+                    continue;
+                }
+                Err(_) => {
+                    final_state
+                        .replica_errors
+                        .push(format!("{node}: latest epoch: no answer within 3 s"));
+                    continue;
+                }
+            };
+        final_state.replicas.push((node.clone(), latest));
+        for epoch in 1..=latest {
+            match tokio::time::timeout(
+                Duration::from_secs(3),
+                client.local_epoch_at(addr, Some(epoch)),
+            )
+            .await
+            {
+                Ok(Ok(record)) => final_state.roots.push((
+                    epoch,
+                    hex::encode(&record.root_hash),
+                    format!("{node} (own state, final)"),
+                )),
+                Ok(Err(error)) => final_state
+                    .replica_errors
+                    .push(format!("{node}: epoch {epoch} unreadable: {error}")),
+                Err(_) => final_state
+                    .replica_errors
+                    .push(format!("{node}: epoch {epoch}: no answer within 3 s")),
+            }
+        }
+    }
 }
 
 async fn drive(
@@ -115,6 +234,7 @@ async fn drive(
         epoch_poll: Duration::from_millis(100),
         seed: options.seed,
         run_id,
+        key_prefix: options.key_prefix.clone(),
     };
     let clients = tokio::spawn(workload::run(
         topology.gateway_url(),
@@ -128,6 +248,12 @@ async fn drive(
         .iter()
         .map(|p| (p.id, p.addr.clone()))
         .collect();
+    let sampled_roots = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = tokio::spawn(sample_node_roots(
+        sequencers.clone(),
+        stop.clone(),
+        sampled_roots.clone(),
+    ));
     let mut faults: Vec<FaultRecord> = Vec::new();
     let mut fault_error = None;
     for scheduled in schedule {
@@ -149,7 +275,7 @@ async fn drive(
             ))
         });
         tokio::time::sleep(scheduled.heal_after).await;
-        if let Err(error) = nemesis::heal(topology, &mut record, recorder.now_us()) {
+        if let Err(error) = nemesis::heal(topology, &mut record, &now).await {
             fault_error = Some(error);
             faults.push(record);
             break;
@@ -174,6 +300,7 @@ async fn drive(
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(scenario.op_timeout + Duration::from_secs(5), clients).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), sampler).await;
     if let Some(error) = fault_error {
         return Err(error.into());
     }
@@ -185,6 +312,7 @@ async fn drive(
             match workload::read_final_state(
                 &client,
                 &history,
+                &options.key_prefix,
                 scenario.keys,
                 scenario.slo.max_heal,
             )
@@ -203,12 +331,33 @@ async fn drive(
         ),
         None => None,
     };
+    let converged = nemesis::wait_converged(&sequencers, scenario.slo.max_heal).await;
+    final_state.roots.extend(
+        sampled_roots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..),
+    );
+    if heal_error.is_none() && converged.is_ok() {
+        read_node_roots(&sequencers, &mut final_state).await;
+    }
+    // Sequencers added and removed during the run: their roots as read before removal.
+    for change in faults.iter().filter_map(|fault| fault.membership.as_ref()) {
+        final_state
+            .roots
+            .extend(change.roots.iter().map(|(epoch, root)| {
+                (
+                    *epoch,
+                    root.clone(),
+                    format!("seq-{} (own state, before its removal)", change.node),
+                )
+            }));
+    }
     let mut verdicts = check_all(&history, &final_state);
     if heal_error.is_some() {
         // Without a final state the final-state checkers have nothing to compare with.
         verdicts.retain(|v| !matches!(v.checker, "no_lost_publish" | "proofs_verified"));
     }
-    let converged = nemesis::wait_converged(&sequencers, scenario.slo.max_heal).await;
     let figures = report::fault_figures(&history, &faults, scenario.epoch_interval);
     let slo = report::slo_checks(&figures, &scenario.slo, heal_error.as_deref(), &converged);
     let exit = report::exit_code(&verdicts, &slo);
@@ -223,6 +372,7 @@ async fn drive(
         heal_error,
         converged,
         mutation,
+        broken_mode: scenario.broken_mode.map(|mode| mode.describe()),
         exit,
     };
     Ok(RunOutput {

@@ -49,6 +49,7 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use crate::nemesis::{FaultKind, NetTargets, Target};
+use crate::positive_control::BrokenMode;
 
 /// A scenario file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -82,6 +83,9 @@ pub struct Scenario {
     /// Service-level objectives (breach: exit 2).
     #[serde(default)]
     pub slo: Slo,
+    /// Positive control: run the cluster in a deliberately broken mode; the run must exit 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken_mode: Option<BrokenMode>,
 }
 
 fn default_epoch_interval() -> Duration {
@@ -184,6 +188,38 @@ impl Default for Slo {
     }
 }
 
+impl Slo {
+    /// Applies `--slo` overrides: comma-separated `NAME=DURATION` with NAME one of
+    /// `write_unavailability` (or `max_write_unavailable`), `p99_publish` (`max_p99_publish`),
+    /// `heal` (`max_heal`). Unknown names and bad durations are errors.
+    pub fn apply_overrides(&mut self, overrides: &str) -> Result<(), String> {
+        for entry in overrides
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            let (name, value) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("--slo entry {entry:?} is not NAME=DURATION"))?;
+            let value = humantime::parse_duration(value.trim())
+                .map_err(|error| format!("--slo {name}: {value:?}: {error}"))?;
+            match name.trim() {
+                "write_unavailability" | "max_write_unavailable" => {
+                    self.max_write_unavailable = value;
+                }
+                "p99_publish" | "max_p99_publish" => self.max_p99_publish = value,
+                "heal" | "max_heal" => self.max_heal = value,
+                other => {
+                    return Err(format!(
+                        "unknown SLO {other:?}: expected write_unavailability, p99_publish or heal"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A fault at a concrete time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Scheduled {
@@ -276,6 +312,18 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "leader-kill-loop",
         include_str!("../scenarios/leader-kill-loop.toml"),
     ),
+    (
+        "snapshot-catch-up",
+        include_str!("../scenarios/snapshot-catch-up.toml"),
+    ),
+    (
+        "membership-change",
+        include_str!("../scenarios/membership-change.toml"),
+    ),
+    (
+        "broken-stale-reads",
+        include_str!("../scenarios/broken-stale-reads.toml"),
+    ),
 ];
 
 impl Scenario {
@@ -361,6 +409,24 @@ mod tests {
             assert_eq!(scenario.name, *name);
             let schedule = scenario.schedule(scenario.duration, &mut StdRng::seed_from_u64(7));
             assert!(!schedule.is_empty(), "{name} schedules no fault");
+        }
+    }
+
+    #[test]
+    fn slo_overrides_apply_and_bad_ones_are_refused() {
+        let mut slo = Slo::default();
+        slo.apply_overrides("write_unavailability=5s, p99_publish=2s,heal=1m")
+            .expect("valid");
+        assert_eq!(slo.max_write_unavailable, Duration::from_secs(5));
+        assert_eq!(slo.max_p99_publish, Duration::from_secs(2));
+        assert_eq!(slo.max_heal, Duration::from_secs(60));
+        for (bad, expected) in [
+            ("latency=5s", "unknown SLO"),
+            ("heal", "not NAME=DURATION"),
+            ("heal=soon", "heal"),
+        ] {
+            let error = slo.apply_overrides(bad).expect_err(bad);
+            assert!(error.contains(expected), "{error}");
         }
     }
 

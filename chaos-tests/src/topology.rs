@@ -100,7 +100,9 @@ pub fn free_addr(ip: &str) -> Result<String, TopologyError> {
 }
 
 /// What a process is in the cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// A sequencer node (Raft voter).
@@ -127,7 +129,34 @@ pub struct Process {
     log: PathBuf,
     child: Option<Child>,
     paused: bool,
+    /// Extra environment for every start.
+    env: Vec<(String, String)>,
+    /// A process this harness did not start (a drill against a running cluster): driven by
+    /// the inventory's shell hooks instead of a child process.
+    hooks: Option<Hooks>,
+    /// With hooks: whether the harness believes the process runs (it was not killed by a hook
+    /// since the last start).
+    external_up: bool,
 }
+
+/// Shell commands that act on a process the harness did not start (`sh -c`, with `KTD_NODE`,
+/// `KTD_NODE_ID` and `KTD_NODE_ADDR` set). A missing hook makes the faults that need it fail
+/// with a clear harness error.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    /// Kill the process abruptly (`kill -9 $(cat /tmp/ktd-local/sequencer-1.pid)`).
+    pub kill: Option<String>,
+    /// Start it again from its data (must return once it is launched, not wait for it).
+    pub start: Option<String>,
+    /// Freeze it (`kill -STOP ...`).
+    pub pause: Option<String>,
+    /// Unfreeze it (`kill -CONT ...`).
+    pub resume: Option<String>,
+}
+
+/// How long a hook may run.
+const HOOK_LIMIT: Duration = Duration::from_secs(30);
 
 impl Process {
     fn new(
@@ -149,13 +178,120 @@ impl Process {
             base_args,
             child: None,
             paused: false,
+            env: Vec::new(),
+            hooks: None,
+            external_up: false,
+        }
+    }
+
+    /// A process of a running cluster, driven by `hooks`; its log (if any) is read from `log`.
+    pub fn external(
+        name: String,
+        role: Role,
+        id: u64,
+        addr: String,
+        hooks: Hooks,
+        log: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            log: log.unwrap_or_default(),
+            name,
+            role,
+            id,
+            addr,
+            binary: PathBuf::new(),
+            base_args: Vec::new(),
+            child: None,
+            paused: false,
+            env: Vec::new(),
+            hooks: Some(hooks),
+            external_up: true,
+        }
+    }
+
+    /// Adds environment variables for every later start.
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
+    }
+
+    /// Whether the harness drives it through inventory hooks.
+    pub fn is_external(&self) -> bool {
+        self.hooks.is_some()
+    }
+
+    /// Runs hook `which` (bounded by [`HOOK_LIMIT`]); a missing hook or a failing command is a
+    /// harness error naming the node.
+    fn run_hook(&self, which: &str) -> Result<(), TopologyError> {
+        let hooks = self
+            .hooks
+            .as_ref()
+            .ok_or_else(|| TopologyError::State(format!("{} is not driven by hooks", self.name)))?;
+        let command = match which {
+            "kill" => &hooks.kill,
+            "start" => &hooks.start,
+            "pause" => &hooks.pause,
+            _ => &hooks.resume,
+        };
+        let command = command.as_deref().ok_or_else(|| {
+            TopologyError::State(format!(
+                "the inventory has no `{which}` hook for {}: add `{which} = \"...\"` to its [[nodes]] entry",
+                self.name
+            ))
+        })?;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .env("KTD_NODE", &self.name)
+            .env("KTD_NODE_ID", self.id.to_string())
+            .env("KTD_NODE_ADDR", &self.addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io(format!("run the {which} hook of {}", self.name)))?;
+        let started = Instant::now();
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    let mut stderr = String::new();
+                    if let Some(mut pipe) = child.stderr.take() {
+                        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                    }
+                    return Err(TopologyError::State(format!(
+                        "the {which} hook of {} ({command:?}) failed with {status}: {}",
+                        self.name,
+                        stderr.trim()
+                    )));
+                }
+                Ok(None) if started.elapsed() > HOOK_LIMIT => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(TopologyError::State(format!(
+                        "the {which} hook of {} ({command:?}) did not finish within {HOOK_LIMIT:?}",
+                        self.name
+                    )));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(error) => {
+                    return Err(io(format!("wait for the {which} hook of {}", self.name))(
+                        error,
+                    ));
+                }
+            }
         }
     }
 
     /// Starts the process with `extra` flags after the base ones.
     pub fn spawn(&mut self, extra: &[String]) -> Result<(), TopologyError> {
-        if self.child.is_some() {
+        if self.is_running() {
             return Err(TopologyError::State(format!("{} is running", self.name)));
+        }
+        if self.is_external() {
+            self.run_hook("start")?;
+            self.external_up = true;
+            self.paused = false;
+            return Ok(());
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -170,6 +306,7 @@ impl Process {
                 std::env::var("KTD_NODE_LOG")
                     .unwrap_or_else(|_| "info,openraft=error,h2=warn,hyper=warn".into()),
             )
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -186,7 +323,7 @@ impl Process {
 
     /// Whether the process is running (possibly paused).
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.child.is_some() || (self.is_external() && self.external_up)
     }
 
     /// Whether it is paused.
@@ -196,6 +333,18 @@ impl Process {
 
     /// SIGKILL and reap.
     pub fn kill9(&mut self) -> Result<(), TopologyError> {
+        if self.is_external() {
+            if !self.external_up {
+                return Err(TopologyError::State(format!(
+                    "{} is not running",
+                    self.name
+                )));
+            }
+            self.run_hook("kill")?;
+            self.external_up = false;
+            self.paused = false;
+            return Ok(());
+        }
         let mut child = self
             .child
             .take()
@@ -228,7 +377,11 @@ impl Process {
 
     /// SIGSTOP: the process keeps its sockets but does nothing.
     pub fn pause(&mut self) -> Result<(), TopologyError> {
-        self.signal("STOP")?;
+        if self.is_external() {
+            self.run_hook("pause")?;
+        } else {
+            self.signal("STOP")?;
+        }
         self.paused = true;
         Ok(())
     }
@@ -238,7 +391,11 @@ impl Process {
         if !self.paused {
             return Err(TopologyError::State(format!("{} is not paused", self.name)));
         }
-        self.signal("CONT")?;
+        if self.is_external() {
+            self.run_hook("resume")?;
+        } else {
+            self.signal("CONT")?;
+        }
         self.paused = false;
         Ok(())
     }
@@ -280,6 +437,9 @@ pub struct TopologyOptions {
     pub vrf_seed: [u8; 32],
     /// Bound on startup until the gateway answers `GetEpoch`.
     pub startup_limit: Duration,
+    /// Deliberately broken gateway modes (`KTD_UNSAFE_*` variables): when non-empty the
+    /// gateway gets them and `--unsafe-test-mode`. Positive controls only.
+    pub gateway_unsafe_env: Vec<(String, String)>,
 }
 
 /// A running cluster.
@@ -290,10 +450,22 @@ pub struct Topology {
     pub shards: Vec<Process>,
     /// Gateways.
     pub gateways: Vec<Process>,
-    /// The fault proxies between sequencers, one per directed link.
+    /// The fault proxies between sequencers, one per directed link (none for a drill against a
+    /// running cluster).
     pub links: Links,
+    /// Sequencers removed from the cluster during the run (kept for their logs).
+    pub retired: Vec<Process>,
+    /// How to start another sequencer (`None` for a cluster this harness did not start).
+    spawner: Option<Spawner>,
     // Declared last: the processes die before their directory is removed.
-    root: tempfile::TempDir,
+    root: Option<tempfile::TempDir>,
+}
+
+/// What [`Topology::spawn_sequencer`] needs.
+#[derive(Clone, Debug)]
+struct Spawner {
+    binary: PathBuf,
+    epoch_interval: String,
 }
 
 impl Topology {
@@ -301,6 +473,7 @@ impl Topology {
     /// answers `GetEpoch`.
     pub async fn start(options: &TopologyOptions) -> Result<Self, TopologyError> {
         let binary = exists(options.ktd.clone())?;
+        let binary_for_spawner = binary.clone();
         let root = tempfile::Builder::new()
             .prefix("ktd-chaos-")
             .tempdir()
@@ -357,16 +530,7 @@ impl Topology {
         let mut sequencers = Vec::new();
         for (index, addr) in sequencer_addrs.iter().enumerate() {
             let id = index as u64 + 1;
-            let data_dir = root.path().join(format!("seq-{id}"));
-            let mut base = vec![
-                "sequencer".to_string(),
-                "--listen".into(),
-                addr.clone(),
-                "--data-dir".into(),
-                data_dir.display().to_string(),
-                "--epoch-interval".into(),
-                interval.clone(),
-            ];
+            let mut base = sequencer_args(addr, &root.path().join(format!("seq-{id}")), &interval);
             // Restarts keep dialling through the proxies.
             for entry in links.overrides(id) {
                 base.extend(["--peer-override".to_string(), entry]);
@@ -401,13 +565,16 @@ impl Topology {
             sequencers.push(process);
         }
         let gateway_addr = free_addr("127.0.0.31")?;
-        let args = vec![
+        let mut args = vec![
             "gateway".to_string(),
             "--listen".into(),
             gateway_addr.clone(),
             "--sequencers".into(),
             sequencer_list,
         ];
+        if !options.gateway_unsafe_env.is_empty() {
+            args.push("--unsafe-test-mode".into());
+        }
         let mut gateway = Process::new(
             &binary,
             root.path(),
@@ -417,13 +584,19 @@ impl Topology {
             gateway_addr,
             args,
         );
+        gateway.set_env(options.gateway_unsafe_env.clone());
         gateway.spawn(&[])?;
         let topology = Self {
             sequencers,
             shards,
             gateways: vec![gateway],
             links,
-            root,
+            retired: Vec::new(),
+            spawner: Some(Spawner {
+                binary: binary_for_spawner,
+                epoch_interval: interval,
+            }),
+            root: Some(root),
         };
         topology.wait_healthy(options.startup_limit).await?;
         Ok(topology)
@@ -450,9 +623,13 @@ impl Topology {
         Err(TopologyError::NotHealthy { limit, last_error })
     }
 
-    /// `http://ip:port` of the first gateway.
+    /// `http://ip:port` of the first gateway (an inventory's address may carry its scheme).
     pub fn gateway_url(&self) -> String {
-        format!("http://{}", self.gateways[0].addr)
+        match self.gateways.first() {
+            Some(gateway) if gateway.addr.contains("://") => gateway.addr.clone(),
+            Some(gateway) => format!("http://{}", gateway.addr),
+            None => "http://no-gateway.invalid".into(),
+        }
     }
 
     /// The sequencers' `ip:port`s.
@@ -460,17 +637,98 @@ impl Topology {
         self.sequencers.iter().map(|p| p.addr.clone()).collect()
     }
 
-    /// The root directory (data dirs and logs).
-    pub fn root(&self) -> &Path {
-        self.root.path()
+    /// A cluster this harness did not start (a drill): its processes are driven by the
+    /// inventory's hooks; there are no link proxies and no spare sequencers.
+    pub fn external(processes: Vec<Process>) -> Self {
+        let mut topology = Self {
+            sequencers: Vec::new(),
+            shards: Vec::new(),
+            gateways: Vec::new(),
+            links: Links::default(),
+            retired: Vec::new(),
+            spawner: None,
+            root: None,
+        };
+        for process in processes {
+            match process.role {
+                Role::Sequencer => topology.sequencers.push(process),
+                Role::Shard => topology.shards.push(process),
+                Role::Gateway => topology.gateways.push(process),
+            }
+        }
+        topology.sequencers.sort_by_key(|p| p.id);
+        topology
     }
 
-    /// Every process, sequencers first.
+    /// The root directory (data dirs and logs) of a cluster this harness started.
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_ref().map(tempfile::TempDir::path)
+    }
+
+    /// Starts one more sequencer (the next node id, a fresh data directory, no `--init`): a
+    /// node for an operator to add with `AddLearner`. It dials its peers directly (no link
+    /// proxies). Errors for a cluster this harness did not start.
+    pub fn spawn_sequencer(&mut self) -> Result<u64, TopologyError> {
+        let (Some(spawner), Some(root)) = (self.spawner.clone(), self.root()) else {
+            return Err(TopologyError::State(
+                "this cluster was not started by the harness: no spare sequencer to add".into(),
+            ));
+        };
+        let id = self
+            .sequencers
+            .iter()
+            .chain(&self.retired)
+            .map(|p| p.id)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let ip = format!("127.0.0.{}", (10 + id).min(254));
+        let addr = free_addr(&ip)?;
+        let base = sequencer_args(
+            &addr,
+            &root.join(format!("seq-{id}")),
+            &spawner.epoch_interval,
+        );
+        let mut process = Process::new(
+            &spawner.binary,
+            root,
+            format!("seq-{id}"),
+            Role::Sequencer,
+            id,
+            addr,
+            base,
+        );
+        process.spawn(&["--id".to_string(), id.to_string()])?;
+        self.sequencers.push(process);
+        Ok(id)
+    }
+
+    /// Kills sequencer `id` (if it runs) and moves it to [`Topology::retired`]: it was removed
+    /// from the membership and must not be restarted by the final heal.
+    pub fn retire_sequencer(&mut self, id: u64) -> Result<(), TopologyError> {
+        let index = self
+            .sequencers
+            .iter()
+            .position(|p| p.id == id)
+            .ok_or_else(|| TopologyError::State(format!("no sequencer seq-{id}")))?;
+        let mut process = self.sequencers.remove(index);
+        if process.is_paused() {
+            process.resume()?;
+        }
+        if process.is_running() {
+            process.kill9()?;
+        }
+        self.retired.push(process);
+        Ok(())
+    }
+
+    /// Every process, sequencers first (retired ones last).
     pub fn processes(&self) -> impl Iterator<Item = &Process> {
         self.sequencers
             .iter()
             .chain(&self.shards)
             .chain(&self.gateways)
+            .chain(&self.retired)
     }
 
     /// The process named `name`.
@@ -510,7 +768,7 @@ impl Topology {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         for process in self.processes() {
             let target = dir.join(format!("{}.log", process.name));
-            // A log that was never written is not an error.
+            // A log that was never written (or an inventory node without one) is not an error.
             if process.log_path().is_file() {
                 std::fs::copy(process.log_path(), &target)
                     .map_err(io(format!("copy {}", process.log_path().display())))?;
@@ -525,6 +783,19 @@ impl Topology {
             .map(|process| format!("===== {} =====\n{}", process.name, process.log_text()))
             .collect()
     }
+}
+
+/// The flags every start of a sequencer passes.
+fn sequencer_args(addr: &str, data_dir: &Path, epoch_interval: &str) -> Vec<String> {
+    vec![
+        "sequencer".to_string(),
+        "--listen".into(),
+        addr.to_string(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--epoch-interval".into(),
+        epoch_interval.to_string(),
+    ]
 }
 
 fn write_seed(root: &Path, seed: &[u8; 32]) -> Result<PathBuf, TopologyError> {

@@ -37,6 +37,8 @@ pub struct WorkloadOptions {
     pub seed: u64,
     /// Distinguishes idempotency keys across runs.
     pub run_id: String,
+    /// Prepended to every key (empty for a fresh cluster; unique per drill on a running one).
+    pub key_prefix: String,
 }
 
 /// Records events against one clock.
@@ -101,9 +103,9 @@ impl Default for Recorder {
     }
 }
 
-/// The label of key `index`.
-pub fn key_name(index: u32) -> String {
-    format!("key-{index}")
+/// The label of key `index` (`prefix` keeps drills on a shared cluster apart from earlier data).
+pub fn key_name(prefix: &str, index: u32) -> String {
+    format!("{prefix}key-{index}")
 }
 
 fn status_of(error: &anyhow::Error) -> Option<&tonic::Status> {
@@ -236,7 +238,10 @@ async fn client_loop(
     let mut rng = StdRng::seed_from_u64(options.seed ^ (u64::from(client_id) << 32));
     let mut counter = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let key = key_name(rng.random_range(0..options.keys.max(1)));
+        let key = key_name(
+            &options.key_prefix,
+            rng.random_range(0..options.keys.max(1)),
+        );
         let invoke_us = recorder.now_us();
         let unknown = if rng.random_bool(options.publish_ratio.clamp(0.0, 1.0)) {
             counter += 1;
@@ -311,6 +316,7 @@ pub enum FinalStateError {
 pub async fn read_final_state(
     client: &Client,
     history: &History,
+    key_prefix: &str,
     keys: u32,
     limit: Duration,
 ) -> Result<FinalState, FinalStateError> {
@@ -351,7 +357,7 @@ pub async fn read_final_state(
         ..FinalState::default()
     };
     for index in 0..keys {
-        let key = key_name(index);
+        let key = key_name(key_prefix, index);
         match client.history(key.as_bytes(), 0, Some(latest)).await {
             Ok((_, versions)) => {
                 state.histories.insert(

@@ -75,6 +75,8 @@ pub struct Epochs<TC> {
     batch: Arc<Mutex<Batch>>,
     tops: Mutex<TopCache<TC>>,
     latest_seen: std::sync::atomic::AtomicU64,
+    /// [`Epochs::stale_latest`]'s cached answer: when it was read, and the epoch.
+    stale: Mutex<Option<(std::time::Instant, u64)>>,
     config: PhantomData<fn() -> TC>,
 }
 
@@ -87,6 +89,7 @@ impl<TC: Configuration> Epochs<TC> {
             batch: Arc::default(),
             tops: Mutex::new(BTreeMap::new()),
             latest_seen: std::sync::atomic::AtomicU64::new(0),
+            stale: Mutex::new(None),
             config: PhantomData,
         }
     }
@@ -110,6 +113,30 @@ impl<TC: Configuration> Epochs<TC> {
             metrics::gauge!("ktd_epoch_latest_seen_timestamp_seconds").set(now);
         }
         Ok(committed)
+    }
+
+    /// **Deliberately broken, test-only** (`KTD_UNSAFE_STALE_READS`, see
+    /// [`crate::service::GatewayOptions::unsafe_stale_reads`]): "the latest epoch" from a cache
+    /// refreshed at most every `max_age`, not a linearizable read. A lookup served from it can
+    /// return an epoch older than one a client has already seen: the chaos checkers must catch
+    /// it.
+    pub async fn stale_latest(&self, max_age: Duration) -> Result<Committed<TC>> {
+        let cached = *self
+            .stale
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((read_at, epoch)) = cached
+            && read_at.elapsed() < max_age
+        {
+            return self.at(epoch).await;
+        }
+        let latest = self.latest().await?;
+        *self
+            .stale
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            Some((std::time::Instant::now(), latest.epoch));
+        Ok(latest)
     }
 
     /// Committed epoch `epoch`, or [`GatewayError::EpochNotCommitted`].

@@ -46,6 +46,11 @@ pub struct GatewayOptions {
     pub max_request_time: Duration,
     /// How often the shard map is re-read from the sequencer.
     pub shard_map_refresh: Duration,
+    /// **Deliberately broken, test-only**: serve latest-epoch lookups from a view of the latest
+    /// epoch refreshed at most this often instead of a linearizable read (stale reads). Set only
+    /// by `ktd gateway --unsafe-test-mode` with `KTD_UNSAFE_STALE_READS=<duration>`; it exists so
+    /// the chaos checkers can be shown to catch a real broken mode end to end.
+    pub unsafe_stale_reads: Option<Duration>,
 }
 
 impl Default for GatewayOptions {
@@ -59,6 +64,7 @@ impl Default for GatewayOptions {
             max_audit_epochs: 1024,
             max_request_time: Duration::from_secs(60),
             shard_map_refresh: Duration::from_secs(5),
+            unsafe_stale_reads: None,
         }
     }
 }
@@ -240,7 +246,10 @@ impl<TC: Configuration> Gateway<TC> {
 
     async fn lookup(&self, request: api::LookupRequest) -> Result<api::LookupResponse> {
         let label = self.label(request.label)?;
-        let committed = self.epochs.resolve(request.epoch).await?;
+        let committed = match (request.epoch, self.options.unsafe_stale_reads) {
+            (None, Some(max_age)) => self.epochs.stale_latest(max_age).await?,
+            (epoch, _) => self.epochs.resolve(epoch).await?,
+        };
         let shards = self.shard_set().await?;
         let proof = cluster::lookup(&shards, &committed.top, committed.epoch, &label).await?;
         Ok(api::LookupResponse {

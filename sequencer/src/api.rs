@@ -106,7 +106,13 @@ impl sequencer_server::Sequencer for ApiService {
         &self,
         request: Request<pb::GetEpochRequest>,
     ) -> Result<Response<pb::EpochRecord>, Status> {
-        let record = self.node()?.get_epoch(request.into_inner().epoch).await?;
+        let request = request.into_inner();
+        let node = self.node()?;
+        let record = if request.local {
+            node.get_local_epoch(request.epoch).await?
+        } else {
+            node.get_epoch(request.epoch).await?
+        };
         Ok(Response::new(record))
     }
 

@@ -261,7 +261,10 @@ impl SequencerClient {
     /// The latest committed epoch, or `epoch` (linearizable).
     pub async fn get_epoch(&self, epoch: Option<u64>) -> Result<pb::EpochRecord> {
         self.on_leader(Retry::Idempotent, |channel| {
-            let request = self.request(pb::GetEpochRequest { epoch });
+            let request = self.request(pb::GetEpochRequest {
+                epoch,
+                local: false,
+            });
             async move {
                 ApiClient::new(channel)
                     .get_epoch(request)
@@ -479,6 +482,16 @@ impl SequencerClient {
         let mut client = SequencerAdminClient::new(self.channel(addr)?);
         Ok(client
             .get_node_status(self.request(pb::NodeStatusRequest {}))
+            .await?
+            .into_inner())
+    }
+
+    /// Epoch `epoch` (or the latest) as the node at `addr` has applied it, without a
+    /// linearizable read: for comparing replicas.
+    pub async fn local_epoch_at(&self, addr: &str, epoch: Option<u64>) -> Result<pb::EpochRecord> {
+        let mut client = ApiClient::new(self.channel(addr)?);
+        Ok(client
+            .get_epoch(self.request(pb::GetEpochRequest { epoch, local: true }))
             .await?
             .into_inner())
     }

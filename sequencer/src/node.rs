@@ -712,6 +712,12 @@ impl Sequencer {
     /// The latest committed epoch, or `epoch` (linearizable). Epoch 0 is the empty directory.
     pub async fn get_epoch(&self, epoch: Option<u64>) -> Result<pb::EpochRecord> {
         self.linearize().await?;
+        self.get_local_epoch(epoch).await
+    }
+
+    /// The latest committed epoch, or `epoch`, from this node's applied state without a
+    /// linearizable read (any member answers; for comparing replicas, never for clients).
+    pub async fn get_local_epoch(&self, epoch: Option<u64>) -> Result<pb::EpochRecord> {
         let latest = self.inner.sm.view().borrow().epochs().last_committed_epoch;
         let epoch = epoch.unwrap_or(latest);
         if epoch > latest {

@@ -5,9 +5,12 @@
 //! ktd-chaos run --scenario leader-kill --seed 42 --duration 30s --out /tmp/chaos-out
 //! ktd-chaos run --scenario leader-kill --inject-violation stale-read   # must exit 1
 //! ktd-chaos replay /tmp/chaos-out          # re-run the checkers on a saved history
+//! ktd-chaos drill --inventory deploy/drill-inventory.local.toml --scenario leader-kill \
+//!     --slo write_unavailability=5s,p99_publish=2s   # against an already running cluster
 //! ```
 //!
-//! Exit codes: 0 ok, 1 correctness violation, 2 SLO breach, 3 harness problem.
+//! Exit codes: 0 ok, 1 correctness violation, 2 SLO breach, 3 harness problem (bad scenario,
+//! inventory or flags, a failing hook, a cluster that never became healthy).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,6 +18,7 @@ use std::time::Duration;
 
 use chaos_tests::checker::check_all;
 use chaos_tests::history::{FinalState, History};
+use chaos_tests::inventory::Inventory;
 use chaos_tests::positive_control::{self, Mutation};
 use chaos_tests::report::Exit;
 use chaos_tests::runner::{self, RunOptions};
@@ -56,6 +60,35 @@ enum Command {
         /// Print the JSON report instead of the text one.
         #[arg(long)]
         json: bool,
+        /// SLO overrides: `write_unavailability=5s,p99_publish=2s,heal=30s`.
+        #[arg(long)]
+        slo: Option<String>,
+    },
+    /// Run a scenario against an already running cluster described by an inventory: the
+    /// workload and the faults (through the inventory's hooks), then the same checkers and
+    /// report.
+    Drill {
+        /// The inventory TOML (nodes, roles, addresses, kill/start/pause/resume hooks).
+        #[arg(long)]
+        inventory: PathBuf,
+        /// A shipped scenario's name, or a path to a scenario `.toml`.
+        #[arg(long)]
+        scenario: String,
+        /// SLO overrides: `write_unavailability=5s,p99_publish=2s,heal=30s`.
+        #[arg(long)]
+        slo: Option<String>,
+        /// Seed (fault targets, jitter, keys).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Fault window length (default: the scenario's).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Artifact directory (history, final state, report, copied logs).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the JSON report instead of the text one.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-run the checkers on a saved run (a directory with history.jsonl and final.json, or
     /// the history.jsonl file itself).
@@ -92,7 +125,26 @@ fn main() -> ExitCode {
             ktd,
             inject_violation,
             json,
-        } => run(scenario, seed, duration, out, ktd, inject_violation, json),
+            slo,
+        } => run(
+            scenario,
+            seed,
+            duration,
+            out,
+            ktd,
+            inject_violation,
+            json,
+            slo,
+        ),
+        Command::Drill {
+            inventory,
+            scenario,
+            slo,
+            seed,
+            duration,
+            out,
+            json,
+        } => drill(&inventory, &scenario, slo, seed, duration, out, json),
         Command::Replay {
             path,
             inject_violation,
@@ -101,49 +153,29 @@ fn main() -> ExitCode {
     ExitCode::from(exit as u8)
 }
 
-fn run(
-    scenario: String,
-    seed: u64,
-    duration: Option<Duration>,
+/// The async runtime (`None`, reported, if it cannot start).
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .map_err(|error| eprintln!("error: cannot start the async runtime: {error}"))
+        .ok()
+}
+
+/// Loads a scenario and applies `--slo` overrides.
+fn load_scenario(name: &str, slo: Option<&str>) -> Result<Scenario, String> {
+    let mut scenario = Scenario::load(name).map_err(|error| error.to_string())?;
+    if let Some(overrides) = slo {
+        scenario.slo.apply_overrides(overrides)?;
+    }
+    Ok(scenario)
+}
+
+/// Prints the report and returns its exit code (or a harness problem).
+fn finish(
+    result: Result<runner::RunOutput, runner::HarnessError>,
     out: Option<PathBuf>,
-    ktd: Option<PathBuf>,
-    mutation: Option<Mutation>,
     json: bool,
 ) -> Exit {
-    let scenario = match Scenario::load(&scenario) {
-        Ok(scenario) => scenario,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return Exit::Harness;
-        }
-    };
-    let ktd = match find_ktd(ktd.as_deref()) {
-        Ok(ktd) => ktd,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return Exit::Harness;
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return Exit::Harness;
-        }
-    };
-    eprintln!(
-        "ktd-chaos: running {} with seed {seed} ({})",
-        scenario.name,
-        humantime::format_duration(duration.unwrap_or(scenario.duration))
-    );
-    let options = RunOptions {
-        ktd,
-        seed,
-        duration,
-        out: out.clone(),
-        mutation,
-    };
-    match runtime.block_on(runner::run(&scenario, &options)) {
+    match result {
         Ok(output) => {
             if json {
                 match serde_json::to_string_pretty(&output.report) {
@@ -163,6 +195,104 @@ fn run(
             Exit::Harness
         }
     }
+}
+
+fn drill(
+    inventory_path: &Path,
+    scenario: &str,
+    slo: Option<String>,
+    seed: u64,
+    duration: Option<Duration>,
+    out: Option<PathBuf>,
+    json: bool,
+) -> Exit {
+    let scenario = match load_scenario(scenario, slo.as_deref()) {
+        Ok(scenario) => scenario,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return Exit::Harness;
+        }
+    };
+    let inventory = match Inventory::load(inventory_path).and_then(|inventory| {
+        inventory.check_scenario(&inventory_path.display().to_string(), &scenario)?;
+        Ok(inventory)
+    }) {
+        Ok(inventory) => inventory,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return Exit::Harness;
+        }
+    };
+    let Some(runtime) = runtime() else {
+        return Exit::Harness;
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    eprintln!(
+        "ktd-chaos: drill {} against {} with seed {seed} ({}); keys drill-{stamp}-key-N",
+        scenario.name,
+        inventory_path.display(),
+        humantime::format_duration(duration.unwrap_or(scenario.duration))
+    );
+    let options = RunOptions {
+        ktd: PathBuf::new(),
+        seed,
+        duration,
+        out: out.clone(),
+        mutation: None,
+        key_prefix: format!("drill-{stamp}-"),
+    };
+    let result = runtime.block_on(runner::drill(&scenario, &options, inventory.topology()));
+    finish(result, out, json)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    scenario: String,
+    seed: u64,
+    duration: Option<Duration>,
+    out: Option<PathBuf>,
+    ktd: Option<PathBuf>,
+    mutation: Option<Mutation>,
+    json: bool,
+    slo: Option<String>,
+) -> Exit {
+    let scenario = match load_scenario(&scenario, slo.as_deref()) {
+        Ok(scenario) => scenario,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return Exit::Harness;
+        }
+    };
+    let ktd = match find_ktd(ktd.as_deref()) {
+        Ok(ktd) => ktd,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return Exit::Harness;
+        }
+    };
+    let Some(runtime) = runtime() else {
+        return Exit::Harness;
+    };
+    eprintln!(
+        "ktd-chaos: running {} with seed {seed} ({})",
+        scenario.name,
+        humantime::format_duration(duration.unwrap_or(scenario.duration))
+    );
+    let options = RunOptions {
+        ktd,
+        seed,
+        duration,
+        out: out.clone(),
+        mutation,
+        key_prefix: String::new(),
+    };
+    finish(
+        runtime.block_on(runner::run(&scenario, &options)),
+        out,
+        json,
+    )
 }
 
 fn replay(path: &Path, mutation: Option<Mutation>) -> Exit {

@@ -96,9 +96,24 @@ pub fn appends_land_in_open_epochs(history: &History) -> Verdict {
     verdict
 }
 
-/// Every epoch has one root, wherever it was observed.
+/// Every epoch has one root, wherever it was observed: client answers, the gateway's final
+/// reads, and every sequencer node's own state (sampled during the run and read in full after
+/// it converged). After convergence every node must also hold every epoch up to the final one,
+/// and every node must have answered.
 pub fn no_fork(history: &History, final_state: &FinalState) -> Verdict {
     let mut verdict = Verdict::new("no_fork");
+    for (node, last) in &final_state.replicas {
+        verdict.count("replicas compared");
+        if *last < final_state.epoch {
+            verdict.violation(format!(
+                "{node} holds committed epochs up to {last} only, after converging; the cluster's final epoch is {}",
+                final_state.epoch
+            ));
+        }
+    }
+    for error in &final_state.replica_errors {
+        verdict.violation(format!("a replica could not be compared: {error}"));
+    }
     let mut roots: BTreeMap<u64, BTreeMap<String, String>> = BTreeMap::new();
     for event in &history.events {
         if let Outcome::Found { epoch, root, .. } | Outcome::Epoch { epoch, root } = &event.outcome
@@ -181,5 +196,15 @@ mod tests {
         assert_eq!(verdict.violations.len(), 1, "{verdict:?}");
         final_state.roots[0].1 = "root3".into();
         assert!(no_fork(&history.history, &final_state).ok());
+        // A replica that converged without the final epoch has lost state.
+        final_state.epoch = 3;
+        final_state.replicas = vec![("seq-1".into(), 3), ("seq-2".into(), 2)];
+        let verdict = no_fork(&history.history, &final_state);
+        assert_eq!(verdict.violations.len(), 1, "{verdict:?}");
+        assert!(verdict.violations[0].contains("seq-2"), "{verdict:?}");
+        final_state.replicas[1].1 = 3;
+        assert!(no_fork(&history.history, &final_state).ok());
+        final_state.replica_errors.push("seq-3: no answer".into());
+        assert!(!no_fork(&history.history, &final_state).ok());
     }
 }

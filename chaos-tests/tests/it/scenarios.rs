@@ -24,6 +24,7 @@ async fn run(name: &str, duration: Duration, mutation: Option<Mutation>) -> RunO
         duration: Some(duration),
         out,
         mutation,
+        key_prefix: String::new(),
     };
     let output = runner::run(&scenario, &options)
         .await
@@ -125,6 +126,92 @@ fn shard_crash_mid_epoch() {
     with_deadline(Duration::from_secs(90), || async {
         let output = run("shard-crash-mid-epoch", Duration::from_secs(14), None).await;
         assert_clean(&output, FaultKind::KillShard);
+    });
+}
+
+/// A follower that was down while the others snapshotted and purged their logs catches up by
+/// installing a snapshot (not by log replay), and every node ends with the same epochs and
+/// roots (`no_fork` reads each node's own state).
+#[test]
+fn snapshot_catch_up() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run("snapshot-catch-up", Duration::from_secs(14), None).await;
+        assert_clean(&output, FaultKind::SnapshotCatchUp);
+        let snapshot = output.report.faults[0]
+            .fault
+            .snapshot
+            .clone()
+            .expect("snapshot evidence");
+        assert!(snapshot.error.is_none(), "{snapshot:?}");
+        assert!(
+            snapshot.leader_purged_index > snapshot.follower_last_log_before,
+            "the leader did not purge past the follower: {snapshot:?}"
+        );
+        assert!(snapshot.via_snapshot, "{snapshot:?}");
+        assert!(snapshot.install_logged, "{snapshot:?}");
+        assert!(snapshot.catch_up_ms.is_some(), "{snapshot:?}");
+        assert_replicas_compared(&output);
+    });
+}
+
+/// A 4th sequencer joins as a learner, becomes a voter and is removed again, under load.
+#[test]
+fn membership_change() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run("membership-change", Duration::from_secs(16), None).await;
+        assert_clean(&output, FaultKind::AddVoter);
+        let change = output.report.faults[0]
+            .fault
+            .membership
+            .clone()
+            .expect("membership timings");
+        assert!(change.error.is_none(), "{change:?}");
+        assert_eq!(change.voters_after_promote, [vec![1, 2, 3, 4]]);
+        assert_eq!(change.voters_after_remove, [vec![1, 2, 3]]);
+        assert!(
+            change.roots.len() > 3,
+            "the added voter's roots were not read: {change:?}"
+        );
+        assert_replicas_compared(&output);
+    });
+}
+
+/// Every sequencer's own committed epochs were compared (no_fork) up to the final epoch.
+fn assert_replicas_compared(output: &RunOutput) {
+    let replicas = &output.final_state.replicas;
+    assert_eq!(replicas.len(), 3, "{replicas:?}");
+    for (node, last) in replicas {
+        assert!(*last >= output.final_state.epoch, "{node} at {last}");
+        let own = output
+            .final_state
+            .roots
+            .iter()
+            .filter(|(_, _, source)| source.starts_with(&format!("{node} (own state, final)")))
+            .count() as u64;
+        assert_eq!(own, *last, "{node}'s epochs were not all read");
+    }
+}
+
+/// A real broken mode of the product, end to end: the gateway serving stale latest-epoch
+/// lookups (`--unsafe-test-mode`, `KTD_UNSAFE_STALE_READS`) must make the run exit 1.
+#[test]
+fn broken_stale_reads_are_caught() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run("broken-stale-reads", Duration::from_secs(10), None).await;
+        assert_eq!(
+            output.report.exit,
+            Exit::Violation,
+            "stale reads not caught"
+        );
+        let failed: Vec<_> = output
+            .report
+            .verdicts
+            .iter()
+            .filter(|v| !v.ok())
+            .map(|v| v.checker)
+            .collect();
+        assert!(failed.contains(&"monotonic_reads"), "{failed:?}");
+        assert!(output.report.broken_mode.is_some());
     });
 }
 

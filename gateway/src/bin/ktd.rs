@@ -388,6 +388,10 @@ struct GatewayArgs {
     /// Requests served at once before RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
     max_in_flight: usize,
+    /// TEST ONLY: allow the deliberately broken modes named by KTD_UNSAFE_* variables (the
+    /// chaos positive controls). Without it, any such variable is refused.
+    #[arg(long, hide = true)]
+    unsafe_test_mode: bool,
 }
 
 #[derive(Debug, Args)]
@@ -610,10 +614,30 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
+    // Deliberately broken mode, test-only: stale latest-epoch lookups (see
+    // `GatewayOptions::unsafe_stale_reads`). Refused without --unsafe-test-mode.
+    let unsafe_stale_reads = match std::env::var("KTD_UNSAFE_STALE_READS") {
+        Err(std::env::VarError::NotPresent) => None,
+        Err(error) => bail!("KTD_UNSAFE_STALE_READS: {error}"),
+        Ok(_) if !args.unsafe_test_mode => bail!(
+            "KTD_UNSAFE_STALE_READS is set: it makes the gateway serve stale reads (a deliberately \
+             broken mode for chaos tests); refusing to start without --unsafe-test-mode"
+        ),
+        Ok(value) => {
+            let max_age = humantime::parse_duration(&value).with_context(|| {
+                format!("KTD_UNSAFE_STALE_READS={value:?} (a duration, e.g. 3s)")
+            })?;
+            eprintln!(
+                "ktd gateway: UNSAFE TEST MODE: latest-epoch lookups are served from a view up to {value} old (stale reads)"
+            );
+            Some(max_age)
+        }
+    };
     let settings = GatewaySettings {
         sequencers: args.sequencers,
         options: GatewayOptions {
             max_in_flight: args.max_in_flight,
+            unsafe_stale_reads,
             ..GatewayOptions::default()
         },
         drain: Duration::from_secs(10),

@@ -234,15 +234,35 @@ fn invalid(message: impl Into<String>) -> SequencerError {
 
 impl SequencerConfig {
     /// Parses a TOML configuration file (unknown keys are errors).
+    /// The error is one line: "line L, column C (`the line`): what is wrong".
     pub fn from_toml(text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|error| invalid(error.to_string()))
+        toml::from_str(text).map_err(|error| {
+            let place = error.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let line_start = before.rfind('\n').map_or(0, |at| at + 1);
+                let column = before.len() - line_start + 1;
+                let source = text[line_start..].lines().next().unwrap_or("").trim();
+                format!("line {line}, column {column} (`{source}`): ")
+            });
+            invalid(format!(
+                "{}{}",
+                place.unwrap_or_default(),
+                error.message().trim().replace('\n', "; ")
+            ))
+        })
     }
 
     /// Reads and parses a TOML configuration file.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|error| invalid(format!("cannot read {}: {error}", path.display())))?;
-        Self::from_toml(&text).map_err(|error| invalid(format!("{}: {error}", path.display())))
+        Self::from_toml(&text).map_err(|error| match error {
+            SequencerError::InvalidConfig(message) => {
+                invalid(format!("{}: {message}", path.display()))
+            }
+            other => other,
+        })
     }
 
     /// The address peers and clients use.

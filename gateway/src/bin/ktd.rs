@@ -328,6 +328,10 @@ struct ShardArgs {
     /// while epochs are open (without it, labels are evaluated when an epoch is built).
     #[arg(long, env = "KTD_SHARD_SEQUENCERS", value_delimiter = ',')]
     sequencers: Vec<String>,
+    /// Validate the settings (listen address, partition bits, the VRF seed file's length and
+    /// permissions), print them with the seed redacted and exit: 0 if valid, 1 if not.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(Debug, Args)]
@@ -401,6 +405,10 @@ struct SequencerArgs {
     /// TOML configuration file; flags and environment variables override it.
     #[arg(long, env = "KTD_SEQUENCER_CONFIG")]
     config: Option<PathBuf>,
+    /// Validate the configuration (file < environment < flags), print the effective
+    /// configuration as TOML and exit: 0 if valid, 1 with one error line if not.
+    #[arg(long)]
+    check_config: bool,
     /// This node's id (required for a new data directory; must match an existing one).
     #[arg(long, env = "KTD_SEQUENCER_ID")]
     id: Option<u64>,
@@ -515,6 +523,14 @@ async fn shutdown_signal() {
 }
 
 async fn run_sequencer(args: SequencerArgs) -> anyhow::Result<()> {
+    if args.check_config {
+        let config = args.resolve()?;
+        print!(
+            "# effective configuration (valid)\n{}",
+            toml::to_string(&config).context("print the configuration")?
+        );
+        return Ok(());
+    }
     args.metrics.install()?;
     let config = args.resolve()?;
     tracing::info!(config = ?config, "effective configuration");
@@ -556,6 +572,32 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
 }
 
 async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
+    if args.check_config {
+        let seed = gateway::run::read_vrf_seed(&args.vrf_seed_file)?;
+        args.listen
+            .parse::<std::net::SocketAddr>()
+            .with_context(|| format!("--listen {:?}", args.listen))?;
+        anyhow::ensure!(
+            args.partition_bits <= shard::directory::MAX_PARTITION_BITS,
+            "--partition-bits {} is above the maximum of {}",
+            args.partition_bits,
+            shard::directory::MAX_PARTITION_BITS
+        );
+        println!(
+            "# effective settings (valid)\nid = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\
+             vrf_seed_file = {:?} # seed redacted; public key {}\npartition_bits = {}\n\
+             configuration = {:?}\nsequencers = {:?}",
+            args.id,
+            args.listen,
+            args.data_dir.display().to_string(),
+            args.vrf_seed_file.display().to_string(),
+            hex::encode(gateway::run::vrf_public_key(&seed)?),
+            args.partition_bits,
+            args.configuration.to_string(),
+            args.sequencers,
+        );
+        return Ok(());
+    }
     args.metrics.install()?;
     let settings = ShardSettings {
         vrf_seed: gateway::run::read_vrf_seed(&args.vrf_seed_file)?,

@@ -3,6 +3,7 @@
 
 mod auditor;
 mod cluster;
+mod config;
 mod deadline;
 mod dev;
 mod leader_kill;

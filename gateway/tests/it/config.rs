@@ -1,0 +1,160 @@
+//! `--check-config`: a valid configuration prints the effective settings and exits 0; each
+//! invalid one (unknown key, bad duration, wrong-length key, missing or short seed file, bad
+//! flag) exits non-zero with one clear error line, before anything binds or writes.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn ktd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ktd"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run ktd")
+}
+
+fn write(path: &Path, text: &str, mode: u32) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .expect("create");
+    file.write_all(text.as_bytes()).expect("write");
+}
+
+/// Asserts `output` failed with exactly one stderr line that mentions every word in `words`.
+fn refused(output: &Output, words: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "must fail: {stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line, got: {stderr}");
+    for word in words {
+        assert!(
+            lines[0].contains(word),
+            "{word:?} missing from: {}",
+            lines[0]
+        );
+    }
+}
+
+#[test]
+fn check_config_accepts_valid_and_refuses_invalid_configuration() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    let key = "ab".repeat(32);
+    let valid = root.join("valid.toml");
+    write(
+        &valid,
+        &format!(
+            "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"{}\"\npeers = [\"1=127.0.0.1:7001\"]\n\n\
+             [cluster]\nvrf_public_key = \"{key}\"\n\n[epoch]\ninterval = \"2s\"\nheartbeat_interval = \"30s\"\n",
+            root.join("seq").display()
+        ),
+        0o644,
+    );
+    let ok = ktd(&[
+        "sequencer",
+        "--config",
+        valid.to_str().expect("utf-8"),
+        "--init",
+        "--check-config",
+    ]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        stdout.contains("heartbeat_interval = \"30s\"") && stdout.contains(&key),
+        "{stdout}"
+    );
+    assert!(
+        !root.join("seq").exists(),
+        "--check-config must not create the data directory"
+    );
+
+    let cases = [
+        (
+            "unknown-key.toml",
+            "id = 1\nlisten = \"127.0.0.1:7001\"\nlisten_addr = \"x\"\n",
+            vec!["unknown-key.toml", "listen_addr"],
+        ),
+        (
+            "bad-duration.toml",
+            "id = 1\n[epoch]\ninterval = \"two seconds\"\n",
+            vec!["bad-duration.toml", "interval"],
+        ),
+        (
+            "bad-raft.toml",
+            "id = 1\n[raft]\nheartbeat_interval = \"300ms\"\nelection_timeout_min = \"400ms\"\n",
+            vec!["heartbeat_interval"],
+        ),
+        (
+            "short-key.toml",
+            "id = 1\npeers = [\"1=127.0.0.1:7001\"]\n[cluster]\nvrf_public_key = \"abcd\"\n",
+            vec!["vrf_public_key", "64 hex digits"],
+        ),
+    ];
+    for (name, text, words) in cases {
+        let path = root.join(name);
+        write(&path, text, 0o644);
+        let output = ktd(&[
+            "sequencer",
+            "--config",
+            path.to_str().expect("utf-8"),
+            "--init",
+            "--check-config",
+        ]);
+        refused(&output, &words);
+    }
+    refused(
+        &ktd(&[
+            "sequencer",
+            "--config",
+            root.join("missing.toml").to_str().expect("utf-8"),
+            "--check-config",
+        ]),
+        &["missing.toml"],
+    );
+
+    // Shard: the VRF seed file must exist, be private and hold 32 bytes.
+    let seed = root.join("seed.hex");
+    write(&seed, &format!("{}\n", "5a".repeat(32)), 0o600);
+    let shard = |seed: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "shard",
+            "--id",
+            "s1",
+            "--listen",
+            "127.0.0.1:7101",
+            "--data-dir",
+            "/nonexistent/shard",
+            "--vrf-seed-file",
+            seed.to_str().expect("utf-8"),
+            "--check-config",
+        ];
+        args.extend(extra);
+        ktd(&args)
+    };
+    let ok = shard(&seed, &[]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        !stdout.contains(&"5a".repeat(32)),
+        "the seed is never printed: {stdout}"
+    );
+    refused(&shard(&root.join("no-seed.hex"), &[]), &["no-seed.hex"]);
+    let short = root.join("short-seed.hex");
+    write(&short, &"5a".repeat(31), 0o600);
+    refused(&shard(&short, &[]), &["short-seed.hex"]);
+    let open = root.join("open-seed.hex");
+    write(&open, &"5a".repeat(32), 0o644);
+    refused(&shard(&open, &[]), &["open-seed.hex"]);
+    refused(
+        &shard(&seed, &["--partition-bits", "13"]),
+        &["partition-bits", "12"],
+    );
+}

@@ -158,3 +158,72 @@ fn check_config_accepts_valid_and_refuses_invalid_configuration() {
         &["partition-bits", "12"],
     );
 }
+
+/// The subcommand's `--help` text.
+fn help(subcommand: &str) -> String {
+    let output = ktd(&[subcommand, "--help"]);
+    assert!(
+        output.status.success(),
+        "ktd {subcommand} --help: {output:?}"
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn systemd_units_and_samples_name_existing_flags_and_validate() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
+    let mut units = 0;
+    for entry in std::fs::read_dir(&dir).expect("deploy/systemd") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("read");
+        let name = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .expect("name");
+        if name.ends_with(".service") {
+            units += 1;
+            let commands: Vec<&str> = text
+                .lines()
+                .filter_map(|line| {
+                    line.strip_prefix("ExecStart=")
+                        .or_else(|| line.strip_prefix("ExecStartPre="))
+                })
+                .collect();
+            assert!(!commands.is_empty(), "{name}: no ExecStart");
+            for command in commands {
+                let words: Vec<&str> = command.split_whitespace().collect();
+                assert!(words[0].ends_with("/ktd"), "{name}: {command}");
+                let text = help(words[1]);
+                let known: Vec<&str> = text.split_whitespace().collect();
+                for flag in words.iter().filter(|word| word.starts_with("--")) {
+                    assert!(
+                        known.contains(flag),
+                        "{name}: ktd {} has no {flag}",
+                        words[1]
+                    );
+                }
+            }
+        } else if let Some(subcommand) = name.strip_suffix(".env") {
+            let text_help = help(subcommand);
+            for line in text
+                .lines()
+                .filter(|line| !line.starts_with('#') && line.contains('='))
+            {
+                let key = line.split('=').next().expect("key");
+                assert!(
+                    text_help.contains(&format!("env: {key}=")),
+                    "{name}: ktd {subcommand} reads no {key}"
+                );
+            }
+        }
+    }
+    assert_eq!(units, 3, "sequencer, shard and gateway units");
+    let sample = dir.join("sequencer.toml");
+    let checked = ktd(&[
+        "sequencer",
+        "--config",
+        sample.to_str().expect("utf-8"),
+        "--check-config",
+    ]);
+    assert!(checked.status.success(), "{checked:?}");
+}

@@ -79,11 +79,7 @@ pub struct AkdComparison {
 }
 
 fn median(values: &mut [f64]) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    crate::loadgen::quantiles(values).map_or(0.0, |[p50, _, _]| p50)
 }
 
 /// Replays `published` into a stock akd directory and compares with the cluster. `seal_ms`

@@ -565,12 +565,8 @@ pub async fn run(
         .map(|epoch| epoch.seal_ms)
         .filter(|ms| *ms > 0.0)
         .collect();
-    seals.sort_by(f64::total_cmp);
-    if let Some(max) = seals.last() {
-        let at = |quantile: f64| seals[((seals.len() - 1) as f64 * quantile).round() as usize];
-        report.seal_p50_ms = at(0.5);
-        report.seal_p99_ms = at(0.99);
-        report.seal_max_ms = *max;
+    if let Some([p50, p99, max]) = quantiles(&mut seals) {
+        (report.seal_p50_ms, report.seal_p99_ms, report.seal_max_ms) = (p50, p99, max);
     }
     report.servers = usage.lock().unwrap_or_else(|p| p.into_inner()).clone();
     // Seal latency per epoch, plotted at its commit.
@@ -623,6 +619,14 @@ async fn watch_auditor(
     }
 }
 
+/// Median, 99th percentile and maximum of a small sample (sorted in place); `None` if empty.
+pub(crate) fn quantiles(values: &mut [f64]) -> Option<[f64; 3]> {
+    values.sort_by(f64::total_cmp);
+    let at = |quantile: f64| values[((values.len() - 1) as f64 * quantile).round() as usize];
+    let max = *values.last()?;
+    Some([at(0.5), at(0.99), max])
+}
+
 fn auditor_lag(commits: &[(u64, Instant)], seen: &AuditorSeen) -> AuditorLag {
     let mut lag = AuditorLag {
         violations: seen.violations.clone(),
@@ -648,12 +652,8 @@ fn auditor_lag(commits: &[(u64, Instant)], seen: &AuditorSeen) -> AuditorLag {
             }
         }
     }
-    millis.sort_by(f64::total_cmp);
-    if let Some(max) = millis.last() {
-        let at = |quantile: f64| millis[((millis.len() - 1) as f64 * quantile).round() as usize];
-        lag.p50_ms = at(0.5);
-        lag.p99_ms = at(0.99);
-        lag.max_ms = *max;
+    if let Some([p50, p99, max]) = quantiles(&mut millis) {
+        (lag.p50_ms, lag.p99_ms, lag.max_ms) = (p50, p99, max);
     }
     lag
 }

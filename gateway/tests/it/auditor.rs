@@ -362,23 +362,8 @@ fn the_dashboard_renders_in_headless_chromium() {
 
         // Fed a forged history, it shows the violation.
         let blobs = root.path().join("blobs");
-        let addr = dev.addr.clone();
-        let out = blobs.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_ktd"))
-                .args(["--addr", &format!("http://{addr}"), "audit-blobs", "--out"])
-                .arg(&out)
-                .output()
-                .expect("ktd audit-blobs")
-        })
-        .await
-        .expect("blocking");
-        assert!(written.status.success(), "{written:?}");
-        let blob = blob_of(&blobs, 2);
-        let mut bytes = std::fs::read(&blob).expect("blob");
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x55;
-        std::fs::write(&blob, bytes).expect("write");
+        write_blobs(&dev.addr, &blobs).await;
+        forge_blob(&blobs, 2);
         let forged = audit_until(
             settings(
                 &root.path().join("auditor-forged"),
@@ -399,6 +384,30 @@ fn the_dashboard_renders_in_headless_chromium() {
         let _ = stop.send(());
         server.await.expect("server").expect("serve");
     })
+}
+
+/// `ktd audit-blobs --out dir` against the directory at `addr` (all committed epochs).
+async fn write_blobs(addr: &str, dir: &Path) {
+    let (addr, out) = (addr.to_string(), dir.to_path_buf());
+    let written = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ktd"))
+            .args(["--addr", &format!("http://{addr}"), "audit-blobs", "--out"])
+            .arg(&out)
+            .output()
+            .expect("ktd audit-blobs")
+    })
+    .await
+    .expect("blocking");
+    assert!(written.status.success(), "{written:?}");
+}
+
+/// Flips bits in the last byte of epoch `epoch`'s blob in `dir`: a proof that cannot verify.
+fn forge_blob(dir: &Path, epoch: u64) {
+    let blob = blob_of(dir, epoch);
+    let mut bytes = std::fs::read(&blob).expect("blob");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&blob, bytes).expect("write");
 }
 
 /// The only blob file of epoch `epoch` in `dir`.
@@ -425,18 +434,7 @@ fn the_auditor_refuses_forged_gapped_and_republished_histories() {
         let client = connect(&dev.addr).await;
         publish_epochs(&client, 3).await;
         let blobs = root.path().join("blobs");
-        let addr = dev.addr.clone();
-        let out = blobs.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_ktd"))
-                .args(["--addr", &format!("http://{addr}"), "audit-blobs", "--out"])
-                .arg(&out)
-                .output()
-                .expect("ktd audit-blobs")
-        })
-        .await
-        .expect("blocking");
-        assert!(written.status.success(), "{written:?}");
+        write_blobs(&dev.addr, &blobs).await;
 
         let case = |name: &str| {
             let dir = root.path().join(name);
@@ -452,11 +450,7 @@ fn the_auditor_refuses_forged_gapped_and_republished_histories() {
 
         // A forged proof for epoch 2: epoch 1 is signed, 2 and later are not.
         let forged = case("forged");
-        let blob = blob_of(&forged, 2);
-        let mut bytes = std::fs::read(&blob).expect("blob");
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x55;
-        std::fs::write(&blob, bytes).expect("write");
+        forge_blob(&forged, 2);
         let auditor = run(forged, "forged").await;
         assert!(
             auditor.head(1).is_some() && auditor.head(2).is_none() && auditor.head(3).is_none()

@@ -208,6 +208,7 @@ pub async fn serve(
     let grpc_server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .layer(proto::telemetry::GrpcServerLayer::new("auditor"))
             .add_service(pb::auditor_server::AuditorServer::new(AuditorService(
                 auditor,
             )))

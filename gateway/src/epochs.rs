@@ -107,6 +107,7 @@ impl<TC: Configuration> Epochs<TC> {
         {
             // First sight of a new latest epoch: its age is time() minus this, in PromQL.
             metrics::gauge!("ktd_epoch_latest_committed").set(epoch as f64);
+            proto::telemetry::log_context().set_epoch(epoch);
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |elapsed| elapsed.as_secs_f64());

@@ -27,3 +27,4 @@ pub mod server;
 pub mod service;
 pub mod strict;
 pub mod tail;
+pub mod telemetry;

@@ -127,6 +127,7 @@ pub async fn run_shard(
     tracing::info!(shard = %settings.id, "shard serving");
     Server::builder()
         .tcp_nodelay(true)
+        .layer(proto::telemetry::GrpcServerLayer::new("shard"))
         .add_service(health)
         .add_service(ShardService::new(api).into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)

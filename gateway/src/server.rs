@@ -55,6 +55,7 @@ pub async fn serve<TC: Configuration>(
     let mut server = tokio::spawn(
         Server::builder()
             .tcp_nodelay(true)
+            .layer(proto::telemetry::GrpcServerLayer::new("gateway"))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(health)

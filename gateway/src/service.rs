@@ -121,35 +121,9 @@ impl<TC: Configuration> Gateway<TC> {
             })
     }
 
-    /// Runs `work` under an in-flight permit and the request's deadline, and records the
-    /// call in the `ktd_grpc_*` metrics.
-    async fn serve<T, F>(
-        &self,
-        method: &'static str,
-        deadline: Option<Duration>,
-        work: F,
-    ) -> Result<Response<T>, Status>
-    where
-        F: Future<Output = Result<T>>,
-    {
-        let started = Instant::now();
-        let result = self.serve_unrecorded(deadline, work).await;
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(status) => status.code(),
-        };
-        metrics::counter!("ktd_grpc_requests_total", "method" => method, "code" => format!("{code:?}"))
-            .increment(1);
-        metrics::histogram!("ktd_grpc_request_duration_seconds", "method" => method)
-            .record(started.elapsed().as_secs_f64());
-        result
-    }
-
-    async fn serve_unrecorded<T, F>(
-        &self,
-        deadline: Option<Duration>,
-        work: F,
-    ) -> Result<Response<T>, Status>
+    /// Runs `work` under an in-flight permit and the request's deadline. (Every call is
+    /// counted and timed by `proto::telemetry::GrpcServerLayer`.)
+    async fn serve<T, F>(&self, deadline: Option<Duration>, work: F) -> Result<Response<T>, Status>
     where
         F: Future<Output = Result<T>>,
     {
@@ -504,7 +478,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::PublishResponse>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve("Publish", deadline, self.0.publish(request.into_inner()))
+            .serve(deadline, self.0.publish(request.into_inner()))
             .await
     }
 
@@ -514,7 +488,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::EpochHash>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve("GetEpoch", deadline, self.0.get_epoch(request.into_inner()))
+            .serve(deadline, self.0.get_epoch(request.into_inner()))
             .await
     }
 
@@ -524,7 +498,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::LookupResponse>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve("Lookup", deadline, self.0.lookup(request.into_inner()))
+            .serve(deadline, self.0.lookup(request.into_inner()))
             .await
     }
 
@@ -534,11 +508,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::ProveAbsenceResponse>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve(
-                "ProveAbsence",
-                deadline,
-                self.0.prove_absence(request.into_inner()),
-            )
+            .serve(deadline, self.0.prove_absence(request.into_inner()))
             .await
     }
 
@@ -548,11 +518,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::KeyHistoryResponse>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve(
-                "KeyHistory",
-                deadline,
-                self.0.key_history(request.into_inner()),
-            )
+            .serve(deadline, self.0.key_history(request.into_inner()))
             .await
     }
 
@@ -562,7 +528,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::AuditResponse>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve("Audit", deadline, self.0.audit(request.into_inner()))
+            .serve(deadline, self.0.audit(request.into_inner()))
             .await
     }
 
@@ -572,11 +538,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::ListAuditBlobsResponse>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve(
-                "ListAuditBlobs",
-                deadline,
-                self.0.list_audit_blobs(request.into_inner()),
-            )
+            .serve(deadline, self.0.list_audit_blobs(request.into_inner()))
             .await
     }
 
@@ -586,11 +548,7 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
     ) -> Result<Response<api::AuditBlob>, Status> {
         let deadline = deadline(&request);
         self.0
-            .serve(
-                "GetAuditBlob",
-                deadline,
-                self.0.get_audit_blob(request.into_inner()),
-            )
+            .serve(deadline, self.0.get_audit_blob(request.into_inner()))
             .await
     }
 
@@ -612,7 +570,7 @@ impl<TC: Configuration> api::admin_server::Admin for AdminService<TC> {
         request: Request<api::SealEpochRequest>,
     ) -> Result<Response<api::EpochHash>, Status> {
         let deadline = deadline(&request);
-        self.0.serve("SealEpoch", deadline, self.0.seal()).await
+        self.0.serve(deadline, self.0.seal()).await
     }
 
     async fn cluster_status(
@@ -620,8 +578,6 @@ impl<TC: Configuration> api::admin_server::Admin for AdminService<TC> {
         request: Request<api::ClusterStatusRequest>,
     ) -> Result<Response<api::ClusterStatusResponse>, Status> {
         let deadline = deadline(&request);
-        self.0
-            .serve("ClusterStatus", deadline, self.0.cluster_status())
-            .await
+        self.0.serve(deadline, self.0.cluster_status()).await
     }
 }

@@ -132,6 +132,7 @@ impl SequencerClient {
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
+        proto::telemetry::inject_context(&mut request);
         request.set_timeout(self.inner.options.attempt_timeout);
         request
     }

@@ -22,8 +22,13 @@
 //! Decisions are a small pure function ([`next_step`]) over the replicated state; the loop around
 //! it does the IO and retries with capped exponential backoff.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use opentelemetry::trace::TraceContextExt;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use shard::akd_core::configuration::Configuration;
 use shard::api::{ShardInfo, ShardMap};
@@ -207,8 +212,17 @@ pub async fn run<TC: Configuration>(
             }
             Step::Drive(epoch) => {
                 let started = Instant::now();
+                let span = tracing::info_span!(
+                    "epoch",
+                    otel.name = "ktd.epoch.commit",
+                    ktd.component = "sequencer",
+                    epoch,
+                    node_id = sequencer.id(),
+                );
                 let outcome =
-                    drive::<TC>(&sequencer, connector.as_ref(), &mut shards, &epochs, epoch).await;
+                    drive::<TC>(&sequencer, connector.as_ref(), &mut shards, &epochs, epoch)
+                        .instrument(span)
+                        .await;
                 match outcome {
                     Ok(root) => {
                         backoff.reset();
@@ -258,6 +272,37 @@ async fn drive<TC: Configuration>(
     let base_record = sequencer.get_epoch(Some(epoch - 1)).await?;
     let base = top_tree::<TC>(bits, &base_record).map_err(coordination)?;
     let batch = sequencer.sealed_batch(epoch).await?;
+    // Continue each traced publish's trace into this epoch: one span per traced update (linked
+    // to the epoch's span), whose context goes to the shard that prepares the update.
+    let traced = sequencer.update_traces().of_epoch(epoch);
+    let epoch_span = tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .clone();
+    let mut update_spans = Vec::with_capacity(traced.len());
+    let mut traces = HashMap::with_capacity(traced.len());
+    for (label, traceparent) in traced {
+        let Some(parent) = proto::telemetry::context_from_traceparent(&traceparent) else {
+            continue;
+        };
+        let span = tracing::info_span!(
+            "include",
+            otel.name = "ktd.epoch.include",
+            ktd.component = "sequencer",
+            epoch,
+        );
+        if span.set_parent(parent).is_err() {
+            continue;
+        }
+        if epoch_span.is_valid() {
+            span.add_link(epoch_span.clone());
+        }
+        if let Some(context) = proto::telemetry::traceparent_of(&span.context()) {
+            traces.insert(label, context);
+        }
+        update_spans.push(span);
+    }
     let updates = batch
         .updates
         .into_iter()
@@ -268,7 +313,7 @@ async fn drive<TC: Configuration>(
             )
         })
         .collect();
-    let outcome = cluster::run_epoch(shard_set, epoch, &base, updates)
+    let outcome = cluster::run_epoch(shard_set, epoch, &base, updates, &traces)
         .await
         .map_err(coordination)?;
     let root_hash = outcome.top.root_hash();
@@ -280,6 +325,8 @@ async fn drive<TC: Configuration>(
     sequencer
         .commit_epoch(epoch, root_hash.to_vec(), codec::encode_epoch(&record))
         .await?;
+    sequencer.update_traces().forget_through(epoch);
+    drop(update_spans);
     Ok(root_hash)
 }
 

@@ -41,6 +41,7 @@ pub mod machine;
 pub mod node;
 pub mod raft;
 pub mod serve;
+pub mod traces;
 
 pub use client::{ClientOptions, SequencerClient};
 pub use config::SequencerConfig;

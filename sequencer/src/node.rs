@@ -60,6 +60,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// Every background task, so shutdown can wait until none holds the node any more.
     tasks: TaskTracker,
+    /// Trace contexts of traced updates, for the coordinator (leader only; not replicated).
+    traces: crate::traces::UpdateTraces,
 }
 
 /// A handle that does not keep the node alive: services hold one, because a connection can
@@ -270,6 +272,7 @@ impl Sequencer {
                 metrics,
                 shutdown: CancellationToken::new(),
                 tasks,
+                traces: Default::default(),
             }),
         };
         tracing::info!(
@@ -442,12 +445,19 @@ impl Sequencer {
         ));
     }
 
+    /// Trace contexts of traced updates (see [`crate::traces`]).
+    pub fn update_traces(&self) -> &crate::traces::UpdateTraces {
+        &self.inner.traces
+    }
+
     /// Sets the `ktd_raft_*` and `ktd_epoch_*` gauges from this node's status (called on every
     /// Raft metrics change and at least every 500 ms while serving).
     pub fn export_metrics(&self) {
         let status = self.node_status();
         let leader = self.inner.leader.borrow().clone();
         metrics::gauge!("ktd_raft_term").set(status.term as f64);
+        proto::telemetry::log_context().set_term(status.term);
+        proto::telemetry::log_context().set_epoch(status.last_committed_epoch);
         metrics::gauge!("ktd_raft_leader_id").set(status.leader_id as f64);
         metrics::gauge!("ktd_raft_is_leader").set(if leader.is_self { 1.0 } else { 0.0 });
         metrics::gauge!("ktd_raft_last_log_index").set(status.last_log_index as f64);
@@ -541,6 +551,11 @@ impl Sequencer {
                 max: metadata.max_epoch_updates as usize,
             });
         }
+        // A traced publish: remember its context for the epoch's coordinator.
+        let traced = proto::telemetry::current_traceparent().map(|traceparent| {
+            let labels: Vec<Vec<u8>> = updates.iter().map(|update| update.label.clone()).collect();
+            (traceparent, labels)
+        });
         match self
             .propose(pb::command::Kind::Append(pb::AppendRequest {
                 updates,
@@ -549,7 +564,18 @@ impl Sequencer {
             }))
             .await?
         {
-            pb::apply_result::Kind::Appended(answer) => Ok(answer),
+            pb::apply_result::Kind::Appended(answer) => {
+                if let Some((traceparent, labels)) = traced
+                    && !answer.duplicate
+                {
+                    self.inner.traces.record(
+                        answer.epoch,
+                        labels.iter().map(Vec::as_slice),
+                        &traceparent,
+                    );
+                }
+                Ok(answer)
+            }
             other => Err(unexpected(&other)),
         }
     }

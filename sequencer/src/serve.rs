@@ -90,6 +90,7 @@ pub async fn serve(
         .with_keepalive(Some(Duration::from_secs(10)));
     let router = Server::builder()
         .tcp_nodelay(true)
+        .layer(proto::telemetry::GrpcServerLayer::new("sequencer"))
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)

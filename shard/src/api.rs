@@ -158,17 +158,30 @@ pub struct ShardStatus {
     pub label_cache_entries: u64,
 }
 
+/// The trace context (W3C `traceparent`) of update `index` of a prepared batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpdateTrace {
+    /// Index into the batch.
+    pub index: u32,
+    /// The W3C `traceparent` the update's publish was traced under.
+    pub traceparent: String,
+}
+
 /// The calls a shard answers. Every call is idempotent.
 #[async_trait::async_trait]
 pub trait ShardApi: Send + Sync {
     /// Step 1 of `epoch`: computes the leaves of `updates` (this shard's users, one update per
     /// label), stores the new user versions durably, and delivers the leaves to the owners of
     /// their partitions according to `map`.
+    ///
+    /// `traces` names the updates (by index) whose publish was traced: the shard records its
+    /// part of the work in those traces. Telemetry only: bad entries are ignored.
     async fn prepare_epoch(
         &self,
         epoch: u64,
         map: &ShardMap,
         updates: Vec<(AkdLabel, AkdValue)>,
+        traces: Vec<UpdateTrace>,
     ) -> Result<PrepareSummary>;
 
     /// Stores the leaves `from` computed for this shard's partitions in `epoch`, durably.

@@ -15,7 +15,9 @@ use proto::ktd::shard::v1 as pb;
 use proto::ktd::shard::v1::shard_client::ShardClient;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::api::{BuildSummary, PrepareSummary, ShardApi, ShardInfo, ShardMap, ShardStatus};
+use crate::api::{
+    BuildSummary, PrepareSummary, ShardApi, ShardInfo, ShardMap, ShardStatus, UpdateTrace,
+};
 use crate::error::{Error, LabelTag, Result};
 use crate::local::PeerResolver;
 use crate::proof::{AbsencePlan, HistoryPlan, LookupPlan};
@@ -79,6 +81,7 @@ impl GrpcShard {
 
     fn request<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
+        proto::telemetry::inject_context(&mut request);
         request.set_timeout(timeout);
         request
     }
@@ -103,11 +106,19 @@ impl ShardApi for GrpcShard {
         epoch: u64,
         map: &ShardMap,
         updates: Vec<(AkdLabel, AkdValue)>,
+        traces: Vec<UpdateTrace>,
     ) -> Result<PrepareSummary> {
         let request = pb::PrepareEpochRequest {
             epoch,
             shard_map: Some(wire::shard_map(map)),
             updates: wire::updates(&updates),
+            traces: traces
+                .into_iter()
+                .map(|trace| pb::UpdateTrace {
+                    index: trace.index,
+                    traceparent: trace.traceparent,
+                })
+                .collect(),
         };
         let response = self
             .client

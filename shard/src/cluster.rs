@@ -7,6 +7,9 @@
 //! VRF proofs), the top tree locates each claim, the partition owners walk, and [`crate::stitch`]
 //! joins the pieces. `ktd dev` runs the same code against one in-process shard.
 //!
+//! Each phase runs in a span (`ktd.epoch.prepare`, `ktd.epoch.build`); updates whose publish
+//! was traced carry their trace context to the shard that prepares them (`traces`).
+//!
 //! ```text
 //!   sealed batch ──split by user owner──► prepare_epoch (every shard, parallel)
 //!                                           └─ deliver_leaves ──► partition owners (inbox)
@@ -21,8 +24,9 @@ use akd_core::configuration::Configuration;
 use akd_core::verify::history::HistoryParams;
 use akd_core::{AkdLabel, AkdValue, HistoryProof, LookupProof, SingleAppendOnlyProof};
 use futures::future::try_join_all;
+use tracing::Instrument;
 
-use crate::api::{ShardApi, ShardMap};
+use crate::api::{ShardApi, ShardMap, UpdateTrace};
 use crate::error::{Error, Result};
 use crate::label;
 use crate::local::PeerResolver;
@@ -102,34 +106,53 @@ pub struct EpochOutcome<TC> {
     pub nodes_written: u64,
 }
 
+/// One shard's part of a sealed batch: its users' updates and the traces among them.
+type ShardBatch = (Vec<(AkdLabel, AkdValue)>, Vec<UpdateTrace>);
+
 /// Runs `epoch` (the sealed batch `updates`, one update per label) on every shard, on top of
 /// the directory as of `epoch - 1` (`base`). Idempotent: running it again gives the same result.
+/// `traces` maps the labels of traced updates to their trace context (see
+/// [`ShardApi::prepare_epoch`]).
 pub async fn run_epoch<TC: Configuration>(
     shards: &ShardSet,
     epoch: u64,
     base: &TopTree<TC>,
     updates: Vec<(AkdLabel, AkdValue)>,
+    traces: &HashMap<Vec<u8>, String>,
 ) -> Result<EpochOutcome<TC>> {
     let map = shards.map();
-    let mut per_shard: HashMap<&str, Vec<(AkdLabel, AkdValue)>> = map
+    let mut per_shard: HashMap<&str, ShardBatch> = map
         .shards
         .iter()
-        .map(|shard| (shard.id.as_str(), Vec::new()))
+        .map(|shard| (shard.id.as_str(), Default::default()))
         .collect();
     for update in updates {
         let owner = map.user_owner(&update.0).id.as_str();
-        per_shard.entry(owner).or_default().push(update);
+        let (batch, batch_traces) = per_shard.entry(owner).or_default();
+        if let Some(traceparent) = traces.get(&update.0.0) {
+            batch_traces.push(UpdateTrace {
+                index: batch.len() as u32,
+                traceparent: traceparent.clone(),
+            });
+        }
+        batch.push(update);
     }
     let prepares = map.shards.iter().map(|shard| {
-        let updates = per_shard.remove(shard.id.as_str()).unwrap_or_default();
+        let (updates, traces) = per_shard.remove(shard.id.as_str()).unwrap_or_default();
         async move {
             shards
                 .api(&shard.id)?
-                .prepare_epoch(epoch, map, updates)
+                .prepare_epoch(epoch, map, updates, traces)
                 .await
         }
     });
-    let prepared = try_join_all(prepares).await?;
+    let prepared = try_join_all(prepares)
+        .instrument(tracing::info_span!(
+            "prepare",
+            otel.name = "ktd.epoch.prepare",
+            epoch
+        ))
+        .await?;
 
     let senders: Vec<String> = map.shards.iter().map(|shard| shard.id.clone()).collect();
     let builds = map.shards.iter().map(|shard| {
@@ -146,7 +169,13 @@ pub async fn run_epoch<TC: Configuration>(
                 .await
         }
     });
-    let built = try_join_all(builds).await?;
+    let built = try_join_all(builds)
+        .instrument(tracing::info_span!(
+            "build",
+            otel.name = "ktd.epoch.build",
+            epoch
+        ))
+        .await?;
 
     let mut partitions = base.partitions().to_vec();
     let mut nodes_written = 0;

@@ -15,7 +15,9 @@ use akd_core::verify::history::HistoryParams;
 use akd_core::{AkdLabel, AkdValue};
 use futures::future::try_join_all;
 
-use crate::api::{BuildSummary, PrepareSummary, ShardApi, ShardInfo, ShardMap, ShardStatus};
+use crate::api::{
+    BuildSummary, PrepareSummary, ShardApi, ShardInfo, ShardMap, ShardStatus, UpdateTrace,
+};
 use crate::error::{Error, Result};
 use crate::node::ShardNode;
 use crate::proof::{AbsencePlan, HistoryPlan, LookupPlan};
@@ -121,7 +123,10 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         epoch: u64,
         map: &ShardMap,
         updates: Vec<(AkdLabel, AkdValue)>,
+        traces: Vec<UpdateTrace>,
     ) -> Result<PrepareSummary> {
+        // One span per traced update, in its publish's trace, open while the shard prepares it.
+        let _update_spans = update_spans(&self.id, epoch, updates.len(), &traces);
         if epoch == 0 {
             return Err(Error::EpochOutOfOrder { epoch, previous: 0 });
         }
@@ -292,4 +297,28 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
             label_cache_entries: self.node.label_cache().len() as u64,
         })
     }
+}
+
+/// The spans of the traced updates among `len` prepared in `epoch` (see
+/// [`ShardApi::prepare_epoch`]); entries with an index out of range or a malformed context are
+/// skipped, and at most one span per update is made.
+fn update_spans(shard: &str, epoch: u64, len: usize, traces: &[UpdateTrace]) -> Vec<tracing::Span> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    traces
+        .iter()
+        .filter(|trace| (trace.index as usize) < len)
+        .take(len)
+        .filter_map(|trace| {
+            let parent = proto::telemetry::context_from_traceparent(&trace.traceparent)?;
+            let span = tracing::info_span!(
+                "prepare_update",
+                otel.name = "ktd.shard.prepare_update",
+                ktd.component = "shard",
+                shard = %shard,
+                epoch,
+            );
+            span.set_parent(parent).ok()?;
+            Some(span)
+        })
+        .collect()
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use proto::ktd::shard::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::api::ShardApi;
+use crate::api::{ShardApi, UpdateTrace};
 use crate::error::Error;
 use crate::wire::{self, Decoder};
 
@@ -84,7 +84,18 @@ impl pb::shard_server::Shard for ShardService {
                 .ok_or_else(|| Status::invalid_argument("shard_map is missing"))?,
         )?;
         let updates = decoder.updates(&request.updates);
-        let summary = self.api.prepare_epoch(request.epoch, &map, updates).await?;
+        let traces = request
+            .traces
+            .into_iter()
+            .map(|trace| UpdateTrace {
+                index: trace.index,
+                traceparent: trace.traceparent,
+            })
+            .collect();
+        let summary = self
+            .api
+            .prepare_epoch(request.epoch, &map, updates, traces)
+            .await?;
         Ok(Response::new(pb::PrepareEpochResponse {
             updates: summary.updates,
             changed: summary.changed,

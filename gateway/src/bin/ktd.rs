@@ -256,6 +256,32 @@ impl MetricsArgs {
     }
 }
 
+/// Logs and traces of a server process.
+#[derive(Debug, Args)]
+struct TelemetryArgs {
+    /// Log lines as `text` or `json` (JSON lines carry role, node_id, term and epoch).
+    #[arg(long, env = "KTD_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: gateway::telemetry::LogFormat,
+    /// Export spans to this OTLP/gRPC collector (e.g. http://127.0.0.1:4317); off unless given.
+    #[arg(long, env = "KTD_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Fraction of new traces to record, 0..=1 (a caller's sampled trace is always followed).
+    #[arg(long, env = "KTD_TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
+    trace_sample_ratio: f64,
+}
+
+impl TelemetryArgs {
+    fn settings(&self, role: &'static str) -> gateway::telemetry::TelemetrySettings {
+        gateway::telemetry::TelemetrySettings {
+            role,
+            log_format: self.log_format,
+            default_filter: "info,openraft=error".to_string(),
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            sample_ratio: self.trace_sample_ratio,
+        }
+    }
+}
+
 /// A read of one label.
 #[derive(Debug, Args)]
 struct LabelQuery {
@@ -276,6 +302,8 @@ struct LabelQuery {
 struct DevArgs {
     #[command(flatten)]
     metrics: MetricsArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     /// Address to serve the public API on.
     #[arg(long, env = "KTD_DEV_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
@@ -306,6 +334,8 @@ struct DevArgs {
 struct ShardArgs {
     #[command(flatten)]
     metrics: MetricsArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     /// This shard's id in the shard map.
     #[arg(long, env = "KTD_SHARD_ID")]
     id: String,
@@ -338,6 +368,8 @@ struct ShardArgs {
 struct AuditorArgs {
     #[command(flatten)]
     metrics: MetricsArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     /// The namespace signed into every head.
     #[arg(long, default_value = "ktd.key-transparency.v1")]
     namespace: String,
@@ -378,6 +410,8 @@ struct AuditorArgs {
 struct GatewayArgs {
     #[command(flatten)]
     metrics: MetricsArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     /// Address to serve the public API on.
     #[arg(long, env = "KTD_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
@@ -402,6 +436,8 @@ struct GatewayArgs {
 struct SequencerArgs {
     #[command(flatten)]
     metrics: MetricsArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     /// TOML configuration file; flags and environment variables override it.
     #[arg(long, env = "KTD_SEQUENCER_CONFIG")]
     config: Option<PathBuf>,
@@ -533,6 +569,12 @@ async fn run_sequencer(args: SequencerArgs) -> anyhow::Result<()> {
     }
     args.metrics.install()?;
     let config = args.resolve()?;
+    proto::telemetry::log_context().set_node(
+        "sequencer",
+        config
+            .id
+            .map_or_else(|| "new".to_string(), |id| id.to_string()),
+    );
     tracing::info!(config = ?config, "effective configuration");
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
@@ -543,6 +585,7 @@ async fn run_sequencer(args: SequencerArgs) -> anyhow::Result<()> {
 
 async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
     args.metrics.install()?;
+    proto::telemetry::log_context().set_node("dev", args.listen.clone());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
@@ -599,6 +642,7 @@ async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     args.metrics.install()?;
+    proto::telemetry::log_context().set_node("shard", args.id.clone());
     let settings = ShardSettings {
         vrf_seed: gateway::run::read_vrf_seed(&args.vrf_seed_file)?,
         id: args.id,
@@ -615,6 +659,7 @@ async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
 
 async fn run_auditor(args: AuditorArgs) -> anyhow::Result<()> {
     args.metrics.install()?;
+    proto::telemetry::log_context().set_node("auditor", args.listen.clone());
     let start = match &args.start {
         None => None,
         Some(text) => {
@@ -653,6 +698,7 @@ async fn run_auditor(args: AuditorArgs) -> anyhow::Result<()> {
 
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     args.metrics.install()?;
+    proto::telemetry::log_context().set_node("gateway", args.listen.clone());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
@@ -1037,27 +1083,25 @@ const NOT_FOUND_EXIT: i32 = 3;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let is_server = matches!(
-        cli.command,
-        Command::Dev(_)
-            | Command::Sequencer(_)
-            | Command::Shard(_)
-            | Command::Gateway(_)
-            | Command::Auditor(_)
-    );
-    // Servers log their progress; client commands print results and only log problems.
-    let default_filter = if is_server {
-        "info,openraft=error"
-    } else {
-        "warn"
+    // Servers log their progress (and may export traces); client commands print results and
+    // only log problems.
+    let telemetry = match &cli.command {
+        Command::Dev(args) => Some(args.telemetry.settings("dev")),
+        Command::Sequencer(args) => Some(args.telemetry.settings("sequencer")),
+        Command::Shard(args) => Some(args.telemetry.settings("shard")),
+        Command::Gateway(args) => Some(args.telemetry.settings("gateway")),
+        Command::Auditor(args) => Some(args.telemetry.settings("auditor")),
+        _ => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                )
+                .init();
+            None
+        }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -1069,6 +1113,12 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Inside the runtime: the OTLP exporter's channel lives on it.
+        let _telemetry = match telemetry.as_ref().map(gateway::telemetry::init) {
+            Some(Ok(guard)) => Some(guard),
+            Some(Err(error)) => return Err(anyhow::anyhow!("telemetry: {error}")),
+            None => None,
+        };
         match cli.command {
             Command::Dev(args) => run_dev(args).await,
             Command::Sequencer(args) => run_sequencer(args).await,

@@ -452,9 +452,10 @@ fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
         let metrics =
             crate::auditor::http_get(metrics_addr.parse().expect("addr"), "/metrics").await;
         for name in [
-            "ktd_grpc_requests_total{method=\"Lookup\",code=\"Ok\"}",
-            "ktd_grpc_requests_total{method=\"Publish\",code=\"InvalidArgument\"}",
-            "ktd_grpc_request_duration_seconds",
+            "ktd_grpc_server_handled_total{service=\"ktd.v1.Directory\",method=\"Lookup\",code=\"Ok\"}",
+            "ktd_grpc_server_handled_total{service=\"ktd.v1.Directory\",method=\"Publish\",code=\"InvalidArgument\"}",
+            "code=\"ResourceExhausted\"}",
+            "ktd_grpc_server_handling_seconds",
             "ktd_raft_term",
             "ktd_raft_is_leader 1",
             "ktd_epoch_last_committed",
@@ -494,7 +495,7 @@ fn alert_rules_name_exported_metrics() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let rules = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml")).expect("rules");
     let mut source = String::new();
-    for dir in ["gateway/src", "sequencer/src", "shard/src"] {
+    for dir in ["gateway/src", "sequencer/src", "shard/src", "proto/src"] {
         for entry in std::fs::read_dir(root.join(dir)).expect("dir").flatten() {
             if entry.path().extension().is_some_and(|ext| ext == "rs") {
                 source.push_str(&std::fs::read_to_string(entry.path()).expect("source"));

@@ -65,13 +65,25 @@ async fn compare_with_directory(
     let mut users: Vec<AkdLabel> = Vec::new();
     for batch in batches {
         let epoch = tops.len() as u64;
-        let outcome = cluster::run_epoch(shards, epoch, &tops[tops.len() - 1], batch.clone())
-            .await
-            .expect("run epoch");
+        let outcome = cluster::run_epoch(
+            shards,
+            epoch,
+            &tops[tops.len() - 1],
+            batch.clone(),
+            &Default::default(),
+        )
+        .await
+        .expect("run epoch");
         // Running the same epoch again (a re-driven epoch) gives the same result.
-        let again = cluster::run_epoch(shards, epoch, &tops[tops.len() - 1], batch.clone())
-            .await
-            .expect("re-run epoch");
+        let again = cluster::run_epoch(
+            shards,
+            epoch,
+            &tops[tops.len() - 1],
+            batch.clone(),
+            &Default::default(),
+        )
+        .await
+        .expect("re-run epoch");
         assert_eq!(outcome.top.root_hash(), again.top.root_hash());
         let expected = reference.publish(batch.clone()).expect("reference publish");
         assert_eq!(
@@ -235,12 +247,14 @@ fn an_all_republish_epoch_is_a_heartbeat_that_audits() {
                     .map(|i| (AkdLabel(format!("u{i}").into_bytes()), AkdValue::from("v")))
                     .collect();
                 let empty = TopTree::<Wa>::new(bits, vec![None; 1 << bits]).expect("empty");
-                let first = cluster::run_epoch(&shards, 1, &empty, batch.clone())
-                    .await
-                    .expect("epoch 1");
-                let heartbeat = cluster::run_epoch(&shards, 2, &first.top, batch)
-                    .await
-                    .expect("epoch 2");
+                let first =
+                    cluster::run_epoch(&shards, 1, &empty, batch.clone(), &Default::default())
+                        .await
+                        .expect("epoch 1");
+                let heartbeat =
+                    cluster::run_epoch(&shards, 2, &first.top, batch, &Default::default())
+                        .await
+                        .expect("epoch 2");
                 assert_eq!(heartbeat.changed, 0);
                 assert_eq!(
                     heartbeat.top.root_hash(),

@@ -2,9 +2,10 @@
 //! parses; compose services and Kubernetes containers run only existing `ktd` flags and `KTD_*`
 //! variables, reference only declared volumes, networks, secrets and configs, and probe health
 //! the way the servers report it; the sequencer configurations validate with `--check-config`;
-//! the Grafana dashboard and the alert rules name only exported metrics; the compose
-//! healthchecks pass against a running server; and `deploy/local-cluster.sh` starts a healthy
-//! cluster (answering the Kubernetes probes' health services) and stops it.
+//! the Grafana dashboard and the alert rules name only exported metrics; the Kubernetes wrapper
+//! scripts derive node ids from the pod ordinal and pass `--init` only where they should; the
+//! compose healthchecks pass against a running server; and `deploy/local-cluster.sh` starts a
+//! healthy cluster (answering the Kubernetes probes' health services) and stops it.
 //!
 //! Not covered here (no Docker engine, no Kubernetes cluster on the CI machine): building the
 //! image, `docker compose up`, and applying the manifests. `kubectl kustomize` renders the
@@ -1011,4 +1012,159 @@ fn local_cluster_script_starts_and_stops_a_healthy_cluster() {
             assert!(unexpected.is_empty(), "{unexpected:#?}");
         }
     });
+}
+
+/// Runs a Kubernetes wrapper script with its paths moved under `root` (`replacements`), the
+/// real binary for `/usr/local/bin/ktd`, and `--check-config` appended to the ktd command line.
+fn run_wrapper(script: &str, replacements: &[(&str, &Path)], env: &[(&str, &str)]) -> Output {
+    let mut script = script.replace(
+        "exec /usr/local/bin/ktd \"${args[@]}\"",
+        "exec /usr/local/bin/ktd \"${args[@]}\" --check-config",
+    );
+    if !script.contains("--check-config") {
+        script = script.replace(
+            "--metrics-listen 0.0.0.0:9100",
+            "--metrics-listen 0.0.0.0:9100 --check-config",
+        );
+    }
+    assert!(script.contains("--check-config"), "{script}");
+    let mut script = script.replace("/usr/local/bin/ktd", env!("CARGO_BIN_EXE_ktd"));
+    for (from, to) in replacements {
+        script = script.replace(from, to.to_str().expect("utf-8"));
+    }
+    Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .expect("run bash")
+}
+
+#[test]
+fn kubernetes_wrappers_derive_identity_and_bootstrap_only_ordinal_zero_on_a_new_volume() {
+    let objects = kubernetes_objects();
+    let script_of = |name: &str| -> String {
+        let set = objects
+            .iter()
+            .find(|(_, object)| {
+                object["kind"] == "StatefulSet" && object["metadata"]["name"] == name
+            })
+            .map(|(_, object)| object)
+            .unwrap_or_else(|| panic!("no StatefulSet {name}"));
+        strings(&set["spec"]["template"]["spec"]["containers"][0]["command"])[2].to_string()
+    };
+    let config_map = objects
+        .iter()
+        .find(|(_, object)| object["kind"] == "ConfigMap")
+        .map(|(_, object)| object)
+        .expect("ConfigMap");
+    let root = tempfile::tempdir().expect("temp dir");
+    let toml = root.path().join("sequencer.toml");
+    std::fs::write(
+        &toml,
+        config_map["data"]["sequencer.toml"].as_str().expect("toml"),
+    )
+    .expect("write");
+    let data = root.path().join("sequencer-data");
+    let sequencer = script_of("ktd-sequencer");
+    let run = |ordinal: u64, state: &str, key: Option<&str>| {
+        let pod = format!("ktd-sequencer-{ordinal}");
+        let mut env = vec![("POD_NAME", pod.as_str()), ("INITIAL_CLUSTER_STATE", state)];
+        if let Some(key) = key {
+            env.push(("KTD_SEQUENCER_VRF_PUBLIC_KEY", key));
+        }
+        run_wrapper(
+            &sequencer,
+            &[
+                ("/etc/ktd/sequencer.toml", &toml),
+                ("/var/lib/ktd/sequencer", &data),
+            ],
+            &env,
+        )
+    };
+    let stdout = |output: &Output| String::from_utf8_lossy(&output.stdout).into_owned();
+
+    // A new volume: ordinal 0 bootstraps (--init needs the VRF key), the others do not.
+    let first = run(0, "new", Some(TEST_VRF_KEY));
+    assert!(first.status.success(), "{first:?}");
+    assert!(stdout(&first).contains("id = 1\n"), "{first:?}");
+    assert!(
+        stdout(&first).contains("advertise = \"ktd-sequencer-0.ktd-sequencer:7001\""),
+        "{first:?}"
+    );
+    let no_key = run(0, "new", None);
+    assert!(
+        !no_key.status.success()
+            && String::from_utf8_lossy(&no_key.stderr).contains("vrf_public_key"),
+        "ordinal 0 on a new volume passes --init: {no_key:?}"
+    );
+    let third = run(2, "new", None);
+    assert!(third.status.success(), "no --init on ordinal 2: {third:?}");
+    assert!(stdout(&third).contains("id = 3\n"), "{third:?}");
+
+    // An initialised volume: no --init, whatever the cluster state.
+    std::fs::create_dir(&data).expect("data dir");
+    let restarted = run(0, "existing", None);
+    assert!(restarted.status.success(), "{restarted:?}");
+    std::fs::remove_dir(&data).expect("remove");
+
+    // An empty volume in an existing cluster: refused before ktd starts.
+    let lost = run(1, "existing", Some(TEST_VRF_KEY));
+    assert!(!lost.status.success(), "{lost:?}");
+    assert!(
+        String::from_utf8_lossy(&lost.stderr).contains("refusing to rejoin"),
+        "{lost:?}"
+    );
+    assert!(lost.stdout.is_empty(), "ktd did not run: {lost:?}");
+
+    // The shard: id from the ordinal, and the seed copied out of a group-readable Secret file
+    // (what fsGroup makes of defaultMode 0400) into a private one that ktd accepts.
+    let secret = root.path().join("secret-seed.hex");
+    std::fs::write(&secret, format!("{}\n", "5a".repeat(32))).expect("seed");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o440))
+        .expect("chmod");
+    let run_dir = root.path().join("run");
+    std::fs::create_dir(&run_dir).expect("run dir");
+    let shard = run_wrapper(
+        &script_of("ktd-shard"),
+        &[
+            ("/etc/ktd/vrf/vrf-seed.hex", &secret),
+            ("/run/ktd", &run_dir),
+            ("/var/lib/ktd/shard", &root.path().join("shard-data")),
+        ],
+        &[
+            ("POD_NAME", "ktd-shard-1"),
+            (
+                "KTD_SHARD_SEQUENCERS",
+                config_map["data"]["sequencers"].as_str().expect("list"),
+            ),
+        ],
+    );
+    assert!(shard.status.success(), "{shard:?}");
+    assert!(stdout(&shard).contains("id = \"s2\""), "{shard:?}");
+    assert!(
+        stdout(&shard).contains("ktd-sequencer-2.ktd-sequencer:7001"),
+        "KTD_SHARD_SEQUENCERS read: {shard:?}"
+    );
+    let direct = Command::new(env!("CARGO_BIN_EXE_ktd"))
+        .args([
+            "shard",
+            "--id",
+            "s1",
+            "--listen",
+            "0.0.0.0:7101",
+            "--data-dir",
+        ])
+        .arg(root.path().join("x"))
+        .arg("--vrf-seed-file")
+        .arg(&secret)
+        .arg("--check-config")
+        .output()
+        .expect("run ktd");
+    assert!(
+        !direct.status.success(),
+        "ktd refuses the Secret file as mounted, hence the copy: {direct:?}"
+    );
 }

@@ -11,18 +11,27 @@
 # second `start` on the same DIR restarts the cluster from its data. Addresses:
 #   sequencers 127.0.0.1:7001-7003, shards 127.0.0.1:7101-7102, gateway 127.0.0.1:8080
 # Then: ktd publish alice key-1 --wait && ktd lookup alice --verify   (gateway on :8080)
+# Environment (optional; the CI test sets all of them): KTD_BIN=/path/to/ktd (use this binary,
+# skip the dependency check and the build), KTD_LOCAL_SEQUENCERS="1=HOST:PORT 2=.. 3=..",
+# KTD_LOCAL_SHARDS="s1=HOST:PORT s2=..", KTD_LOCAL_GATEWAY=HOST:PORT, KTD_EPOCH_INTERVAL=2s.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "${1:-}" = relaunch ]; then DIR="${3:-/tmp/ktd-local}"; else DIR="${2:-/tmp/ktd-local}"; fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ktd-target}"
-KTD="$CARGO_TARGET_DIR/release/ktd"
-SEQUENCERS=(1=127.0.0.1:7001 2=127.0.0.1:7002 3=127.0.0.1:7003)
-SHARDS=(s1=127.0.0.1:7101 s2=127.0.0.1:7102)
-GATEWAY=127.0.0.1:8080
+KTD="${KTD_BIN:-$CARGO_TARGET_DIR/release/ktd}"
+read -r -a SEQUENCERS <<<"${KTD_LOCAL_SEQUENCERS:-1=127.0.0.1:7001 2=127.0.0.1:7002 3=127.0.0.1:7003}"
+read -r -a SHARDS <<<"${KTD_LOCAL_SHARDS:-s1=127.0.0.1:7101 s2=127.0.0.1:7102}"
+GATEWAY="${KTD_LOCAL_GATEWAY:-127.0.0.1:8080}"
 BITS=4
 
 log() { printf '[local-cluster] %s\n' "$*" >&2; }
+
+alive() { # PID : running (a zombie that nobody reaped yet counts as stopped)
+    local state
+    state="$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
+}
 
 launch() { # NAME ARGS... : start `ktd ARGS...` in the background, logging to DIR/NAME.log
     local name="$1"
@@ -47,8 +56,10 @@ relaunch() { # NAME : start NAME again with the binary and arguments of its firs
 }
 
 start() {
-    "$ROOT/x.sh" deps
-    (cd "$ROOT" && cargo build --release --locked -p gateway --bin ktd)
+    if [ -z "${KTD_BIN:-}" ]; then
+        "$ROOT/x.sh" deps
+        (cd "$ROOT" && cargo build --release --locked -p gateway --bin ktd)
+    fi
     mkdir -p "$DIR"
     local seed="$DIR/vrf-seed.hex"
     [ -f "$seed" ] || "$KTD" keygen --out "$seed" >/dev/null
@@ -102,8 +113,11 @@ stop() {
         rm -f "$pidfile"
     done
     for pid in "${pids[@]}"; do
-        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.1; done
+        if alive "$pid"; then
+            log "pid $pid did not stop within 10 s of SIGTERM; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
     done
     log "stopped ${#pids[@]} processes (data kept in $DIR)"
 }
@@ -123,6 +137,6 @@ case "${1:-}" in
     start) start ;;
     stop) stop ;;
     status) status ;;
-    relaunch) [ -n "${2:-}" ] || { sed -n '2,14p' "$0"; exit 2; }; relaunch "$2" ;;
-    *) sed -n '2,14p' "$0"; exit 2 ;;
+    relaunch) [ -n "${2:-}" ] || { sed -n '2,17p' "$0"; exit 2; }; relaunch "$2" ;;
+    *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

@@ -6,6 +6,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::ktd_cli::KtdCli;
+
 fn ktd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ktd"))
         .args(args)
@@ -159,18 +161,9 @@ fn check_config_accepts_valid_and_refuses_invalid_configuration() {
     );
 }
 
-/// The subcommand's `--help` text.
-fn help(subcommand: &str) -> String {
-    let output = ktd(&[subcommand, "--help"]);
-    assert!(
-        output.status.success(),
-        "ktd {subcommand} --help: {output:?}"
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 #[test]
 fn systemd_units_and_samples_name_existing_flags_and_validate() {
+    let cli = KtdCli::load();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
     let mut units = 0;
     for entry in std::fs::read_dir(&dir).expect("deploy/systemd") {
@@ -191,29 +184,19 @@ fn systemd_units_and_samples_name_existing_flags_and_validate() {
                 .collect();
             assert!(!commands.is_empty(), "{name}: no ExecStart");
             for command in commands {
-                let words: Vec<&str> = command.split_whitespace().collect();
-                assert!(words[0].ends_with("/ktd"), "{name}: {command}");
-                let text = help(words[1]);
-                let known: Vec<&str> = text.split_whitespace().collect();
-                for flag in words.iter().filter(|word| word.starts_with("--")) {
-                    assert!(
-                        known.contains(flag),
-                        "{name}: ktd {} has no {flag}",
-                        words[1]
-                    );
-                }
+                assert!(
+                    command.starts_with("/usr/local/bin/ktd "),
+                    "{name}: {command}"
+                );
+                cli.check_command(name, command);
             }
         } else if let Some(subcommand) = name.strip_suffix(".env") {
-            let text_help = help(subcommand);
             for line in text
                 .lines()
                 .filter(|line| !line.starts_with('#') && line.contains('='))
             {
                 let key = line.split('=').next().expect("key");
-                assert!(
-                    text_help.contains(&format!("env: {key}=")),
-                    "{name}: ktd {subcommand} reads no {key}"
-                );
+                cli.check_env(name, subcommand, key);
             }
         }
     }

@@ -12,6 +12,7 @@
 //! packages are added by listing them in `build.rs`'s `PROTOS` and declaring their module here.
 
 pub mod akd;
+pub mod security;
 pub mod telemetry;
 
 /// Generated code, one module per proto package.

@@ -7,4 +7,5 @@ mod config;
 mod deadline;
 mod dev;
 mod leader_kill;
+mod metrics;
 mod process;

@@ -471,9 +471,10 @@ impl Sequencer {
     }
 
     /// Samples the `ktd_storage_*` gauges of this node's database and `ktd_epoch_age_seconds`
-    /// every [`shard::metrics::STORAGE_SAMPLE_PERIOD`] on a blocking thread, until shutdown.
+    /// every [`shard::metrics::STORAGE_SAMPLE_PERIOD`] on a blocking thread, until shutdown
+    /// (a tracked task: shutdown waits for a sample in progress before the database closes).
     fn spawn_storage_sampler(&self) {
-        let storage = Arc::downgrade(&self.inner.storage);
+        let storage = self.inner.storage.clone();
         let sm = self.inner.sm.clone();
         let shutdown = self.inner.shutdown.clone();
         self.inner.tasks.spawn(async move {
@@ -484,7 +485,6 @@ impl Sequencer {
                 let sm = sm.clone();
                 let known = latest;
                 let sampled = tokio::task::spawn_blocking(move || {
-                    let storage = storage.upgrade()?;
                     let column_families: Vec<&rocksdb::ColumnFamily> =
                         crate::raft::db::COLUMN_FAMILIES
                             .iter()
@@ -500,26 +500,26 @@ impl Sequencer {
                     }
                     let epoch = sm.view().borrow().epochs().last_committed_epoch;
                     if epoch == 0 {
-                        return Some(None);
+                        return None;
                     }
                     if let Some((known_epoch, _)) = known
                         && known_epoch == epoch
                     {
-                        return Some(known);
+                        return known;
                     }
                     match sm.epoch_record(epoch) {
-                        Ok(Some(record)) => Some(Some((epoch, record.committed_at_ms))),
-                        Ok(None) => Some(known),
+                        Ok(Some(record)) => Some((epoch, record.committed_at_ms)),
+                        Ok(None) => known,
                         Err(error) => {
                             tracing::debug!(%error, epoch, "epoch age sample failed");
-                            Some(known)
+                            known
                         }
                     }
                 })
                 .await;
                 match sampled {
-                    Ok(Some(now_latest)) => latest = now_latest,
-                    _ => return,
+                    Ok(now_latest) => latest = now_latest,
+                    Err(_) => return,
                 }
                 if let Some((_, committed_at_ms)) = latest {
                     crate::metrics::export_epoch_age(committed_at_ms, unix_ms());

@@ -140,7 +140,7 @@ async fn open_shard<TC: Configuration>(
     settings: &ShardSettings,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Arc<dyn ShardApi>> {
-    let node = open_node::<TC>(settings).await?;
+    let node = open_node::<TC>(settings, stop.clone()).await?;
     if settings.sequencers.is_empty() {
         tracing::warn!("no --sequencers: VRF labels are evaluated when each epoch is built");
     } else {
@@ -159,8 +159,10 @@ async fn open_shard<TC: Configuration>(
     Ok(Arc::new(LocalShard::new(settings.id.clone(), node, peers)))
 }
 
+/// Opens the shard's node and samples its storage gauges until `stop`.
 async fn open_node<TC: Configuration>(
     settings: &ShardSettings,
+    stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Arc<ShardNode<TC>>> {
     let settings = settings.clone();
     let node = tokio::task::spawn_blocking(move || {
@@ -174,6 +176,10 @@ async fn open_node<TC: Configuration>(
         )
     })
     .await??;
+    tokio::spawn(shard::metrics::sample_storage(
+        Arc::downgrade(node.store()),
+        stop.cancelled_owned(),
+    ));
     Ok(Arc::new(node))
 }
 
@@ -409,7 +415,7 @@ async fn dev_shards<TC: Configuration>(
     settings: &ShardSettings,
     sequencer: &Sequencer,
 ) -> anyhow::Result<ShardSet> {
-    let node = open_node::<TC>(settings).await?;
+    let node = open_node::<TC>(settings, sequencer.shutdown_token()).await?;
     tokio::spawn(precompute_from_log(
         node.clone(),
         DEV_SHARD.to_string(),

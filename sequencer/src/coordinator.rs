@@ -322,9 +322,10 @@ async fn drive<TC: Configuration>(
         root_hash,
         partitions: outcome.top.partitions().to_vec(),
     };
-    sequencer
+    let response = sequencer
         .commit_epoch(epoch, root_hash.to_vec(), codec::encode_epoch(&record))
         .await?;
+    sequencer.note_epoch_committed(&response, epoch);
     sequencer.update_traces().forget_through(epoch);
     drop(update_spans);
     Ok(root_hash)

@@ -17,6 +17,8 @@
 //! * [`api`], [`admin`] — the `ktd.sequencer.v1.Sequencer` and `ktd.sequencer.v1.SequencerAdmin` gRPC services.
 //! * [`mod@serve`] — [`run`]: one listener, health, graceful shutdown.
 //! * [`client`] — [`SequencerClient`], which finds the leader and retries safely.
+//! * [`metrics`] — Prometheus series beyond the status gauges: follower lag, Raft log fsync,
+//!   seal and publish-to-inclusion latency, epoch age.
 //! * [`config`], [`error`].
 //!
 //! # Guarantees
@@ -38,6 +40,7 @@ pub mod coordinator;
 pub mod error;
 pub mod leader;
 pub mod machine;
+pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod serve;

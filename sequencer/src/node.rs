@@ -62,6 +62,10 @@ struct Inner {
     tasks: TaskTracker,
     /// Trace contexts of traced updates, for the coordinator (leader only; not replicated).
     traces: crate::traces::UpdateTraces,
+    /// Follower gauges exported so far.
+    raft_exporter: crate::metrics::RaftExporter,
+    /// Appends acknowledged here whose epochs are not committed yet.
+    inclusion: crate::metrics::InclusionTracker,
 }
 
 /// A handle that does not keep the node alive: services hold one, because a connection can
@@ -273,6 +277,8 @@ impl Sequencer {
                 shutdown: CancellationToken::new(),
                 tasks,
                 traces: Default::default(),
+                raft_exporter: crate::metrics::RaftExporter::default(),
+                inclusion: crate::metrics::InclusionTracker::default(),
             }),
         };
         tracing::info!(
@@ -281,6 +287,7 @@ impl Sequencer {
             "sequencer node started"
         );
         sequencer.spawn_leader_tracker();
+        sequencer.spawn_storage_sampler();
         if sequencer.inner.config.init {
             sequencer.bootstrap().await?;
         }
@@ -468,6 +475,85 @@ impl Sequencer {
         metrics::gauge!("ktd_epoch_pending_updates").set(status.open_epoch_updates as f64);
         metrics::gauge!("ktd_epoch_last_sealed").set(status.last_sealed_epoch as f64);
         metrics::gauge!("ktd_epoch_last_committed").set(status.last_committed_epoch as f64);
+        self.inner
+            .raft_exporter
+            .export(&self.inner.metrics.borrow().clone());
+    }
+
+    /// Samples the `ktd_storage_*` gauges of this node's database and `ktd_epoch_age_seconds`
+    /// every [`shard::metrics::STORAGE_SAMPLE_PERIOD`] on a blocking thread, until shutdown
+    /// (a tracked task: shutdown waits for a sample in progress before the database closes).
+    fn spawn_storage_sampler(&self) {
+        let storage = self.inner.storage.clone();
+        let sm = self.inner.sm.clone();
+        let shutdown = self.inner.shutdown.clone();
+        self.inner.tasks.spawn(async move {
+            // (epoch, committed_at_ms) of the latest committed epoch, read once per epoch.
+            let mut latest: Option<(u64, u64)> = None;
+            loop {
+                let storage = storage.clone();
+                let sm = sm.clone();
+                let known = latest;
+                let sampled = tokio::task::spawn_blocking(move || {
+                    let column_families: Vec<&rocksdb::ColumnFamily> =
+                        crate::raft::db::COLUMN_FAMILIES
+                            .iter()
+                            .map(|name| storage.cf(name))
+                            .collect();
+                    match shard::metrics::StorageHealth::read(
+                        storage.db(),
+                        &column_families,
+                        storage.data_dir(),
+                    ) {
+                        Ok(health) => health.export(storage.data_dir()),
+                        Err(error) => tracing::debug!(%error, "storage sample failed"),
+                    }
+                    let epoch = sm.view().borrow().epochs().last_committed_epoch;
+                    if epoch == 0 {
+                        return None;
+                    }
+                    if let Some((known_epoch, _)) = known
+                        && known_epoch == epoch
+                    {
+                        return known;
+                    }
+                    match sm.epoch_record(epoch) {
+                        Ok(Some(record)) => Some((epoch, record.committed_at_ms)),
+                        Ok(None) => known,
+                        Err(error) => {
+                            tracing::debug!(%error, epoch, "epoch age sample failed");
+                            known
+                        }
+                    }
+                })
+                .await;
+                match sampled {
+                    Ok(now_latest) => latest = now_latest,
+                    Err(_) => return,
+                }
+                if let Some((_, committed_at_ms)) = latest {
+                    crate::metrics::export_epoch_age(committed_at_ms, unix_ms());
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(shard::metrics::STORAGE_SAMPLE_PERIOD) => {}
+                }
+            }
+        });
+    }
+
+    /// Records a root the coordinator on this node committed: seal latency and size of the epoch
+    /// (unless it had been committed before) and the inclusion latency of the appends
+    /// acknowledged here.
+    pub(crate) fn note_epoch_committed(&self, response: &pb::CommitEpochResponse, epoch: u64) {
+        if !response.already_committed
+            && let Some(record) = &response.record
+        {
+            crate::metrics::record_epoch_committed(record);
+        }
+        self.inner
+            .inclusion
+            .committed(epoch, std::time::Instant::now());
     }
 
     /// A handle that does not keep the node alive.
@@ -565,14 +651,19 @@ impl Sequencer {
             .await?
         {
             pb::apply_result::Kind::Appended(answer) => {
-                if let Some((traceparent, labels)) = traced
-                    && !answer.duplicate
-                {
-                    self.inner.traces.record(
+                if !answer.duplicate {
+                    self.inner.inclusion.acknowledged(
                         answer.epoch,
-                        labels.iter().map(Vec::as_slice),
-                        &traceparent,
+                        u64::from(answer.count),
+                        std::time::Instant::now(),
                     );
+                    if let Some((traceparent, labels)) = traced {
+                        self.inner.traces.record(
+                            answer.epoch,
+                            labels.iter().map(Vec::as_slice),
+                            &traceparent,
+                        );
+                    }
                 }
                 Ok(answer)
             }

@@ -22,10 +22,12 @@
 //!   conversions between them.
 //! - [`directory`]: the in-process directory (all partitions, one RocksDB) that `ktd dev` runs.
 //! - [`config`]: the AKD configuration chosen at run time (WhatsApp v1 or experimental).
+//! - [`metrics`]: the `ktd_storage_*` Prometheus series (batch-write latency, RocksDB stalls,
+//!   disk space) and their sampler.
 //!
 //! **Architecture invariant:** `label`, `tree`, `stitch`, `proof`, `user` and `vrf` import
-//! neither `rocksdb` nor any RPC crate; only `store`, `node` and `directory` touch RocksDB, and
-//! only `server`, `client` and `wire` touch tonic/prost.
+//! neither `rocksdb` nor any RPC crate; only `store`, `node`, `directory` and `metrics` touch
+//! RocksDB, and only `server`, `client` and `wire` touch tonic/prost.
 
 pub mod api;
 pub mod client;
@@ -35,6 +37,7 @@ pub mod directory;
 pub mod error;
 pub mod label;
 pub mod local;
+pub mod metrics;
 pub mod node;
 pub mod proof;
 pub mod server;

@@ -243,11 +243,37 @@ struct MetricsArgs {
     metrics_listen: Option<std::net::SocketAddr>,
 }
 
+/// Bucket bounds of every `*_seconds` histogram: 100 µs (a WAL fsync on NVMe) to 10 minutes (an
+/// epoch seal far past its interval).
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// Bucket bounds of `ktd_epoch_updates`: 1 to the 100,000-update default epoch limit and past it.
+const UPDATES_BUCKETS: &[f64] = &[
+    1.0,
+    10.0,
+    100.0,
+    1_000.0,
+    10_000.0,
+    50_000.0,
+    100_000.0,
+    1_000_000.0,
+];
+
 impl MetricsArgs {
     fn install(&self) -> anyhow::Result<()> {
         if let Some(addr) = self.metrics_listen {
+            use metrics_exporter_prometheus::Matcher;
             metrics_exporter_prometheus::PrometheusBuilder::new()
                 .with_http_listener(addr)
+                // Histograms, not summaries, so alerts and dashboards can aggregate quantiles
+                // across processes (`histogram_quantile` over `_bucket`).
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .context("histogram buckets")?
+                .set_buckets_for_metric(Matcher::Full("ktd_epoch_updates".into()), UPDATES_BUCKETS)
+                .context("histogram buckets")?
                 .install()
                 .with_context(|| format!("serve metrics on {addr}"))?;
             tracing::info!(%addr, "Prometheus metrics at /metrics");

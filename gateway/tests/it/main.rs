@@ -10,5 +10,6 @@ mod dev;
 mod exported_metrics;
 mod ktd_cli;
 mod leader_kill;
+mod metrics;
 mod process;
 mod tracing;

@@ -155,6 +155,11 @@ pub struct KtdCluster {
 impl KtdCluster {
     /// Starts `n` processes on `127.0.0.(10+id)` and bootstraps them from node 1.
     pub fn start(n: u64) -> Self {
+        Self::start_with(n, |_| Vec::new())
+    }
+
+    /// [`KtdCluster::start`] with `extra(id)` appended to node `id`'s flags.
+    pub fn start_with(n: u64, extra: impl Fn(u64) -> Vec<String>) -> Self {
         let root = tempfile::tempdir().expect("temp dir");
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
@@ -179,6 +184,7 @@ impl KtdCluster {
                 args.push("--vrf-public-key".into());
                 args.push(TEST_VRF_KEY.into());
             }
+            args.extend(extra(node.id));
             node.spawn(&args);
         }
         Self { nodes, _root: root }

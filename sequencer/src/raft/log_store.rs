@@ -14,6 +14,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
+use std::time::Instant;
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
@@ -118,13 +119,14 @@ fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
 /// The Raft log store.
 pub struct RocksLogStore {
     storage: Arc<Storage>,
-    flusher: std_mpsc::Sender<IOFlushed<TypeConfig>>,
+    /// Appends written but not yet synced: when each started, and its callback.
+    flusher: std_mpsc::Sender<(Instant, IOFlushed<TypeConfig>)>,
 }
 
 impl RocksLogStore {
     /// Opens the log store on `storage` and starts its flusher thread.
     pub fn new(storage: Arc<Storage>) -> io::Result<Self> {
-        let (flusher, callbacks) = std_mpsc::channel::<IOFlushed<TypeConfig>>();
+        let (flusher, callbacks) = std_mpsc::channel::<(Instant, IOFlushed<TypeConfig>)>();
         let flusher_storage = storage.clone();
         std::thread::Builder::new()
             .name("raft-log-flush".into())
@@ -133,15 +135,26 @@ impl RocksLogStore {
     }
 }
 
-/// Completes IO callbacks in order, one WAL sync per group of pending appends.
-fn run_flusher(storage: &Storage, callbacks: &std_mpsc::Receiver<IOFlushed<TypeConfig>>) {
+/// Completes IO callbacks in order, one WAL sync per group of pending appends, and records the
+/// sync's latency and each append's (write start → durable).
+fn run_flusher(
+    storage: &Storage,
+    callbacks: &std_mpsc::Receiver<(Instant, IOFlushed<TypeConfig>)>,
+) {
     while let Ok(first) = callbacks.recv() {
         let mut group = vec![first];
         while let Ok(next) = callbacks.try_recv() {
             group.push(next);
         }
+        let fsync_started = Instant::now();
         let result = storage.db().flush_wal(true);
-        for callback in group {
+        if result.is_ok() {
+            crate::metrics::record_raft_log_sync(
+                fsync_started,
+                group.iter().map(|(started, _)| *started),
+            );
+        }
+        for (_, callback) in group {
             callback.io_completed(
                 result
                     .as_ref()
@@ -279,6 +292,7 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
             })
             .collect();
         let storage = self.storage.clone();
+        let started = Instant::now();
         blocking(move || {
             let mut batch = WriteBatch::default();
             let log = storage.cf(CF_RAFT_LOG);
@@ -292,7 +306,7 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         })
         .await?;
         self.flusher
-            .send(callback)
+            .send((started, callback))
             .map_err(|_| io::Error::other("the raft log flusher has stopped"))
     }
 

@@ -395,10 +395,14 @@ impl SmShared {
         }
         let mut batch = tx.batch;
         batch.put_cf(self.storage.cf(CF_SM_META), META_KEY, encode_meta(&inner));
-        self.storage
+        let started = std::time::Instant::now();
+        let written = self
+            .storage
             .db()
             .write_opt(batch, &synced())
-            .map_err(SequencerError::storage("apply committed entries"))?;
+            .map_err(SequencerError::storage("apply committed entries"));
+        shard::metrics::record_batch_write("sequencer", "apply", started);
+        written?;
         self.publish(&inner);
         Ok(results)
     }

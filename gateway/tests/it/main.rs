@@ -8,3 +8,4 @@ mod deadline;
 mod dev;
 mod leader_kill;
 mod process;
+mod runbooks;

@@ -3,7 +3,7 @@
 #
 #   deploy/local-cluster.sh start [DIR]   build ktd (release), start everything, wait for health
 #   deploy/local-cluster.sh stop  [DIR]   SIGTERM every process (graceful), then wait
-#   deploy/local-cluster.sh status [DIR]  which processes run; the cluster's status via the gateway
+#   deploy/local-cluster.sh status [DIR]  which processes run; `ktd admin status` (sequencers, epochs, shards)
 #   deploy/local-cluster.sh relaunch NAME [DIR]  start one process again with the arguments it was
 #                                         first started with (e.g. after `kill -9`; drill hooks)
 #
@@ -130,7 +130,10 @@ status() {
         name="$(basename "$pidfile" .pid)"
         if kill -0 "$(cat "$pidfile")" 2>/dev/null; then echo "$name: running"; else echo "$name: NOT running"; fi
     done
-    "$KTD" --addr "http://$GATEWAY" status
+    local addrs=() entry
+    for entry in "${SEQUENCERS[@]}"; do addrs+=("${entry#*=}"); done
+    # The operator CLI asks the sequencers and shards directly (works with the gateway down).
+    KTD_SEQUENCERS="$(IFS=,; echo "${addrs[*]}")" "$KTD" admin status
 }
 
 case "${1:-}" in

@@ -104,7 +104,19 @@ pub struct ShardSettings {
     pub sequencers: Vec<String>,
 }
 
-/// Runs a shard server on `listener` until `shutdown`.
+/// How long a shard server's shutdown waits for in-flight requests.
+pub const SHARD_DRAIN: Duration = Duration::from_secs(10);
+
+/// A started shard: its API, what flushes its store, and its readiness tracker.
+struct OpenShard {
+    api: Arc<dyn ShardApi>,
+    store: Arc<shard::store::RocksStore>,
+    readiness: futures::future::BoxFuture<'static, ()>,
+}
+
+/// Runs a shard server on `listener` until `shutdown`: NOT_SERVING until it holds the latest
+/// committed epoch ([`crate::readiness`]); on `shutdown`, NOT_SERVING, drain in-flight requests
+/// for at most [`SHARD_DRAIN`], then flush the store.
 pub async fn run_shard(
     settings: ShardSettings,
     listener: TcpListener,
@@ -113,25 +125,61 @@ pub async fn run_shard(
     settings.config.install()?;
     let stop = tokio_util::sync::CancellationToken::new();
     let _stop_tail = stop.clone().drop_guard();
-    let api: Arc<dyn ShardApi> = match settings.config {
-        AkdConfig::WhatsAppV1 => open_shard::<WhatsAppV1>(&settings, stop).await?,
-        AkdConfig::Experimental { .. } => open_shard::<Experimental>(&settings, stop).await?,
-    };
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
+    let services = [crate::readiness::SHARD_HEALTH_SERVICE];
+    crate::readiness::set_health(&reporter, &services, ServingStatus::NotServing).await;
+    let opened = match settings.config {
+        AkdConfig::WhatsAppV1 => {
+            open_shard::<WhatsAppV1>(&settings, stop.clone(), reporter.clone()).await?
+        }
+        AkdConfig::Experimental { .. } => {
+            open_shard::<Experimental>(&settings, stop.clone(), reporter.clone()).await?
+        }
+    };
+    let readiness = tokio::spawn(opened.readiness);
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(10)));
+    let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        Server::builder()
+            .tcp_nodelay(true)
+            .layer(proto::telemetry::GrpcServerLayer::new("shard"))
+            .add_service(health)
+            .add_service(ShardService::new(opened.api).into_server())
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            }),
+    );
     tracing::info!(shard = %settings.id, "shard serving");
-    Server::builder()
-        .tcp_nodelay(true)
-        .layer(proto::telemetry::GrpcServerLayer::new("shard"))
-        .add_service(health)
-        .add_service(ShardService::new(api).into_server())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+    tokio::select! {
+        () = shutdown => {}
+        result = &mut server => {
+            return match result {
+                Ok(Ok(())) => Err(anyhow!("the shard's gRPC server stopped unexpectedly")),
+                Ok(Err(error)) => Err(anyhow!("the shard's gRPC server failed: {error}")),
+                Err(error) => Err(anyhow!("the shard's gRPC server panicked: {error}")),
+            };
+        }
+    }
+    tracing::info!(shard = %settings.id, "shard shutting down");
+    stop.cancel();
+    readiness.abort();
+    let _ = readiness.await;
+    crate::readiness::set_health(&reporter, &services, ServingStatus::NotServing).await;
+    let _ = stop_serving.send(());
+    if tokio::time::timeout(SHARD_DRAIN, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!(drain = ?SHARD_DRAIN, "in-flight requests did not finish in time; closing them");
+        server.abort();
+    }
+    let store = opened.store;
+    tokio::task::spawn_blocking(move || store.flush())
+        .await
+        .context("flush task")?
+        .context("flush the shard's store")?;
     tracing::info!(shard = %settings.id, "shard stopped");
     Ok(())
 }
@@ -139,7 +187,8 @@ pub async fn run_shard(
 async fn open_shard<TC: Configuration>(
     settings: &ShardSettings,
     stop: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<Arc<dyn ShardApi>> {
+    reporter: tonic_health::server::HealthReporter,
+) -> anyhow::Result<OpenShard> {
     let node = open_node::<TC>(settings, stop.clone()).await?;
     if settings.sequencers.is_empty() {
         tracing::warn!("no --sequencers: VRF labels are evaluated when each epoch is built");
@@ -152,11 +201,23 @@ async fn open_shard<TC: Configuration>(
             node.clone(),
             settings.id.clone(),
             source,
-            stop,
+            stop.clone(),
         ));
     }
     let peers: Arc<dyn PeerResolver> = Arc::new(GrpcPeers::new(ClientTimeouts::default()));
-    Ok(Arc::new(LocalShard::new(settings.id.clone(), node, peers)))
+    let store = node.store().clone();
+    let shard = Arc::new(LocalShard::new(settings.id.clone(), node, peers));
+    let readiness = Box::pin(crate::readiness::track_shard_readiness(
+        shard.clone(),
+        settings.sequencers.clone(),
+        reporter,
+        stop,
+    ));
+    Ok(OpenShard {
+        api: shard,
+        store,
+        readiness,
+    })
 }
 
 /// Opens the shard's node and samples its storage gauges until `stop`.

@@ -1,5 +1,7 @@
 //! Serving a gateway: `ktd.v1.Directory`, `ktd.v1.Admin`, `grpc.health.v1` and server
-//! reflection on one listener, with `TCP_NODELAY` on every accepted socket.
+//! reflection on one listener, with `TCP_NODELAY` on every accepted socket. Health is SERVING
+//! only while the gateway reaches the sequencer leader and every shard
+//! ([`crate::readiness`]); NOT_SERVING first thing on shutdown, then in-flight requests drain.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,14 +25,8 @@ pub const HEALTH_SERVICE: &str = <api::directory_server::DirectoryServer<
     DirectoryService<shard::config::WhatsAppV1>,
 > as NamedService>::NAME;
 
-async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
-    for service in ["", HEALTH_SERVICE] {
-        reporter.set_service_status(service, status).await;
-    }
-}
-
 /// Serves `gateway` on `listener` until `shutdown`; then reports NOT_SERVING and drains
-/// in-flight requests for at most `drain`.
+/// in-flight requests for at most `drain`. Health follows [`Gateway::readiness`] meanwhile.
 pub async fn serve<TC: Configuration>(
     gateway: Arc<Gateway<TC>>,
     listener: TcpListener,
@@ -39,7 +35,15 @@ pub async fn serve<TC: Configuration>(
 ) -> anyhow::Result<()> {
     let local_addr = listener.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
-    set_health(&reporter, ServingStatus::Serving).await;
+    let services = [HEALTH_SERVICE];
+    crate::readiness::set_health(&reporter, &services, ServingStatus::NotServing).await;
+    let stop_probe = tokio_util::sync::CancellationToken::new();
+    let probe = tokio::spawn(crate::readiness::track_gateway_readiness(
+        gateway.clone(),
+        reporter.clone(),
+        services.to_vec(),
+        stop_probe.clone(),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -70,6 +74,7 @@ pub async fn serve<TC: Configuration>(
     tokio::select! {
         () = shutdown => {}
         result = &mut server => {
+            probe.abort();
             return match result {
                 Ok(Ok(())) => Err(anyhow::anyhow!("the gateway's gRPC server stopped unexpectedly")),
                 Ok(Err(error)) => Err(anyhow::anyhow!("the gateway's gRPC server failed: {error}")),
@@ -78,7 +83,10 @@ pub async fn serve<TC: Configuration>(
         }
     }
     tracing::info!("gateway shutting down");
-    set_health(&reporter, ServingStatus::NotServing).await;
+    stop_probe.cancel();
+    probe.abort();
+    let _ = probe.await;
+    crate::readiness::set_health(&reporter, &services, ServingStatus::NotServing).await;
     let _ = stop.send(());
     if tokio::time::timeout(drain, &mut server).await.is_err() {
         tracing::warn!(

@@ -365,6 +365,40 @@ impl<TC: Configuration> Gateway<TC> {
         Ok(epoch_hash(&committed))
     }
 
+    /// Whether this gateway can serve reads and writes: the sequencer leader answers a
+    /// linearizable read of the latest committed epoch and every shard in the shard map answers
+    /// a status call. `Err` says what is unreachable.
+    pub async fn readiness(&self) -> std::result::Result<(), String> {
+        self.sequencing
+            .get_epoch(None)
+            .await
+            .map_err(|error| format!("sequencer leader: {error}"))?;
+        let shards = self
+            .shard_set()
+            .await
+            .map_err(|error| format!("shard map: {error}"))?;
+        let answers = futures::future::join_all(shards.map().shards.iter().map(|info| {
+            let shards = &shards;
+            async move {
+                let answer = match shards.api(&info.id) {
+                    Ok(api) => api.status().await.map(|_| ()),
+                    Err(error) => Err(error),
+                };
+                answer.map_err(|error| format!("shard {}: {error}", info.id))
+            }
+        }))
+        .await;
+        let down: Vec<String> = answers
+            .into_iter()
+            .filter_map(std::result::Result::err)
+            .collect();
+        if down.is_empty() {
+            Ok(())
+        } else {
+            Err(down.join("; "))
+        }
+    }
+
     async fn cluster_status(&self) -> Result<api::ClusterStatusResponse> {
         let sequencer = self.sequencing.cluster_status().await?;
         let shards = self.shard_set().await?;

@@ -1217,27 +1217,32 @@ impl Sequencer {
         Ok((snapshot_index, purged))
     }
 
-    /// Whether the node should receive traffic: initialised, a leader known, and applied close
-    /// to committed.
+    /// Whether the node should receive traffic (see [`readiness`]).
     pub fn is_healthy(&self) -> bool {
-        if self.inner.shutdown.is_cancelled() {
-            return false;
-        }
+        self.readiness().is_ok()
+    }
+
+    /// The node's readiness, or why it is not ready (see [`readiness`]).
+    pub fn readiness(&self) -> std::result::Result<(), NotReady> {
         let metrics = self.inner.metrics.clone().borrow().clone();
-        let initialized = metrics
-            .membership_config
-            .membership()
-            .nodes()
-            .next()
-            .is_some();
-        let committed = metrics
-            .cluster_committed
-            .or(metrics.local_committed)
-            .map_or(0, |log_id| log_id.index());
-        let applied = metrics.last_applied.map_or(0, |log_id| log_id.index());
-        initialized
-            && metrics.current_leader.is_some()
-            && committed.saturating_sub(applied) <= self.inner.config.raft.max_apply_lag
+        readiness(
+            ReadinessInput {
+                shutting_down: self.inner.shutdown.is_cancelled(),
+                initialized: metrics
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .next()
+                    .is_some(),
+                leader_id: metrics.current_leader,
+                cluster_committed: metrics
+                    .cluster_committed
+                    .or(metrics.local_committed)
+                    .map_or(0, |log_id| log_id.index()),
+                applied: metrics.last_applied.map_or(0, |log_id| log_id.index()),
+            },
+            self.inner.config.raft.max_apply_lag,
+        )
     }
 
     /// Stops the node: stops Raft and every background task, then syncs the WAL. The database
@@ -1274,17 +1279,26 @@ impl Sequencer {
         self.inner.tasks.spawn(task);
     }
 
-    /// Begins shutting down: cancels background tasks and streams, and if this node leads,
-    /// hands leadership to another voter (bounded by `shutdown.transfer_timeout`).
+    /// Begins shutting down: if this node leads, hands leadership to the most caught-up voter
+    /// and waits until another node leads (bounded by `shutdown.transfer_timeout`); then cancels
+    /// background tasks and streams. The transfer comes first because the shutdown token also
+    /// ends incoming replication streams: cancelled earlier, this node would never hear from
+    /// its successor and would wait out the whole bound.
     pub async fn step_down(&self) {
-        self.inner.shutdown.cancel();
-        if self.inner.leader.borrow().is_self
-            && let Err(error) = self
+        if self.inner.leader.borrow().is_self {
+            match self
                 .transfer_leader(None, self.inner.config.shutdown.transfer_timeout)
                 .await
-        {
-            tracing::warn!(%error, "could not hand over leadership before stopping");
+            {
+                Ok(new_leader) => {
+                    tracing::info!(new_leader, "handed over leadership before stopping");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not hand over leadership before stopping");
+                }
+            }
         }
+        self.inner.shutdown.cancel();
     }
 
     pub(crate) fn storage(&self) -> &Arc<Storage> {
@@ -1299,5 +1313,123 @@ impl Sequencer {
     pub(crate) fn open_epoch_view(&self) -> (u64, u64) {
         let view = self.inner.sm.view().borrow().clone();
         (view.epochs().open_epoch, view.open_epoch_updates)
+    }
+}
+
+/// What readiness is decided from: one snapshot of a node's Raft metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadinessInput {
+    /// Shutdown has begun.
+    pub shutting_down: bool,
+    /// The node has a membership (bootstrapped, or joined).
+    pub initialized: bool,
+    /// The leader this node follows (itself included), if it knows one.
+    pub leader_id: Option<NodeId>,
+    /// The commit index the leader last reported (openraft's `cluster_committed`): a follower
+    /// that has not received the entries yet still learns how far behind it is.
+    pub cluster_committed: u64,
+    /// The last log index applied to this node's state machine.
+    pub applied: u64,
+}
+
+/// Why a node is not ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// Shutdown has begun.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// No membership yet (a node waiting to be added, or to be bootstrapped).
+    #[error("not initialised")]
+    NotInitialized,
+    /// No leader known (an election, or cut off from the cluster).
+    #[error("no leader known")]
+    NoLeader,
+    /// Applied too far behind the cluster's commit index (a restarted or lagging node).
+    #[error("applied index {applied} is {lag} entries behind the commit index {committed}")]
+    Behind {
+        /// Applied index.
+        applied: u64,
+        /// The leader's commit index.
+        committed: u64,
+        /// `committed - applied`.
+        lag: u64,
+    },
+}
+
+/// Readiness of a sequencer node, as `grpc.health.v1` reports it: SERVING only when the node is
+/// initialised, knows a leader, and has applied to within `max_apply_lag` entries of the commit
+/// index the leader reported ("caught up", not just "process alive").
+pub fn readiness(input: ReadinessInput, max_apply_lag: u64) -> std::result::Result<(), NotReady> {
+    if input.shutting_down {
+        return Err(NotReady::ShuttingDown);
+    }
+    if !input.initialized {
+        return Err(NotReady::NotInitialized);
+    }
+    if input.leader_id.is_none() {
+        return Err(NotReady::NoLeader);
+    }
+    let lag = input.cluster_committed.saturating_sub(input.applied);
+    if lag > max_apply_lag {
+        return Err(NotReady::Behind {
+            applied: input.applied,
+            committed: input.cluster_committed,
+            lag,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{NotReady, ReadinessInput, readiness};
+
+    fn caught_up() -> ReadinessInput {
+        ReadinessInput {
+            shutting_down: false,
+            initialized: true,
+            leader_id: Some(2),
+            cluster_committed: 5_000,
+            applied: 5_000,
+        }
+    }
+
+    #[test]
+    fn readiness_means_a_leader_known_and_applied_near_the_leaders_commit() {
+        assert_eq!(readiness(caught_up(), 1_000), Ok(()));
+        let within = ReadinessInput {
+            applied: 4_000,
+            ..caught_up()
+        };
+        assert_eq!(readiness(within, 1_000), Ok(()));
+        // A restarted follower that learnt the leader's commit index but has not applied up to it.
+        let behind = ReadinessInput {
+            applied: 3_999,
+            ..caught_up()
+        };
+        assert_eq!(
+            readiness(behind, 1_000),
+            Err(NotReady::Behind {
+                applied: 3_999,
+                committed: 5_000,
+                lag: 1_001
+            })
+        );
+        let no_leader = ReadinessInput {
+            leader_id: None,
+            ..caught_up()
+        };
+        assert_eq!(readiness(no_leader, 1_000), Err(NotReady::NoLeader));
+        let fresh = ReadinessInput {
+            initialized: false,
+            leader_id: None,
+            ..caught_up()
+        };
+        assert_eq!(readiness(fresh, 1_000), Err(NotReady::NotInitialized));
+        let stopping = ReadinessInput {
+            shutting_down: true,
+            ..caught_up()
+        };
+        assert_eq!(readiness(stopping, 1_000), Err(NotReady::ShuttingDown));
     }
 }

@@ -2,10 +2,11 @@
 //! `grpc.health.v1`; and the shutdown sequence.
 //!
 //! Health is SERVING while the node is initialised, knows a leader, and has applied to within
-//! `raft.max_apply_lag` of its commit index. On shutdown: health goes NOT_SERVING, background
-//! tasks and WatchLog streams end, a leader hands leadership to the most caught-up voter
-//! (bounded), the server stops accepting and drains in-flight requests (bounded), Raft stops and
-//! the WAL is synced.
+//! `raft.max_apply_lag` of the commit index the leader reported (`node::readiness`). On
+//! shutdown: health goes NOT_SERVING, a leader hands leadership to the most caught-up voter and
+//! waits until another node leads (bounded), background tasks and WatchLog streams end, the
+//! server stops accepting and drains in-flight requests (bounded), Raft stops and the WAL is
+//! synced.
 
 use std::future::Future;
 use std::time::Duration;
@@ -53,16 +54,23 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
     reporter.set_service_status(HEALTH_SERVICE, status).await;
 }
 
-async fn track_health(sequencer: Sequencer, reporter: HealthReporter) {
+async fn track_health(
+    sequencer: Sequencer,
+    reporter: HealthReporter,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut metrics = sequencer.raft_metrics();
-    let shutdown = sequencer.shutdown_token();
     let mut serving = None;
     loop {
         sequencer.export_metrics();
-        let now = sequencer.is_healthy();
+        let readiness = sequencer.readiness();
+        let now = readiness.is_ok();
         if serving != Some(now) {
             set_health(&reporter, now).await;
-            tracing::info!(serving = now, "health changed");
+            match readiness {
+                Ok(()) => tracing::info!(serving = now, "health changed"),
+                Err(reason) => tracing::info!(serving = now, %reason, "health changed"),
+            }
             serving = Some(now);
         }
         tokio::select! {
@@ -82,7 +90,14 @@ pub async fn serve(
     let local_addr = listener.local_addr().ok();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, false).await;
-    sequencer.spawn_task(track_health(sequencer.clone(), reporter.clone()));
+    // Stopped (and awaited) before shutdown reports NOT_SERVING, so it cannot flip health back
+    // while a leader hands over.
+    let stop_health = tokio_util::sync::CancellationToken::new();
+    let health_tracker = tokio::spawn(track_health(
+        sequencer.clone(),
+        reporter.clone(),
+        stop_health.clone(),
+    ));
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener)
@@ -118,6 +133,8 @@ pub async fn serve(
         }),
     };
     tracing::info!(node_id = sequencer.id(), "shutting down");
+    stop_health.cancel();
+    let _ = health_tracker.await;
     set_health(&reporter, false).await;
     sequencer.step_down().await;
     let _ = stop.send(());

@@ -10,10 +10,11 @@
 //!     --shards s1=http://127.0.0.1:7101,s2=http://127.0.0.1:7102
 //! ktd shard --id s1 --listen 127.0.0.1:7101 --data-dir /var/lib/ktd/s1 --vrf-seed-file seed.hex
 //! ktd gateway --listen 127.0.0.1:8080 --sequencers http://127.0.0.1:7001,http://127.0.0.2:7001
+//! KTD_SEQUENCERS=127.0.0.1:7001,127.0.0.2:7001 ktd admin status   # operator CLI (admin_cli)
 //! ```
 //!
 //! Exit status: 0 after a clean shutdown (SIGTERM or SIGINT) or a successful client call, 1 on
-//! any error, with the reason on stderr.
+//! any error, with the reason on stderr, 2 on a usage error.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -126,6 +127,9 @@ enum Command {
     Bench(BenchArgs),
     /// Cluster status: sequencer members and leader, epochs, shards (admin).
     Status,
+    /// Operator commands against the sequencers' admin service: status table, leader transfer,
+    /// add/remove sequencer, seal, snapshot (`ktd admin --help`).
+    Admin(gateway::admin_cli::AdminArgs),
     /// Make a VRF seed: writes 64 hex digits to --out (mode 600), prints the public key.
     Keygen {
         /// Where to write the new seed (never overwrites).
@@ -1099,6 +1103,7 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
         | Command::Shard(_)
         | Command::Gateway(_)
         | Command::Auditor(_)
+        | Command::Admin(_)
         | Command::Keygen { .. }) => bail!("{server:?} is not a client command"),
     }
     Ok(())
@@ -1151,6 +1156,18 @@ fn main() -> std::process::ExitCode {
             Command::Shard(args) => run_shard(args).await,
             Command::Gateway(args) => run_gateway(args).await,
             Command::Auditor(args) => run_auditor(args).await,
+            Command::Admin(args) => {
+                if args.sequencers.is_empty() {
+                    use clap::CommandFactory;
+                    Cli::command()
+                        .error(
+                            clap::error::ErrorKind::MissingRequiredArgument,
+                            "ktd admin needs the sequencers: --sequencers HOST:PORT,... or KTD_SEQUENCERS",
+                        )
+                        .exit();
+                }
+                gateway::admin_cli::run(args).await.map_err(anyhow::Error::from)
+            }
             command => run_client(&cli.addr, command).await,
         }
     });

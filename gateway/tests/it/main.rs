@@ -12,4 +12,5 @@ mod ktd_cli;
 mod leader_kill;
 mod metrics;
 mod process;
+mod runbooks;
 mod tracing;

@@ -542,7 +542,8 @@ impl RocksStore {
         }
     }
 
-    /// Flushes memtables to SST files (for benchmarks measuring disk footprint).
+    /// Flushes memtables to SST files (synced): benchmarks measuring disk footprint, and a shard
+    /// server's graceful shutdown.
     pub fn flush(&self) -> Result<()> {
         for name in COLUMN_FAMILIES {
             self.db

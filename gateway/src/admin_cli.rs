@@ -344,7 +344,7 @@ async fn health_of(addr: &str) -> String {
         format!("http://{addr}")
     };
     let check = async {
-        let channel = tonic::transport::Endpoint::from_shared(url)
+        let channel = proto::security::endpoint(&url)
             .map_err(|error| error.to_string())?
             .connect_timeout(PROBE)
             .connect()

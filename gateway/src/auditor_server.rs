@@ -206,9 +206,12 @@ pub async fn serve(
     );
     let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
     let grpc_server = tokio::spawn(
-        tonic::transport::Server::builder()
+        proto::security::server_builder(true)?
             .tcp_nodelay(true)
             .layer(proto::telemetry::GrpcServerLayer::new("auditor"))
+            .layer(proto::security::AuthorizeLayer::new(
+                proto::security::auditor_policy,
+            ))
             .add_service(pb::auditor_server::AuditorServer::new(AuditorService(
                 auditor,
             )))

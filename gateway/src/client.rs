@@ -24,7 +24,7 @@ use shard::akd_core::hash::Digest;
 use shard::akd_core::verify::history::{HistoryParams, HistoryVerificationParams};
 use shard::config::{Experimental, WhatsAppV1};
 use shard::proof::AbsenceProof;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// A connection to a gateway.
 #[derive(Clone, Debug)]
@@ -98,9 +98,10 @@ pub struct VerifiedAudit {
 }
 
 impl Client {
-    /// Connects to the gateway at `addr` (`http://host:port`) and reads its public key.
+    /// Connects to the gateway at `addr` (`http://host:port`) and reads its public key (on a
+    /// gateway's admin port, which has none, the client can make admin calls only).
     pub async fn connect(addr: &str) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::from_shared(addr.to_string())
+        let endpoint = proto::security::endpoint(addr)
             .with_context(|| format!("gateway address {addr:?}"))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
@@ -111,16 +112,26 @@ impl Client {
             .with_context(|| format!("connect to {addr}"))?;
         let mut directory = api::directory_client::DirectoryClient::new(channel.clone())
             .max_decoding_message_size(crate::server::MAX_MESSAGE_BYTES);
-        let key = directory
-            .get_public_key(api::GetPublicKeyRequest {})
-            .await
-            .context("GetPublicKey")?
-            .into_inner();
+        let admin = api::admin_client::AdminClient::new(channel);
+        let key = match directory.get_public_key(api::GetPublicKeyRequest {}).await {
+            Ok(key) => key.into_inner(),
+            // A gateway's admin port (`--admin-listen`) serves only the Admin service: an
+            // admin-only client, whose directory calls fail with UNIMPLEMENTED.
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                return Ok(Self {
+                    directory,
+                    admin,
+                    vrf_public_key: Vec::new(),
+                    config: AkdConfig::WhatsAppV1,
+                });
+            }
+            Err(status) => return Err(anyhow::Error::new(status).context("GetPublicKey")),
+        };
         let config: AkdConfig = key.configuration.parse()?;
         config.install()?;
         Ok(Self {
             directory,
-            admin: api::admin_client::AdminClient::new(channel),
+            admin,
             vrf_public_key: key.vrf_public_key,
             config,
         })

@@ -20,6 +20,7 @@
 pub mod admin_cli;
 pub mod auditor;
 pub mod auditor_server;
+pub mod certs;
 pub mod client;
 pub mod compare_akd;
 pub mod epochs;

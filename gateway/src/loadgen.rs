@@ -395,7 +395,7 @@ pub async fn run(
     let signed: Arc<Mutex<AuditorSeen>> = Arc::default();
     let auditor_watcher = match &settings.auditor {
         Some(addr) => {
-            let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+            let channel = proto::security::endpoint(addr)
                 .with_context(|| format!("bad auditor address {addr}"))?
                 .connect()
                 .await

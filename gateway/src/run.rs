@@ -21,7 +21,6 @@ use shard::server::ShardService;
 use shard::user::UpdateLimits;
 use shard::vrf::VrfKey;
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -142,9 +141,12 @@ pub async fn run_shard(
         .with_keepalive(Some(Duration::from_secs(10)));
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
-        Server::builder()
+        proto::security::server_builder(false)?
             .tcp_nodelay(true)
             .layer(proto::telemetry::GrpcServerLayer::new("shard"))
+            .layer(proto::security::AuthorizeLayer::new(
+                proto::security::shard_policy,
+            ))
             .add_service(health)
             .add_service(ShardService::new(opened.api).into_server())
             .serve_with_incoming_shutdown(incoming, async {

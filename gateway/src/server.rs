@@ -7,11 +7,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use proto::ktd::v1 as api;
 use shard::akd_core::configuration::Configuration;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -51,24 +51,54 @@ pub async fn serve<TC: Configuration>(
     let directory = api::directory_server::DirectoryServer::new(DirectoryService(gateway.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = api::admin_server::AdminServer::new(AdminService(gateway));
+    let admin = api::admin_server::AdminServer::new(AdminService(gateway.clone()));
+    // The admin service on its own port (with TLS: admin certificates only), or, without
+    // --admin-listen, beside the public API.
+    let admin_listener = match &gateway.options().admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind the admin port {addr}"))?,
+        ),
+        None => None,
+    };
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(10)));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let stopped_signal = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let public = proto::security::server_builder(gateway.options().tls_client_auth_optional)?
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(proto::telemetry::GrpcServerLayer::new("gateway"))
+        .layer(proto::security::AuthorizeLayer::new(
+            proto::security::gateway_policy,
+        ))
+        .add_service(health.clone())
+        .add_service(reflection)
+        .add_service(directory);
+    let (public, admin_server) = match admin_listener {
+        None => (public.add_service(admin), None),
+        Some(admin_listener) => {
+            tracing::info!(addr = %admin_listener.local_addr()?, "gateway admin port serving");
+            let incoming = TcpIncoming::from(admin_listener).with_nodelay(Some(true));
+            let admin_server = proto::security::server_builder(false)?
+                .tcp_nodelay(true)
+                .layer(proto::telemetry::GrpcServerLayer::new("gateway"))
+                .layer(proto::security::AuthorizeLayer::new(
+                    proto::security::gateway_policy,
+                ))
+                .add_service(health)
+                .add_service(admin)
+                .serve_with_incoming_shutdown(incoming, stopped_signal(stop.subscribe()));
+            (public, Some(tokio::spawn(admin_server)))
+        }
+    };
     let mut server = tokio::spawn(
-        Server::builder()
-            .tcp_nodelay(true)
-            .layer(proto::telemetry::GrpcServerLayer::new("gateway"))
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(directory)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            }),
+        public.serve_with_incoming_shutdown(incoming, stopped_signal(stop.subscribe())),
     );
     tracing::info!(addr = %local_addr, "gateway serving");
     tokio::select! {
@@ -87,13 +117,20 @@ pub async fn serve<TC: Configuration>(
     probe.abort();
     let _ = probe.await;
     crate::readiness::set_health(&reporter, &services, ServingStatus::NotServing).await;
-    let _ = stop.send(());
+    let _ = stop.send(true);
     if tokio::time::timeout(drain, &mut server).await.is_err() {
         tracing::warn!(
             ?drain,
             "in-flight requests did not finish in time; closing them"
         );
         server.abort();
+    }
+    if let Some(mut admin_server) = admin_server
+        && tokio::time::timeout(drain, &mut admin_server)
+            .await
+            .is_err()
+    {
+        admin_server.abort();
     }
     Ok(())
 }

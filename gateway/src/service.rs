@@ -51,6 +51,12 @@ pub struct GatewayOptions {
     /// by `ktd gateway --unsafe-test-mode` with `KTD_UNSAFE_STALE_READS=<duration>`; it exists so
     /// the chaos checkers can be shown to catch a real broken mode end to end.
     pub unsafe_stale_reads: Option<Duration>,
+    /// Serve the `Admin` service (seal, cluster status) on this address instead of the public
+    /// one (recommended: keep it off networks clients reach).
+    pub admin_listen: Option<String>,
+    /// With TLS: accept public-port clients without a certificate (role `anonymous`:
+    /// read-only). The admin port always requires one.
+    pub tls_client_auth_optional: bool,
 }
 
 impl Default for GatewayOptions {
@@ -65,6 +71,8 @@ impl Default for GatewayOptions {
             max_request_time: Duration::from_secs(60),
             shard_map_refresh: Duration::from_secs(5),
             unsafe_stale_reads: None,
+            admin_listen: None,
+            tls_client_auth_optional: false,
         }
     }
 }
@@ -82,6 +90,11 @@ pub struct Gateway<TC> {
 }
 
 impl<TC: Configuration> Gateway<TC> {
+    /// The gateway's limits and options.
+    pub fn options(&self) -> &GatewayOptions {
+        &self.options
+    }
+
     /// A gateway for the cluster described by `metadata`.
     pub fn new(
         sequencing: Arc<dyn Sequencing>,

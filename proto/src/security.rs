@@ -5,7 +5,7 @@
 //!   ([`TlsMaterial::load`]; the key must not be readable by group or others). Servers present
 //!   the certificate and (by default) require a client certificate signed by the CA; outgoing
 //!   connections ([`endpoint`]) present it and verify the server against the CA once
-//!   [`install_client_tls`] has been called. Without TLS configured everything is plaintext and
+//!   [`install`] has been called. Without TLS configured everything is plaintext and
 //!   unauthenticated: a development mode.
 //! * **Roles** ([`Role`]) are SAN URIs `urn:ktd:role:<role>` in the certificate (`ktd certs`
 //!   issues them): `node` for ktd's own processes, `admin`, `auditor`, `client`. A connection
@@ -283,14 +283,36 @@ impl TlsMaterial {
 }
 
 static CLIENT_TLS: OnceLock<ClientTlsConfig> = OnceLock::new();
+static SERVER_TLS: OnceLock<TlsMaterial> = OnceLock::new();
 
-/// Makes every connection this process opens through [`endpoint`] use mutual TLS with
-/// `material`. Called once at start-up; later calls are ignored.
-pub fn install_client_tls(material: &TlsMaterial) {
+/// Makes this process use mutual TLS with `material`: every connection it opens through
+/// [`endpoint`], and every server it builds with [`server_builder`]. Called once at start-up;
+/// later calls are ignored.
+pub fn install(material: &TlsMaterial) {
     let _ = CLIENT_TLS.set(material.client_config());
+    let _ = SERVER_TLS.set(material.clone());
+    metrics::gauge!("ktd_tls_certificate_expiry_timestamp_seconds")
+        .set(material.not_after_unix() as f64);
 }
 
-/// Whether [`install_client_tls`] was called.
+/// Errors building a TLS server.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS server configuration: {0}")]
+pub struct ServerTlsError(#[from] tonic::transport::Error);
+
+/// A gRPC server builder: serving TLS with this process's certificate once [`install`] was
+/// called (requiring a client certificate unless `client_auth_optional`), plaintext otherwise.
+pub fn server_builder(
+    client_auth_optional: bool,
+) -> Result<tonic::transport::Server, ServerTlsError> {
+    let builder = tonic::transport::Server::builder();
+    Ok(match SERVER_TLS.get() {
+        Some(material) => builder.tls_config(material.server_config(client_auth_optional))?,
+        None => builder,
+    })
+}
+
+/// Whether [`install`] was called.
 pub fn client_tls_installed() -> bool {
     CLIENT_TLS.get().is_some()
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -103,9 +102,13 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(10)));
-    let router = Server::builder()
+    let router = proto::security::server_builder(false)
+        .map_err(|error| SequencerError::InvalidConfig(error.to_string()))?
         .tcp_nodelay(true)
         .layer(proto::telemetry::GrpcServerLayer::new("sequencer"))
+        .layer(proto::security::AuthorizeLayer::new(
+            proto::security::sequencer_policy,
+        ))
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)

@@ -13,7 +13,7 @@ use akd_core::verify::history::HistoryParams;
 use akd_core::{AkdLabel, AkdValue};
 use proto::ktd::shard::v1 as pb;
 use proto::ktd::shard::v1::shard_client::ShardClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::api::{
     BuildSummary, PrepareSummary, ShardApi, ShardInfo, ShardMap, ShardStatus, UpdateTrace,
@@ -58,7 +58,7 @@ pub struct GrpcShard {
 impl GrpcShard {
     /// A client of `info`'s server; connects on first use and reconnects as needed.
     pub fn connect_lazy(info: &ShardInfo, timeouts: ClientTimeouts) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(info.address.clone())
+        let endpoint = proto::security::endpoint(&info.address)
             .map_err(|error| {
                 Error::InvalidConfig(format!(
                     "shard {} address {:?}: {error}",

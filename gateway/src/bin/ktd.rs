@@ -42,6 +42,16 @@ struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     addr: String,
+    /// Mutual TLS: the CA bundle peers' certificates must chain to (with --tls-cert and
+    /// --tls-key; servers then require client certificates, clients verify servers).
+    #[arg(long, global = true, env = "KTD_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this process's certificate (PEM); its `urn:ktd:role:*` SAN URIs are its roles.
+    #[arg(long, global = true, env = "KTD_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Mutual TLS: this process's private key (PEM, mode 600).
+    #[arg(long, global = true, env = "KTD_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -130,6 +140,9 @@ enum Command {
     /// Operator commands against the sequencers' admin service: status table, leader transfer,
     /// add/remove sequencer, seal, snapshot (`ktd admin --help`).
     Admin(gateway::admin_cli::AdminArgs),
+    /// Make a development CA and certificates for mutual TLS (ca.pem; node, admin, auditor
+    /// and client certificates with their roles; keys mode 600).
+    Certs(CertsArgs),
     /// Make a VRF seed: writes 64 hex digits to --out (mode 600), prints the public key.
     Keygen {
         /// Where to write the new seed (never overwrites).
@@ -143,6 +156,19 @@ enum Command {
         #[arg(long)]
         public_key_of: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+struct CertsArgs {
+    /// Directory to write into (created; existing files are never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// Host names and IP addresses the node certificate is valid for, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    hosts: Vec<String>,
+    /// Validity of every certificate (e.g. 90d).
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    valid_for: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -456,6 +482,14 @@ struct GatewayArgs {
     /// Requests served at once before RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
     max_in_flight: usize,
+    /// Serve the Admin service (seal, cluster status) on this address instead of --listen;
+    /// with TLS only admin certificates may call it.
+    #[arg(long, env = "KTD_GATEWAY_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    /// With TLS: `required` (default) or `optional` (clients without a certificate may read,
+    /// not publish).
+    #[arg(long, env = "KTD_GATEWAY_TLS_CLIENT_AUTH", default_value = "required", value_parser = ["required", "optional"])]
+    tls_client_auth: String,
     /// TEST ONLY: allow the deliberately broken modes named by KTD_UNSAFE_* variables (the
     /// chaos positive controls). Without it, any such variable is refused.
     #[arg(long, hide = true)]
@@ -756,6 +790,8 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         options: GatewayOptions {
             max_in_flight: args.max_in_flight,
             unsafe_stale_reads,
+            admin_listen: args.admin_listen,
+            tls_client_auth_optional: args.tls_client_auth == "optional",
             ..GatewayOptions::default()
         },
         drain: Duration::from_secs(10),
@@ -848,6 +884,12 @@ async fn write_audit_blobs(
 }
 
 async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
+    if let Command::Certs(args) = &command {
+        for file in gateway::certs::write_dev_ca(&args.out, &args.hosts, args.valid_for)? {
+            println!("wrote {}", file.display());
+        }
+        return Ok(());
+    }
     if let Command::Keygen { out, public_key_of } = &command {
         let seed = match (out, public_key_of) {
             (_, Some(existing)) => gateway::run::read_vrf_seed(existing)?,
@@ -1104,6 +1146,7 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
         | Command::Gateway(_)
         | Command::Auditor(_)
         | Command::Admin(_)
+        | Command::Certs(_)
         | Command::Keygen { .. }) => bail!("{server:?} is not a client command"),
     }
     Ok(())
@@ -1150,6 +1193,15 @@ fn main() -> std::process::ExitCode {
             Some(Err(error)) => return Err(anyhow::anyhow!("telemetry: {error}")),
             None => None,
         };
+        if let Some(paths) = proto::security::TlsPaths::from_parts(
+            cli.tls_ca.clone(),
+            cli.tls_cert.clone(),
+            cli.tls_key.clone(),
+        )? {
+            let material = proto::security::TlsMaterial::load(&paths)?;
+            proto::security::install(&material);
+            tracing::info!(roles = ?material.roles(), "mutual TLS on");
+        }
         match cli.command {
             Command::Dev(args) => run_dev(args).await,
             Command::Sequencer(args) => run_sequencer(args).await,

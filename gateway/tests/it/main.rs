@@ -13,4 +13,5 @@ mod leader_kill;
 mod metrics;
 mod process;
 mod runbooks;
+mod tls;
 mod tracing;

@@ -77,12 +77,13 @@ enum Purpose {
     Snapshot,
 }
 
-/// Builds a lazily connected channel with the transport's socket options.
+/// Builds a lazily connected channel with the transport's socket options (mutual TLS when the
+/// process installed it: `proto::security::endpoint`).
 pub fn endpoint(
     addr: &str,
     connect_timeout: Duration,
-) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+) -> Result<Endpoint, proto::security::SecurityError> {
+    Ok(proto::security::endpoint(addr)?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .tcp_keepalive(Some(Duration::from_secs(10)))

@@ -75,14 +75,14 @@ impl fmt::Display for Role {
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {
     /// A file could not be read.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}")]
     Read {
         /// Which file.
         what: &'static str,
         /// Its path.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The private key is readable by group or others.
     #[error("TLS key {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}")]
@@ -167,10 +167,10 @@ impl fmt::Debug for TlsMaterial {
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, SecurityError> {
-    std::fs::read(path).map_err(|source| SecurityError::Read {
+    std::fs::read(path).map_err(|error| SecurityError::Read {
         what,
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
@@ -225,10 +225,10 @@ impl TlsMaterial {
         let (roles, not_after_unix) = leaf_info("TLS certificate", &paths.cert, &cert_pem)?;
         {
             use std::os::unix::fs::PermissionsExt;
-            let metadata = std::fs::metadata(&paths.key).map_err(|source| SecurityError::Read {
+            let metadata = std::fs::metadata(&paths.key).map_err(|error| SecurityError::Read {
                 what: "TLS key",
                 path: paths.key.clone(),
-                source,
+                error,
             })?;
             let mode = metadata.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {

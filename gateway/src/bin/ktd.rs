@@ -356,6 +356,10 @@ struct LabelQuery {
 
 #[derive(Debug, Args)]
 struct DevArgs {
+    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
+    /// flags override it.
+    #[arg(long, env = "KTD_DEV_CONFIG")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     metrics: MetricsArgs,
     #[command(flatten)]
@@ -388,6 +392,10 @@ struct DevArgs {
 
 #[derive(Debug, Args)]
 struct ShardArgs {
+    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
+    /// flags override it.
+    #[arg(long, env = "KTD_SHARD_CONFIG")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     metrics: MetricsArgs,
     #[command(flatten)]
@@ -422,6 +430,10 @@ struct ShardArgs {
 
 #[derive(Debug, Args)]
 struct AuditorArgs {
+    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
+    /// flags override it.
+    #[arg(long, env = "KTD_AUDITOR_CONFIG")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     metrics: MetricsArgs,
     #[command(flatten)]
@@ -464,6 +476,14 @@ struct AuditorArgs {
 
 #[derive(Debug, Args)]
 struct GatewayArgs {
+    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
+    /// flags override it.
+    #[arg(long, env = "KTD_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the settings (file < environment < flags), print them and exit: 0 if valid,
+    /// 1 with one error line if not.
+    #[arg(long)]
+    check_config: bool,
     #[command(flatten)]
     metrics: MetricsArgs,
     #[command(flatten)]
@@ -761,6 +781,25 @@ async fn run_auditor(args: AuditorArgs) -> anyhow::Result<()> {
 }
 
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    if args.check_config {
+        for addr in std::iter::once(&args.listen).chain(args.admin_listen.as_ref()) {
+            addr.parse::<std::net::SocketAddr>()
+                .with_context(|| format!("listen address {addr:?}"))?;
+        }
+        for addr in &args.sequencers {
+            proto::security::endpoint(addr)?;
+        }
+        println!(
+            "# effective settings (valid)\nlisten = {:?}\nadmin_listen = {:?}\nsequencers = {:?}\n\
+             max_in_flight = {}\ntls_client_auth = {:?}",
+            args.listen,
+            args.admin_listen,
+            args.sequencers,
+            args.max_in_flight,
+            args.tls_client_auth,
+        );
+        return Ok(());
+    }
     args.metrics.install()?;
     proto::telemetry::log_context().set_node("gateway", args.listen.clone());
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -1155,8 +1194,118 @@ async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
 /// Exit status of `ktd lookup` for a label proven absent.
 const NOT_FOUND_EXIT: i32 = 3;
 
+/// Subcommands whose settings may also come from a `--config` TOML file.
+const CONFIG_FILE_SUBCOMMANDS: [&str; 4] = ["shard", "gateway", "dev", "auditor"];
+
+/// Parses the command line; a `--config` file's keys become flags wherever neither the command
+/// line nor the environment set them (defaults < file < environment < flags). Errors are one
+/// line.
+fn parse_cli() -> Result<Cli, String> {
+    use clap::{CommandFactory, parser::ValueSource};
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // A lenient first pass finds the file (required flags may be in it); without one, the
+    // normal parse (with --help, usage errors and exit codes).
+    let Ok(matches) = Cli::command()
+        .ignore_errors(true)
+        .try_get_matches_from(&argv)
+    else {
+        // --help, --version and usage errors: clap's own output and exit status.
+        return Ok(Cli::parse_from(argv));
+    };
+    let config = matches.subcommand().and_then(|(name, sub)| {
+        CONFIG_FILE_SUBCOMMANDS
+            .iter()
+            .find(|candidate| **candidate == name)
+            .zip(sub.try_get_one::<PathBuf>("config").ok().flatten())
+    });
+    let Some((name, path)) = config else {
+        return Ok(Cli::parse_from(argv));
+    };
+    let (name, path) = (*name, path.as_path());
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("config file {}: {error}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|error: toml::de::Error| format!("{}: {}", path.display(), error.message()))?;
+    let mut command = Cli::command();
+    // Propagates the global flags (TLS) into the subcommand, so the file may set them too.
+    command.build();
+    let subcommand = command
+        .find_subcommand(name)
+        .ok_or_else(|| format!("no subcommand {name}"))?;
+    let sub_matches = matches
+        .subcommand_matches(name)
+        .ok_or_else(|| format!("no subcommand {name}"))?;
+    let mut extra: Vec<String> = Vec::new();
+    for (key, value) in &table {
+        let arg = subcommand
+            .get_arguments()
+            .find(|arg| arg.get_id() == key.as_str() && arg.get_long().is_some())
+            .filter(|_| !matches!(key.as_str(), "config" | "check_config"))
+            .ok_or_else(|| format!("{}: unknown key {key:?}", path.display()))?;
+        if matches!(
+            sub_matches.value_source(key),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let flag = format!("--{}", arg.get_long().unwrap_or(key));
+        let takes_value = arg.get_action().takes_values();
+        let scalar = |value: &toml::Value| match value {
+            toml::Value::String(text) => Ok(text.clone()),
+            toml::Value::Integer(number) => Ok(number.to_string()),
+            toml::Value::Float(number) => Ok(number.to_string()),
+            other => Err(format!(
+                "{}: {key}: expected a string or number, got {}",
+                path.display(),
+                other.type_str()
+            )),
+        };
+        match value {
+            toml::Value::Boolean(set) if !takes_value => {
+                if *set {
+                    extra.push(flag);
+                }
+            }
+            toml::Value::Array(items) if takes_value => {
+                for item in items {
+                    extra.push(flag.clone());
+                    extra.push(scalar(item)?);
+                }
+            }
+            value if takes_value => {
+                extra.push(flag);
+                extra.push(scalar(value)?);
+            }
+            other => {
+                return Err(format!(
+                    "{}: {key}: expected true or false, got {}",
+                    path.display(),
+                    other.type_str()
+                ));
+            }
+        }
+    }
+    let argv = argv.into_iter().chain(extra.into_iter().map(Into::into));
+    Cli::try_parse_from(argv).map_err(|error| {
+        let rendered = error.to_string();
+        let first = rendered.lines().next().unwrap_or_default();
+        format!(
+            "{}: {}",
+            path.display(),
+            first.trim_start_matches("error: ")
+        )
+    })
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     // Servers log their progress (and may export traces); client commands print results and
     // only log problems.
     let telemetry = match &cli.command {

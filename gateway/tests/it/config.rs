@@ -210,3 +210,176 @@ fn systemd_units_and_samples_name_existing_flags_and_validate() {
     ]);
     assert!(checked.status.success(), "{checked:?}");
 }
+
+/// `ktd gateway --check-config` with `extra` flags and `env`.
+fn gateway_check(config: &Path, env: &[(&str, &str)], extra: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ktd"));
+    command
+        .args([
+            "gateway",
+            "--config",
+            &config.display().to_string(),
+            "--check-config",
+        ])
+        .args(extra)
+        .env_remove("RUST_LOG");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("run ktd")
+}
+
+#[test]
+fn config_files_of_shard_and_gateway_layer_under_environment_and_flags() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    let gateway = root.join("gateway.toml");
+    write(
+        &gateway,
+        "listen = \"127.0.0.1:18080\"\nadmin_listen = \"127.0.0.1:18090\"\n\
+         sequencers = [\"10.0.0.11:7001\", \"10.0.0.12:7001\"]\nmax_in_flight = 7\n\
+         log_format = \"json\"\n",
+        0o644,
+    );
+    // The file over the defaults.
+    let output = gateway_check(&gateway, &[], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "listen = \"127.0.0.1:18080\"",
+        "admin_listen = Some(\"127.0.0.1:18090\")",
+        "sequencers = [\"10.0.0.11:7001\", \"10.0.0.12:7001\"]",
+        "max_in_flight = 7",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "{expected} missing from {stdout}"
+        );
+    }
+    // The environment over the file, flags over the environment.
+    let output = gateway_check(&gateway, &[("KTD_GATEWAY_LISTEN", "127.0.0.1:18081")], &[]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("listen = \"127.0.0.1:18081\""));
+    let output = gateway_check(
+        &gateway,
+        &[("KTD_GATEWAY_LISTEN", "127.0.0.1:18081")],
+        &[
+            "--listen",
+            "127.0.0.1:18082",
+            "--sequencers",
+            "10.0.0.13:7001",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("listen = \"127.0.0.1:18082\""), "{stdout}");
+    assert!(
+        stdout.contains("sequencers = [\"10.0.0.13:7001\"]"),
+        "{stdout}"
+    );
+
+    // Invalid files: one error line naming the file and the problem.
+    let unknown = root.join("unknown.toml");
+    write(
+        &unknown,
+        "listen = \"127.0.0.1:1\"\nlisten_port = 5\n",
+        0o644,
+    );
+    refused(
+        &gateway_check(&unknown, &[], &[]),
+        &["unknown.toml", "unknown key", "listen_port"],
+    );
+    let bad_number = root.join("bad-number.toml");
+    write(
+        &bad_number,
+        "sequencers = [\"a:1\"]\nmax_in_flight = \"lots\"\n",
+        0o644,
+    );
+    refused(
+        &gateway_check(&bad_number, &[], &[]),
+        &["bad-number.toml", "lots", "max-in-flight"],
+    );
+    let bad_toml = root.join("bad.toml");
+    write(&bad_toml, "listen = \n", 0o644);
+    refused(&gateway_check(&bad_toml, &[], &[]), &["bad.toml"]);
+    let bad_address = root.join("bad-address.toml");
+    write(
+        &bad_address,
+        "listen = \"not an address\"\nsequencers = [\"a:1\"]\n",
+        0o644,
+    );
+    refused(&gateway_check(&bad_address, &[], &[]), &["not an address"]);
+
+    // TLS settings in the file: a missing key file is one clear line.
+    let certs = root.join("certs");
+    assert!(
+        ktd(&["certs", "--out", &certs.display().to_string()])
+            .status
+            .success()
+    );
+    let tls = root.join("tls.toml");
+    write(
+        &tls,
+        &format!(
+            "listen = \"127.0.0.1:18080\"\nsequencers = [\"a:1\"]\ntls_ca = \"{}\"\n\
+             tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            certs.join("ca.pem").display(),
+            certs.join("node.pem").display(),
+            certs.join("missing.key").display()
+        ),
+        0o644,
+    );
+    refused(&gateway_check(&tls, &[], &[]), &["TLS key", "missing.key"]);
+
+    // A shard's file: its seed file is checked as with flags.
+    let seed = root.join("seed.hex");
+    write(&seed, &"ab".repeat(32), 0o600);
+    let shard = root.join("shard.toml");
+    write(
+        &shard,
+        &format!(
+            "id = \"s1\"\nlisten = \"127.0.0.1:7101\"\ndata_dir = \"{}\"\nvrf_seed_file = \"{}\"\n\
+             partition_bits = 6\n",
+            root.join("shard").display(),
+            seed.display()
+        ),
+        0o644,
+    );
+    let output = ktd(&[
+        "shard",
+        "--config",
+        &shard.display().to_string(),
+        "--check-config",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("partition_bits = 6") && stdout.contains("\"s1\""),
+        "{stdout}"
+    );
+    let short_seed = root.join("short.hex");
+    write(&short_seed, "abcd", 0o600);
+    let shard_bad = root.join("shard-bad.toml");
+    write(
+        &shard_bad,
+        &format!(
+            "id = \"s1\"\nlisten = \"127.0.0.1:7101\"\ndata_dir = \"{}\"\nvrf_seed_file = \"{}\"\n",
+            root.join("shard").display(),
+            short_seed.display()
+        ),
+        0o644,
+    );
+    let output = ktd(&[
+        "shard",
+        "--config",
+        &shard_bad.display().to_string(),
+        "--check-config",
+    ]);
+    refused(&output, &["short.hex"]);
+}

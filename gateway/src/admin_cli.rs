@@ -97,6 +97,10 @@ pub enum AdminCommand {
         /// Largest lag (leader commit − member applied, entries) `--check` accepts.
         #[arg(long, default_value_t = DEFAULT_MAX_LAG)]
         max_lag: u64,
+        /// `--check` fails when sealed epochs wait and the last commit is older than this
+        /// (epochs are stuck: a shard cannot build them; the leader's log says why).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        max_commit_delay: std::time::Duration,
     },
     /// Move leadership to node ID (default: the most caught-up other voter) and wait until it
     /// leads.
@@ -225,8 +229,20 @@ pub struct ClusterReport {
 
 impl ClusterReport {
     /// What `status --check` fails on.
-    pub fn problems(&self, max_lag: u64) -> Vec<String> {
+    pub fn problems(&self, max_lag: u64, max_commit_delay: std::time::Duration) -> Vec<String> {
         let mut problems = self.errors.clone();
+        let epochs = &self.epochs;
+        if epochs.last_sealed_epoch > epochs.last_committed_epoch
+            && let Some(age) = epochs.last_commit_age_seconds
+            && age > max_commit_delay.as_secs_f64()
+        {
+            problems.push(format!(
+                "epochs {}..={} are sealed but not committed, and the last commit was {age:.0} s ago \
+                 (a shard cannot build them; see the sequencer leader's log)",
+                epochs.last_committed_epoch + 1,
+                epochs.last_sealed_epoch
+            ));
+        }
         if self.leader_id == 0 {
             problems.push("no sequencer leader".into());
         }
@@ -278,13 +294,14 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
             output,
             check,
             max_lag,
+            max_commit_delay,
         } => {
             let report = admin.status().await;
             match output {
                 Output::Table => print!("{}", render_table(&report)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             }
-            let problems = report.problems(max_lag);
+            let problems = report.problems(max_lag, max_commit_delay);
             if check && !problems.is_empty() {
                 return Err(AdminError::Unhealthy(problems.join("; ")));
             }
@@ -873,4 +890,34 @@ pub fn render_table(report: &ClusterReport) -> String {
         out.push_str(&format!("error: {error}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_fails_on_epochs_stuck_behind_a_failing_shard() {
+        let mut report = ClusterReport {
+            leader_id: 1,
+            epochs: EpochRow {
+                open_epoch: 64,
+                last_sealed_epoch: 63,
+                last_committed_epoch: 2,
+                last_commit_age_seconds: Some(172.0),
+                ..EpochRow::default()
+            },
+            ..ClusterReport::default()
+        };
+        let limit = std::time::Duration::from_secs(60);
+        let problems = report.problems(DEFAULT_MAX_LAG, limit);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("epochs 3..=63"), "{problems:?}");
+        // Recent commits, or nothing sealed: fine.
+        report.epochs.last_commit_age_seconds = Some(5.0);
+        assert!(report.problems(DEFAULT_MAX_LAG, limit).is_empty());
+        report.epochs.last_commit_age_seconds = Some(500.0);
+        report.epochs.last_sealed_epoch = 2;
+        assert!(report.problems(DEFAULT_MAX_LAG, limit).is_empty());
+    }
 }

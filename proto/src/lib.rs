@@ -1,5 +1,7 @@
 //! ktd's wire definitions: the `.proto` files under `proto/ktd/` and the tonic/prost code
-//! generated from them. Wire only: no consensus or tree logic lives here.
+//! generated from them, plus the transport plumbing every process shares ([`telemetry`]: trace
+//! context and per-RPC spans and metrics; [`security`]: mutual TLS, roles, authorization). No
+//! consensus or tree logic lives here.
 //!
 //! | module | package | file |
 //! |---|---|---|

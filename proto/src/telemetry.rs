@@ -21,10 +21,10 @@
 //! Without an OpenTelemetry layer in the subscriber (no OTLP endpoint configured), spans are
 //! plain `tracing` spans, no context is valid and nothing is injected.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{LazyLock, OnceLock};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
@@ -148,18 +148,18 @@ impl LogContext {
     }
 }
 
-/// The `(service, method)` labels of every method a ktd process may serve.
+/// The `(service, method)` labels of every method a ktd process may serve, by path.
 #[derive(Debug)]
-struct KnownMethods(HashSet<String>);
+struct KnownMethods(HashMap<String, (&'static str, &'static str)>);
 
 static KNOWN_METHODS: LazyLock<KnownMethods> = LazyLock::new(|| {
     use prost::Message;
-    let mut paths = HashSet::new();
+    let mut paths: Vec<String> = Vec::new();
     if let Ok(set) = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET) {
         for file in set.file {
             for service in &file.service {
                 for method in &service.method {
-                    paths.insert(format!(
+                    paths.push(format!(
                         "/{}.{}/{}",
                         file.package(),
                         service.name(),
@@ -169,27 +169,34 @@ static KNOWN_METHODS: LazyLock<KnownMethods> = LazyLock::new(|| {
             }
         }
     }
-    for standard in [
-        "/grpc.health.v1.Health/Check",
-        "/grpc.health.v1.Health/Watch",
-        "/grpc.health.v1.Health/List",
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-    ] {
-        paths.insert(standard.to_string());
-    }
-    KnownMethods(paths)
+    paths.extend(
+        [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.health.v1.Health/List",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .map(String::from),
+    );
+    // Leaked once: a fixed set of labels that every request then uses without allocating.
+    let labels = paths
+        .into_iter()
+        .filter_map(|path| {
+            let (service, method) = path.trim_start_matches('/').split_once('/')?;
+            let labels = (
+                &*Box::leak(service.to_string().into_boxed_str()),
+                &*Box::leak(method.to_string().into_boxed_str()),
+            );
+            Some((path, labels))
+        })
+        .collect();
+    KnownMethods(labels)
 });
 
 impl KnownMethods {
-    fn labels<'a>(&self, path: &'a str) -> (&'a str, &'a str) {
-        if self.0.contains(path)
-            && let Some((service, method)) = path.trim_start_matches('/').split_once('/')
-        {
-            (service, method)
-        } else {
-            ("unknown", "unknown")
-        }
+    fn labels(&self, path: &str) -> (&'static str, &'static str) {
+        self.0.get(path).copied().unwrap_or(("unknown", "unknown"))
     }
 }
 
@@ -258,7 +265,6 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (service, method) = KNOWN_METHODS.labels(request.uri().path());
-        let (service, method): (Arc<str>, Arc<str>) = (service.into(), method.into());
         // Raft traffic (heartbeats many times a second) and health probes are counted, not
         // traced: as root spans they would drown the traces of real work.
         let traced = !service.starts_with("ktd.raft.") && !service.starts_with("grpc.health.");
@@ -272,8 +278,8 @@ where
                 otel.kind = "server",
                 otel.status_code = tracing::field::Empty,
                 rpc.system = "grpc",
-                rpc.service = &*service,
-                rpc.method = &*method,
+                rpc.service = service,
+                rpc.method = method,
                 rpc.grpc.status_code = tracing::field::Empty,
                 ktd.component = self.component,
             )
@@ -297,21 +303,19 @@ where
                 if code != tonic::Code::Ok {
                     call_span.record("otel.status_code", "ERROR");
                 }
-                let labels = [
-                    ("service", service.to_string()),
-                    ("method", method.to_string()),
-                ];
                 metrics::counter!(
                     "ktd_grpc_server_handled_total",
-                    &[
-                        labels[0].clone(),
-                        labels[1].clone(),
-                        ("code", format!("{code:?}")),
-                    ]
+                    "service" => service,
+                    "method" => method,
+                    "code" => format!("{code:?}"),
                 )
                 .increment(1);
-                metrics::histogram!("ktd_grpc_server_handling_seconds", &labels)
-                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!(
+                    "ktd_grpc_server_handling_seconds",
+                    "service" => service,
+                    "method" => method,
+                )
+                .record(started.elapsed().as_secs_f64());
                 result
             }
             .instrument(span),

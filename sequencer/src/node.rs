@@ -213,6 +213,16 @@ fn forward_metrics(raft: &Raft, tasks: &TaskTracker) -> watch::Receiver<RaftMetr
     receiver
 }
 
+/// Whether the node belongs to an initialised cluster (its membership names a node).
+fn is_initialized(metrics: &RaftMetrics) -> bool {
+    metrics
+        .membership_config
+        .membership()
+        .nodes()
+        .next()
+        .is_some()
+}
+
 fn state_name(state: ServerState) -> &'static str {
     match state {
         ServerState::Leader => "leader",
@@ -960,12 +970,7 @@ impl Sequencer {
             last_sealed_epoch: epochs.last_sealed_epoch(),
             last_committed_epoch: epochs.last_committed_epoch,
             next_sequence: epochs.next_sequence,
-            initialized: metrics
-                .membership_config
-                .membership()
-                .nodes()
-                .next()
-                .is_some(),
+            initialized: is_initialized(&metrics),
         }
     }
 
@@ -1228,12 +1233,7 @@ impl Sequencer {
         readiness(
             ReadinessInput {
                 shutting_down: self.inner.shutdown.is_cancelled(),
-                initialized: metrics
-                    .membership_config
-                    .membership()
-                    .nodes()
-                    .next()
-                    .is_some(),
+                initialized: is_initialized(&metrics),
                 leader_id: metrics.current_leader,
                 cluster_committed: metrics
                     .cluster_committed

@@ -301,7 +301,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
 
 /// The spans of the traced updates among `len` prepared in `epoch` (see
 /// [`ShardApi::prepare_epoch`]); entries with an index out of range or a malformed context are
-/// skipped, and at most one span per update is made.
+/// skipped, and at most `len` spans are made whatever the request holds.
 fn update_spans(shard: &str, epoch: u64, len: usize, traces: &[UpdateTrace]) -> Vec<tracing::Span> {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     traces

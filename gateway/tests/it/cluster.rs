@@ -8,7 +8,6 @@
 //! with `akd::auditor`, a second gateway and a restarted first gateway serve identical roots and
 //! proofs, and the latest proofs equal akd's own, field for field.
 
-use std::path::Path;
 use std::time::Duration;
 
 use akd::storage::StorageManager;
@@ -23,7 +22,7 @@ use shard::config::WhatsAppV1;
 use shard::vrf::VrfKey;
 
 use crate::deadline::with_deadline;
-use crate::process::{KtdNode, free_addr};
+use crate::process::{KtdNode, free_addr, write_vrf_seed};
 
 type Oracle = akd::Directory<WhatsAppV1, AsyncInMemoryDatabase, VrfKey>;
 
@@ -43,7 +42,7 @@ struct Topology {
 impl Topology {
     fn start() -> Self {
         let root = tempfile::tempdir().expect("temp dir");
-        let seed_file = write_seed(root.path());
+        let seed_file = write_vrf_seed(root.path(), &SEED);
         let sequencer_addrs: Vec<String> = (1..=3u64)
             .map(|id| free_addr(&format!("127.0.0.{}", 10 + id)))
             .collect();
@@ -164,20 +163,6 @@ impl Topology {
             .map(|node| format!("===== {} =====\n{}", node.addr, node.log_text()))
             .collect()
     }
-}
-
-fn write_seed(root: &Path) -> String {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = root.join("vrf-seed.hex");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .expect("seed file");
-    writeln!(file, "{}", hex::encode(SEED)).expect("write seed");
-    path.display().to_string()
 }
 
 /// Connects to a gateway, waiting until it serves (it waits for the cluster first).

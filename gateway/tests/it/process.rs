@@ -12,6 +12,22 @@ use sequencer::{ClientOptions, SequencerClient};
 /// A VRF public key for tests.
 pub const TEST_VRF_KEY: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
+/// Writes `seed` as the directory's VRF seed file (`root/vrf-seed.hex`, mode 600, as `ktd`
+/// requires) and returns its path.
+pub fn write_vrf_seed(root: &Path, seed: &[u8; 32]) -> String {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = root.join("vrf-seed.hex");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .expect("seed file");
+    writeln!(file, "{}", hex::encode(seed)).expect("write seed");
+    path.display().to_string()
+}
+
 /// One `ktd` process slot: its address and data directory survive restarts.
 pub struct KtdNode {
     pub id: u64,

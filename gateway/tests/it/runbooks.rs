@@ -30,7 +30,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::deadline::with_deadline;
-use crate::process::{KtdNode, TEST_VRF_KEY, free_addr};
+use crate::process::{KtdNode, TEST_VRF_KEY, free_addr, write_vrf_seed};
 
 const SEED: [u8; 32] = [0x3c; 32];
 
@@ -82,7 +82,7 @@ fn shard_args(
 impl Runbook {
     fn start() -> Self {
         let root = tempfile::tempdir().expect("temp dir");
-        let seed_file = write_seed(root.path());
+        let seed_file = write_vrf_seed(root.path(), &SEED);
         let public_key = hex::encode(
             shard::vrf::VrfKey::from_seed(&SEED)
                 .expect("seed")
@@ -270,20 +270,6 @@ impl Drop for Runbook {
 /// epoch interval).
 fn epoch_interval() -> Vec<String> {
     vec!["--epoch-interval".into(), "1s".into()]
-}
-
-fn write_seed(root: &Path) -> String {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = root.join("vrf-seed.hex");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .expect("seed file");
-    writeln!(file, "{}", hex::encode(SEED)).expect("write seed");
-    path.display().to_string()
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -17,7 +17,7 @@ use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::deadline::with_deadline;
-use crate::process::{KtdNode, free_addr};
+use crate::process::{KtdNode, free_addr, write_vrf_seed};
 
 const SEED: [u8; 32] = [0x3e; 32];
 const IP: &str = "127.0.0.41";
@@ -87,18 +87,7 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
         let ca = certs.join("ca.pem");
         let node_tls: Vec<String> = as_role(&certs, &ca, "node", "unused")[2..].to_vec();
 
-        let seed_file = root.path().join("vrf-seed.hex");
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&seed_file)
-                .expect("seed");
-            file.write_all(hex::encode(SEED).as_bytes()).expect("write");
-        }
+        let seed_file = write_vrf_seed(root.path(), &SEED);
         let shard_addr = free_addr(IP);
         let mut shard = KtdNode::new(
             "shard",
@@ -116,7 +105,7 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
                     "--data-dir",
                     &root.path().join("shard").display().to_string(),
                     "--vrf-seed-file",
-                    &seed_file.display().to_string(),
+                    &seed_file,
                     "--partition-bits",
                     "2",
                 ],

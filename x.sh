@@ -6,6 +6,7 @@
 #   ./x.sh ktd ARGS...             run any `ktd` subcommand (release build)
 #   ./x.sh bench NAME [ARGS...]    run a benchmark (e.g. sequencer; bench profile = release)
 #   ./x.sh chaos ARGS...           failover drills (`ktd-chaos list`, `ktd-chaos run --scenario NAME`)
+#   ./x.sh boundaries              check the crate dependency rules (part of `test`)
 #
 # Everything builds in ONE profile (release): tests, benches and binaries share the RocksDB C++
 # build, which takes ~12 minutes cold on 2 cores. CARGO_TARGET_DIR defaults to a directory outside
@@ -42,9 +43,41 @@ ensure_system_deps() {
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# Crate boundaries as build facts (ARCHITECTURE.md, "must not depend on"): each line is a crate
+# and a regex of packages that must not appear in its normal (non-dev) dependency tree.
+BOUNDARIES=(
+    "ktd-core|^(librocksdb-sys|rocksdb|tonic|prost|tokio|openraft|ktd-proto|ktd-rpc|shard|sequencer|gateway) "
+    "ktd-proto|^(ktd-(rpc|core|client|auditor)|shard|sequencer|gateway|librocksdb-sys|openraft) "
+    "ktd-client|^(librocksdb-sys|rocksdb|openraft|axum|clap|shard|sequencer|gateway) "
+    "ktd-auditor|^(librocksdb-sys|rocksdb|openraft|clap|shard|sequencer|gateway) "
+    "shard|^(openraft|sequencer|gateway|clap) "
+    "sequencer|^(gateway|clap) "
+    "gateway|^(clap|ktd-auditor|ktd-client) "
+)
+
+check_boundaries() {
+    local rule crate forbidden tree found failed=0
+    for rule in "${BOUNDARIES[@]}"; do
+        crate="${rule%%|*}"
+        forbidden="${rule#*|}"
+        tree=$(cargo tree --locked -p "$crate" -e normal,build --prefix none --format '{p}') || {
+            log "cargo tree -p $crate failed"
+            return 1
+        }
+        found=$(grep -E "$forbidden" <<<"$tree" | sort -u || true)
+        if [ -n "$found" ]; then
+            log "boundary broken: $crate must not depend on: $(echo "$found" | tr '\n' ' ')"
+            failed=1
+        fi
+    done
+    [ "$failed" -eq 0 ] && log "crate boundaries hold (${#BOUNDARIES[@]} rules)"
+    return "$failed"
+}
+
 cmd_test() {
     log "CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
     cargo fmt --all -- --check
+    check_boundaries
     cargo clippy --release --workspace --all-targets --locked -- -D warnings
     cargo test --release --workspace --locked --no-fail-fast
     RUSTDOCFLAGS="-D warnings" cargo doc --release --workspace --no-deps --locked
@@ -55,11 +88,11 @@ main() {
     [ $# -gt 0 ] && shift
     case "$sub" in
         test) ensure_system_deps test; cmd_test "$@" ;;
-        dev) ensure_system_deps; exec cargo run --release --locked -p gateway --bin ktd -- dev "$@" ;;
-        ktd) ensure_system_deps; exec cargo run --release --locked -p gateway --bin ktd -- "$@" ;;
+        dev) ensure_system_deps; exec cargo run --release --locked -p ktd --bin ktd -- dev "$@" ;;
+        ktd) ensure_system_deps; exec cargo run --release --locked -p ktd --bin ktd -- "$@" ;;
         chaos)
             ensure_system_deps
-            cargo build --release --locked -p gateway --bin ktd
+            cargo build --release --locked -p ktd --bin ktd
             exec cargo run --release --locked -p chaos-tests --bin ktd-chaos -- "$@"
             ;;
         bench)
@@ -69,8 +102,9 @@ main() {
             exec cargo bench --locked --bench "$name" -- "$@"
             ;;
         deps) ensure_system_deps ;;
-        help | -h | --help) sed -n '2,13p' "$0" ;;
-        *) log "unknown command: $sub"; sed -n '2,13p' "$0"; exit 2 ;;
+        boundaries) check_boundaries ;;
+        help | -h | --help) sed -n '2,14p' "$0" ;;
+        *) log "unknown command: $sub"; sed -n '2,14p' "$0"; exit 2 ;;
     esac
 }
 

@@ -58,7 +58,7 @@ relaunch() { # NAME : start NAME again with the binary and arguments of its firs
 start() {
     if [ -z "${KTD_BIN:-}" ]; then
         "$ROOT/x.sh" deps
-        (cd "$ROOT" && cargo build --release --locked -p gateway --bin ktd)
+        (cd "$ROOT" && cargo build --release --locked -p ktd --bin ktd)
     fi
     mkdir -p "$DIR"
     local seed="$DIR/vrf-seed.hex"

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gateway::client::Client;
+use ktd_client::Client;
 
 use crate::proxy::Links;
 
@@ -479,8 +479,9 @@ impl Topology {
             .tempdir()
             .map_err(io("create the cluster's temp dir"))?;
         let seed_file = write_seed(root.path(), &options.vrf_seed)?;
-        let public_key = gateway::run::vrf_public_key(&options.vrf_seed)
-            .map_err(|error| TopologyError::Vrf(format!("{error:#}")))?;
+        let public_key = ktd_core::vrf::VrfKey::from_seed(&options.vrf_seed)
+            .map_err(|error| TopologyError::Vrf(error.to_string()))?
+            .public_key();
         let sequencer_addrs = (1..=3u64)
             .map(|id| free_addr(&format!("127.0.0.{}", 10 + id)))
             .collect::<Result<Vec<_>, _>>()?;

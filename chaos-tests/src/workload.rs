@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use gateway::client::Client;
+use ktd_client::{Client, ClientError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::Code;
@@ -108,11 +108,11 @@ pub fn key_name(prefix: &str, index: u32) -> String {
     format!("{prefix}key-{index}")
 }
 
-fn status_of(error: &anyhow::Error) -> Option<&tonic::Status> {
-    error.downcast_ref::<tonic::Status>()
-}
-
-fn publish_outcome(result: Result<gateway::client::Published, tonic::Status>) -> Outcome {
+fn publish_outcome(result: Result<ktd_client::Published, ClientError>) -> Outcome {
+    let result = result.map_err(|error| match error {
+        ClientError::Refused { status, .. } => status,
+        other => tonic::Status::unknown(other.to_string()),
+    });
     match result {
         Ok(published) => Outcome::Published {
             epoch: published.epoch,
@@ -135,7 +135,7 @@ fn publish_outcome(result: Result<gateway::client::Published, tonic::Status>) ->
     }
 }
 
-fn lookup_outcome(result: anyhow::Result<gateway::client::VerifiedLookup>) -> Outcome {
+fn lookup_outcome(result: Result<ktd_client::VerifiedLookup, ClientError>) -> Outcome {
     match result {
         Ok(found) => Outcome::Found {
             epoch: found.at.epoch,
@@ -145,14 +145,15 @@ fn lookup_outcome(result: anyhow::Result<gateway::client::VerifiedLookup>) -> Ou
             value_epoch: found.epoch,
             verified: true,
         },
-        Err(error) => match status_of(&error) {
-            Some(status) if status.code() == Code::NotFound => Outcome::Absent { epoch: None },
-            Some(status) => Outcome::Unknown {
-                reason: format!("{:?}: {}", status.code(), status.message()),
-            },
-            None => Outcome::Unverified {
-                reason: format!("{error:#}"),
-            },
+        Err(ClientError::Refused { status, .. }) if status.code() == Code::NotFound => {
+            Outcome::Absent { epoch: None }
+        }
+        Err(ClientError::Refused { status, .. }) => Outcome::Unknown {
+            reason: format!("{:?}: {}", status.code(), status.message()),
+        },
+        // A proof that does not verify, or an answer that is not one.
+        Err(error) => Outcome::Unverified {
+            reason: error.to_string(),
         },
     }
 }
@@ -347,9 +348,9 @@ pub async fn read_final_state(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let read_error = |what: String| {
-        move |error: anyhow::Error| FinalStateError::Read {
+        move |error: ClientError| FinalStateError::Read {
             what,
-            error: format!("{error:#}"),
+            error: error.to_string(),
         }
     };
     let mut state = FinalState {
@@ -368,13 +369,12 @@ pub async fn read_final_state(
                         .collect(),
                 );
             }
-            Err(error) => match status_of(&error) {
-                Some(status) if status.code() == Code::NotFound => {}
-                Some(_) => return Err(read_error(format!("history of {key}"))(error)),
-                None => state
-                    .unverified
-                    .push(format!("history of {key}: {error:#}")),
-            },
+            Err(error) if error.is_not_found() => {}
+            Err(error @ ClientError::Refused { .. }) => {
+                return Err(read_error(format!("history of {key}"))(error));
+            }
+            // A proof that does not verify, or an answer that is not one.
+            Err(error) => state.unverified.push(format!("history of {key}: {error}")),
         }
     }
     for epoch in 1..=latest {
@@ -400,7 +400,7 @@ pub async fn read_final_state(
                     ));
                 }
             }
-            Err(error) if status_of(&error).is_some() => {
+            Err(error @ ClientError::Refused { .. }) => {
                 return Err(read_error(format!("audit 0..{latest}"))(error));
             }
             // Find the step that breaks.

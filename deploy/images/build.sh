@@ -28,7 +28,7 @@ log() { printf '[build.sh] %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
 check_binary() {
-    [ -x "$KTD" ] || die "no release binary at $KTD: cargo build --release --locked -p gateway --bin ktd"
+    [ -x "$KTD" ] || die "no release binary at $KTD: cargo build --release --locked -p ktd --bin ktd"
     [ "$(head -c 4 "$KTD" | od -An -c | tr -d ' ')" = '177ELF' ] || die "$KTD is not an ELF binary"
     log "binary: $KTD ($(du -h "$KTD" | cut -f1))"
     log "shared libraries (all from the base's libc6, libstdc++6, libgcc-s1):"

@@ -7,10 +7,9 @@ use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sequencer::coordinator;
+use ktd_core::akd_core::configuration::Configuration;
+use ktd_core::stitch::TopTree;
 use sequencer::{SequencerError, pb};
-use shard::akd_core::configuration::Configuration;
-use shard::stitch::TopTree;
 use tokio::sync::oneshot;
 
 use crate::error::{GatewayError, Result};
@@ -107,7 +106,7 @@ impl<TC: Configuration> Epochs<TC> {
         {
             // First sight of a new latest epoch: its age is time() minus this, in PromQL.
             metrics::gauge!("ktd_epoch_latest_committed").set(epoch as f64);
-            proto::telemetry::log_context().set_epoch(epoch);
+            ktd_rpc::telemetry::log_context().set_epoch(epoch);
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |elapsed| elapsed.as_secs_f64());
@@ -207,7 +206,7 @@ impl<TC: Configuration> Epochs<TC> {
         if let Some(committed) = self.cached(epoch) {
             return Ok(committed);
         }
-        let top = Arc::new(coordinator::top_tree::<TC>(self.bits, &record)?);
+        let top = Arc::new(shard::replicated::top_tree::<TC>(self.bits, &record)?);
         let info = EpochInfo::of(&record);
         let mut tops = self
             .tops

@@ -57,7 +57,9 @@ impl From<GatewayError> for Status {
             GatewayError::NothingToSeal => Status::failed_precondition(message),
             GatewayError::Sequencer(error) => Status::new(error.code(), message),
             GatewayError::Shard(
-                error @ (shard::Error::LabelExists { .. } | shard::Error::EmptyDirectory { .. }),
+                error @ shard::Error::Core(
+                    ktd_core::Error::LabelExists { .. } | ktd_core::Error::EmptyDirectory { .. },
+                ),
             ) => Status::failed_precondition(error.to_string()),
             GatewayError::Shard(error) => {
                 let status = Status::from(error);

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use proto::ktd::v1 as api;
-use shard::akd_core::configuration::Configuration;
+use ktd_core::akd_core::configuration::Configuration;
+use ktd_proto::ktd::v1 as api;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
@@ -22,7 +22,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// The health service name of the public API (`""` is the whole server).
 pub const HEALTH_SERVICE: &str = <api::directory_server::DirectoryServer<
-    DirectoryService<shard::config::WhatsAppV1>,
+    DirectoryService<ktd_core::config::WhatsAppV1>,
 > as NamedService>::NAME;
 
 /// Serves `gateway` on `listener` until `shutdown`; then reports NOT_SERVING and drains
@@ -36,7 +36,7 @@ pub async fn serve<TC: Configuration>(
     let local_addr = listener.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
     let services = [HEALTH_SERVICE];
-    crate::readiness::set_health(&reporter, &services, ServingStatus::NotServing).await;
+    ktd_rpc::health::set_health(&reporter, &services, ServingStatus::NotServing).await;
     let stop_probe = tokio_util::sync::CancellationToken::new();
     let probe = tokio::spawn(crate::readiness::track_gateway_readiness(
         gateway.clone(),
@@ -45,7 +45,7 @@ pub async fn serve<TC: Configuration>(
         stop_probe.clone(),
     ));
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(ktd_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let directory = api::directory_server::DirectoryServer::new(DirectoryService(gateway.clone()))
@@ -69,13 +69,13 @@ pub async fn serve<TC: Configuration>(
     let stopped_signal = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    let public = proto::security::server_builder(gateway.options().tls_client_auth_optional)?
+    let public = ktd_rpc::security::server_builder(gateway.options().tls_client_auth_optional)?
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .layer(proto::telemetry::GrpcServerLayer::new("gateway"))
-        .layer(proto::security::AuthorizeLayer::new(
-            proto::security::gateway_policy,
+        .layer(ktd_rpc::telemetry::GrpcServerLayer::new("gateway"))
+        .layer(ktd_rpc::security::AuthorizeLayer::new(
+            ktd_rpc::security::gateway_policy,
         ))
         .add_service(health.clone())
         .add_service(reflection)
@@ -85,11 +85,11 @@ pub async fn serve<TC: Configuration>(
         Some(admin_listener) => {
             tracing::info!(addr = %admin_listener.local_addr()?, "gateway admin port serving");
             let incoming = TcpIncoming::from(admin_listener).with_nodelay(Some(true));
-            let admin_server = proto::security::server_builder(false)?
+            let admin_server = ktd_rpc::security::server_builder(false)?
                 .tcp_nodelay(true)
-                .layer(proto::telemetry::GrpcServerLayer::new("gateway"))
-                .layer(proto::security::AuthorizeLayer::new(
-                    proto::security::gateway_policy,
+                .layer(ktd_rpc::telemetry::GrpcServerLayer::new("gateway"))
+                .layer(ktd_rpc::security::AuthorizeLayer::new(
+                    ktd_rpc::security::gateway_policy,
                 ))
                 .add_service(health)
                 .add_service(admin)
@@ -116,7 +116,7 @@ pub async fn serve<TC: Configuration>(
     stop_probe.cancel();
     probe.abort();
     let _ = probe.await;
-    crate::readiness::set_health(&reporter, &services, ServingStatus::NotServing).await;
+    ktd_rpc::health::set_health(&reporter, &services, ServingStatus::NotServing).await;
     let _ = stop.send(true);
     if tokio::time::timeout(drain, &mut server).await.is_err() {
         tracing::warn!(

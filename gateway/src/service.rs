@@ -13,15 +13,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use proto::ktd::v1 as api;
-use sequencer::coordinator::{self, ShardConnector};
+use ktd_core::akd_core::AkdLabel;
+use ktd_core::akd_core::configuration::Configuration;
+use ktd_core::akd_core::verify::history::HistoryParams;
+use ktd_core::stitch::TopTree;
+use ktd_core::user::UpdateLimits;
+use ktd_proto::audit_blob::{AuditBlobName, BadAuditBlobName};
+use ktd_proto::ktd::v1 as api;
 use sequencer::pb;
-use shard::akd_core::AkdLabel;
-use shard::akd_core::configuration::Configuration;
-use shard::akd_core::verify::history::HistoryParams;
+use shard::cluster::ShardConnector;
 use shard::cluster::{self, ShardSet};
-use shard::stitch::TopTree;
-use shard::user::UpdateLimits;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
@@ -135,7 +136,7 @@ impl<TC: Configuration> Gateway<TC> {
     }
 
     /// Runs `work` under an in-flight permit and the request's deadline. (Every call is
-    /// counted and timed by `proto::telemetry::GrpcServerLayer`.)
+    /// counted and timed by `ktd_rpc::telemetry::GrpcServerLayer`.)
     async fn serve<T, F>(&self, deadline: Option<Duration>, work: F) -> Result<Response<T>, Status>
     where
         F: Future<Output = Result<T>>,
@@ -161,7 +162,8 @@ impl<TC: Configuration> Gateway<TC> {
             return Ok(shards.clone());
         }
         let answer = self.sequencing.cluster_metadata().await?;
-        let map = coordinator::shard_map(&self.metadata, &answer.shard_map.unwrap_or_default())?;
+        let map =
+            shard::replicated::shard_map(&self.metadata, &answer.shard_map.unwrap_or_default())?;
         let mut slot = self.shards.lock().unwrap_or_else(|p| p.into_inner());
         let shards = match slot.take() {
             Some((_, shards)) if shards.map().version == map.version => shards,
@@ -309,7 +311,7 @@ impl<TC: Configuration> Gateway<TC> {
             .buffered(4)
             .try_collect()
             .await?;
-        let proof = shard::akd_core::AppendOnlyProof {
+        let proof = ktd_core::akd_core::AppendOnlyProof {
             proofs,
             epochs: (start..end).collect(),
         };
@@ -336,7 +338,12 @@ impl<TC: Configuration> Gateway<TC> {
             names = tops
                 .windows(2)
                 .map(|pair| {
-                    audit_blob_name(pair[1].epoch, &pair[0].root_hash(), &pair[1].root_hash())
+                    AuditBlobName {
+                        epoch: pair[1].epoch,
+                        previous_root: pair[0].root_hash(),
+                        root: pair[1].root_hash(),
+                    }
+                    .to_string()
                 })
                 .collect();
         }
@@ -347,7 +354,14 @@ impl<TC: Configuration> Gateway<TC> {
     }
 
     async fn get_audit_blob(&self, request: api::GetAuditBlobRequest) -> Result<api::AuditBlob> {
-        let (epoch, previous_root, root) = parse_audit_blob_name(&request.name)?;
+        let AuditBlobName {
+            epoch,
+            previous_root,
+            root,
+        } = request
+            .name
+            .parse()
+            .map_err(|error: BadAuditBlobName| GatewayError::InvalidArgument(error.to_string()))?;
         let end = self.epochs.at(epoch).await?;
         let start = self.epochs.at(epoch - 1).await?;
         if start.root_hash() != previous_root || end.root_hash() != root {
@@ -359,7 +373,7 @@ impl<TC: Configuration> Gateway<TC> {
         }
         let shards = self.shard_set().await?;
         let proof = cluster::audit_step(&shards, &end.top, epoch - 1).await?;
-        let proof: proto::ktd::v1::SingleAppendOnlyProof = (&proof).into();
+        let proof: ktd_proto::ktd::v1::SingleAppendOnlyProof = (&proof).into();
         Ok(api::AuditBlob {
             name: request.name,
             proof: prost::Message::encode_to_vec(&proof),
@@ -458,41 +472,6 @@ fn epoch_hash<TC: Configuration>(committed: &Committed<TC>) -> api::EpochHash {
         sealed_at_ms: committed.info.sealed_at_ms,
         committed_at_ms: committed.info.committed_at_ms,
     }
-}
-
-/// The audit blob name of the step `epoch - 1 → epoch`: `"{epoch}/{hex root}/{hex root}"`.
-pub fn audit_blob_name(epoch: u64, previous_root: &[u8; 32], root: &[u8; 32]) -> String {
-    format!(
-        "{epoch}/{}/{}",
-        hex::encode(previous_root),
-        hex::encode(root)
-    )
-}
-
-/// Parses an audit blob name into (end epoch, root of epoch - 1, root of epoch).
-pub fn parse_audit_blob_name(name: &str) -> Result<(u64, [u8; 32], [u8; 32])> {
-    let bad = || {
-        GatewayError::InvalidArgument(format!(
-            "{name:?} is not an audit blob name (EPOCH/HEX ROOT/HEX ROOT, EPOCH >= 1)"
-        ))
-    };
-    let mut parts = name.split('/');
-    let (Some(epoch), Some(previous), Some(root), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(bad());
-    };
-    let epoch: u64 = epoch.parse().map_err(|_| bad())?;
-    let digest = |text: &str| -> Result<[u8; 32]> {
-        hex::decode(text)
-            .ok()
-            .and_then(|bytes| bytes.try_into().ok())
-            .ok_or_else(bad)
-    };
-    if epoch == 0 {
-        return Err(bad());
-    }
-    Ok((epoch, digest(previous)?, digest(root)?))
 }
 
 /// The client's deadline from the `grpc-timeout` header (`"<digits><unit>"`, gRPC over HTTP/2).

@@ -1,7 +1,8 @@
 //! ktd's wire definitions: the `.proto` files under `proto/ktd/` and the tonic/prost code
-//! generated from them, plus the transport plumbing every process shares ([`telemetry`]: trace
-//! context and per-RPC spans and metrics; [`security`]: mutual TLS, roles, authorization). No
-//! consensus or tree logic lives here.
+//! generated from them, the conversions between akd's proof types and their messages
+//! ([`akd`]), and wire-level names ([`audit_blob::AuditBlobName`]). No consensus or tree logic
+//! and no transport plumbing live here (that is `ktd-rpc`), and this crate depends on no other
+//! ktd crate.
 //!
 //! | module | package | file |
 //! |---|---|---|
@@ -9,13 +10,17 @@
 //! | [`ktd::sequencer::v1`] | `ktd.sequencer.v1` | `ktd/sequencer/v1/sequencer.proto`: the sequencer's internal API and its replicated commands |
 //! | [`ktd::raft::v1`] | `ktd.raft.v1` | `ktd/raft/v1/raft.proto`: Raft transport and the on-disk Raft log encoding |
 //! | [`ktd::shard::v1`] | `ktd.shard.v1` | `ktd/shard/v1/shard.proto`: the shard servers' internal API |
+//! | [`ktd::auditor::v1`] | `ktd.auditor.v1` | `ktd/auditor/v1/auditor.proto`: an auditor's signed heads |
 //!
 //! [`akd`] converts between `akd_core`'s proof types and the `ktd.v1` proof messages. More
 //! packages are added by listing them in `build.rs`'s `PROTOS` and declaring their module here.
 
 pub mod akd;
-pub mod security;
-pub mod telemetry;
+pub mod audit_blob;
+
+/// Largest message the public API (`ktd.v1`) sends or accepts; servers and clients set their
+/// encoding and decoding limits from it.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Generated code, one module per proto package.
 pub mod ktd {

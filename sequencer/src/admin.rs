@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use proto::ktd::sequencer::v1 as pb;
-use proto::ktd::sequencer::v1::sequencer_admin_server;
+use ktd_proto::ktd::sequencer::v1 as pb;
+use ktd_proto::ktd::sequencer::v1::sequencer_admin_server;
 use tonic::{Request, Response, Status};
 
 use crate::node::{Sequencer, WeakSequencer};

@@ -5,8 +5,8 @@
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
-use proto::ktd::sequencer::v1 as pb;
-use proto::ktd::sequencer::v1::sequencer_server;
+use ktd_proto::ktd::sequencer::v1 as pb;
+use ktd_proto::ktd::sequencer::v1::sequencer_server;
 use tonic::{Request, Response, Status};
 
 use crate::node::{Sequencer, WeakSequencer};

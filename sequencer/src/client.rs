@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use proto::ktd::sequencer::v1 as pb;
-use proto::ktd::sequencer::v1::sequencer_admin_client::SequencerAdminClient;
-use proto::ktd::sequencer::v1::sequencer_client::SequencerClient as ApiClient;
+use ktd_proto::ktd::sequencer::v1 as pb;
+use ktd_proto::ktd::sequencer::v1::sequencer_admin_client::SequencerAdminClient;
+use ktd_proto::ktd::sequencer::v1::sequencer_client::SequencerClient as ApiClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -132,7 +132,7 @@ impl SequencerClient {
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        proto::telemetry::inject_context(&mut request);
+        ktd_rpc::telemetry::inject_context(&mut request);
         request.set_timeout(self.inner.options.attempt_timeout);
         request
     }

@@ -398,17 +398,9 @@ impl SequencerConfig {
                 Ok((id.trim().to_string(), url.trim().to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
-        let map = shard::api::ShardMap::even(bits, entries)
+        let map = ktd_core::ShardMap::even(bits, entries)
             .map_err(|error| invalid(format!("cluster.shards: {error}")))?;
-        Ok(map
-            .shards
-            .into_iter()
-            .map(|info| crate::pb::ShardAssignment {
-                shard_id: info.id,
-                address: info.address,
-                partitions: info.partitions,
-            })
-            .collect())
+        Ok(shard::replicated::shard_assignments(&map))
     }
 }
 

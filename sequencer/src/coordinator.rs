@@ -30,62 +30,16 @@ use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use shard::akd_core::configuration::Configuration;
-use shard::api::{ShardInfo, ShardMap};
-use shard::client::{ClientTimeouts, GrpcPeers};
-use shard::cluster::{self, ShardSet};
-use shard::config::{AkdConfig, Experimental, WhatsAppV1};
-use shard::stitch::TopTree;
-use shard::store::codec::{self, EpochRecord};
+use ktd_core::EpochRecord;
+use ktd_core::akd_core::configuration::Configuration;
+use ktd_core::config::{AkdConfig, Experimental, WhatsAppV1};
+use shard::cluster::{self, ShardConnector, ShardSet};
+use shard::replicated;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, SequencerError};
 use crate::machine::EpochState;
 use crate::node::Sequencer;
-use crate::pb;
-
-/// How the coordinator reaches the shards of a shard map.
-pub trait ShardConnector: Send + Sync {
-    /// A [`ShardSet`] for `map` (gRPC clients in a cluster, the in-process shard in `ktd dev`).
-    fn connect(&self, map: ShardMap) -> shard::Result<ShardSet>;
-}
-
-/// Reaches shards over gRPC (the production connector): one pooled client per shard address.
-#[derive(Debug, Default)]
-pub struct GrpcConnector {
-    peers: GrpcPeers,
-}
-
-impl GrpcConnector {
-    /// A connector whose clients use `timeouts`.
-    pub fn new(timeouts: ClientTimeouts) -> Self {
-        Self {
-            peers: GrpcPeers::new(timeouts),
-        }
-    }
-}
-
-impl ShardConnector for GrpcConnector {
-    fn connect(&self, map: ShardMap) -> shard::Result<ShardSet> {
-        ShardSet::resolve(map, &self.peers)
-    }
-}
-
-/// Always the same shard set (the in-process shard of `ktd dev`, tests).
-#[derive(Debug)]
-pub struct FixedShards(pub ShardSet);
-
-impl ShardConnector for FixedShards {
-    fn connect(&self, map: ShardMap) -> shard::Result<ShardSet> {
-        if map.shards != self.0.map().shards {
-            return Err(shard::Error::InvalidConfig(format!(
-                "the cluster's shard map (version {}) is not the one this process serves",
-                map.version
-            )));
-        }
-        Ok(self.0.clone())
-    }
-}
 
 /// Waits for the cluster metadata, installs its akd configuration in this process and runs
 /// the coordinator with it until `shutdown`.
@@ -143,42 +97,6 @@ pub fn next_step(state: &EpochState) -> Step {
     } else {
         Step::Idle
     }
-}
-
-/// Converts the replicated shard map into the shard crate's.
-pub fn shard_map(metadata: &pb::ClusterMetadata, map: &pb::ShardMap) -> shard::Result<ShardMap> {
-    let bits = u8::try_from(metadata.partition_bits).map_err(|_| {
-        shard::Error::InvalidConfig(format!("partition bits {}", metadata.partition_bits))
-    })?;
-    let shards = map
-        .shards
-        .iter()
-        .map(|shard| ShardInfo {
-            id: shard.shard_id.clone(),
-            address: shard.address.clone(),
-            partitions: shard.partitions.clone(),
-        })
-        .collect();
-    ShardMap::new(map.version, bits, shards)
-}
-
-/// Decodes a committed epoch's partition roots (epoch 0 has none: the empty directory).
-pub fn top_tree<TC: Configuration>(
-    bits: u8,
-    record: &pb::EpochRecord,
-) -> shard::Result<TopTree<TC>> {
-    if record.partition_roots.is_empty() {
-        return TopTree::new(bits, vec![None; 1 << bits]);
-    }
-    let decoded = codec::decode_epoch(record.epoch, &record.partition_roots)?;
-    let top = TopTree::<TC>::new(bits, decoded.partitions)?;
-    if record.epoch > 0 && top.root_hash().as_slice() != record.root_hash.as_slice() {
-        return Err(shard::Error::Corrupt(format!(
-            "epoch {}: partition roots do not hash to the committed root",
-            record.epoch
-        )));
-    }
-    Ok(top)
 }
 
 /// Runs the coordinator until `shutdown`: active while this node leads, idle otherwise.
@@ -262,7 +180,7 @@ async fn drive<TC: Configuration>(
         .metadata
         .clone()
         .ok_or(SequencerError::NotInitialized)?;
-    let map = shard_map(&metadata, &epochs.shard_map).map_err(coordination)?;
+    let map = replicated::shard_map(&metadata, &epochs.shard_map).map_err(coordination)?;
     let bits = map.bits;
     if shards.as_ref().map(|(version, _)| *version) != Some(map.version) {
         *shards = Some((map.version, connector.connect(map).map_err(coordination)?));
@@ -270,7 +188,7 @@ async fn drive<TC: Configuration>(
     let shard_set = &shards.as_ref().expect("set just above").1;
 
     let base_record = sequencer.get_epoch(Some(epoch - 1)).await?;
-    let base = top_tree::<TC>(bits, &base_record).map_err(coordination)?;
+    let base = replicated::top_tree::<TC>(bits, &base_record).map_err(coordination)?;
     let batch = sequencer.sealed_batch(epoch).await?;
     // Continue each traced publish's trace into this epoch: one span per traced update (linked
     // to the epoch's span), whose context goes to the shard that prepares the update.
@@ -283,7 +201,7 @@ async fn drive<TC: Configuration>(
     let mut update_spans = Vec::with_capacity(traced.len());
     let mut traces = HashMap::with_capacity(traced.len());
     for (label, traceparent) in traced {
-        let Some(parent) = proto::telemetry::context_from_traceparent(&traceparent) else {
+        let Some(parent) = ktd_rpc::telemetry::context_from_traceparent(&traceparent) else {
             continue;
         };
         let span = tracing::info_span!(
@@ -298,7 +216,7 @@ async fn drive<TC: Configuration>(
         if epoch_span.is_valid() {
             span.add_link(epoch_span.clone());
         }
-        if let Some(context) = proto::telemetry::traceparent_of(&span.context()) {
+        if let Some(context) = ktd_rpc::telemetry::traceparent_of(&span.context()) {
             traces.insert(label, context);
         }
         update_spans.push(span);
@@ -308,8 +226,8 @@ async fn drive<TC: Configuration>(
         .into_iter()
         .map(|update| {
             (
-                shard::akd_core::AkdLabel(update.label),
-                shard::akd_core::AkdValue(update.value),
+                ktd_core::akd_core::AkdLabel(update.label),
+                ktd_core::akd_core::AkdValue(update.value),
             )
         })
         .collect();
@@ -323,7 +241,7 @@ async fn drive<TC: Configuration>(
         partitions: outcome.top.partitions().to_vec(),
     };
     let response = sequencer
-        .commit_epoch(epoch, root_hash.to_vec(), codec::encode_epoch(&record))
+        .commit_epoch(epoch, root_hash.to_vec(), record.encode())
         .await?;
     sequencer.note_epoch_committed(&response, epoch);
     sequencer.update_traces().forget_through(epoch);
@@ -361,6 +279,7 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pb;
 
     fn state(open: u64, committed: u64) -> EpochState {
         EpochState {

@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use proto::ktd::sequencer::v1 as pb;
+use ktd_proto::ktd::sequencer::v1 as pb;
 use tonic::Code;
 
 use crate::error::Result;
@@ -414,31 +414,12 @@ impl Machine {
                 ),
             );
         }
-        let n_partitions = 1u64 << metadata.partition_bits;
-        let mut ids = HashSet::new();
-        for shard in &request.shards {
-            if shard.shard_id.is_empty() || !ids.insert(shard.shard_id.as_str()) {
-                return rejected(
-                    Code::InvalidArgument,
-                    format!(
-                        "shard ids must be non-empty and unique ({:?})",
-                        shard.shard_id
-                    ),
-                );
-            }
-            if let Some(partition) = shard
-                .partitions
-                .iter()
-                .find(|partition| u64::from(**partition) >= n_partitions)
-            {
-                return rejected(
-                    Code::InvalidArgument,
-                    format!(
-                        "shard {:?} owns partition {partition}, but the cluster has {n_partitions} partitions",
-                        shard.shard_id
-                    ),
-                );
-            }
+        // The one validation every holder of a shard map applies (`ktd_core::ShardMap::new`):
+        // a map a shard or the coordinator would refuse is refused before it is replicated.
+        if let Err(error) =
+            shard::replicated::shard_map_of(metadata.partition_bits, current + 1, &request.shards)
+        {
+            return rejected(Code::InvalidArgument, error.to_string());
         }
         self.state.shard_map = pb::ShardMap {
             version: current + 1,
@@ -458,12 +439,8 @@ pub fn validate_metadata(metadata: &pb::ClusterMetadata) -> std::result::Result<
             metadata.vrf_public_key.len()
         ));
     }
-    if metadata.partition_bits > 16 {
-        return Err(format!(
-            "partition bits must be at most 16, got {}",
-            metadata.partition_bits
-        ));
-    }
+    ktd_core::shard_map::check_partition_bits(u64::from(metadata.partition_bits))
+        .map_err(|error| error.to_string())?;
     if metadata.max_epoch_updates == 0 || metadata.idempotency_window == 0 {
         return Err("max_epoch_updates and idempotency_window must be positive".into());
     }

@@ -20,8 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use ktd_proto::ktd::sequencer::v1 as pb;
 use openraft::{Instant as _, ServerState};
-use proto::ktd::sequencer::v1 as pb;
 
 use crate::raft::NodeId;
 use crate::raft::types::{RaftMetrics, TypeConfig};

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use ktd_proto::ktd::sequencer::v1 as pb;
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{ChangeMembers, ReadPolicy, ServerState};
-use proto::ktd::sequencer::v1 as pb;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -453,7 +453,7 @@ impl Sequencer {
 
     /// Starts the epoch coordinator on this node: it drives sealed epochs through the shards
     /// reached by `connector` whenever this node leads, and stops with the node.
-    pub fn spawn_coordinator(&self, connector: Arc<dyn crate::coordinator::ShardConnector>) {
+    pub fn spawn_coordinator(&self, connector: Arc<dyn shard::cluster::ShardConnector>) {
         let shutdown = self.inner.shutdown.clone();
         self.spawn_task(crate::coordinator::run_configured(
             self.clone(),
@@ -473,8 +473,8 @@ impl Sequencer {
         let status = self.node_status();
         let leader = self.inner.leader.borrow().clone();
         metrics::gauge!("ktd_raft_term").set(status.term as f64);
-        proto::telemetry::log_context().set_term(status.term);
-        proto::telemetry::log_context().set_epoch(status.last_committed_epoch);
+        ktd_rpc::telemetry::log_context().set_term(status.term);
+        ktd_rpc::telemetry::log_context().set_epoch(status.last_committed_epoch);
         metrics::gauge!("ktd_raft_leader_id").set(status.leader_id as f64);
         metrics::gauge!("ktd_raft_is_leader").set(if leader.is_self { 1.0 } else { 0.0 });
         metrics::gauge!("ktd_raft_last_log_index").set(status.last_log_index as f64);
@@ -648,7 +648,7 @@ impl Sequencer {
             });
         }
         // A traced publish: remember its context for the epoch's coordinator.
-        let traced = proto::telemetry::current_traceparent().map(|traceparent| {
+        let traced = ktd_rpc::telemetry::current_traceparent().map(|traceparent| {
             let labels: Vec<Vec<u8>> = updates.iter().map(|update| update.label.clone()).collect();
             (traceparent, labels)
         });

@@ -25,7 +25,7 @@ use crate::node::Sequencer;
 use crate::raft::server::RaftService;
 
 /// The health service name of the data API (`""` is the whole server).
-pub const HEALTH_SERVICE: &str = <proto::ktd::sequencer::v1::sequencer_server::SequencerServer<
+pub const HEALTH_SERVICE: &str = <ktd_proto::ktd::sequencer::v1::sequencer_server::SequencerServer<
     ApiService,
 > as NamedService>::NAME;
 
@@ -37,9 +37,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let sequencer = Sequencer::start(config).await?;
-    sequencer.spawn_coordinator(std::sync::Arc::new(
-        crate::coordinator::GrpcConnector::default(),
-    ));
+    sequencer.spawn_coordinator(std::sync::Arc::new(shard::cluster::GrpcConnector::default()));
     serve(sequencer, listener, shutdown).await
 }
 
@@ -49,8 +47,7 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
     } else {
         ServingStatus::NotServing
     };
-    reporter.set_service_status("", status).await;
-    reporter.set_service_status(HEALTH_SERVICE, status).await;
+    ktd_rpc::health::set_health(reporter, &[HEALTH_SERVICE], status).await;
 }
 
 async fn track_health(
@@ -102,12 +99,12 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(10)));
-    let router = proto::security::server_builder(false)
+    let router = ktd_rpc::security::server_builder(false)
         .map_err(|error| SequencerError::InvalidConfig(error.to_string()))?
         .tcp_nodelay(true)
-        .layer(proto::telemetry::GrpcServerLayer::new("sequencer"))
-        .layer(proto::security::AuthorizeLayer::new(
-            proto::security::sequencer_policy,
+        .layer(ktd_rpc::telemetry::GrpcServerLayer::new("sequencer"))
+        .layer(ktd_rpc::security::AuthorizeLayer::new(
+            ktd_rpc::security::sequencer_policy,
         ))
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))

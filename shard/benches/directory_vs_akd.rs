@@ -22,11 +22,12 @@ use akd::storage::StorageManager;
 use akd::storage::memory::AsyncInMemoryDatabase;
 use akd_core::configuration::WhatsAppV1Configuration;
 use akd_core::{AkdLabel, AkdValue, VersionFreshness};
+use ktd_core::AkdConfig;
+use ktd_core::vrf::VrfKey;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use shard::vrf::VrfKey;
-use shard::{AkdConfig, Directory, DirectoryOptions};
+use shard::{Directory, DirectoryOptions};
 
 const SEED: u64 = 2026;
 const LOOKUPS: usize = 500;

@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use akd_core::{AkdLabel, AkdValue};
+use ktd_core::AkdConfig;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use shard::store::StoreOptions;
-use shard::{AkdConfig, Directory, DirectoryOptions};
+use shard::{Directory, DirectoryOptions};
 
 const SEED: u64 = 7;
 

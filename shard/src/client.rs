@@ -11,20 +11,20 @@ use std::time::Duration;
 
 use akd_core::verify::history::HistoryParams;
 use akd_core::{AkdLabel, AkdValue};
-use proto::ktd::shard::v1 as pb;
-use proto::ktd::shard::v1::shard_client::ShardClient;
+use ktd_proto::ktd::shard::v1 as pb;
+use ktd_proto::ktd::shard::v1::shard_client::ShardClient;
 use tonic::transport::Channel;
 
-use crate::api::{
-    BuildSummary, PrepareSummary, ShardApi, ShardInfo, ShardMap, ShardStatus, UpdateTrace,
-};
+use crate::api::{BuildSummary, PrepareSummary, ShardApi, ShardStatus, UpdateTrace};
 use crate::error::{Error, LabelTag, Result};
 use crate::local::PeerResolver;
-use crate::proof::{AbsencePlan, HistoryPlan, LookupPlan};
 use crate::server::MAX_MESSAGE_BYTES;
-use crate::tree::audit::AppendOnlySlice;
-use crate::tree::{LeavesByPartition, NodeRef, PartitionWalk, WalkRequest};
 use crate::wire::{self, Decoder};
+use ktd_core::Error as CoreError;
+use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan};
+use ktd_core::tree::audit::AppendOnlySlice;
+use ktd_core::tree::{LeavesByPartition, NodeRef, PartitionWalk, WalkRequest};
+use ktd_core::{ShardInfo, ShardMap};
 
 /// Deadlines for calls to shards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,9 +58,9 @@ pub struct GrpcShard {
 impl GrpcShard {
     /// A client of `info`'s server; connects on first use and reconnects as needed.
     pub fn connect_lazy(info: &ShardInfo, timeouts: ClientTimeouts) -> Result<Self> {
-        let endpoint = proto::security::endpoint(&info.address)
+        let endpoint = ktd_rpc::security::endpoint(&info.address)
             .map_err(|error| {
-                Error::InvalidConfig(format!(
+                CoreError::InvalidConfig(format!(
                     "shard {} address {:?}: {error}",
                     info.id, info.address
                 ))
@@ -81,7 +81,7 @@ impl GrpcShard {
 
     fn request<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        proto::telemetry::inject_context(&mut request);
+        ktd_rpc::telemetry::inject_context(&mut request);
         request.set_timeout(timeout);
         request
     }
@@ -241,7 +241,7 @@ impl ShardApi for GrpcShard {
             .await
             .map_err(|status| match status.code() {
                 // The one precondition the shard checks: the label has a version.
-                tonic::Code::FailedPrecondition => Error::LabelExists { label, epoch },
+                tonic::Code::FailedPrecondition => CoreError::LabelExists { label, epoch }.into(),
                 _ => self.remote(status),
             })?
             .into_inner();
@@ -256,7 +256,7 @@ impl ShardApi for GrpcShard {
     ) -> Result<HistoryPlan> {
         let most_recent = match params {
             HistoryParams::Complete => 0,
-            HistoryParams::MostRecent(0) => return Err(Error::EmptyHistoryRequest),
+            HistoryParams::MostRecent(0) => return Err(CoreError::EmptyHistoryRequest.into()),
             HistoryParams::MostRecent(n) => n as u64,
         };
         let request = pb::HistoryPlanRequest {

@@ -4,7 +4,7 @@
 //! shard prepares its users' leaves and delivers them to the partition owners, every shard builds
 //! its partitions, and the partition roots are stitched into the epoch's [`TopTree`]. Gateways
 //! call [`lookup`], [`key_history`] and [`audit_step`]: the user's shard plans the proof (versions,
-//! VRF proofs), the top tree locates each claim, the partition owners walk, and [`crate::stitch`]
+//! VRF proofs), the top tree locates each claim, the partition owners walk, and [`ktd_core::stitch`]
 //! joins the pieces. `ktd dev` runs the same code against one in-process shard.
 //!
 //! Each phase runs in a span (`ktd.epoch.prepare`, `ktd.epoch.build`); updates whose publish
@@ -26,13 +26,16 @@ use akd_core::{AkdLabel, AkdValue, HistoryProof, LookupProof, SingleAppendOnlyPr
 use futures::future::try_join_all;
 use tracing::Instrument;
 
-use crate::api::{ShardApi, ShardMap, UpdateTrace};
+use crate::api::{ShardApi, UpdateTrace};
+use crate::client::{ClientTimeouts, GrpcPeers};
 use crate::error::{Error, Result};
-use crate::label;
 use crate::local::PeerResolver;
-use crate::proof::{AbsenceProof, Claim, LocatedClaims, TreeProof};
-use crate::stitch::{self, TopTree};
-use crate::tree::{NodeRef, PartitionWalk, WalkRequest};
+use ktd_core::Error as CoreError;
+use ktd_core::ShardMap;
+use ktd_core::label;
+use ktd_core::proof::{AbsenceProof, Claim, LocatedClaims, TreeProof};
+use ktd_core::stitch::{self, TopTree};
+use ktd_core::tree::{NodeRef, PartitionWalk, WalkRequest};
 
 /// The shards of a directory and a client for each.
 #[derive(Clone)]
@@ -57,10 +60,9 @@ impl ShardSet {
             .iter()
             .find(|shard| !apis.contains_key(&shard.id))
         {
-            return Err(Error::InvalidConfig(format!(
-                "no client for shard {}",
-                shard.id
-            )));
+            return Err(
+                CoreError::InvalidConfig(format!("no client for shard {}", shard.id)).into(),
+            );
         }
         Ok(Self { map, apis })
     }
@@ -84,11 +86,55 @@ impl ShardSet {
     pub fn api(&self, id: &str) -> Result<&Arc<dyn ShardApi>> {
         self.apis
             .get(id)
-            .ok_or_else(|| Error::InvalidConfig(format!("no client for shard {id}")))
+            .ok_or_else(|| Error::invalid_config(format!("no client for shard {id}")))
     }
 
     fn partition_api(&self, partition: u32) -> Result<&Arc<dyn ShardApi>> {
         self.api(&self.map.partition_owner(partition).id)
+    }
+}
+
+/// How a process reaches the shards of a shard map: the coordinator to drive epochs, gateways
+/// to read.
+pub trait ShardConnector: Send + Sync {
+    /// A [`ShardSet`] for `map` (gRPC clients in a cluster, the in-process shard in `ktd dev`).
+    fn connect(&self, map: ShardMap) -> Result<ShardSet>;
+}
+
+/// Reaches shards over gRPC (the production connector): one pooled client per shard address.
+#[derive(Debug, Default)]
+pub struct GrpcConnector {
+    peers: GrpcPeers,
+}
+
+impl GrpcConnector {
+    /// A connector whose clients use `timeouts`.
+    pub fn new(timeouts: ClientTimeouts) -> Self {
+        Self {
+            peers: GrpcPeers::new(timeouts),
+        }
+    }
+}
+
+impl ShardConnector for GrpcConnector {
+    fn connect(&self, map: ShardMap) -> Result<ShardSet> {
+        ShardSet::resolve(map, &self.peers)
+    }
+}
+
+/// Always the same shard set (the in-process shard of `ktd dev`, tests).
+#[derive(Debug)]
+pub struct FixedShards(pub ShardSet);
+
+impl ShardConnector for FixedShards {
+    fn connect(&self, map: ShardMap) -> Result<ShardSet> {
+        if map.shards != self.0.map().shards {
+            return Err(Error::invalid_config(format!(
+                "the cluster's shard map (version {}) is not the one this process serves",
+                map.version
+            )));
+        }
+        Ok(self.0.clone())
     }
 }
 
@@ -220,9 +266,9 @@ async fn walk_on_shards(shards: &ShardSet, requests: &[WalkRequest]) -> Result<V
     let mut walks: Vec<Option<PartitionWalk>> = vec![None; requests.len()];
     for (indexes, answers) in try_join_all(calls).await? {
         if answers.len() != indexes.len() {
-            return Err(Error::Proof(
-                "a shard answered the wrong number of walks".into(),
-            ));
+            return Err(
+                CoreError::Proof("a shard answered the wrong number of walks".into()).into(),
+            );
         }
         for (index, walk) in indexes.into_iter().zip(answers) {
             walks[index] = Some(walk);
@@ -230,7 +276,7 @@ async fn walk_on_shards(shards: &ShardSet, requests: &[WalkRequest]) -> Result<V
     }
     walks
         .into_iter()
-        .map(|walk| walk.ok_or_else(|| Error::Proof("a walk went unanswered".into())))
+        .map(|walk| walk.ok_or_else(|| CoreError::Proof("a walk went unanswered".into()).into()))
         .collect()
 }
 
@@ -241,7 +287,7 @@ async fn prove_on_shards<TC: Configuration>(
 ) -> Result<Vec<TreeProof>> {
     let located = LocatedClaims::new(top, claims);
     let walks = walk_on_shards(shards, located.walk_requests()).await?;
-    located.finish(walks)
+    Ok(located.finish(walks)?)
 }
 
 /// akd's lookup proof of `akd_label` as of `epoch`, whose top tree is `top`.
@@ -257,7 +303,7 @@ pub async fn lookup<TC: Configuration>(
         .lookup_plan(akd_label.clone(), epoch)
         .await?;
     let proofs = prove_on_shards(shards, top, &plan.claims()).await?;
-    plan.assemble(proofs)
+    Ok(plan.assemble(proofs)?)
 }
 
 /// Proof that `akd_label` has no version as of `epoch`, whose top tree is `top`.
@@ -268,7 +314,7 @@ pub async fn absence<TC: Configuration>(
     akd_label: &AkdLabel,
 ) -> Result<AbsenceProof> {
     if top.partitions().iter().all(Option::is_none) {
-        return Err(Error::EmptyDirectory { epoch });
+        return Err(CoreError::EmptyDirectory { epoch }.into());
     }
     let owner = shards.map.user_owner(akd_label).id.clone();
     let plan = shards
@@ -276,7 +322,7 @@ pub async fn absence<TC: Configuration>(
         .absence_plan(akd_label.clone(), epoch)
         .await?;
     let proofs = prove_on_shards(shards, top, &plan.claims()).await?;
-    plan.assemble(proofs)
+    Ok(plan.assemble(proofs)?)
 }
 
 /// akd's history proof of `akd_label` as of `epoch`, whose top tree is `top`.
@@ -293,7 +339,7 @@ pub async fn key_history<TC: Configuration>(
         .history_plan(akd_label.clone(), params, epoch)
         .await?;
     let proofs = prove_on_shards(shards, top, &plan.claims()).await?;
-    plan.assemble(proofs)
+    Ok(plan.assemble(proofs)?)
 }
 
 /// The append-only step `start_epoch → start_epoch + 1`, where `end` is the top tree of

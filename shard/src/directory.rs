@@ -1,8 +1,8 @@
 //! The in-process directory: `2^k` tree partitions in one RocksDB, driven together.
 //!
 //! This is the embedded core that `ktd dev` runs, and the reference the distributed pipeline is
-//! built from: publish computes leaves ([`crate::user`]), inserts each partition's leaves with
-//! [`crate::tree::insert_leaves`] in parallel, stitches the root with [`crate::stitch`], and
+//! built from: publish computes leaves ([`ktd_core::user`]), inserts each partition's leaves with
+//! [`ktd_core::tree::insert_leaves`] in parallel, stitches the root with [`ktd_core::stitch`], and
 //! commits the epoch record; proofs locate in the top tree, walk partitions, and stitch.
 //!
 //! ```text
@@ -27,15 +27,17 @@ use akd_core::verify::history::HistoryParams;
 use akd_core::{AkdLabel, AkdValue, AppendOnlyProof, HistoryProof, LookupProof};
 use rayon::prelude::*;
 
-use crate::config::{AkdConfig, Experimental, WhatsAppV1};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::node::ShardNode;
-use crate::proof::{AbsenceProof, prove_claims};
-use crate::stitch::{self, TopTree};
-use crate::store::{DirectoryMeta, EpochRecord, RocksStore, StoreOptions};
-use crate::tree;
-use crate::user::{UpdateLimits, UserVersion};
-use crate::vrf::VrfKey;
+use crate::store::{DirectoryMeta, RocksStore, StoreOptions};
+use ktd_core::EpochRecord;
+use ktd_core::Error as CoreError;
+use ktd_core::config::{AkdConfig, Experimental, WhatsAppV1};
+use ktd_core::proof::{AbsenceProof, prove_claims};
+use ktd_core::stitch::{self, TopTree};
+use ktd_core::tree;
+use ktd_core::user::{UpdateLimits, UserVersion};
+use ktd_core::vrf::VrfKey;
 
 macro_rules! dispatch {
     ($self:expr, $core:ident => $body:expr) => {
@@ -45,9 +47,6 @@ macro_rules! dispatch {
         }
     };
 }
-
-/// Largest supported number of partition bits.
-pub const MAX_PARTITION_BITS: u8 = 12;
 
 /// An epoch and its root hash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,14 +168,9 @@ impl Directory {
     /// Opens (or creates) the directory at `path` with the VRF key from `vrf_seed`.
     ///
     /// An existing directory must have been created with the same configuration, partition
-    /// bits and VRF key; anything else is [`Error::IncompatibleDataDir`].
+    /// bits and VRF key; anything else is [`crate::Error::IncompatibleDataDir`].
     pub fn open(path: &Path, options: DirectoryOptions, vrf_seed: &[u8]) -> Result<Self> {
-        if options.partition_bits > MAX_PARTITION_BITS {
-            return Err(Error::InvalidConfig(format!(
-                "partition bits must be at most {MAX_PARTITION_BITS}, got {}",
-                options.partition_bits
-            )));
-        }
+        ktd_core::shard_map::check_partition_bits(u64::from(options.partition_bits))?;
         options.config.install()?;
         let vrf = VrfKey::from_seed(vrf_seed)?;
         let inner = match options.config {
@@ -323,10 +317,11 @@ impl<TC: Configuration> Core<TC> {
         };
         let top = TopTree::<TC>::new(options.partition_bits, record.partitions)?;
         if top.root_hash() != record.root_hash {
-            return Err(Error::Corrupt(format!(
+            return Err(CoreError::Corrupt(format!(
                 "epoch {}: stored root hash does not match its partition roots",
                 record.epoch
-            )));
+            ))
+            .into());
         }
         // Node versions above the last committed epoch belong to an interrupted publish.
         store.discard_nodes_from(record.epoch + 1)?;
@@ -366,13 +361,14 @@ impl<TC: Configuration> Core<TC> {
             return Ok(current);
         }
         if epoch > current.epoch {
-            return Err(Error::EpochNotFound {
+            return Err(CoreError::EpochNotFound {
                 epoch,
                 latest: current.epoch,
-            });
+            }
+            .into());
         }
         let record = self.node.store().epoch(epoch)?.ok_or_else(|| {
-            Error::Corrupt(format!(
+            CoreError::Corrupt(format!(
                 "epoch {epoch} is below the latest epoch but has no record"
             ))
         })?;
@@ -444,10 +440,11 @@ impl<TC: Configuration> Core<TC> {
     fn commit(&self, record: EpochRecord, versions: &[(AkdLabel, UserVersion)]) -> Result<()> {
         let expected = self.current().epoch + 1;
         if record.epoch != expected {
-            return Err(Error::EpochOutOfOrder {
+            return Err(CoreError::EpochOutOfOrder {
                 epoch: record.epoch,
                 previous: expected - 1,
-            });
+            }
+            .into());
         }
         self.node.store().commit_epoch(&record, versions)?;
         let epoch = record.epoch;
@@ -460,7 +457,9 @@ impl<TC: Configuration> Core<TC> {
         Ok(())
     }
 
-    fn walker(&self) -> impl FnOnce(&[tree::WalkRequest]) -> Result<Vec<tree::PartitionWalk>> + '_ {
+    fn walker(
+        &self,
+    ) -> impl FnOnce(&[tree::WalkRequest]) -> ktd_core::Result<Vec<tree::PartitionWalk>> + '_ {
         move |requests| self.node.walk(requests)
     }
 
@@ -479,7 +478,7 @@ impl<TC: Configuration> Core<TC> {
         let view = self.view(epoch)?;
         let plan = self.node.absence_plan(akd_label, view.epoch)?;
         if view.top.partitions().iter().all(Option::is_none) {
-            return Err(Error::EmptyDirectory { epoch: view.epoch });
+            return Err(CoreError::EmptyDirectory { epoch: view.epoch }.into());
         }
         let proofs = prove_claims(&view.top, &plan.claims(), self.walker())?;
         Ok((plan.assemble(proofs)?, view.epoch_hash()))
@@ -499,11 +498,11 @@ impl<TC: Configuration> Core<TC> {
 
     fn audit(&self, start: u64, end: u64) -> Result<AppendOnlyProof> {
         if start >= end {
-            return Err(Error::InvalidAuditRange { start, end });
+            return Err(CoreError::InvalidAuditRange { start, end }.into());
         }
         let latest = self.current().epoch;
         if end > latest {
-            return Err(Error::EpochNotFound { epoch: end, latest });
+            return Err(CoreError::EpochNotFound { epoch: end, latest }.into());
         }
         let mut proof = AppendOnlyProof {
             proofs: Vec::with_capacity((end - start) as usize),

@@ -15,14 +15,16 @@ use akd_core::verify::history::HistoryParams;
 use akd_core::{AkdLabel, AkdValue};
 use futures::future::try_join_all;
 
-use crate::api::{
-    BuildSummary, PrepareSummary, ShardApi, ShardInfo, ShardMap, ShardStatus, UpdateTrace,
-};
+use crate::api::{BuildSummary, PrepareSummary, ShardApi, ShardStatus, UpdateTrace};
 use crate::error::{Error, Result};
 use crate::node::ShardNode;
-use crate::proof::{AbsencePlan, HistoryPlan, LookupPlan};
-use crate::tree::audit::AppendOnlySlice;
-use crate::tree::{LeavesByPartition, NewLeaf, NodeRef, PartitionWalk, SortedLeaves, WalkRequest};
+use ktd_core::Error as CoreError;
+use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan};
+use ktd_core::tree::audit::AppendOnlySlice;
+use ktd_core::tree::{
+    LeavesByPartition, NewLeaf, NodeRef, PartitionWalk, SortedLeaves, WalkRequest,
+};
+use ktd_core::{ShardInfo, ShardMap};
 
 /// Finds the [`ShardApi`] of another shard (a pooled gRPC client in a cluster).
 pub trait PeerResolver: Send + Sync {
@@ -36,10 +38,11 @@ pub struct NoPeers;
 
 impl PeerResolver for NoPeers {
     fn peer(&self, info: &ShardInfo) -> Result<Arc<dyn ShardApi>> {
-        Err(Error::InvalidConfig(format!(
+        Err(CoreError::InvalidConfig(format!(
             "no route to shard {} in a single-shard process",
             info.id
-        )))
+        ))
+        .into())
     }
 }
 
@@ -72,7 +75,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|error| Error::Storage {
+        .map_err(|error| CoreError::Storage {
             context: "run blocking shard work",
             message: error.to_string(),
         })?
@@ -128,21 +131,22 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         // One span per traced update, in its publish's trace, open while the shard prepares it.
         let _update_spans = update_spans(&self.id, epoch, updates.len(), &traces);
         if epoch == 0 {
-            return Err(Error::EpochOutOfOrder { epoch, previous: 0 });
+            return Err(CoreError::EpochOutOfOrder { epoch, previous: 0 }.into());
         }
         let me = map.shard(&self.id).ok_or_else(|| {
-            Error::InvalidConfig(format!("shard {} is not in the shard map", self.id))
+            CoreError::InvalidConfig(format!("shard {} is not in the shard map", self.id))
         })?;
         if let Some((akd_label, _)) = updates
             .iter()
             .find(|(akd_label, _)| map.user_owner(akd_label).id != self.id)
         {
-            return Err(Error::InvalidConfig(format!(
+            return Err(CoreError::InvalidConfig(format!(
                 "user {} belongs to shard {}, not {}",
                 crate::error::LabelTag::of(akd_label),
                 map.user_owner(akd_label).id,
                 self.id
-            )));
+            ))
+            .into());
         }
         self.node.limits().check_batch(&updates)?;
         let n_updates = updates.len() as u64;
@@ -201,7 +205,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
     ) -> Result<()> {
         let node = self.node.clone();
         let from = from.to_string();
-        blocking(move || node.store().put_inbox(epoch, &from, &leaves)).await
+        blocking(move || Ok(node.store().put_inbox(epoch, &from, &leaves)?)).await
     }
 
     async fn build_epoch(
@@ -211,7 +215,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         senders: Vec<String>,
     ) -> Result<BuildSummary> {
         if epoch == 0 {
-            return Err(Error::EpochOutOfOrder { epoch, previous: 0 });
+            return Err(CoreError::EpochOutOfOrder { epoch, previous: 0 }.into());
         }
         let node = self.node.clone();
         let summary = blocking(move || {
@@ -226,7 +230,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
                     by_partition
                         .get_mut(&partition)
                         .ok_or_else(|| {
-                            Error::InvalidConfig(format!("shard {sender} delivered leaves for partition {partition}, which is not built here"))
+                            CoreError::InvalidConfig(format!("shard {sender} delivered leaves for partition {partition}, which is not built here"))
                         })?
                         .extend(leaves);
                 }
@@ -237,7 +241,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
                     let leaves = by_partition.remove(partition).unwrap_or_default();
                     (!leaves.is_empty()).then(|| SortedLeaves::new(leaves).map(|leaves| (*partition, *root, leaves)))
                 })
-                .collect::<Result<Vec<_>>>()?;
+                .collect::<ktd_core::Result<Vec<_>>>()?;
             let built = node.build_partitions(epoch, inputs)?;
             let mut roots: HashMap<u32, Option<NodeRef>> = base_roots.into_iter().collect();
             roots.extend(built.roots);
@@ -258,7 +262,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
 
     async fn walk(&self, requests: Vec<WalkRequest>) -> Result<Vec<PartitionWalk>> {
         let node = self.node.clone();
-        blocking(move || node.walk(&requests)).await
+        blocking(move || Ok(node.walk(&requests)?)).await
     }
 
     async fn append_only_slice(&self, root: NodeRef, start_epoch: u64) -> Result<AppendOnlySlice> {
@@ -309,7 +313,7 @@ fn update_spans(shard: &str, epoch: u64, len: usize, traces: &[UpdateTrace]) -> 
         .filter(|trace| (trace.index as usize) < len)
         .take(len)
         .filter_map(|trace| {
-            let parent = proto::telemetry::context_from_traceparent(&trace.traceparent)?;
+            let parent = ktd_rpc::telemetry::context_from_traceparent(&trace.traceparent)?;
             let span = tracing::info_span!(
                 "prepare_update",
                 otel.name = "ktd.shard.prepare_update",

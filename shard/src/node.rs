@@ -25,21 +25,17 @@ use akd_core::verify::history::HistoryParams;
 use akd_core::{AkdLabel, AkdValue};
 use rayon::prelude::*;
 
-use crate::error::{Error, LabelTag, Result};
-use crate::label;
-use crate::proof::{AbsencePlan, HistoryPlan, LookupPlan};
+use crate::error::{LabelTag, Result};
 use crate::store::RocksStore;
-use crate::tree::audit::{AppendOnlySlice, append_only_slice};
-use crate::tree::{
+use ktd_core::Error as CoreError;
+use ktd_core::label;
+use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan};
+use ktd_core::tree::audit::{AppendOnlySlice, append_only_slice};
+use ktd_core::tree::{
     self, InteriorNode, NodeKey, NodeRef, PartitionWalk, SortedLeaves, TreeStore, WalkRequest,
 };
-use crate::user::{self, LabelCache, UpdateLimits, UserVersion};
-use crate::vrf::VrfKey;
-
-/// The user partition of `akd_label`: the top `bits` bits of `blake3(akd_label)` (DESIGN §3).
-pub fn user_partition(akd_label: &[u8], bits: u8) -> u32 {
-    label::partition_of(blake3::hash(akd_label).as_bytes(), bits)
-}
+use ktd_core::user::{self, LabelCache, UpdateLimits, UserVersion};
+use ktd_core::vrf::VrfKey;
 
 /// The leaves one epoch's updates produce, and the user versions they create.
 #[derive(Clone, Debug, Default)]
@@ -110,18 +106,13 @@ impl<TC: Configuration> ShardNode<TC> {
     /// the same configuration, partition bits and VRF key.
     pub fn open(
         path: &std::path::Path,
-        config: &crate::AkdConfig,
+        config: &ktd_core::AkdConfig,
         bits: u8,
         vrf: VrfKey,
         limits: UpdateLimits,
         store_options: crate::store::StoreOptions,
     ) -> Result<Self> {
-        if bits > crate::directory::MAX_PARTITION_BITS {
-            return Err(Error::InvalidConfig(format!(
-                "partition bits must be at most {}, got {bits}",
-                crate::directory::MAX_PARTITION_BITS
-            )));
-        }
+        ktd_core::shard_map::check_partition_bits(u64::from(bits))?;
         config.install()?;
         let expected = crate::store::DirectoryMeta {
             configuration: config.to_string(),
@@ -250,14 +241,14 @@ impl<TC: Configuration> ShardNode<TC> {
                     if leaves.as_slice().iter().any(|leaf| {
                         label::partition_of(&leaf.label.label_val, self.bits) != partition
                     }) {
-                        return Err(Error::Corrupt(format!(
+                        return Err(CoreError::Corrupt(format!(
                             "leaves routed to the wrong partition {partition}"
                         )));
                     }
                     tree::insert_leaves::<TC, _>(&timed_store, root, &leaves, epoch)
                         .map(|delta| (partition, delta))
                 })
-                .collect::<Result<_>>()?;
+                .collect::<ktd_core::Result<_>>()?;
         let tree = started.elapsed();
         let node_reads = Duration::from_nanos(timed_store.nanos.load(Ordering::Relaxed));
 
@@ -279,7 +270,7 @@ impl<TC: Configuration> ShardNode<TC> {
     }
 
     /// Proof walks inside this node's partitions, from the roots given in the requests.
-    pub fn walk(&self, requests: &[WalkRequest]) -> Result<Vec<PartitionWalk>> {
+    pub fn walk(&self, requests: &[WalkRequest]) -> ktd_core::Result<Vec<PartitionWalk>> {
         tree::walk::<TC, _>(&*self.store, requests)
     }
 
@@ -290,7 +281,7 @@ impl<TC: Configuration> ShardNode<TC> {
         root: Option<NodeRef>,
         start_epoch: u64,
     ) -> Result<AppendOnlySlice> {
-        append_only_slice::<TC, _>(&*self.store, root, start_epoch)
+        Ok(append_only_slice::<TC, _>(&*self.store, root, start_epoch)?)
     }
 
     /// The lookup plan of `akd_label` as of `epoch` (its latest version then, and VRF proofs).
@@ -299,22 +290,23 @@ impl<TC: Configuration> ShardNode<TC> {
         let latest =
             self.store
                 .latest_user_version(akd_label, epoch)?
-                .ok_or(Error::LabelNotFound {
+                .ok_or(CoreError::LabelNotFound {
                     label: LabelTag::of(akd_label),
                     epoch,
                 })?;
         Ok(LookupPlan::new::<TC>(&self.vrf, akd_label, latest))
     }
 
-    /// The absence plan of `akd_label` as of `epoch`; [`Error::LabelExists`] if it has a
+    /// The absence plan of `akd_label` as of `epoch`; [`CoreError::LabelExists`] if it has a
     /// version then.
     pub fn absence_plan(&self, akd_label: &AkdLabel, epoch: u64) -> Result<AbsencePlan> {
         self.limits.check_label(akd_label)?;
         if self.store.latest_user_version(akd_label, epoch)?.is_some() {
-            return Err(Error::LabelExists {
+            return Err(CoreError::LabelExists {
                 label: LabelTag::of(akd_label),
                 epoch,
-            });
+            }
+            .into());
         }
         Ok(AbsencePlan::new::<TC>(&self.vrf, akd_label))
     }
@@ -328,7 +320,9 @@ impl<TC: Configuration> ShardNode<TC> {
     ) -> Result<HistoryPlan> {
         self.limits.check_label(akd_label)?;
         let versions = self.store.user_versions(akd_label, epoch)?;
-        HistoryPlan::new::<TC>(&self.vrf, akd_label, versions, params, epoch)
+        Ok(HistoryPlan::new::<TC>(
+            &self.vrf, akd_label, versions, params, epoch,
+        )?)
     }
 }
 
@@ -339,7 +333,7 @@ struct TimedStore<'a> {
 }
 
 impl TreeStore for TimedStore<'_> {
-    fn read_nodes(&self, keys: &[NodeKey]) -> Result<Vec<Option<InteriorNode>>> {
+    fn read_nodes(&self, keys: &[NodeKey]) -> ktd_core::Result<Vec<Option<InteriorNode>>> {
         let started = Instant::now();
         let nodes = self.inner.read_nodes(keys);
         self.nanos

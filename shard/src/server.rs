@@ -4,40 +4,51 @@
 
 use std::sync::Arc;
 
-use proto::ktd::shard::v1 as pb;
+use ktd_proto::ktd::shard::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::api::{ShardApi, UpdateTrace};
 use crate::error::Error;
 use crate::wire::{self, Decoder};
+use ktd_core::Error as CoreError;
 
 /// Largest message a shard sends or accepts (audit slices and leaf deliveries can be large).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// The gRPC code of a core error: the caller's input, a state that does not allow the call,
+/// data loss, or an internal failure.
+pub fn core_code(error: &CoreError) -> tonic::Code {
+    use tonic::Code;
+    match error {
+        CoreError::DuplicateLabel { .. }
+        | CoreError::EmptyLabel
+        | CoreError::LabelTooLong { .. }
+        | CoreError::ValueTooLarge { .. }
+        | CoreError::BatchTooLarge { .. }
+        | CoreError::InvalidAuditRange { .. }
+        | CoreError::EmptyHistoryRequest
+        | CoreError::InvalidSeedLength { .. }
+        | CoreError::InvalidConfig(_) => Code::InvalidArgument,
+        CoreError::EpochNotFound { .. } | CoreError::LabelNotFound { .. } => Code::NotFound,
+        CoreError::EpochOutOfOrder { .. }
+        | CoreError::LeafExists { .. }
+        | CoreError::LabelExists { .. }
+        | CoreError::EmptyDirectory { .. } => Code::FailedPrecondition,
+        CoreError::Corrupt(_) => Code::DataLoss,
+        CoreError::Storage { .. } | CoreError::Vrf(_) | CoreError::Proof(_) => Code::Internal,
+    }
+}
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let message = error.to_string();
         match error {
-            Error::DuplicateLabel { .. }
-            | Error::EmptyLabel
-            | Error::LabelTooLong { .. }
-            | Error::ValueTooLarge { .. }
-            | Error::BatchTooLarge { .. }
-            | Error::InvalidAuditRange { .. }
-            | Error::EmptyHistoryRequest
-            | Error::InvalidSeedLength { .. }
-            | Error::InvalidConfig(_)
-            | Error::BadMessage { .. } => Status::invalid_argument(message),
-            Error::EpochNotFound { .. } | Error::LabelNotFound { .. } => Status::not_found(message),
-            Error::IncompatibleDataDir { .. }
-            | Error::EpochOutOfOrder { .. }
-            | Error::MissingDelivery { .. }
-            | Error::LeafExists { .. }
-            | Error::LabelExists { .. }
-            | Error::EmptyDirectory { .. } => Status::failed_precondition(message),
-            Error::Corrupt(_) => Status::data_loss(message),
+            Error::Core(core) => Status::new(core_code(&core), message),
+            Error::BadMessage { .. } => Status::invalid_argument(message),
+            Error::IncompatibleDataDir { .. } | Error::MissingDelivery { .. } => {
+                Status::failed_precondition(message)
+            }
             Error::Remote { code, message, .. } => Status::new(code, message),
-            Error::Storage { .. } | Error::Vrf(_) | Error::Proof(_) => Status::internal(message),
         }
     }
 }

@@ -5,14 +5,14 @@
 //! 256 bits and canonical, known enum values) and returns [`Error::BadMessage`], never panics.
 
 use akd_core::{AkdValue, AzksValue, NodeLabel};
-use proto::ktd::shard::v1 as pb;
-use proto::ktd::v1 as akd_pb;
+use ktd_proto::ktd::shard::v1 as pb;
+use ktd_proto::ktd::v1 as akd_pb;
 
 use crate::error::{Error, Result};
-use crate::proof::{AbsencePlan, HistoryPlan, LookupPlan, ProvenLabel, UpdatePlan};
-use crate::tree::audit::AppendOnlySlice;
-use crate::tree::{LeavesByPartition, NewLeaf, NodeRef, PartitionWalk, WalkRequest};
-use crate::user::UserVersion;
+use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan, ProvenLabel, UpdatePlan};
+use ktd_core::tree::audit::AppendOnlySlice;
+use ktd_core::tree::{LeavesByPartition, NewLeaf, NodeRef, PartitionWalk, WalkRequest};
+use ktd_core::user::UserVersion;
 
 /// Builds decode errors attributed to `peer`.
 #[derive(Clone, Copy, Debug)]
@@ -395,7 +395,7 @@ pub fn history_plan(plan: &HistoryPlan) -> pb::HistoryPlanResponse {
 }
 
 /// Encodes a shard map.
-pub fn shard_map(map: &crate::api::ShardMap) -> pb::ShardMap {
+pub fn shard_map(map: &ktd_core::ShardMap) -> pb::ShardMap {
     pb::ShardMap {
         version: map.version,
         partition_bits: u32::from(map.bits),
@@ -413,21 +413,19 @@ pub fn shard_map(map: &crate::api::ShardMap) -> pb::ShardMap {
 
 impl Decoder<'_> {
     /// A shard map (checked: every partition owned exactly once).
-    pub fn shard_map(&self, map: &pb::ShardMap) -> Result<crate::api::ShardMap> {
-        let bits = u8::try_from(map.partition_bits)
-            .ok()
-            .filter(|bits| *bits <= crate::directory::MAX_PARTITION_BITS)
-            .ok_or_else(|| self.bad(format!("partition bits {}", map.partition_bits)))?;
+    pub fn shard_map(&self, map: &pb::ShardMap) -> Result<ktd_core::ShardMap> {
+        let bits = ktd_core::shard_map::check_partition_bits(u64::from(map.partition_bits))
+            .map_err(|error| self.bad(error.to_string()))?;
         let shards = map
             .shards
             .iter()
-            .map(|shard| crate::api::ShardInfo {
+            .map(|shard| ktd_core::ShardInfo {
                 id: shard.id.clone(),
                 address: shard.address.clone(),
                 partitions: shard.partitions.clone(),
             })
             .collect();
-        crate::api::ShardMap::new(map.version, bits, shards)
+        ktd_core::ShardMap::new(map.version, bits, shards)
             .map_err(|error| self.bad(error.to_string()))
     }
 

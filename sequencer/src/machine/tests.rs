@@ -425,5 +425,26 @@ fn shard_map_is_versioned_and_checked() {
         Some(Code::Aborted),
         "stale version"
     );
+    // The same checks a shard and the coordinator apply (`ktd_core::ShardMap::new`): a map
+    // with a gap, an overlap or a repeated id is refused before it is replicated, since
+    // every epoch after it would fail.
+    for (shards, what) in [
+        (vec![shard("s1", vec![0, 1]), shard("s2", vec![3])], "gap"),
+        (
+            vec![shard("s1", vec![0, 1, 2]), shard("s2", vec![2, 3])],
+            "overlap",
+        ),
+        (
+            vec![shard("s1", vec![0, 1]), shard("s1", vec![2, 3])],
+            "repeated id",
+        ),
+        (Vec::new(), "no shard"),
+    ] {
+        assert_eq!(
+            rejection_code(&harness.run(set(shards, 1))),
+            Some(Code::InvalidArgument),
+            "{what}"
+        );
+    }
     assert_eq!(harness.machine.state().shard_map.version, 1);
 }

@@ -6,12 +6,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ktd_proto::ktd::raft::v1 as pb;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, StreamAppendError, StreamAppendResult,
     TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::vote::RaftLeaderId;
-use proto::ktd::raft::v1 as pb;
 
 use crate::error::{Result, SequencerError};
 use crate::raft::types::{
@@ -403,7 +403,7 @@ pub fn transfer_response_from_pb(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::ktd::sequencer::v1 as api;
+    use ktd_proto::ktd::sequencer::v1 as api;
 
     #[test]
     fn entries_round_trip() {

@@ -27,8 +27,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ktd_proto::ktd::raft::v1 as pb;
 use prost::Message;
-use proto::ktd::raft::v1 as pb;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 
 use crate::error::{Result, SequencerError};

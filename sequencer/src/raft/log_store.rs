@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
+use ktd_proto::ktd::raft::v1 as pb;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 use prost::Message;
-use proto::ktd::raft::v1 as pb;
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use crate::error::SequencerError;

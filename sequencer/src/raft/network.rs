@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use ktd_proto::ktd::raft::v1 as rpb;
+use ktd_proto::ktd::raft::v1::raft_client::RaftClient;
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
@@ -30,8 +32,6 @@ use openraft::raft::{
     TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{OptionalSend, RaftNetworkFactory, RaftNetworkV2};
-use proto::ktd::raft::v1 as rpb;
-use proto::ktd::raft::v1::raft_client::RaftClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::raft::codec;
@@ -78,12 +78,12 @@ enum Purpose {
 }
 
 /// Builds a lazily connected channel with the transport's socket options (mutual TLS when the
-/// process installed it: `proto::security::endpoint`).
+/// process installed it: `ktd_rpc::security::endpoint`).
 pub fn endpoint(
     addr: &str,
     connect_timeout: Duration,
-) -> Result<Endpoint, proto::security::SecurityError> {
-    Ok(proto::security::endpoint(addr)?
+) -> Result<Endpoint, ktd_rpc::security::SecurityError> {
+    Ok(ktd_rpc::security::endpoint(addr)?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .tcp_keepalive(Some(Duration::from_secs(10)))

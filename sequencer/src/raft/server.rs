@@ -9,8 +9,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 
 use futures::{Stream, StreamExt};
-use proto::ktd::raft::v1 as rpb;
-use proto::ktd::raft::v1::raft_server;
+use ktd_proto::ktd::raft::v1 as rpb;
+use ktd_proto::ktd::raft::v1::raft_server;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 

@@ -19,10 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ktd_proto::ktd::raft::v1 as rpb;
 use openraft::RaftSnapshotBuilder;
 use openraft::storage::Snapshot;
 use prost::Message;
-use proto::ktd::raft::v1 as rpb;
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{DB, Options};
 

@@ -16,10 +16,10 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::StreamExt;
+use ktd_proto::ktd::raft::v1 as rpb;
+use ktd_proto::ktd::sequencer::v1 as pb;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use prost::Message;
-use proto::ktd::raft::v1 as rpb;
-use proto::ktd::sequencer::v1 as pb;
 use rocksdb::{DB, Direction, IteratorMode, ReadOptions, WriteBatch};
 use tokio::sync::watch;
 

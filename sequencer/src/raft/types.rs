@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use proto::ktd::sequencer::v1 as pb;
+use ktd_proto::ktd::sequencer::v1 as pb;
 
 /// A Raft node id. Never reused: a removed node rejoins under a new id.
 pub type NodeId = u64;

@@ -1,27 +1,23 @@
-//! Byte encodings of keys and records (format version 1).
+//! Byte encodings of the store's keys and records (format version 1).
 //!
-//! Fixed-width big-endian integers; labels as `be16(len) ‖ ceil(len/8) bytes` (canonical labels
-//! are zero beyond `len`, so nothing is lost). Node keys are `be64(version) ‖ label bytes ‖
+//! Built from the core's primitives ([`ktd_core::codec`]): fixed-width big-endian integers,
+//! labels as `be16(len) ‖ ceil(len/8) bytes`. Node keys are `be64(version) ‖ label bytes ‖
 //! be16(len)`: epoch-major, so each epoch's writes form one contiguous, increasing key range
 //! (RocksDB then moves them down the LSM without rewriting them, and an unfinished epoch is one
 //! range delete). Every record starts with a format byte so a future format can coexist.
-//! Decoding never panics: malformed bytes are [`Error::Corrupt`].
+//! Decoding never panics: malformed bytes are [`ktd_core::Error::Corrupt`].
 
 use akd_core::{AkdLabel, AkdValue, AzksValue, NodeLabel};
-
-use crate::error::{Error, Result};
-use crate::tree::{InteriorNode, LeavesByPartition, NewLeaf, NodeKey, NodeRef};
-use crate::user::UserVersion;
+use ktd_core::codec::{Reader, label_bytes, put_label, put_node_ref};
+use ktd_core::error::Result;
+use ktd_core::tree::{InteriorNode, LeavesByPartition, NewLeaf, NodeKey};
+use ktd_core::user::UserVersion;
 
 /// Format byte of every record written by this version.
 pub const FORMAT: u8 = 1;
 
 /// Length of a user key's hash part.
 pub const USER_HASH_LEN: usize = 32;
-
-fn label_bytes(label: &NodeLabel) -> &[u8] {
-    &label.label_val[..(label.label_len as usize).div_ceil(8)]
-}
 
 /// Key of a node version.
 pub fn node_key(key: &NodeKey) -> Vec<u8> {
@@ -38,18 +34,6 @@ pub fn node_epoch_start(epoch: u64) -> Vec<u8> {
     epoch.to_be_bytes().to_vec()
 }
 
-fn put_label(out: &mut Vec<u8>, label: &NodeLabel) {
-    out.extend_from_slice(&(label.label_len as u16).to_be_bytes());
-    out.extend_from_slice(label_bytes(label));
-}
-
-fn put_node_ref(out: &mut Vec<u8>, node_ref: &NodeRef) {
-    put_label(out, &node_ref.label);
-    out.extend_from_slice(&node_ref.hash.0);
-    out.extend_from_slice(&node_ref.min_epoch.to_be_bytes());
-    out.extend_from_slice(&node_ref.max_epoch.to_be_bytes());
-}
-
 /// Encodes an interior node record.
 pub fn encode_node(node: &InteriorNode) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + 2 * (2 + 32 + 32 + 16));
@@ -63,66 +47,12 @@ pub fn encode_node(node: &InteriorNode) -> Vec<u8> {
 /// Decodes an interior node record.
 pub fn decode_node(bytes: &[u8]) -> Result<InteriorNode> {
     let mut reader = Reader::new(bytes, "tree node");
-    reader.format()?;
+    reader.format(FORMAT)?;
     let left = reader.node_ref()?;
     let right = reader.node_ref()?;
     reader.finish()?;
     Ok(InteriorNode {
         children: [left, right],
-    })
-}
-
-/// A directory epoch: its root hash and every partition root as of the epoch.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EpochRecord {
-    /// The epoch.
-    pub epoch: u64,
-    /// Its published root hash.
-    pub root_hash: [u8; 32],
-    /// Partition roots (index = partition id).
-    pub partitions: Vec<Option<NodeRef>>,
-}
-
-/// Encodes an epoch record (the key is `be64(epoch)`).
-pub fn encode_epoch(record: &EpochRecord) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 32 + 4 + record.partitions.len() * 90);
-    out.push(FORMAT);
-    out.extend_from_slice(&record.root_hash);
-    out.extend_from_slice(&(record.partitions.len() as u32).to_be_bytes());
-    for partition in &record.partitions {
-        match partition {
-            None => out.push(0),
-            Some(root) => {
-                out.push(1);
-                put_node_ref(&mut out, root);
-            }
-        }
-    }
-    out
-}
-
-/// Decodes the epoch record stored under `epoch`.
-pub fn decode_epoch(epoch: u64, bytes: &[u8]) -> Result<EpochRecord> {
-    let mut reader = Reader::new(bytes, "epoch record");
-    reader.format()?;
-    let root_hash = reader.array::<32>()?;
-    let n_partitions = reader.u32()? as usize;
-    if n_partitions > 1 << 16 {
-        return Err(reader.corrupt("too many partitions"));
-    }
-    let mut partitions = Vec::with_capacity(n_partitions);
-    for _ in 0..n_partitions {
-        partitions.push(match reader.u8()? {
-            0 => None,
-            1 => Some(reader.node_ref()?),
-            _ => return Err(reader.corrupt("bad partition presence byte")),
-        });
-    }
-    reader.finish()?;
-    Ok(EpochRecord {
-        epoch,
-        root_hash,
-        partitions,
     })
 }
 
@@ -155,7 +85,7 @@ pub fn encode_user(akd_label: &[u8], version: &UserVersion) -> Vec<u8> {
 /// Decodes one user version, checking that it belongs to `akd_label`.
 pub fn decode_user(akd_label: &[u8], bytes: &[u8]) -> Result<UserVersion> {
     let mut reader = Reader::new(bytes, "user version");
-    reader.format()?;
+    reader.format(FORMAT)?;
     let version = reader.u64()?;
     let epoch = reader.u64()?;
     let fresh_label = reader.label()?;
@@ -202,13 +132,13 @@ pub fn encode_leaves(partitions: &[(u32, Vec<NewLeaf>)]) -> Vec<u8> {
 /// Decodes leaves delivered for some partitions.
 pub fn decode_leaves(bytes: &[u8]) -> Result<LeavesByPartition> {
     let mut reader = Reader::new(bytes, "delivered leaves");
-    reader.format()?;
+    reader.format(FORMAT)?;
     let n_partitions = reader.u32()? as usize;
     let mut partitions = Vec::with_capacity(n_partitions.min(1 << 16));
     for _ in 0..n_partitions {
         let partition = reader.u32()?;
         let n_leaves = reader.u32()? as usize;
-        if reader.bytes.len() < n_leaves.saturating_mul(64) {
+        if reader.remaining() < n_leaves.saturating_mul(64) {
             return Err(reader.corrupt("truncated"));
         }
         let mut leaves = Vec::with_capacity(n_leaves);
@@ -229,98 +159,10 @@ pub fn akd_label(bytes: &[u8]) -> AkdLabel {
     AkdLabel(bytes.to_vec())
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8], what: &'static str) -> Self {
-        Self { bytes, what }
-    }
-
-    fn corrupt(&self, why: &str) -> Error {
-        Error::Corrupt(format!("malformed {}: {why}", self.what))
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.bytes.len() < n {
-            return Err(self.corrupt("truncated"));
-        }
-        let (head, tail) = self.bytes.split_at(n);
-        self.bytes = tail;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        Ok(self.take(N)?.try_into().expect("take returns N bytes"))
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.array::<1>()?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_be_bytes(self.array()?))
-    }
-
-    fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_be_bytes(self.array()?))
-    }
-
-    fn format(&mut self) -> Result<()> {
-        match self.u8()? {
-            FORMAT => Ok(()),
-            other => Err(self.corrupt(&format!("unknown format {other}"))),
-        }
-    }
-
-    fn label(&mut self) -> Result<NodeLabel> {
-        let len = u16::from_be_bytes(self.array()?) as u32;
-        if len > 256 {
-            return Err(self.corrupt("label longer than 256 bits"));
-        }
-        let bytes = self.take((len as usize).div_ceil(8))?;
-        let mut label_val = [0u8; 32];
-        label_val[..bytes.len()].copy_from_slice(bytes);
-        let label = NodeLabel::new(label_val, len);
-        if label.get_prefix(len) != label {
-            return Err(self.corrupt("label has bits set beyond its length"));
-        }
-        Ok(label)
-    }
-
-    fn node_ref(&mut self) -> Result<NodeRef> {
-        let label = self.label()?;
-        let hash = AzksValue(self.array()?);
-        let min_epoch = self.u64()?;
-        let max_epoch = self.u64()?;
-        if min_epoch > max_epoch {
-            return Err(self.corrupt("min epoch above max epoch"));
-        }
-        Ok(NodeRef {
-            label,
-            hash,
-            min_epoch,
-            max_epoch,
-        })
-    }
-
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.bytes)
-    }
-
-    fn finish(&self) -> Result<()> {
-        if self.bytes.is_empty() {
-            Ok(())
-        } else {
-            Err(self.corrupt("trailing bytes"))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use ktd_core::tree::NodeRef;
+
     use super::*;
 
     fn node_ref(len: u32, byte: u8, epochs: (u64, u64)) -> NodeRef {
@@ -357,17 +199,7 @@ mod tests {
     }
 
     #[test]
-    fn epoch_and_user_round_trip() {
-        let record = EpochRecord {
-            epoch: 7,
-            root_hash: [3; 32],
-            partitions: vec![None, Some(node_ref(40, 0x81, (2, 7))), None],
-        };
-        assert_eq!(
-            decode_epoch(7, &encode_epoch(&record)).expect("round trip"),
-            record
-        );
-
+    fn user_round_trip() {
         let version = UserVersion {
             version: 3,
             epoch: 11,

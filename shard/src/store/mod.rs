@@ -3,7 +3,7 @@
 //! | column family | key | value |
 //! |---|---|---|
 //! | `meta` | `"directory"` | [`DirectoryMeta`]: format, configuration, partition bits, VRF public key |
-//! | `nodes` | `be64(version) ‖ label bytes ‖ be16(len)` | interior node (two [`NodeRef`](crate::tree::NodeRef)s) |
+//! | `nodes` | `be64(version) ‖ label bytes ‖ be16(len)` | interior node (two [`NodeRef`](ktd_core::tree::NodeRef)s) |
 //! | `epochs` | `be64(epoch)` | [`EpochRecord`]: root hash and partition roots |
 //! | `users` | `blake3(label) ‖ be64(version)` | one user version |
 //! | `inbox` | `be64(epoch) ‖ sender id` | leaves another shard delivered for this shard's partitions |
@@ -23,14 +23,18 @@ use rocksdb::{
     Direction, IteratorMode, Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions,
 };
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::metrics::{SampleError, StorageHealth};
-use crate::tree::{InteriorNode, LeavesByPartition, NewLeaf, NodeKey, PartitionDelta, TreeStore};
-use crate::user::UserVersion;
+use ktd_core::Error as CoreError;
+use ktd_core::Result;
+use ktd_core::tree::{
+    InteriorNode, LeavesByPartition, NewLeaf, NodeKey, PartitionDelta, TreeStore,
+};
+use ktd_core::user::UserVersion;
 
 pub mod codec;
 
-pub use codec::EpochRecord;
+use ktd_core::EpochRecord;
 
 const CF_META: &str = "meta";
 const CF_NODES: &str = "nodes";
@@ -86,7 +90,7 @@ impl DirectoryMeta {
     }
 
     fn decode(bytes: &[u8]) -> Result<Self> {
-        let corrupt = || Error::Corrupt("malformed directory metadata".into());
+        let corrupt = || CoreError::Corrupt("malformed directory metadata".into());
         if bytes.len() < 34 || bytes[0] != codec::FORMAT {
             return Err(corrupt());
         }
@@ -133,8 +137,8 @@ impl std::fmt::Debug for RocksStore {
     }
 }
 
-fn storage(context: &'static str) -> impl Fn(rocksdb::Error) -> Error {
-    move |error| Error::Storage {
+fn storage(context: &'static str) -> impl Fn(rocksdb::Error) -> CoreError {
+    move |error| CoreError::Storage {
         context,
         message: error.into_string(),
     }
@@ -151,7 +155,7 @@ impl RocksStore {
     /// Opens the database at `path`, creating it if `path` is missing or an empty directory.
     /// Returns whether it was created. A directory holding anything else is refused, never
     /// re-initialised.
-    pub fn open(path: &Path, options: StoreOptions) -> Result<(Arc<Self>, bool)> {
+    pub fn open(path: &Path, options: StoreOptions) -> crate::error::Result<(Arc<Self>, bool)> {
         let is_new = match std::fs::read_dir(path) {
             Ok(mut entries) => entries.next().is_none(),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => true,
@@ -196,10 +200,11 @@ impl RocksStore {
             if message.contains("lock") {
                 incompatible(path, format!("it is in use by another process ({message})"))
             } else {
-                Error::Storage {
+                CoreError::Storage {
                     context: "open the database",
                     message,
                 }
+                .into()
             }
         })?;
         Ok((
@@ -281,7 +286,7 @@ impl RocksStore {
         self.db
             .get_cf(self.cf(CF_EPOCHS), epoch.to_be_bytes())
             .map_err(storage("read an epoch record"))?
-            .map(|bytes| codec::decode_epoch(epoch, &bytes))
+            .map(|bytes| EpochRecord::decode(epoch, &bytes))
             .transpose()
     }
 
@@ -295,9 +300,9 @@ impl RocksStore {
                 let epoch = u64::from_be_bytes(
                     key.as_ref()
                         .try_into()
-                        .map_err(|_| Error::Corrupt("epoch key is not 8 bytes".into()))?,
+                        .map_err(|_| CoreError::Corrupt("epoch key is not 8 bytes".into()))?,
                 );
-                codec::decode_epoch(epoch, &value).map(Some)
+                EpochRecord::decode(epoch, &value).map(Some)
             }
         }
     }
@@ -361,7 +366,7 @@ impl RocksStore {
         path: &Path,
         options: StoreOptions,
         expected: &DirectoryMeta,
-    ) -> Result<(Arc<Self>, bool)> {
+    ) -> crate::error::Result<(Arc<Self>, bool)> {
         let (store, _) = Self::open(path, options)?;
         let incompatible = |reason: String| incompatible(path, reason);
         match store.meta()? {
@@ -412,7 +417,7 @@ impl RocksStore {
         batch.put_cf(
             self.cf(CF_EPOCHS),
             record.epoch.to_be_bytes(),
-            codec::encode_epoch(record),
+            record.encode(),
         );
         self.write_synced(batch, "epoch", "write an epoch record")
     }
@@ -481,7 +486,7 @@ impl RocksStore {
         batch.put_cf(
             self.cf(CF_EPOCHS),
             record.epoch.to_be_bytes(),
-            codec::encode_epoch(record),
+            record.encode(),
         );
         self.write_synced(batch, "commit", "commit an epoch")
     }
@@ -555,9 +560,9 @@ impl RocksStore {
 }
 
 impl TreeStore for RocksStore {
-    fn read_nodes(&self, keys: &[NodeKey]) -> Result<Vec<Option<InteriorNode>>> {
+    fn read_nodes(&self, keys: &[NodeKey]) -> ktd_core::Result<Vec<Option<InteriorNode>>> {
         let cf = self.cf(CF_NODES);
-        let read_chunk = |chunk: &[NodeKey]| -> Result<Vec<Option<InteriorNode>>> {
+        let read_chunk = |chunk: &[NodeKey]| -> ktd_core::Result<Vec<Option<InteriorNode>>> {
             let encoded: Vec<Vec<u8>> = chunk.iter().map(codec::node_key).collect();
             self.db
                 .batched_multi_get_cf(cf, &encoded, false)

@@ -17,10 +17,12 @@ use akd_core::configuration::{
 use akd_core::verify::history::HistoryParams;
 use akd_core::verify::history::HistoryVerificationParams;
 use akd_core::{AkdLabel, AzksElement, HistoryProof, LookupProof, SingleAppendOnlyProof};
+use ktd_core::AkdConfig;
+use ktd_core::Error as CoreError;
+use ktd_core::vrf::VrfKey;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shard::vrf::VrfKey;
-use shard::{AkdConfig, Directory, DirectoryOptions, Error};
+use shard::{Directory, DirectoryOptions, Error};
 
 use crate::deadline::with_deadline;
 use crate::workload;
@@ -231,7 +233,7 @@ pub fn check_against_akd<TC: Configuration>(config: AkdConfig, bits: u8, seed: u
     let stranger = AkdLabel::from("never-published");
     assert!(matches!(
         ours.lookup(&stranger, None),
-        Err(Error::LabelNotFound { .. })
+        Err(Error::Core(CoreError::LabelNotFound { .. }))
     ));
     assert!(runtime.block_on(akd.lookup(stranger)).is_err());
 

@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use akd_core::verify::history::HistoryParams;
 use akd_core::{AkdLabel, AkdValue};
-use shard::user::UpdateLimits;
-use shard::{AkdConfig, Directory, DirectoryOptions, Error};
+use ktd_core::AkdConfig;
+use ktd_core::Error as CoreError;
+use ktd_core::user::UpdateLimits;
+use shard::{Directory, DirectoryOptions, Error};
 
 use crate::akd_oracle::{open, vrf_seed};
 use crate::deadline::with_deadline;
@@ -25,17 +27,20 @@ fn publish_and_proof_requests_reject_bad_input() {
 
         let duplicate = directory.publish(vec![update("carol", b"a"), update("carol", b"b")]);
         assert!(
-            matches!(duplicate, Err(Error::DuplicateLabel { .. })),
+            matches!(
+                duplicate,
+                Err(Error::Core(CoreError::DuplicateLabel { .. }))
+            ),
             "{duplicate:?}"
         );
         let too_large = directory.publish(vec![update("dave", &vec![0u8; 64 * 1024 + 1])]);
         assert!(
             matches!(
                 too_large,
-                Err(Error::ValueTooLarge {
+                Err(Error::Core(CoreError::ValueTooLarge {
                     len: 65537,
                     max: 65536
-                })
+                }))
             ),
             "{too_large:?}"
         );
@@ -44,7 +49,7 @@ fn publish_and_proof_requests_reject_bad_input() {
             .expect("exactly the limit is fine");
         assert!(matches!(
             directory.publish(vec![update("", b"x")]),
-            Err(Error::EmptyLabel)
+            Err(Error::Core(CoreError::EmptyLabel))
         ));
 
         let alice = AkdLabel::from("alice");
@@ -52,41 +57,44 @@ fn publish_and_proof_requests_reject_bad_input() {
         assert!(
             matches!(
                 future,
-                Err(Error::EpochNotFound {
+                Err(Error::Core(CoreError::EpochNotFound {
                     epoch: 99,
                     latest: 2
-                })
+                }))
             ),
             "{future:?}"
         );
         assert!(matches!(
             directory.epoch_hash(Some(3)),
-            Err(Error::EpochNotFound { .. })
+            Err(Error::Core(CoreError::EpochNotFound { .. }))
         ));
         assert!(matches!(
             directory.key_history(&alice, HistoryParams::Complete, Some(7)),
-            Err(Error::EpochNotFound { .. })
+            Err(Error::Core(CoreError::EpochNotFound { .. }))
         ));
         assert!(matches!(
             directory.key_history(&alice, HistoryParams::MostRecent(0), None),
-            Err(Error::EmptyHistoryRequest)
+            Err(Error::Core(CoreError::EmptyHistoryRequest))
         ));
         assert!(matches!(
             directory.audit(2, 2),
-            Err(Error::InvalidAuditRange { start: 2, end: 2 })
+            Err(Error::Core(CoreError::InvalidAuditRange {
+                start: 2,
+                end: 2
+            }))
         ));
         assert!(matches!(
             directory.audit(2, 1),
-            Err(Error::InvalidAuditRange { .. })
+            Err(Error::Core(CoreError::InvalidAuditRange { .. }))
         ));
         assert!(matches!(
             directory.audit(0, 3),
-            Err(Error::EpochNotFound { epoch: 3, .. })
+            Err(Error::Core(CoreError::EpochNotFound { epoch: 3, .. }))
         ));
         // Before alice existed (epoch 0) there is nothing to prove.
         assert!(matches!(
             directory.lookup(&alice, Some(0)),
-            Err(Error::LabelNotFound { epoch: 0, .. })
+            Err(Error::Core(CoreError::LabelNotFound { epoch: 0, .. }))
         ));
 
         // Still serving.
@@ -109,11 +117,11 @@ fn configured_limits_apply() {
     let directory = Directory::open(data_dir.path(), options, &vrf_seed(1)).expect("open");
     assert!(matches!(
         directory.publish(vec![update("a", &[0; 17])]),
-        Err(Error::ValueTooLarge { max: 16, .. })
+        Err(Error::Core(CoreError::ValueTooLarge { max: 16, .. }))
     ));
     assert!(matches!(
         directory.publish(vec![update("123456789", b"v")]),
-        Err(Error::LabelTooLong { max: 8, .. })
+        Err(Error::Core(CoreError::LabelTooLong { max: 8, .. }))
     ));
     assert!(matches!(
         directory.publish(vec![
@@ -121,7 +129,7 @@ fn configured_limits_apply() {
             update("b", b"v"),
             update("c", b"v")
         ]),
-        Err(Error::BatchTooLarge { max: 2, .. })
+        Err(Error::Core(CoreError::BatchTooLarge { max: 2, .. }))
     ));
 }
 
@@ -134,7 +142,9 @@ fn wrong_seed_length_and_bad_options() {
             DirectoryOptions::default(),
             &vec![1u8; len],
         );
-        assert!(matches!(opened, Err(Error::InvalidSeedLength { len: got }) if got == len));
+        assert!(
+            matches!(opened, Err(Error::Core(CoreError::InvalidSeedLength { len: got })) if got == len)
+        );
     }
     let too_many_bits = DirectoryOptions {
         partition_bits: 13,
@@ -142,7 +152,7 @@ fn wrong_seed_length_and_bad_options() {
     };
     assert!(matches!(
         Directory::open(data_dir.path(), too_many_bits, &vrf_seed(1)),
-        Err(Error::InvalidConfig(_))
+        Err(Error::Core(CoreError::InvalidConfig(_)))
     ));
 }
 
@@ -230,7 +240,10 @@ fn foreign_and_corrupt_data_directories_are_refused() {
     assert!(
         matches!(
             opened,
-            Err(Error::Storage { .. } | Error::IncompatibleDataDir { .. } | Error::Corrupt(_))
+            Err(
+                Error::Core(CoreError::Storage { .. } | CoreError::Corrupt(_))
+                    | Error::IncompatibleDataDir { .. }
+            )
         ),
         "{opened:?}"
     );

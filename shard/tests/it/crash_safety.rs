@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use akd_core::{AkdLabel, AkdValue};
-use shard::AkdConfig;
+use ktd_core::AkdConfig;
 
 use crate::akd_oracle::open;
 use crate::deadline::with_deadline;

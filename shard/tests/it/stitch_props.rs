@@ -7,12 +7,12 @@
 
 use akd_core::configuration::{Configuration, WhatsAppV1Configuration};
 use akd_core::{AzksElement, AzksValue, NodeLabel};
+use ktd_core::label;
+use ktd_core::proof::{Claim, TreeProof, prove_claims};
+use ktd_core::stitch::{self, TopTree};
+use ktd_core::tree::audit::append_only_slice;
+use ktd_core::tree::{MemTreeStore, NewLeaf, NodeRef, SortedLeaves, insert_leaves, walk};
 use proptest::prelude::*;
-use shard::label;
-use shard::proof::{Claim, TreeProof, prove_claims};
-use shard::stitch::{self, TopTree};
-use shard::tree::audit::append_only_slice;
-use shard::tree::{MemTreeStore, NewLeaf, NodeRef, SortedLeaves, insert_leaves, walk};
 
 type Wa = WhatsAppV1Configuration;
 

@@ -1,8 +1,8 @@
 //! One conformance suite for every `TreeStore`: the in-memory reference and RocksDB.
 
 use akd_core::{AzksValue, NodeLabel};
+use ktd_core::tree::{InteriorNode, MemTreeStore, NodeKey, NodeRef, PartitionDelta, TreeStore};
 use shard::store::{RocksStore, StoreOptions};
-use shard::tree::{InteriorNode, MemTreeStore, NodeKey, NodeRef, PartitionDelta, TreeStore};
 
 fn node_ref(seed: u32, len: u32, epoch: u64) -> NodeRef {
     let bytes = blake3::hash(&seed.to_be_bytes());

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use akd_core::ecvrf::{HardCodedAkdVRF, VRFKeyStorage};
 use akd_core::{AkdLabel, AkdValue};
-use shard::{AkdConfig, Directory, DirectoryOptions};
+use ktd_core::AkdConfig;
+use shard::{Directory, DirectoryOptions};
 
 use crate::akd_oracle::experimental;
 use crate::deadline::with_deadline;

@@ -6,9 +6,9 @@
 use akd_core::proto::specs::types as akd_pb;
 use akd_core::verify::history::HistoryParams;
 use akd_core::{AkdLabel, AkdValue};
+use ktd_core::AkdConfig;
+use ktd_proto::ktd::v1 as ktd_pb;
 use prost::Message as _;
-use proto::ktd::v1 as ktd_pb;
-use shard::AkdConfig;
 
 use crate::akd_oracle::open;
 
@@ -16,7 +16,7 @@ fn check<Ours, Theirs, Core>(core: &Core)
 where
     Core: std::fmt::Debug + PartialEq,
     for<'a> Ours: prost::Message + Default + From<&'a Core>,
-    for<'a> Core: TryFrom<&'a Ours, Error = proto::akd::ProofDecodeError>,
+    for<'a> Core: TryFrom<&'a Ours, Error = ktd_proto::akd::ProofDecodeError>,
     for<'a> Theirs: protobuf::Message + From<&'a Core>,
     for<'a> Core: TryFrom<&'a Theirs, Error = akd_core::proto::ConversionError>,
 {

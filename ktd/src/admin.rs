@@ -1,0 +1,923 @@
+//! `ktd admin ...`: the operator CLI. It talks to the sequencers' `ktd.sequencer.v1.SequencerAdmin`
+//! service directly (`--sequencers`, or `KTD_SEQUENCERS`; it finds the leader itself), and to the
+//! shards named in the replicated shard map, so it works when the gateway is down.
+//!
+//! ```text
+//! ktd admin status [-o table|json] [--check]   # ≈ etcdctl endpoint status --cluster -w table
+//! ktd admin transfer-leader [--to ID]          # waits until the new leader leads (bounded)
+//! ktd admin add-sequencer --id N --address HOST:PORT   # learner, catch up, promote
+//! ktd admin remove-sequencer --id N            # never reuse N afterwards
+//! ktd admin seal                               # seal the open epoch, wait for its root
+//! ktd admin snapshot [--node ID] [--purge]     # build a snapshot now (every member by default)
+//! ```
+//!
+//! Exit status: 0 done, 1 failed (one error line on stderr; `status --check` also fails when it
+//! finds a problem), 2 usage error. Every wait is bounded.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Subcommand, ValueEnum};
+use sequencer::{ClientOptions, SequencerClient, SequencerError, pb};
+use serde::Serialize;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Most entries a member's applied index may trail the leader's commit index before `status
+/// --check` calls it lagging (the sequencer's readiness uses the same default).
+pub const DEFAULT_MAX_LAG: u64 = 1_000;
+/// Bound on each wait (leader transfer, learner catch-up, epoch commit).
+const WAIT: Duration = Duration::from_secs(30);
+/// Bound on one status call to one process.
+const PROBE: Duration = Duration::from_secs(2);
+
+/// What can go wrong in `ktd admin`.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// A sequencer call failed.
+    #[error("{0}")]
+    Sequencer(#[from] SequencerError),
+    /// A shard could not be asked.
+    #[error("{0}")]
+    Shard(#[from] shard::Error),
+    /// The request cannot be carried out as asked.
+    #[error("{0}")]
+    Refused(String),
+    /// A bounded wait ran out.
+    #[error("timed out after {limit:?}: {what}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// The bound.
+        limit: Duration,
+    },
+    /// `status --check` found problems.
+    #[error("unhealthy: {0}")]
+    Unhealthy(String),
+    /// Printing JSON failed.
+    #[error("encode JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// `ktd admin` flags.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Sequencer admin addresses, HOST:PORT comma-separated (any members; the leader is found).
+    #[arg(long, env = "KTD_SEQUENCERS", value_delimiter = ',', global = true)]
+    pub sequencers: Vec<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// Output format of `ktd admin status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned tables.
+    #[default]
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+/// `ktd admin` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Per sequencer: role, term, last log, commit, applied, lag, readiness; epochs and epoch age;
+    /// per shard: partitions, reachability, readiness, caught-up epoch.
+    Status {
+        /// `table` or `json`.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Exit 1 if anything is wrong: no leader, a member unreachable, not ready or lagging, a
+        /// joint configuration, a shard unreachable or not ready.
+        #[arg(long)]
+        check: bool,
+        /// Largest lag (leader commit − member applied, entries) `--check` accepts.
+        #[arg(long, default_value_t = DEFAULT_MAX_LAG)]
+        max_lag: u64,
+        /// `--check` fails when sealed epochs wait and the last commit is older than this
+        /// (epochs are stuck: a shard cannot build them; the leader's log says why).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        max_commit_delay: std::time::Duration,
+    },
+    /// Move leadership to node ID (default: the most caught-up other voter) and wait until it
+    /// leads.
+    TransferLeader {
+        /// The node to hand leadership to.
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Add a sequencer started with `--id N` and an empty data directory (no `--init`): as a
+    /// learner, wait until it has caught up, then promote it to voter. N must be new.
+    AddSequencer {
+        /// Its node id (never one used before in this cluster).
+        #[arg(long)]
+        id: u64,
+        /// Its address, HOST:PORT (as peers and clients reach it).
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove node ID from the cluster (leadership is moved away first if it leads). Then stop it
+    /// and delete its data directory; never reuse the id.
+    RemoveSequencer {
+        /// The node to remove.
+        #[arg(long)]
+        id: u64,
+    },
+    /// Seal the open epoch now and wait until its root is committed.
+    Seal,
+    /// Build a snapshot of the state machine now (every member, or --node).
+    Snapshot {
+        /// Only this node.
+        #[arg(long)]
+        node: Option<u64>,
+        /// Also purge the Raft log up to the snapshot (lagging followers then install it).
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+/// One sequencer node in `status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SequencerRow {
+    /// Raft node id.
+    pub id: u64,
+    /// Its address.
+    pub address: String,
+    /// `leader`, `follower`, `learner`, `candidate`, or `unreachable`.
+    pub role: String,
+    /// Voter (false: learner).
+    pub voter: bool,
+    /// Answered its status call.
+    pub reachable: bool,
+    /// Its `grpc.health.v1` status: `SERVING`, `NOT_SERVING` or `unknown`.
+    pub health: String,
+    /// Its current term.
+    pub term: u64,
+    /// Its last log index.
+    pub last_log_index: u64,
+    /// Its commit index.
+    pub committed_index: u64,
+    /// Its applied index.
+    pub applied_index: u64,
+    /// The leader's commit index minus this node's applied index.
+    pub lag: u64,
+    /// Its latest snapshot's index.
+    pub snapshot_index: u64,
+    /// Why it could not be asked.
+    pub error: String,
+}
+
+/// The epochs in `status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EpochRow {
+    /// The epoch appends go to.
+    pub open_epoch: u64,
+    /// Distinct labels in it so far.
+    pub open_epoch_updates: u64,
+    /// The latest sealed epoch.
+    pub last_sealed_epoch: u64,
+    /// The latest committed epoch.
+    pub last_committed_epoch: u64,
+    /// Seconds since the latest committed epoch was committed (leader clock), if known.
+    pub last_commit_age_seconds: Option<f64>,
+}
+
+/// One shard server in `status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ShardRow {
+    /// Shard id.
+    pub id: String,
+    /// Its address in the shard map.
+    pub address: String,
+    /// Tree partitions it owns.
+    pub partitions: Vec<u32>,
+    /// Answered its status call.
+    pub reachable: bool,
+    /// Its `grpc.health.v1` status (SERVING = holds the latest committed epoch).
+    pub health: String,
+    /// The latest committed epoch it has checked it holds.
+    pub caught_up_epoch: u64,
+    /// The latest epoch it built since it started (staged or committed).
+    pub built_epoch: u64,
+    /// Why it could not be asked.
+    pub error: String,
+}
+
+/// Everything `ktd admin status` shows.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ClusterReport {
+    /// The leader (0: none known).
+    pub leader_id: u64,
+    /// The leader's term.
+    pub term: u64,
+    /// Voter sets: two while a membership change is in joint consensus.
+    pub voter_sets: Vec<Vec<u64>>,
+    /// Every member.
+    pub sequencers: Vec<SequencerRow>,
+    /// Epochs as the leader applied them.
+    pub epochs: EpochRow,
+    /// The shard map's version.
+    pub shard_map_version: u64,
+    /// Every shard in the shard map.
+    pub shards: Vec<ShardRow>,
+    /// Why the cluster status is incomplete (no leader, no shard map).
+    pub errors: Vec<String>,
+}
+
+impl ClusterReport {
+    /// What `status --check` fails on.
+    pub fn problems(&self, max_lag: u64, max_commit_delay: std::time::Duration) -> Vec<String> {
+        let mut problems = self.errors.clone();
+        let epochs = &self.epochs;
+        if epochs.last_sealed_epoch > epochs.last_committed_epoch
+            && let Some(age) = epochs.last_commit_age_seconds
+            && age > max_commit_delay.as_secs_f64()
+        {
+            problems.push(format!(
+                "epochs {}..={} are sealed but not committed, and the last commit was {age:.0} s ago \
+                 (a shard cannot build them; see the sequencer leader's log)",
+                epochs.last_committed_epoch + 1,
+                epochs.last_sealed_epoch
+            ));
+        }
+        if self.leader_id == 0 {
+            problems.push("no sequencer leader".into());
+        }
+        if self.voter_sets.len() > 1 {
+            problems.push(format!(
+                "membership in joint consensus: {:?}",
+                self.voter_sets
+            ));
+        }
+        for node in &self.sequencers {
+            if !node.reachable {
+                problems.push(format!("sequencer {} unreachable: {}", node.id, node.error));
+            } else if node.health != "SERVING" {
+                problems.push(format!("sequencer {} is {}", node.id, node.health));
+            } else if node.lag > max_lag {
+                problems.push(format!(
+                    "sequencer {} lags {} entries behind the leader",
+                    node.id, node.lag
+                ));
+            }
+        }
+        for shard in &self.shards {
+            if !shard.reachable {
+                problems.push(format!("shard {} unreachable: {}", shard.id, shard.error));
+            } else if shard.health != "SERVING" {
+                problems.push(format!("shard {} is {}", shard.id, shard.health));
+            }
+        }
+        problems
+    }
+}
+
+/// Runs one `ktd admin` command, printing its result on stdout.
+pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
+    let sequencers: Vec<String> = args
+        .sequencers
+        .iter()
+        .map(|addr| sequencer_addr(addr))
+        .filter(|addr| !addr.is_empty())
+        .collect();
+    if sequencers.is_empty() {
+        return Err(AdminError::Refused(
+            "no sequencer addresses (--sequencers or KTD_SEQUENCERS)".into(),
+        ));
+    }
+    let admin = Admin::new(sequencers);
+    match args.command {
+        AdminCommand::Status {
+            output,
+            check,
+            max_lag,
+            max_commit_delay,
+        } => {
+            let report = admin.status().await;
+            match output {
+                Output::Table => print!("{}", render_table(&report)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            let problems = report.problems(max_lag, max_commit_delay);
+            if check && !problems.is_empty() {
+                return Err(AdminError::Unhealthy(problems.join("; ")));
+            }
+        }
+        AdminCommand::TransferLeader { to } => {
+            let (from, to) = admin.transfer_leader(to).await?;
+            println!("leader: node {from} -> node {to}");
+        }
+        AdminCommand::AddSequencer { id, address } => {
+            let voters = admin.add_sequencer(id, &sequencer_addr(&address)).await?;
+            println!("node {id} added as a voter; voters {voters:?}");
+        }
+        AdminCommand::RemoveSequencer { id } => {
+            let voters = admin.remove_sequencer(id).await?;
+            println!(
+                "node {id} removed; voters {voters:?}. Stop it and delete its data directory; never reuse id {id}"
+            );
+        }
+        AdminCommand::Seal => match admin.seal().await? {
+            Some(record) => println!(
+                "sealed and committed epoch {} ({} updates) root {}",
+                record.epoch,
+                record.updates,
+                hex::encode(&record.root_hash)
+            ),
+            None => println!("nothing to seal: the open epoch has no updates"),
+        },
+        AdminCommand::Snapshot { node, purge } => {
+            for (id, address, answer) in admin.snapshot(node, purge).await? {
+                println!(
+                    "node {id} ({address}): snapshot at log index {}, log purged to {}",
+                    answer.snapshot_index, answer.purged_index
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `http://host:port` or `host:port` → `host:port` (the sequencer client adds the scheme).
+fn sequencer_addr(addr: &str) -> String {
+    let addr = addr.trim();
+    addr.strip_prefix("http://").unwrap_or(addr).to_string()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// The `grpc.health.v1` status of the whole server at `addr` (`""`).
+async fn health_of(addr: &str) -> String {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let check = async {
+        let channel = ktd_rpc::security::endpoint(&url)
+            .map_err(|error| error.to_string())?
+            .connect_timeout(PROBE)
+            .connect()
+            .await
+            .map_err(|error| error.to_string())?;
+        let answer = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|status| status.message().to_string())?;
+        Ok::<_, String>(answer.into_inner().status())
+    };
+    match tokio::time::timeout(PROBE, check).await {
+        Ok(Ok(ServingStatus::Serving)) => "SERVING".into(),
+        Ok(Ok(ServingStatus::NotServing)) => "NOT_SERVING".into(),
+        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => "unknown".into(),
+    }
+}
+
+/// A client of one cluster's admin surface.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    client: SequencerClient,
+    sequencers: Vec<String>,
+}
+
+impl Admin {
+    /// An admin client for the cluster whose sequencers include `sequencers` (`HOST:PORT`).
+    pub fn new(sequencers: Vec<String>) -> Self {
+        let client = SequencerClient::with_options(
+            sequencers.clone(),
+            ClientOptions {
+                total_timeout: Duration::from_secs(10),
+                attempt_timeout: Duration::from_secs(3),
+                ..ClientOptions::default()
+            },
+        );
+        Self { client, sequencers }
+    }
+
+    /// The whole cluster's status. Never fails: what could not be learnt is in `errors` and in
+    /// the rows' `error` fields.
+    pub async fn status(&self) -> ClusterReport {
+        let mut report = ClusterReport::default();
+        match self.client.cluster_status().await {
+            Ok(cluster) => self.fill_from_leader(&mut report, cluster).await,
+            Err(error) => {
+                report.errors.push(format!("no leader answered: {error}"));
+                for addr in &self.sequencers {
+                    report.sequencers.push(self.row_without_leader(addr).await);
+                }
+            }
+        }
+        self.fill_shards(&mut report).await;
+        report
+    }
+
+    async fn fill_from_leader(
+        &self,
+        report: &mut ClusterReport,
+        cluster: pb::ClusterStatusResponse,
+    ) {
+        report.leader_id = cluster.leader_id;
+        report.term = cluster.term;
+        report.voter_sets = cluster
+            .voter_sets
+            .iter()
+            .map(|set| set.node_ids.clone())
+            .collect();
+        let leader_status = cluster
+            .members
+            .iter()
+            .find(|member| member.node_id == cluster.leader_id)
+            .and_then(|member| member.status.clone())
+            .unwrap_or_default();
+        let healths = futures::future::join_all(
+            cluster
+                .members
+                .iter()
+                .map(|member| health_of(&member.address)),
+        )
+        .await;
+        for (member, health) in cluster.members.iter().zip(healths) {
+            let mut row = SequencerRow {
+                id: member.node_id,
+                address: member.address.clone(),
+                voter: member.voter,
+                health,
+                error: member.error.clone(),
+                ..SequencerRow::default()
+            };
+            match &member.status {
+                Some(status) => {
+                    row.reachable = true;
+                    row.role = if member.node_id == cluster.leader_id {
+                        "leader".into()
+                    } else if !member.voter {
+                        "learner".into()
+                    } else {
+                        status.state.clone()
+                    };
+                    row.term = status.term;
+                    row.last_log_index = status.last_log_index;
+                    row.committed_index = status.committed_index;
+                    row.applied_index = status.applied_index;
+                    row.snapshot_index = status.snapshot_index;
+                    row.lag = leader_status
+                        .committed_index
+                        .saturating_sub(status.applied_index);
+                }
+                None => row.role = "unreachable".into(),
+            }
+            report.sequencers.push(row);
+        }
+        report.epochs = EpochRow {
+            open_epoch: leader_status.open_epoch,
+            open_epoch_updates: leader_status.open_epoch_updates,
+            last_sealed_epoch: leader_status.last_sealed_epoch,
+            last_committed_epoch: leader_status.last_committed_epoch,
+            last_commit_age_seconds: None,
+        };
+        match self.client.get_epoch(None).await {
+            Ok(record) if record.committed_at_ms > 0 => {
+                report.epochs.last_commit_age_seconds =
+                    Some(now_ms().saturating_sub(record.committed_at_ms) as f64 / 1000.0);
+            }
+            Ok(_) => {}
+            Err(error) => report
+                .errors
+                .push(format!("latest committed epoch: {error}")),
+        }
+    }
+
+    async fn row_without_leader(&self, addr: &str) -> SequencerRow {
+        let mut row = SequencerRow {
+            address: addr.to_string(),
+            health: health_of(addr).await,
+            ..SequencerRow::default()
+        };
+        match tokio::time::timeout(PROBE, self.client.node_status_at(addr)).await {
+            Ok(Ok(status)) => {
+                row.id = status.node_id;
+                row.reachable = true;
+                row.role = status.state;
+                row.term = status.term;
+                row.last_log_index = status.last_log_index;
+                row.committed_index = status.committed_index;
+                row.applied_index = status.applied_index;
+                row.snapshot_index = status.snapshot_index;
+            }
+            Ok(Err(error)) => {
+                row.role = "unreachable".into();
+                row.error = error.to_string();
+            }
+            Err(_) => {
+                row.role = "unreachable".into();
+                row.error = format!("no answer within {PROBE:?}");
+            }
+        }
+        row
+    }
+
+    async fn fill_shards(&self, report: &mut ClusterReport) {
+        let answer = match self.client.cluster_metadata().await {
+            Ok(answer) => answer,
+            Err(error) => {
+                report.errors.push(format!("shard map: {error}"));
+                return;
+            }
+        };
+        let map = answer.shard_map.unwrap_or_default();
+        report.shard_map_version = map.version;
+        let shard_set = answer.metadata.as_ref().map(|metadata| {
+            shard::replicated::shard_map(metadata, &map).and_then(|shard_map| {
+                use shard::cluster::ShardConnector;
+                shard::cluster::GrpcConnector::default().connect(shard_map)
+            })
+        });
+        let rows = futures::future::join_all(map.shards.iter().map(|assignment| {
+            let shard_set = &shard_set;
+            async move {
+                let mut row = ShardRow {
+                    id: assignment.shard_id.clone(),
+                    address: assignment.address.clone(),
+                    partitions: assignment.partitions.clone(),
+                    health: health_of(&assignment.address).await,
+                    ..ShardRow::default()
+                };
+                let status = match shard_set {
+                    Some(Ok(shard_set)) => match shard_set.api(&assignment.shard_id) {
+                        Ok(api) => tokio::time::timeout(PROBE, api.status())
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(shard::Error::invalid_config(format!(
+                                    "no answer within {PROBE:?}"
+                                )))
+                            })
+                            .map_err(|error| error.to_string()),
+                        Err(error) => Err(error.to_string()),
+                    },
+                    Some(Err(error)) => Err(error.to_string()),
+                    None => Err("the cluster has no metadata yet".into()),
+                };
+                match status {
+                    Ok(status) => {
+                        row.reachable = true;
+                        row.caught_up_epoch = status.seen_committed_epoch;
+                        row.built_epoch = status.built_epoch;
+                    }
+                    Err(error) => row.error = error,
+                }
+                row
+            }
+        }))
+        .await;
+        report.shards = rows;
+    }
+
+    /// Hands leadership to `to` (or the most caught-up other voter) and waits, bounded, until
+    /// that node leads. Returns (old leader, new leader).
+    pub async fn transfer_leader(&self, to: Option<u64>) -> Result<(u64, u64), AdminError> {
+        let before = self.client.cluster_status().await?;
+        if to == Some(before.leader_id) {
+            return Ok((before.leader_id, before.leader_id));
+        }
+        if let Some(to) = to
+            && !before
+                .members
+                .iter()
+                .any(|member| member.node_id == to && member.voter)
+        {
+            return Err(AdminError::Refused(format!("node {to} is not a voter")));
+        }
+        let new_leader = self.client.transfer_leader(to).await?;
+        let expected = to.unwrap_or(new_leader);
+        self.wait_for(&format!("node {expected} to lead"), || async {
+            let status = self.client.cluster_status().await.ok()?;
+            (status.leader_id == expected).then_some(())
+        })
+        .await?;
+        Ok((before.leader_id, expected))
+    }
+
+    /// Adds node `id` at `address` as a learner, waits until it has caught up, promotes it.
+    /// Returns the voters afterwards.
+    pub async fn add_sequencer(&self, id: u64, address: &str) -> Result<Vec<u64>, AdminError> {
+        let before = self.client.cluster_status().await?;
+        if before.members.iter().any(|member| member.node_id == id) {
+            return Err(AdminError::Refused(format!(
+                "node {id} is already a member; a new node needs a new id"
+            )));
+        }
+        let status = tokio::time::timeout(PROBE, self.client.node_status_at(address))
+            .await
+            .map_err(|_| AdminError::Timeout {
+                what: format!("the node at {address} to answer"),
+                limit: PROBE,
+            })??;
+        if status.node_id != id {
+            return Err(AdminError::Refused(format!(
+                "the node at {address} is node {}, not node {id}",
+                status.node_id
+            )));
+        }
+        if status.initialized {
+            return Err(AdminError::Refused(format!(
+                "the node at {address} already belongs to a cluster; start it with an empty data directory and no --init"
+            )));
+        }
+        self.client
+            .add_learner(id, address.to_string(), true)
+            .await?;
+        // `wait` returned once the learner had the membership entry; wait until it has applied
+        // what the leader had committed, so the promotion does not stall on it.
+        self.wait_for(&format!("learner {id} to catch up"), || async {
+            let status = self.client.cluster_status().await.ok()?;
+            let leader_commit = status
+                .members
+                .iter()
+                .find(|member| member.node_id == status.leader_id)?
+                .status
+                .as_ref()?
+                .committed_index;
+            let learner = status
+                .members
+                .iter()
+                .find(|member| member.node_id == id)?
+                .status
+                .as_ref()?
+                .applied_index;
+            (leader_commit.saturating_sub(learner) <= DEFAULT_MAX_LAG).then_some(())
+        })
+        .await?;
+        let response = self.client.promote(BTreeSet::from([id])).await?;
+        Ok(voters(&response.voter_sets))
+    }
+
+    /// Removes node `id` (moving leadership away first if it leads). Returns the voters after.
+    pub async fn remove_sequencer(&self, id: u64) -> Result<Vec<u64>, AdminError> {
+        let before = self.client.cluster_status().await?;
+        if !before.members.iter().any(|member| member.node_id == id) {
+            return Err(AdminError::Refused(format!("node {id} is not a member")));
+        }
+        if before.leader_id == id {
+            self.transfer_leader(None).await?;
+        }
+        let response = self.client.remove_node(id).await?;
+        Ok(voters(&response.voter_sets))
+    }
+
+    /// Seals the open epoch and waits until it commits; `None` if it had no updates.
+    pub async fn seal(&self) -> Result<Option<pb::EpochRecord>, AdminError> {
+        let sealed = match self.client.seal(None).await {
+            Ok(sealed) => sealed,
+            Err(error) if error.code() == tonic::Code::FailedPrecondition => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        self.wait_for(&format!("epoch {} to commit", sealed.epoch), || async {
+            let record = self.client.get_epoch(None).await.ok()?;
+            (record.epoch >= sealed.epoch).then_some(())
+        })
+        .await?;
+        Ok(Some(self.client.get_epoch(Some(sealed.epoch)).await?))
+    }
+
+    /// Builds a snapshot on node `node` (or on every reachable member). Returns each node's id,
+    /// address and answer.
+    pub async fn snapshot(
+        &self,
+        node: Option<u64>,
+        purge: bool,
+    ) -> Result<Vec<(u64, String, pb::TriggerSnapshotResponse)>, AdminError> {
+        let status = self.client.cluster_status().await?;
+        let targets: Vec<(u64, String)> = status
+            .members
+            .iter()
+            .filter(|member| node.is_none_or(|node| node == member.node_id))
+            .filter(|member| node.is_some() || member.status.is_some())
+            .map(|member| (member.node_id, member.address.clone()))
+            .collect();
+        if targets.is_empty() {
+            return Err(AdminError::Refused(match node {
+                Some(node) => format!("node {node} is not a member"),
+                None => "no member answered".into(),
+            }));
+        }
+        let mut answers = Vec::new();
+        for (id, address) in targets {
+            let answer = self.client.trigger_snapshot_at(&address, purge).await?;
+            answers.push((id, address, answer));
+        }
+        Ok(answers)
+    }
+
+    /// Polls `check` every 100 ms until it gives a value, for at most [`WAIT`].
+    async fn wait_for<T, F, Fut>(&self, what: &str, mut check: F) -> Result<T, AdminError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let started = Instant::now();
+        loop {
+            if let Some(value) = check().await {
+                return Ok(value);
+            }
+            if started.elapsed() > WAIT {
+                return Err(AdminError::Timeout {
+                    what: what.to_string(),
+                    limit: WAIT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn voters(voter_sets: &[pb::VoterSet]) -> Vec<u64> {
+    let set: BTreeSet<u64> = voter_sets
+        .iter()
+        .flat_map(|set| set.node_ids.iter().copied())
+        .collect();
+    set.into_iter().collect()
+}
+
+/// `[0,1,2,3,5]` → `0-3,5`.
+fn ranges(partitions: &[u32]) -> String {
+    let mut sorted = partitions.to_vec();
+    sorted.sort_unstable();
+    let mut parts: Vec<String> = Vec::new();
+    let mut index = 0;
+    while index < sorted.len() {
+        let start = sorted[index];
+        let mut end = start;
+        while index + 1 < sorted.len() && sorted[index + 1] == end + 1 {
+            index += 1;
+            end = sorted[index];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        index += 1;
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|header| header.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        format!("{}\n", text.join("  ").trim_end())
+    };
+    let mut out = line(headers.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// The status report as aligned tables (sequencers, epochs, shards, then any errors).
+pub fn render_table(report: &ClusterReport) -> String {
+    let mut out = String::new();
+    let leader = if report.leader_id == 0 {
+        "none".to_string()
+    } else {
+        report.leader_id.to_string()
+    };
+    out.push_str(&format!(
+        "SEQUENCERS  leader {leader}, term {}, voters {:?}{}\n",
+        report.term,
+        report.voter_sets,
+        if report.voter_sets.len() > 1 {
+            " (JOINT)"
+        } else {
+            ""
+        }
+    ));
+    let rows: Vec<Vec<String>> = report
+        .sequencers
+        .iter()
+        .map(|node| {
+            vec![
+                node.id.to_string(),
+                node.address.clone(),
+                node.role.clone(),
+                node.health.clone(),
+                node.term.to_string(),
+                node.last_log_index.to_string(),
+                node.committed_index.to_string(),
+                node.applied_index.to_string(),
+                node.lag.to_string(),
+                node.snapshot_index.to_string(),
+                node.error.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "ID", "ADDRESS", "ROLE", "HEALTH", "TERM", "LAST-LOG", "COMMIT", "APPLIED", "LAG",
+            "SNAPSHOT", "ERROR",
+        ],
+        &rows,
+    ));
+    let epochs = &report.epochs;
+    out.push_str(&format!(
+        "\nEPOCHS  open {} ({} updates), last sealed {}, last committed {}, last commit {}\n",
+        epochs.open_epoch,
+        epochs.open_epoch_updates,
+        epochs.last_sealed_epoch,
+        epochs.last_committed_epoch,
+        match epochs.last_commit_age_seconds {
+            Some(age) => format!("{age:.1}s ago"),
+            None => "age unknown".into(),
+        }
+    ));
+    out.push_str(&format!(
+        "\nSHARDS  map version {}\n",
+        report.shard_map_version
+    ));
+    let rows: Vec<Vec<String>> = report
+        .shards
+        .iter()
+        .map(|shard| {
+            vec![
+                shard.id.clone(),
+                shard.address.clone(),
+                ranges(&shard.partitions),
+                if shard.reachable { "yes" } else { "NO" }.into(),
+                shard.health.clone(),
+                shard.caught_up_epoch.to_string(),
+                shard.built_epoch.to_string(),
+                shard.error.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "ID",
+            "ADDRESS",
+            "PARTITIONS",
+            "REACHABLE",
+            "HEALTH",
+            "CAUGHT-UP",
+            "BUILT",
+            "ERROR",
+        ],
+        &rows,
+    ));
+    for error in &report.errors {
+        out.push_str(&format!("error: {error}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_fails_on_epochs_stuck_behind_a_failing_shard() {
+        let mut report = ClusterReport {
+            leader_id: 1,
+            epochs: EpochRow {
+                open_epoch: 64,
+                last_sealed_epoch: 63,
+                last_committed_epoch: 2,
+                last_commit_age_seconds: Some(172.0),
+                ..EpochRow::default()
+            },
+            ..ClusterReport::default()
+        };
+        let limit = std::time::Duration::from_secs(60);
+        let problems = report.problems(DEFAULT_MAX_LAG, limit);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("epochs 3..=63"), "{problems:?}");
+        // Recent commits, or nothing sealed: fine.
+        report.epochs.last_commit_age_seconds = Some(5.0);
+        assert!(report.problems(DEFAULT_MAX_LAG, limit).is_empty());
+        report.epochs.last_commit_age_seconds = Some(500.0);
+        report.epochs.last_sealed_epoch = 2;
+        assert!(report.problems(DEFAULT_MAX_LAG, limit).is_empty());
+    }
+}

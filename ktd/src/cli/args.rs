@@ -1,0 +1,555 @@
+//! The `ktd` command line as clap types: every subcommand and its flags. Parsing (with
+//! `--config` files) is [`super::parse`]; what each subcommand does is [`super::servers`] and
+//! [`super::client_cmds`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ktd_core::AkdConfig;
+use sequencer::SequencerConfig;
+
+/// The `ktd` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ktd",
+    version,
+    about = "ktd: a sharded, Raft-sequenced key-transparency directory"
+)]
+pub struct Cli {
+    /// The gateway the client subcommands call.
+    #[arg(
+        long,
+        global = true,
+        env = "KTD_ADDR",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub addr: String,
+    /// Mutual TLS: the CA bundle peers' certificates must chain to (with --tls-cert and
+    /// --tls-key; servers then require client certificates, clients verify servers).
+    #[arg(long, global = true, env = "KTD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this process's certificate (PEM); its `urn:ktd:role:*` SAN URIs are its roles.
+    #[arg(long, global = true, env = "KTD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Mutual TLS: this process's private key (PEM, mode 600).
+    #[arg(long, global = true, env = "KTD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every `ktd` subcommand.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a complete single-machine directory (sequencer, in-process shard, gateway).
+    Dev(DevArgs),
+    /// Run a sequencer node (Raft-replicated ordering of key updates into epochs).
+    Sequencer(SequencerArgs),
+    /// Run a shard server (tree partitions and user histories on RocksDB).
+    Shard(ShardArgs),
+    /// Run a gateway (the public Directory API).
+    Gateway(GatewayArgs),
+    /// Run an independent auditor: verify every audit blob with stock akd, sign verified heads.
+    Auditor(AuditorArgs),
+    /// Publish LABEL = VALUE (durable when this returns; visible once its epoch commits).
+    Publish {
+        /// The label (UTF-8 text; use --hex for bytes).
+        label: String,
+        /// The value.
+        value: String,
+        /// Label and value are hex.
+        #[arg(long)]
+        hex: bool,
+        /// Idempotency key: a retry with the same key is applied once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait until the epoch holding the update is committed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Look LABEL up (latest committed epoch, or --epoch). A label that was never published
+    /// is proven absent (exit status 3).
+    Lookup(LabelQuery),
+    /// The version history of LABEL.
+    History {
+        #[command(flatten)]
+        query: LabelQuery,
+        /// Only the N most recent versions (0 = all).
+        #[arg(long, default_value_t = 0)]
+        most_recent: u64,
+    },
+    /// The append-only proof from epoch START to END.
+    Audit {
+        /// First epoch.
+        start: u64,
+        /// Last epoch.
+        end: u64,
+        /// Check the proof with stock akd's auditor.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Write every epoch's audit blob (verified) into a directory, as public auditors read them:
+    /// DIR/{E}/{hex root E-1}/{hex root E} holds the protobuf SingleAppendOnlyProof of E-1 → E.
+    AuditBlobs {
+        /// The directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// First end epoch (default: after the newest blob already in --out, else 1).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Keep following new epochs until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Retention: keep only the blobs of the newest N epochs in --out (default: all). An
+        /// auditor reading the directory must stay less than N epochs behind, or it sees a gap.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        keep: Option<u64>,
+    },
+    /// The latest committed epoch and root, or epoch N's.
+    Epoch {
+        /// The epoch.
+        epoch: Option<u64>,
+        /// Wait until epoch N is committed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Seal the open epoch now and wait for its root (admin).
+    Seal,
+    /// Load-test a running directory: open-loop constant-rate publishes and reads, HDR
+    /// latency histograms, report (JSON, Markdown, SVG) and an optional baseline comparison.
+    Bench(BenchArgs),
+    /// Cluster status: sequencer members and leader, epochs, shards (admin).
+    Status,
+    /// Operator commands against the sequencers' admin service: status table, leader transfer,
+    /// add/remove sequencer, seal, snapshot (`ktd admin --help`).
+    Admin(crate::admin::AdminArgs),
+    /// Make a development CA and certificates for mutual TLS (ca.pem; node, admin, auditor
+    /// and client certificates with their roles; keys mode 600).
+    Certs(CertsArgs),
+    /// Make a VRF seed: writes 64 hex digits to --out (mode 600), prints the public key.
+    Keygen {
+        /// Where to write the new seed (never overwrites).
+        #[arg(
+            long,
+            required_unless_present = "public_key_of",
+            conflicts_with = "public_key_of"
+        )]
+        out: Option<PathBuf>,
+        /// Print the public key of an existing seed file instead.
+        #[arg(long)]
+        public_key_of: Option<PathBuf>,
+    },
+}
+
+/// `ktd certs`.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Directory to write into (created; existing files are never overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Host names and IP addresses the node certificate is valid for, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    pub hosts: Vec<String>,
+    /// Validity of every certificate (e.g. 90d).
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    pub valid_for: Duration,
+}
+
+/// `ktd bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Operations per second offered (all call types together).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// How long to offer them (e.g. 30s, 5m).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Most operations in flight.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// `publish-only`, `lookup-only`, `90/10` (lookups/publishes) or
+    /// `publish=W,lookup=W,history=W,audit=W`.
+    #[arg(long, default_value = "90/10")]
+    pub mix: crate::bench::Mix,
+    /// Users to load before measuring (batches of 5,000, then one seal).
+    #[arg(long, default_value_t = 10_000)]
+    pub preload: u64,
+    /// Updates per publish in the measured phase.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Value size, bytes.
+    #[arg(long, default_value_t = 32)]
+    pub value_bytes: usize,
+    /// Random seed (labels and the mix); also names the users, so runs with different seeds
+    /// do not collide.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Directory for report.json, report.md and timeline.svg.
+    #[arg(long, default_value = "ktd-bench-report")]
+    pub report: PathBuf,
+    /// An earlier report.json to compare with; a regression beyond --max-regression fails.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// Allowed regression against the baseline, as a fraction (0.2 = 20%).
+    #[arg(long, default_value_t = 0.2)]
+    pub max_regression: f64,
+    /// A `ktd auditor`'s gRPC address (http://HOST:PORT) following the same directory: the
+    /// report then includes how far the auditor trails the commits (commit → signed head).
+    #[arg(long)]
+    pub auditor: Option<String>,
+    /// After the run, replay the same per-epoch batches through a stock in-process
+    /// `akd::Directory` and report ktd vs akd side by side (epoch processing, lookups).
+    #[arg(long)]
+    pub compare_akd: bool,
+    /// The directory's VRF seed file: with --compare-akd on a directory that was empty at the
+    /// start, every epoch's root is also checked against akd's.
+    #[arg(long)]
+    pub vrf_seed_file: Option<PathBuf>,
+    /// A local server process to sample for CPU and RSS, NAME=PID (repeatable).
+    #[arg(long, value_parser = crate::bench::servers::parse_server_pid)]
+    pub server_pid: Vec<(String, i32)>,
+    /// Sample every server whose pid file (NAME.pid) is in DIR, e.g. /tmp/ktd-local (the
+    /// local cluster's).
+    #[arg(long)]
+    pub server_pid_dir: Option<PathBuf>,
+}
+
+/// The Prometheus endpoint of a server process.
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "KTD_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl MetricsArgs {
+    /// Serves Prometheus metrics if `--metrics-listen` was given.
+    pub fn install(&self) -> anyhow::Result<()> {
+        match self.metrics_listen {
+            Some(addr) => crate::telemetry::serve_prometheus(addr),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Logs and traces of a server process.
+#[derive(Debug, Args)]
+pub struct TelemetryArgs {
+    /// Log lines as `text` or `json` (JSON lines carry role, node_id, term and epoch).
+    #[arg(long, env = "KTD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
+    /// Export spans to this OTLP/gRPC collector (e.g. http://127.0.0.1:4317); off unless given.
+    #[arg(long, env = "KTD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces to record, 0..=1 (a caller's sampled trace is always followed).
+    #[arg(long, env = "KTD_TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
+    pub trace_sample_ratio: f64,
+}
+
+impl TelemetryArgs {
+    /// The telemetry settings of a server of `role`.
+    pub fn settings(&self, role: &'static str) -> crate::telemetry::TelemetrySettings {
+        crate::telemetry::TelemetrySettings {
+            role,
+            log_format: self.log_format,
+            default_filter: "info,openraft=error".to_string(),
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            sample_ratio: self.trace_sample_ratio,
+        }
+    }
+}
+
+/// A read of one label.
+#[derive(Debug, Args)]
+pub struct LabelQuery {
+    /// The label.
+    pub label: String,
+    /// As of this epoch.
+    #[arg(long)]
+    pub epoch: Option<u64>,
+    /// The label is hex.
+    #[arg(long)]
+    pub hex: bool,
+    /// Check the proof with stock akd and print the verified result.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+/// `ktd dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
+    /// flags override it.
+    #[arg(long, env = "KTD_DEV_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    /// Address to serve the public API on.
+    #[arg(long, env = "KTD_DEV_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Data directory (created if missing; restart resumes from it).
+    #[arg(long, env = "KTD_DEV_DATA_DIR", default_value = "ktd-dev")]
+    pub data_dir: PathBuf,
+    /// VRF seed file, 64 hex digits (default: DATA_DIR/vrf-seed.hex, generated if missing).
+    #[arg(long, env = "KTD_DEV_VRF_SEED_FILE")]
+    pub vrf_seed_file: Option<PathBuf>,
+    /// Seal a non-empty epoch this often (e.g. 1s, 500ms, 2m).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub epoch_interval: Duration,
+    /// Seal an empty "heartbeat" epoch after this long without updates (off by default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Tree partition bits (2^k partitions).
+    #[arg(long, default_value_t = 4)]
+    pub partition_bits: u8,
+    /// `whatsapp_v1` or `experimental:<domain label>`.
+    #[arg(long, default_value = "whatsapp_v1")]
+    pub configuration: AkdConfig,
+    /// Requests served at once before RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: usize,
+}
+
+/// `ktd shard`.
+#[derive(Debug, Args)]
+pub struct ShardArgs {
+    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
+    /// flags override it.
+    #[arg(long, env = "KTD_SHARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    /// This shard's id in the shard map.
+    #[arg(long, env = "KTD_SHARD_ID")]
+    pub id: String,
+    /// Address to listen on.
+    #[arg(long, env = "KTD_SHARD_LISTEN")]
+    pub listen: String,
+    /// The data directory.
+    #[arg(long, env = "KTD_SHARD_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// The directory's VRF seed file (64 hex digits, mode 600).
+    #[arg(long, env = "KTD_SHARD_VRF_SEED_FILE")]
+    pub vrf_seed_file: PathBuf,
+    /// Tree partition bits (must match the cluster's).
+    #[arg(long, default_value_t = 4)]
+    pub partition_bits: u8,
+    /// `whatsapp_v1` or `experimental:<domain label>` (must match the cluster's).
+    #[arg(long, default_value = "whatsapp_v1")]
+    pub configuration: AkdConfig,
+    /// Sequencer addresses, comma-separated: the shard tails their log to evaluate VRF labels
+    /// while epochs are open (without it, labels are evaluated when an epoch is built).
+    #[arg(long, env = "KTD_SHARD_SEQUENCERS", value_delimiter = ',')]
+    pub sequencers: Vec<String>,
+    /// Validate the settings (listen address, partition bits, the VRF seed file's length and
+    /// permissions), print them with the seed redacted and exit: 0 if valid, 1 if not.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// `ktd auditor`.
+#[derive(Debug, Args)]
+pub struct AuditorArgs {
+    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
+    /// flags override it.
+    #[arg(long, env = "KTD_AUDITOR_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    /// The namespace signed into every head.
+    #[arg(long, default_value = "ktd.key-transparency.v1")]
+    pub namespace: String,
+    /// Where verified heads and violations are kept (a restart resumes from it).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Ed25519 signing key file, 64 hex digits, mode 600 (`ktd keygen --out FILE` makes one).
+    #[arg(long)]
+    pub signing_key_file: PathBuf,
+    /// Follow this gateway's audit blobs (http://HOST:PORT).
+    #[arg(
+        long,
+        conflicts_with = "blob_dir",
+        required_unless_present = "blob_dir"
+    )]
+    pub gateway: Option<String>,
+    /// Or read blobs from a directory written by `ktd audit-blobs`.
+    #[arg(long)]
+    pub blob_dir: Option<PathBuf>,
+    /// The directory's akd configuration.
+    #[arg(long, default_value = "whatsapp_v1")]
+    pub configuration: AkdConfig,
+    /// The trusted start, EPOCH/HEX_ROOT (default: epoch 0, the empty directory).
+    #[arg(long)]
+    pub start: Option<String>,
+    /// gRPC address (ktd.auditor.v1.Auditor).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub listen: String,
+    /// HTTP address (dashboard at /, JSON API).
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    pub http_listen: String,
+    /// How often to look for new blobs when caught up.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub poll: Duration,
+}
+
+/// `ktd gateway`.
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
+    /// flags override it.
+    #[arg(long, env = "KTD_GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate the settings (file < environment < flags), print them and exit: 0 if valid,
+    /// 1 with one error line if not.
+    #[arg(long)]
+    pub check_config: bool,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    /// Address to serve the public API on.
+    #[arg(long, env = "KTD_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Sequencer addresses, comma-separated (any member; the client follows the leader).
+    #[arg(
+        long,
+        env = "KTD_GATEWAY_SEQUENCERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub sequencers: Vec<String>,
+    /// Requests served at once before RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// Serve the Admin service (seal, cluster status) on this address instead of --listen;
+    /// with TLS only admin certificates may call it.
+    #[arg(long, env = "KTD_GATEWAY_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// With TLS: `required` (default) or `optional` (clients without a certificate may read,
+    /// not publish).
+    #[arg(long, env = "KTD_GATEWAY_TLS_CLIENT_AUTH", default_value = "required", value_parser = ["required", "optional"])]
+    pub tls_client_auth: String,
+    /// TEST ONLY: allow the deliberately broken modes named by KTD_UNSAFE_* variables (the
+    /// chaos positive controls). Without it, any such variable is refused.
+    #[arg(long, hide = true)]
+    pub unsafe_test_mode: bool,
+}
+
+/// `ktd sequencer`.
+#[derive(Debug, Args)]
+pub struct SequencerArgs {
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "KTD_SEQUENCER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration (file < environment < flags), print the effective
+    /// configuration as TOML and exit: 0 if valid, 1 with one error line if not.
+    #[arg(long)]
+    pub check_config: bool,
+    /// This node's id (required for a new data directory; must match an existing one).
+    #[arg(long, env = "KTD_SEQUENCER_ID")]
+    pub id: Option<u64>,
+    /// Address to listen on (Raft, API, admin and health share it).
+    #[arg(long, env = "KTD_SEQUENCER_LISTEN")]
+    pub listen: Option<String>,
+    /// Address peers and clients use to reach this node (default: --listen).
+    #[arg(long, env = "KTD_SEQUENCER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// The data directory.
+    #[arg(long, env = "KTD_SEQUENCER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Initial members, ID=HOST:PORT, comma-separated (used with --init).
+    #[arg(long, env = "KTD_SEQUENCER_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Dial peer ID at HOST:PORT instead of its membership address, ID=HOST:PORT,
+    /// comma-separated or repeated (fault proxies, tunnels; this node only).
+    #[arg(long, env = "KTD_SEQUENCER_PEER_OVERRIDES", value_delimiter = ',')]
+    pub peer_override: Vec<String>,
+    /// Bootstrap a new cluster from --peers (ignored if the data directory is initialised).
+    #[arg(long)]
+    pub init: bool,
+    /// The directory's VRF public key, 64 hex digits (recorded at --init).
+    #[arg(long, env = "KTD_SEQUENCER_VRF_PUBLIC_KEY")]
+    pub vrf_public_key: Option<String>,
+    /// Initial shard map, ID=URL comma-separated (recorded at --init).
+    #[arg(long, env = "KTD_SEQUENCER_SHARDS", value_delimiter = ',')]
+    pub shards: Vec<String>,
+    /// Tree partition bits (recorded at --init).
+    #[arg(long)]
+    pub partition_bits: Option<u32>,
+    /// `whatsapp_v1` or `experimental:<domain label>` (recorded at --init).
+    #[arg(long)]
+    pub configuration: Option<AkdConfig>,
+    /// Seal a non-empty open epoch this often (e.g. 1s, 2m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub epoch_interval: Option<Duration>,
+    /// Seal an empty "heartbeat" epoch after this long without updates (default: never).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Seal when the open epoch holds this many updates (recorded at --init).
+    #[arg(long)]
+    pub max_epoch_updates: Option<u64>,
+}
+
+impl SequencerArgs {
+    /// The sequencer configuration: file < environment < flags, validated.
+    pub fn resolve(self) -> anyhow::Result<SequencerConfig> {
+        let mut config = match &self.config {
+            Some(path) => SequencerConfig::from_file(path)?,
+            None => SequencerConfig::default(),
+        };
+        if let Some(id) = self.id {
+            config.id = Some(id);
+        }
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(advertise) = self.advertise {
+            config.advertise = Some(advertise);
+        }
+        if let Some(data_dir) = self.data_dir {
+            config.data_dir = data_dir;
+        }
+        if !self.peers.is_empty() {
+            config.peers = self.peers;
+        }
+        if !self.peer_override.is_empty() {
+            config.peer_overrides = self.peer_override;
+        }
+        if let Some(key) = self.vrf_public_key {
+            config.cluster.vrf_public_key = key;
+        }
+        if !self.shards.is_empty() {
+            config.cluster.shards = self.shards;
+        }
+        if let Some(bits) = self.partition_bits {
+            config.cluster.partition_bits = bits;
+        }
+        if let Some(configuration) = self.configuration {
+            config.cluster.akd_configuration = configuration.to_string();
+        }
+        if let Some(interval) = self.epoch_interval {
+            config.epoch.interval = interval;
+        }
+        if let Some(interval) = self.heartbeat_interval {
+            config.epoch.heartbeat_interval = Some(interval);
+        }
+        if let Some(max) = self.max_epoch_updates {
+            config.cluster.max_epoch_updates = max;
+            config.epoch.max_batch_updates = config.epoch.max_batch_updates.min(max as usize);
+        }
+        config.init = self.init;
+        config.validate()?;
+        Ok(config)
+    }
+}

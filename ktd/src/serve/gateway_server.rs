@@ -1,0 +1,89 @@
+//! `ktd gateway`: the public API process. It waits for the cluster's metadata, then serves
+//! [`gateway::service::Gateway`] (with its readiness probe) until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::bail;
+use ktd_core::AkdConfig;
+use ktd_core::config::{Experimental, WhatsAppV1};
+use sequencer::{SequencerClient, pb};
+use shard::cluster::{GrpcConnector, ShardConnector};
+use tokio::net::TcpListener;
+
+use gateway::sequencing::Sequencing;
+use gateway::service::{Gateway, GatewayOptions};
+
+use crate::serve::cluster_metadata;
+
+/// Settings of a gateway.
+#[derive(Clone, Debug, Default)]
+pub struct GatewaySettings {
+    /// Sequencer addresses (`http://host:port`); any member will do, the client follows the leader.
+    pub sequencers: Vec<String>,
+    /// Limits and timeouts.
+    pub options: GatewayOptions,
+    /// How long shutdown waits for in-flight requests.
+    pub drain: Duration,
+}
+
+/// Runs a gateway on `listener` until `shutdown`.
+pub async fn run_gateway(
+    settings: GatewaySettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if settings.sequencers.is_empty() {
+        bail!("a gateway needs at least one sequencer address (--sequencers)");
+    }
+    let sequencing: Arc<dyn Sequencing> =
+        Arc::new(SequencerClient::new(settings.sequencers.clone()));
+    let connector: Arc<dyn ShardConnector> = Arc::new(GrpcConnector::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let shutdown = {
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
+        }
+    };
+    let waiter = tokio::spawn(shutdown);
+    let metadata = cluster_metadata(sequencing.as_ref(), &stop).await?;
+    let stopped = async move {
+        let _ = waiter.await;
+    };
+    serve_for_config(
+        sequencing,
+        connector,
+        metadata,
+        settings.options,
+        listener,
+        stopped,
+        settings.drain,
+    )
+    .await
+}
+
+pub(crate) async fn serve_for_config(
+    sequencing: Arc<dyn Sequencing>,
+    connector: Arc<dyn ShardConnector>,
+    metadata: pb::ClusterMetadata,
+    options: GatewayOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let config: AkdConfig = metadata.akd_configuration.parse()?;
+    config.install()?;
+    match config {
+        AkdConfig::WhatsAppV1 => {
+            let gateway = Gateway::<WhatsAppV1>::new(sequencing, connector, metadata, options)?;
+            gateway::server::serve(gateway, listener, shutdown, drain).await
+        }
+        AkdConfig::Experimental { .. } => {
+            let gateway = Gateway::<Experimental>::new(sequencing, connector, metadata, options)?;
+            gateway::server::serve(gateway, listener, shutdown, drain).await
+        }
+    }
+}

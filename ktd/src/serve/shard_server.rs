@@ -1,0 +1,187 @@
+//! `ktd shard`: a shard server. It opens its RocksDB store, waits for the cluster's metadata,
+//! tails the sequencer's log to pre-compute VRF labels ([`super::tail`]), serves
+//! `ktd.shard.v1.Shard`, and reports readiness ([`super::readiness`]).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use ktd_core::AkdConfig;
+use ktd_core::akd_core::configuration::Configuration;
+use ktd_core::config::{Experimental, WhatsAppV1};
+use ktd_core::user::UpdateLimits;
+use ktd_core::vrf::VrfKey;
+use sequencer::SequencerClient;
+use shard::api::ShardApi;
+use shard::client::{ClientTimeouts, GrpcPeers};
+use shard::local::{LocalShard, PeerResolver};
+use shard::node::ShardNode;
+use shard::server::ShardService;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::serve::tail::{LogSource, precompute_from_log};
+
+/// Settings of a shard server.
+#[derive(Clone, Debug)]
+pub struct ShardSettings {
+    /// The shard's id in the shard map.
+    pub id: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// The directory's VRF seed.
+    pub vrf_seed: [u8; 32],
+    /// Partition bits of the directory.
+    pub partition_bits: u8,
+    /// The directory's akd configuration.
+    pub config: AkdConfig,
+    /// Sequencer addresses to tail the log from (pre-computing VRF labels while an epoch is
+    /// open); empty: no pre-computation, labels are evaluated when the epoch is built.
+    pub sequencers: Vec<String>,
+}
+
+/// How long a shard server's shutdown waits for in-flight requests.
+pub const SHARD_DRAIN: Duration = Duration::from_secs(10);
+
+/// A started shard: its API, what flushes its store, and its readiness tracker.
+struct OpenShard {
+    api: Arc<dyn ShardApi>,
+    store: Arc<shard::store::RocksStore>,
+    readiness: futures::future::BoxFuture<'static, ()>,
+}
+
+/// Runs a shard server on `listener` until `shutdown`: NOT_SERVING until it holds the latest
+/// committed epoch ([`super::readiness`]); on `shutdown`, NOT_SERVING, drain in-flight requests
+/// for at most [`SHARD_DRAIN`], then flush the store.
+pub async fn run_shard(
+    settings: ShardSettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    settings.config.install()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_tail = stop.clone().drop_guard();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let services = [super::readiness::SHARD_HEALTH_SERVICE];
+    ktd_rpc::health::set_health(&reporter, &services, ServingStatus::NotServing).await;
+    let opened = match settings.config {
+        AkdConfig::WhatsAppV1 => {
+            open_shard::<WhatsAppV1>(&settings, stop.clone(), reporter.clone()).await?
+        }
+        AkdConfig::Experimental { .. } => {
+            open_shard::<Experimental>(&settings, stop.clone(), reporter.clone()).await?
+        }
+    };
+    let readiness = tokio::spawn(opened.readiness);
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(10)));
+    let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        ktd_rpc::security::server_builder(false)?
+            .tcp_nodelay(true)
+            .layer(ktd_rpc::telemetry::GrpcServerLayer::new("shard"))
+            .layer(ktd_rpc::security::AuthorizeLayer::new(
+                ktd_rpc::security::shard_policy,
+            ))
+            .add_service(health)
+            .add_service(ShardService::new(opened.api).into_server())
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            }),
+    );
+    tracing::info!(shard = %settings.id, "shard serving");
+    tokio::select! {
+        () = shutdown => {}
+        result = &mut server => {
+            return match result {
+                Ok(Ok(())) => Err(anyhow!("the shard's gRPC server stopped unexpectedly")),
+                Ok(Err(error)) => Err(anyhow!("the shard's gRPC server failed: {error}")),
+                Err(error) => Err(anyhow!("the shard's gRPC server panicked: {error}")),
+            };
+        }
+    }
+    tracing::info!(shard = %settings.id, "shard shutting down");
+    stop.cancel();
+    readiness.abort();
+    let _ = readiness.await;
+    ktd_rpc::health::set_health(&reporter, &services, ServingStatus::NotServing).await;
+    let _ = stop_serving.send(());
+    if tokio::time::timeout(SHARD_DRAIN, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!(drain = ?SHARD_DRAIN, "in-flight requests did not finish in time; closing them");
+        server.abort();
+    }
+    let store = opened.store;
+    tokio::task::spawn_blocking(move || store.flush())
+        .await
+        .context("flush task")?
+        .context("flush the shard's store")?;
+    tracing::info!(shard = %settings.id, "shard stopped");
+    Ok(())
+}
+
+async fn open_shard<TC: Configuration>(
+    settings: &ShardSettings,
+    stop: tokio_util::sync::CancellationToken,
+    reporter: tonic_health::server::HealthReporter,
+) -> anyhow::Result<OpenShard> {
+    let node = open_node::<TC>(settings, stop.clone()).await?;
+    if settings.sequencers.is_empty() {
+        tracing::warn!("no --sequencers: VRF labels are evaluated when each epoch is built");
+    } else {
+        let source = LogSource::Remote {
+            client: SequencerClient::new(settings.sequencers.clone()),
+            addrs: settings.sequencers.clone(),
+        };
+        tokio::spawn(precompute_from_log(
+            node.clone(),
+            settings.id.clone(),
+            source,
+            stop.clone(),
+        ));
+    }
+    let peers: Arc<dyn PeerResolver> = Arc::new(GrpcPeers::new(ClientTimeouts::default()));
+    let store = node.store().clone();
+    let shard = Arc::new(LocalShard::new(settings.id.clone(), node, peers));
+    let readiness = Box::pin(super::readiness::track_shard_readiness(
+        shard.clone(),
+        settings.sequencers.clone(),
+        reporter,
+        stop,
+    ));
+    Ok(OpenShard {
+        api: shard,
+        store,
+        readiness,
+    })
+}
+
+/// Opens the shard's node and samples its storage gauges until `stop`.
+pub(crate) async fn open_node<TC: Configuration>(
+    settings: &ShardSettings,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Arc<ShardNode<TC>>> {
+    let settings = settings.clone();
+    let node = tokio::task::spawn_blocking(move || {
+        ShardNode::<TC>::open(
+            &settings.data_dir,
+            &settings.config,
+            settings.partition_bits,
+            VrfKey::from_seed(&settings.vrf_seed)?,
+            UpdateLimits::default(),
+            shard::store::StoreOptions::default(),
+        )
+    })
+    .await??;
+    tokio::spawn(shard::metrics::sample_storage(
+        Arc::downgrade(node.store()),
+        stop.cancelled_owned(),
+    ));
+    Ok(Arc::new(node))
+}

@@ -1,0 +1,434 @@
+//! The distributed directory end to end, over real processes: 3 sequencers, 2 shard servers
+//! (16 partitions) and 2 gateways on 127.0.0.x. Seeded random publishes over 22 epochs; after
+//! every epoch the root equals a stock `akd::Directory` fed the same batches with the same VRF
+//! seed, and lookup/history proofs fetched over gRPC verify with stock akd. Mid-run a shard and
+//! the sequencer leader are killed with SIGKILL in the middle of an epoch and restarted: the epoch
+//! commits once, with akd's root, and no acknowledged publish is missing (every root matches an
+//! oracle fed exactly the acknowledged batches). At the end: one audit over all epochs verifies
+//! with `akd::auditor`, a second gateway and a restarted first gateway serve identical roots and
+//! proofs, and the latest proofs equal akd's own, field for field.
+
+use std::time::Duration;
+
+use akd::storage::StorageManager;
+use akd::storage::memory::AsyncInMemoryDatabase;
+use akd::{AkdLabel, AkdValue};
+use futures::FutureExt;
+use ktd_client::{Client, EpochRoot};
+use ktd_core::config::WhatsAppV1;
+use ktd_core::vrf::VrfKey;
+use ktd_proto::ktd::v1 as api;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::deadline::with_deadline;
+use crate::process::{KtdNode, free_addr, write_vrf_seed};
+
+type Oracle = akd::Directory<WhatsAppV1, AsyncInMemoryDatabase, VrfKey>;
+
+const SEED: [u8; 32] = [0x5a; 32];
+const EPOCHS: u64 = 22;
+const SHARD_KILL_EPOCH: u64 = 8;
+const LEADER_KILL_EPOCH: u64 = 15;
+
+struct Topology {
+    root: tempfile::TempDir,
+    sequencers: Vec<KtdNode>,
+    shards: Vec<KtdNode>,
+    gateways: Vec<KtdNode>,
+    sequencer_list: String,
+}
+
+impl Topology {
+    fn start() -> Self {
+        let root = tempfile::tempdir().expect("temp dir");
+        let seed_file = write_vrf_seed(root.path(), &SEED);
+        let sequencer_addrs: Vec<String> = (1..=3u64)
+            .map(|id| free_addr(&format!("127.0.0.{}", 10 + id)))
+            .collect();
+        let sequencer_list = sequencer_addrs.join(",");
+        let public_key = hex::encode(VrfKey::from_seed(&SEED).expect("seed").public_key());
+        let mut shards = Vec::new();
+        for index in 1..=2u64 {
+            let addr = free_addr(&format!("127.0.0.{}", 20 + index));
+            let data_dir = root.path().join(format!("shard-{index}"));
+            let args = [
+                "shard",
+                "--id",
+                &format!("s{index}"),
+                "--listen",
+                &addr,
+                "--data-dir",
+                &data_dir.display().to_string(),
+                "--vrf-seed-file",
+                &seed_file,
+                "--partition-bits",
+                "4",
+                "--sequencers",
+                &sequencer_list,
+            ]
+            .map(String::from)
+            .to_vec();
+            let mut node = KtdNode::new(&format!("shard-{index}"), root.path(), index, addr, args);
+            node.spawn(&[]);
+            shards.push(node);
+        }
+        let shard_map = shards
+            .iter()
+            .enumerate()
+            .map(|(index, node)| format!("s{}=http://{}", index + 1, node.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut sequencers: Vec<KtdNode> = (1..=3u64)
+            .zip(sequencer_addrs)
+            .map(|(id, addr)| {
+                KtdNode::sequencer(
+                    root.path(),
+                    id,
+                    addr,
+                    root.path().join(format!("node-{id}")),
+                )
+            })
+            .collect();
+        let peers = sequencers
+            .iter()
+            .map(|node| format!("{}={}", node.id, node.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        for node in &mut sequencers {
+            let mut args = vec![
+                "--id".to_string(),
+                node.id.to_string(),
+                "--peers".into(),
+                peers.clone(),
+                // The test seals every epoch itself, so the batches are known exactly.
+                "--epoch-interval".into(),
+                "1h".into(),
+            ];
+            if node.id == 1 {
+                args.extend(
+                    [
+                        "--init",
+                        "--vrf-public-key",
+                        &public_key,
+                        "--shards",
+                        &shard_map,
+                        "--partition-bits",
+                        "4",
+                    ]
+                    .map(String::from),
+                );
+            }
+            node.spawn(&args);
+        }
+        let mut topology = Self {
+            root,
+            sequencers,
+            shards,
+            gateways: Vec::new(),
+            sequencer_list,
+        };
+        topology.add_gateway();
+        topology
+    }
+
+    fn add_gateway(&mut self) {
+        let index = self.gateways.len() as u64 + 1;
+        let addr = free_addr(&format!("127.0.0.{}", 30 + index));
+        let args = [
+            "gateway",
+            "--listen",
+            &addr,
+            "--sequencers",
+            &self.sequencer_list,
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut node = KtdNode::new(
+            &format!("gateway-{index}"),
+            self.root.path(),
+            index,
+            addr,
+            args,
+        );
+        node.spawn(&[]);
+        self.gateways.push(node);
+    }
+
+    fn logs(&self) -> String {
+        self.sequencers
+            .iter()
+            .chain(&self.shards)
+            .chain(&self.gateways)
+            .map(|node| format!("===== {} =====\n{}", node.addr, node.log_text()))
+            .collect()
+    }
+}
+
+/// Connects to a gateway, waiting until it serves (it waits for the cluster first).
+pub async fn connect(addr: &str) -> Client {
+    let url = format!("http://{addr}");
+    for _ in 0..300 {
+        if let Ok(Ok(client)) =
+            tokio::time::timeout(Duration::from_secs(2), Client::connect(&url)).await
+        {
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the gateway at {addr} did not start serving");
+}
+
+fn code(error: &ktd_client::ClientError) -> Option<tonic::Code> {
+    error.code()
+}
+
+/// Seals the open epoch (retrying through failovers) until `epoch` is committed.
+async fn seal_until_committed(client: &Client, epoch: u64) -> EpochRoot {
+    for _ in 0..600 {
+        if let Ok(root) = client.epoch(Some(epoch)).await {
+            return root;
+        }
+        match client.seal().await {
+            Ok(root) => {
+                assert_eq!(root.epoch, epoch, "sealed the wrong epoch");
+                return root;
+            }
+            // Already sealed by an earlier attempt: wait for its commit.
+            Err(error) if code(&error) == Some(tonic::Code::FailedPrecondition) => {}
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("epoch {epoch} was not committed");
+}
+
+async fn leader_index(client: &Client) -> usize {
+    let status = client.cluster_status().await.expect("cluster status");
+    let leader = status.sequencer.expect("sequencer status").leader_id;
+    assert!(leader > 0, "no leader");
+    (leader - 1) as usize
+}
+
+/// Raw lookup answers (bytes) of `labels` at `epoch` from the gateway at `client`.
+async fn raw_lookups(client: &Client, labels: &[Vec<u8>], epoch: u64) -> Vec<api::LookupResponse> {
+    let mut answers = Vec::new();
+    for label in labels {
+        let answer = client
+            .directory()
+            .lookup(api::LookupRequest {
+                label: label.clone(),
+                epoch: Some(epoch),
+            })
+            .await
+            .expect("lookup")
+            .into_inner();
+        answers.push(answer);
+    }
+    answers
+}
+
+#[test]
+fn a_multi_process_cluster_matches_akd_through_failures() {
+    with_deadline(Duration::from_secs(600), || async {
+        let mut topology = Topology::start();
+        let result = std::panic::AssertUnwindSafe(run(&mut topology))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = result {
+            eprintln!("{}", topology.logs());
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
+
+async fn run(topology: &mut Topology) {
+    let oracle = Oracle::new(
+        StorageManager::new_no_cache(AsyncInMemoryDatabase::new()),
+        VrfKey::from_seed(&SEED).expect("seed"),
+        akd::append_only_zks::AzksParallelismConfig::default(),
+    )
+    .await
+    .expect("akd directory");
+    let client = connect(&topology.gateways[0].addr).await;
+    let epoch0 = client.epoch(Some(0)).await.expect("epoch 0");
+    let akd_root0 = oracle.get_epoch_hash().await.expect("akd epoch 0");
+    assert_eq!(epoch0.root_hash, akd_root0.1, "the empty directory's root");
+
+    let mut rng = StdRng::seed_from_u64(20261126);
+    let labels: Vec<Vec<u8>> = (0..90).map(|i| format!("user-{i}").into_bytes()).collect();
+    let mut roots = vec![epoch0];
+    for epoch in 1..=EPOCHS {
+        let count = rng.random_range(8..30);
+        let mut chosen: Vec<Vec<u8>> = Vec::new();
+        while chosen.len() < count {
+            let label = labels[rng.random_range(0..labels.len())].clone();
+            if !chosen.contains(&label) {
+                chosen.push(label);
+            }
+        }
+        let batch: Vec<(Vec<u8>, Vec<u8>)> = chosen
+            .into_iter()
+            .map(|label| {
+                let value = format!("{}@{epoch}", String::from_utf8_lossy(&label)).into_bytes();
+                (label, value)
+            })
+            .collect();
+        let (first, second) = batch.split_at(batch.len() / 2);
+        for (part, updates) in [first, second].into_iter().enumerate() {
+            let published = client
+                .publish(updates.to_vec(), Some(format!("epoch-{epoch}-part-{part}")))
+                .await
+                .expect("publish");
+            assert_eq!(published.epoch, epoch, "updates land in the open epoch");
+        }
+
+        if epoch == 1 {
+            // While the epoch is open, the shards tail the log and evaluate its VRF labels.
+            let mut precomputed = 0;
+            // Up to 20 s: the shards start tailing only once the cluster has its metadata.
+            for _ in 0..400 {
+                let status = client.cluster_status().await.expect("cluster status");
+                precomputed = status
+                    .shards
+                    .iter()
+                    .map(|shard| shard.precomputed_labels)
+                    .sum();
+                if precomputed > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(precomputed > 0, "no shard pre-computed a VRF label");
+        }
+        if epoch == SHARD_KILL_EPOCH {
+            // The shard dies with the epoch's updates ordered but not built: the coordinator
+            // must keep retrying until it is back, then commit the same root.
+            topology.shards[1].kill9();
+        }
+        let sealing = {
+            let client = client.clone();
+            tokio::spawn(async move { client.seal().await })
+        };
+        if epoch == SHARD_KILL_EPOCH {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            topology.shards[1].spawn(&[]);
+        }
+        if epoch == LEADER_KILL_EPOCH {
+            let leader = leader_index(&client).await;
+            topology.sequencers[leader].kill9();
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            topology.sequencers[leader].spawn(&["--epoch-interval".into(), "1h".into()]);
+        }
+        let _ = sealing.await;
+        let root = seal_until_committed(&client, epoch).await;
+
+        let akd_batch = batch
+            .iter()
+            .map(|(label, value)| (AkdLabel(label.clone()), AkdValue(value.clone())))
+            .collect();
+        let akd_root = oracle.publish(akd_batch).await.expect("akd publish");
+        assert_eq!(akd_root.0, epoch);
+        assert_eq!(
+            root.root_hash, akd_root.1,
+            "epoch {epoch}: ktd's root differs from akd's"
+        );
+        roots.push(root);
+
+        let (label, value) = &batch[rng.random_range(0..batch.len())];
+        let found = client.lookup(label, None).await.expect("verified lookup");
+        assert_eq!((&found.value, found.epoch, found.at), (value, epoch, root));
+        let (at, versions) = client
+            .history(label, 0, None)
+            .await
+            .expect("verified history");
+        assert_eq!(at, root);
+        assert_eq!(&versions[0].value, value);
+    }
+
+    let retried = topology
+        .sequencers
+        .iter()
+        .any(|node| node.log_text().contains("epoch not committed yet"));
+    assert!(retried, "the coordinator never saw the killed shard");
+
+    // Labels never published are proven absent (at the latest and an earlier epoch, across
+    // both shard processes); a published label and the empty directory are refused.
+    for label in ["nobody-1", "nobody-2", "nobody-3"] {
+        for epoch in [None, Some(3)] {
+            let absent = client
+                .prove_absence(label.as_bytes(), epoch)
+                .await
+                .expect("verified absence proof");
+            assert_eq!(absent.at, roots[epoch.unwrap_or(EPOCHS) as usize]);
+        }
+        match client.lookup_or_absence(label.as_bytes(), None).await {
+            Ok(Err(absent)) => assert_eq!(absent.at.epoch, EPOCHS),
+            other => panic!("{label}: expected a verified absence, got {other:?}"),
+        }
+    }
+    let mut published_label = None;
+    for label in &labels {
+        if client.lookup(label, None).await.is_ok() {
+            published_label = Some(label.clone());
+            break;
+        }
+    }
+    let published_label = published_label.expect("some label was published");
+    let published = client.prove_absence(&published_label, None).await;
+    let empty = client.prove_absence(b"nobody-1", Some(0)).await;
+    for refused in [published.map(|_| ()), empty.map(|_| ())] {
+        let error = refused.expect_err("refused");
+        assert_eq!(
+            code(&error),
+            Some(tonic::Code::FailedPrecondition),
+            "{error:#}"
+        );
+    }
+
+    let audit = client.audit(0, EPOCHS).await.expect("verified audit");
+    assert_eq!(audit.roots, roots, "audit roots are the committed roots");
+
+    // The latest proofs are akd's own, field for field.
+    for label in labels.iter().take(12) {
+        let ours = client
+            .directory()
+            .lookup(api::LookupRequest {
+                label: label.clone(),
+                epoch: None,
+            })
+            .await;
+        let theirs = oracle.lookup(AkdLabel(label.clone())).await;
+        match (ours, theirs) {
+            (Ok(ours), Ok((proof, _))) => {
+                let ours: akd::LookupProof = ours
+                    .into_inner()
+                    .proof
+                    .as_ref()
+                    .expect("proof")
+                    .try_into()
+                    .expect("decodes");
+                assert_eq!(ours, proof, "lookup proof of {label:?}");
+            }
+            (Err(status), Err(_)) => assert_eq!(status.code(), tonic::Code::NotFound),
+            (ours, theirs) => panic!("{label:?}: ktd {ours:?}, akd {:?}", theirs.map(|_| ())),
+        }
+    }
+
+    // A second gateway, and the first one restarted: identical roots and proof bytes.
+    let probe: Vec<Vec<u8>> = labels.iter().take(8).cloned().collect();
+    let reference = raw_lookups(&client, &probe, LEADER_KILL_EPOCH).await;
+    topology.add_gateway();
+    topology.gateways[0].kill9();
+    topology.gateways[0].spawn(&[]);
+    for gateway in [&topology.gateways[0], &topology.gateways[1]] {
+        let other = connect(&gateway.addr).await;
+        for root in &roots {
+            assert_eq!(&other.epoch(Some(root.epoch)).await.expect("epoch"), root);
+        }
+        assert_eq!(
+            raw_lookups(&other, &probe, LEADER_KILL_EPOCH).await,
+            reference
+        );
+    }
+}

@@ -1,0 +1,490 @@
+//! `ktd dev` as a user meets it: the README's flow (`ktd publish`, `ktd lookup --verify`) as
+//! real processes; audit blobs written by `ktd audit-blobs` and verified; bad input over gRPC answered with the documented status while the server
+//! keeps serving; overload answered `RESOURCE_EXHAUSTED`; a clean SIGTERM and a restart from the
+//! data directory that still serves what was published.
+
+use std::process::Command;
+use std::time::Duration;
+
+use ktd_proto::ktd::v1 as api;
+use tonic::Code;
+
+use crate::cluster::connect;
+use crate::deadline::with_deadline;
+use crate::process::{KtdNode, free_addr};
+
+fn ktd(addr: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ktd"))
+        .arg("--addr")
+        .arg(format!("http://{addr}"))
+        .args(args)
+        .output()
+        .expect("run ktd")
+}
+
+fn dev_node(root: &std::path::Path, metrics: &str) -> KtdNode {
+    let extra = [
+        "--epoch-interval",
+        "200ms",
+        "--max-in-flight",
+        "4",
+        "--metrics-listen",
+        metrics,
+    ];
+    KtdNode::dev(root, "127.0.0.41", &extra)
+}
+
+/// A few more epochs, then `ktd audit-blobs` writes one verified blob per epoch, named by its
+/// end epoch; bad names are refused.
+async fn audit_blobs_verify(client: &ktd_client::Client, addr: &str) {
+    let mut latest = 0;
+    for round in 0..3 {
+        let published = client
+            .publish(
+                vec![(format!("blob-user-{round}").into_bytes(), b"k".to_vec())],
+                None,
+            )
+            .await
+            .expect("publish");
+        latest = client
+            .wait_for_epoch(published.epoch)
+            .await
+            .expect("commit")
+            .epoch;
+    }
+    let out = tempfile::tempdir().expect("temp dir");
+    let (blob_addr, dir) = (addr.to_string(), out.path().to_path_buf());
+    let written = tokio::task::spawn_blocking(move || {
+        ktd(
+            &blob_addr,
+            &["audit-blobs", "--out", &dir.display().to_string()],
+        )
+    })
+    .await
+    .expect("ktd audit-blobs");
+    assert!(written.status.success(), "{written:?}");
+    let (names, listed_latest) = client.audit_blob_names(1, 0).await.expect("list");
+    assert_eq!(listed_latest, latest);
+    assert_eq!(names.len() as u64, latest, "one blob per epoch 1..=latest");
+    for (index, name) in names.iter().enumerate() {
+        let epoch = index as u64 + 1;
+        let previous = client.epoch(Some(epoch - 1)).await.expect("epoch");
+        let root = client.epoch(Some(epoch)).await.expect("epoch");
+        assert_eq!(
+            name,
+            &format!(
+                "{epoch}/{}/{}",
+                hex::encode(previous.root_hash),
+                hex::encode(root.root_hash)
+            )
+        );
+        let blob = client.audit_blob(name).await.expect("a blob verifies");
+        let on_disk = std::fs::read(out.path().join(name)).expect("blob file");
+        assert_eq!(on_disk, blob.bytes);
+    }
+    // Retention: only the newest two epochs' blobs stay in the directory.
+    let kept = tempfile::tempdir().expect("temp dir");
+    let (addr_copy, dir) = (addr.to_string(), kept.path().to_path_buf());
+    let written = tokio::task::spawn_blocking(move || {
+        ktd(
+            &addr_copy,
+            &[
+                "audit-blobs",
+                "--out",
+                &dir.display().to_string(),
+                "--keep",
+                "2",
+            ],
+        )
+    })
+    .await
+    .expect("ktd audit-blobs --keep");
+    assert!(written.status.success(), "{written:?}");
+    let mut epochs: Vec<u64> = std::fs::read_dir(kept.path())
+        .expect("read")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    epochs.sort_unstable();
+    assert_eq!(epochs, vec![latest - 1, latest]);
+    let mut raw = client.directory();
+    let forged = names[0].replace('/', "/00");
+    for (name, expected) in [
+        (forged.as_str(), Code::InvalidArgument),
+        ("0/aa/bb", Code::InvalidArgument),
+        (
+            &format!("{}/{}/{}", latest + 5, "00".repeat(32), "11".repeat(32))[..],
+            Code::NotFound,
+        ),
+    ] {
+        let status = raw
+            .get_audit_blob(api::GetAuditBlobRequest {
+                name: name.to_string(),
+            })
+            .await
+            .expect_err("a bad name");
+        assert_eq!(status.code(), expected, "{name}: {status:?}");
+    }
+}
+
+#[test]
+fn ktd_bench_compare_akd_replays_the_same_batches_with_equal_roots() {
+    with_deadline(Duration::from_secs(180), || async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut dev = KtdNode::dev(root.path(), "127.0.0.44", &["--epoch-interval", "300ms"]);
+        dev.spawn(&[]);
+        connect(&dev.addr).await;
+        let seed = root.path().join("dev").join("vrf-seed.hex");
+        let report_dir = root.path().join("report");
+        let (addr, seed_arg, dir) = (
+            dev.addr.clone(),
+            seed.display().to_string(),
+            report_dir.display().to_string(),
+        );
+        let output = tokio::task::spawn_blocking(move || {
+            ktd(
+                &addr,
+                &[
+                    "bench",
+                    "--rate",
+                    "100",
+                    "--duration",
+                    "3s",
+                    "--preload",
+                    "2000",
+                    "--mix",
+                    "publish=1,lookup=1",
+                    "--batch",
+                    "5",
+                    "--report",
+                    &dir,
+                    "--compare-akd",
+                    "--vrf-seed-file",
+                    &seed_arg,
+                ],
+            )
+        })
+        .await
+        .expect("ktd bench");
+        assert!(output.status.success(), "{output:?}");
+        let text = std::fs::read_to_string(report_dir.join("report.json")).expect("report");
+        let report: ktd::bench::Report = serde_json::from_str(&text).expect("a report");
+        let comparison = report.compare_akd.expect("a comparison");
+        assert!(comparison.roots_compared >= 3, "{comparison:?}");
+        assert_eq!(
+            comparison.roots_equal, comparison.roots_compared,
+            "{comparison:?}"
+        );
+        assert!(
+            comparison.epochs >= 1 && comparison.seal_ratio > 0.0,
+            "{comparison:?}"
+        );
+        assert!(comparison.ktd_lookup_median_ms > 0.0 && comparison.akd_lookup_median_ms > 0.0);
+        let markdown = std::fs::read_to_string(report_dir.join("report.md")).expect("md");
+        assert!(markdown.contains("ktd vs stock akd"), "{markdown}");
+    })
+}
+
+/// `ktd bench` against the instance: a report with no errors, and a baseline comparison with
+/// itself passes while an impossible baseline fails the command.
+async fn bench_reports(addr: &str, pid: u32, root: &std::path::Path) {
+    let report_dir = root.join("bench-report");
+    let (addr, dir) = (addr.to_string(), report_dir.clone());
+    let server = format!("dev={pid}");
+    let run = move |extra: Vec<String>| {
+        let mut args = vec![
+            "bench",
+            "--rate",
+            "100",
+            "--duration",
+            "2s",
+            "--preload",
+            "300",
+            "--concurrency",
+            "2",
+            "--mix",
+            "publish=1,lookup=6,history=2,audit=1",
+            "--report",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.push(dir.display().to_string());
+        args.extend(["--server-pid".to_string(), server.clone()]);
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ktd(&addr, &args)
+    };
+    let first = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || run(Vec::new())
+    })
+    .await
+    .expect("ktd bench");
+    assert!(first.status.success(), "{first:?}");
+    let text = std::fs::read_to_string(report_dir.join("report.json")).expect("report.json");
+    let report: ktd::bench::Report = serde_json::from_str(&text).expect("a report");
+    assert!(report.calls.contains_key("lookup") && report.calls.contains_key("publish"));
+    for (name, call) in &report.calls {
+        assert!(call.errors.is_empty(), "{name}: {:?}", call.errors);
+    }
+    assert!(report_dir.join("timeline.svg").exists() && report_dir.join("report.md").exists());
+    // Epochs committed during the run, with their size and seal latency from the sequencer.
+    assert!(
+        report
+            .epochs
+            .iter()
+            .any(|epoch| epoch.updates > 0 && epoch.seal_ms > 0.0),
+        "{:?}",
+        report.epochs
+    );
+    assert!(report.seal_p50_ms > 0.0 && report.seal_max_ms >= report.seal_p99_ms);
+    let usage = &report.servers["dev"];
+    assert!(
+        usage.samples >= 1 && usage.rss_max_mib > 1.0 && usage.cpu_percent_max > 0.0,
+        "{usage:?}"
+    );
+
+    let mut impossible = report.clone();
+    impossible.ok_per_second *= 100.0;
+    let baseline = root.join("impossible.json");
+    std::fs::write(&baseline, serde_json::to_string(&impossible).expect("json")).expect("write");
+    let compared = tokio::task::spawn_blocking(move || {
+        run(vec!["--baseline".into(), baseline.display().to_string()])
+    })
+    .await
+    .expect("ktd bench");
+    assert!(
+        !compared.status.success(),
+        "a 100x baseline must fail the run"
+    );
+    assert!(String::from_utf8_lossy(&compared.stderr).contains("regression"));
+}
+
+fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Option<Code> {
+    result.err().map(|status| status.code())
+}
+
+/// Every status a bad request gets, and the server still answers afterwards.
+async fn bad_input_is_refused(
+    addr: &str,
+    client: &mut api::directory_client::DirectoryClient<tonic::transport::Channel>,
+) {
+    let publish = |label: Vec<u8>, value: Vec<u8>| api::PublishRequest {
+        updates: vec![api::Update { label, value }],
+        idempotency_key: String::new(),
+    };
+    assert_eq!(
+        code(client.publish(publish(Vec::new(), b"v".to_vec())).await),
+        Some(Code::InvalidArgument),
+        "empty label"
+    );
+    assert_eq!(
+        code(
+            client
+                .publish(publish(b"big".to_vec(), vec![7; 64 * 1024 + 1]))
+                .await
+        ),
+        Some(Code::InvalidArgument),
+        "a value over 64 KiB"
+    );
+    assert_eq!(
+        code(client.publish(api::PublishRequest::default()).await),
+        Some(Code::InvalidArgument),
+        "no updates"
+    );
+    let future = client
+        .get_epoch(api::GetEpochRequest {
+            epoch: Some(1_000_000),
+            wait: false,
+        })
+        .await
+        .expect_err("an epoch in the future");
+    assert_eq!(future.code(), Code::NotFound);
+    assert!(
+        future
+            .metadata()
+            .get(gateway::error::LATEST_EPOCH_METADATA)
+            .is_some()
+    );
+    assert_eq!(
+        code(
+            client
+                .lookup(api::LookupRequest {
+                    label: Vec::new(),
+                    epoch: None
+                })
+                .await
+        ),
+        Some(Code::InvalidArgument),
+        "lookup of an empty label"
+    );
+    assert_eq!(
+        code(
+            client
+                .lookup(api::LookupRequest {
+                    label: b"nobody".to_vec(),
+                    epoch: None
+                })
+                .await
+        ),
+        Some(Code::NotFound),
+        "a label never published"
+    );
+    assert_eq!(
+        code(
+            client
+                .audit(api::AuditRequest {
+                    start_epoch: 5,
+                    end_epoch: 2
+                })
+                .await
+        ),
+        Some(Code::InvalidArgument),
+        "start > end"
+    );
+    // A deadline shorter than the wait: DEADLINE_EXCEEDED, not a hang.
+    let mut waiting = tonic::Request::new(api::GetEpochRequest {
+        epoch: Some(1_000_000),
+        wait: true,
+    });
+    waiting.set_timeout(Duration::from_millis(300));
+    let status = client
+        .get_epoch(waiting)
+        .await
+        .expect_err("cannot be committed in time");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // Garbage bytes where a LookupRequest belongs: gRPC's code for an unparseable message.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut raw = tonic::client::Grpc::new(channel);
+    raw.ready().await.expect("ready");
+    let garbage = raw
+        .unary::<Garbage, api::LookupResponse, _>(
+            tonic::Request::new(Garbage {
+                not_bytes: 0xdead_beef,
+            }),
+            "/ktd.v1.Directory/Lookup".parse().expect("path"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect_err("garbage");
+    assert_eq!(garbage.code(), Code::Internal, "{garbage:?}");
+}
+
+/// Field 1 of `LookupRequest` is `bytes`; this sends a fixed64 there.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Garbage {
+    #[prost(fixed64, tag = "1")]
+    not_bytes: u64,
+}
+
+#[test]
+fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
+    with_deadline(Duration::from_secs(180), || async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let metrics_addr = free_addr("127.0.0.41");
+        let mut dev = dev_node(root.path(), &metrics_addr);
+        dev.spawn(&[]);
+        let client = connect(&dev.addr).await;
+
+        let addr = dev.addr.clone();
+        let published = tokio::task::spawn_blocking(move || {
+            let publish = ktd(&addr, &["publish", "alice", "key-1", "--wait"]);
+            let lookup = ktd(&addr, &["lookup", "alice", "--verify"]);
+            (publish, lookup)
+        })
+        .await
+        .expect("client processes");
+        let (publish, lookup) = published;
+        assert!(publish.status.success(), "{publish:?}\n{}", dev.log_text());
+        let lookup_text = String::from_utf8_lossy(&lookup.stdout);
+        assert!(lookup.status.success(), "{lookup:?}");
+        assert!(
+            lookup_text.contains("alice = \"key-1\"") && lookup_text.contains("verified with akd"),
+            "{lookup_text}"
+        );
+
+        audit_blobs_verify(&client, &dev.addr).await;
+
+        let mut raw = client.directory();
+        bad_input_is_refused(&dev.addr, &mut raw).await;
+
+        bench_reports(&dev.addr, dev.pid().expect("running"), root.path()).await;
+
+        // Overload: more concurrent requests than in-flight permits (4).
+        let answers = futures::future::join_all((0..64).map(|_| {
+            let mut raw = client.directory();
+            async move {
+                raw.key_history(api::KeyHistoryRequest {
+                    label: b"alice".to_vec(),
+                    most_recent: 0,
+                    epoch: None,
+                })
+                .await
+            }
+        }))
+        .await;
+        let exhausted = answers
+            .iter()
+            .filter(
+                |answer| matches!(answer, Err(status) if status.code() == Code::ResourceExhausted),
+            )
+            .count();
+        assert!(
+            answers.iter().all(|answer| match answer {
+                Ok(_) => true,
+                Err(status) => status.code() == Code::ResourceExhausted,
+            }),
+            "only RESOURCE_EXHAUSTED may fail: {answers:?}"
+        );
+        assert!(
+            exhausted > 0,
+            "64 concurrent requests never exceeded 4 permits"
+        );
+
+        // Prometheus metrics: gRPC calls by method and code, Raft, epochs, pre-computation.
+        let metrics =
+            crate::auditor::http_get(metrics_addr.parse().expect("addr"), "/metrics").await;
+        for name in [
+            "ktd_grpc_server_handled_total{service=\"ktd.v1.Directory\",method=\"Lookup\",code=\"Ok\"}",
+            "ktd_grpc_server_handled_total{service=\"ktd.v1.Directory\",method=\"Publish\",code=\"InvalidArgument\"}",
+            "code=\"ResourceExhausted\"}",
+            "ktd_grpc_server_handling_seconds",
+            "ktd_raft_term",
+            "ktd_raft_is_leader 1",
+            "ktd_epoch_last_committed",
+            "ktd_epoch_pending_updates",
+            "ktd_epoch_latest_seen_timestamp_seconds",
+            "ktd_epochs_committed_total",
+            "ktd_epoch_commit_duration_seconds",
+            "ktd_shard_precomputed_labels_total",
+        ] {
+            assert!(
+                metrics.contains(name),
+                "{name} missing from /metrics:\n{metrics}"
+            );
+        }
+
+        // Still serving after all of that; then a clean stop and a restart from the data dir.
+        let before = client.lookup(b"alice", None).await.expect("lookup");
+        let status = dev.terminate(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "ktd dev exited with {status:?}\n{}",
+            dev.log_text()
+        );
+        dev.spawn(&[]);
+        let client = connect(&dev.addr).await;
+        let after = client
+            .lookup(b"alice", None)
+            .await
+            .expect("lookup after restart");
+        assert_eq!(after, before);
+    });
+}

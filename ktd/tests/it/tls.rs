@@ -1,0 +1,278 @@
+//! Mutual TLS and roles over real processes: `ktd certs` makes a development CA; a sequencer, a
+//! shard server and a gateway (public port + `--admin-listen` port) run with node
+//! certificates. Components talk to each other normally (a client-certificate publish is
+//! committed through them and its lookup verifies); a client without a certificate, with one
+//! from another CA, or speaking plaintext is refused; a client certificate cannot call the
+//! admin service on the gateway's admin port or the sequencer's admin RPCs; an admin
+//! certificate can; an auditor cannot publish.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use ktd_core::vrf::VrfKey;
+use ktd_proto::ktd::sequencer::v1 as seq;
+use ktd_proto::ktd::v1 as api;
+use tonic::Code;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use crate::deadline::with_deadline;
+use crate::process::{KtdNode, free_addr, write_vrf_seed};
+
+const SEED: [u8; 32] = [0x3e; 32];
+const IP: &str = "127.0.0.41";
+
+fn ktd(args: &[String]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ktd"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run ktd")
+}
+
+/// `--addr ADDR` plus the TLS flags for the `stem` certificate of `dir`.
+fn as_role(dir: &Path, ca: &Path, stem: &str, addr: &str) -> Vec<String> {
+    vec![
+        "--addr".into(),
+        format!("https://{addr}"),
+        "--tls-ca".into(),
+        ca.display().to_string(),
+        "--tls-cert".into(),
+        dir.join(format!("{stem}.pem")).display().to_string(),
+        "--tls-key".into(),
+        dir.join(format!("{stem}.key")).display().to_string(),
+    ]
+}
+
+fn with(mut base: Vec<String>, more: &[&str]) -> Vec<String> {
+    base.extend(more.iter().map(|arg| arg.to_string()));
+    base
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A tonic endpoint to `addr` trusting `ca`, presenting `stem`'s certificate if given.
+fn endpoint(dir: &Path, addr: &str, stem: Option<&str>) -> Endpoint {
+    let read = |name: String| std::fs::read(dir.join(name)).expect("read pem");
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.pem".into())));
+    if let Some(stem) = stem {
+        tls = tls.identity(Identity::from_pem(
+            read(format!("{stem}.pem")),
+            read(format!("{stem}.key")),
+        ));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(5))
+}
+
+#[test]
+fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
+    with_deadline(Duration::from_secs(120), || async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let certs = root.path().join("certs");
+        let made = ktd(&[
+            "certs".into(),
+            "--out".into(),
+            certs.display().to_string(),
+            "--hosts".into(),
+            format!("{IP},localhost"),
+        ]);
+        assert!(made.status.success(), "{}", stderr(&made));
+        let ca = certs.join("ca.pem");
+        let node_tls: Vec<String> = as_role(&certs, &ca, "node", "unused")[2..].to_vec();
+
+        let seed_file = write_vrf_seed(root.path(), &SEED);
+        let shard_addr = free_addr(IP);
+        let mut shard = KtdNode::new(
+            "shard",
+            root.path(),
+            1,
+            shard_addr.clone(),
+            with(
+                node_tls.clone(),
+                &[
+                    "shard",
+                    "--id",
+                    "s1",
+                    "--listen",
+                    &shard_addr,
+                    "--data-dir",
+                    &root.path().join("shard").display().to_string(),
+                    "--vrf-seed-file",
+                    &seed_file,
+                    "--partition-bits",
+                    "2",
+                ],
+            ),
+        );
+        shard.spawn(&[]);
+        let sequencer_addr = free_addr(IP);
+        let public_key = hex::encode(VrfKey::from_seed(&SEED).expect("seed").public_key());
+        let mut sequencer = KtdNode::new(
+            "sequencer",
+            root.path(),
+            1,
+            sequencer_addr.clone(),
+            with(
+                node_tls.clone(),
+                &[
+                    "sequencer",
+                    "--listen",
+                    &sequencer_addr,
+                    "--data-dir",
+                    &root.path().join("sequencer").display().to_string(),
+                    "--id",
+                    "1",
+                    "--peers",
+                    &format!("1={sequencer_addr}"),
+                    "--init",
+                    "--vrf-public-key",
+                    &public_key,
+                    "--shards",
+                    &format!("s1=http://{shard_addr}"),
+                    "--partition-bits",
+                    "2",
+                    "--epoch-interval",
+                    "300ms",
+                ],
+            ),
+        );
+        sequencer.spawn(&[]);
+        let gateway_addr = free_addr(IP);
+        let admin_addr = free_addr(IP);
+        let mut gateway = KtdNode::new(
+            "gateway",
+            root.path(),
+            1,
+            gateway_addr.clone(),
+            with(
+                node_tls.clone(),
+                &[
+                    "gateway",
+                    "--listen",
+                    &gateway_addr,
+                    "--admin-listen",
+                    &admin_addr,
+                    "--sequencers",
+                    &sequencer_addr,
+                ],
+            ),
+        );
+        gateway.spawn(&[]);
+
+        // Components talk to each other over mutual TLS: a client's publish is committed.
+        let client = as_role(&certs, &ca, "client", &gateway_addr);
+        let started = Instant::now();
+        loop {
+            let published = ktd(&with(
+                client.clone(),
+                &["publish", "alice", "key-1", "--wait"],
+            ));
+            if published.status.success() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "publish never succeeded: {}\n--- sequencer\n{}\n--- gateway\n{}",
+                stderr(&published),
+                sequencer.log_text(),
+                gateway.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let lookup = ktd(&with(client.clone(), &["lookup", "alice", "--verify"]));
+        assert!(lookup.status.success(), "{}", stderr(&lookup));
+        assert!(String::from_utf8_lossy(&lookup.stdout).contains("key-1"));
+
+        // No certificate: the handshake is refused.
+        let no_cert = endpoint(&certs, &gateway_addr, None).connect().await;
+        let refused = match no_cert {
+            Err(_) => true,
+            Ok(channel) => api::directory_client::DirectoryClient::new(channel)
+                .get_epoch(api::GetEpochRequest::default())
+                .await
+                .is_err(),
+        };
+        assert!(refused, "a client without a certificate was served");
+        // A certificate from another CA, and plaintext: refused too.
+        let other = root.path().join("other-ca");
+        assert!(
+            ktd(&["certs".into(), "--out".into(), other.display().to_string()])
+                .status
+                .success()
+        );
+        let stranger = ktd(&with(
+            as_role(&other, &ca, "client", &gateway_addr),
+            &["epoch"],
+        ));
+        assert!(
+            !stranger.status.success(),
+            "a foreign certificate was served"
+        );
+        let plaintext = ktd(&[
+            "--addr".into(),
+            format!("http://{gateway_addr}"),
+            "epoch".into(),
+        ]);
+        assert!(!plaintext.status.success(), "plaintext was served");
+
+        // The admin port: a client certificate is denied, an admin certificate is served.
+        let denied = ktd(&with(
+            as_role(&certs, &ca, "client", &admin_addr),
+            &["seal"],
+        ));
+        assert!(!denied.status.success());
+        assert!(
+            stderr(&denied).contains("PermissionDenied") && stderr(&denied).contains("admin"),
+            "{}",
+            stderr(&denied)
+        );
+        let published = ktd(&with(client.clone(), &["publish", "bob", "key-2"]));
+        assert!(published.status.success(), "{}", stderr(&published));
+        let sealed = ktd(&with(
+            as_role(&certs, &ca, "admin", &admin_addr),
+            &["status"],
+        ));
+        assert!(sealed.status.success(), "{}", stderr(&sealed));
+        // The public port no longer serves the admin service.
+        let moved = ktd(&with(
+            as_role(&certs, &ca, "admin", &gateway_addr),
+            &["status"],
+        ));
+        assert!(
+            !moved.status.success(),
+            "Admin is served on the public port"
+        );
+
+        // The sequencer's admin RPCs: not for client certificates.
+        let channel = endpoint(&certs, &sequencer_addr, Some("client"))
+            .connect()
+            .await
+            .expect("a client certificate may connect");
+        let status = seq::sequencer_admin_client::SequencerAdminClient::new(channel)
+            .transfer_leader(seq::TransferLeaderRequest { to_node_id: 1 })
+            .await
+            .expect_err("a client transferred leadership");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+        // An auditor reads but cannot publish.
+        let auditor = as_role(&certs, &ca, "auditor", &gateway_addr);
+        assert!(ktd(&with(auditor.clone(), &["epoch"])).status.success());
+        let publish = ktd(&with(auditor, &["publish", "carol", "key-3"]));
+        assert!(
+            stderr(&publish).contains("PermissionDenied"),
+            "{}",
+            stderr(&publish)
+        );
+
+        for node in [&mut gateway, &mut sequencer, &mut shard] {
+            assert!(node.terminate(Duration::from_secs(30)).success());
+        }
+    });
+}

@@ -1,0 +1,16 @@
+//! ktd's gRPC transport plumbing, shared by every server and client: [`security`] (mutual TLS,
+//! roles from certificate SAN URIs, per-server authorization), [`telemetry`] (W3C trace context
+//! over gRPC metadata, one span and RED metrics per served RPC, the JSON logs' context) and
+//! [`health`] (`grpc.health.v1` statuses).
+//!
+//! Servers enable the `server` feature (the server TLS configuration, the authorization layer,
+//! health); clients — `ktd-client` — leave it off and take only what dialing needs.
+//!
+//! It sits beside the wire definitions ([`ktd_proto`]) rather than in them, so a program that
+//! only needs the messages takes the wire without the plumbing. Nothing here knows about trees
+//! or consensus.
+
+#[cfg(feature = "server")]
+pub mod health;
+pub mod security;
+pub mod telemetry;

@@ -1,0 +1,580 @@
+//! Transport security shared by every ktd process: mutual TLS (rustls with ring, through
+//! tonic), roles read from client certificates, and one authorization layer per server.
+//!
+//! * **Identity.** A process loads a CA bundle, its certificate and its private key
+//!   ([`TlsMaterial::load`]; the key must not be readable by group or others). Servers present
+//!   the certificate and (by default) require a client certificate signed by the CA; outgoing
+//!   connections ([`endpoint`]) present it and verify the server against the CA once
+//!   [`install`] has been called. Without TLS configured everything is plaintext and
+//!   unauthenticated: a development mode.
+//! * **Roles** ([`Role`]) are SAN URIs `urn:ktd:role:<role>` in the certificate (`ktd certs`
+//!   issues them): `node` for ktd's own processes, `admin`, `auditor`, `client`. A connection
+//!   without a certificate (allowed only where client authentication is optional) has the role
+//!   [`Role::Anonymous`].
+//! * **Authorization** ([`AuthorizeLayer`]) maps each gRPC method to the roles allowed to call
+//!   it ([`Policy`]) and answers `UNAUTHENTICATED` / `PERMISSION_DENIED` before the handler runs.
+//!   Health checks and reflection are open to every TLS peer.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+#[cfg(feature = "server")]
+use std::pin::Pin;
+use std::sync::OnceLock;
+#[cfg(feature = "server")]
+use std::task::{Context as TaskContext, Poll};
+
+#[cfg(feature = "server")]
+use tonic::transport::ServerTlsConfig;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// The SAN URI prefix that names a role.
+pub const ROLE_URI_PREFIX: &str = "urn:ktd:role:";
+
+/// Who a peer is, for authorization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// ktd's own processes: sequencers, shards, gateways.
+    Node,
+    /// Operators: seal, membership, leader transfer, snapshots.
+    Admin,
+    /// Third-party auditors: epochs and audit proofs.
+    Auditor,
+    /// Services that publish and look up keys.
+    Client,
+    /// No certificate (only where client authentication is optional): read-only.
+    Anonymous,
+}
+
+impl Role {
+    /// The role's name in certificates and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Admin => "admin",
+            Role::Auditor => "auditor",
+            Role::Client => "client",
+            Role::Anonymous => "anonymous",
+        }
+    }
+
+    /// Parses a role name (`anonymous` is not a certificate role).
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "node" => Some(Role::Node),
+            "admin" => Some(Role::Admin),
+            "auditor" => Some(Role::Auditor),
+            "client" => Some(Role::Client),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors loading TLS material.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    /// A file could not be read.
+    #[error("{what} {path}: {error}")]
+    Read {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The private key is readable by group or others.
+    #[error("TLS key {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}")]
+    KeyPermissions {
+        /// Its path.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
+    /// A file holds no usable PEM certificate or key.
+    #[error("{what} {path}: {message}")]
+    Pem {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Only some of the TLS files were given.
+    #[error("TLS needs all of --tls-ca, --tls-cert and --tls-key (missing {0})")]
+    Incomplete(&'static str),
+    /// An address is not a valid endpoint.
+    #[error("bad address {addr:?}: {message}")]
+    Address {
+        /// The address.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Where a process's TLS files are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// PEM bundle of the CA(s) peers' certificates must chain to.
+    pub ca: PathBuf,
+    /// This process's certificate (PEM; chain allowed).
+    pub cert: PathBuf,
+    /// Its private key (PEM, mode 600).
+    pub key: PathBuf,
+}
+
+impl TlsPaths {
+    /// `Some` when all three are given, `None` when none is, an error otherwise.
+    pub fn from_parts(
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<Option<TlsPaths>, SecurityError> {
+        match (ca, cert, key) {
+            (None, None, None) => Ok(None),
+            (Some(ca), Some(cert), Some(key)) => Ok(Some(TlsPaths { ca, cert, key })),
+            (ca, cert, _) => Err(SecurityError::Incomplete(if ca.is_none() {
+                "--tls-ca"
+            } else if cert.is_none() {
+                "--tls-cert"
+            } else {
+                "--tls-key"
+            })),
+        }
+    }
+}
+
+/// A process's loaded CA, certificate and key.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    ca_pem: Vec<u8>,
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+    roles: Vec<Role>,
+    not_after_unix: i64,
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("roles", &self.roles)
+            .field("not_after_unix", &self.not_after_unix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, SecurityError> {
+    std::fs::read(path).map_err(|error| SecurityError::Read {
+        what,
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+/// The first certificate of a PEM file: its roles and expiry.
+fn leaf_info(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<(Vec<Role>, i64), SecurityError> {
+    let bad = |message: String| SecurityError::Pem {
+        what,
+        path: path.to_path_buf(),
+        message,
+    };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem)
+        .map_err(|error| bad(format!("not a PEM certificate ({error})")))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|error| bad(format!("not an X.509 certificate ({error})")))?;
+    Ok((roles_in(&cert), cert.validity().not_after.timestamp()))
+}
+
+fn roles_in(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<Role> {
+    let mut roles = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(uri) = name
+                && let Some(role) = uri.strip_prefix(ROLE_URI_PREFIX).and_then(Role::parse)
+                && !roles.contains(&role)
+            {
+                roles.push(role);
+            }
+        }
+    }
+    roles
+}
+
+/// The roles of a peer's certificate chain (read from the leaf; empty if it names none).
+pub fn roles_of_der(leaf: &[u8]) -> Vec<Role> {
+    x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, cert)| roles_in(&cert))
+        .unwrap_or_default()
+}
+
+impl TlsMaterial {
+    /// Reads and checks the files: PEM certificates that parse, a key not readable by group
+    /// or others.
+    pub fn load(paths: &TlsPaths) -> Result<TlsMaterial, SecurityError> {
+        let ca_pem = read("TLS CA", &paths.ca)?;
+        leaf_info("TLS CA", &paths.ca, &ca_pem)?;
+        let cert_pem = read("TLS certificate", &paths.cert)?;
+        let (roles, not_after_unix) = leaf_info("TLS certificate", &paths.cert, &cert_pem)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let metadata = std::fs::metadata(&paths.key).map_err(|error| SecurityError::Read {
+                what: "TLS key",
+                path: paths.key.clone(),
+                error,
+            })?;
+            let mode = metadata.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(SecurityError::KeyPermissions {
+                    path: paths.key.clone(),
+                    mode,
+                });
+            }
+        }
+        let key_pem = read("TLS key", &paths.key)?;
+        if !String::from_utf8_lossy(&key_pem).contains("PRIVATE KEY-----") {
+            return Err(SecurityError::Pem {
+                what: "TLS key",
+                path: paths.key.clone(),
+                message: "no PEM private key".into(),
+            });
+        }
+        Ok(TlsMaterial {
+            ca_pem,
+            cert_pem,
+            key_pem,
+            roles,
+            not_after_unix,
+        })
+    }
+
+    /// The roles this process's own certificate names.
+    pub fn roles(&self) -> &[Role] {
+        &self.roles
+    }
+
+    /// When this process's certificate expires (Unix seconds).
+    pub fn not_after_unix(&self) -> i64 {
+        self.not_after_unix
+    }
+
+    #[cfg(feature = "server")]
+    /// The server side: present the certificate; require a client certificate signed by the
+    /// CA unless `client_auth_optional`.
+    pub fn server_config(&self, client_auth_optional: bool) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+            .client_auth_optional(client_auth_optional)
+    }
+
+    /// The client side: present the certificate, trust only the CA.
+    pub fn client_config(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+    }
+}
+
+static CLIENT_TLS: OnceLock<ClientTlsConfig> = OnceLock::new();
+static SERVER_TLS: OnceLock<TlsMaterial> = OnceLock::new();
+
+/// Makes this process use mutual TLS with `material`: every connection it opens through
+/// [`endpoint`], and every server it builds with [`server_builder`]. Called once at start-up;
+/// later calls are ignored.
+pub fn install(material: &TlsMaterial) {
+    let _ = CLIENT_TLS.set(material.client_config());
+    let _ = SERVER_TLS.set(material.clone());
+    metrics::gauge!("ktd_tls_certificate_expiry_timestamp_seconds")
+        .set(material.not_after_unix() as f64);
+}
+
+#[cfg(feature = "server")]
+/// Errors building a TLS server.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS server configuration: {0}")]
+pub struct ServerTlsError(#[from] tonic::transport::Error);
+
+#[cfg(feature = "server")]
+/// A gRPC server builder: serving TLS with this process's certificate once [`install`] was
+/// called (requiring a client certificate unless `client_auth_optional`), plaintext otherwise.
+pub fn server_builder(
+    client_auth_optional: bool,
+) -> Result<tonic::transport::Server, ServerTlsError> {
+    let builder = tonic::transport::Server::builder();
+    Ok(match SERVER_TLS.get() {
+        Some(material) => builder.tls_config(material.server_config(client_auth_optional))?,
+        None => builder,
+    })
+}
+
+/// Whether [`install`] was called.
+pub fn client_tls_installed() -> bool {
+    CLIENT_TLS.get().is_some()
+}
+
+/// An endpoint for `addr` (`host:port`, `http://host:port` or `https://host:port`): TLS with
+/// this process's identity when installed, plaintext otherwise.
+pub fn endpoint(addr: &str) -> Result<Endpoint, SecurityError> {
+    let host = addr
+        .strip_prefix("http://")
+        .or_else(|| addr.strip_prefix("https://"))
+        .unwrap_or(addr);
+    let bad = |message: String| SecurityError::Address {
+        addr: addr.to_string(),
+        message,
+    };
+    match CLIENT_TLS.get() {
+        None => Endpoint::from_shared(format!("http://{host}")).map_err(|e| bad(e.to_string())),
+        Some(tls) => Endpoint::from_shared(format!("https://{host}"))
+            .and_then(|endpoint| endpoint.tls_config(tls.clone()))
+            .map_err(|e| bad(e.to_string())),
+    }
+}
+
+/// Which roles may call a method (`/package.Service/Method`); `None`: the method is not served
+/// here (the router answers UNIMPLEMENTED).
+pub type Policy = fn(&str) -> Option<&'static [Role]>;
+
+const NODES: &[Role] = &[Role::Node];
+const NODES_AND_ADMINS: &[Role] = &[Role::Node, Role::Admin];
+const ADMINS: &[Role] = &[Role::Admin];
+const READERS: &[Role] = &[
+    Role::Node,
+    Role::Admin,
+    Role::Auditor,
+    Role::Client,
+    Role::Anonymous,
+];
+const WRITERS: &[Role] = &[Role::Node, Role::Admin, Role::Client];
+
+/// A sequencer's port: Raft between nodes; the sequencer API for nodes (and admins' tools);
+/// its admin service for admins and nodes (a gateway forwards an admin's seal and status).
+pub fn sequencer_policy(path: &str) -> Option<&'static [Role]> {
+    let service = path.trim_start_matches('/').split('/').next()?;
+    match service {
+        "ktd.raft.v1.Raft" => Some(NODES),
+        "ktd.sequencer.v1.Sequencer" | "ktd.sequencer.v1.SequencerAdmin" => Some(NODES_AND_ADMINS),
+        _ => None,
+    }
+}
+
+/// A shard server's port: other nodes (and admins' tools).
+pub fn shard_policy(path: &str) -> Option<&'static [Role]> {
+    match path.trim_start_matches('/').split('/').next()? {
+        "ktd.shard.v1.Shard" => Some(NODES_AND_ADMINS),
+        _ => None,
+    }
+}
+
+/// A gateway's ports: publishing for clients; reads for everyone; the `Admin` service (served
+/// on the admin port) for admins only.
+pub fn gateway_policy(path: &str) -> Option<&'static [Role]> {
+    let (service, method) = path.trim_start_matches('/').split_once('/')?;
+    match (service, method) {
+        ("ktd.v1.Directory", "Publish") => Some(WRITERS),
+        ("ktd.v1.Directory", _) => Some(READERS),
+        ("ktd.v1.Admin", _) => Some(ADMINS),
+        _ => None,
+    }
+}
+
+/// An auditor's gRPC port: signed heads for everyone.
+pub fn auditor_policy(path: &str) -> Option<&'static [Role]> {
+    match path.trim_start_matches('/').split('/').next()? {
+        "ktd.auditor.v1.Auditor" => Some(READERS),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "server")]
+/// The peer's roles, from the TLS connection of `request` (`None`: not a TLS connection).
+fn peer_roles<B>(request: &http::Request<B>) -> Option<Vec<Role>> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let info = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?;
+    Some(match info.peer_certs() {
+        Some(certs) if !certs.is_empty() => roles_of_der(certs[0].as_ref()),
+        _ => vec![Role::Anonymous],
+    })
+}
+
+/// The verdict for a call to `path` by a peer with `roles` (`None`: not over TLS, allowed).
+#[cfg(any(feature = "server", test))]
+fn verdict(policy: Policy, path: &str, roles: Option<&[Role]>) -> Result<(), tonic::Status> {
+    let Some(roles) = roles else {
+        return Ok(());
+    };
+    if path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.") {
+        return Ok(());
+    }
+    let Some(allowed) = policy(path) else {
+        return Ok(());
+    };
+    if roles.iter().any(|role| allowed.contains(role)) {
+        return Ok(());
+    }
+    let names = |roles: &[Role]| {
+        roles
+            .iter()
+            .map(|role| role.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if roles == [Role::Anonymous] {
+        return Err(tonic::Status::unauthenticated(format!(
+            "{path} needs a client certificate with one of the roles: {}",
+            names(allowed)
+        )));
+    }
+    Err(tonic::Status::permission_denied(format!(
+        "{path} needs one of the roles {}; the client certificate has {}",
+        names(allowed),
+        if roles.is_empty() {
+            "none".to_string()
+        } else {
+            names(roles)
+        }
+    )))
+}
+
+#[cfg(feature = "server")]
+/// Authorizes every call of a TLS server by [`Policy`] (plaintext servers are not checked).
+#[derive(Clone, Copy, Debug)]
+pub struct AuthorizeLayer {
+    policy: Policy,
+}
+
+#[cfg(feature = "server")]
+impl AuthorizeLayer {
+    /// Checks calls against `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Self { policy }
+    }
+}
+
+#[cfg(feature = "server")]
+impl<S> tower::Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authorize {
+            inner,
+            policy: self.policy,
+        }
+    }
+}
+
+#[cfg(feature = "server")]
+/// The service [`AuthorizeLayer`] wraps.
+#[derive(Clone, Debug)]
+pub struct Authorize<S> {
+    inner: S,
+    policy: Policy,
+}
+
+#[cfg(feature = "server")]
+impl<S, B, R> tower::Service<http::Request<B>> for Authorize<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default + Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let roles = peer_roles(&request);
+        match verdict(self.policy, request.uri().path(), roles.as_deref()) {
+            Ok(()) => Box::pin(self.inner.call(request)),
+            Err(status) => {
+                tracing::info!(
+                    target: "ktd::rpc",
+                    path = request.uri().path(),
+                    code = ?status.code(),
+                    "refused: {}",
+                    status.message()
+                );
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_are_checked_per_method() {
+        let publish = "/ktd.v1.Directory/Publish";
+        let seal = "/ktd.v1.Admin/SealEpoch";
+        let ok = |policy, path, roles: &[Role]| verdict(policy, path, Some(roles)).is_ok();
+        assert!(ok(gateway_policy, publish, &[Role::Client]));
+        assert!(!ok(gateway_policy, publish, &[Role::Auditor]));
+        assert!(ok(
+            gateway_policy,
+            "/ktd.v1.Directory/Lookup",
+            &[Role::Anonymous]
+        ));
+        assert!(ok(gateway_policy, seal, &[Role::Admin]));
+        let denied = verdict(gateway_policy, seal, Some(&[Role::Client])).expect_err("denied");
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(denied.message().contains("admin"), "{denied:?}");
+        let anonymous = verdict(gateway_policy, seal, Some(&[Role::Anonymous])).expect_err("no");
+        assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+        assert!(!ok(gateway_policy, seal, &[]));
+        assert!(ok(
+            sequencer_policy,
+            "/ktd.raft.v1.Raft/Vote",
+            &[Role::Node]
+        ));
+        assert!(!ok(
+            sequencer_policy,
+            "/ktd.raft.v1.Raft/Vote",
+            &[Role::Admin]
+        ));
+        assert!(!ok(
+            sequencer_policy,
+            "/ktd.sequencer.v1.SequencerAdmin/TransferLeader",
+            &[Role::Client]
+        ));
+        assert!(ok(
+            shard_policy,
+            "/grpc.health.v1.Health/Check",
+            &[Role::Anonymous]
+        ));
+        // Plaintext servers (development mode) do not check.
+        assert!(verdict(gateway_policy, seal, None).is_ok());
+    }
+
+    #[test]
+    fn partial_tls_settings_are_refused() {
+        assert!(
+            TlsPaths::from_parts(None, None, None)
+                .expect("none")
+                .is_none()
+        );
+        let error = TlsPaths::from_parts(Some("ca".into()), None, Some("k".into()))
+            .expect_err("incomplete");
+        assert!(error.to_string().contains("--tls-cert"), "{error}");
+    }
+}

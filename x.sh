@@ -53,6 +53,7 @@ BOUNDARIES=(
     "shard|^(openraft|sequencer|gateway|clap) "
     "sequencer|^(gateway|clap) "
     "gateway|^(clap|ktd-auditor|ktd-client) "
+    "ktd-testkit|^(ktd|ktd-(proto|rpc|core|client|auditor)|shard|sequencer|gateway|chaos-tests|librocksdb-sys|openraft) "
 )
 
 check_boundaries() {

@@ -11,6 +11,5 @@ mod deadline;
 mod stitch_props;
 mod store_conformance;
 mod test_vectors;
-mod tidy;
 mod wire_compat;
 mod workload;

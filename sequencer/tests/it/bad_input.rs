@@ -8,8 +8,8 @@ use sequencer::{SequencerError, pb};
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
-use crate::cluster::{TestCluster, update};
-use crate::deadline::with_deadline;
+use crate::support::cluster::{TestCluster, update};
+use crate::support::with_deadline;
 
 fn status<T: std::fmt::Debug>(result: sequencer::Result<T>) -> (Code, String) {
     match result {

@@ -2,14 +2,13 @@
 //!
 //! Every test runs real nodes (in this process) serving gRPC on `127.0.0.x` ephemeral ports, each
 //! with its own data directory, under a deadline. Tests that kill a process with SIGKILL live in
-//! `gateway/tests/` (they need the `ktd` binary).
+//! `ktd/tests/` (they need the `ktd` binary). Shared helpers are in `support/`.
 
 mod bad_input;
-mod cluster;
 mod corrupt_data_dir;
-mod deadline;
 mod idempotent_retry;
 mod membership;
 mod no_fork;
 mod restart;
 mod snapshot_catchup;
+mod support;

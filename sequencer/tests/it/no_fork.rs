@@ -7,8 +7,8 @@ use std::time::Duration;
 use sequencer::{SequencerError, pb};
 use tonic::Code;
 
-use crate::cluster::{TestCluster, update};
-use crate::deadline::with_deadline;
+use crate::support::cluster::{TestCluster, update};
+use crate::support::with_deadline;
 
 fn code<T: std::fmt::Debug>(result: sequencer::Result<T>) -> Code {
     match result {

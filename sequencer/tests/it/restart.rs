@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
+use ktd_testkit::eventually;
 use sequencer::pb;
 
-use crate::cluster::{TestCluster, eventually, update};
-use crate::deadline::with_deadline;
+use crate::support::cluster::{TestCluster, update};
+use crate::support::with_deadline;
 
 /// What must survive a restart, as seen from one node.
 #[derive(Debug, PartialEq)]

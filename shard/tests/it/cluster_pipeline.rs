@@ -16,6 +16,7 @@ use ktd_core::ShardMap;
 use ktd_core::stitch::TopTree;
 use ktd_core::user::UpdateLimits;
 use ktd_core::vrf::VrfKey;
+use ktd_testkit::with_deadline_blocking;
 use shard::Directory;
 use shard::api::ShardApi;
 use shard::client::{ClientTimeouts, GrpcPeers};
@@ -25,9 +26,8 @@ use shard::node::ShardNode;
 use shard::server::ShardService;
 use shard::store::StoreOptions;
 
-use crate::akd_oracle::{assert_same_step, open, vrf_seed};
-use crate::deadline::with_deadline;
-use crate::workload;
+use crate::support::directory::{assert_same_step, open, vrf_seed};
+use crate::support::workload;
 
 type Wa = WhatsAppV1Configuration;
 
@@ -146,7 +146,7 @@ async fn compare_with_directory(
 
 #[test]
 fn one_in_process_shard_matches_the_directory() {
-    with_deadline(Duration::from_secs(120), || {
+    with_deadline_blocking(Duration::from_secs(120), || {
         let runtime = runtime();
         let (bits, seed) = (4, 31);
         let data_dir = tempfile::tempdir().expect("temp dir");
@@ -179,7 +179,7 @@ async fn serve(shard: Arc<dyn ShardApi>) -> SocketAddr {
 
 #[test]
 fn three_grpc_shards_match_the_directory() {
-    with_deadline(Duration::from_secs(180), || {
+    with_deadline_blocking(Duration::from_secs(180), || {
         let runtime = runtime();
         let (bits, seed) = (4, 32);
         let dirs: Vec<_> = (0..3)
@@ -233,7 +233,7 @@ fn three_grpc_shards_match_the_directory() {
 
 #[test]
 fn an_all_republish_epoch_is_a_heartbeat_that_audits() {
-    with_deadline(Duration::from_secs(60), || {
+    with_deadline_blocking(Duration::from_secs(60), || {
         let runtime = runtime();
         let seed = 33;
         for bits in [0u8, 2] {

@@ -4,17 +4,9 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use crate::ktd_cli::KtdCli;
-
-fn ktd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ktd"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ktd")
-}
+use crate::support::cli::{KtdCli, command, ktd};
 
 fn write(path: &Path, text: &str, mode: u32) {
     use std::io::Write;
@@ -213,7 +205,7 @@ fn systemd_units_and_samples_name_existing_flags_and_validate() {
 
 /// `ktd gateway --check-config` with `extra` flags and `env`.
 fn gateway_check(config: &Path, env: &[(&str, &str)], extra: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ktd"));
+    let mut command = command();
     command
         .args([
             "gateway",
@@ -221,8 +213,7 @@ fn gateway_check(config: &Path, env: &[(&str, &str)], extra: &[&str]) -> Output 
             &config.display().to_string(),
             "--check-config",
         ])
-        .args(extra)
-        .env_remove("RUST_LOG");
+        .args(extra);
     for (name, value) in env {
         command.env(name, value);
     }

@@ -1,6 +1,7 @@
 //! Repository hygiene that a compiler cannot check, over the whole workspace: every Rust file
 //! starts with a `//!` doc saying what the module is for (STYLE §4); openraft is named only in
-//! the sequencer's Raft layer (ARCHITECTURE.md); `ktd-testkit` is only ever a dev-dependency.
+//! the sequencer's Raft layer (ARCHITECTURE.md); a test binary's topic files share code only
+//! through its `support/` modules; `ktd-testkit` is only ever a dev-dependency.
 
 use std::path::{Path, PathBuf};
 
@@ -64,6 +65,41 @@ fn only_the_raft_layer_names_openraft() {
     assert!(
         offenders.is_empty(),
         "openraft named outside sequencer::raft, node and metrics: {offenders:#?}"
+    );
+}
+
+/// ARCHITECTURE.md: in a test binary (`<crate>/tests/it/`), a topic file is read on its own: it
+/// names only the binary's `support` modules, never another topic file.
+#[test]
+fn test_topic_files_share_code_only_through_support() {
+    let mut offenders = Vec::new();
+    let mut topics = 0;
+    for path in workspace_files() {
+        let mut parts = path.components().map(|part| part.as_os_str());
+        let in_test_binary = parts.nth(1).is_some_and(|dir| dir == "tests")
+            && parts.next().is_some_and(|dir| dir == "it");
+        let is_topic = in_test_binary
+            && !path.ends_with("it/main.rs")
+            && !path.components().any(|part| part.as_os_str() == "support");
+        if !is_topic {
+            continue;
+        }
+        topics += 1;
+        // Spelled in two pieces so this file does not name it.
+        let needle = concat!("crate", "::");
+        for line in code_lines(&read(&path)) {
+            for (index, _) in line.match_indices(needle) {
+                if !line[index + needle.len()..].starts_with("support") {
+                    offenders.push(format!("{}: {}", path.display(), line.trim()));
+                }
+            }
+        }
+    }
+    assert!(topics > 20, "found only {topics} test topic files");
+    assert!(
+        offenders.is_empty(),
+        "topic files naming another topic file (move the shared piece to tests/it/support/): \
+         {offenders:#?}"
     );
 }
 

@@ -21,7 +21,7 @@ use crate::proxy::Links;
 pub enum TopologyError {
     /// The `ktd` binary is missing.
     #[error(
-        "the ktd binary was not found at {0}; build it with `cargo build --release -p gateway --bin ktd` \
+        "the ktd binary was not found at {0}; build it with `cargo build --release -p ktd --bin ktd` \
          (or run `cargo test --release --workspace`), or point KTD_BIN / --ktd at it"
     )]
     BinaryMissing(PathBuf),

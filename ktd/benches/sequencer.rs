@@ -8,7 +8,7 @@
 //!    acknowledged append is recorded; the killed node is restarted from its data directory and
 //!    the cluster settles before the next round. Reports the median and p99.
 //!
-//! Run: `./x.sh bench sequencer` (or `cargo bench -p gateway --bench sequencer -- --help`).
+//! Run: `./x.sh bench sequencer` (or `cargo bench -p ktd --bench sequencer -- --help`).
 //! Prints a human summary and one JSON line (`{"bench":"sequencer",...}`).
 
 use std::sync::Arc;

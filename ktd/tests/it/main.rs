@@ -1,4 +1,4 @@
-//! The `gateway` crate's integration tests: real `ktd` processes (via `CARGO_BIN_EXE_ktd`) on
+//! The `ktd` crate's integration tests: real `ktd` processes (via `CARGO_BIN_EXE_ktd`) on
 //! `127.0.0.x` ports, each with its own data directory, under a deadline.
 
 mod auditor;
@@ -7,6 +7,7 @@ mod config;
 mod deadline;
 mod deploy;
 mod dev;
+mod docs;
 mod exported_metrics;
 mod ktd_cli;
 mod leader_kill;

@@ -2,7 +2,7 @@
 //!
 //! Every test runs real nodes (in this process) serving gRPC on `127.0.0.x` ephemeral ports, each
 //! with its own data directory, under a deadline. Tests that kill a process with SIGKILL live in
-//! `gateway/tests/` (they need the `ktd` binary).
+//! `ktd/tests/` (they need the `ktd` binary).
 
 mod bad_input;
 mod cluster;

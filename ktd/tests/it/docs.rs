@@ -1,5 +1,5 @@
-//! The docs do what they say: every shell command in `README.md` and `docs/**/*.md` is run or
-//! parse-checked against the real tools, the metrics catalogue names exactly the exported
+//! The docs do what they say: every shell command in `README.md`, `ARCHITECTURE.md` and
+//! `docs/**/*.md` is run or parse-checked against the real tools, the metrics catalogue names exactly the exported
 //! series, every alert has a documented response, and every `DESIGN §…` / `akd-spec §…`
 //! reference and relative link resolves. The conventions are in `docs/README.md`:
 //!
@@ -8,7 +8,7 @@
 //! - in a ```` ```sh illustrative ```` block, the `ktd`, `./x.sh`, `deploy/*.sh`, `ktd-chaos` and
 //!   `cargo` commands are still parse-checked, the rest is shown only;
 //! - an inline code span that starts with one of those commands is parse-checked unless it is a
-//!   synopsis (`…`, `...`, `|`, `[`, `<`, `{`).
+//!   synopsis (`…`, `...`, `|`, `[`, `<`, `{`, or an upper-case placeholder such as `N`).
 //!
 //! How each command is checked:
 //!
@@ -47,7 +47,8 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `README.md`, then every `docs/**/*.md`, sorted: the order real commands run in.
+/// `README.md`, `ARCHITECTURE.md`, then every `docs/**/*.md`, sorted: the order real commands
+/// run in.
 fn doc_files() -> Vec<PathBuf> {
     fn markdown_under(dir: &Path, files: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).expect("docs dir").flatten() {
@@ -63,7 +64,7 @@ fn doc_files() -> Vec<PathBuf> {
     let mut files = Vec::new();
     markdown_under(&root.join("docs"), &mut files);
     files.sort();
-    files.insert(0, root.join("README.md"));
+    files.splice(0..0, [root.join("README.md"), root.join("ARCHITECTURE.md")]);
     files
 }
 
@@ -112,7 +113,10 @@ fn snippets(file: &str, markdown: &str) -> Vec<Snippet> {
                 prose.push("");
                 if ticks >= open_ticks && trimmed[ticks..].trim().is_empty() {
                     fence = None;
-                    assert!(pending.is_empty(), "{file}:{pending_line}: a `\\` ends the block");
+                    assert!(
+                        pending.is_empty(),
+                        "{file}:{pending_line}: a `\\` ends the block"
+                    );
                     continue;
                 }
                 let Some(kind) = kind else { continue };
@@ -468,7 +472,10 @@ fn run_ktd(place: &str, args: &[String], addr: Option<&str>) -> String {
     while child.try_wait().expect("wait for ktd").is_none() {
         if started.elapsed() > Duration::from_secs(30) {
             let _ = child.kill();
-            panic!("{place}: `ktd {}` did not finish within 30 s", args.join(" "));
+            panic!(
+                "{place}: `ktd {}` did not finish within 30 s",
+                args.join(" ")
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -492,8 +499,8 @@ fn ktd_runs_for_real(args: &[String]) -> bool {
     while let Some(arg) = args.get(index) {
         match arg.as_str() {
             "--addr" => {
-                default_addr &= args.get(index + 1).map(String::as_str)
-                    == Some("http://127.0.0.1:8080");
+                default_addr &=
+                    args.get(index + 1).map(String::as_str) == Some("http://127.0.0.1:8080");
                 index += 2;
             }
             "--tls-ca" | "--tls-cert" | "--tls-key" => return false,
@@ -592,7 +599,8 @@ fn check_bench(place: &str, packages: &[Package], name: &str, args: &[String]) {
     }
 }
 
-/// Checks `cargo SUB -p PACKAGE --bin NAME --bench NAME`: the targets exist.
+/// Checks `cargo build|run|test|bench -p PACKAGE --bin NAME --bench NAME --test NAME`: the
+/// package and targets exist.
 fn check_cargo(place: &str, packages: &[Package], args: &[String]) {
     let value = |flags: &[&str]| {
         args.iter()
@@ -600,11 +608,6 @@ fn check_cargo(place: &str, packages: &[Package], args: &[String]) {
             .and_then(|index| args.get(index + 1))
             .cloned()
     };
-    let subcommand = args.first().map(String::as_str).unwrap_or_default();
-    assert!(
-        ["build", "run", "test", "bench"].contains(&subcommand),
-        "{place}: cargo {subcommand} is not checked here: mark the block illustrative"
-    );
     let selected: Vec<&Package> = match value(&["-p", "--package"]) {
         Some(name) => {
             let package = packages
@@ -810,8 +813,9 @@ impl Checker {
                 );
                 match subcommand.as_str() {
                     "dev" => {
-                        let args: Vec<String> =
-                            std::iter::once("dev".to_string()).chain(rest.to_vec()).collect();
+                        let args: Vec<String> = std::iter::once("dev".to_string())
+                            .chain(rest.to_vec())
+                            .collect();
                         run_ktd(place, &args, None);
                     }
                     "ktd" => {
@@ -831,9 +835,17 @@ impl Checker {
                 }
                 self.tally.parsed += 1;
             }
-            Program::Cargo(args) => {
+            Program::Cargo(args)
+                if args.first().is_some_and(|sub| {
+                    ["build", "run", "test", "bench"].contains(&sub.as_str())
+                }) =>
+            {
                 check_cargo(place, &self.packages, &args);
                 self.tally.parsed += 1;
+            }
+            Program::Cargo(args) => {
+                let subcommand = args.first().cloned().unwrap_or_default();
+                self.check_program(snippet, Program::Other(format!("cargo {subcommand}")));
             }
             Program::Script(script, args) => {
                 check_script(place, &script, &args);
@@ -904,7 +916,10 @@ fn every_documented_command_runs_or_parses() {
             tally.parsed,
             tally.shown
         );
-        assert!(tally.ran >= 6, "the quick-start flow did not run: {tally:?}");
+        assert!(
+            tally.ran >= 6,
+            "the quick-start flow did not run: {tally:?}"
+        );
         assert!(tally.parsed >= 50, "too few commands parsed: {tally:?}");
     });
 }
@@ -1090,7 +1105,8 @@ fn citations(text: &str, tag: &str) -> Vec<String> {
 #[test]
 fn spec_citations_and_relative_links_resolve() {
     let root = repo_root();
-    let design = section_numbers(&std::fs::read_to_string(root.join("docs/design.md")).expect("design"));
+    let design =
+        section_numbers(&std::fs::read_to_string(root.join("docs/design.md")).expect("design"));
     let spec =
         section_numbers(&std::fs::read_to_string(root.join("docs/akd-spec.md")).expect("spec"));
     let mut problems = Vec::new();
@@ -1110,12 +1126,18 @@ fn spec_citations_and_relative_links_resolve() {
             }
         }
         if text.contains(&["..", "shared", ""].join("/")) {
-            problems.push(format!("{name}: cites a file outside the repository (../shared)"));
+            problems.push(format!(
+                "{name}: cites a file outside the repository (../shared)"
+            ));
         }
         // Recorded benchmark reports link files that were not kept; they are records.
         let written_docs = !name.starts_with("bench-results/");
         if written_docs && file.extension().is_some_and(|ext| ext == "md") {
-            for target in text.split("](").skip(1).filter_map(|rest| rest.split(')').next()) {
+            for target in text
+                .split("](")
+                .skip(1)
+                .filter_map(|rest| rest.split(')').next())
+            {
                 let path = target.split('#').next().unwrap_or_default();
                 if path.is_empty() || path.contains("://") {
                     continue;

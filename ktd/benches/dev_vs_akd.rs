@@ -13,7 +13,7 @@
 //!    percentiles; then one client measures verified lookups (proof checked with stock akd).
 //!
 //! After each measured epoch its audit blob is fetched and verified with stock akd (size and
-//! time reported). Roots are compared after every epoch. Run: `./x.sh bench dev_vs_akd -- --initial 1000000`.
+//! time reported). Roots are compared after every epoch. Run: `./x.sh bench dev_vs_akd --initial 1000000`.
 //! Prints a human summary and one JSON line (`{"bench":"dev_vs_akd",...}`).
 
 use std::sync::Arc;

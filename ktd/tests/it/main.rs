@@ -7,6 +7,7 @@ mod cluster;
 mod config;
 mod deploy;
 mod dev;
+mod docs;
 mod leader_kill;
 mod metrics;
 mod runbooks;

@@ -1,7 +1,7 @@
-//! `/metrics` after a short workload: every series the README's metrics catalogue lists is
-//! exported with sane values — by `ktd dev` (Raft, epochs, storage, latency histograms) and by
-//! the leader of a three-node `ktd sequencer` cluster (per-follower lag and heartbeat age, before
-//! and after a follower is killed).
+//! `/metrics` after a short workload: every series the metrics catalogue (`docs/metrics.md`)
+//! lists is exported with sane values — by `ktd dev` (Raft, epochs, storage, latency
+//! histograms) and by the leader of a three-node `ktd sequencer` cluster (per-follower lag and
+//! heartbeat age, before and after a follower is killed).
 //!
 //! The Prometheus text is read with a small strict parser (`support::metrics::Scrape`): a line
 //! that is neither a comment nor `name{labels} value` fails the test.

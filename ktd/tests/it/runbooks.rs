@@ -1,4 +1,4 @@
-//! The README's "Operations runbooks", run with the exact `ktd admin` commands they document,
+//! The runbooks of `docs/operations.md`, run with the exact `ktd admin` commands they document,
 //! against real processes: 3 sequencers, 2 shards and 1 gateway on 127.0.0.x, while a client
 //! publishes through the gateway. One test per runbook, each on a fresh cluster (the
 //! [`Runbook`] fixture), one at a time; each ends by finding every acknowledged publish
@@ -17,7 +17,7 @@
 //!   directories, start a cluster from the copies: same latest epoch and root, the audit from
 //!   epoch 0 verifies with stock akd, and every acknowledged publish is found (verified).
 //!
-//! "Disk full" is documented only (see the README).
+//! "Disk full" is a recorded run, not a test (see `docs/operations.md`).
 
 use std::collections::BTreeMap;
 use std::future::Future;

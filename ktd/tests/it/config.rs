@@ -380,13 +380,12 @@ fn config_files_of_shard_and_gateway_layer_under_environment_and_flags() {
 
 /// `ktd SERVER --config FILE --check-config ARGS` with `env`.
 fn check(server: &str, config: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ktd"));
+    let mut command = crate::support::cli::command();
     command
         .args([server, "--config"])
         .arg(config)
         .arg("--check-config")
-        .args(args)
-        .env_remove("RUST_LOG");
+        .args(args);
     for (name, value) in env {
         command.env(name, value);
     }

@@ -35,9 +35,11 @@ use chaos_tests::scenario::Scenario;
 use clap::Parser;
 use clap::error::ErrorKind;
 
-use crate::deadline::with_deadline;
-use crate::exported_metrics::ExportedMetrics;
-use crate::process::KtdNode;
+use ktd_testkit::process::KtdNode;
+use ktd_testkit::with_deadline;
+
+use crate::support::KTD;
+use crate::support::metrics::ExportedMetrics;
 
 /// The repository root.
 fn repo_root() -> PathBuf {
@@ -443,7 +445,7 @@ fn programs(text: &str) -> Vec<Program> {
 
 /// Runs `ktd ARGS` (or `ktd ARGS --help`) and returns its output; fails on a non-zero exit.
 fn run_ktd(place: &str, args: &[String], addr: Option<&str>) -> String {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ktd"));
+    let mut command = Command::new(KTD);
     for (name, _) in std::env::vars() {
         if name.starts_with("KTD_") {
             command.env_remove(name);
@@ -868,7 +870,7 @@ impl Checker {
 fn every_documented_command_runs_or_parses() {
     with_deadline(Duration::from_secs(120), || async {
         let root = tempfile::tempdir().expect("temp dir");
-        let mut dev = KtdNode::dev(root.path(), "127.0.0.61", &["--epoch-interval", "200ms"]);
+        let mut dev = KtdNode::dev(KTD, root.path(), "127.0.0.61", &["--epoch-interval", "200ms"]);
         dev.spawn(&[]);
         let dev_addr = format!("http://{}", dev.addr);
 
@@ -882,7 +884,7 @@ fn every_documented_command_runs_or_parses() {
 
         tracing::info!("--- wait for ktd dev at {dev_addr}");
         let started = Instant::now();
-        while !Command::new(env!("CARGO_BIN_EXE_ktd"))
+        while !Command::new(KTD)
             .args(["--addr", &dev_addr, "epoch"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

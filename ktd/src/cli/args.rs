@@ -484,6 +484,10 @@ pub struct SequencerArgs {
     /// Initial shard map, ID=URL comma-separated (recorded at --init).
     #[arg(long, env = "KTD_SEQUENCER_SHARDS", value_delimiter = ',')]
     pub shards: Vec<String>,
+    /// Voting replicas per partition in the initial shard map (recorded at --init; default 3,
+    /// or the number of shards if fewer).
+    #[arg(long)]
+    pub replication_factor: Option<u32>,
     /// Tree partition bits (recorded at --init).
     #[arg(long)]
     pub partition_bits: Option<u32>,
@@ -534,6 +538,9 @@ impl SequencerArgs {
         }
         if let Some(bits) = self.partition_bits {
             config.cluster.partition_bits = bits;
+        }
+        if let Some(factor) = self.replication_factor {
+            config.cluster.replication_factor = Some(factor);
         }
         if let Some(configuration) = self.configuration {
             config.cluster.akd_configuration = configuration.to_string();

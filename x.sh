@@ -4,7 +4,7 @@
 #   ./x.sh dev [ktd dev flags]     start a complete single-machine directory (`ktd dev`)
 #   ./x.sh test                    the full gate CI runs: fmt, clippy, tests, docs
 #   ./x.sh ktd ARGS...             run any `ktd` subcommand (release build)
-#   ./x.sh bench NAME [ARGS...]    run a benchmark (e.g. sequencer; bench profile = release)
+#   ./x.sh bench NAME [ARGS...]    run a benchmark, e.g. `bench sequencer --seconds 10` (release)
 #   ./x.sh chaos ARGS...           failover drills (`ktd-chaos list`, `ktd-chaos run --scenario NAME`)
 #   ./x.sh boundaries              check the crate dependency rules (part of `test`)
 #
@@ -53,6 +53,7 @@ BOUNDARIES=(
     "shard|^(openraft|sequencer|gateway|clap) "
     "sequencer|^(gateway|clap) "
     "gateway|^(clap|ktd-auditor|ktd-client) "
+    "ktd-testkit|^(ktd|ktd-(proto|rpc|core|client|auditor)|shard|sequencer|gateway|chaos-tests|librocksdb-sys|openraft) "
 )
 
 check_boundaries() {
@@ -99,6 +100,8 @@ main() {
             ensure_system_deps
             local name="${1:?usage: ./x.sh bench NAME [ARGS...]}"
             shift
+            # cargo's `--` is added here; one written before ARGS (`bench NAME -- ARGS`) is dropped.
+            if [ "${1:-}" = -- ]; then shift; fi
             exec cargo bench --locked --bench "$name" -- "$@"
             ;;
         deps) ensure_system_deps ;;

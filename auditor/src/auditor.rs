@@ -59,8 +59,9 @@ pub enum BlobSource {
     Directory(PathBuf),
 }
 
-/// Settings of an auditor.
-#[derive(Clone, Debug)]
+/// Settings of an auditor. `Debug` never shows the signing key, and dropping the settings
+/// zeroes it.
+#[derive(Clone)]
 pub struct AuditorSettings {
     /// The namespace signed into every head (e.g. `whatsapp.key-transparency.v1`).
     pub namespace: String,
@@ -76,6 +77,29 @@ pub struct AuditorSettings {
     pub source: BlobSource,
     /// How often to look for new blobs when caught up.
     pub poll: Duration,
+}
+
+impl std::fmt::Debug for AuditorSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditorSettings")
+            .field("namespace", &self.namespace)
+            .field("data_dir", &self.data_dir)
+            .field("signing_key", &"<redacted>")
+            .field("config", &self.config)
+            .field(
+                "start",
+                &self.start.map(|(epoch, root)| (epoch, hex::encode(root))),
+            )
+            .field("source", &self.source)
+            .field("poll", &self.poll)
+            .finish()
+    }
+}
+
+impl Drop for AuditorSettings {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.signing_key);
+    }
 }
 
 #[derive(Default)]

@@ -20,8 +20,10 @@
 //! - [`runner`]: one scenario run end to end (used by `ktd-chaos run` and the tests), or a
 //!   drill against a running cluster (`ktd-chaos drill`).
 //! - [`inventory`]: a running cluster's nodes and their fault hooks, for drills.
+//! - [`cli`]: the `ktd-chaos` command line.
 
 pub mod checker;
+pub mod cli;
 pub mod history;
 pub mod inventory;
 pub mod nemesis;

@@ -16,6 +16,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use ktd_testkit::stats::nearest_rank;
 use serde::Serialize;
 
 use crate::checker::Verdict;
@@ -94,14 +95,6 @@ pub struct Report {
     pub exit: Exit,
 }
 
-fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((sorted.len() as f64) * p).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
 /// Figures for every fault in `faults`.
 pub fn fault_figures(
     history: &History,
@@ -174,7 +167,7 @@ pub fn fault_figures(
                 fault: fault.clone(),
                 write_unavailable_ms,
                 new_leader_ms,
-                p99_publish_ms: percentile(&latencies, 0.99),
+                p99_publish_ms: nearest_rank(&latencies, 0.99),
                 publishes_in_window: latencies.len() as u64,
                 epochs_delayed: (gap / interval_us).saturating_sub(1),
             }
@@ -290,8 +283,8 @@ pub fn summary(values: impl Iterator<Item = Option<u64>>) -> (Option<u64>, Optio
     let mut sorted: Vec<u64> = values.flatten().collect();
     sorted.sort_unstable();
     (
-        percentile(&sorted, 0.5),
-        percentile(&sorted, 0.99),
+        nearest_rank(&sorted, 0.5),
+        nearest_rank(&sorted, 0.99),
         sorted.len(),
     )
 }

@@ -6,13 +6,12 @@
 //! directory, or paused with SIGSTOP and resumed with SIGCONT. Dropping the [`Topology`] kills
 //! every process it started (and resumes paused ones first so that they die).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ktd_client::Client;
+use ktd_testkit::process::{KtdNode, ProcessError, wait_timeout};
 
 use crate::proxy::Links;
 
@@ -21,7 +20,7 @@ use crate::proxy::Links;
 pub enum TopologyError {
     /// The `ktd` binary is missing.
     #[error(
-        "the ktd binary was not found at {0}; build it with `cargo build --release -p gateway --bin ktd` \
+        "the ktd binary was not found at {0}; build it with `cargo build --release -p ktd --bin ktd` \
          (or run `cargo test --release --workspace`), or point KTD_BIN / --ktd at it"
     )]
     BinaryMissing(PathBuf),
@@ -47,6 +46,15 @@ pub enum TopologyError {
     /// The VRF seed could not be turned into a public key.
     #[error("VRF key: {0}")]
     Vrf(String),
+}
+
+impl From<ProcessError> for TopologyError {
+    fn from(error: ProcessError) -> Self {
+        match error {
+            ProcessError::Io { what, source } => Self::Io { what, source },
+            ProcessError::State(message) => Self::State(message),
+        }
+    }
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TopologyError {
@@ -90,13 +98,8 @@ fn exists(path: PathBuf) -> Result<PathBuf, TopologyError> {
 }
 
 /// A free `ip:port` (bind port 0, then release it).
-pub fn free_addr(ip: &str) -> Result<String, TopologyError> {
-    let listener =
-        std::net::TcpListener::bind(format!("{ip}:0")).map_err(io(format!("bind {ip}:0")))?;
-    Ok(listener
-        .local_addr()
-        .map_err(io("local address"))?
-        .to_string())
+fn free_addr(ip: &str) -> Result<String, TopologyError> {
+    ktd_testkit::net::try_free_addr(ip).map_err(io(format!("bind {ip}:0")))
 }
 
 /// What a process is in the cluster.
@@ -113,7 +116,9 @@ pub enum Role {
     Gateway,
 }
 
-/// One `ktd` process slot: address, data directory and log survive restarts.
+/// One `ktd` process slot: address, data directory and log survive restarts. A process this
+/// harness started is a [`KtdNode`]; one of a running cluster is driven by the inventory's
+/// shell [`Hooks`].
 pub struct Process {
     /// Its name (`seq-1`, `shard-2`, `gateway-1`) and log file stem.
     pub name: String,
@@ -123,20 +128,23 @@ pub struct Process {
     pub id: u64,
     /// `ip:port` it listens on.
     pub addr: String,
-    binary: PathBuf,
-    /// Flags every start passes.
-    base_args: Vec<String>,
-    log: PathBuf,
-    child: Option<Child>,
-    paused: bool,
-    /// Extra environment for every start.
-    env: Vec<(String, String)>,
-    /// A process this harness did not start (a drill against a running cluster): driven by
-    /// the inventory's shell hooks instead of a child process.
-    hooks: Option<Hooks>,
-    /// With hooks: whether the harness believes the process runs (it was not killed by a hook
-    /// since the last start).
-    external_up: bool,
+    driver: Driver,
+}
+
+/// How the harness drives a process.
+enum Driver {
+    /// A child process the harness started.
+    Child(KtdNode),
+    /// A process this harness did not start (a drill against a running cluster).
+    Hooks {
+        hooks: Hooks,
+        /// Its log, if the inventory names one.
+        log: PathBuf,
+        /// Whether the harness believes the process runs (it was not killed by a hook since
+        /// the last start).
+        up: bool,
+        paused: bool,
+    },
 }
 
 /// Shell commands that act on a process the harness did not start (`sh -c`, with `KTD_NODE`,
@@ -168,19 +176,13 @@ impl Process {
         addr: String,
         base_args: Vec<String>,
     ) -> Self {
+        let node = KtdNode::new(binary, root, &name, id, addr.clone(), base_args);
         Self {
-            log: root.join(format!("{name}.log")),
             name,
             role,
             id,
             addr,
-            binary: binary.to_path_buf(),
-            base_args,
-            child: None,
-            paused: false,
-            env: Vec::new(),
-            hooks: None,
-            external_up: false,
+            driver: Driver::Child(node),
         }
     }
 
@@ -194,38 +196,40 @@ impl Process {
         log: Option<PathBuf>,
     ) -> Self {
         Self {
-            log: log.unwrap_or_default(),
             name,
             role,
             id,
             addr,
-            binary: PathBuf::new(),
-            base_args: Vec::new(),
-            child: None,
-            paused: false,
-            env: Vec::new(),
-            hooks: Some(hooks),
-            external_up: true,
+            driver: Driver::Hooks {
+                hooks,
+                log: log.unwrap_or_default(),
+                up: true,
+                paused: false,
+            },
         }
     }
 
-    /// Adds environment variables for every later start.
+    /// Adds environment variables for every later start (of a process the harness starts).
     pub fn set_env(&mut self, env: Vec<(String, String)>) {
-        self.env = env;
+        if let Driver::Child(node) = &mut self.driver {
+            node.set_env(env);
+        }
     }
 
     /// Whether the harness drives it through inventory hooks.
     pub fn is_external(&self) -> bool {
-        self.hooks.is_some()
+        matches!(self.driver, Driver::Hooks { .. })
     }
 
     /// Runs hook `which` (bounded by [`HOOK_LIMIT`]); a missing hook or a failing command is a
     /// harness error naming the node.
     fn run_hook(&self, which: &str) -> Result<(), TopologyError> {
-        let hooks = self
-            .hooks
-            .as_ref()
-            .ok_or_else(|| TopologyError::State(format!("{} is not driven by hooks", self.name)))?;
+        let Driver::Hooks { hooks, .. } = &self.driver else {
+            return Err(TopologyError::State(format!(
+                "{} is not driven by hooks",
+                self.name
+            )));
+        };
         let command = match which {
             "kill" => &hooks.kill,
             "start" => &hooks.start,
@@ -249,35 +253,28 @@ impl Process {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(io(format!("run the {which} hook of {}", self.name)))?;
-        let started = Instant::now();
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) if status.success() => return Ok(()),
-                Ok(Some(status)) => {
-                    let mut stderr = String::new();
-                    if let Some(mut pipe) = child.stderr.take() {
-                        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-                    }
-                    return Err(TopologyError::State(format!(
-                        "the {which} hook of {} ({command:?}) failed with {status}: {}",
-                        self.name,
-                        stderr.trim()
-                    )));
+        let status = wait_timeout(&mut child, HOOK_LIMIT)
+            .map_err(io(format!("wait for the {which} hook of {}", self.name)))?;
+        match status {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
                 }
-                Ok(None) if started.elapsed() > HOOK_LIMIT => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(TopologyError::State(format!(
-                        "the {which} hook of {} ({command:?}) did not finish within {HOOK_LIMIT:?}",
-                        self.name
-                    )));
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(error) => {
-                    return Err(io(format!("wait for the {which} hook of {}", self.name))(
-                        error,
-                    ));
-                }
+                Err(TopologyError::State(format!(
+                    "the {which} hook of {} ({command:?}) failed with {status}: {}",
+                    self.name,
+                    stderr.trim()
+                )))
+            }
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(TopologyError::State(format!(
+                    "the {which} hook of {} ({command:?}) did not finish within {HOOK_LIMIT:?}",
+                    self.name
+                )))
             }
         }
     }
@@ -287,32 +284,13 @@ impl Process {
         if self.is_running() {
             return Err(TopologyError::State(format!("{} is running", self.name)));
         }
-        if self.is_external() {
-            self.run_hook("start")?;
-            self.external_up = true;
-            self.paused = false;
-            return Ok(());
+        if let Driver::Child(node) = &mut self.driver {
+            return Ok(node.try_spawn(extra)?);
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(io(format!("open {}", self.log.display())))?;
-        let child = Command::new(&self.binary)
-            .args(&self.base_args)
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("KTD_NODE_LOG")
-                    .unwrap_or_else(|_| "info,openraft=error,h2=warn,hyper=warn".into()),
-            )
-            .envs(self.env.iter().map(|(key, value)| (key, value)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(io(format!("start {}", self.name)))?;
-        self.child = Some(child);
-        self.paused = false;
+        self.run_hook("start")?;
+        if let Driver::Hooks { up, paused, .. } = &mut self.driver {
+            (*up, *paused) = (true, false);
+        }
         Ok(())
     }
 
@@ -323,106 +301,76 @@ impl Process {
 
     /// Whether the process is running (possibly paused).
     pub fn is_running(&self) -> bool {
-        self.child.is_some() || (self.is_external() && self.external_up)
+        match &self.driver {
+            Driver::Child(node) => node.is_running(),
+            Driver::Hooks { up, .. } => *up,
+        }
     }
 
     /// Whether it is paused.
     pub fn is_paused(&self) -> bool {
-        self.paused
+        match &self.driver {
+            Driver::Child(node) => node.is_paused(),
+            Driver::Hooks { paused, .. } => *paused,
+        }
     }
 
     /// SIGKILL and reap.
     pub fn kill9(&mut self) -> Result<(), TopologyError> {
-        if self.is_external() {
-            if !self.external_up {
-                return Err(TopologyError::State(format!(
-                    "{} is not running",
-                    self.name
-                )));
-            }
-            self.run_hook("kill")?;
-            self.external_up = false;
-            self.paused = false;
-            return Ok(());
+        if let Driver::Child(node) = &mut self.driver {
+            return Ok(node.try_kill9()?);
         }
-        let mut child = self
-            .child
-            .take()
-            .ok_or_else(|| TopologyError::State(format!("{} is not running", self.name)))?;
-        child.kill().map_err(io(format!("SIGKILL {}", self.name)))?;
-        child.wait().map_err(io(format!("reap {}", self.name)))?;
-        self.paused = false;
-        Ok(())
-    }
-
-    fn signal(&self, signal: &str) -> Result<(), TopologyError> {
-        let child = self
-            .child
-            .as_ref()
-            .ok_or_else(|| TopologyError::State(format!("{} is not running", self.name)))?;
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(child.id().to_string())
-            .status()
-            .map_err(io("run kill"))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(TopologyError::State(format!(
-                "kill -{signal} {} failed",
+        if !self.is_running() {
+            return Err(TopologyError::State(format!(
+                "{} is not running",
                 self.name
-            )))
+            )));
         }
+        self.run_hook("kill")?;
+        if let Driver::Hooks { up, paused, .. } = &mut self.driver {
+            (*up, *paused) = (false, false);
+        }
+        Ok(())
     }
 
     /// SIGSTOP: the process keeps its sockets but does nothing.
     pub fn pause(&mut self) -> Result<(), TopologyError> {
-        if self.is_external() {
-            self.run_hook("pause")?;
-        } else {
-            self.signal("STOP")?;
+        if let Driver::Child(node) = &mut self.driver {
+            return Ok(node.try_pause()?);
         }
-        self.paused = true;
+        self.run_hook("pause")?;
+        if let Driver::Hooks { paused, .. } = &mut self.driver {
+            *paused = true;
+        }
         Ok(())
     }
 
     /// SIGCONT.
     pub fn resume(&mut self) -> Result<(), TopologyError> {
-        if !self.paused {
+        if let Driver::Child(node) = &mut self.driver {
+            return Ok(node.try_resume()?);
+        }
+        if !self.is_paused() {
             return Err(TopologyError::State(format!("{} is not paused", self.name)));
         }
-        if self.is_external() {
-            self.run_hook("resume")?;
-        } else {
-            self.signal("CONT")?;
+        self.run_hook("resume")?;
+        if let Driver::Hooks { paused, .. } = &mut self.driver {
+            *paused = false;
         }
-        self.paused = false;
         Ok(())
     }
 
     /// The log file.
     pub fn log_path(&self) -> &Path {
-        &self.log
+        match &self.driver {
+            Driver::Child(node) => node.log_path(),
+            Driver::Hooks { log, .. } => log,
+        }
     }
 
     /// The log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if self.paused {
-                let _ = Command::new("kill")
-                    .arg("-CONT")
-                    .arg(child.id().to_string())
-                    .status();
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 }
 
@@ -478,7 +426,8 @@ impl Topology {
             .prefix("ktd-chaos-")
             .tempdir()
             .map_err(io("create the cluster's temp dir"))?;
-        let seed_file = write_seed(root.path(), &options.vrf_seed)?;
+        let seed_file = ktd_testkit::seed::try_write_vrf_seed(root.path(), &options.vrf_seed)
+            .map_err(io("write the VRF seed file"))?;
         let public_key = ktd_core::vrf::VrfKey::from_seed(&options.vrf_seed)
             .map_err(|error| TopologyError::Vrf(error.to_string()))?
             .public_key();
@@ -797,16 +746,4 @@ fn sequencer_args(addr: &str, data_dir: &Path, epoch_interval: &str) -> Vec<Stri
         "--epoch-interval".into(),
         epoch_interval.to_string(),
     ]
-}
-
-fn write_seed(root: &Path, seed: &[u8; 32]) -> Result<PathBuf, TopologyError> {
-    let path = root.join("vrf-seed.hex");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io("create the VRF seed file"))?;
-    writeln!(file, "{}", hex::encode(seed)).map_err(io("write the VRF seed file"))?;
-    Ok(path)
 }

@@ -236,7 +236,7 @@ impl LookupPlan {
 /// VRF-proven `FreshLabel(1)` and its non-membership proof. Versions are numbered from 1 without
 /// gaps, so a label whose version 1 is absent has no version at all. Each half verifies with
 /// stock akd code (the VRF with `akd_core::ecvrf`, the tree proof like a lookup's freshness
-/// proof); `gateway::strict::absence_verify` checks both plus canonical anchoring.
+/// proof); `ktd_client::strict::absence_verify` checks both plus canonical anchoring.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AbsenceProof {
     /// VRF proof binding `non_membership.label` to `(akd_label, Fresh, 1)`.

@@ -13,7 +13,7 @@
 //!    percentiles; then one client measures verified lookups (proof checked with stock akd).
 //!
 //! After each measured epoch its audit blob is fetched and verified with stock akd (size and
-//! time reported). Roots are compared after every epoch. Run: `./x.sh bench dev_vs_akd -- --initial 1000000`.
+//! time reported). Roots are compared after every epoch. Run: `./x.sh bench dev_vs_akd --initial 1000000`.
 //! Prints a human summary and one JSON line (`{"bench":"dev_vs_akd",...}`).
 
 use std::sync::Arc;
@@ -31,6 +31,7 @@ use ktd_core::AkdConfig;
 use ktd_core::config::WhatsAppV1;
 use ktd_core::vrf::VrfKey;
 use ktd_proto::ktd::v1 as api;
+use ktd_testkit::stats::{median, quantile};
 
 #[derive(Debug, Parser)]
 #[command(about = "ktd dev (distributed pipeline, one process) vs stock akd, same batches")]
@@ -86,19 +87,6 @@ fn batch(epoch: u64, first_new: u64, new: u64, changed: u64) -> Vec<(Vec<u8>, Ve
             .map(|id| (label(id), format!("key-{id}-{epoch}").into_bytes())),
     );
     updates
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((p / 100.0 * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)]
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    percentile(&sorted, 50.0)
 }
 
 /// Waits until the shard has pre-computed `expected` VRF labels (or the count stops growing
@@ -300,9 +288,9 @@ async fn run(args: Args) {
         lookup_runs.push(serde_json::json!({
             "clients": clients,
             "lookups_per_s": latencies.len() as f64 / args.lookup_seconds as f64,
-            "p50_ms": percentile(&latencies, 50.0),
-            "p99_ms": percentile(&latencies, 99.0),
-            "p999_ms": percentile(&latencies, 99.9),
+            "p50_ms": quantile(&latencies, 0.5),
+            "p99_ms": quantile(&latencies, 0.99),
+            "p999_ms": quantile(&latencies, 0.999),
         }));
     }
     let started = Instant::now();

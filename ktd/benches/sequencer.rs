@@ -8,7 +8,7 @@
 //!    acknowledged append is recorded; the killed node is restarted from its data directory and
 //!    the cluster settles before the next round. Reports the median and p99.
 //!
-//! Run: `./x.sh bench sequencer` (or `cargo bench -p gateway --bench sequencer -- --help`).
+//! Run: `./x.sh bench sequencer` (or `cargo bench -p ktd --bench sequencer -- --help`).
 //! Prints a human summary and one JSON line (`{"bench":"sequencer",...}`).
 
 use std::sync::Arc;
@@ -16,13 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use ktd_testkit::Poll;
+use ktd_testkit::process::KtdCluster;
+use ktd_testkit::stats::quantile;
 use sequencer::{ClientOptions, SequencerClient, pb};
-
-#[allow(dead_code)]
-#[path = "../tests/it/process.rs"]
-mod process;
-
-use process::KtdCluster;
 
 #[derive(Debug, Parser)]
 #[command(about = "ktd sequencer benchmark: append throughput and failover time")]
@@ -47,14 +44,6 @@ struct Args {
     bench: bool,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
 fn fast_client(cluster: &KtdCluster) -> SequencerClient {
     SequencerClient::with_options(
         cluster.addrs(),
@@ -68,10 +57,13 @@ fn fast_client(cluster: &KtdCluster) -> SequencerClient {
     )
 }
 
+/// Waits until every node follows one leader and has applied (to within 10 entries) what it
+/// committed; returns the leader.
 async fn wait_ready(cluster: &KtdCluster, client: &SequencerClient) -> u64 {
-    let started = Instant::now();
-    loop {
-        if let Ok(status) = client.cluster_status().await {
+    Poll::new("the cluster to be ready", Duration::from_secs(60))
+        .context(|| cluster.logs())
+        .until(|| async {
+            let status = client.cluster_status().await.ok()?;
             let leader = status.leader_id;
             let committed = status
                 .members
@@ -87,17 +79,9 @@ async fn wait_ready(cluster: &KtdCluster, client: &SequencerClient) -> u64 {
                         })
                     })
             });
-            if all_caught_up {
-                return leader;
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "cluster not ready after 60 s\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            all_caught_up.then_some(leader)
+        })
+        .await
 }
 
 fn updates(prefix: &str, count: usize, value_bytes: usize) -> Vec<pb::Update> {
@@ -149,15 +133,15 @@ async fn throughput(cluster: &KtdCluster, args: &Args) -> serde_json::Value {
          {} clients, {elapsed:.1} s",
         latencies.len() as f64 / elapsed,
         args.batch,
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 99.0),
+        quantile(&latencies, 0.5),
+        quantile(&latencies, 0.99),
         args.clients
     );
     serde_json::json!({
         "updates_per_second": rate,
         "appends_per_second": latencies.len() as f64 / elapsed,
-        "append_latency_ms_p50": percentile(&latencies, 50.0),
-        "append_latency_ms_p99": percentile(&latencies, 99.0),
+        "append_latency_ms_p50": quantile(&latencies, 0.5),
+        "append_latency_ms_p99": quantile(&latencies, 0.99),
         "clients": args.clients,
         "batch": args.batch,
         "value_bytes": args.value_bytes,
@@ -196,7 +180,8 @@ async fn failover(cluster: &mut KtdCluster, args: &Args) -> serde_json::Value {
                 acks
             })
         };
-        // Steady state first.
+        // Steady state first: the first acknowledgement (if any within 10 s), then 300 ms of
+        // writes before the kill.
         let warm = Instant::now();
         while last_ack.lock().expect("lock").is_none() && warm.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -241,8 +226,8 @@ async fn failover(cluster: &mut KtdCluster, args: &Args) -> serde_json::Value {
     wait_ready(cluster, &client).await;
     let mut sorted = unavailability.clone();
     sorted.sort_by(f64::total_cmp);
-    let median = percentile(&sorted, 50.0);
-    let p99 = percentile(&sorted, 99.0);
+    let median = quantile(&sorted, 0.5);
+    let p99 = quantile(&sorted, 0.99);
     println!(
         "failover: write unavailability after a leader kill: median {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} kills",
         median * 1e3,
@@ -266,21 +251,14 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let mut cluster = KtdCluster::start(3);
+        let mut cluster = KtdCluster::start(env!("CARGO_BIN_EXE_ktd"), 3);
         let client = fast_client(&cluster);
         wait_ready(&cluster, &client).await;
-        // Wait for the cluster metadata (written right after the first election).
-        let started = Instant::now();
-        while client
-            .cluster_metadata()
-            .await
-            .ok()
-            .and_then(|metadata| metadata.metadata)
-            .is_none()
-        {
-            assert!(started.elapsed() < Duration::from_secs(30), "no cluster metadata");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // The cluster metadata is written right after the first election.
+        ktd_testkit::eventually("the cluster metadata", Duration::from_secs(30), || async {
+            client.cluster_metadata().await.ok()?.metadata
+        })
+        .await;
         println!(
             "3 ktd sequencer processes on loopback, fsync on, default raft timing (heartbeat 50 ms, \
              election 200-400 ms, pre-vote); {} cores",

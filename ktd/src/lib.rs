@@ -2,7 +2,11 @@
 //! load generator. The binary (`src/main.rs`) only calls [`cli::main`].
 //!
 //! # Layout, in reading order
-//! - [`cli`]: the command line — clap types, `--config` files, what each subcommand does.
+//! - [`cli`]: the command line — clap types, layering flags, environment and `--config` files,
+//!   what each subcommand does.
+//! - [`config`]: one typed configuration per server (shard, gateway, dev, auditor; the
+//!   sequencer's is `sequencer::SequencerConfig`), its file format, and its validation into
+//!   what the server runs with.
 //! - [`serve`]: starting each process kind from resolved settings — `ktd shard` (with its tail
 //!   of the sequencer log and its readiness), `ktd gateway`, `ktd dev`.
 //! - [`seed_file`]: the VRF seed and other 32-byte secret files (mode 600).
@@ -19,6 +23,7 @@ pub mod admin;
 pub mod bench;
 pub mod certs;
 pub mod cli;
+pub mod config;
 pub mod seed_file;
 pub mod serve;
 pub mod telemetry;

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, anyhow, bail};
+use zeroize::Zeroizing;
 
 /// A 32-byte VRF seed from a file of 64 hex digits. Refuses files others can read.
 pub fn read_vrf_seed(path: &Path) -> anyhow::Result<[u8; 32]> {
@@ -23,11 +24,16 @@ pub fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<[u8; 32]> {
             metadata.permissions().mode() & 0o777
         );
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("read {what} {}", path.display()))?;
-    let bytes = hex::decode(text.trim())
-        .map_err(|error| anyhow!("{what} {}: not hex ({error})", path.display()))?;
-    bytes.try_into().map_err(|bytes: Vec<u8>| {
+    // The file's text and its decoded bytes are zeroed when dropped; the caller holds the
+    // only copy of the secret.
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("read {what} {}", path.display()))?,
+    );
+    let bytes = Zeroizing::new(
+        hex::decode(text.trim())
+            .map_err(|error| anyhow!("{what} {}: not hex ({error})", path.display()))?,
+    );
+    <[u8; 32]>::try_from(&bytes[..]).map_err(|_| {
         anyhow!(
             "{what} {}: expected 32 bytes (64 hex digits), got {}",
             path.display(),

@@ -1,5 +1,6 @@
 //! One typed configuration per sequencer node: defaults < TOML file < environment < flags (the
-//! last two are applied by the `ktd` binary), validated once at start-up.
+//! file, the environment and the flags are read by the `ktd` binary, as for every server:
+//! `ktd::config`), validated once at start-up.
 //!
 //! Settings under `[cluster]` are used only with `--init`: they become the replicated cluster
 //! metadata, so every replica applies the same epoch limits; changing them in a file later has
@@ -295,18 +296,6 @@ impl SequencerConfig {
                 place.unwrap_or_default(),
                 error.message().trim().replace('\n', "; ")
             ))
-        })
-    }
-
-    /// Reads and parses a TOML configuration file.
-    pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| invalid(format!("cannot read {}: {error}", path.display())))?;
-        Self::from_toml(&text).map_err(|error| match error {
-            SequencerError::InvalidConfig(message) => {
-                invalid(format!("{}: {message}", path.display()))
-            }
-            other => other,
         })
     }
 

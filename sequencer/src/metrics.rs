@@ -7,7 +7,7 @@
 //! and set to NaN ("unknown") when it stops leading or the follower leaves, because the `metrics`
 //! facade cannot remove a series.
 //!
-//! Definitions (also in the README's metrics catalogue):
+//! Definitions (also in the metrics catalogue, `docs/metrics.md`):
 //! - `ktd_epoch_seal_duration_seconds`: an epoch's `committed_at_ms − sealed_at_ms` from its
 //!   replicated [`pb::EpochRecord`], i.e. seal → committed root, across coordinator retries and
 //!   leader changes (`ktd_epoch_commit_duration_seconds` times one successful coordinator pass).

@@ -24,6 +24,7 @@ use akd_core::configuration::WhatsAppV1Configuration;
 use akd_core::{AkdLabel, AkdValue, VersionFreshness};
 use ktd_core::AkdConfig;
 use ktd_core::vrf::VrfKey;
+use ktd_testkit::stats::{midpoint_median, quantile};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -155,26 +156,8 @@ fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    let mid = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    }
-}
-
 fn micros(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e6
-}
-
-fn percentile(values: &mut [f64], p: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[((values.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// Child: stock akd, whole workload.
@@ -224,8 +207,8 @@ fn run_akd(args: &Args) -> Value {
         "system": "akd",
         "load_seconds": load_seconds,
         "epochs": epochs,
-        "lookup_us_median": median(&mut lookup_us.clone()),
-        "lookup_us_p99": percentile(&mut lookup_us, 0.99),
+        "lookup_us_median": midpoint_median(&lookup_us),
+        "lookup_us_p99": quantile(&lookup_us, 0.99),
         "final_root": root,
         "peak_rss_bytes": peak_rss_bytes(),
     })
@@ -287,8 +270,8 @@ fn run_ktd_epochs(args: &Args, bits: u8, dir: &Path) -> Value {
     directory.store().flush().expect("flush");
     json!({
         "epochs": epochs,
-        "lookup_us_median": median(&mut lookup_us.clone()),
-        "lookup_us_p99": percentile(&mut lookup_us, 0.99),
+        "lookup_us_median": midpoint_median(&lookup_us),
+        "lookup_us_p99": quantile(&lookup_us, 0.99),
         "final_root": root,
         "peak_rss_bytes": peak_rss_bytes(),
         "sst_bytes": directory.store().sst_bytes().expect("sst bytes"),
@@ -354,7 +337,7 @@ fn child(args: &Args, role: &str, bits: Option<u8>, dir: Option<&Path>) -> Value
 }
 
 fn epoch_median(result: &Value, field: &str) -> f64 {
-    let mut values: Vec<f64> = result["epochs"]
+    let values: Vec<f64> = result["epochs"]
         .as_array()
         .map(|epochs| {
             epochs
@@ -363,7 +346,7 @@ fn epoch_median(result: &Value, field: &str) -> f64 {
                 .collect()
         })
         .unwrap_or_default();
-    median(&mut values)
+    midpoint_median(&values)
 }
 
 fn main() {

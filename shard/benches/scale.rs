@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use akd_core::{AkdLabel, AkdValue};
 use ktd_core::AkdConfig;
+use ktd_testkit::stats::median;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -85,11 +86,6 @@ fn value(id: u64, version: u64) -> AkdValue {
     hasher.update(&id.to_be_bytes());
     hasher.update(&version.to_be_bytes());
     AkdValue(hasher.finalize().as_bytes().to_vec())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn dir_bytes(path: &Path) -> u64 {
@@ -197,10 +193,10 @@ fn main() {
             - (io_before.flush_bytes + io_before.compaction_bytes);
         let result = json!({
             "entries": entries,
-            "us_per_update_median": median(per_update.clone()),
-            "vrf_us_median": median(vrf),
-            "tree_storage_us_median": median(tree_storage),
-            "seal_seconds_without_vrf_median": median(seal),
+            "us_per_update_median": median(&per_update),
+            "vrf_us_median": median(&vrf),
+            "tree_storage_us_median": median(&tree_storage),
+            "seal_seconds_without_vrf_median": median(&seal),
             "sst_bytes": sst,
             "dir_bytes": on_disk,
             "sst_bytes_per_entry": sst as f64 / entries as f64,

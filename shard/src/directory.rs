@@ -1,9 +1,11 @@
 //! The in-process directory: `2^k` tree partitions in one RocksDB, driven together.
 //!
-//! This is the embedded core that `ktd dev` runs, and the reference the distributed pipeline is
-//! built from: publish computes leaves ([`ktd_core::user`]), inserts each partition's leaves with
-//! [`ktd_core::tree::insert_leaves`] in parallel, stitches the root with [`ktd_core::stitch`], and
-//! commits the epoch record; proofs locate in the top tree, walk partitions, and stitch.
+//! This is the reference directory that the akd oracle tests, the tree-engine benches and the
+//! library example drive (`ktd dev` runs the sequencer, a shard server and the gateway
+//! instead), and the reference the distributed pipeline is built from: publish computes leaves
+//! ([`ktd_core::user`]), inserts each partition's leaves with
+//! [`ktd_core::tree::insert_leaves`] in parallel, stitches the root with [`ktd_core::stitch`],
+//! and commits the epoch record; proofs locate in the top tree, walk partitions, and stitch.
 //!
 //! ```text
 //!  publish(batch) ─► check ─► prior versions ─► VRF + commitments ─► leaves by partition

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Records the README runbook "Disk full or slow" against deploy/local-cluster.sh: shard s1's data
+# Records the runbook "Disk full or slow" (docs/operations.md) against deploy/local-cluster.sh: shard s1's data
 # directory is a 48 MiB tmpfs, publishes fill it, then the volume is grown and the shard
 # restarted. Needs root (mount). Run from the repository root:
 #   sudo bench-results/2026-11-26-2core/runbooks/disk-full.sh > bench-results/2026-11-26-2core/runbooks/disk-full.txt 2>&1

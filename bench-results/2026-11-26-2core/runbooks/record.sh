@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Records the README's operations runbooks against deploy/local-cluster.sh: every command and
+# Records the operations runbooks (docs/operations.md) against deploy/local-cluster.sh: every command and
 # its output (and exit status) go to stdout. Run from the repository root:
 #   bench-results/2026-11-26-2core/runbooks/record.sh > bench-results/2026-11-26-2core/runbooks/transcript.txt 2>&1
 # Uses its own DIR (default /tmp/ktd-runbooks) and the local cluster's fixed ports.

@@ -11,7 +11,7 @@ use chaos_tests::runner::{self, RunOptions, RunOutput};
 use chaos_tests::scenario::Scenario;
 use chaos_tests::topology::find_ktd;
 
-use crate::deadline::with_deadline;
+use crate::support::with_deadline;
 
 /// Runs a shipped scenario for `duration`; artifacts under `$KTD_CHAOS_OUT/<name>` if set.
 async fn run(name: &str, duration: Duration, mutation: Option<Mutation>) -> RunOutput {

@@ -160,7 +160,7 @@ pub fn empty_element<TC: Configuration>() -> AzksElement {
 
 /// Read access to stored interior-node versions.
 ///
-/// Implemented by `store::RocksTreeStore` and [`MemTreeStore`]; both pass the same conformance
+/// Implemented by `shard::store::RocksStore` and [`MemTreeStore`]; both pass the same conformance
 /// suite. Implementations should serve a batch with one multi-get (the engine asks once per tree
 /// level), and may split it across threads.
 pub trait TreeStore: Sync {

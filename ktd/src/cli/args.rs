@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ktd_core::AkdConfig;
-use sequencer::SequencerConfig;
 
 /// The `ktd` command line.
 #[derive(Debug, Parser)]
@@ -215,7 +214,7 @@ pub struct BenchArgs {
     pub server_pid_dir: Option<PathBuf>,
 }
 
-/// The Prometheus endpoint of a server process.
+/// The Prometheus endpoint of a server process (`ProcessConfig::metrics_listen`).
 #[derive(Debug, Args)]
 pub struct MetricsArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
@@ -223,41 +222,18 @@ pub struct MetricsArgs {
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
-impl MetricsArgs {
-    /// Serves Prometheus metrics if `--metrics-listen` was given.
-    pub fn install(&self) -> anyhow::Result<()> {
-        match self.metrics_listen {
-            Some(addr) => crate::telemetry::serve_prometheus(addr),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Logs and traces of a server process.
+/// Logs and traces of a server process (`ProcessConfig`'s keys of the same names).
 #[derive(Debug, Args)]
 pub struct TelemetryArgs {
     /// Log lines as `text` or `json` (JSON lines carry role, node_id, term and epoch).
-    #[arg(long, env = "KTD_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: crate::telemetry::LogFormat,
+    #[arg(long, env = "KTD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<crate::telemetry::LogFormat>,
     /// Export spans to this OTLP/gRPC collector (e.g. http://127.0.0.1:4317); off unless given.
     #[arg(long, env = "KTD_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Fraction of new traces to record, 0..=1 (a caller's sampled trace is always followed).
-    #[arg(long, env = "KTD_TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
-    pub trace_sample_ratio: f64,
-}
-
-impl TelemetryArgs {
-    /// The telemetry settings of a server of `role`.
-    pub fn settings(&self, role: &'static str) -> crate::telemetry::TelemetrySettings {
-        crate::telemetry::TelemetrySettings {
-            role,
-            log_format: self.log_format,
-            default_filter: "info,openraft=error".to_string(),
-            otlp_endpoint: self.otlp_endpoint.clone(),
-            sample_ratio: self.trace_sample_ratio,
-        }
-    }
+    #[arg(long, env = "KTD_TRACE_SAMPLE_RATIO")]
+    pub trace_sample_ratio: Option<f64>,
 }
 
 /// A read of one label.
@@ -276,48 +252,58 @@ pub struct LabelQuery {
     pub verify: bool,
 }
 
+// The servers' flags. A setting that a `--config` file may also hold is an `Option` here
+// (`None`: not given as a flag or variable), so the file can sit between the defaults
+// (`crate::config`'s `Default`s, shown by `--help`) and the environment; `super::parse` layers
+// them into the server's configuration.
+
 /// `ktd dev`.
 #[derive(Debug, Args)]
 pub struct DevArgs {
-    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
-    /// flags override it.
+    /// TOML file of these flags' settings (keys = flag names with `_`; in a file of server
+    /// tables, its [dev] table); the environment and flags override it.
     #[arg(long, env = "KTD_DEV_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Validate the configuration (file < environment < flags; an existing VRF seed file's
+    /// length and permissions), print it as TOML and exit: 0 if valid, 1 with one error line
+    /// if not.
+    #[arg(long)]
+    pub check_config: bool,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
     /// Address to serve the public API on.
-    #[arg(long, env = "KTD_DEV_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: String,
+    #[arg(long, env = "KTD_DEV_LISTEN")]
+    pub listen: Option<String>,
     /// Data directory (created if missing; restart resumes from it).
-    #[arg(long, env = "KTD_DEV_DATA_DIR", default_value = "ktd-dev")]
-    pub data_dir: PathBuf,
+    #[arg(long, env = "KTD_DEV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// VRF seed file, 64 hex digits (default: DATA_DIR/vrf-seed.hex, generated if missing).
     #[arg(long, env = "KTD_DEV_VRF_SEED_FILE")]
     pub vrf_seed_file: Option<PathBuf>,
     /// Seal a non-empty epoch this often (e.g. 1s, 500ms, 2m).
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    pub epoch_interval: Duration,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub epoch_interval: Option<Duration>,
     /// Seal an empty "heartbeat" epoch after this long without updates (off by default).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Option<Duration>,
     /// Tree partition bits (2^k partitions).
-    #[arg(long, default_value_t = 4)]
-    pub partition_bits: u8,
+    #[arg(long)]
+    pub partition_bits: Option<u8>,
     /// `whatsapp_v1` or `experimental:<domain label>`.
-    #[arg(long, default_value = "whatsapp_v1")]
-    pub configuration: AkdConfig,
+    #[arg(long)]
+    pub configuration: Option<AkdConfig>,
     /// Requests served at once before RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 1024)]
-    pub max_in_flight: usize,
+    #[arg(long)]
+    pub max_in_flight: Option<usize>,
 }
 
 /// `ktd shard`.
 #[derive(Debug, Args)]
 pub struct ShardArgs {
-    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
-    /// flags override it.
+    /// TOML file of these flags' settings (keys = flag names with `_`; in a file of server
+    /// tables, its [shard] table); the environment and flags override it.
     #[arg(long, env = "KTD_SHARD_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -325,29 +311,33 @@ pub struct ShardArgs {
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
     /// This shard's id in the shard map.
-    #[arg(long, env = "KTD_SHARD_ID")]
-    pub id: String,
+    #[arg(long, env = "KTD_SHARD_ID", required_unless_present = "config")]
+    pub id: Option<String>,
     /// Address to listen on.
-    #[arg(long, env = "KTD_SHARD_LISTEN")]
-    pub listen: String,
+    #[arg(long, env = "KTD_SHARD_LISTEN", required_unless_present = "config")]
+    pub listen: Option<String>,
     /// The data directory.
-    #[arg(long, env = "KTD_SHARD_DATA_DIR")]
-    pub data_dir: PathBuf,
+    #[arg(long, env = "KTD_SHARD_DATA_DIR", required_unless_present = "config")]
+    pub data_dir: Option<PathBuf>,
     /// The directory's VRF seed file (64 hex digits, mode 600).
-    #[arg(long, env = "KTD_SHARD_VRF_SEED_FILE")]
-    pub vrf_seed_file: PathBuf,
+    #[arg(
+        long,
+        env = "KTD_SHARD_VRF_SEED_FILE",
+        required_unless_present = "config"
+    )]
+    pub vrf_seed_file: Option<PathBuf>,
     /// Tree partition bits (must match the cluster's).
-    #[arg(long, default_value_t = 4)]
-    pub partition_bits: u8,
+    #[arg(long)]
+    pub partition_bits: Option<u8>,
     /// `whatsapp_v1` or `experimental:<domain label>` (must match the cluster's).
-    #[arg(long, default_value = "whatsapp_v1")]
-    pub configuration: AkdConfig,
+    #[arg(long)]
+    pub configuration: Option<AkdConfig>,
     /// Sequencer addresses, comma-separated: the shard tails their log to evaluate VRF labels
     /// while epochs are open (without it, labels are evaluated when an epoch is built).
     #[arg(long, env = "KTD_SHARD_SEQUENCERS", value_delimiter = ',')]
     pub sequencers: Vec<String>,
     /// Validate the settings (listen address, partition bits, the VRF seed file's length and
-    /// permissions), print them with the seed redacted and exit: 0 if valid, 1 if not.
+    /// permissions), print them as TOML with the seed redacted and exit: 0 if valid, 1 if not.
     #[arg(long)]
     pub check_config: bool,
 }
@@ -355,59 +345,63 @@ pub struct ShardArgs {
 /// `ktd auditor`.
 #[derive(Debug, Args)]
 pub struct AuditorArgs {
-    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
-    /// flags override it.
+    /// TOML file of these flags' settings (keys = flag names with `_`; in a file of server
+    /// tables, its [auditor] table); the environment and flags override it.
     #[arg(long, env = "KTD_AUDITOR_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Validate the configuration (file < environment < flags; the signing key file's length
+    /// and permissions), print it as TOML and exit: 0 if valid, 1 with one error line if not.
+    #[arg(long)]
+    pub check_config: bool,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
     /// The namespace signed into every head.
-    #[arg(long, default_value = "ktd.key-transparency.v1")]
-    pub namespace: String,
+    #[arg(long)]
+    pub namespace: Option<String>,
     /// Where verified heads and violations are kept (a restart resumes from it).
-    #[arg(long)]
-    pub data_dir: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    pub data_dir: Option<PathBuf>,
     /// Ed25519 signing key file, 64 hex digits, mode 600 (`ktd keygen --out FILE` makes one).
-    #[arg(long)]
-    pub signing_key_file: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    pub signing_key_file: Option<PathBuf>,
     /// Follow this gateway's audit blobs (http://HOST:PORT).
     #[arg(
         long,
         conflicts_with = "blob_dir",
-        required_unless_present = "blob_dir"
+        required_unless_present_any = ["blob_dir", "config"]
     )]
     pub gateway: Option<String>,
     /// Or read blobs from a directory written by `ktd audit-blobs`.
     #[arg(long)]
     pub blob_dir: Option<PathBuf>,
     /// The directory's akd configuration.
-    #[arg(long, default_value = "whatsapp_v1")]
-    pub configuration: AkdConfig,
+    #[arg(long)]
+    pub configuration: Option<AkdConfig>,
     /// The trusted start, EPOCH/HEX_ROOT (default: epoch 0, the empty directory).
     #[arg(long)]
     pub start: Option<String>,
     /// gRPC address (ktd.auditor.v1.Auditor).
-    #[arg(long, default_value = "127.0.0.1:9090")]
-    pub listen: String,
+    #[arg(long)]
+    pub listen: Option<String>,
     /// HTTP address (dashboard at /, JSON API).
-    #[arg(long, default_value = "127.0.0.1:9091")]
-    pub http_listen: String,
+    #[arg(long)]
+    pub http_listen: Option<String>,
     /// How often to look for new blobs when caught up.
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
-    pub poll: Duration,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub poll: Option<Duration>,
 }
 
 /// `ktd gateway`.
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
-    /// TOML file of these flags' settings (keys = flag names with `_`); the environment and
-    /// flags override it.
+    /// TOML file of these flags' settings (keys = flag names with `_`; in a file of server
+    /// tables, its [gateway] table); the environment and flags override it.
     #[arg(long, env = "KTD_GATEWAY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Validate the settings (file < environment < flags), print them and exit: 0 if valid,
-    /// 1 with one error line if not.
+    /// Validate the settings (file < environment < flags), print them as TOML and exit: 0 if
+    /// valid, 1 with one error line if not.
     #[arg(long)]
     pub check_config: bool,
     #[command(flatten)]
@@ -415,29 +409,30 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
     /// Address to serve the public API on.
-    #[arg(long, env = "KTD_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: String,
+    #[arg(long, env = "KTD_GATEWAY_LISTEN")]
+    pub listen: Option<String>,
     /// Sequencer addresses, comma-separated (any member; the client follows the leader).
     #[arg(
         long,
         env = "KTD_GATEWAY_SEQUENCERS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "config"
     )]
     pub sequencers: Vec<String>,
     /// Requests served at once before RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 1024)]
-    pub max_in_flight: usize,
+    #[arg(long)]
+    pub max_in_flight: Option<usize>,
     /// Serve the Admin service (seal, cluster status) on this address instead of --listen;
     /// with TLS only admin certificates may call it.
     #[arg(long, env = "KTD_GATEWAY_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
     /// With TLS: `required` (default) or `optional` (clients without a certificate may read,
     /// not publish).
-    #[arg(long, env = "KTD_GATEWAY_TLS_CLIENT_AUTH", default_value = "required", value_parser = ["required", "optional"])]
-    pub tls_client_auth: String,
+    #[arg(long, env = "KTD_GATEWAY_TLS_CLIENT_AUTH", value_enum)]
+    pub tls_client_auth: Option<crate::config::ClientAuth>,
     /// TEST ONLY: allow the deliberately broken modes named by KTD_UNSAFE_* variables (the
-    /// chaos positive controls). Without it, any such variable is refused.
+    /// chaos positive controls). Without it, any such variable is refused. A flag only: no
+    /// config file can set it.
     #[arg(long, hide = true)]
     pub unsafe_test_mode: bool,
 }
@@ -449,7 +444,8 @@ pub struct SequencerArgs {
     pub metrics: MetricsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
-    /// TOML configuration file; flags and environment variables override it.
+    /// TOML configuration file (in a file of server tables, its [sequencer] table); flags and
+    /// environment variables override it.
     #[arg(long, env = "KTD_SEQUENCER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Validate the configuration (file < environment < flags), print the effective
@@ -503,60 +499,4 @@ pub struct SequencerArgs {
     /// Seal when the open epoch holds this many updates (recorded at --init).
     #[arg(long)]
     pub max_epoch_updates: Option<u64>,
-}
-
-impl SequencerArgs {
-    /// The sequencer configuration: file < environment < flags, validated.
-    pub fn resolve(self) -> anyhow::Result<SequencerConfig> {
-        let mut config = match &self.config {
-            Some(path) => SequencerConfig::from_file(path)?,
-            None => SequencerConfig::default(),
-        };
-        if let Some(id) = self.id {
-            config.id = Some(id);
-        }
-        if let Some(listen) = self.listen {
-            config.listen = listen;
-        }
-        if let Some(advertise) = self.advertise {
-            config.advertise = Some(advertise);
-        }
-        if let Some(data_dir) = self.data_dir {
-            config.data_dir = data_dir;
-        }
-        if !self.peers.is_empty() {
-            config.peers = self.peers;
-        }
-        if !self.peer_override.is_empty() {
-            config.peer_overrides = self.peer_override;
-        }
-        if let Some(key) = self.vrf_public_key {
-            config.cluster.vrf_public_key = key;
-        }
-        if !self.shards.is_empty() {
-            config.cluster.shards = self.shards;
-        }
-        if let Some(bits) = self.partition_bits {
-            config.cluster.partition_bits = bits;
-        }
-        if let Some(factor) = self.replication_factor {
-            config.cluster.replication_factor = Some(factor);
-        }
-        if let Some(configuration) = self.configuration {
-            config.cluster.akd_configuration = configuration.to_string();
-        }
-        if let Some(interval) = self.epoch_interval {
-            config.epoch.interval = interval;
-        }
-        if let Some(interval) = self.heartbeat_interval {
-            config.epoch.heartbeat_interval = Some(interval);
-        }
-        if let Some(max) = self.max_epoch_updates {
-            config.cluster.max_epoch_updates = max;
-            config.epoch.max_batch_updates = config.epoch.max_batch_updates.min(max as usize);
-        }
-        config.init = self.init;
-        config.validate()?;
-        Ok(config)
-    }
 }

@@ -1,5 +1,6 @@
 //! The `ktd` command line: `args` (clap types), `parse` (flags, environment and `--config`
-//! files), `servers` (the server subcommands), `client_cmds` (the client and local
+//! files into a server's typed configuration, `crate::config`), `servers` (the server
+//! subcommands: validate once, `--check-config`, run), `client_cmds` (the client and local
 //! subcommands), and [`main`], which the binary calls.
 //!
 //! ```text
@@ -22,27 +23,25 @@ pub(crate) mod client_cmds;
 pub(crate) mod parse;
 pub(crate) mod servers;
 
+use std::future::Future;
+
 use args::{Cli, Command};
+use parse::Invocation;
 
 /// The whole `ktd` program: parse, start telemetry and the runtime, run the subcommand, and
 /// turn its outcome into an exit status.
 pub fn main() -> std::process::ExitCode {
-    let cli = match parse::parse_cli() {
-        Ok(cli) => cli,
+    let invocation = match parse::parse_cli() {
+        Ok(invocation) => invocation,
         Err(error) => {
             eprintln!("error: {error}");
             return std::process::ExitCode::FAILURE;
         }
     };
-    // Servers log their progress (and may export traces); client commands print results and
-    // only log problems.
-    let telemetry = match &cli.command {
-        Command::Dev(args) => Some(args.telemetry.settings("dev")),
-        Command::Sequencer(args) => Some(args.telemetry.settings("sequencer")),
-        Command::Shard(args) => Some(args.telemetry.settings("shard")),
-        Command::Gateway(args) => Some(args.telemetry.settings("gateway")),
-        Command::Auditor(args) => Some(args.telemetry.settings("auditor")),
-        _ => {
+    match invocation {
+        Invocation::Server(command) => run_server(command),
+        Invocation::Other { addr, tls, command } => {
+            // Client commands print results and only log problems.
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
                 .with_env_filter(
@@ -50,9 +49,60 @@ pub fn main() -> std::process::ExitCode {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
                 )
                 .init();
-            None
+            let tls = ktd_rpc::security::TlsPaths::from_parts(tls.ca, tls.cert, tls.key);
+            in_runtime(None, tls, async move {
+                match command {
+                    Command::Admin(args) => {
+                        if args.sequencers.is_empty() {
+                            use clap::CommandFactory;
+                            Cli::command()
+                                .error(
+                                    clap::error::ErrorKind::MissingRequiredArgument,
+                                    "ktd admin needs the sequencers: --sequencers HOST:PORT,... or KTD_SEQUENCERS",
+                                )
+                                .exit();
+                        }
+                        crate::admin::run(args).await.map_err(anyhow::Error::from)
+                    }
+                    command => client_cmds::run_client(&addr, command).await,
+                }
+            })
+        }
+    }
+}
+
+/// A server: its configuration validated once (before anything logs, binds or writes), then
+/// `--check-config`'s output, or the server with its logs, traces and metrics.
+fn run_server(command: servers::ServerCommand) -> std::process::ExitCode {
+    let config = command.config;
+    let resolved = match config.resolve() {
+        Ok(resolved) => resolved,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return std::process::ExitCode::FAILURE;
         }
     };
+    let process = config.process();
+    let telemetry = process.telemetry(config.role());
+    let tls = process.tls_paths();
+    in_runtime(Some(telemetry), tls, async move {
+        if command.check_config {
+            print!("{}", config.effective_toml(&resolved)?);
+            return Ok(());
+        }
+        tracing::info!(config = ?config, "effective configuration");
+        config.process().install_metrics()?;
+        servers::run(resolved).await
+    })
+}
+
+/// Runs `job` on a new runtime after installing telemetry (servers) and mutual TLS (when
+/// configured); its outcome becomes the exit status, an error one line on stderr.
+fn in_runtime(
+    telemetry: Option<crate::telemetry::TelemetrySettings>,
+    tls: Result<Option<ktd_rpc::security::TlsPaths>, ktd_rpc::security::SecurityError>,
+    job: impl Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -70,35 +120,12 @@ pub fn main() -> std::process::ExitCode {
             Some(Err(error)) => return Err(anyhow::anyhow!("telemetry: {error}")),
             None => None,
         };
-        if let Some(paths) = ktd_rpc::security::TlsPaths::from_parts(
-            cli.tls_ca.clone(),
-            cli.tls_cert.clone(),
-            cli.tls_key.clone(),
-        )? {
+        if let Some(paths) = tls? {
             let material = ktd_rpc::security::TlsMaterial::load(&paths)?;
             ktd_rpc::security::install(&material);
             tracing::info!(roles = ?material.roles(), "mutual TLS on");
         }
-        match cli.command {
-            Command::Dev(args) => servers::run_dev(args).await,
-            Command::Sequencer(args) => servers::run_sequencer(args).await,
-            Command::Shard(args) => servers::run_shard(args).await,
-            Command::Gateway(args) => servers::run_gateway(args).await,
-            Command::Auditor(args) => servers::run_auditor(args).await,
-            Command::Admin(args) => {
-                if args.sequencers.is_empty() {
-                    use clap::CommandFactory;
-                    Cli::command()
-                        .error(
-                            clap::error::ErrorKind::MissingRequiredArgument,
-                            "ktd admin needs the sequencers: --sequencers HOST:PORT,... or KTD_SEQUENCERS",
-                        )
-                        .exit();
-                }
-                crate::admin::run(args).await.map_err(anyhow::Error::from)
-            }
-            command => client_cmds::run_client(&cli.addr, command).await,
-        }
+        job.await
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,14 +1,128 @@
-//! The server subcommands: resolve their settings, bind their listeners, install metrics, and
-//! hand over to [`crate::serve`] (or `sequencer::run`, `ktd_auditor::server::run`) until
-//! SIGTERM or SIGINT.
-
-use std::time::Duration;
+//! The server subcommands: their layered configurations ([`ServerConfig`], from
+//! [`super::parse`]), validated once into what each server runs with ([`Resolved`]); then
+//! either `--check-config`'s TOML or [`run`]: bind the listeners and hand over to
+//! [`crate::serve`] (or `sequencer::run`, `ktd_auditor::server::run`) until SIGTERM or SIGINT.
 
 use anyhow::{Context, bail};
-use gateway::service::GatewayOptions;
+use sequencer::SequencerConfig;
 
-use super::args::{AuditorArgs, DevArgs, GatewayArgs, SequencerArgs, ShardArgs};
-use crate::serve::{DevSettings, GatewaySettings, ShardSettings};
+use crate::config::{
+    self, AuditorConfig, DevConfig, GatewayConfig, ProcessConfig, ResolvedAuditor, ResolvedDev,
+    ResolvedGateway, ResolvedShard, ShardConfig,
+};
+
+/// A server subcommand with its configuration layered (defaults < file < environment < flags).
+#[derive(Debug)]
+pub struct ServerCommand {
+    /// The configuration, not validated yet.
+    pub config: ServerConfig,
+    /// `--check-config`: validate, print the configuration and exit.
+    pub check_config: bool,
+}
+
+/// A server's layered configuration.
+#[derive(Debug)]
+pub enum ServerConfig {
+    /// `ktd sequencer`: its file holds no process settings, they come from flags and variables.
+    Sequencer {
+        /// The sequencer's own settings (boxed: the largest configuration).
+        config: Box<SequencerConfig>,
+        /// Metrics, logs, traces and TLS.
+        process: ProcessConfig,
+    },
+    /// `ktd shard`.
+    Shard(ShardConfig),
+    /// `ktd gateway`.
+    Gateway(GatewayConfig),
+    /// `ktd dev`.
+    Dev(DevConfig),
+    /// `ktd auditor`.
+    Auditor(AuditorConfig),
+}
+
+/// A server's validated configuration: what it runs with, secrets read (and redacted from
+/// `Debug`).
+#[derive(Debug)]
+pub enum Resolved {
+    /// `ktd sequencer`.
+    Sequencer(Box<SequencerConfig>),
+    /// `ktd shard`.
+    Shard(ResolvedShard),
+    /// `ktd gateway`.
+    Gateway(ResolvedGateway),
+    /// `ktd dev`.
+    Dev(ResolvedDev),
+    /// `ktd auditor`.
+    Auditor(ResolvedAuditor),
+}
+
+impl ServerConfig {
+    /// The server's role (its subcommand), as logs and traces name it.
+    pub fn role(&self) -> &'static str {
+        match self {
+            ServerConfig::Sequencer { .. } => "sequencer",
+            ServerConfig::Shard(_) => "shard",
+            ServerConfig::Gateway(_) => "gateway",
+            ServerConfig::Dev(_) => "dev",
+            ServerConfig::Auditor(_) => "auditor",
+        }
+    }
+
+    /// Metrics, logs, traces and TLS.
+    pub fn process(&self) -> &ProcessConfig {
+        match self {
+            ServerConfig::Sequencer { process, .. } => process,
+            ServerConfig::Shard(config) => &config.process,
+            ServerConfig::Gateway(config) => &config.process,
+            ServerConfig::Dev(config) => &config.process,
+            ServerConfig::Auditor(config) => &config.process,
+        }
+    }
+
+    /// Validates the configuration once, reading the secret files it names.
+    pub fn resolve(&self) -> anyhow::Result<Resolved> {
+        Ok(match self {
+            ServerConfig::Sequencer { config, .. } => {
+                config.validate()?;
+                Resolved::Sequencer(config.clone())
+            }
+            ServerConfig::Shard(config) => Resolved::Shard(config.resolve()?),
+            ServerConfig::Gateway(config) => Resolved::Gateway(config.resolve()?),
+            ServerConfig::Dev(config) => Resolved::Dev(config.resolve()?),
+            ServerConfig::Auditor(config) => Resolved::Auditor(config.resolve()?),
+        })
+    }
+
+    /// `--check-config`'s output: the effective configuration as TOML (secret files are
+    /// named, never printed), with what was checked of them as comments.
+    pub fn effective_toml(&self, resolved: &Resolved) -> anyhow::Result<String> {
+        let notes = match resolved {
+            Resolved::Sequencer(_) | Resolved::Gateway(_) => Vec::new(),
+            Resolved::Shard(shard) => vec![format!(
+                "vrf_seed_file: valid (the seed is never printed); VRF public key {}",
+                hex::encode(shard.vrf_public_key)
+            )],
+            Resolved::Dev(dev) if dev.seed_file_exists => vec![format!(
+                "VRF seed file {}: valid (the seed is never printed)",
+                dev.seed_file.display()
+            )],
+            Resolved::Dev(dev) => vec![format!(
+                "VRF seed file {}: missing, generated at start",
+                dev.seed_file.display()
+            )],
+            Resolved::Auditor(_) => {
+                vec!["signing_key_file: valid (the key is never printed)".to_string()]
+            }
+        };
+        match self {
+            ServerConfig::Sequencer { config, .. } => config::effective_toml(&**config, &notes),
+            ServerConfig::Shard(config) => config::effective_toml(config, &notes),
+            ServerConfig::Gateway(config) => config::effective_toml(config, &notes),
+            ServerConfig::Dev(config) => config::effective_toml(config, &notes),
+            ServerConfig::Auditor(config) => config::effective_toml(config, &notes),
+        }
+    }
+}
 
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
@@ -26,53 +140,42 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// `ktd sequencer`.
-pub async fn run_sequencer(args: SequencerArgs) -> anyhow::Result<()> {
-    if args.check_config {
-        let config = args.resolve()?;
-        print!(
-            "# effective configuration (valid)\n{}",
-            toml::to_string(&config).context("print the configuration")?
-        );
-        return Ok(());
+/// Runs a server until SIGTERM or SIGINT.
+pub async fn run(resolved: Resolved) -> anyhow::Result<()> {
+    match resolved {
+        Resolved::Sequencer(config) => run_sequencer(*config).await,
+        Resolved::Shard(shard) => run_shard(shard).await,
+        Resolved::Gateway(gateway) => run_gateway(gateway).await,
+        Resolved::Dev(dev) => run_dev(dev).await,
+        Resolved::Auditor(auditor) => run_auditor(auditor).await,
     }
-    args.metrics.install()?;
-    let config = args.resolve()?;
+}
+
+async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind {addr}"))
+}
+
+/// `ktd sequencer`.
+async fn run_sequencer(config: SequencerConfig) -> anyhow::Result<()> {
     ktd_rpc::telemetry::log_context().set_node(
         "sequencer",
         config
             .id
             .map_or_else(|| "new".to_string(), |id| id.to_string()),
     );
-    tracing::info!(config = ?config, "effective configuration");
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("bind {}", config.listen))?;
+    let listener = bind(&config.listen).await?;
     sequencer::run(config, listener, shutdown_signal()).await?;
     Ok(())
 }
 
 /// `ktd dev`.
-pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
-    args.metrics.install()?;
-    ktd_rpc::telemetry::log_context().set_node("dev", args.listen.clone());
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("bind {}", args.listen))?;
-    let settings = DevSettings {
-        data_dir: args.data_dir.clone(),
-        vrf_seed_file: args.vrf_seed_file,
-        epoch_interval: args.epoch_interval,
-        heartbeat_interval: args.heartbeat_interval,
-        partition_bits: args.partition_bits,
-        config: args.configuration,
-        options: GatewayOptions {
-            max_in_flight: args.max_in_flight,
-            ..GatewayOptions::default()
-        },
-    };
-    let data_dir = args.data_dir;
-    crate::serve::run_dev(settings, listener, shutdown_signal(), move |addr| {
+async fn run_dev(dev: ResolvedDev) -> anyhow::Result<()> {
+    ktd_rpc::telemetry::log_context().set_node("dev", dev.listen.clone());
+    let listener = bind(&dev.listen).await?;
+    let data_dir = dev.settings.data_dir.clone();
+    crate::serve::run_dev(dev.settings, listener, shutdown_signal(), move |addr| {
         println!(
             "ktd dev: serving the Directory API on http://{addr} (data in {})",
             data_dir.display()
@@ -85,120 +188,31 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
 }
 
 /// `ktd shard`.
-pub async fn run_shard(args: ShardArgs) -> anyhow::Result<()> {
-    if args.check_config {
-        let seed = crate::seed_file::read_vrf_seed(&args.vrf_seed_file)?;
-        args.listen
-            .parse::<std::net::SocketAddr>()
-            .with_context(|| format!("--listen {:?}", args.listen))?;
-        ktd_core::shard_map::check_partition_bits(u64::from(args.partition_bits))
-            .context("--partition-bits")?;
-        println!(
-            "# effective settings (valid)\nid = {:?}\nlisten = {:?}\ndata_dir = {:?}\n\
-             vrf_seed_file = {:?} # seed redacted; public key {}\npartition_bits = {}\n\
-             configuration = {:?}\nsequencers = {:?}",
-            args.id,
-            args.listen,
-            args.data_dir.display().to_string(),
-            args.vrf_seed_file.display().to_string(),
-            hex::encode(crate::seed_file::vrf_public_key(&seed)?),
-            args.partition_bits,
-            args.configuration.to_string(),
-            args.sequencers,
-        );
-        return Ok(());
-    }
-    args.metrics.install()?;
-    ktd_rpc::telemetry::log_context().set_node("shard", args.id.clone());
-    let settings = ShardSettings {
-        vrf_seed: crate::seed_file::read_vrf_seed(&args.vrf_seed_file)?,
-        id: args.id,
-        data_dir: args.data_dir,
-        partition_bits: args.partition_bits,
-        config: args.configuration,
-        sequencers: args.sequencers,
-    };
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("bind {}", args.listen))?;
-    crate::serve::run_shard(settings, listener, shutdown_signal()).await
+async fn run_shard(shard: ResolvedShard) -> anyhow::Result<()> {
+    ktd_rpc::telemetry::log_context().set_node("shard", shard.settings.id.clone());
+    let listener = bind(&shard.listen).await?;
+    crate::serve::run_shard(shard.settings, listener, shutdown_signal()).await
 }
 
 /// `ktd auditor`.
-pub async fn run_auditor(args: AuditorArgs) -> anyhow::Result<()> {
-    args.metrics.install()?;
-    ktd_rpc::telemetry::log_context().set_node("auditor", args.listen.clone());
-    let start = match &args.start {
-        None => None,
-        Some(text) => {
-            let (epoch, root) = text
-                .split_once('/')
-                .context("--start must be EPOCH/HEX_ROOT")?;
-            let root: [u8; 32] = hex::decode(root)
-                .ok()
-                .and_then(|bytes| bytes.try_into().ok())
-                .context("--start: the root must be 64 hex digits")?;
-            Some((epoch.parse().context("--start: bad epoch")?, root))
-        }
-    };
-    let source = match (args.gateway, args.blob_dir) {
-        (Some(gateway), _) => ktd_auditor::BlobSource::Gateway(gateway),
-        (None, Some(dir)) => ktd_auditor::BlobSource::Directory(dir),
-        (None, None) => bail!("give --gateway URL or --blob-dir DIR"),
-    };
-    let settings = ktd_auditor::AuditorSettings {
-        namespace: args.namespace,
-        data_dir: args.data_dir,
-        signing_key: crate::seed_file::read_secret_file(
-            &args.signing_key_file,
-            "signing key file",
-        )?,
-        config: args.configuration,
-        start,
-        source,
-        poll: args.poll,
-    };
-    let grpc = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("bind {}", args.listen))?;
-    let http = tokio::net::TcpListener::bind(&args.http_listen)
-        .await
-        .with_context(|| format!("bind {}", args.http_listen))?;
-    ktd_auditor::server::run(settings, grpc, http, shutdown_signal()).await
+async fn run_auditor(auditor: ResolvedAuditor) -> anyhow::Result<()> {
+    ktd_rpc::telemetry::log_context().set_node("auditor", auditor.listen.clone());
+    let grpc = bind(&auditor.listen).await?;
+    let http = bind(&auditor.http_listen).await?;
+    ktd_auditor::server::run(auditor.settings, grpc, http, shutdown_signal()).await
 }
 
 /// `ktd gateway`.
-pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    if args.check_config {
-        for addr in std::iter::once(&args.listen).chain(args.admin_listen.as_ref()) {
-            addr.parse::<std::net::SocketAddr>()
-                .with_context(|| format!("listen address {addr:?}"))?;
-        }
-        for addr in &args.sequencers {
-            ktd_rpc::security::endpoint(addr)?;
-        }
-        println!(
-            "# effective settings (valid)\nlisten = {:?}\nadmin_listen = {:?}\nsequencers = {:?}\n\
-             max_in_flight = {}\ntls_client_auth = {:?}",
-            args.listen,
-            args.admin_listen,
-            args.sequencers,
-            args.max_in_flight,
-            args.tls_client_auth,
-        );
-        return Ok(());
-    }
-    args.metrics.install()?;
-    ktd_rpc::telemetry::log_context().set_node("gateway", args.listen.clone());
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("bind {}", args.listen))?;
+async fn run_gateway(gateway: ResolvedGateway) -> anyhow::Result<()> {
+    ktd_rpc::telemetry::log_context().set_node("gateway", gateway.listen.clone());
+    let listener = bind(&gateway.listen).await?;
+    let mut settings = gateway.settings;
     // Deliberately broken mode, test-only: stale latest-epoch lookups (see
     // `GatewayOptions::unsafe_stale_reads`). Refused without --unsafe-test-mode.
-    let unsafe_stale_reads = match std::env::var("KTD_UNSAFE_STALE_READS") {
+    settings.options.unsafe_stale_reads = match std::env::var("KTD_UNSAFE_STALE_READS") {
         Err(std::env::VarError::NotPresent) => None,
         Err(error) => bail!("KTD_UNSAFE_STALE_READS: {error}"),
-        Ok(_) if !args.unsafe_test_mode => bail!(
+        Ok(_) if !gateway.unsafe_test_mode => bail!(
             "KTD_UNSAFE_STALE_READS is set: it makes the gateway serve stale reads (a deliberately \
              broken mode for chaos tests); refusing to start without --unsafe-test-mode"
         ),
@@ -211,17 +225,6 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             );
             Some(max_age)
         }
-    };
-    let settings = GatewaySettings {
-        sequencers: args.sequencers,
-        options: GatewayOptions {
-            max_in_flight: args.max_in_flight,
-            unsafe_stale_reads,
-            admin_listen: args.admin_listen,
-            tls_client_auth_optional: args.tls_client_auth == "optional",
-            ..GatewayOptions::default()
-        },
-        drain: Duration::from_secs(10),
     };
     crate::serve::run_gateway(settings, listener, shutdown_signal()).await
 }

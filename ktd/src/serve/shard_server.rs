@@ -25,8 +25,9 @@ use tonic_health::ServingStatus;
 
 use crate::serve::tail::{LogSource, precompute_from_log};
 
-/// Settings of a shard server.
-#[derive(Clone, Debug)]
+/// Settings of a shard server. `Debug` never shows the VRF seed, and dropping the settings
+/// zeroes it.
+#[derive(Clone)]
 pub struct ShardSettings {
     /// The shard's id in the shard map.
     pub id: String,
@@ -41,6 +42,25 @@ pub struct ShardSettings {
     /// Sequencer addresses to tail the log from (pre-computing VRF labels while an epoch is
     /// open); empty: no pre-computation, labels are evaluated when the epoch is built.
     pub sequencers: Vec<String>,
+}
+
+impl std::fmt::Debug for ShardSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardSettings")
+            .field("id", &self.id)
+            .field("data_dir", &self.data_dir)
+            .field("vrf_seed", &"<redacted>")
+            .field("partition_bits", &self.partition_bits)
+            .field("config", &self.config)
+            .field("sequencers", &self.sequencers)
+            .finish()
+    }
+}
+
+impl Drop for ShardSettings {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.vrf_seed);
+    }
 }
 
 /// How long a shard server's shutdown waits for in-flight requests.

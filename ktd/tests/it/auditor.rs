@@ -11,11 +11,16 @@ use std::time::Duration;
 use ktd_auditor::{Auditor, AuditorSettings, BlobSource};
 use ktd_client::Client;
 use ktd_core::AkdConfig;
+use ktd_testkit::fs::copy_dir;
+use ktd_testkit::net::http_get;
+use ktd_testkit::process::KtdNode;
+use ktd_testkit::{eventually, with_deadline};
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::connect;
-use crate::deadline::with_deadline;
-use crate::process::KtdNode;
+use crate::support;
+use crate::support::KTD;
+use crate::support::cli::ktd_at;
+use crate::support::cluster::connect;
 
 const NAMESPACE: &str = "test.key-transparency.v1";
 const KEY: [u8; 32] = [0x33; 32];
@@ -32,52 +37,27 @@ fn settings(data_dir: &Path, source: BlobSource) -> AuditorSettings {
     }
 }
 
-/// Runs an auditor until `done` holds of it (bounded), then stops it.
-async fn audit_until(settings: AuditorSettings, done: impl Fn(&Auditor) -> bool) -> Arc<Auditor> {
+/// Runs an auditor until `done` holds of it (`what`, within 30 s), then stops it.
+async fn audit_until(
+    settings: AuditorSettings,
+    what: &str,
+    done: impl Fn(&Auditor) -> bool,
+) -> Arc<Auditor> {
     let auditor = Auditor::open(settings).expect("open auditor");
     let stop = CancellationToken::new();
     let follower = tokio::spawn(auditor.clone().follow(stop.clone()));
-    for _ in 0..600 {
-        if done(&auditor) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(what, Duration::from_secs(30), || async {
+        done(&auditor).then_some(())
+    })
+    .await;
     stop.cancel();
     follower.await.expect("follower").expect("follow");
     auditor
 }
 
+/// `count` committed epochs of 5 updates (`audited-{round}-{i}`); the last epoch.
 async fn publish_epochs(client: &Client, count: usize) -> u64 {
-    let mut latest = 0;
-    for round in 0..count {
-        let published = client
-            .publish(
-                (0..5)
-                    .map(|i| (format!("audited-{round}-{i}").into_bytes(), b"key".to_vec()))
-                    .collect(),
-                None,
-            )
-            .await
-            .expect("publish");
-        latest = client
-            .wait_for_epoch(published.epoch)
-            .await
-            .expect("commit")
-            .epoch;
-    }
-    latest
-}
-
-/// A plain HTTP/1.1 GET; the whole response (status line, headers, body).
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: auditor\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    response
+    support::cluster::publish_epochs(client, "audited", count, 5).await
 }
 
 #[test]
@@ -85,13 +65,15 @@ fn heartbeat_epochs_verify_with_stock_akd_and_get_signed() {
     with_deadline(Duration::from_secs(120), || async {
         let root = tempfile::tempdir().expect("temp dir");
         let mut dev = KtdNode::dev(
+            KTD,
             root.path(),
             "127.0.0.43",
             &["--epoch-interval", "100ms", "--heartbeat-interval", "150ms"],
         );
         dev.spawn(&[]);
         let client = connect(&dev.addr).await;
-        // No heartbeat before the first epoch with updates.
+        // No heartbeat before the first epoch with updates: an absence, so there is no
+        // condition to poll for; 600 ms are four heartbeat intervals.
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(client.epoch(None).await.expect("epoch").epoch, 0);
         let published = publish_epochs(&client, 1).await;
@@ -125,11 +107,15 @@ fn heartbeat_epochs_verify_with_stock_akd_and_get_signed() {
         assert_eq!((found.epoch, found.at), (published, last));
         // The auditor signs heartbeat epochs like any other.
         let source = BlobSource::Gateway(format!("http://{}", dev.addr));
-        let auditor = audit_until(settings(&root.path().join("auditor"), source), |auditor| {
-            auditor
-                .latest()
-                .is_some_and(|head| head.epoch >= last.epoch)
-        })
+        let auditor = audit_until(
+            settings(&root.path().join("auditor"), source),
+            "the heartbeat epochs to be signed",
+            |auditor| {
+                auditor
+                    .latest()
+                    .is_some_and(|head| head.epoch >= last.epoch)
+            },
+        )
         .await;
         assert!(
             auditor.violations().is_empty(),
@@ -141,7 +127,7 @@ fn heartbeat_epochs_verify_with_stock_akd_and_get_signed() {
 }
 
 fn start_dev(root: &Path) -> KtdNode {
-    let mut dev = KtdNode::dev(root, "127.0.0.42", &["--epoch-interval", "100ms"]);
+    let mut dev = KtdNode::dev(KTD, root, "127.0.0.42", &["--epoch-interval", "100ms"]);
     dev.spawn(&[]);
     dev
 }
@@ -155,9 +141,11 @@ fn the_auditor_signs_every_epoch_of_a_live_directory_and_resumes() {
         let latest = publish_epochs(&client, 3).await;
         let source = BlobSource::Gateway(format!("http://{}", dev.addr));
         let data_dir = root.path().join("auditor");
-        let auditor = audit_until(settings(&data_dir, source.clone()), |auditor| {
-            auditor.latest().is_some_and(|head| head.epoch == latest)
-        })
+        let auditor = audit_until(
+            settings(&data_dir, source.clone()),
+            "every epoch to be signed",
+            |auditor| auditor.latest().is_some_and(|head| head.epoch == latest),
+        )
         .await;
         assert!(
             auditor.violations().is_empty(),
@@ -184,22 +172,7 @@ fn the_auditor_signs_every_epoch_of_a_live_directory_and_resumes() {
         }
 
         // HTTP API and dashboard.
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let http_addr = http.local_addr().expect("addr");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(ktd_auditor::server::serve(
-            auditor.clone(),
-            grpc,
-            http,
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let (http_addr, stop, server) = serve_auditor(auditor.clone()).await;
         let last = http_get(
             http_addr,
             &format!("/namespaces/{NAMESPACE}/last-verified-epoch"),
@@ -222,9 +195,11 @@ fn the_auditor_signs_every_epoch_of_a_live_directory_and_resumes() {
         let signed_before = auditor.head(1).expect("head 1");
         drop(auditor);
         let latest = publish_epochs(&client, 1).await;
-        let auditor = audit_until(settings(&data_dir, source), |auditor| {
-            auditor.latest().is_some_and(|head| head.epoch == latest)
-        })
+        let auditor = audit_until(
+            settings(&data_dir, source),
+            "the new epoch to be signed after the restart",
+            |auditor| auditor.latest().is_some_and(|head| head.epoch == latest),
+        )
         .await;
         assert_eq!(auditor.head(1), Some(signed_before));
         let lines = std::fs::read_to_string(data_dir.join("heads.jsonl")).expect("heads");
@@ -234,19 +209,6 @@ fn the_auditor_signs_every_epoch_of_a_live_directory_and_resumes() {
             "one persisted head per epoch"
         );
     });
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).expect("copy");
-        }
-    }
 }
 
 /// The DOM of `url` after Chromium (Debian's `chromium`, headless) loaded it. `./x.sh test`
@@ -323,13 +285,17 @@ fn the_dashboard_renders_in_headless_chromium() {
         let signed = |epoch: u64| {
             let auditor = auditor.clone();
             async move {
-                for _ in 0..600 {
-                    if auditor.latest().is_some_and(|head| head.epoch >= epoch) {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                panic!("epoch {epoch} not signed in 30 s");
+                eventually(
+                    &format!("epoch {epoch} to be signed"),
+                    Duration::from_secs(30),
+                    || async {
+                        auditor
+                            .latest()
+                            .is_some_and(|head| head.epoch >= epoch)
+                            .then_some(())
+                    },
+                )
+                .await;
             }
         };
         signed(latest).await;
@@ -369,6 +335,7 @@ fn the_dashboard_renders_in_headless_chromium() {
                 &root.path().join("auditor-forged"),
                 BlobSource::Directory(blobs),
             ),
+            "a violation of the forged history",
             |auditor| !auditor.violations().is_empty(),
         )
         .await;
@@ -390,11 +357,10 @@ fn the_dashboard_renders_in_headless_chromium() {
 async fn write_blobs(addr: &str, dir: &Path) {
     let (addr, out) = (addr.to_string(), dir.to_path_buf());
     let written = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ktd"))
-            .args(["--addr", &format!("http://{addr}"), "audit-blobs", "--out"])
-            .arg(&out)
-            .output()
-            .expect("ktd audit-blobs")
+        ktd_at(
+            &addr,
+            &["audit-blobs".as_ref(), "--out".as_ref(), out.as_os_str()],
+        )
     })
     .await
     .expect("blocking");
@@ -443,9 +409,11 @@ fn the_auditor_refuses_forged_gapped_and_republished_histories() {
         };
         let run = |dir: PathBuf, name: &str| {
             let data_dir = root.path().join(format!("auditor-{name}"));
-            audit_until(settings(&data_dir, BlobSource::Directory(dir)), |auditor| {
-                !auditor.violations().is_empty()
-            })
+            audit_until(
+                settings(&data_dir, BlobSource::Directory(dir)),
+                "a violation",
+                |auditor| !auditor.violations().is_empty(),
+            )
         };
 
         // A forged proof for epoch 2: epoch 1 is signed, 2 and later are not.

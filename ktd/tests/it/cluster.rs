@@ -18,11 +18,11 @@ use ktd_client::{Client, EpochRoot};
 use ktd_core::config::WhatsAppV1;
 use ktd_core::vrf::VrfKey;
 use ktd_proto::ktd::v1 as api;
+use ktd_testkit::{Poll, eventually, with_deadline};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::deadline::with_deadline;
-use crate::process::{KtdNode, free_addr, write_vrf_seed};
+use crate::support::cluster::{Topology, TopologyOptions, connect};
 
 type Oracle = akd::Directory<WhatsAppV1, AsyncInMemoryDatabase, VrfKey>;
 
@@ -31,183 +31,38 @@ const EPOCHS: u64 = 22;
 const SHARD_KILL_EPOCH: u64 = 8;
 const LEADER_KILL_EPOCH: u64 = 15;
 
-struct Topology {
-    root: tempfile::TempDir,
-    sequencers: Vec<KtdNode>,
-    shards: Vec<KtdNode>,
-    gateways: Vec<KtdNode>,
-    sequencer_list: String,
-}
-
-impl Topology {
-    fn start() -> Self {
-        let root = tempfile::tempdir().expect("temp dir");
-        let seed_file = write_vrf_seed(root.path(), &SEED);
-        let sequencer_addrs: Vec<String> = (1..=3u64)
-            .map(|id| free_addr(&format!("127.0.0.{}", 10 + id)))
-            .collect();
-        let sequencer_list = sequencer_addrs.join(",");
-        let public_key = hex::encode(VrfKey::from_seed(&SEED).expect("seed").public_key());
-        let mut shards = Vec::new();
-        for index in 1..=2u64 {
-            let addr = free_addr(&format!("127.0.0.{}", 20 + index));
-            let data_dir = root.path().join(format!("shard-{index}"));
-            let args = [
-                "shard",
-                "--id",
-                &format!("s{index}"),
-                "--listen",
-                &addr,
-                "--data-dir",
-                &data_dir.display().to_string(),
-                "--vrf-seed-file",
-                &seed_file,
-                "--partition-bits",
-                "4",
-                "--sequencers",
-                &sequencer_list,
-            ]
-            .map(String::from)
-            .to_vec();
-            let mut node = KtdNode::new(&format!("shard-{index}"), root.path(), index, addr, args);
-            node.spawn(&[]);
-            shards.push(node);
-        }
-        let shard_map = shards
-            .iter()
-            .enumerate()
-            .map(|(index, node)| format!("s{}=http://{}", index + 1, node.addr))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut sequencers: Vec<KtdNode> = (1..=3u64)
-            .zip(sequencer_addrs)
-            .map(|(id, addr)| {
-                KtdNode::sequencer(
-                    root.path(),
-                    id,
-                    addr,
-                    root.path().join(format!("node-{id}")),
-                )
-            })
-            .collect();
-        let peers = sequencers
-            .iter()
-            .map(|node| format!("{}={}", node.id, node.addr))
-            .collect::<Vec<_>>()
-            .join(",");
-        for node in &mut sequencers {
-            let mut args = vec![
-                "--id".to_string(),
-                node.id.to_string(),
-                "--peers".into(),
-                peers.clone(),
-                // The test seals every epoch itself, so the batches are known exactly.
-                "--epoch-interval".into(),
-                "1h".into(),
-            ];
-            if node.id == 1 {
-                args.extend(
-                    [
-                        "--init",
-                        "--vrf-public-key",
-                        &public_key,
-                        "--shards",
-                        &shard_map,
-                        "--partition-bits",
-                        "4",
-                    ]
-                    .map(String::from),
-                );
-            }
-            node.spawn(&args);
-        }
-        let mut topology = Self {
-            root,
-            sequencers,
-            shards,
-            gateways: Vec::new(),
-            sequencer_list,
-        };
-        topology.add_gateway();
-        topology
-    }
-
-    fn add_gateway(&mut self) {
-        let index = self.gateways.len() as u64 + 1;
-        let addr = free_addr(&format!("127.0.0.{}", 30 + index));
-        let args = [
-            "gateway",
-            "--listen",
-            &addr,
-            "--sequencers",
-            &self.sequencer_list,
-        ]
-        .map(String::from)
-        .to_vec();
-        let mut node = KtdNode::new(
-            &format!("gateway-{index}"),
-            self.root.path(),
-            index,
-            addr,
-            args,
-        );
-        node.spawn(&[]);
-        self.gateways.push(node);
-    }
-
-    fn logs(&self) -> String {
-        self.sequencers
-            .iter()
-            .chain(&self.shards)
-            .chain(&self.gateways)
-            .map(|node| format!("===== {} =====\n{}", node.addr, node.log_text()))
-            .collect()
-    }
-}
-
-/// Connects to a gateway, waiting until it serves (it waits for the cluster first).
-pub async fn connect(addr: &str) -> Client {
-    let url = format!("http://{addr}");
-    for _ in 0..300 {
-        if let Ok(Ok(client)) =
-            tokio::time::timeout(Duration::from_secs(2), Client::connect(&url)).await
-        {
-            return client;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the gateway at {addr} did not start serving");
-}
-
-fn code(error: &ktd_client::ClientError) -> Option<tonic::Code> {
-    error.code()
+/// Sequencers on 127.0.0.11-13, shards on .21-22, gateways from .31; the test seals every epoch
+/// itself, so the batches are known exactly.
+fn start() -> Topology {
+    Topology::start(TopologyOptions {
+        seed: SEED,
+        ip_base: 10,
+        epoch_interval: "1h",
+    })
 }
 
 /// Seals the open epoch (retrying through failovers) until `epoch` is committed.
 async fn seal_until_committed(client: &Client, epoch: u64) -> EpochRoot {
-    for _ in 0..600 {
-        if let Ok(root) = client.epoch(Some(epoch)).await {
-            return root;
-        }
-        match client.seal().await {
-            Ok(root) => {
-                assert_eq!(root.epoch, epoch, "sealed the wrong epoch");
-                return root;
+    Poll::new(format!("epoch {epoch} to commit"), Duration::from_secs(120))
+        .every(Duration::from_millis(200))
+        .until_ok(|| async {
+            if let Ok(root) = client.epoch(Some(epoch)).await {
+                return Ok::<_, String>(root);
             }
-            // Already sealed by an earlier attempt: wait for its commit.
-            Err(error) if code(&error) == Some(tonic::Code::FailedPrecondition) => {}
-            Err(_) => {}
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("epoch {epoch} was not committed");
+            // FAILED_PRECONDITION: already sealed by an earlier attempt, wait for its commit.
+            let root = client.seal().await.map_err(|error| format!("{error:#}"))?;
+            assert_eq!(root.epoch, epoch, "sealed the wrong epoch");
+            Ok(root)
+        })
+        .await
 }
 
-async fn leader_index(client: &Client) -> usize {
+/// The sequencer leader's node id.
+async fn leader_id(client: &Client) -> u64 {
     let status = client.cluster_status().await.expect("cluster status");
     let leader = status.sequencer.expect("sequencer status").leader_id;
     assert!(leader > 0, "no leader");
-    (leader - 1) as usize
+    leader
 }
 
 /// Raw lookup answers (bytes) of `labels` at `epoch` from the gateway at `client`.
@@ -231,7 +86,7 @@ async fn raw_lookups(client: &Client, labels: &[Vec<u8>], epoch: u64) -> Vec<api
 #[test]
 fn a_multi_process_cluster_matches_akd_through_failures() {
     with_deadline(Duration::from_secs(600), || async {
-        let mut topology = Topology::start();
+        let mut topology = start();
         let result = std::panic::AssertUnwindSafe(run(&mut topology))
             .catch_unwind()
             .await;
@@ -284,22 +139,22 @@ async fn run(topology: &mut Topology) {
         }
 
         if epoch == 1 {
-            // While the epoch is open, the shards tail the log and evaluate its VRF labels.
-            let mut precomputed = 0;
-            // Up to 20 s: the shards start tailing only once the cluster has its metadata.
-            for _ in 0..400 {
-                let status = client.cluster_status().await.expect("cluster status");
-                precomputed = status
-                    .shards
-                    .iter()
-                    .map(|shard| shard.precomputed_labels)
-                    .sum();
-                if precomputed > 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            assert!(precomputed > 0, "no shard pre-computed a VRF label");
+            // While the epoch is open, the shards tail the log and evaluate its VRF labels. Up to
+            // 20 s: the shards start tailing only once the cluster has its metadata.
+            eventually(
+                "a shard to pre-compute a VRF label",
+                Duration::from_secs(20),
+                || async {
+                    let status = client.cluster_status().await.expect("cluster status");
+                    let precomputed: u64 = status
+                        .shards
+                        .iter()
+                        .map(|shard| shard.precomputed_labels)
+                        .sum();
+                    (precomputed > 0).then_some(())
+                },
+            )
+            .await;
         }
         if epoch == SHARD_KILL_EPOCH {
             // The shard dies with the epoch's updates ordered but not built: the coordinator
@@ -310,15 +165,18 @@ async fn run(topology: &mut Topology) {
             let client = client.clone();
             tokio::spawn(async move { client.seal().await })
         };
+        // The fixed 700 ms below are the fault, not a wait for a condition: the process stays
+        // down while the seal is in flight, so the coordinator retries the epoch against it.
         if epoch == SHARD_KILL_EPOCH {
             tokio::time::sleep(Duration::from_millis(700)).await;
-            topology.shards[1].spawn(&[]);
+            topology.shards[1].restart();
         }
         if epoch == LEADER_KILL_EPOCH {
-            let leader = leader_index(&client).await;
-            topology.sequencers[leader].kill9();
+            let leader = leader_id(&client).await;
+            let node = topology.sequencers.get_mut(&leader).expect("leader");
+            node.kill9();
             tokio::time::sleep(Duration::from_millis(700)).await;
-            topology.sequencers[leader].spawn(&["--epoch-interval".into(), "1h".into()]);
+            node.restart();
         }
         let _ = sealing.await;
         let root = seal_until_committed(&client, epoch).await;
@@ -348,7 +206,7 @@ async fn run(topology: &mut Topology) {
 
     let retried = topology
         .sequencers
-        .iter()
+        .values()
         .any(|node| node.log_text().contains("epoch not committed yet"));
     assert!(retried, "the coordinator never saw the killed shard");
 
@@ -380,7 +238,7 @@ async fn run(topology: &mut Topology) {
     for refused in [published.map(|_| ()), empty.map(|_| ())] {
         let error = refused.expect_err("refused");
         assert_eq!(
-            code(&error),
+            error.code(),
             Some(tonic::Code::FailedPrecondition),
             "{error:#}"
         );
@@ -420,7 +278,7 @@ async fn run(topology: &mut Topology) {
     let reference = raw_lookups(&client, &probe, LEADER_KILL_EPOCH).await;
     topology.add_gateway();
     topology.gateways[0].kill9();
-    topology.gateways[0].spawn(&[]);
+    topology.gateways[0].restart();
     for gateway in [&topology.gateways[0], &topology.gateways[1]] {
         let other = connect(&gateway.addr).await;
         for root in &roots {

@@ -1,20 +1,15 @@
-//! `--check-config`: a valid configuration prints the effective settings and exits 0; each
-//! invalid one (unknown key, bad duration, wrong-length key, missing or short seed file, bad
-//! flag) exits non-zero with one clear error line, before anything binds or writes.
+//! `--check-config`: a valid configuration prints the effective settings as TOML and exits 0;
+//! each invalid one (unknown key, bad value, bad duration, wrong-length key, missing or short
+//! seed file, bad flag) exits non-zero with one clear error line, before anything binds or
+//! writes. For every server: the file over the defaults, the environment over the file, flags
+//! over the environment; test-only switches are not file keys; `deploy/ktd.example.toml`
+//! configures every server.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use crate::ktd_cli::KtdCli;
-
-fn ktd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ktd"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ktd")
-}
+use crate::support::cli::{KtdCli, command, ktd};
 
 fn write(path: &Path, text: &str, mode: u32) {
     use std::io::Write;
@@ -157,7 +152,7 @@ fn check_config_accepts_valid_and_refuses_invalid_configuration() {
     refused(&shard(&open, &[]), &["open-seed.hex"]);
     refused(
         &shard(&seed, &["--partition-bits", "13"]),
-        &["partition-bits", "12"],
+        &["partition_bits", "12"],
     );
 }
 
@@ -213,7 +208,7 @@ fn systemd_units_and_samples_name_existing_flags_and_validate() {
 
 /// `ktd gateway --check-config` with `extra` flags and `env`.
 fn gateway_check(config: &Path, env: &[(&str, &str)], extra: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ktd"));
+    let mut command = command();
     command
         .args([
             "gateway",
@@ -221,8 +216,7 @@ fn gateway_check(config: &Path, env: &[(&str, &str)], extra: &[&str]) -> Output 
             &config.display().to_string(),
             "--check-config",
         ])
-        .args(extra)
-        .env_remove("RUST_LOG");
+        .args(extra);
     for (name, value) in env {
         command.env(name, value);
     }
@@ -251,7 +245,7 @@ fn config_files_of_shard_and_gateway_layer_under_environment_and_flags() {
     );
     for expected in [
         "listen = \"127.0.0.1:18080\"",
-        "admin_listen = Some(\"127.0.0.1:18090\")",
+        "admin_listen = \"127.0.0.1:18090\"",
         "sequencers = [\"10.0.0.11:7001\", \"10.0.0.12:7001\"]",
         "max_in_flight = 7",
     ] {
@@ -299,7 +293,7 @@ fn config_files_of_shard_and_gateway_layer_under_environment_and_flags() {
     );
     refused(
         &gateway_check(&bad_number, &[], &[]),
-        &["bad-number.toml", "lots", "max-in-flight"],
+        &["bad-number.toml", "lots", "max_in_flight"],
     );
     let bad_toml = root.join("bad.toml");
     write(&bad_toml, "listen = \n", 0o644);
@@ -382,4 +376,349 @@ fn config_files_of_shard_and_gateway_layer_under_environment_and_flags() {
         "--check-config",
     ]);
     refused(&output, &["short.hex"]);
+}
+
+/// `ktd SERVER --config FILE --check-config ARGS` with `env`.
+fn check(server: &str, config: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut command = crate::support::cli::command();
+    command
+        .args([server, "--config"])
+        .arg(config)
+        .arg("--check-config")
+        .args(args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("run ktd")
+}
+
+/// Asserts `output` succeeded and printed `line`.
+fn prints(output: &Output, line: &str) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.lines().any(|printed| printed == line),
+        "{line} missing from {stdout}"
+    );
+}
+
+/// One server's file (its required settings) and a setting to layer: its key, environment
+/// variable and flag, and a value for each layer.
+struct Layering<'a> {
+    server: &'a str,
+    file: String,
+    key: &'a str,
+    env: &'a str,
+    flag: &'a str,
+    values: [&'a str; 3],
+}
+
+#[test]
+fn every_server_layers_file_under_environment_under_flags() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    let seed = root.join("seed.hex");
+    write(&seed, &"ab".repeat(32), 0o600);
+    let key = root.join("auditor.key");
+    write(&key, &"cd".repeat(32), 0o600);
+    let quoted = |value: &str| format!("{value:?}");
+    let servers = [
+        Layering {
+            server: "sequencer",
+            file: format!(
+                "data_dir = {}\n",
+                quoted(&root.join("seq").display().to_string())
+            ),
+            key: "listen",
+            env: "KTD_SEQUENCER_LISTEN",
+            flag: "--listen",
+            values: ["127.0.0.1:17001", "127.0.0.1:17002", "127.0.0.1:17003"],
+        },
+        Layering {
+            server: "shard",
+            file: format!(
+                "id = \"s1\"\ndata_dir = \"/nonexistent/shard\"\nvrf_seed_file = {}\n",
+                quoted(&seed.display().to_string())
+            ),
+            key: "listen",
+            env: "KTD_SHARD_LISTEN",
+            flag: "--listen",
+            values: ["127.0.0.1:17101", "127.0.0.1:17102", "127.0.0.1:17103"],
+        },
+        Layering {
+            server: "gateway",
+            file: "sequencers = [\"10.0.0.11:7001\"]\n".to_string(),
+            key: "admin_listen",
+            env: "KTD_GATEWAY_ADMIN_LISTEN",
+            flag: "--admin-listen",
+            values: ["127.0.0.1:18091", "127.0.0.1:18092", "127.0.0.1:18093"],
+        },
+        Layering {
+            server: "dev",
+            file: format!(
+                "data_dir = {}\n",
+                quoted(&root.join("dev").display().to_string())
+            ),
+            key: "listen",
+            env: "KTD_DEV_LISTEN",
+            flag: "--listen",
+            values: ["127.0.0.1:18081", "127.0.0.1:18082", "127.0.0.1:18083"],
+        },
+        Layering {
+            server: "auditor",
+            file: format!(
+                "data_dir = \"/nonexistent/auditor\"\nsigning_key_file = {}\nblob_dir = \"/srv/blobs\"\n",
+                quoted(&key.display().to_string())
+            ),
+            key: "trace_sample_ratio",
+            env: "KTD_TRACE_SAMPLE_RATIO",
+            flag: "--trace-sample-ratio",
+            values: ["0.5", "0.25", "0.125"],
+        },
+    ];
+    for layering in servers {
+        let Layering {
+            server,
+            file,
+            key,
+            env,
+            flag,
+            values,
+        } = layering;
+        let value = |value: &str| match value.parse::<f64>() {
+            Ok(_) => value.to_string(),
+            Err(_) => quoted(value),
+        };
+        let path = root.join(format!("{server}.toml"));
+        write(
+            &path,
+            &format!("{file}{key} = {}\n", value(values[0])),
+            0o644,
+        );
+        let line = |index: usize| format!("{key} = {}", value(values[index]));
+        prints(&check(server, &path, &[], &[]), &line(0));
+        prints(&check(server, &path, &[(env, values[1])], &[]), &line(1));
+        prints(
+            &check(server, &path, &[(env, values[1])], &[flag, values[2]]),
+            &line(2),
+        );
+    }
+    assert!(
+        !root.join("seq").exists() && !root.join("dev").exists(),
+        "nothing written"
+    );
+}
+
+#[test]
+fn every_server_refuses_unknown_keys_and_bad_values_in_one_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    let cases: [(&str, &str, &[&str]); 10] = [
+        (
+            "sequencer",
+            "data_directory = \"x\"\n",
+            &["unknown key", "data_directory"],
+        ),
+        (
+            "sequencer",
+            "[raft]\npre_vote = \"yes\"\n",
+            &["raft.pre_vote", "yes"],
+        ),
+        (
+            "shard",
+            "id = \"s1\"\nlisten_addr = \"x\"\n",
+            &["unknown key", "listen_addr"],
+        ),
+        (
+            "shard",
+            "partition_bits = \"four\"\n",
+            &["partition_bits", "four"],
+        ),
+        (
+            "gateway",
+            "sequencer = [\"a:1\"]\n",
+            &["unknown key", "sequencer"],
+        ),
+        (
+            "gateway",
+            "tls_client_auth = \"sometimes\"\n",
+            &["tls_client_auth", "sometimes"],
+        ),
+        (
+            "dev",
+            "data_directory = \"x\"\n",
+            &["unknown key", "data_directory"],
+        ),
+        (
+            "dev",
+            "epoch_interval = \"soon\"\n",
+            &["epoch_interval", "soon"],
+        ),
+        (
+            "auditor",
+            "gateway_url = \"x\"\n",
+            &["unknown key", "gateway_url"],
+        ),
+        ("auditor", "poll = 5\n", &["poll"]),
+    ];
+    for (index, (server, text, words)) in cases.into_iter().enumerate() {
+        let name = format!("{server}-{index}.toml");
+        let path = root.join(&name);
+        write(&path, text, 0o644);
+        let mut words = words.to_vec();
+        words.push(&name);
+        refused(&check(server, &path, &[], &[]), &words);
+    }
+    // A test-only switch is a flag, never a file key.
+    let path = root.join("unsafe.toml");
+    write(
+        &path,
+        "sequencers = [\"a:1\"]\nunsafe_test_mode = true\n",
+        0o644,
+    );
+    refused(
+        &check("gateway", &path, &[], &[]),
+        &["unsafe.toml", "unknown key", "unsafe_test_mode"],
+    );
+    // A required setting missing from the file, the environment and the flags.
+    let path = root.join("no-seed.toml");
+    write(
+        &path,
+        "id = \"s1\"\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\n",
+        0o644,
+    );
+    refused(
+        &check("shard", &path, &[], &[]),
+        &[
+            "vrf_seed_file",
+            "--vrf-seed-file",
+            "KTD_SHARD_VRF_SEED_FILE",
+        ],
+    );
+}
+
+#[test]
+fn dev_and_auditor_check_their_configuration() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    let data = root.join("dev");
+    let dev = |args: &[&str]| {
+        let mut all = vec![
+            "dev",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--check-config",
+        ];
+        all.extend(args);
+        ktd(&all)
+    };
+    let output = dev(&["--epoch-interval", "250ms", "--partition-bits", "2"]);
+    prints(&output, "epoch_interval = \"250ms\"");
+    prints(&output, "partition_bits = 2");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("generated at start"),
+        "{output:?}"
+    );
+    assert!(
+        !data.exists(),
+        "--check-config must not create the data directory"
+    );
+    let short = root.join("short-seed.hex");
+    write(&short, &"5a".repeat(31), 0o600);
+    refused(
+        &dev(&["--vrf-seed-file", short.to_str().expect("utf-8")]),
+        &["short-seed.hex"],
+    );
+    refused(&dev(&["--partition-bits", "13"]), &["partition_bits", "12"]);
+    refused(&dev(&["--listen", "nowhere"]), &["listen", "nowhere"]);
+
+    let key = root.join("auditor.key");
+    write(&key, &"cd".repeat(32), 0o600);
+    let auditor = |key: &Path, args: &[&str]| {
+        let mut all = vec![
+            "auditor",
+            "--data-dir",
+            "/nonexistent/auditor",
+            "--signing-key-file",
+            key.to_str().expect("utf-8"),
+            "--check-config",
+        ];
+        all.extend(args);
+        ktd(&all)
+    };
+    let output = auditor(&key, &["--blob-dir", "/srv/blobs", "--poll", "2s"]);
+    prints(&output, "poll = \"2s\"");
+    prints(&output, "blob_dir = \"/srv/blobs\"");
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains(&"cd".repeat(32)),
+        "the signing key is never printed: {output:?}"
+    );
+    let open = root.join("open.key");
+    write(&open, &"cd".repeat(32), 0o644);
+    refused(
+        &auditor(&open, &["--blob-dir", "/srv/blobs"]),
+        &["open.key"],
+    );
+    refused(
+        &auditor(&key, &["--gateway", "http://127.0.0.1:1", "--start", "7"]),
+        &["start", "EPOCH/HEX_ROOT"],
+    );
+}
+
+#[test]
+fn every_server_reads_its_table_of_the_example_file() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ktd.example.toml");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    let seed = root.join("seed.hex");
+    write(&seed, &"ab".repeat(32), 0o600);
+    let seed = seed.to_str().expect("utf-8");
+    let data = root.join("data");
+    let data = data.to_str().expect("utf-8");
+    let runs: [(&str, Vec<&str>, &str); 5] = [
+        (
+            "sequencer",
+            vec!["--data-dir", data],
+            "listen = \"127.0.0.1:7001\"",
+        ),
+        (
+            "shard",
+            vec![
+                "--id",
+                "s1",
+                "--listen",
+                "127.0.0.1:7101",
+                "--data-dir",
+                data,
+                "--vrf-seed-file",
+                seed,
+            ],
+            "partition_bits = 4",
+        ),
+        (
+            "gateway",
+            vec!["--sequencers", "127.0.0.1:7001"],
+            "max_in_flight = 1024",
+        ),
+        ("dev", vec!["--data-dir", data], "epoch_interval = \"1s\""),
+        (
+            "auditor",
+            vec![
+                "--data-dir",
+                data,
+                "--signing-key-file",
+                seed,
+                "--blob-dir",
+                data,
+            ],
+            "poll = \"500ms\"",
+        ),
+    ];
+    for (server, args, line) in runs {
+        prints(&check(server, &example, &[], &args), line);
+    }
 }

@@ -3,24 +3,18 @@
 //! keeps serving; overload answered `RESOURCE_EXHAUSTED`; a clean SIGTERM and a restart from the
 //! data directory that still serves what was published.
 
-use std::process::Command;
 use std::time::Duration;
 
 use ktd_proto::ktd::v1 as api;
+use ktd_testkit::grpc::code;
+use ktd_testkit::net::{free_addr, http_get};
+use ktd_testkit::process::KtdNode;
+use ktd_testkit::with_deadline;
 use tonic::Code;
 
-use crate::cluster::connect;
-use crate::deadline::with_deadline;
-use crate::process::{KtdNode, free_addr};
-
-fn ktd(addr: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ktd"))
-        .arg("--addr")
-        .arg(format!("http://{addr}"))
-        .args(args)
-        .output()
-        .expect("run ktd")
-}
+use crate::support::KTD;
+use crate::support::cli::ktd_at;
+use crate::support::cluster::{connect, publish_epochs};
 
 fn dev_node(root: &std::path::Path, metrics: &str) -> KtdNode {
     let extra = [
@@ -31,31 +25,17 @@ fn dev_node(root: &std::path::Path, metrics: &str) -> KtdNode {
         "--metrics-listen",
         metrics,
     ];
-    KtdNode::dev(root, "127.0.0.41", &extra)
+    KtdNode::dev(KTD, root, "127.0.0.41", &extra)
 }
 
 /// A few more epochs, then `ktd audit-blobs` writes one verified blob per epoch, named by its
 /// end epoch; bad names are refused.
 async fn audit_blobs_verify(client: &ktd_client::Client, addr: &str) {
-    let mut latest = 0;
-    for round in 0..3 {
-        let published = client
-            .publish(
-                vec![(format!("blob-user-{round}").into_bytes(), b"k".to_vec())],
-                None,
-            )
-            .await
-            .expect("publish");
-        latest = client
-            .wait_for_epoch(published.epoch)
-            .await
-            .expect("commit")
-            .epoch;
-    }
+    let latest = publish_epochs(client, "blob-user", 3, 1).await;
     let out = tempfile::tempdir().expect("temp dir");
     let (blob_addr, dir) = (addr.to_string(), out.path().to_path_buf());
     let written = tokio::task::spawn_blocking(move || {
-        ktd(
+        ktd_at(
             &blob_addr,
             &["audit-blobs", "--out", &dir.display().to_string()],
         )
@@ -86,7 +66,7 @@ async fn audit_blobs_verify(client: &ktd_client::Client, addr: &str) {
     let kept = tempfile::tempdir().expect("temp dir");
     let (addr_copy, dir) = (addr.to_string(), kept.path().to_path_buf());
     let written = tokio::task::spawn_blocking(move || {
-        ktd(
+        ktd_at(
             &addr_copy,
             &[
                 "audit-blobs",
@@ -130,7 +110,12 @@ async fn audit_blobs_verify(client: &ktd_client::Client, addr: &str) {
 fn ktd_bench_compare_akd_replays_the_same_batches_with_equal_roots() {
     with_deadline(Duration::from_secs(180), || async {
         let root = tempfile::tempdir().expect("temp dir");
-        let mut dev = KtdNode::dev(root.path(), "127.0.0.44", &["--epoch-interval", "300ms"]);
+        let mut dev = KtdNode::dev(
+            KTD,
+            root.path(),
+            "127.0.0.44",
+            &["--epoch-interval", "300ms"],
+        );
         dev.spawn(&[]);
         connect(&dev.addr).await;
         let seed = root.path().join("dev").join("vrf-seed.hex");
@@ -141,7 +126,7 @@ fn ktd_bench_compare_akd_replays_the_same_batches_with_equal_roots() {
             report_dir.display().to_string(),
         );
         let output = tokio::task::spawn_blocking(move || {
-            ktd(
+            ktd_at(
                 &addr,
                 &[
                     "bench",
@@ -212,7 +197,7 @@ async fn bench_reports(addr: &str, pid: u32, root: &std::path::Path) {
         args.extend(["--server-pid".to_string(), server.clone()]);
         args.extend(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ktd(&addr, &args)
+        ktd_at(&addr, &args)
     };
     let first = tokio::task::spawn_blocking({
         let run = run.clone();
@@ -260,10 +245,6 @@ async fn bench_reports(addr: &str, pid: u32, root: &std::path::Path) {
     assert!(String::from_utf8_lossy(&compared.stderr).contains("regression"));
 }
 
-fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Option<Code> {
-    result.err().map(|status| status.code())
-}
-
 /// Every status a bad request gets, and the server still answers afterwards.
 async fn bad_input_is_refused(
     addr: &str,
@@ -274,13 +255,13 @@ async fn bad_input_is_refused(
         idempotency_key: String::new(),
     };
     assert_eq!(
-        code(client.publish(publish(Vec::new(), b"v".to_vec())).await),
+        code(&client.publish(publish(Vec::new(), b"v".to_vec())).await),
         Some(Code::InvalidArgument),
         "empty label"
     );
     assert_eq!(
         code(
-            client
+            &client
                 .publish(publish(b"big".to_vec(), vec![7; 64 * 1024 + 1]))
                 .await
         ),
@@ -288,7 +269,7 @@ async fn bad_input_is_refused(
         "a value over 64 KiB"
     );
     assert_eq!(
-        code(client.publish(api::PublishRequest::default()).await),
+        code(&client.publish(api::PublishRequest::default()).await),
         Some(Code::InvalidArgument),
         "no updates"
     );
@@ -308,7 +289,7 @@ async fn bad_input_is_refused(
     );
     assert_eq!(
         code(
-            client
+            &client
                 .lookup(api::LookupRequest {
                     label: Vec::new(),
                     epoch: None
@@ -320,7 +301,7 @@ async fn bad_input_is_refused(
     );
     assert_eq!(
         code(
-            client
+            &client
                 .lookup(api::LookupRequest {
                     label: b"nobody".to_vec(),
                     epoch: None
@@ -332,7 +313,7 @@ async fn bad_input_is_refused(
     );
     assert_eq!(
         code(
-            client
+            &client
                 .audit(api::AuditRequest {
                     start_epoch: 5,
                     end_epoch: 2
@@ -395,8 +376,8 @@ fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
 
         let addr = dev.addr.clone();
         let published = tokio::task::spawn_blocking(move || {
-            let publish = ktd(&addr, &["publish", "alice", "key-1", "--wait"]);
-            let lookup = ktd(&addr, &["lookup", "alice", "--verify"]);
+            let publish = ktd_at(&addr, &["publish", "alice", "key-1", "--wait"]);
+            let lookup = ktd_at(&addr, &["lookup", "alice", "--verify"]);
             (publish, lookup)
         })
         .await
@@ -449,8 +430,7 @@ fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
         );
 
         // Prometheus metrics: gRPC calls by method and code, Raft, epochs, pre-computation.
-        let metrics =
-            crate::auditor::http_get(metrics_addr.parse().expect("addr"), "/metrics").await;
+        let metrics = http_get(metrics_addr.parse().expect("addr"), "/metrics").await;
         for name in [
             "ktd_grpc_server_handled_total{service=\"ktd.v1.Directory\",method=\"Lookup\",code=\"Ok\"}",
             "ktd_grpc_server_handled_total{service=\"ktd.v1.Directory\",method=\"Publish\",code=\"InvalidArgument\"}",

@@ -10,10 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use ktd_testkit::process::KtdCluster;
+use ktd_testkit::{eventually, with_deadline};
 use sequencer::pb;
 
-use crate::deadline::with_deadline;
-use crate::process::KtdCluster;
+use crate::support::KTD;
+use crate::support::cluster::sequencer_client;
 
 struct PrintLogsOnPanic(Arc<Mutex<String>>);
 
@@ -25,24 +27,6 @@ impl Drop for PrintLogsOnPanic {
                 self.0.lock().map(|logs| logs.clone()).unwrap_or_default()
             );
         }
-    }
-}
-
-async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -77,11 +61,11 @@ async fn applied_updates(
 #[test]
 fn leader_kill_loses_no_acknowledged_append() {
     with_deadline(Duration::from_secs(150), || async {
-        let mut cluster = KtdCluster::start(3);
+        let mut cluster = KtdCluster::start(KTD, 3);
         let logs = Arc::new(Mutex::new(String::new()));
         let _print = PrintLogsOnPanic(logs.clone());
-        let client = cluster.client();
-        wait_for(
+        let client = sequencer_client(&cluster);
+        eventually(
             "the cluster to accept appends",
             Duration::from_secs(30),
             || async {
@@ -104,7 +88,7 @@ fn leader_kill_loses_no_acknowledged_append() {
         let acked: Arc<Mutex<BTreeMap<Vec<u8>, u64>>> = Arc::default();
         let mut writers = Vec::new();
         for writer in 0..4 {
-            let client = cluster.client();
+            let client = sequencer_client(&cluster);
             let stop = stop.clone();
             let acked = acked.clone();
             writers.push(tokio::spawn(async move {
@@ -132,7 +116,7 @@ fn leader_kill_loses_no_acknowledged_append() {
             }));
         }
         let acked_now = || acked.lock().expect("lock").len();
-        wait_for(
+        eventually(
             "appends before the kill",
             Duration::from_secs(20),
             || async { (acked_now() >= 500).then_some(()) },
@@ -144,7 +128,7 @@ fn leader_kill_loses_no_acknowledged_append() {
         let before_kill = acked_now();
         cluster.nodes.get_mut(&leader).expect("leader node").kill9();
         let killed_at = Instant::now();
-        wait_for(
+        eventually(
             "appends after failover",
             Duration::from_secs(30),
             || async { (acked_now() >= before_kill + 500).then_some(()) },
@@ -162,7 +146,7 @@ fn leader_kill_loses_no_acknowledged_append() {
         tracing::info!("--- restart the killed node from its data directory");
         cluster.nodes.get_mut(&leader).expect("node").restart();
         let addrs = cluster.addrs();
-        let to = wait_for(
+        let to = eventually(
             "all nodes to apply everything",
             Duration::from_secs(30),
             || async {

@@ -1,17 +1,16 @@
-//! The `gateway` crate's integration tests: real `ktd` processes (via `CARGO_BIN_EXE_ktd`) on
-//! `127.0.0.x` ports, each with its own data directory, under a deadline.
+//! The `ktd` crate's integration tests: real `ktd` processes (via `CARGO_BIN_EXE_ktd`) on
+//! `127.0.0.x` ports, each with its own data directory, under a deadline. One file (or folder)
+//! per topic; what topics share is in `support/`.
 
 mod auditor;
 mod cluster;
 mod config;
-mod deadline;
 mod deploy;
 mod dev;
-mod exported_metrics;
-mod ktd_cli;
+mod docs;
 mod leader_kill;
 mod metrics;
-mod process;
 mod runbooks;
+mod support;
 mod tls;
 mod tracing;

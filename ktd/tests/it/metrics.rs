@@ -1,176 +1,22 @@
-//! `/metrics` after a short workload: every series the README's metrics catalogue lists is
-//! exported with sane values — by `ktd dev` (Raft, epochs, storage, latency histograms) and by
-//! the leader of a three-node `ktd sequencer` cluster (per-follower lag and heartbeat age, before
-//! and after a follower is killed).
+//! `/metrics` after a short workload: every series the metrics catalogue (`docs/metrics.md`)
+//! lists is exported with sane values — by `ktd dev` (Raft, epochs, storage, latency
+//! histograms) and by the leader of a three-node `ktd sequencer` cluster (per-follower lag and
+//! heartbeat age, before and after a follower is killed).
 //!
-//! The Prometheus text is read with a small strict parser: a line that is neither a comment nor
-//! `name{labels} value` fails the test.
+//! The Prometheus text is read with a small strict parser (`support::metrics::Scrape`): a line
+//! that is neither a comment nor `name{labels} value` fails the test.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ktd_proto::ktd::sequencer::v1 as pb;
+use ktd_testkit::net::free_addr;
+use ktd_testkit::process::{KtdCluster, KtdNode};
+use ktd_testkit::{Poll, with_deadline};
 
-use crate::cluster::connect;
-use crate::deadline::with_deadline;
-use crate::process::{KtdCluster, KtdNode, free_addr};
-
-/// One sample line.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// A parsed scrape.
-#[derive(Debug)]
-struct Scrape {
-    samples: Vec<Sample>,
-    text: String,
-}
-
-impl Scrape {
-    /// Parses Prometheus text exposition format 0.0.4; panics on any malformed line.
-    fn parse(text: &str) -> Self {
-        let samples = text
-            .lines()
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .map(|line| parse_sample(line).unwrap_or_else(|| panic!("malformed line {line:?}")))
-            .collect();
-        Self {
-            samples,
-            text: text.to_string(),
-        }
-    }
-
-    /// Every sample of `name` whose labels include `labels`.
-    fn matching<'a>(
-        &'a self,
-        name: &'a str,
-        labels: &'a [(&'a str, &'a str)],
-    ) -> impl Iterator<Item = &'a Sample> + 'a {
-        self.samples.iter().filter(move |sample| {
-            sample.name == name
-                && labels
-                    .iter()
-                    .all(|(key, value)| sample.labels.get(*key).map(String::as_str) == Some(*value))
-        })
-    }
-
-    /// The value of the one sample of `name` with `labels`, if exactly one exists.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let mut found = self.matching(name, labels);
-        let first = found.next()?;
-        found.next().is_none().then_some(first.value)
-    }
-}
-
-fn parse_sample(line: &str) -> Option<Sample> {
-    let name_end = line.find(['{', ' '])?;
-    let name = &line[..name_end];
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-    {
-        return None;
-    }
-    let mut rest = &line[name_end..];
-    let mut labels = BTreeMap::new();
-    if let Some(after_brace) = rest.strip_prefix('{') {
-        rest = after_brace;
-        loop {
-            if let Some(after) = rest.strip_prefix('}') {
-                rest = after;
-                break;
-            }
-            let eq = rest.find('=')?;
-            let key = rest[..eq].to_string();
-            rest = rest[eq + 1..].strip_prefix('"')?;
-            let mut value = String::new();
-            let mut chars = rest.char_indices();
-            let close = loop {
-                match chars.next()? {
-                    (index, '"') => break index,
-                    (_, '\\') => match chars.next()?.1 {
-                        'n' => value.push('\n'),
-                        escaped @ ('\\' | '"') => value.push(escaped),
-                        _ => return None,
-                    },
-                    (_, other) => value.push(other),
-                }
-            };
-            rest = &rest[close + 1..];
-            rest = rest.strip_prefix(',').unwrap_or(rest);
-            if labels.insert(key, value).is_some() {
-                return None;
-            }
-        }
-    }
-    let mut fields = rest.strip_prefix(' ')?.split(' ');
-    let value = match fields.next()? {
-        "NaN" => f64::NAN,
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        number => number.parse().ok()?,
-    };
-    // An optional integer timestamp, then nothing.
-    if let Some(timestamp) = fields.next() {
-        timestamp.parse::<i64>().ok()?;
-    }
-    fields.next().is_none().then_some(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-    })
-}
-
-async fn scrape(addr: &str) -> Scrape {
-    let response = crate::auditor::http_get(addr.parse().expect("addr"), "/metrics").await;
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    Scrape::parse(body)
-}
-
-/// Scrapes `addr` until `check` finds no problem, or fails after `limit` with the last problems
-/// and the last scrape.
-async fn scrape_until(
-    addr: &str,
-    limit: Duration,
-    check: impl Fn(&Scrape) -> Vec<String>,
-) -> Scrape {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let scrape = scrape(addr).await;
-        let problems = check(&scrape);
-        if problems.is_empty() {
-            return scrape;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!(
-                "/metrics at {addr} still wrong after {limit:?}:\n  {}\n{}",
-                problems.join("\n  "),
-                scrape.text
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Collects a problem unless `value` (of `what`) exists and satisfies `sane`.
-fn check_value(
-    problems: &mut Vec<String>,
-    what: &str,
-    value: Option<f64>,
-    sane: impl Fn(f64) -> bool,
-) {
-    match value {
-        Some(value) if sane(value) => {}
-        Some(value) => problems.push(format!("{what} = {value}")),
-        None => problems.push(format!("{what} missing")),
-    }
-}
+use crate::support::KTD;
+use crate::support::cluster::{connect, publish_epochs, sequencer_client};
+use crate::support::metrics::{Scrape, check_value, scrape_until};
 
 const PUBLISH_ROUNDS: usize = 4;
 const UPDATES_PER_ROUND: usize = 5;
@@ -327,6 +173,7 @@ fn ktd_dev_exports_every_catalogued_series_with_sane_values() {
         let root = tempfile::tempdir().expect("temp dir");
         let metrics_addr = free_addr("127.0.0.46");
         let mut dev = KtdNode::dev(
+            KTD,
             root.path(),
             "127.0.0.46",
             &[
@@ -340,15 +187,8 @@ fn ktd_dev_exports_every_catalogued_series_with_sane_values() {
         let client = connect(&dev.addr).await;
 
         tracing::info!("--- publish {PUBLISH_ROUNDS} epochs of distinct updates, look them up");
+        publish_epochs(&client, "metrics", PUBLISH_ROUNDS, UPDATES_PER_ROUND).await;
         for round in 0..PUBLISH_ROUNDS {
-            let updates = (0..UPDATES_PER_ROUND)
-                .map(|i| (format!("metrics-{round}-{i}").into_bytes(), b"key".to_vec()))
-                .collect();
-            let published = client.publish(updates, None).await.expect("publish");
-            client
-                .wait_for_epoch(published.epoch)
-                .await
-                .expect("commit");
             client
                 .lookup(format!("metrics-{round}-0").as_bytes(), None)
                 .await
@@ -384,10 +224,10 @@ fn a_sequencer_leader_exports_follower_lag_and_heartbeat_age() {
         let metrics_addrs: BTreeMap<u64, String> = (1..=3)
             .map(|id| (id, free_addr(&format!("127.0.0.{}", 50 + id))))
             .collect();
-        let mut cluster = KtdCluster::start_with(3, |id| {
+        let mut cluster = KtdCluster::start_with(KTD, 3, |id| {
             vec!["--metrics-listen".into(), metrics_addrs[&id].clone()]
         });
-        let client = cluster.client();
+        let client = sequencer_client(&cluster);
         let append = |round: usize| {
             let client = client.clone();
             async move {
@@ -402,15 +242,11 @@ fn a_sequencer_leader_exports_follower_lag_and_heartbeat_age() {
                     .await
             }
         };
-        let warm_up = tokio::time::Instant::now() + Duration::from_secs(30);
-        while let Err(error) = append(0).await {
-            assert!(
-                tokio::time::Instant::now() < warm_up,
-                "no append accepted: {error}\n{}",
-                cluster.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        Poll::new("an accepted append", Duration::from_secs(30))
+            .every(Duration::from_millis(100))
+            .context(|| cluster.logs())
+            .until_ok(|| append(0))
+            .await;
         let leader = client
             .cluster_status()
             .await

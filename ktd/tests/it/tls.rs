@@ -8,27 +8,23 @@
 
 use std::path::Path;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ktd_core::vrf::VrfKey;
 use ktd_proto::ktd::sequencer::v1 as seq;
 use ktd_proto::ktd::v1 as api;
+use ktd_testkit::net::free_addr;
+use ktd_testkit::process::KtdNode;
+use ktd_testkit::seed::write_vrf_seed;
+use ktd_testkit::{Poll, with_deadline};
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use crate::deadline::with_deadline;
-use crate::process::{KtdNode, free_addr, write_vrf_seed};
+use crate::support::KTD;
+use crate::support::cli::ktd;
 
 const SEED: [u8; 32] = [0x3e; 32];
 const IP: &str = "127.0.0.41";
-
-fn ktd(args: &[String]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_ktd"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ktd")
-}
 
 /// `--addr ADDR` plus the TLS flags for the `stem` certificate of `dir`.
 fn as_role(dir: &Path, ca: &Path, stem: &str, addr: &str) -> Vec<String> {
@@ -77,7 +73,7 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
         let root = tempfile::tempdir().expect("temp dir");
         let certs = root.path().join("certs");
         let made = ktd(&[
-            "certs".into(),
+            "certs".to_string(),
             "--out".into(),
             certs.display().to_string(),
             "--hosts".into(),
@@ -90,8 +86,9 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
         let seed_file = write_vrf_seed(root.path(), &SEED);
         let shard_addr = free_addr(IP);
         let mut shard = KtdNode::new(
-            "shard",
+            KTD,
             root.path(),
+            "shard",
             1,
             shard_addr.clone(),
             with(
@@ -115,8 +112,9 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
         let sequencer_addr = free_addr(IP);
         let public_key = hex::encode(VrfKey::from_seed(&SEED).expect("seed").public_key());
         let mut sequencer = KtdNode::new(
-            "sequencer",
+            KTD,
             root.path(),
+            "sequencer",
             1,
             sequencer_addr.clone(),
             with(
@@ -147,8 +145,9 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
         let gateway_addr = free_addr(IP);
         let admin_addr = free_addr(IP);
         let mut gateway = KtdNode::new(
-            "gateway",
+            KTD,
             root.path(),
+            "gateway",
             1,
             gateway_addr.clone(),
             with(
@@ -168,24 +167,27 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
 
         // Components talk to each other over mutual TLS: a client's publish is committed.
         let client = as_role(&certs, &ca, "client", &gateway_addr);
-        let started = Instant::now();
-        loop {
-            let published = ktd(&with(
-                client.clone(),
-                &["publish", "alice", "key-1", "--wait"],
-            ));
-            if published.status.success() {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "publish never succeeded: {}\n--- sequencer\n{}\n--- gateway\n{}",
-                stderr(&published),
-                sequencer.log_text(),
-                gateway.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+        Poll::new("a publish over mutual TLS", Duration::from_secs(60))
+            .every(Duration::from_millis(300))
+            .context(|| {
+                format!(
+                    "--- sequencer\n{}\n--- gateway\n{}",
+                    sequencer.log_text(),
+                    gateway.log_text()
+                )
+            })
+            .until_ok(|| async {
+                let published = ktd(&with(
+                    client.clone(),
+                    &["publish", "alice", "key-1", "--wait"],
+                ));
+                if published.status.success() {
+                    Ok(())
+                } else {
+                    Err(stderr(&published))
+                }
+            })
+            .await;
         let lookup = ktd(&with(client.clone(), &["lookup", "alice", "--verify"]));
         assert!(lookup.status.success(), "{}", stderr(&lookup));
         assert!(String::from_utf8_lossy(&lookup.stdout).contains("key-1"));
@@ -203,9 +205,13 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
         // A certificate from another CA, and plaintext: refused too.
         let other = root.path().join("other-ca");
         assert!(
-            ktd(&["certs".into(), "--out".into(), other.display().to_string()])
-                .status
-                .success()
+            ktd(&[
+                "certs".to_string(),
+                "--out".into(),
+                other.display().to_string()
+            ])
+            .status
+            .success()
         );
         let stranger = ktd(&with(
             as_role(&other, &ca, "client", &gateway_addr),
@@ -216,7 +222,7 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
             "a foreign certificate was served"
         );
         let plaintext = ktd(&[
-            "--addr".into(),
+            "--addr".to_string(),
             format!("http://{gateway_addr}"),
             "epoch".into(),
         ]);

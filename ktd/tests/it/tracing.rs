@@ -10,16 +10,17 @@ use std::time::Duration;
 
 use ktd::serve::{GatewaySettings, ShardSettings};
 use ktd::telemetry::{LogFormat, TelemetrySettings};
-use ktd_client::Client;
 use ktd_core::config::AkdConfig;
 use ktd_core::vrf::VrfKey;
+use ktd_testkit::eventually;
+use ktd_testkit::net::free_addr;
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use sequencer::config::SequencerConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::process::free_addr;
+use crate::support::cluster::connect;
 
 const SEED: [u8; 32] = [0x7c; 32];
 
@@ -263,12 +264,7 @@ async fn run(root: &std::path::Path, exporter: &Collector) -> Vec<SpanData> {
         }));
     }
 
-    let client = loop {
-        match Client::connect(&format!("http://{gateway_addr}")).await {
-            Ok(client) => break client,
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    };
+    let client = connect(&gateway_addr.to_string()).await;
     // Spans from start-up (waiting for the cluster) are not what this test is about.
     exporter.reset();
     let published = client
@@ -281,15 +277,16 @@ async fn run(root: &std::path::Path, exporter: &Collector) -> Vec<SpanData> {
 
     // The include span ends when the coordinator finishes the epoch, just after the commit the
     // seal waited for.
-    let spans = loop {
-        let spans = exporter.spans();
-        if spans.iter().any(|span| span.name == "ktd.epoch.include")
-            && spans.iter().any(|span| span.name == "ktd.epoch.commit")
-        {
-            break spans;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let spans = eventually(
+        "the epoch's include and commit spans",
+        Duration::from_secs(30),
+        || async {
+            let spans = exporter.spans();
+            let ended = |name: &str| spans.iter().any(|span| span.name == name);
+            (ended("ktd.epoch.include") && ended("ktd.epoch.commit")).then_some(spans)
+        },
+    )
+    .await;
     stop.cancel();
     for task in tasks {
         task.await.expect("task").expect("server");

@@ -8,8 +8,8 @@ use sequencer::{SequencerError, pb};
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
-use crate::cluster::{TestCluster, update};
-use crate::deadline::with_deadline;
+use crate::support::cluster::{TestCluster, update};
+use crate::support::with_deadline;
 
 fn status<T: std::fmt::Debug>(result: sequencer::Result<T>) -> (Code, String) {
     match result {
@@ -114,7 +114,7 @@ fn bad_requests_get_clear_statuses() {
             .expect("epoch 0 always exists");
         assert!(empty.root_hash.is_empty());
         assert_status(
-            client.commit_epoch(crate::commit(1, vec![7; 5], Vec::new())).await,
+            client.commit_epoch(crate::support::commit(1, vec![7; 5], Vec::new())).await,
             Code::InvalidArgument,
             "root hash must be 32 bytes, got 5",
         );

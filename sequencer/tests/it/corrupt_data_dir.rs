@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sequencer::{Sequencer, SequencerConfig, SequencerError};
 
-use crate::deadline::with_deadline;
+use crate::support::with_deadline;
 
 fn config(data_dir: &Path, id: Option<u64>) -> SequencerConfig {
     SequencerConfig {

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crate::cluster::{TestCluster, client_for, sequenced_updates, update};
-use crate::deadline::with_deadline;
+use crate::support::cluster::{TestCluster, client_for, sequenced_updates, update};
+use crate::support::with_deadline;
 
 #[test]
 fn same_key_applies_once_and_returns_the_original_answer() {

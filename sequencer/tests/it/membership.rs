@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::cluster::{TestCluster, client_for, sequenced_updates, update};
-use crate::deadline::with_deadline;
+use crate::support::cluster::{TestCluster, client_for, sequenced_updates, update};
+use crate::support::with_deadline;
 
 #[test]
 fn three_to_five_to_three_with_leader_transfer_under_load() {
@@ -52,7 +52,7 @@ fn three_to_five_to_three_with_leader_transfer_under_load() {
         let wait_progress = |floor: usize| {
             let acked = acked.clone();
             async move {
-                crate::cluster::eventually("append progress", Duration::from_secs(20), || {
+                ktd_testkit::eventually("append progress", Duration::from_secs(20), || {
                     let acked = acked.clone();
                     async move { (acked.lock().expect("lock").len() > floor).then_some(()) }
                 })

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
+use ktd_testkit::eventually;
 use sequencer::pb;
 
-use crate::cluster::{TestCluster, eventually, update};
-use crate::deadline::with_deadline;
+use crate::support::cluster::{TestCluster, update};
+use crate::support::with_deadline;
 
 /// What must survive a restart, as seen from one node.
 #[derive(Debug, PartialEq)]
@@ -65,7 +66,7 @@ fn full_cluster_restart_keeps_state_and_resumes_sealing() {
         assert_eq!(first.epoch, 1);
         assert_eq!(client.seal(None).await.expect("seal").epoch, 1);
         client
-            .commit_epoch(crate::commit(1, vec![5; 32], b"p".to_vec()))
+            .commit_epoch(crate::support::commit(1, vec![5; 32], b"p".to_vec()))
             .await
             .expect("commit");
         let second = client

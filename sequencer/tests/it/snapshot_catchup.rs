@@ -7,8 +7,8 @@ use futures::StreamExt;
 use sequencer::{SequencerError, pb};
 use tonic::Code;
 
-use crate::cluster::{TestCluster, sequenced_updates, update};
-use crate::deadline::with_deadline;
+use crate::support::cluster::{TestCluster, sequenced_updates, update};
+use crate::support::with_deadline;
 
 fn batch(round: usize) -> Vec<pb::Update> {
     (0..20)
@@ -34,12 +34,13 @@ fn follower_behind_a_purged_log_catches_up_by_snapshot() {
         tracing::info!("--- stop node {lagging}, write on, snapshot and purge everywhere else");
         cluster.stop(lagging).await;
         let lagging_last = {
-            let live = crate::cluster::client_for([cluster.addr(leader), cluster.addr(other)]);
+            let live =
+                crate::support::cluster::client_for([cluster.addr(leader), cluster.addr(other)]);
             for round in 10..60 {
                 live.append(batch(round), None).await.expect("append");
             }
             assert_eq!(live.seal(None).await.expect("seal").epoch, 1);
-            live.commit_epoch(crate::commit(1, vec![9; 32], b"roots".to_vec()))
+            live.commit_epoch(crate::support::commit(1, vec![9; 32], b"roots".to_vec()))
                 .await
                 .expect("commit");
             for round in 60..70 {

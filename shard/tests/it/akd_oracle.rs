@@ -16,60 +16,19 @@ use akd_core::configuration::{
 };
 use akd_core::verify::history::HistoryParams;
 use akd_core::verify::history::HistoryVerificationParams;
-use akd_core::{AkdLabel, AzksElement, HistoryProof, LookupProof, SingleAppendOnlyProof};
+use akd_core::{AkdLabel, HistoryProof, LookupProof};
 use ktd_core::AkdConfig;
 use ktd_core::Error as CoreError;
 use ktd_core::vrf::VrfKey;
+use ktd_testkit::with_deadline_blocking;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shard::{Directory, DirectoryOptions, Error};
+use shard::Error;
 
-use crate::deadline::with_deadline;
-use crate::workload;
+use crate::support::directory::{assert_same_step, experimental, open, vrf_seed};
+use crate::support::workload;
 
 type Experimental = ExperimentalConfiguration<ExampleLabel>;
-
-pub fn experimental() -> AkdConfig {
-    AkdConfig::Experimental {
-        domain_label: "ExampleLabel".into(),
-    }
-}
-
-/// A VRF seed derived from the test seed (tests never use a compiled-in production key).
-pub fn vrf_seed(seed: u64) -> [u8; 32] {
-    *blake3::hash(&seed.to_be_bytes()).as_bytes()
-}
-
-pub fn open(path: &std::path::Path, config: AkdConfig, bits: u8, seed: u64) -> Directory {
-    let options = DirectoryOptions {
-        config,
-        partition_bits: bits,
-        ..DirectoryOptions::default()
-    };
-    Directory::open(path, options, &vrf_seed(seed)).expect("open directory")
-}
-
-fn sorted(mut elements: Vec<AzksElement>) -> Vec<AzksElement> {
-    elements.sort();
-    elements
-}
-
-pub fn assert_same_step(
-    ours: &SingleAppendOnlyProof,
-    theirs: &SingleAppendOnlyProof,
-    context: &str,
-) {
-    assert_eq!(
-        sorted(ours.unchanged_nodes.clone()),
-        sorted(theirs.unchanged_nodes.clone()),
-        "unchanged nodes differ ({context})"
-    );
-    assert_eq!(
-        sorted(ours.inserted.clone()),
-        sorted(theirs.inserted.clone()),
-        "inserted leaves differ ({context})"
-    );
-}
 
 struct Recorded {
     epoch: u64,
@@ -283,7 +242,7 @@ macro_rules! oracle_tests {
     ($($name:ident: $tc:ty, $config:expr, $bits:expr, $seed:expr;)*) => {$(
         #[test]
         fn $name() {
-            with_deadline(DEADLINE, || check_against_akd::<$tc>($config, $bits, $seed));
+            with_deadline_blocking(DEADLINE, || check_against_akd::<$tc>($config, $bits, $seed));
         }
     )*};
 }

@@ -7,10 +7,10 @@ use akd_core::{AkdLabel, AkdValue};
 use ktd_core::AkdConfig;
 use ktd_core::Error as CoreError;
 use ktd_core::user::UpdateLimits;
+use ktd_testkit::with_deadline_blocking;
 use shard::{Directory, DirectoryOptions, Error};
 
-use crate::akd_oracle::{open, vrf_seed};
-use crate::deadline::with_deadline;
+use crate::support::directory::{open, vrf_seed};
 
 fn update(label: &str, value: &[u8]) -> (AkdLabel, AkdValue) {
     (AkdLabel::from(label), AkdValue(value.to_vec()))
@@ -18,7 +18,7 @@ fn update(label: &str, value: &[u8]) -> (AkdLabel, AkdValue) {
 
 #[test]
 fn publish_and_proof_requests_reject_bad_input() {
-    with_deadline(Duration::from_secs(60), || {
+    with_deadline_blocking(Duration::from_secs(60), || {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let directory = open(data_dir.path(), AkdConfig::WhatsAppV1, 2, 1);
         directory
@@ -163,7 +163,12 @@ fn reopening_with_another_identity_is_refused() {
     let mismatches = [
         (AkdConfig::WhatsAppV1, 5, 1, "partition bits"),
         (AkdConfig::WhatsAppV1, 4, 2, "VRF key"),
-        (crate::akd_oracle::experimental(), 4, 1, "configuration"),
+        (
+            crate::support::directory::experimental(),
+            4,
+            1,
+            "configuration",
+        ),
     ];
     for (config, bits, seed, what) in mismatches {
         let options = DirectoryOptions {

@@ -20,6 +20,7 @@ use ktd_core::tree::{LeavesByPartition, NodeRef, PartitionWalk, WalkRequest};
 use ktd_core::user::UpdateLimits;
 use ktd_core::vrf::VrfKey;
 use ktd_core::{AkdConfig, ShardMap};
+use ktd_testkit::with_deadline_blocking;
 use shard::Directory;
 use shard::api::{
     BootstrapSource, BootstrapSummary, BuildSummary, Fence, PartitionChunk, PrepareSummary,
@@ -34,9 +35,8 @@ use shard::node::ShardNode;
 use shard::server::ShardService;
 use shard::store::StoreOptions;
 
-use crate::akd_oracle::{assert_same_step, open, vrf_seed};
-use crate::deadline::with_deadline;
-use crate::workload;
+use crate::support::directory::{assert_same_step, open, vrf_seed};
+use crate::support::workload;
 
 type Wa = WhatsAppV1Configuration;
 
@@ -184,7 +184,7 @@ async fn compare_with_directory(
 
 #[test]
 fn one_in_process_shard_matches_the_directory() {
-    with_deadline(Duration::from_secs(120), || {
+    with_deadline_blocking(Duration::from_secs(120), || {
         let runtime = runtime();
         let (bits, seed) = (4, 31);
         let data_dir = tempfile::tempdir().expect("temp dir");
@@ -217,7 +217,7 @@ async fn serve(shard: Arc<dyn ShardApi>) -> SocketAddr {
 
 #[test]
 fn three_grpc_replicas_match_the_directory_and_copy_a_partition_to_a_new_one() {
-    with_deadline(Duration::from_secs(240), || {
+    with_deadline_blocking(Duration::from_secs(240), || {
         let runtime = runtime();
         let (bits, seed) = (4, 32);
         let dirs: Vec<_> = (0..4)
@@ -519,7 +519,7 @@ fn replica_set(bits: u8, seed: u64) -> ReplicaSet {
 
 #[test]
 fn a_replica_set_commits_without_one_replica_and_the_replica_replays_to_the_same_roots() {
-    with_deadline(Duration::from_secs(180), || {
+    with_deadline_blocking(Duration::from_secs(180), || {
         let runtime = runtime();
         let (bits, seed) = (2, 41);
         let set = replica_set(bits, seed);
@@ -612,7 +612,7 @@ fn a_replica_set_commits_without_one_replica_and_the_replica_replays_to_the_same
 
 #[test]
 fn a_replica_that_builds_another_root_is_outvoted_and_named() {
-    with_deadline(Duration::from_secs(120), || {
+    with_deadline_blocking(Duration::from_secs(120), || {
         let runtime = runtime();
         let (bits, seed) = (2, 42);
         let set = replica_set(bits, seed);
@@ -647,7 +647,7 @@ fn a_replica_that_builds_another_root_is_outvoted_and_named() {
 
 #[test]
 fn fenced_mutations_are_refused_and_change_nothing() {
-    with_deadline(Duration::from_secs(120), || {
+    with_deadline_blocking(Duration::from_secs(120), || {
         let runtime = runtime();
         let (bits, seed) = (2, 43);
         let set = replica_set(bits, seed);
@@ -765,7 +765,7 @@ fn fenced_mutations_are_refused_and_change_nothing() {
 
 #[test]
 fn an_all_republish_epoch_is_a_heartbeat_that_audits() {
-    with_deadline(Duration::from_secs(60), || {
+    with_deadline_blocking(Duration::from_secs(60), || {
         let runtime = runtime();
         let seed = 33;
         for bits in [0u8, 2] {

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use akd_core::{AkdLabel, AkdValue};
 use ktd_core::AkdConfig;
+use ktd_testkit::with_deadline_blocking;
 
-use crate::akd_oracle::open;
-use crate::deadline::with_deadline;
-use crate::workload;
+use crate::support::directory::open;
+use crate::support::workload;
 
 fn replay(batches: &[Vec<(AkdLabel, AkdValue)>], bits: u8, seed: u64) -> Vec<[u8; 32]> {
     let data_dir = tempfile::tempdir().expect("temp dir");
@@ -22,7 +22,7 @@ fn replay(batches: &[Vec<(AkdLabel, AkdValue)>], bits: u8, seed: u64) -> Vec<[u8
 
 #[test]
 fn interrupted_epoch_reopens_at_last_commit_and_redo_matches() {
-    with_deadline(Duration::from_secs(120), || {
+    with_deadline_blocking(Duration::from_secs(120), || {
         let (bits, seed) = (4, 77);
         let batches = workload::random(seed, 8, 60, 2).batches;
         let reference = replay(&batches, bits, seed);
@@ -76,7 +76,7 @@ fn interrupted_epoch_reopens_at_last_commit_and_redo_matches() {
 
 #[test]
 fn abandoned_epoch_then_a_different_batch_is_clean() {
-    with_deadline(Duration::from_secs(120), || {
+    with_deadline_blocking(Duration::from_secs(120), || {
         let (bits, seed) = (1, 78);
         let batches = workload::random(seed, 4, 30, 1).batches;
         let mut other = batches.clone();

@@ -8,10 +8,10 @@ use std::time::Duration;
 use akd_core::ecvrf::{HardCodedAkdVRF, VRFKeyStorage};
 use akd_core::{AkdLabel, AkdValue};
 use ktd_core::AkdConfig;
+use ktd_testkit::with_deadline_blocking;
 use shard::{Directory, DirectoryOptions};
 
-use crate::akd_oracle::experimental;
-use crate::deadline::with_deadline;
+use crate::support::directory::experimental;
 
 const WHATSAPP_EPOCH_49: &str = "51f48b4d0e0b6200fcf75a14f959cd5430e3ed27a31144ca545b9c76a23481f0";
 const EXPERIMENTAL_EPOCH_49: &str =
@@ -61,7 +61,7 @@ fn futures_lite_block_on<F: std::future::Future>(future: F) -> F::Output {
 
 #[test]
 fn whatsapp_fixture_reproduced_in_partitions() {
-    with_deadline(Duration::from_secs(120), || {
+    with_deadline_blocking(Duration::from_secs(120), || {
         for bits in [0, 1, 4, 8] {
             let (empty, epoch_49) = run_schedule(AkdConfig::WhatsAppV1, bits);
             assert_eq!(empty, WHATSAPP_EMPTY, "empty root, {bits} bits");
@@ -72,7 +72,7 @@ fn whatsapp_fixture_reproduced_in_partitions() {
 
 #[test]
 fn experimental_fixture_reproduced_in_partitions() {
-    with_deadline(Duration::from_secs(120), || {
+    with_deadline_blocking(Duration::from_secs(120), || {
         for bits in [0, 1, 4, 8] {
             let (empty, epoch_49) = run_schedule(experimental(), bits);
             assert_eq!(empty, hex(&[0u8; 32]), "empty root, {bits} bits");

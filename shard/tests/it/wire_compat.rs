@@ -10,7 +10,7 @@ use ktd_core::AkdConfig;
 use ktd_proto::ktd::v1 as ktd_pb;
 use prost::Message as _;
 
-use crate::akd_oracle::open;
+use crate::support::directory::open;
 
 fn check<Ours, Theirs, Core>(core: &Core)
 where

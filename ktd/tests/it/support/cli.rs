@@ -1,9 +1,38 @@
-//! The `ktd` command line as its `--help` describes it: the subcommands, each one's flags and the
-//! environment variables it reads. Deployment files (systemd units, compose, Kubernetes) are
-//! checked against it, so a renamed or invented flag fails a test instead of a deployment.
+//! The `ktd` command line from a test: running it ([`ktd`], [`ktd_at`]), and the command line
+//! as its `--help` describes it ([`KtdCli`]: the subcommands, each one's flags and the
+//! environment variables it reads). Deployment files (systemd units, compose, Kubernetes) are
+//! checked against the latter, so a renamed or invented flag fails a test instead of a
+//! deployment.
 
 use std::collections::BTreeMap;
-use std::process::Command;
+use std::ffi::OsStr;
+use std::process::{Command, Output};
+
+use super::KTD;
+
+/// A `ktd` command with `RUST_LOG` unset (so stderr holds only what the command itself
+/// prints).
+pub fn command() -> Command {
+    let mut command = Command::new(KTD);
+    command.env_remove("RUST_LOG");
+    command
+}
+
+/// Runs `ktd ARGS` to completion ([`command`]).
+pub fn ktd<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    command().args(args).output().expect("run ktd")
+}
+
+/// Runs `ktd --addr http://ADDR ARGS` to completion: a client command against the directory at
+/// `addr`.
+pub fn ktd_at<S: AsRef<OsStr>>(addr: &str, args: &[S]) -> Output {
+    command()
+        .arg("--addr")
+        .arg(format!("http://{addr}"))
+        .args(args)
+        .output()
+        .expect("run ktd")
+}
 
 /// Every `ktd` subcommand with its `--help` text.
 pub struct KtdCli {
@@ -11,11 +40,7 @@ pub struct KtdCli {
 }
 
 fn help_text(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_ktd"))
-        .args(args)
-        .arg("--help")
-        .output()
-        .expect("run ktd --help");
+    let output = ktd(&[args, &["--help"]].concat());
     assert!(output.status.success(), "ktd {args:?} --help: {output:?}");
     String::from_utf8_lossy(&output.stdout).into_owned()
 }

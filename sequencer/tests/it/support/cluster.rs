@@ -2,48 +2,16 @@
 //! with its own data directory, stopped and restarted like processes would be.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
+use ktd_testkit::eventually;
+use ktd_testkit::seed::TEST_VRF_KEY;
 use sequencer::{ClientOptions, SequencerClient, SequencerConfig, pb};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-
-/// A VRF public key for tests (any 32 bytes will do for the sequencer).
-pub const TEST_VRF_KEY: &str = "1111111111111111111111111111111111111111111111111111111111111111";
-
-/// Installs a test log writer once (`RUST_LOG` selects; quiet by default).
-pub fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error")),
-        )
-        .try_init();
-}
-
-/// Polls `check` until it returns `Some`, failing with `what` after `limit`.
-pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 struct RunningNode {
     stop: oneshot::Sender<()>,

@@ -1,0 +1,113 @@
+//! `ktd gateway`'s configuration ([`GatewayConfig`]) and what it resolves to
+//! ([`ResolvedGateway`]): the settings `crate::serve::run_gateway` takes.
+
+use std::time::Duration;
+
+use gateway::service::GatewayOptions;
+use serde::{Deserialize, Serialize};
+
+use super::{ProcessConfig, ServerFile, check_address};
+use crate::serve::GatewaySettings;
+
+/// Whether a gateway with TLS requires client certificates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Every client presents a certificate.
+    #[default]
+    Required,
+    /// Clients without a certificate may read, not publish.
+    Optional,
+}
+
+/// A gateway's configuration (file keys = flag names with `_`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address to serve the public API on.
+    pub listen: String,
+    /// Sequencer addresses (any member; the client follows the leader). Required.
+    pub sequencers: Vec<String>,
+    /// Requests served at once before RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+    /// Serve the Admin service (seal, cluster status) on this address instead of `listen`;
+    /// with TLS only admin certificates may call it.
+    pub admin_listen: Option<String>,
+    /// With TLS: `required` or `optional` (clients without a certificate may read, not
+    /// publish).
+    pub tls_client_auth: ClientAuth,
+    /// TEST ONLY (`--unsafe-test-mode`, never from a file): allow the deliberately broken
+    /// modes named by `KTD_UNSAFE_*` variables.
+    #[serde(skip)]
+    pub unsafe_test_mode: bool,
+    /// Metrics, logs, traces and TLS.
+    #[serde(flatten, skip_deserializing)]
+    pub process: ProcessConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            sequencers: Vec::new(),
+            max_in_flight: 1024,
+            admin_listen: None,
+            tls_client_auth: ClientAuth::Required,
+            unsafe_test_mode: false,
+            process: ProcessConfig::default(),
+        }
+    }
+}
+
+impl ServerFile for GatewayConfig {
+    const SERVER: &'static str = "gateway";
+    fn process_mut(&mut self) -> Option<&mut ProcessConfig> {
+        Some(&mut self.process)
+    }
+}
+
+/// A gateway's validated configuration.
+#[derive(Debug)]
+pub struct ResolvedGateway {
+    /// Address to serve the public API on.
+    pub listen: String,
+    /// What the server runs with.
+    pub settings: GatewaySettings,
+    /// `--unsafe-test-mode` was given.
+    pub unsafe_test_mode: bool,
+}
+
+/// How long a stopping gateway waits for in-flight requests.
+const GATEWAY_DRAIN: Duration = Duration::from_secs(10);
+
+impl GatewayConfig {
+    /// Validates the addresses.
+    pub fn resolve(&self) -> anyhow::Result<ResolvedGateway> {
+        check_address("listen", &self.listen)?;
+        if let Some(admin_listen) = &self.admin_listen {
+            check_address("admin_listen", admin_listen)?;
+        }
+        if self.sequencers.is_empty() {
+            anyhow::bail!(
+                "sequencers is not set: give --sequencers, KTD_GATEWAY_SEQUENCERS, or `sequencers` in the --config file"
+            );
+        }
+        for addr in &self.sequencers {
+            ktd_rpc::security::endpoint(addr)?;
+        }
+        Ok(ResolvedGateway {
+            listen: self.listen.clone(),
+            settings: GatewaySettings {
+                sequencers: self.sequencers.clone(),
+                options: GatewayOptions {
+                    max_in_flight: self.max_in_flight,
+                    admin_listen: self.admin_listen.clone(),
+                    tls_client_auth_optional: self.tls_client_auth == ClientAuth::Optional,
+                    ..GatewayOptions::default()
+                },
+                drain: GATEWAY_DRAIN,
+            },
+            unsafe_test_mode: self.unsafe_test_mode,
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! `ktd shard`'s configuration ([`ShardConfig`]) and what it resolves to ([`ResolvedShard`]):
+//! the VRF seed read from its file, and the settings `crate::serve::run_shard` takes.
+
+use std::path::PathBuf;
+
+use ktd_core::AkdConfig;
+use serde::{Deserialize, Serialize};
+
+use super::{ProcessConfig, ServerFile, check_address, check_partition_bits, required};
+use crate::serve::ShardSettings;
+
+/// A shard server's configuration (file keys = flag names with `_`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardConfig {
+    /// This shard's id in the shard map. Required.
+    pub id: Option<String>,
+    /// Address to listen on. Required.
+    pub listen: Option<String>,
+    /// The data directory. Required.
+    pub data_dir: Option<PathBuf>,
+    /// The directory's VRF seed file (64 hex digits, mode 600). Required.
+    pub vrf_seed_file: Option<PathBuf>,
+    /// Tree partition bits (must match the cluster's).
+    pub partition_bits: u8,
+    /// `whatsapp_v1` or `experimental:<domain label>` (must match the cluster's).
+    #[serde(with = "super::akd_configuration")]
+    pub configuration: AkdConfig,
+    /// Sequencer addresses: the shard tails their log to evaluate VRF labels while epochs are
+    /// open (without them, labels are evaluated when an epoch is built).
+    pub sequencers: Vec<String>,
+    /// Metrics, logs, traces and TLS.
+    #[serde(flatten, skip_deserializing)]
+    pub process: ProcessConfig,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            listen: None,
+            data_dir: None,
+            vrf_seed_file: None,
+            partition_bits: 4,
+            configuration: AkdConfig::WhatsAppV1,
+            sequencers: Vec::new(),
+            process: ProcessConfig::default(),
+        }
+    }
+}
+
+impl ServerFile for ShardConfig {
+    const SERVER: &'static str = "shard";
+    fn process_mut(&mut self) -> Option<&mut ProcessConfig> {
+        Some(&mut self.process)
+    }
+}
+
+/// A shard server's validated configuration, with its VRF seed.
+#[derive(Debug)]
+pub struct ResolvedShard {
+    /// Address to listen on.
+    pub listen: String,
+    /// What the server runs with (the seed is redacted from `Debug` and zeroed on drop).
+    pub settings: ShardSettings,
+    /// The seed's VRF public key (what `--check-config` shows instead of the seed).
+    pub vrf_public_key: [u8; 32],
+}
+
+impl ShardConfig {
+    /// Validates the configuration and reads the VRF seed file (its length and permissions).
+    pub fn resolve(&self) -> anyhow::Result<ResolvedShard> {
+        let id = required(&self.id, "id", "--id, KTD_SHARD_ID")?;
+        let listen = required(&self.listen, "listen", "--listen, KTD_SHARD_LISTEN")?;
+        check_address("listen", listen)?;
+        let data_dir = required(&self.data_dir, "data_dir", "--data-dir, KTD_SHARD_DATA_DIR")?;
+        let seed_file = required(
+            &self.vrf_seed_file,
+            "vrf_seed_file",
+            "--vrf-seed-file, KTD_SHARD_VRF_SEED_FILE",
+        )?;
+        check_partition_bits(self.partition_bits)?;
+        let settings = ShardSettings {
+            id: id.clone(),
+            data_dir: data_dir.clone(),
+            vrf_seed: crate::seed_file::read_vrf_seed(seed_file)?,
+            partition_bits: self.partition_bits,
+            config: self.configuration.clone(),
+            sequencers: self.sequencers.clone(),
+        };
+        Ok(ResolvedShard {
+            listen: listen.clone(),
+            vrf_public_key: crate::seed_file::vrf_public_key(&settings.vrf_seed)?,
+            settings,
+        })
+    }
+}

@@ -69,7 +69,9 @@ impl PartitionReplicas {
 
     /// Whether `server` is a quarantined voter.
     pub fn is_quarantined(&self, server: &str) -> bool {
-        self.quarantined.iter().any(|quarantined| quarantined == server)
+        self.quarantined
+            .iter()
+            .any(|quarantined| quarantined == server)
     }
 
     /// How many voters must agree for an epoch to commit: a majority of all voters (quarantined
@@ -251,11 +253,7 @@ impl ShardMap {
     /// A map whose partition `p` is held by `replication_factor` consecutive servers starting
     /// with the owner of `p` in an even, contiguous split (with `replication_factor = 1`,
     /// server `i` owns the `i`-th contiguous range of partitions).
-    pub fn even(
-        bits: u8,
-        replication_factor: u8,
-        servers: Vec<(String, String)>,
-    ) -> Result<Self> {
+    pub fn even(bits: u8, replication_factor: u8, servers: Vec<(String, String)>) -> Result<Self> {
         check_partition_bits(u64::from(bits))?;
         let n_partitions = 1usize << bits;
         let n_servers = servers.len();
@@ -483,8 +481,14 @@ mod tests {
         for (partitions, what) in [
             (vec![voters(&["a", "b"])], "lists 1 partitions"),
             (vec![voters(&["a", "b"]), voters(&["c"])], "has 1 voting"),
-            (vec![voters(&["a", "b"]), voters(&["c", "c"])], "two replicas"),
-            (vec![voters(&["a", "b"]), voters(&["c", "x"])], "not a server"),
+            (
+                vec![voters(&["a", "b"]), voters(&["c", "c"])],
+                "two replicas",
+            ),
+            (
+                vec![voters(&["a", "b"]), voters(&["c", "x"])],
+                "not a server",
+            ),
         ] {
             let error = ShardMap::new(1, 1, 2, servers(&["a", "b", "c"]), partitions)
                 .expect_err(what)
@@ -504,7 +508,11 @@ mod tests {
         let map = ShardMap::new(1, 0, 2, servers(&["a", "b", "c"]), vec![partition.clone()])
             .expect("valid");
         assert_eq!(map.replicas(0).healthy_voters().collect::<Vec<_>>(), ["b"]);
-        assert_eq!(map.replicas(0).majority(), 2, "quarantine never lowers the bar");
+        assert_eq!(
+            map.replicas(0).majority(),
+            2,
+            "quarantine never lowers the bar"
+        );
         assert_eq!(map.assignments("a"), [(0, Role::Quarantined)]);
         assert_eq!(map.assignments("c"), [(0, Role::Learner)]);
         assert_eq!(map.read_order(0).len(), 1);
@@ -533,8 +541,12 @@ mod tests {
 
     #[test]
     fn even_maps_split_contiguously_and_replicate_on_the_next_servers() {
-        let two = ShardMap::even(4, 1, vec![("a".into(), "x".into()), ("b".into(), "y".into())])
-            .expect("valid");
+        let two = ShardMap::even(
+            4,
+            1,
+            vec![("a".into(), "x".into()), ("b".into(), "y".into())],
+        )
+        .expect("valid");
         assert_eq!(two.replicas(7).voters, ["a"]);
         assert_eq!(two.replicas(8).voters, ["b"]);
         let three = ShardMap::even(
@@ -554,7 +566,11 @@ mod tests {
                 .map(String::as_str)
                 .collect();
             held.sort_unstable();
-            assert_eq!(held, ["a", "b", "c"], "RF 3 on 3 servers: everyone holds everything");
+            assert_eq!(
+                held,
+                ["a", "b", "c"],
+                "RF 3 on 3 servers: everyone holds everything"
+            );
         }
         assert!(ShardMap::even(2, 4, vec![("a".into(), String::new())]).is_err());
     }
@@ -572,7 +588,11 @@ mod tests {
         assert_eq!(map.replication_factor(), 1);
         assert_eq!(map.replicas(2).voters, ["b"]);
         let gap = ShardMap::from_owners(1, 2, vec![info("a", &[0, 1]), info("b", &[3])]);
-        assert!(gap.unwrap_err().to_string().contains("partition 2 has no shard"));
+        assert!(
+            gap.unwrap_err()
+                .to_string()
+                .contains("partition 2 has no shard")
+        );
         let overlap = ShardMap::from_owners(1, 2, vec![info("a", &[0, 1, 2]), info("b", &[2, 3])]);
         assert!(overlap.unwrap_err().to_string().contains("owned by both"));
     }

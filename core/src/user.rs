@@ -219,7 +219,8 @@ pub fn compute_leaves<TC: Configuration>(
     for (leaves, update) in per_update.into_iter().zip(planned) {
         out.leaves.push(leaves.fresh);
         out.leaves.extend(leaves.stale);
-        out.versions.push((update.akd_label.clone(), leaves.version));
+        out.versions
+            .push((update.akd_label.clone(), leaves.version));
     }
     out
 }

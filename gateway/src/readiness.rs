@@ -35,7 +35,9 @@ pub async fn track_gateway_readiness<TC: Configuration>(
     reporter: HealthReporter,
     stop: CancellationToken,
 ) {
-    reporter.set_service_status("", ServingStatus::Serving).await;
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
     let mut serving: Option<(bool, bool)> = None;
     loop {
         let publish = tokio::time::timeout(PROBE_TIMEOUT, gateway.publish_readiness())

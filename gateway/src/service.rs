@@ -477,15 +477,16 @@ impl<TC: Configuration> Gateway<TC> {
                 api::ShardStatus {
                     shard_id: info.id.clone(),
                     address: info.address.clone(),
-                    partitions: assignments.iter().map(|(partition, _)| *partition).collect(),
+                    partitions: assignments
+                        .iter()
+                        .map(|(partition, _)| *partition)
+                        .collect(),
                     reachable,
                     built_epoch,
                     error,
                     precomputed_labels,
                     learner_partitions: role_partitions(ktd_core::shard_map::Role::Learner),
-                    quarantined_partitions: role_partitions(
-                        ktd_core::shard_map::Role::Quarantined,
-                    ),
+                    quarantined_partitions: role_partitions(ktd_core::shard_map::Role::Quarantined),
                     min_built_epoch,
                 }
             }

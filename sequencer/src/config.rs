@@ -417,10 +417,9 @@ impl SequencerConfig {
         if self.cluster.shards.is_empty() {
             return Ok(None);
         }
-        let bits = ktd_core::shard_map::check_partition_bits(u64::from(
-            self.cluster.partition_bits,
-        ))
-        .map_err(|error| invalid(format!("cluster.partition_bits: {error}")))?;
+        let bits =
+            ktd_core::shard_map::check_partition_bits(u64::from(self.cluster.partition_bits))
+                .map_err(|error| invalid(format!("cluster.partition_bits: {error}")))?;
         let entries = self
             .cluster
             .shards
@@ -435,8 +434,9 @@ impl SequencerConfig {
             })
             .collect::<Result<Vec<_>>>()?;
         let replication_factor = match self.cluster.replication_factor {
-            Some(factor) => u8::try_from(factor)
-                .map_err(|_| invalid(format!("cluster.replication_factor {factor} is too large")))?,
+            Some(factor) => u8::try_from(factor).map_err(|_| {
+                invalid(format!("cluster.replication_factor {factor} is too large"))
+            })?,
             None => entries.len().min(3) as u8,
         };
         let map = ktd_core::ShardMap::even(bits, replication_factor, entries)

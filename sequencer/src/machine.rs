@@ -192,11 +192,12 @@ fn assigned_servers(map: &cluster_pb::ShardMap) -> Vec<String> {
         .partitions
         .iter()
         .flat_map(|partition| {
-            partition
-                .voters
-                .iter()
-                .cloned()
-                .chain(partition.learners.iter().map(|learner| learner.server.clone()))
+            partition.voters.iter().cloned().chain(
+                partition
+                    .learners
+                    .iter()
+                    .map(|learner| learner.server.clone()),
+            )
         })
         .chain(map.shards.iter().map(|shard| shard.shard_id.clone()))
         .collect();
@@ -525,7 +526,10 @@ impl Machine {
         };
         let retain = metadata.retained_committed_batches;
         let (max_bytes, max_age) = self.state.retention_bounds();
-        let pin = self.state.oldest_pin().map_or(committed, |(_, epoch)| epoch);
+        let pin = self
+            .state
+            .oldest_pin()
+            .map_or(committed, |(_, epoch)| epoch);
         let mut retained_bytes = self.state.retained_bytes();
         while let Some((&oldest, _)) = self.state.retained_batches.first_key_value() {
             if oldest > committed || oldest + retain > committed {
@@ -546,11 +550,7 @@ impl Machine {
             tx.updates_drop(oldest);
             self.state.retained_batches.remove(&oldest);
             self.state.retained_sealed_at_ms.remove(&oldest);
-            let bytes = self
-                .state
-                .retained_batch_bytes
-                .remove(&oldest)
-                .unwrap_or(0);
+            let bytes = self.state.retained_batch_bytes.remove(&oldest).unwrap_or(0);
             retained_bytes = retained_bytes.saturating_sub(bytes);
         }
     }

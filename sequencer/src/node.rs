@@ -739,10 +739,7 @@ impl Sequencer {
             });
         }
         commit.committed_at_ms = unix_ms();
-        match self
-            .propose(pb::command::Kind::CommitEpoch(commit))
-            .await?
-        {
+        match self.propose(pb::command::Kind::CommitEpoch(commit)).await? {
             pb::apply_result::Kind::Committed(committed) => Ok(committed),
             other => Err(unexpected(&other)),
         }

@@ -28,9 +28,9 @@ use crate::server::MAX_MESSAGE_BYTES;
 use crate::wire::{self, Decoder};
 use ktd_core::Error as CoreError;
 use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan};
+use ktd_core::shard_map::ShardServer;
 use ktd_core::tree::audit::AppendOnlySlice;
 use ktd_core::tree::{LeavesByPartition, NodeRef, PartitionWalk, WalkRequest};
-use ktd_core::shard_map::ShardServer;
 
 /// Deadlines for calls to shards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

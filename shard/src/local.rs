@@ -227,7 +227,10 @@ impl<TC: Configuration> LocalShard<TC> {
             .into_iter()
             .map(|(partition, _)| partition)
             .collect();
-        if let Some(partition) = partitions.iter().find(|partition| !assigned.contains(partition)) {
+        if let Some(partition) = partitions
+            .iter()
+            .find(|partition| !assigned.contains(partition))
+        {
             return Err(Error::fenced(format!(
                 "shard map version {} does not assign partition {partition} to {}",
                 fence.map.version(),
@@ -259,7 +262,11 @@ impl<TC: Configuration> LocalShard<TC> {
     /// Refuses a write of `epoch` to `partition` unless it extends the built epoch by one, or
     /// redoes the built epoch while it is not committed.
     fn check_extends(&self, partition: u32, epoch: u64, committed: u64) -> Result<()> {
-        let built = self.state().markers.get(&partition).map(|marker| marker.epoch);
+        let built = self
+            .state()
+            .markers
+            .get(&partition)
+            .map(|marker| marker.epoch);
         match built {
             // Epoch 0 is the empty directory: every partition of a new cluster starts there.
             None if epoch == 1 && committed == 0 => Ok(()),
@@ -342,9 +349,13 @@ impl<TC: Configuration> LocalShard<TC> {
             let node = self.node.clone();
             let epoch = source.epoch;
             blocking(move || {
-                Ok(node
-                    .store()
-                    .import_records(partition, epoch, bits, &chunk.nodes, &chunk.users)?)
+                Ok(node.store().import_records(
+                    partition,
+                    epoch,
+                    bits,
+                    &chunk.nodes,
+                    &chunk.users,
+                )?)
             })
             .await?;
             if source.max_bytes_per_second > 0 {
@@ -423,10 +434,9 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         self.check_readable(user_partition, epoch - 1)?;
         self.node.limits().check_batch(&updates)?;
         let node = self.node.clone();
-        let mut prepared = blocking(move || {
-            Ok(node.user_partition_leaves(epoch, &[user_partition], updates)?)
-        })
-        .await?;
+        let mut prepared =
+            blocking(move || Ok(node.user_partition_leaves(epoch, &[user_partition], updates)?))
+                .await?;
         prepared.partitions.pop().ok_or_else(|| {
             CoreError::Proof("no leaves were computed for the user partition".into()).into()
         })
@@ -706,8 +716,18 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         Ok(ShardStatus {
             id: self.id.clone(),
             partitions: state.markers.keys().copied().collect(),
-            prepared_epoch: state.markers.values().map(|marker| marker.epoch).min().unwrap_or(0),
-            built_epoch: state.markers.values().map(|marker| marker.epoch).max().unwrap_or(0),
+            prepared_epoch: state
+                .markers
+                .values()
+                .map(|marker| marker.epoch)
+                .min()
+                .unwrap_or(0),
+            built_epoch: state
+                .markers
+                .values()
+                .map(|marker| marker.epoch)
+                .max()
+                .unwrap_or(0),
             seen_committed_epoch: state.seen_committed_epoch,
             label_cache_entries: self.node.label_cache().len() as u64,
             partition_states,

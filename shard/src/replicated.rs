@@ -54,13 +54,15 @@ pub fn shard_map_with_bits(partition_bits: u32, map: &cluster_pb::ShardMap) -> R
         .collect();
     let mut partitions = vec![None; 1usize << bits];
     for entry in &map.partitions {
-        let slot = partitions.get_mut(entry.partition as usize).ok_or_else(|| {
-            Error::invalid_config(format!(
-                "the map names partition {}; there are {}",
-                entry.partition,
-                1u32 << bits
-            ))
-        })?;
+        let slot = partitions
+            .get_mut(entry.partition as usize)
+            .ok_or_else(|| {
+                Error::invalid_config(format!(
+                    "the map names partition {}; there are {}",
+                    entry.partition,
+                    1u32 << bits
+                ))
+            })?;
         if slot.is_some() {
             return Err(Error::invalid_config(format!(
                 "the map names partition {} twice",

@@ -183,24 +183,26 @@ impl ShardMap {
             else {
                 break;
             };
-            let Some((&lightest, &least)) =
-                load.iter().min_by_key(|(id, count)| (**count, **id))
+            let Some((&lightest, &least)) = load.iter().min_by_key(|(id, count)| (**count, **id))
             else {
                 break;
             };
             if most <= least + 1 {
                 break;
             }
-            let movable = partitions.iter().enumerate().position(|(partition, replicas)| {
-                replicas.voters.iter().any(|voter| voter == heaviest)
-                    && !replicas.is_quarantined(heaviest)
-                    && replicas.role_of(lightest).is_none()
-                    && !self.being_replaced(partition, heaviest)
-                    && !replicas
-                        .learners
-                        .iter()
-                        .any(|learner| learner.replaces.as_deref() == Some(heaviest))
-            });
+            let movable = partitions
+                .iter()
+                .enumerate()
+                .position(|(partition, replicas)| {
+                    replicas.voters.iter().any(|voter| voter == heaviest)
+                        && !replicas.is_quarantined(heaviest)
+                        && replicas.role_of(lightest).is_none()
+                        && !self.being_replaced(partition, heaviest)
+                        && !replicas
+                            .learners
+                            .iter()
+                            .any(|learner| learner.replaces.as_deref() == Some(heaviest))
+                });
             let Some(partition) = movable else {
                 break;
             };
@@ -250,7 +252,10 @@ mod tests {
                 for learner in &replicas.learners {
                     match &learner.replaces {
                         Some(old) => {
-                            let slot = voters.iter_mut().find(|voter| *voter == old).expect("voter");
+                            let slot = voters
+                                .iter_mut()
+                                .find(|voter| *voter == old)
+                                .expect("voter");
                             *slot = learner.server.clone();
                         }
                         None => voters.push(learner.server.clone()),

@@ -22,7 +22,10 @@ pub fn verify_partition<TC: Configuration, S: TreeStore + ?Sized>(
     let Some(root) = root else {
         return Ok(0);
     };
-    let mut level: Vec<NodeRef> = vec![root].into_iter().filter(|node| !node.is_leaf()).collect();
+    let mut level: Vec<NodeRef> = vec![root]
+        .into_iter()
+        .filter(|node| !node.is_leaf())
+        .collect();
     let mut checked = 0u64;
     while !level.is_empty() {
         let keys: Vec<_> = level.iter().map(NodeRef::key).collect();
@@ -39,7 +42,9 @@ pub fn verify_partition<TC: Configuration, S: TreeStore + ?Sized>(
                 ))
             };
             if parent_value::<TC>(&left, &right) != node_ref.hash {
-                return Err(mismatch("its children do not hash to the value its parent records"));
+                return Err(mismatch(
+                    "its children do not hash to the value its parent records",
+                ));
             }
             if left.min_epoch.min(right.min_epoch) != node_ref.min_epoch
                 || left.max_epoch.max(right.max_epoch) != node_ref.max_epoch
@@ -76,7 +81,8 @@ mod tests {
         let store = MemTreeStore::default();
         let mut root = None;
         for (epoch, bytes) in [(1u64, [1u8, 9, 200]), (2, [3, 77, 250])] {
-            let leaves = SortedLeaves::new(bytes.iter().map(|b| leaf(*b)).collect()).expect("sorted");
+            let leaves =
+                SortedLeaves::new(bytes.iter().map(|b| leaf(*b)).collect()).expect("sorted");
             let delta = insert_leaves::<TC, _>(&store, root, &leaves, epoch).expect("insert");
             store.apply(&delta);
             root = delta.root;

@@ -23,9 +23,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand, ValueEnum};
-pub use shards::{PartitionRow, ReplicaCell, RetentionRow, ShardRow};
 use sequencer::{ClientOptions, SequencerClient, SequencerError, pb};
 use serde::Serialize;
+pub use shards::{PartitionRow, ReplicaCell, RetentionRow, ShardRow};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -412,17 +412,28 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
             );
             if wait {
                 let map = admin
-                    .wait_for_map("the moved copies to be promoted", timeout, shards::no_learners)
+                    .wait_for_map(
+                        "the moved copies to be promoted",
+                        timeout,
+                        shards::no_learners,
+                    )
                     .await?;
                 println!(
                     "{id} votes in partitions {} (map version {})",
-                    ranges(&map.assignments(&id).iter().map(|(p, _)| *p).collect::<Vec<_>>()),
+                    ranges(
+                        &map.assignments(&id)
+                            .iter()
+                            .map(|(p, _)| *p)
+                            .collect::<Vec<_>>()
+                    ),
                     map.version()
                 );
             }
         }
         AdminCommand::DrainShard { id, wait, timeout } => {
-            let map = admin.change_map(&shards::MapEdit::Drain(id.clone())).await?;
+            let map = admin
+                .change_map(&shards::MapEdit::Drain(id.clone()))
+                .await?;
             println!(
                 "draining {id} (map version {}): {} copies moving off it",
                 map.version(),
@@ -464,7 +475,9 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
             }
         }
         AdminCommand::RemoveShard { id } => {
-            let map = admin.change_map(&shards::MapEdit::Remove(id.clone())).await?;
+            let map = admin
+                .change_map(&shards::MapEdit::Remove(id.clone()))
+                .await?;
             println!(
                 "shard server {id} removed (map version {}); stop it and delete its data directory",
                 map.version()
@@ -525,7 +538,9 @@ async fn finish_move(admin: &Admin, id: &str, timeout: Duration) -> Result<(), A
             shards::moved_off(map, id)
         })
         .await?;
-    let map = admin.change_map(&shards::MapEdit::Remove(id.to_string())).await?;
+    let map = admin
+        .change_map(&shards::MapEdit::Remove(id.to_string()))
+        .await?;
     println!(
         "{id} holds nothing and left the map (version {}); stop it and delete its data directory",
         map.version()
@@ -737,7 +752,10 @@ impl Admin {
     }
 
     /// Applies a shard-map change (compare-and-set, retried on concurrent changes).
-    pub async fn change_map(&self, edit: &shards::MapEdit) -> Result<ktd_core::ShardMap, AdminError> {
+    pub async fn change_map(
+        &self,
+        edit: &shards::MapEdit,
+    ) -> Result<ktd_core::ShardMap, AdminError> {
         shards::change_map(&self.client, edit).await
     }
 

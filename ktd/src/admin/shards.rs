@@ -104,9 +104,8 @@ impl RetentionRow {
             batches: retention.batches,
             bytes: retention.bytes,
             max_bytes: retention.max_bytes,
-            oldest_age_seconds: (retention.oldest_sealed_at_ms > 0).then(|| {
-                now_ms.saturating_sub(retention.oldest_sealed_at_ms) as f64 / 1000.0
-            }),
+            oldest_age_seconds: (retention.oldest_sealed_at_ms > 0)
+                .then(|| now_ms.saturating_sub(retention.oldest_sealed_at_ms) as f64 / 1000.0),
             max_age_seconds: retention.max_age_ms as f64 / 1000.0,
             oldest_pin: (!retention.oldest_pin_server.is_empty()).then(|| {
                 (
@@ -195,7 +194,10 @@ pub async fn report(map: &ShardMap, committed: u64) -> ShardReport {
         let mut row = ShardRow {
             id: server.id.clone(),
             address: server.address.clone(),
-            partitions: assignments.iter().map(|(partition, _)| *partition).collect(),
+            partitions: assignments
+                .iter()
+                .map(|(partition, _)| *partition)
+                .collect(),
             voter_of: pick(&[Role::Voter, Role::Quarantined]),
             learner_of: pick(&[Role::Learner]),
             quarantined_in: pick(&[Role::Quarantined]),
@@ -211,7 +213,9 @@ pub async fn report(map: &ShardMap, committed: u64) -> ShardReport {
                 for state in &status.partition_states {
                     if state.held && row.partitions.contains(&state.partition) {
                         built.insert((server.id.clone(), state.partition), state.built_epoch);
-                        lowest = Some(lowest.map_or(state.built_epoch, |low| low.min(state.built_epoch)));
+                        lowest = Some(
+                            lowest.map_or(state.built_epoch, |low| low.min(state.built_epoch)),
+                        );
                     }
                 }
                 // Nothing committed yet: every partition is the empty tree everywhere.
@@ -272,7 +276,11 @@ pub async fn report(map: &ShardMap, committed: u64) -> ShardReport {
 }
 
 /// What `status --check` reports about shards and replicas.
-pub fn problems(servers: &[ShardRow], partitions: &[PartitionRow], replication_factor: u8) -> Vec<String> {
+pub fn problems(
+    servers: &[ShardRow],
+    partitions: &[PartitionRow],
+    replication_factor: u8,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let now = now_ms();
     for server in servers {
@@ -287,7 +295,10 @@ pub fn problems(servers: &[ShardRow], partitions: &[PartitionRow], replication_f
                 server.id, server.error
             ));
         } else if server.health != "SERVING" {
-            problems.push(format!("shard server {} is {}{maintenance}", server.id, server.health));
+            problems.push(format!(
+                "shard server {} is {}{maintenance}",
+                server.id, server.health
+            ));
         }
         if !server.quarantined_in.is_empty() {
             problems.push(format!(
@@ -402,7 +413,10 @@ pub async fn change_map(client: &SequencerClient, edit: &MapEdit) -> Result<Shar
             return Ok(current);
         }
         match client
-            .set_shard_map(shard::replicated::shard_map_to_pb(&edited), current.version())
+            .set_shard_map(
+                shard::replicated::shard_map_to_pb(&edited),
+                current.version(),
+            )
             .await
         {
             Ok(stored) => {
@@ -498,13 +512,28 @@ mod tests {
     #[test]
     fn check_names_partitions_without_a_majority_and_under_replicated_ones() {
         let partitions = vec![
-            row(0, &[("voter", Some(0)), ("voter", Some(0)), ("voter", Some(0))]),
-            row(1, &[("voter", Some(0)), ("voter", Some(0)), ("voter", None)]),
-            row(2, &[("voter", Some(0)), ("quarantined", Some(0)), ("voter", Some(3))]),
+            row(
+                0,
+                &[("voter", Some(0)), ("voter", Some(0)), ("voter", Some(0))],
+            ),
+            row(
+                1,
+                &[("voter", Some(0)), ("voter", Some(0)), ("voter", None)],
+            ),
+            row(
+                2,
+                &[
+                    ("voter", Some(0)),
+                    ("quarantined", Some(0)),
+                    ("voter", Some(3)),
+                ],
+            ),
         ];
         let problems = problems(&[], &partitions, 3);
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].starts_with("partitions 2 have fewer up-to-date voters than a majority"));
+        assert!(
+            problems[0].starts_with("partitions 2 have fewer up-to-date voters than a majority")
+        );
         assert!(problems[1].starts_with("partitions 1 have fewer than 3"));
     }
 

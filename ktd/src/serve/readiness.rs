@@ -13,10 +13,10 @@
 use std::sync::Arc;
 
 use gateway::readiness::{PROBE_INTERVAL, PROBE_TIMEOUT};
+use gateway::sequencing::Sequencing;
 use ktd_core::akd_core::configuration::Configuration;
 use ktd_core::tree::{NodeKey, TreeStore};
 use ktd_rpc::health::set_health;
-use gateway::sequencing::Sequencing;
 use sequencer::{ClientOptions, SequencerClient, pb};
 use shard::local::LocalShard;
 use shard::node::ShardNode;
@@ -86,7 +86,10 @@ async fn restart_check<TC: Configuration>(
         if marker.epoch > latest.epoch {
             continue;
         }
-        let record = client.get_epoch(Some(marker.epoch)).await.map_err(unknown)?;
+        let record = client
+            .get_epoch(Some(marker.epoch))
+            .await
+            .map_err(unknown)?;
         let roots = decode_roots(bits, &record).map_err(ShardCheck::Unknown)?;
         if roots.get(marker.partition as usize).copied().flatten() != marker.root {
             tracing::error!(
@@ -233,8 +236,9 @@ pub async fn track_shard_readiness<TC: Configuration>(
             let Some(cluster) = metadata.metadata else {
                 return Err(ShardCheck::Unknown("the cluster is not initialised".into()));
             };
-            let map = shard::replicated::shard_map(&cluster, &metadata.shard_map.unwrap_or_default())
-                .map_err(|error| ShardCheck::Unknown(error.to_string()))?;
+            let map =
+                shard::replicated::shard_map(&cluster, &metadata.shard_map.unwrap_or_default())
+                    .map_err(|error| ShardCheck::Unknown(error.to_string()))?;
             if !checked {
                 restart_check(&shard, &client, &map, &latest).await?;
                 checked = true;

@@ -870,7 +870,12 @@ impl Checker {
 fn every_documented_command_runs_or_parses() {
     with_deadline(Duration::from_secs(120), || async {
         let root = tempfile::tempdir().expect("temp dir");
-        let mut dev = KtdNode::dev(KTD, root.path(), "127.0.0.61", &["--epoch-interval", "200ms"]);
+        let mut dev = KtdNode::dev(
+            KTD,
+            root.path(),
+            "127.0.0.61",
+            &["--epoch-interval", "200ms"],
+        );
         dev.spawn(&[]);
         let dev_addr = format!("http://{}", dev.addr);
 

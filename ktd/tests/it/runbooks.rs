@@ -551,16 +551,19 @@ fn a_failed_shard_is_reported_and_serves_again_once_caught_up() {
         cluster.topology.shards[1].kill9();
         // `--check` names the dead server; the gateway's liveness (`""`) never depends on
         // another process, so an orchestrator does not restart healthy gateways.
-        Poll::new("`status --check` to name the dead shard server", Duration::from_secs(30))
-            .until_ok(|| async {
-                let check = cluster.ktd(&["admin", "status", "--check"]).await;
-                if check.code == 1 && check.stderr.contains("shard server s2 unreachable") {
-                    Ok(())
-                } else {
-                    Err(format!("exit {}: {}", check.code, check.stderr))
-                }
-            })
-            .await;
+        Poll::new(
+            "`status --check` to name the dead shard server",
+            Duration::from_secs(30),
+        )
+        .until_ok(|| async {
+            let check = cluster.ktd(&["admin", "status", "--check"]).await;
+            if check.code == 1 && check.stderr.contains("shard server s2 unreachable") {
+                Ok(())
+            } else {
+                Err(format!("exit {}: {}", check.code, check.stderr))
+            }
+        })
+        .await;
         assert_eq!(
             health(&gateway, "").await,
             Ok(ServingStatus::Serving),

@@ -392,10 +392,12 @@ async fn drive<TC: Configuration>(
         leaf_digests: outcome.leaf_digests.concat(),
         progress: progress
             .into_iter()
-            .map(|(server, built_epoch)| ktd_proto::ktd::cluster::v1::ServerProgress {
-                server,
-                built_epoch,
-            })
+            .map(
+                |(server, built_epoch)| ktd_proto::ktd::cluster::v1::ServerProgress {
+                    server,
+                    built_epoch,
+                },
+            )
             .collect(),
     };
     let response = sequencer.commit_epoch(commit).await?;
@@ -412,7 +414,12 @@ fn note_verdicts(shared: &Shared, verdicts: &[(String, u32, ReplicaVerdict)]) {
         match verdict {
             ReplicaVerdict::Agreed => {}
             ReplicaVerdict::Dissented { what } => {
-                tracing::error!(server, partition, what, "a replica disagrees with its majority");
+                tracing::error!(
+                    server,
+                    partition,
+                    what,
+                    "a replica disagrees with its majority"
+                );
                 tracker.record_dissent(server, *partition);
             }
             ReplicaVerdict::Behind { reason } => {

@@ -229,7 +229,8 @@ async fn check<TC: Configuration>(
                                 bytes = summary.bytes,
                                 nodes_checked = summary.nodes_checked,
                                 seconds,
-                                mib_per_second = summary.bytes as f64 / (1 << 20) as f64 / seconds.max(1e-9),
+                                mib_per_second =
+                                    summary.bytes as f64 / (1 << 20) as f64 / seconds.max(1e-9),
                                 "partition copied"
                             );
                             view.partitions.insert(
@@ -331,7 +332,12 @@ async fn replay<TC: Configuration>(
             match verdict {
                 ReplicaVerdict::Agreed => agreed.push(*partition),
                 ReplicaVerdict::Dissented { what } => {
-                    tracing::error!(server, partition, what, "a replayed replica disagrees with the committed epoch");
+                    tracing::error!(
+                        server,
+                        partition,
+                        what,
+                        "a replayed replica disagrees with the committed epoch"
+                    );
                     metrics::counter!("ktd_coordinator_replica_dissents_total").increment(1);
                     tracker.record_dissent(server, *partition);
                 }
@@ -376,7 +382,9 @@ fn export_health(map: &ktd_core::ShardMap, tracker: &super::replicas::Tracker, c
                     .get(&server.id)
                     .and_then(|view| view.partitions.get(partition))
                     .filter(|progress| progress.held)
-                    .map_or(committed, |progress| committed.saturating_sub(progress.built))
+                    .map_or(committed, |progress| {
+                        committed.saturating_sub(progress.built)
+                    })
             })
             .max()
             .unwrap_or(0);

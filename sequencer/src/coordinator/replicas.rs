@@ -17,9 +17,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use ktd_core::ShardMap;
 use ktd_core::shard_map::{Learner, Role};
 use ktd_core::tree::NodeRef;
-use ktd_core::ShardMap;
 use shard::api::ShardStatus;
 use shard::cluster::{Participation, ReplicaVerdict};
 
@@ -140,7 +140,12 @@ impl Tracker {
                     let partition = partition as u32;
                     replicas
                         .healthy_voters()
-                        .chain(replicas.learners.iter().map(|learner| learner.server.as_str()))
+                        .chain(
+                            replicas
+                                .learners
+                                .iter()
+                                .map(|learner| learner.server.as_str()),
+                        )
                         .filter(|server| self.ready_for(server, partition, epoch))
                         .map(str::to_string)
                         .collect()
@@ -275,7 +280,9 @@ impl MapChange {
                     {
                         *slot = server.clone();
                     }
-                    replicas.quarantined.retain(|quarantined| *quarantined != replaced);
+                    replicas
+                        .quarantined
+                        .retain(|quarantined| *quarantined != replaced);
                 } else {
                     replicas.voters.push(server.clone());
                 }
@@ -673,12 +680,7 @@ mod tests {
         for server in ["a", "b", "d"] {
             seen(&mut tracker, server, 7, root(7), start);
         }
-        tracker
-            .servers
-            .get_mut("d")
-            .expect("d")
-            .partitions
-            .clear();
+        tracker.servers.get_mut("d").expect("d").partitions.clear();
         tracker.record_unreachable("c", start);
         let roots = |epoch: u64| Some(vec![root(epoch as u8)]);
         let committed = Committed {
@@ -699,7 +701,17 @@ mod tests {
                     .collect(),
             )
             .expect("valid");
-        assert!(plan(&in_maintenance, &tracker, &committed, later, 5_000, options()).is_empty());
+        assert!(
+            plan(
+                &in_maintenance,
+                &tracker,
+                &committed,
+                later,
+                5_000,
+                options()
+            )
+            .is_empty()
+        );
         let repairs = plan(&map, &tracker, &committed, later, 5_000, options());
         let add = MapChange::AddLearner {
             server: "d".into(),

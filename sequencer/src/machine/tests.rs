@@ -509,17 +509,36 @@ fn set_map(map: cluster_pb::ShardMap, expected_version: u64) -> pb::command::Kin
 #[test]
 fn replica_set_maps_are_checked_before_they_are_replicated() {
     let mut harness = Harness::new(10, 10, 0);
-    let good = replica_map(2, vec![vec!["a", "b"], vec!["b", "c"], vec!["c", "a"], vec!["a", "b"]]);
+    let good = replica_map(
+        2,
+        vec![
+            vec!["a", "b"],
+            vec!["b", "c"],
+            vec!["c", "a"],
+            vec!["a", "b"],
+        ],
+    );
     assert!(rejection_code(&harness.run(set_map(good, 0))).is_none());
     assert_eq!(harness.machine.state().shard_map.version, 1);
     assert_eq!(harness.machine.state().shard_map.replication_factor, 2);
     for (map, what) in [
         (
-            replica_map(2, vec![vec!["a", "a"], vec!["b", "c"], vec!["c", "a"], vec!["a", "b"]]),
+            replica_map(
+                2,
+                vec![
+                    vec!["a", "a"],
+                    vec!["b", "c"],
+                    vec!["c", "a"],
+                    vec!["a", "b"],
+                ],
+            ),
             "two replicas on one server",
         ),
         (
-            replica_map(2, vec![vec!["a"], vec!["b", "c"], vec!["c", "a"], vec!["a", "b"]]),
+            replica_map(
+                2,
+                vec![vec!["a"], vec!["b", "c"], vec!["c", "a"], vec!["a", "b"]],
+            ),
             "too few replicas",
         ),
         (
@@ -527,7 +546,15 @@ fn replica_set_maps_are_checked_before_they_are_replicated() {
             "a partition uncovered",
         ),
         (
-            replica_map(2, vec![vec!["a", "x"], vec!["b", "c"], vec!["c", "a"], vec!["a", "b"]]),
+            replica_map(
+                2,
+                vec![
+                    vec!["a", "x"],
+                    vec!["b", "c"],
+                    vec!["c", "a"],
+                    vec!["a", "b"],
+                ],
+            ),
             "an unknown server",
         ),
         (
@@ -564,7 +591,13 @@ fn committed_batches_stay_until_every_assigned_replica_built_them_within_the_bou
             .is_none()
         );
     }
-    let retained: Vec<u64> = harness.machine.state().retained_batches.keys().copied().collect();
+    let retained: Vec<u64> = harness
+        .machine
+        .state()
+        .retained_batches
+        .keys()
+        .copied()
+        .collect();
     assert_eq!(retained, [2, 3, 4, 5], "c still needs 2..5");
     assert_eq!(harness.machine.state().oldest_pin(), Some(("c".into(), 1)));
     assert!(harness.machine.state().retained_bytes() > 0);
@@ -573,13 +606,33 @@ fn committed_batches_stay_until_every_assigned_replica_built_them_within_the_bou
     harness.append(&["k"], "");
     harness.seal(6);
     harness.commit_with_progress(6, 10_006, &[("a", 6), ("b", 6), ("c", 4)]);
-    let retained: Vec<u64> = harness.machine.state().retained_batches.keys().copied().collect();
+    let retained: Vec<u64> = harness
+        .machine
+        .state()
+        .retained_batches
+        .keys()
+        .copied()
+        .collect();
     assert_eq!(retained, [5, 6]);
 
     // c goes silent again; past the age bound its pin is released anyway.
     harness.append(&["k"], "");
     harness.seal(7);
-    harness.commit_with_progress(7, 10_007 + crate::machine::DEFAULT_RETENTION_MAX_AGE_MS, &[]);
-    let retained: Vec<u64> = harness.machine.state().retained_batches.keys().copied().collect();
-    assert_eq!(retained, [7], "batches older than the age bound go, whoever still needs them");
+    harness.commit_with_progress(
+        7,
+        10_007 + crate::machine::DEFAULT_RETENTION_MAX_AGE_MS,
+        &[],
+    );
+    let retained: Vec<u64> = harness
+        .machine
+        .state()
+        .retained_batches
+        .keys()
+        .copied()
+        .collect();
+    assert_eq!(
+        retained,
+        [7],
+        "batches older than the age bound go, whoever still needs them"
+    );
 }

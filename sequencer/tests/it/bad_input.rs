@@ -114,7 +114,9 @@ fn bad_requests_get_clear_statuses() {
             .expect("epoch 0 always exists");
         assert!(empty.root_hash.is_empty());
         assert_status(
-            client.commit_epoch(crate::support::commit(1, vec![7; 5], Vec::new())).await,
+            client
+                .commit_epoch(crate::support::commit(1, vec![7; 5], Vec::new()))
+                .await,
             Code::InvalidArgument,
             "root hash must be 32 bytes, got 5",
         );

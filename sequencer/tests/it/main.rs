@@ -12,4 +12,3 @@ mod no_fork;
 mod restart;
 mod snapshot_catchup;
 mod support;
-

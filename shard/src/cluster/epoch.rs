@@ -57,7 +57,12 @@ impl Participation {
                 .map(|replicas| {
                     replicas
                         .healthy_voters()
-                        .chain(replicas.learners.iter().map(|learner| learner.server.as_str()))
+                        .chain(
+                            replicas
+                                .learners
+                                .iter()
+                                .map(|learner| learner.server.as_str()),
+                        )
                         .map(str::to_string)
                         .collect()
                 })
@@ -523,7 +528,9 @@ pub async fn run_epoch<TC: Configuration>(
         let winner = majority_value(
             map,
             partition,
-            answered.clone().map(|(server, root)| (server, root_key(&root))),
+            answered
+                .clone()
+                .map(|(server, root)| (server, root_key(&root))),
         );
         for (server, root) in answered {
             let verdict = match &winner {
@@ -671,7 +678,10 @@ pub async fn replay_epoch(
                     computed = Some(answer);
                     break;
                 }
-                Ok(_) => errors.push(format!("{}: digest differs from the committed one", source.id)),
+                Ok(_) => errors.push(format!(
+                    "{}: digest differs from the committed one",
+                    source.id
+                )),
                 Err(error) => errors.push(format!("{}: {error}", source.id)),
             }
         }

@@ -268,13 +268,16 @@ pub async fn audit_step<TC: Configuration>(
     start_epoch: u64,
 ) -> Result<SingleAppendOnlyProof> {
     let top_audit = end.append_only_top(start_epoch);
-    let slices = top_audit.partitions.iter().map(|(partition, root)| async move {
-        on_replicas(shards, *partition, |api| {
-            let root = *root;
-            async move { api.append_only_slice(root, start_epoch).await }
-        })
-        .await
-    });
+    let slices = top_audit
+        .partitions
+        .iter()
+        .map(|(partition, root)| async move {
+            on_replicas(shards, *partition, |api| {
+                let root = *root;
+                async move { api.append_only_slice(root, start_epoch).await }
+            })
+            .await
+        });
     let slices = try_join_all(slices).await?;
     Ok(stitch::append_only_proof(top_audit, slices))
 }

@@ -27,9 +27,7 @@ use crate::error::Error;
 use crate::metrics::{SampleError, StorageHealth};
 use ktd_core::Error as CoreError;
 use ktd_core::Result;
-use ktd_core::tree::{
-    InteriorNode, NodeKey, PartitionDelta, TreeStore,
-};
+use ktd_core::tree::{InteriorNode, NodeKey, PartitionDelta, TreeStore};
 use ktd_core::user::UserVersion;
 
 pub mod codec;

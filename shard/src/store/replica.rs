@@ -61,7 +61,8 @@ pub type RawRecord = (Vec<u8>, Vec<u8>);
 fn partition_bounds(partition: u32, bits: u8) -> ([u8; 2], Option<[u8; 2]>) {
     let shift = 16 - u32::from(bits);
     let start = ((partition << shift) as u16).to_be_bytes();
-    let end = (partition + 1 < (1 << bits)).then(|| (((partition + 1) << shift) as u16).to_be_bytes());
+    let end =
+        (partition + 1 < (1 << bits)).then(|| (((partition + 1) << shift) as u16).to_be_bytes());
     (start, end)
 }
 
@@ -390,7 +391,11 @@ mod tests {
             let mut previous_end: Option<[u8; 2]> = Some([0, 0]);
             for partition in 0..(1u32 << bits) {
                 let (start, end) = partition_bounds(partition, bits);
-                assert_eq!(Some(start), previous_end, "bits {bits} partition {partition}");
+                assert_eq!(
+                    Some(start),
+                    previous_end,
+                    "bits {bits} partition {partition}"
+                );
                 previous_end = end;
             }
             assert_eq!(previous_end, None, "the last partition runs to the end");
@@ -417,7 +422,8 @@ mod tests {
                 root: None,
             },
         ] {
-            let decoded = decode_marker(marker.partition, &encode_marker(&marker)).expect("round trip");
+            let decoded =
+                decode_marker(marker.partition, &encode_marker(&marker)).expect("round trip");
             assert_eq!(decoded, marker);
         }
         assert!(decode_marker(0, &[FORMAT, 0]).is_err());

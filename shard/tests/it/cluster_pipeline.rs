@@ -27,9 +27,7 @@ use shard::api::{
     ShardApi, ShardStatus, UpdateTrace, UserPartitionLeaves,
 };
 use shard::client::{ClientTimeouts, GrpcPeers};
-use shard::cluster::{
-    self, CommittedEpoch, EpochOutcome, Participation, ReplicaVerdict, ShardSet,
-};
+use shard::cluster::{self, CommittedEpoch, EpochOutcome, Participation, ReplicaVerdict, ShardSet};
 use shard::local::{LocalShard, NoPeers, PeerResolver};
 use shard::node::ShardNode;
 use shard::server::ShardService;
@@ -263,12 +261,10 @@ fn three_grpc_replicas_match_the_directory_and_copy_a_partition_to_a_new_one() {
                 )
                 .expect("map with a fourth server");
             let mut partitions = map4.partitions().to_vec();
-            partitions[5]
-                .learners
-                .push(ktd_core::shard_map::Learner {
-                    server: "shard-3".into(),
-                    replaces: None,
-                });
+            partitions[5].learners.push(ktd_core::shard_map::Learner {
+                server: "shard-3".into(),
+                replaces: None,
+            });
             let with_learner = map4.with_partitions(partitions).expect("learner map");
             let shards4 = ShardSet::resolve(with_learner.clone(), peers.as_ref()).expect("set");
             let summary = shards4
@@ -287,8 +283,16 @@ fn three_grpc_replicas_match_the_directory_and_copy_a_partition_to_a_new_one() {
                 )
                 .await
                 .expect("bootstrap");
-            assert!(summary.records > 0 && summary.nodes_checked > 0, "{summary:?}");
-            let status = shards4.api("shard-3").expect("api").status().await.expect("status");
+            assert!(
+                summary.records > 0 && summary.nodes_checked > 0,
+                "{summary:?}"
+            );
+            let status = shards4
+                .api("shard-3")
+                .expect("api")
+                .status()
+                .await
+                .expect("status");
             assert_eq!(status.partitions, [5]);
             assert_eq!(status.built_epoch, committed);
             let root = tops[committed as usize].partitions()[5].expect("partition 5 has a root");
@@ -330,7 +334,12 @@ fn three_grpc_replicas_match_the_directory_and_copy_a_partition_to_a_new_one() {
                 .await
                 .expect_err("a copy that does not hash to the committed root");
             assert!(error.to_string().contains("hash"), "{error}");
-            let status = shards4.api("shard-3").expect("api").status().await.expect("status");
+            let status = shards4
+                .api("shard-3")
+                .expect("api")
+                .status()
+                .await
+                .expect("status");
             assert!(status.partitions.is_empty(), "{status:?}");
         });
     });
@@ -539,8 +548,13 @@ fn a_replica_set_commits_without_one_replica_and_the_replica_replays_to_the_same
                 let expected = reference.publish(batch.clone()).expect("reference");
                 assert_eq!(outcome.top.root_hash(), expected.root_hash, "epoch {epoch}");
                 if epoch >= 3 {
-                    assert!(outcome.verdicts.iter().any(|(server, _, verdict)| server == "r2"
-                        && matches!(verdict, ReplicaVerdict::Behind { .. })));
+                    assert!(
+                        outcome
+                            .verdicts
+                            .iter()
+                            .any(|(server, _, verdict)| server == "r2"
+                                && matches!(verdict, ReplicaVerdict::Behind { .. }))
+                    );
                 }
                 digests.push(outcome.leaf_digests.clone());
                 tops.push(outcome.top);
@@ -638,7 +652,10 @@ fn a_replica_that_builds_another_root_is_outvoted_and_named() {
                     .map(|(server, _, _)| server.as_str())
                     .collect();
                 assert!(!dissents.is_empty(), "epoch {epoch}");
-                assert!(dissents.iter().all(|server| *server == "r1"), "{dissents:?}");
+                assert!(
+                    dissents.iter().all(|server| *server == "r1"),
+                    "{dissents:?}"
+                );
                 top = outcome.top;
             }
         });
@@ -753,7 +770,10 @@ fn fenced_mutations_are_refused_and_change_nothing() {
                 .expect_err("partition not assigned");
             assert!(matches!(error, shard::Error::Fenced { .. }), "{error:?}");
             assert_eq!(store.node_versions_from(0).expect("count"), nodes_before);
-            assert_eq!(r0.status().await.expect("status").partition_states, status_before.partition_states);
+            assert_eq!(
+                r0.status().await.expect("status").partition_states,
+                status_before.partition_states
+            );
             // And the replica still serves its committed state.
             let label = batches[0][0].0.clone();
             cluster::lookup(&set.shards, &tops[committed as usize], committed, &label)

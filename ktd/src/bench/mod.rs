@@ -49,6 +49,8 @@ pub struct BenchSettings {
     pub value_bytes: usize,
     /// Random seed (labels, mix).
     pub seed: u64,
+    /// Verify each lookup's proof (client-side, in this process) instead of only fetching it.
+    pub verify: bool,
     /// A `ktd auditor`'s gRPC address to follow: the report then has the auditor's lag.
     pub auditor: Option<String>,
     /// Local server processes to sample (name, pid): CPU and RSS go into the report.
@@ -454,6 +456,7 @@ pub async fn run(
         }
         let (client, recorder, next_user) = (client.clone(), recorder.clone(), next_user.clone());
         let (batch, value_bytes, seed) = (settings.batch, settings.value_bytes, settings.seed);
+        let verify = settings.verify;
         let recording = recording.clone();
         tasks.spawn(async move {
             let _permit = permit;
@@ -476,6 +479,11 @@ pub async fn run(
                         })
                         .map_err(|error| code_of(&error))
                 }
+                Kind::Lookup if verify => client
+                    .lookup(&label(seed, target), None)
+                    .await
+                    .map(|_| None)
+                    .map_err(|error| code_of(&error)),
                 Kind::Lookup => client
                     .directory()
                     .lookup(api::LookupRequest {

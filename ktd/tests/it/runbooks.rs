@@ -175,7 +175,13 @@ impl Runbook {
 
     /// Waits until `status -o json` satisfies `done` (`what`, within 20 s).
     async fn wait_status(&self, what: &str, done: impl Fn(&Value) -> bool) {
-        Poll::new(what, Duration::from_secs(20))
+        self.wait_status_within(Duration::from_secs(20), what, done)
+            .await;
+    }
+
+    /// Waits until `status -o json` satisfies `done` (`what`, within `limit`).
+    async fn wait_status_within(&self, limit: Duration, what: &str, done: impl Fn(&Value) -> bool) {
+        Poll::new(what, limit)
             .every(Duration::from_millis(200))
             .until_ok(|| async {
                 let status = self.status_json().await;
@@ -942,7 +948,8 @@ fn a_lost_shard_disk_is_rebuilt_from_the_other_replicas() {
         let rebuilt = Instant::now();
         cluster.topology.shards[1].restart();
         cluster
-            .wait_status(
+            .wait_status_within(
+                Duration::from_secs(60),
                 "s2 to be an up-to-date voter of every partition again",
                 |status| Runbook::up_to_date_voter_of(status, "s2") == 16,
             )
@@ -1010,7 +1017,8 @@ fn a_replica_that_disagrees_is_quarantined_and_rebuilt() {
         })
         .await;
         cluster
-            .wait_status(
+            .wait_status_within(
+                Duration::from_secs(60),
                 "s3 to be an up-to-date voter of every partition again",
                 |status| Runbook::up_to_date_voter_of(status, "s3") == 16,
             )
@@ -1083,9 +1091,11 @@ fn shard_servers_are_replaced_added_and_drained_online() {
         assert!(out.contains("s2 holds nothing and left the map"), "{out}");
         assert!(cluster.shard_row("s2").await.is_none(), "s2 left the map");
         cluster
-            .wait_status("s4 to vote in every partition", |status| {
-                Runbook::up_to_date_voter_of(status, "s4") == 16
-            })
+            .wait_status_within(
+                Duration::from_secs(60),
+                "s4 to vote in every partition",
+                |status| Runbook::up_to_date_voter_of(status, "s4") == 16,
+            )
             .await;
         let exit = cluster.topology.shards[1].terminate(Duration::from_secs(20));
         assert!(exit.success(), "s2 exited with {exit:?}");

@@ -13,8 +13,10 @@ use std::time::Duration;
 use ktd_core::config::WhatsAppV1;
 use ktd_core::stitch::TopTree;
 use ktd_core::tree::PartitionRoot;
+use ktd_testkit::grpc::wait_health;
 use ktd_testkit::with_deadline;
 use shard::store::{RocksStore, StoreOptions};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::cluster::{Topology, TopologyOptions, connect};
 
@@ -99,6 +101,14 @@ fn shard_servers_killed_right_after_a_commit_reopen_with_the_epoch_built() {
 
         for shard in &mut topology.shards {
             shard.restart();
+        }
+        for shard in &topology.shards {
+            wait_health(
+                &shard.addr,
+                ServingStatus::Serving,
+                "a restarted shard server",
+            )
+            .await;
         }
         let found = client
             .lookup(b"durable-2-7", None)

@@ -883,6 +883,7 @@ impl Runbook {
 fn a_shard_server_down_is_a_non_event_with_three_replicas() {
     replica_runbook(|| async {
         let mut cluster = Runbook::replicated().await;
+        cluster.wait_commits(0, 2, "before the first kill").await;
         let looker = Looker::start(cluster.topology.gateway_url(), cluster.acked.clone());
         let gateway = cluster.topology.gateways[0].addr.clone();
         for index in 0..3 {

@@ -435,8 +435,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         self.node.limits().check_batch(&updates)?;
         let node = self.node.clone();
         let mut prepared =
-            blocking(move || Ok(node.user_partition_leaves(epoch, &[user_partition], updates)?))
-                .await?;
+            blocking(move || node.user_partition_leaves(epoch, &[user_partition], updates)).await?;
         prepared.partitions.pop().ok_or_else(|| {
             CoreError::Proof("no leaves were computed for the user partition".into()).into()
         })

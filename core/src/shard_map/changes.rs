@@ -178,11 +178,7 @@ impl ShardMap {
             load.remove(server);
         }
         let mut partitions = self.partitions.clone();
-        loop {
-            let Some((&heaviest, &most)) = load.iter().max_by_key(|(id, count)| (**count, **id))
-            else {
-                break;
-            };
+        while let Some((&heaviest, &most)) = load.iter().max_by_key(|(id, count)| (**count, **id)) {
             let Some((&lightest, &least)) = load.iter().min_by_key(|(id, count)| (**count, **id))
             else {
                 break;

@@ -201,7 +201,7 @@ pub async fn run<TC: Configuration>(
         shards: Mutex::new(None),
         connector,
     });
-    let repairs = tokio::spawn(repair::run::<TC>(
+    let repairs = tokio::spawn(repair::run(
         sequencer.clone(),
         shared.clone(),
         shutdown.clone(),

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ktd_core::EpochRecord;
-use ktd_core::akd_core::configuration::Configuration;
 use ktd_core::shard_map::Role;
 use ktd_core::tree::NodeRef;
 use shard::api::{BootstrapSource, Fence};
@@ -36,7 +35,7 @@ fn unix_ms() -> u64 {
 }
 
 /// Runs the repair loop until `shutdown` (idle while this node does not lead).
-pub(crate) async fn run<TC: Configuration>(
+pub(crate) async fn run(
     sequencer: Sequencer,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -52,14 +51,14 @@ pub(crate) async fn run<TC: Configuration>(
         if !leading.is_self {
             continue;
         }
-        if let Err(error) = check::<TC>(&sequencer, &shared, leading.term, &options).await {
+        if let Err(error) = check(&sequencer, &shared, leading.term, &options).await {
             tracing::debug!(%error, "replica check");
         }
     }
 }
 
 /// One round: statuses, decisions, actions.
-async fn check<TC: Configuration>(
+async fn check(
     sequencer: &Sequencer,
     shared: &Arc<Shared>,
     term: u64,
@@ -161,7 +160,7 @@ async fn check<TC: Configuration>(
                 let (sequencer, shared, fence) = (sequencer.clone(), shared.clone(), fence.clone());
                 tokio::spawn(async move {
                     let replayed =
-                        replay::<TC>(&sequencer, &shared, &fence, &server, partitions, epoch).await;
+                        replay(&sequencer, &shared, &fence, &server, partitions, epoch).await;
                     if let Err(error) = replayed {
                         tracing::warn!(server, epoch, %error, "replay stopped");
                     }
@@ -272,7 +271,7 @@ fn decode_roots(
 
 /// Replays committed epochs `epoch..` on `server` for `partitions` (built there to
 /// `epoch - 1`), up to [`REPLAY_BATCH`] epochs or the latest committed one.
-async fn replay<TC: Configuration>(
+async fn replay(
     sequencer: &Sequencer,
     shared: &Shared,
     fence: &Fence,
@@ -290,6 +289,7 @@ async fn replay<TC: Configuration>(
         let previous = sequencer.get_local_epoch(Some(epoch - 1)).await?;
         let record = sequencer.get_local_epoch(Some(epoch)).await?;
         let committed = CommittedEpoch {
+            epoch,
             base_roots: decode_roots(map.bits(), &previous).map_err(super::coordination)?,
             roots: decode_roots(map.bits(), &record).map_err(super::coordination)?,
             leaf_digests: replicated::leaf_digests(map.bits(), &record)
@@ -318,7 +318,6 @@ async fn replay<TC: Configuration>(
             &fence,
             server,
             &partitions,
-            epoch,
             updates,
             &committed,
             &up_to_date,

@@ -596,6 +596,8 @@ pub struct ReplayOutcome {
 /// The committed facts of an epoch a replay must reproduce.
 #[derive(Clone, Debug)]
 pub struct CommittedEpoch {
+    /// The epoch.
+    pub epoch: u64,
     /// Partition roots as of the epoch before (what the replayed partitions build on).
     pub base_roots: Vec<Option<NodeRef>>,
     /// Partition roots as of the epoch.
@@ -604,7 +606,7 @@ pub struct CommittedEpoch {
     pub leaf_digests: Vec<[u8; 32]>,
 }
 
-/// Replays committed `epoch` (its sealed batch `updates`) on `server` for `partitions` (built
+/// Replays the `committed` epoch (its sealed batch `updates`) on `server` for `partitions` (built
 /// there to `epoch - 1`): prepares their users, gets every other user partition's leaves from
 /// one of its up-to-date voters (`ComputeLeaves`, read-only), builds, and compares the roots
 /// (and leaf digests) with the committed ones. A partition that differs dissented; a server
@@ -614,11 +616,11 @@ pub async fn replay_epoch(
     fence: &Fence,
     server: &str,
     partitions: &[u32],
-    epoch: u64,
     updates: Vec<(AkdLabel, AkdValue)>,
     committed: &CommittedEpoch,
     up_to_date: &(dyn Fn(&str, u32) -> bool + Sync),
 ) -> Result<ReplayOutcome> {
+    let epoch = committed.epoch;
     let map = &fence.map;
     let n_partitions = map.partition_count();
     let per_partition = split_by_user_partition(map, updates, &HashMap::new());

@@ -252,7 +252,6 @@ pub async fn key_history<TC: Configuration>(
     let partition = shards.map().user_partition(akd_label);
     let plan = on_replicas(shards, partition, |api| {
         let akd_label = akd_label.clone();
-        let params = params.clone();
         async move { api.history_plan(akd_label, params, epoch).await }
     })
     .await?;

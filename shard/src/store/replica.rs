@@ -285,12 +285,12 @@ impl RocksStore {
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_USERS), read_options);
         iter.seek(start);
         while iter.valid() {
-            if let (Some(key), Some(value)) = (iter.key(), iter.value()) {
-                if super::codec::user_record_epoch(value)? <= epoch {
-                    pending += key.len() + value.len();
-                    users.push((key.to_vec(), value.to_vec()));
-                    records += 1;
-                }
+            if let (Some(key), Some(value)) = (iter.key(), iter.value())
+                && super::codec::user_record_epoch(value)? <= epoch
+            {
+                pending += key.len() + value.len();
+                users.push((key.to_vec(), value.to_vec()));
+                records += 1;
             }
             if pending >= chunk_bytes {
                 flush(&mut nodes, &mut users, &mut pending, &mut sink)?;

@@ -573,6 +573,7 @@ fn a_replica_set_commits_without_one_replica_and_the_replica_replays_to_the_same
             let map = set.shards.map().clone();
             for epoch in 3..=committed {
                 let committed_epoch = CommittedEpoch {
+                    epoch,
                     base_roots: tops[epoch as usize - 1].partitions().to_vec(),
                     roots: tops[epoch as usize].partitions().to_vec(),
                     leaf_digests: digests[epoch as usize].clone(),
@@ -582,7 +583,6 @@ fn a_replica_set_commits_without_one_replica_and_the_replica_replays_to_the_same
                     &fence(&map, 1, committed),
                     "r2",
                     &(0..1 << bits).collect::<Vec<u32>>(),
-                    epoch,
                     batches[epoch as usize - 1].clone(),
                     &committed_epoch,
                     &|server, _| server != "r2",

@@ -21,7 +21,7 @@ where
 
 /// A commit of `epoch` with `root_hash` and `partition_roots`, no leaf digests and no replica
 /// progress (what a coordinator of an unreplicated cluster would send).
-fn commit(
+pub fn commit(
     epoch: u64,
     root_hash: Vec<u8>,
     partition_roots: Vec<u8>,

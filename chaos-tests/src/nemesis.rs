@@ -914,6 +914,7 @@ async fn heal_replica(
             text.get(offset..)
                 .unwrap_or_default()
                 .lines()
+                .map(strip_ansi)
                 .filter(|line| {
                     line.contains("partition copied")
                         && line
@@ -925,6 +926,27 @@ async fn heal_replica(
         .sum();
     record.replica = Some(recovery);
     Ok(())
+}
+
+/// `line` without ANSI escape sequences (`ESC [ ... letter`: the text log's colours, which
+/// split `server="s2"` into styled pieces).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `ktd admin status -o json` against the cluster's sequencers, bounded to 10 s.
@@ -1407,6 +1429,16 @@ mod tests {
             rng: &mut rng,
         };
         plan_network(kind, &targets, PAIRS, &mut resolver)
+    }
+
+    #[test]
+    fn copies_are_found_in_coloured_and_plain_log_lines() {
+        let coloured = "\u{1b}[2m2026-12-02T12:15:44Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m partition copied \u{1b}[3mserver\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"s2\" \u{1b}[3mpartition\u{1b}[0m\u{1b}[2m=\u{1b}[0m0";
+        assert_eq!(
+            strip_ansi(coloured),
+            "2026-12-02T12:15:44Z  INFO partition copied server=\"s2\" partition=0"
+        );
+        assert_eq!(strip_ansi("plain server=s2"), "plain server=s2");
     }
 
     #[test]

@@ -35,11 +35,7 @@ fn unix_ms() -> u64 {
 }
 
 /// Runs the repair loop until `shutdown` (idle while this node does not lead).
-pub(crate) async fn run(
-    sequencer: Sequencer,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
+pub(crate) async fn run(sequencer: Sequencer, shared: Arc<Shared>, shutdown: CancellationToken) {
     let options = sequencer.config().replicas.clone();
     let mut leader = sequencer.leader_changes();
     loop {

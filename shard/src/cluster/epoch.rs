@@ -339,6 +339,7 @@ pub async fn run_epoch<TC: Configuration>(
             epoch
         ))
         .await;
+    let late_to_prepare = late.clone();
     for server in late {
         for partition in participation.partitions_of(&server) {
             verdicts.insert(
@@ -405,8 +406,30 @@ pub async fn run_epoch<TC: Configuration>(
             .collect::<Vec<_>>()
     };
     if !failures.is_empty() {
+        // Name what each server answered, so the coordinator's log says why there was no
+        // majority (a refusal, an error, or no answer in time).
+        let mut answers: Vec<String> = prepared
+            .iter()
+            .map(|(server, answer)| match answer {
+                Ok(_) => format!("{server}: prepared"),
+                Err(error) => format!("{server}: {error}"),
+            })
+            .collect();
+        answers.extend(
+            late_to_prepare
+                .iter()
+                .map(|server| format!("{server}: no answer within the grace period")),
+        );
+        let failed = if failures.len() as u32 == n_partitions && n_partitions > 1 {
+            "every user partition: no majority of its voters agreed on the leaves".to_string()
+        } else {
+            failures.join("; ")
+        };
         return Err(EpochFailure {
-            reason: format!("epoch {epoch}: {}", failures.join("; ")),
+            reason: format!(
+                "epoch {epoch}: {failed} (PrepareEpoch answers: {})",
+                answers.join("; ")
+            ),
             verdicts: verdict_list(&verdicts),
         });
     }

@@ -303,6 +303,9 @@ fn code_of(error: &ktd_client::ClientError) -> tonic::Code {
     error.code().unwrap_or(tonic::Code::Unknown)
 }
 
+/// How long the pre-load waits for its last epoch to commit.
+const PRELOAD_COMMIT_WAIT: Duration = Duration::from_secs(3600);
+
 /// Every acknowledged publish's updates, for `--compare-akd`.
 pub type Recording = Arc<Mutex<compare_akd::Published>>;
 
@@ -363,7 +366,19 @@ pub async fn preload(
         Err(error) if code_of(&error) == tonic::Code::FailedPrecondition => {}
         Err(error) => return Err(error.into()),
     }
-    client.wait_for_epoch(last_epoch).await?;
+    // Commits may trail the acknowledged pre-load by minutes (a 1M pre-load is ten
+    // 100,000-update epochs), longer than one waiting call's deadline: wait in steps.
+    loop {
+        match client.wait_for_epoch(last_epoch).await {
+            Ok(_) => break,
+            Err(error)
+                if matches!(
+                    code_of(&error),
+                    tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                ) && started.elapsed() < PRELOAD_COMMIT_WAIT => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
     eprintln!(
         "pre-load: {} users in {:.1} s (through epoch {last_epoch})",
         settings.preload,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A full ktd cluster on loopback: 3 sequencers, 2 shard servers (16 partitions), 1 gateway.
+# A full ktd cluster on loopback: 3 sequencers, 3 shard servers (16 partitions, each held by all
+# three: replication factor 3), 1 gateway.
 #
 #   deploy/local-cluster.sh start [DIR]   build ktd (release), start everything, wait for health
 #   deploy/local-cluster.sh stop  [DIR]   SIGTERM every process (graceful), then wait
@@ -9,11 +10,12 @@
 #
 # DIR (default /tmp/ktd-local) holds the data directories, the VRF seed, logs and pid files; a
 # second `start` on the same DIR restarts the cluster from its data. Addresses:
-#   sequencers 127.0.0.1:7001-7003, shards 127.0.0.1:7101-7102, gateway 127.0.0.1:8080
+#   sequencers 127.0.0.1:7001-7003, shards 127.0.0.1:7101-7103, gateway 127.0.0.1:8080
 # Then: ktd publish alice key-1 --wait && ktd lookup alice --verify   (gateway on :8080)
 # Environment (optional; the CI test sets all of them): KTD_BIN=/path/to/ktd (use this binary,
 # skip the dependency check and the build), KTD_LOCAL_SEQUENCERS="1=HOST:PORT 2=.. 3=..",
-# KTD_LOCAL_SHARDS="s1=HOST:PORT s2=..", KTD_LOCAL_GATEWAY=HOST:PORT, KTD_EPOCH_INTERVAL=2s.
+# KTD_LOCAL_SHARDS="s1=HOST:PORT s2=..", KTD_LOCAL_GATEWAY=HOST:PORT, KTD_EPOCH_INTERVAL=2s,
+# KTD_REPLICATION_FACTOR=3 (voting replicas per partition; at most the number of shards).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +23,7 @@ if [ "${1:-}" = relaunch ]; then DIR="${3:-/tmp/ktd-local}"; else DIR="${2:-/tmp
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ktd-target}"
 KTD="${KTD_BIN:-$CARGO_TARGET_DIR/release/ktd}"
 read -r -a SEQUENCERS <<<"${KTD_LOCAL_SEQUENCERS:-1=127.0.0.1:7001 2=127.0.0.1:7002 3=127.0.0.1:7003}"
-read -r -a SHARDS <<<"${KTD_LOCAL_SHARDS:-s1=127.0.0.1:7101 s2=127.0.0.1:7102}"
+read -r -a SHARDS <<<"${KTD_LOCAL_SHARDS:-s1=127.0.0.1:7101 s2=127.0.0.1:7102 s3=127.0.0.1:7103}"
 GATEWAY="${KTD_LOCAL_GATEWAY:-127.0.0.1:8080}"
 BITS=4
 
@@ -83,7 +85,8 @@ start() {
         local id="${entry%%=*}" addr="${entry#*=}" init=()
         if [ "$id" = 1 ]; then
             init=(--init --vrf-public-key "$public_key" --partition-bits "$BITS"
-                --shards "$(IFS=,; echo "${shard_map[*]}")")
+                --shards "$(IFS=,; echo "${shard_map[*]}")"
+                --replication-factor "${KTD_REPLICATION_FACTOR:-$(( ${#SHARDS[@]} < 3 ? ${#SHARDS[@]} : 3 ))}")
         fi
         launch "sequencer-$id" sequencer --id "$id" --listen "$addr" --data-dir "$DIR/sequencer-$id" \
             --peers "$peers" --epoch-interval "${KTD_EPOCH_INTERVAL:-2s}" "${init[@]}"

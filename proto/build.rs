@@ -7,6 +7,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "ktd/v1/akd.proto",
     "ktd/v1/directory.proto",
+    "ktd/cluster/v1/cluster.proto",
     "ktd/sequencer/v1/sequencer.proto",
     "ktd/raft/v1/raft.proto",
     "ktd/shard/v1/shard.proto",

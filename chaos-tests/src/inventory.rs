@@ -199,7 +199,23 @@ impl Inventory {
                 FaultKind::PauseLeader | FaultKind::PauseFollower => {
                     need(Role::Sequencer, &["pause", "resume"], kind)?;
                 }
-                FaultKind::KillShard => need(Role::Shard, &["kill", "start"], kind)?,
+                FaultKind::KillShard | FaultKind::KillReplica => {
+                    need(Role::Shard, &["kill", "start"], kind)?;
+                }
+                FaultKind::WipeReplica => {
+                    return Err(invalid(
+                        "WipeReplica deletes a shard's data directory, which only a cluster the \
+                         harness starts exposes; use `ktd-chaos run`"
+                            .into(),
+                    ));
+                }
+                FaultKind::IsolateShard => {
+                    return Err(invalid(
+                        "IsolateShard needs the harness's proxies in front of the shards; a \
+                         running cluster has none (use `ktd-chaos run`)"
+                            .into(),
+                    ));
+                }
                 FaultKind::KillGateway => need(Role::Gateway, &["kill", "start"], kind)?,
                 FaultKind::TransferLeader => {}
                 FaultKind::Partition | FaultKind::OneWay | FaultKind::Latency | FaultKind::Heal => {

@@ -8,6 +8,19 @@
 //! initiates to another (the reverse ones keep working); `latency` delays the selected links;
 //! `heal` puts every link back to pass. Their targets ([`Target`]) are `leader`, `follower`
 //! (a random healthy one, seeded), `seq-N` or, for latency, `all`.
+//!
+//! Replica faults take one shard server out — one replica of every partition it holds:
+//! `kill-replica` (SIGKILL, restart at heal), `wipe-replica` (SIGKILL, delete its data
+//! directory, restart it empty at heal) and `isolate-shard` (blackhole its [`ShardFence`]: no
+//! one reaches it and it reaches no sequencer; pass at heal). The target is `target =
+//! "shard-N"` or a seeded random running shard. They take out one shard at a time: if another
+//! shard is already down or cut off, the fault is skipped (two out of three replicas would cost
+//! a majority). At heal the nemesis waits (bounded) until `ktd admin status -o json` shows the
+//! shard SERVING and a voter with lag 0 in every partition it voted in before the fault, and
+//! counts the `partition copied` lines for it in the sequencers' logs (a wiped replica's
+//! rebuild): [`FaultRecord::replica`].
+//!
+//! [`ShardFence`]: crate::proxy::ShardFence
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -18,7 +31,7 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use crate::proxy::LinkFault;
-use crate::topology::{Topology, TopologyError};
+use crate::topology::{Process, Topology, TopologyError};
 
 /// The kinds of fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +68,15 @@ pub enum FaultKind {
     /// voter (4 voters); at heal, remove it again and stop it. Timings in
     /// [`FaultRecord::membership`].
     AddVoter,
+    /// SIGKILL one shard server (`target`, or a seeded random running one); restart it at heal.
+    /// Its recovery in [`FaultRecord::replica`].
+    KillReplica,
+    /// SIGKILL a shard server and delete its data directory (a lost disk); restart it empty at
+    /// heal: the coordinator must rebuild it by partition copies ([`FaultRecord::replica`]).
+    WipeReplica,
+    /// Cut a shard server off the network (its fence blackholes every connection to it and
+    /// every one it opens to a sequencer); restore at heal ([`FaultRecord::replica`]).
+    IsolateShard,
 }
 
 impl FaultKind {
@@ -64,6 +86,14 @@ impl FaultKind {
         matches!(
             self,
             Self::KillLeader | Self::PauseLeader | Self::TransferLeader
+        )
+    }
+
+    /// Whether it takes one shard server (one replica) out.
+    pub fn is_replica(self) -> bool {
+        matches!(
+            self,
+            Self::KillReplica | Self::WipeReplica | Self::IsolateShard
         )
     }
 
@@ -140,11 +170,22 @@ pub struct NetTargets {
     /// `latency`: the added delay per chunk, each direction.
     #[serde(with = "humantime_serde", default)]
     pub delay: Option<Duration>,
+    /// Replica faults: the shard server (`shard-N`); `None`: a seeded random running one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
+}
+
+/// `shard-N` → N (≥ 1).
+fn shard_index(name: &str) -> Option<u32> {
+    name.strip_prefix("shard-")
+        .and_then(|index| index.parse::<u32>().ok())
+        .filter(|index| *index > 0)
 }
 
 impl NetTargets {
-    /// Checks the targets against `kind`; the message names the problem.
-    pub fn validate(&self, kind: FaultKind) -> Result<(), String> {
+    /// Checks the targets against `kind` in a cluster of `shards` shard servers; the message
+    /// names the problem.
+    pub fn validate(&self, kind: FaultKind, shards: u32) -> Result<(), String> {
         let only = |present: bool, field: &str, kinds: &str| {
             if present {
                 Err(format!("`{field}` only applies to {kinds} faults"))
@@ -161,6 +202,23 @@ impl NetTargets {
         }
         if kind != FaultKind::Latency {
             only(self.delay.is_some(), "delay", "latency")?;
+        }
+        if !kind.is_replica() {
+            only(
+                self.shard.is_some(),
+                "target",
+                "kill-replica, wipe-replica and isolate-shard",
+            )?;
+        } else if let Some(name) = &self.shard {
+            match shard_index(name) {
+                Some(index) if index <= shards => {}
+                Some(_) => {
+                    return Err(format!(
+                        "target {name:?}: the cluster has {shards} shard servers"
+                    ));
+                }
+                None => return Err(format!("target {name:?}: expected \"shard-N\"")),
+            }
         }
         match kind {
             FaultKind::Partition => {
@@ -314,6 +372,36 @@ pub struct FaultRecord {
     /// `add-voter`: the membership change's timings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub membership: Option<MembershipChange>,
+    /// Replica faults: how the shard server came back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaRecovery>,
+}
+
+/// How a shard server taken out by a replica fault came back, as `ktd admin status -o json`
+/// reports it through its shard-map address.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecovery {
+    /// Its id in the shard map (`s2`).
+    pub server: String,
+    /// The partitions it voted in just before the fault.
+    pub voter_before: Vec<u32>,
+    /// Heal → its health `SERVING`, ms (`None`: not within the bound).
+    pub serving_ms: Option<u64>,
+    /// Heal → a voter with lag 0 in every partition of `voter_before` (and nowhere anything
+    /// else), ms (`None`: not within the bound).
+    pub caught_up_ms: Option<u64>,
+    /// The partitions it votes in once caught up.
+    pub voter_after: Vec<u32>,
+    /// `partition copied` lines naming it in the sequencers' logs between the fault and the
+    /// catch-up (a wiped replica is rebuilt by copies; a killed one replays the log).
+    pub partitions_copied: u64,
+    /// What went wrong, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Where each sequencer's log ended at the fault (`(name, bytes)`): copies are counted
+    /// after it.
+    #[serde(skip)]
+    log_offsets: Vec<(String, usize)>,
 }
 
 impl FaultRecord {
@@ -355,6 +443,7 @@ pub async fn inject(
         links: Vec::new(),
         snapshot: None,
         membership: None,
+        replica: None,
     };
     if kind.is_network() {
         return Ok(inject_network(topology, record, targets, rng, now_us));
@@ -404,6 +493,9 @@ pub async fn inject(
                 return skip(record, "no leader");
             }
             return Ok(add_voter(topology, record, now_us).await);
+        }
+        FaultKind::KillReplica | FaultKind::WipeReplica | FaultKind::IsolateShard => {
+            return inject_replica(topology, record, targets, rng, now_us).await;
         }
         FaultKind::Partition | FaultKind::OneWay | FaultKind::Latency | FaultKind::Heal => {
             return Err(TopologyError::State(format!("{kind:?} is a network fault")));
@@ -635,6 +727,313 @@ async fn heal_snapshot_catch_up(
     Ok(())
 }
 
+/// How long the nemesis waits for a shard server to come back after a replica fault's heal.
+const REPLICA_RECOVERY_LIMIT: Duration = Duration::from_secs(40);
+
+/// A shard server that is down, paused or cut off.
+fn shard_out(topology: &Topology, name: &str) -> bool {
+    topology
+        .shards
+        .iter()
+        .find(|p| p.name == name)
+        .is_none_or(|p| !p.is_running() || p.is_paused())
+        || topology.shard_isolated(name)
+}
+
+/// A replica fault's injection: pick the shard (skipping if it or another shard is already
+/// out, or the harness cannot do this fault to it), note where it votes and where the
+/// sequencers' logs end, then kill / kill and wipe / isolate it.
+async fn inject_replica(
+    topology: &mut Topology,
+    mut record: FaultRecord,
+    targets: &NetTargets,
+    rng: &mut StdRng,
+    now_us: impl Fn() -> u64,
+) -> Result<FaultRecord, TopologyError> {
+    let skip = |mut record: FaultRecord, reason: String| {
+        record.status = FaultStatus::Skipped { reason };
+        Ok(record)
+    };
+    let names: Vec<String> = topology.shards.iter().map(|p| p.name.clone()).collect();
+    if names.is_empty() {
+        return skip(record, "no shard in the topology".into());
+    }
+    let out: Vec<&String> = names.iter().filter(|n| shard_out(topology, n)).collect();
+    let target = match &targets.shard {
+        Some(name) if !names.contains(name) => {
+            return skip(record, format!("there is no {name}"));
+        }
+        Some(name) => name.clone(),
+        None => {
+            let up: Vec<&String> = names.iter().filter(|n| !out.contains(n)).collect();
+            if up.is_empty() {
+                return skip(record, "every shard server is already out".into());
+            }
+            up[rng.random_range(0..up.len())].clone()
+        }
+    };
+    if out.contains(&&target) {
+        return skip(record, format!("{target} is already out"));
+    }
+    if let Some(other) = out.first() {
+        return skip(
+            record,
+            format!(
+                "{other} is already out: taking {target} out too could cost a partition its majority"
+            ),
+        );
+    }
+    match record.kind {
+        FaultKind::WipeReplica
+            if topology
+                .shards
+                .iter()
+                .find(|p| p.name == target)
+                .and_then(Process::data_dir)
+                .is_none() =>
+        {
+            return skip(
+                record,
+                format!(
+                    "the data directory of {target} is unknown (a cluster the harness did not start)"
+                ),
+            );
+        }
+        FaultKind::IsolateShard if !topology.shard_fences.contains_key(&target) => {
+            return skip(
+                record,
+                format!("{target} has no fence (a cluster the harness did not start)"),
+            );
+        }
+        _ => {}
+    }
+    record.target.clone_from(&target);
+    let server = topology
+        .shards
+        .iter()
+        .find(|p| p.name == target)
+        .map(|p| format!("s{}", p.id))
+        .unwrap_or_default();
+    let voter_before = match admin_status(topology).await {
+        Ok(status) => voter_partitions(&status, &server),
+        Err(_) => Vec::new(),
+    };
+    let log_offsets = topology
+        .sequencers
+        .iter()
+        .map(|p| (p.name.clone(), p.log_text().len()))
+        .collect();
+    record.replica = Some(ReplicaRecovery {
+        server,
+        voter_before,
+        log_offsets,
+        ..ReplicaRecovery::default()
+    });
+    record.injected_us = now_us();
+    if record.kind == FaultKind::IsolateShard {
+        topology.fence_shard(&target, true)?;
+        return Ok(record);
+    }
+    let process = topology
+        .process_mut(&target)
+        .ok_or_else(|| TopologyError::State(format!("no process {target}")))?;
+    process.kill9()?;
+    if record.kind == FaultKind::WipeReplica {
+        process.wipe_data()?;
+    }
+    Ok(record)
+}
+
+/// A replica fault's heal: restart or un-isolate the shard, then wait (bounded by
+/// [`REPLICA_RECOVERY_LIMIT`]) until it is `SERVING` and a voter with lag 0 wherever it voted
+/// before, and count the partition copies made for it.
+async fn heal_replica(
+    topology: &mut Topology,
+    record: &mut FaultRecord,
+    now_us: &impl Fn() -> u64,
+) -> Result<(), TopologyError> {
+    let mut recovery = record.replica.take().unwrap_or_default();
+    if record.kind == FaultKind::IsolateShard {
+        topology.fence_shard(&record.target, false)?;
+    } else {
+        let process = topology
+            .process_mut(&record.target)
+            .ok_or_else(|| TopologyError::State(format!("no process {}", record.target)))?;
+        if !process.is_running() {
+            process.restart()?;
+        }
+    }
+    record.healed_us = Some(now_us());
+    let healed = Instant::now();
+    let mut last = String::from("not polled");
+    while healed.elapsed() < REPLICA_RECOVERY_LIMIT {
+        match admin_status(topology).await {
+            Ok(status) => {
+                let health = server_health(&status, &recovery.server);
+                if recovery.serving_ms.is_none() && health == "SERVING" {
+                    recovery.serving_ms = Some(ms_since(healed));
+                }
+                let (voter, behind) = replica_roles(&status, &recovery.server);
+                let caught_up = recovery.serving_ms.is_some()
+                    && !voter.is_empty()
+                    && behind.is_empty()
+                    && recovery.voter_before.iter().all(|p| voter.contains(p));
+                recovery.voter_after = voter;
+                if caught_up {
+                    recovery.caught_up_ms = Some(ms_since(healed));
+                    break;
+                }
+                last = format!(
+                    "health {health}; voter in {:?}; not a voter with lag 0 in {behind:?}",
+                    recovery.voter_after
+                );
+            }
+            Err(error) => last = error,
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if recovery.caught_up_ms.is_none() {
+        recovery.error = Some(format!(
+            "{} ({}) was not back within {REPLICA_RECOVERY_LIMIT:?}: {last}",
+            record.target, recovery.server
+        ));
+    }
+    let needle = format!("server={}", recovery.server);
+    let quoted = format!("server=\"{}\"", recovery.server);
+    recovery.partitions_copied = topology
+        .sequencers
+        .iter()
+        .chain(&topology.retired)
+        .map(|process| {
+            let offset = recovery
+                .log_offsets
+                .iter()
+                .find(|(name, _)| *name == process.name)
+                .map_or(0, |(_, offset)| *offset);
+            let text = process.log_text();
+            text.get(offset..)
+                .unwrap_or_default()
+                .lines()
+                .map(strip_ansi)
+                .filter(|line| {
+                    line.contains("partition copied")
+                        && line
+                            .split_whitespace()
+                            .any(|word| word == needle || word == quoted)
+                })
+                .count() as u64
+        })
+        .sum();
+    record.replica = Some(recovery);
+    Ok(())
+}
+
+/// `line` without ANSI escape sequences (`ESC [ ... letter`: the text log's colours, which
+/// split `server="s2"` into styled pieces).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `ktd admin status -o json` against the cluster's sequencers, bounded to 10 s.
+async fn admin_status(topology: &Topology) -> Result<serde_json::Value, String> {
+    let binary = match topology.ktd_binary() {
+        Some(binary) => binary.to_path_buf(),
+        None => crate::topology::find_ktd(None).map_err(|error| error.to_string())?,
+    };
+    let output = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(binary)
+            .args(["admin", "status", "-o", "json", "--sequencers"])
+            .arg(topology.sequencer_addrs().join(","))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| "ktd admin status: no answer within 10 s".to_string())?
+    .map_err(|error| format!("run ktd admin status: {error}"))?;
+    serde_json::from_slice(&output.stdout).map_err(|error| {
+        format!(
+            "ktd admin status ({}): not JSON: {error}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+    })
+}
+
+/// `shards[id = server].health` of an admin status (`"unknown"` if absent).
+fn server_health(status: &serde_json::Value, server: &str) -> String {
+    status["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|row| row["id"] == server)
+        .and_then(|row| row["health"].as_str())
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+/// `(partitions where server is a voter with lag 0, partitions where it is a member but not
+/// that)` of an admin status.
+fn replica_roles(status: &serde_json::Value, server: &str) -> (Vec<u32>, Vec<u32>) {
+    let (mut voter, mut behind) = (Vec::new(), Vec::new());
+    for row in status["partitions"].as_array().into_iter().flatten() {
+        let Some(partition) = row["partition"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+        else {
+            continue;
+        };
+        for cell in row["replicas"].as_array().into_iter().flatten() {
+            if cell["server"] != server {
+                continue;
+            }
+            if cell["role"] == "voter" && cell["lag_epochs"].as_u64() == Some(0) {
+                voter.push(partition);
+            } else {
+                behind.push(partition);
+            }
+        }
+    }
+    (voter, behind)
+}
+
+/// The partitions where `server` is a voter (any lag).
+fn voter_partitions(status: &serde_json::Value, server: &str) -> Vec<u32> {
+    status["partitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|row| {
+            row["replicas"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|cell| cell["server"] == server && cell["role"] == "voter")
+        })
+        .filter_map(|row| {
+            row["partition"]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+        })
+        .collect()
+}
+
 /// Resolves [`Target`]s to node ids at injection time.
 struct Resolver<'a> {
     all: Vec<u64>,
@@ -843,6 +1242,9 @@ pub async fn heal(
     if record.kind == FaultKind::SnapshotCatchUp {
         return heal_snapshot_catch_up(topology, record, now_us).await;
     }
+    if record.kind.is_replica() {
+        return heal_replica(topology, record, now_us).await;
+    }
     if record.kind == FaultKind::AddVoter {
         let mut change = record.membership.take().unwrap_or_default();
         if let Some(addr) = topology
@@ -883,6 +1285,9 @@ pub async fn heal(
 /// (the final heal).
 pub fn heal_all(topology: &mut Topology) -> Result<(), TopologyError> {
     topology.links.heal_all();
+    for fence in topology.shard_fences.values() {
+        fence.set(LinkFault::Pass);
+    }
     for process in topology
         .sequencers
         .iter_mut()
@@ -1024,6 +1429,16 @@ mod tests {
             rng: &mut rng,
         };
         plan_network(kind, &targets, PAIRS, &mut resolver)
+    }
+
+    #[test]
+    fn copies_are_found_in_coloured_and_plain_log_lines() {
+        let coloured = "\u{1b}[2m2026-12-02T12:15:44Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m partition copied \u{1b}[3mserver\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"s2\" \u{1b}[3mpartition\u{1b}[0m\u{1b}[2m=\u{1b}[0m0";
+        assert_eq!(
+            strip_ansi(coloured),
+            "2026-12-02T12:15:44Z  INFO partition copied server=\"s2\" partition=0"
+        );
+        assert_eq!(strip_ansi("plain server=s2"), "plain server=s2");
     }
 
     #[test]

@@ -13,6 +13,14 @@
 //! | `Reject` | accepted and closed at once | closed |
 //! | `Delay(d)` | forwarded | every chunk delivered `d` after it was read, each direction |
 //!
+//! [`ShardFence`] puts proxies around one shard server so that it can be cut off the network
+//! (fault `isolate-shard`): an **inbound** proxy whose address is the shard's address in the
+//! shard map (so the sequencers, the gateway and the other shards all reach it through it), and
+//! one **outbound** proxy per sequencer that the shard's `--sequencers` list names (its log
+//! tail and readiness). Shards dial each other only to copy a partition when the coordinator
+//! tells them to, which an isolated shard cannot hear. Blackholing all of them isolates the
+//! shard in both directions; the process keeps running.
+//!
 //! A blackhole is a partition in which packets vanish: peers see deadlines and keepalives
 //! expire, not resets. A connection that lost bytes in a blackhole is closed when the link
 //! leaves it (its byte stream has a hole, as a TCP connection whose retransmissions gave up);
@@ -362,6 +370,69 @@ impl Links {
     }
 }
 
+/// The proxies around one shard server (see the module docs): every connection to it, and
+/// every connection it opens to a sequencer.
+#[derive(Debug)]
+pub struct ShardFence {
+    inbound: LinkProxy,
+    to_sequencers: Vec<LinkProxy>,
+}
+
+impl ShardFence {
+    /// Proxies for shard number `index` (listening on `127.0.0.{40 + index}` for the inbound one
+    /// and `127.0.0.{50 + index}` for the outbound ones, ephemeral ports) in front of `shard`
+    /// and of every address in `sequencers`.
+    pub async fn start(index: u64, shard: &str, sequencers: &[String]) -> io::Result<Self> {
+        let octet = |base: u64| (base + index).min(254);
+        let named = |what: String| {
+            move |error: io::Error| io::Error::new(error.kind(), format!("{what}: {error}"))
+        };
+        let inbound = LinkProxy::start(&format!("127.0.0.{}:0", octet(40)), shard)
+            .await
+            .map_err(named(format!("inbound proxy of shard {index}")))?;
+        let mut to_sequencers = Vec::new();
+        for sequencer in sequencers {
+            to_sequencers.push(
+                LinkProxy::start(&format!("127.0.0.{}:0", octet(50)), sequencer.clone())
+                    .await
+                    .map_err(named(format!("proxy shard {index} -> {sequencer}")))?,
+            );
+        }
+        Ok(Self {
+            inbound,
+            to_sequencers,
+        })
+    }
+
+    /// The address everyone dials to reach the shard (its shard-map address).
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.inbound.addr()
+    }
+
+    /// The sequencer addresses the shard dials (its `--sequencers`), in the order given.
+    pub fn sequencer_addrs(&self) -> Vec<String> {
+        self.to_sequencers
+            .iter()
+            .map(|proxy| proxy.addr().to_string())
+            .collect()
+    }
+
+    /// Every proxy of the fence to `fault`.
+    pub fn set(&self, fault: LinkFault) {
+        self.inbound.set(fault);
+        for proxy in &self.to_sequencers {
+            proxy.set(fault);
+        }
+    }
+
+    /// Whether any of its proxies is not `Pass`.
+    pub fn is_faulted(&self) -> bool {
+        std::iter::once(&self.inbound)
+            .chain(&self.to_sequencers)
+            .any(|proxy| proxy.fault() != LinkFault::Pass)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,6 +532,47 @@ mod tests {
         assert!(echo(&mut idle, b"after", LIMIT).await.is_some());
         let mut fresh = connect(&proxy).await;
         assert!(echo(&mut fresh, b"after", LIMIT).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_shard_fence_cuts_the_shard_off_both_ways_until_restored() {
+        let shard = echo_server().await;
+        let sequencers = vec![
+            echo_server().await.to_string(),
+            echo_server().await.to_string(),
+        ];
+        let fence = ShardFence::start(1, &shard.to_string(), &sequencers)
+            .await
+            .expect("fence");
+        let dial = |addr: String| async move {
+            tokio::time::timeout(LIMIT, TcpStream::connect(addr))
+                .await
+                .expect("connect in time")
+                .expect("connect")
+        };
+        let mut addrs = vec![fence.inbound_addr().to_string()];
+        addrs.extend(fence.sequencer_addrs());
+        assert_eq!(addrs.len(), 3);
+        for addr in &addrs {
+            let mut stream = dial(addr.clone()).await;
+            assert!(echo(&mut stream, b"up", LIMIT).await.is_some(), "{addr}");
+        }
+        assert!(!fence.is_faulted());
+
+        fence.set(LinkFault::Blackhole);
+        assert!(fence.is_faulted());
+        for addr in &addrs {
+            let mut stream = dial(addr.clone()).await;
+            let quiet = Duration::from_millis(300);
+            assert_eq!(echo(&mut stream, b"cut", quiet).await, None, "{addr}");
+        }
+
+        fence.set(LinkFault::Pass);
+        assert!(!fence.is_faulted());
+        for addr in &addrs {
+            let mut stream = dial(addr.clone()).await;
+            assert!(echo(&mut stream, b"back", LIMIT).await.is_some(), "{addr}");
+        }
     }
 
     #[tokio::test]

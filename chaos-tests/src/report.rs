@@ -12,6 +12,13 @@
 //!   fault and its heal plus the unavailability after the heal (at least 5 s).
 //! - **epochs delayed**: in the same window, the largest gap between two newly committed
 //!   epochs seen by the epoch poller, in epoch intervals, minus one.
+//! - **longest commit gap**: the largest gap between the first sightings (by the epoch poller
+//!   or a lookup) of two consecutive newly committed epochs, from the last commit before the
+//!   fault through the same window to the first commit after it (so a stall that outlasts the
+//!   window is measured whole; with no commit after it, up to the last recorded operation).
+//! - **failed reads**: lookups that ended without an answer (a timeout, `UNAVAILABLE`, any
+//!   refusal other than "not found"), in the window per fault and over the whole run. A lookup
+//!   that answered with a proof that did not verify is a correctness violation instead.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -53,6 +60,11 @@ pub struct FaultFigures {
     pub publishes_in_window: u64,
     /// Epoch intervals missed in the window.
     pub epochs_delayed: u64,
+    /// Longest gap between consecutive committed epochs around the fault, ms (`None`: no
+    /// epoch was ever seen).
+    pub max_commit_gap_ms: Option<u64>,
+    /// Lookups invoked in the window that ended without an answer.
+    pub failed_reads: u64,
 }
 
 /// One SLO check.
@@ -77,6 +89,8 @@ pub struct Report {
     pub ops: std::collections::BTreeMap<&'static str, u64>,
     /// Per-fault figures.
     pub faults: Vec<FaultFigures>,
+    /// Lookups over the whole run that ended without an answer.
+    pub failed_reads: u64,
     /// Checker verdicts.
     pub verdicts: Vec<Verdict>,
     /// SLO checks.
@@ -120,6 +134,23 @@ pub fn fault_figures(
         }
     }
     let interval_us = epoch_interval.as_micros().max(1) as u64;
+    let commits: Vec<u64> = {
+        let mut times: Vec<u64> = first_seen.values().copied().collect();
+        times.sort_unstable();
+        times
+    };
+    let last_event_us = history
+        .events
+        .iter()
+        .map(|e| e.complete_us)
+        .max()
+        .unwrap_or(0);
+    let failed: Vec<u64> = history
+        .events
+        .iter()
+        .filter(|e| is_failed_read(e))
+        .map(|e| e.invoke_us)
+        .collect();
     faults
         .iter()
         .map(|fault| {
@@ -170,22 +201,113 @@ pub fn fault_figures(
                 p99_publish_ms: nearest_rank(&latencies, 0.99),
                 publishes_in_window: latencies.len() as u64,
                 epochs_delayed: (gap / interval_us).saturating_sub(1),
+                max_commit_gap_ms: commit_gap_us(&commits, start, end, last_event_us)
+                    .map(|us| us / 1000),
+                failed_reads: failed
+                    .iter()
+                    .filter(|at| (start..end).contains(*at))
+                    .count() as u64,
             }
         })
         .collect()
 }
 
-/// SLO checks over the figures and the heal.
+/// A lookup that ended without an answer (see the module docs).
+pub fn is_failed_read(event: &crate::history::Event) -> bool {
+    matches!(event.op, Op::Lookup { .. })
+        && matches!(
+            event.outcome,
+            Outcome::Unknown { .. } | Outcome::Failed { .. }
+        )
+}
+
+/// Lookups in `history` that ended without an answer.
+pub fn failed_reads(history: &History) -> u64 {
+    history.events.iter().filter(|e| is_failed_read(e)).count() as u64
+}
+
+/// The longest gap between consecutive `commits` (sorted first-sighting times) from the last
+/// one before `start`, through `[start, end)`, to the first one at or after `end` (or
+/// `last_event_us` if there is none). `None` if no epoch was ever seen.
+fn commit_gap_us(commits: &[u64], start: u64, end: u64, last_event_us: u64) -> Option<u64> {
+    let before = commits.iter().copied().rfind(|at| *at < start);
+    let after = commits
+        .iter()
+        .copied()
+        .find(|at| *at >= end)
+        .unwrap_or(last_event_us.max(start));
+    let times: Vec<u64> = before
+        .into_iter()
+        .chain(
+            commits
+                .iter()
+                .copied()
+                .filter(|at| (start..end).contains(at)),
+        )
+        .chain(std::iter::once(after))
+        .collect();
+    if commits.is_empty() {
+        return None;
+    }
+    times.windows(2).map(|pair| pair[1] - pair[0]).max()
+}
+
+/// SLO checks over the figures, the run's failed reads and the heal.
 pub fn slo_checks(
     figures: &[FaultFigures],
     slo: &Slo,
+    failed_reads: u64,
     heal_error: Option<&str>,
     converged: &Result<crate::nemesis::Converged, String>,
 ) -> Vec<SloCheck> {
     let mut checks = Vec::new();
     let limit_ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    if let Some(limit) = slo.max_failed_reads {
+        checks.push(SloCheck {
+            what: format!(
+                "failed reads (lookups without an answer) over the run: {failed_reads} <= {limit}"
+            ),
+            ok: failed_reads <= limit,
+        });
+    }
     for figure in figures.iter().filter(|f| f.fault.installed()) {
         let name = format!("{:?} {}", figure.fault.kind, figure.fault.target);
+        if let Some(limit) = slo.max_commit_gap {
+            checks.push(SloCheck {
+                what: format!(
+                    "{name}: longest gap between committed epochs {} <= {}",
+                    show_ms(figure.max_commit_gap_ms),
+                    humantime::format_duration(limit)
+                ),
+                ok: figure
+                    .max_commit_gap_ms
+                    .is_some_and(|ms| ms <= limit_ms(limit)),
+            });
+        }
+        if let Some(replica) = &figure.fault.replica {
+            let rebuilt = figure.fault.kind != crate::nemesis::FaultKind::WipeReplica
+                || replica.partitions_copied > 0;
+            checks.push(SloCheck {
+                what: match &replica.error {
+                    None => format!(
+                        "{name}: back: SERVING {} after the heal, voter with lag 0 in {} partitions after {} (<= {}); {} partition copies for {}{}",
+                        show_ms(replica.serving_ms),
+                        replica.voter_after.len(),
+                        show_ms(replica.caught_up_ms),
+                        humantime::format_duration(slo.max_heal),
+                        replica.partitions_copied,
+                        replica.server,
+                        if rebuilt { "" } else { " (a wiped replica must be rebuilt by copies)" }
+                    ),
+                    Some(error) => format!("{name}: not back: {error}"),
+                },
+                ok: replica.error.is_none()
+                    && rebuilt
+                    && replica
+                        .caught_up_ms
+                        .is_some_and(|ms| ms <= limit_ms(slo.max_heal)),
+            });
+        }
         let unavailable = figure.write_unavailable_ms;
         checks.push(SloCheck {
             what: format!(
@@ -312,6 +434,11 @@ impl Report {
         }
         let ops: Vec<String> = self.ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "operations: {}", ops.join(", "));
+        let _ = writeln!(
+            out,
+            "failed reads (lookups without an answer): {}",
+            self.failed_reads
+        );
         let _ = writeln!(out, "\ntimeline (s since start):");
         for figure in &self.faults {
             let fault = &figure.fault;
@@ -330,15 +457,33 @@ impl Report {
                     };
                     let _ = writeln!(
                         out,
-                        "  {at:7.2}  {:?} {} (healed {healed}{leader}): writes unavailable {}, new leader after {}, p99 publish {} over {} publishes, epochs delayed {}",
+                        "  {at:7.2}  {:?} {} (healed {healed}{leader}): writes unavailable {}, new leader after {}, p99 publish {} over {} publishes, epochs delayed {}, longest commit gap {}, failed reads {}",
                         fault.kind,
                         fault.target,
                         show_ms(figure.write_unavailable_ms),
                         show_ms(figure.new_leader_ms),
                         show_ms(figure.p99_publish_ms),
                         figure.publishes_in_window,
-                        figure.epochs_delayed
+                        figure.epochs_delayed,
+                        show_ms(figure.max_commit_gap_ms),
+                        figure.failed_reads
                     );
+                    if let Some(replica) = &fault.replica {
+                        let _ = writeln!(
+                            out,
+                            "           replica {}: voter in {} partitions before; SERVING {} after the heal, voter with lag 0 in {} partitions after {}; {} partition copies{}",
+                            replica.server,
+                            replica.voter_before.len(),
+                            show_ms(replica.serving_ms),
+                            replica.voter_after.len(),
+                            show_ms(replica.caught_up_ms),
+                            replica.partitions_copied,
+                            replica
+                                .error
+                                .as_ref()
+                                .map_or_else(String::new, |e| format!("; ERROR {e}"))
+                        );
+                    }
                     if let Some(snap) = &fault.snapshot {
                         let _ = writeln!(
                             out,
@@ -432,5 +577,94 @@ impl Report {
             }
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checker::test_history::{Builder, found, unknown};
+    use crate::history::Outcome;
+    use crate::nemesis::{FaultKind, FaultRecord, FaultStatus};
+
+    fn fault(injected_s: u64, healed_s: u64) -> FaultRecord {
+        FaultRecord {
+            kind: FaultKind::KillReplica,
+            target: "shard-2".into(),
+            status: FaultStatus::Installed,
+            injected_us: injected_s * 1_000_000,
+            healed_us: Some(healed_s * 1_000_000),
+            leader_before: Some(1),
+            new_leader: None,
+            new_leader_us: None,
+            isolated: Vec::new(),
+            links: Vec::new(),
+            snapshot: None,
+            membership: None,
+            replica: None,
+        }
+    }
+
+    fn epoch_seen(builder: &mut Builder, at_s: f64, epoch: u64) {
+        let at = (at_s * 1e6) as u64;
+        builder.push(
+            0,
+            at,
+            at,
+            Op::GetEpoch,
+            Outcome::Epoch {
+                epoch,
+                root: format!("root{epoch}"),
+            },
+        );
+    }
+
+    #[test]
+    fn the_commit_gap_spans_a_stall_that_outlasts_the_window_and_failed_reads_are_counted() {
+        let mut steady = Builder::default();
+        for epoch in 1..=30 {
+            epoch_seen(&mut steady, epoch as f64, epoch);
+        }
+        steady.lookup((12_000_000, 12_100_000), "k", found(12, "v", 3));
+        let figures = fault_figures(&steady.history, &[fault(10, 14)], Duration::from_secs(1));
+        assert_eq!(figures[0].max_commit_gap_ms, Some(1000));
+        assert_eq!(figures[0].failed_reads, 0);
+
+        // Epochs stop at 9 s and resume at 25 s, after the window (heal 14 s + 5 s) ends.
+        let mut stalled = Builder::default();
+        for epoch in 1..=9 {
+            epoch_seen(&mut stalled, epoch as f64, epoch);
+        }
+        for (epoch, at) in (10..=12).zip([25.0, 26.0, 27.0]) {
+            epoch_seen(&mut stalled, at, epoch);
+        }
+        stalled.lookup((11_000_000, 14_000_000), "k", unknown());
+        stalled.lookup((30_000_000, 31_000_000), "k", unknown());
+        let figures = fault_figures(&stalled.history, &[fault(10, 14)], Duration::from_secs(1));
+        assert_eq!(figures[0].max_commit_gap_ms, Some(16_000));
+        assert_eq!(figures[0].failed_reads, 1, "only the one in the window");
+        assert_eq!(failed_reads(&stalled.history), 2);
+
+        let slo = Slo {
+            max_commit_gap: Some(Duration::from_secs(3)),
+            max_failed_reads: Some(0),
+            ..Slo::default()
+        };
+        let checks = slo_checks(&figures, &slo, 2, None, &Err("not converged".into()));
+        let breached: Vec<&str> = checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.what.as_str())
+            .collect();
+        assert!(
+            breached.iter().any(|w| w.contains("failed reads")),
+            "{breached:?}"
+        );
+        assert!(
+            breached
+                .iter()
+                .any(|w| w.contains("longest gap between committed epochs 16000 ms")),
+            "{breached:?}"
+        );
     }
 }

@@ -83,6 +83,12 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<RunOutput,
             .broken_mode
             .map(|mode| mode.gateway_env())
             .unwrap_or_default(),
+        shards: scenario.shards,
+        replication_factor: scenario.replication_factor,
+        fence_shards: scenario
+            .faults
+            .iter()
+            .any(|fault| fault.kind == nemesis::FaultKind::IsolateShard),
     })
     .await?;
     let result = drive(scenario, options, duration, &mut rng, &mut topology).await;
@@ -359,7 +365,14 @@ async fn drive(
         verdicts.retain(|v| !matches!(v.checker, "no_lost_publish" | "proofs_verified"));
     }
     let figures = report::fault_figures(&history, &faults, scenario.epoch_interval);
-    let slo = report::slo_checks(&figures, &scenario.slo, heal_error.as_deref(), &converged);
+    let failed_reads = report::failed_reads(&history);
+    let slo = report::slo_checks(
+        &figures,
+        &scenario.slo,
+        failed_reads,
+        heal_error.as_deref(),
+        &converged,
+    );
     let exit = report::exit_code(&verdicts, &slo);
     let report = Report {
         scenario: scenario.name.clone(),
@@ -367,6 +380,7 @@ async fn drive(
         duration_s: duration.as_secs_f64(),
         ops: workload::op_counts(&history),
         faults: figures,
+        failed_reads,
         verdicts,
         slo,
         heal_error,

@@ -36,10 +36,25 @@
 //! delay = "100ms"
 //! at = "35s"
 //!
+//! # Shard faults take out one shard server (one replica of the partitions it holds):
+//! # `kill-replica` (SIGKILL, restart at heal), `wipe-replica` (SIGKILL and delete its data
+//! # directory, restart it empty at heal), `isolate-shard` (blackhole every connection to and
+//! # from it, restore at heal). `target = "shard-N"`, or a seeded random running shard.
+//! [[faults]]
+//! kind = "kill-replica"
+//! target = "shard-2"
+//! at = "40s"
+//!
 //! [slo]
 //! max_write_unavailable = "10s"
 //! max_p99_publish = "8s"
+//! max_commit_gap = "3s"  # optional: longest gap between committed epochs around a fault
+//! max_failed_reads = 0   # optional: lookups without an answer over the whole run
 //! ```
+//!
+//! The cluster has 3 sequencers, `shards` shard servers (default 2) and 1 gateway; every
+//! partition is held by `replication_factor` of the shard servers (default: the sequencer's,
+//! min(3, shards)). `replication_factor` must not exceed `shards`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -65,6 +80,13 @@ pub struct Scenario {
     /// The sequencer's epoch interval.
     #[serde(with = "humantime_serde", default = "default_epoch_interval")]
     pub epoch_interval: Duration,
+    /// Shard servers in the cluster (at least 1).
+    #[serde(default = "default_shards")]
+    pub shards: u32,
+    /// Voting replicas per partition (`--replication-factor` at `--init`; `None`: the
+    /// sequencer's default, min(3, shards)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<u32>,
     /// Concurrent clients.
     #[serde(default = "default_clients")]
     pub clients: u32,
@@ -90,6 +112,9 @@ pub struct Scenario {
 
 fn default_epoch_interval() -> Duration {
     Duration::from_secs(1)
+}
+fn default_shards() -> u32 {
+    2
 }
 fn default_clients() -> u32 {
     4
@@ -135,6 +160,10 @@ pub struct FaultSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub delay: Option<Duration>,
+    /// `kill-replica`, `wipe-replica`, `isolate-shard`: the shard server (`shard-N`); default a
+    /// seeded random running one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 impl FaultSpec {
@@ -145,6 +174,7 @@ impl FaultSpec {
             from: self.from,
             to: self.to,
             delay: self.delay,
+            shard: self.target.clone(),
         }
     }
 }
@@ -166,6 +196,19 @@ pub struct Slo {
     /// Bound on healing: the last acknowledged epoch must commit within this after the run.
     #[serde(with = "humantime_serde", default = "default_heal")]
     pub max_heal: Duration,
+    /// Longest acceptable gap between two consecutive committed epochs from a fault until 5 s
+    /// after its heal (including the stall up to the first commit after that window). `None`:
+    /// not checked (a fault that is allowed to stall epochs).
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_commit_gap: Option<Duration>,
+    /// Most lookups that may end without an answer (timeout, `UNAVAILABLE`, any refusal) over
+    /// the whole run. `None`: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failed_reads: Option<u64>,
 }
 
 fn default_unavailable() -> Duration {
@@ -184,6 +227,8 @@ impl Default for Slo {
             max_write_unavailable: default_unavailable(),
             max_p99_publish: default_p99(),
             max_heal: default_heal(),
+            max_commit_gap: None,
+            max_failed_reads: None,
         }
     }
 }
@@ -191,7 +236,8 @@ impl Default for Slo {
 impl Slo {
     /// Applies `--slo` overrides: comma-separated `NAME=DURATION` with NAME one of
     /// `write_unavailability` (or `max_write_unavailable`), `p99_publish` (`max_p99_publish`),
-    /// `heal` (`max_heal`). Unknown names and bad durations are errors.
+    /// `heal` (`max_heal`), `commit_gap` (`max_commit_gap`), and `failed_reads`
+    /// (`max_failed_reads`, a count). Unknown names and bad values are errors.
     pub fn apply_overrides(&mut self, overrides: &str) -> Result<(), String> {
         for entry in overrides
             .split(',')
@@ -201,6 +247,14 @@ impl Slo {
             let (name, value) = entry
                 .split_once('=')
                 .ok_or_else(|| format!("--slo entry {entry:?} is not NAME=DURATION"))?;
+            if matches!(name.trim(), "failed_reads" | "max_failed_reads") {
+                let count = value
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|error| format!("--slo {name}: {value:?}: {error}"))?;
+                self.max_failed_reads = Some(count);
+                continue;
+            }
             let value = humantime::parse_duration(value.trim())
                 .map_err(|error| format!("--slo {name}: {value:?}: {error}"))?;
             match name.trim() {
@@ -209,9 +263,11 @@ impl Slo {
                 }
                 "p99_publish" | "max_p99_publish" => self.max_p99_publish = value,
                 "heal" | "max_heal" => self.max_heal = value,
+                "commit_gap" | "max_commit_gap" => self.max_commit_gap = Some(value),
                 other => {
                     return Err(format!(
-                        "unknown SLO {other:?}: expected write_unavailability, p99_publish or heal"
+                        "unknown SLO {other:?}: expected write_unavailability, p99_publish, heal, \
+                         commit_gap or failed_reads"
                     ));
                 }
             }
@@ -258,6 +314,14 @@ pub enum ScenarioError {
         /// The error.
         source: toml::de::Error,
     },
+    /// The cluster shape is impossible (`shards`, `replication_factor`).
+    #[error("scenario {name}: {message}")]
+    Topology {
+        /// Which scenario.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A fault's fields do not fit its kind.
     #[error("scenario {name}: fault {index} ({kind}): {message}")]
     Invalid {
@@ -271,6 +335,9 @@ pub enum ScenarioError {
         message: String,
     },
 }
+
+/// Most shard servers a scenario may ask for (each gets its own `127.0.0.x`).
+pub const MAX_SHARDS: u32 = 9;
 
 /// The shipped scenarios: `(name, TOML)`.
 pub const BUILTIN: &[(&str, &str)] = &[
@@ -324,6 +391,22 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "broken-stale-reads",
         include_str!("../scenarios/broken-stale-reads.toml"),
     ),
+    (
+        "replica-kill",
+        include_str!("../scenarios/replica-kill.toml"),
+    ),
+    (
+        "replica-disk-wipe",
+        include_str!("../scenarios/replica-disk-wipe.toml"),
+    ),
+    (
+        "shard-isolated",
+        include_str!("../scenarios/shard-isolated.toml"),
+    ),
+    (
+        "broken-unreplicated-kill",
+        include_str!("../scenarios/broken-unreplicated-kill.toml"),
+    ),
 ];
 
 impl Scenario {
@@ -333,10 +416,31 @@ impl Scenario {
             name: name.to_string(),
             source,
         })?;
+        let shape = |message: String| ScenarioError::Topology {
+            name: name.to_string(),
+            message,
+        };
+        if scenario.shards == 0 || scenario.shards > MAX_SHARDS {
+            return Err(shape(format!(
+                "shards = {} (expected 1 to {MAX_SHARDS})",
+                scenario.shards
+            )));
+        }
+        match scenario.replication_factor {
+            Some(0) => return Err(shape("replication_factor = 0 (expected at least 1)".into())),
+            Some(factor) if factor > scenario.shards => {
+                return Err(shape(format!(
+                    "replication_factor = {factor} exceeds shards = {}: a partition cannot have \
+                     more replicas than there are shard servers",
+                    scenario.shards
+                )));
+            }
+            _ => {}
+        }
         for (index, fault) in scenario.faults.iter().enumerate() {
             fault
                 .targets()
-                .validate(fault.kind)
+                .validate(fault.kind, scenario.shards)
                 .map_err(|message| ScenarioError::Invalid {
                     name: name.to_string(),
                     index: index + 1,
@@ -490,6 +594,81 @@ mod tests {
             let error = with(fault).expect_err(fault);
             assert!(error.contains(expected), "{fault}: {error}");
         }
+    }
+
+    #[test]
+    fn a_scenario_chooses_its_shards_and_replication_factor_within_bounds() {
+        let old = Scenario::load("shard-crash-mid-epoch").expect("shipped");
+        assert_eq!((old.shards, old.replication_factor), (2, None));
+        let replicated = Scenario::load("replica-kill").expect("shipped");
+        assert_eq!(
+            (replicated.shards, replicated.replication_factor),
+            (3, Some(3))
+        );
+        assert_eq!(replicated.slo.max_failed_reads, Some(0));
+        assert_eq!(replicated.slo.max_commit_gap, Some(Duration::from_secs(3)));
+        let with = |head: &str, fault: &str| {
+            let text = format!(
+                "name = \"t\"\ndescription = \"t\"\nduration = \"10s\"\n{head}\n[[faults]]\nat = \"1s\"\n{fault}\n"
+            );
+            Scenario::parse("t", &text).map_err(|error| error.to_string())
+        };
+        let ok = with(
+            "shards = 3",
+            "kind = \"wipe-replica\"\ntarget = \"shard-3\"",
+        )
+        .expect("valid");
+        assert_eq!(ok.faults[0].targets().shard.as_deref(), Some("shard-3"));
+        with(
+            "shards = 1\nreplication_factor = 1",
+            "kind = \"kill-replica\"",
+        )
+        .expect("valid");
+        for (head, fault, expected) in [
+            ("shards = 0", "kind = \"kill-shard\"", "shards = 0"),
+            ("shards = 10", "kind = \"kill-shard\"", "expected 1 to 9"),
+            (
+                "shards = 2\nreplication_factor = 3",
+                "kind = \"kill-shard\"",
+                "exceeds shards",
+            ),
+            (
+                "replication_factor = 0",
+                "kind = \"kill-shard\"",
+                "at least 1",
+            ),
+            (
+                "shards = 3",
+                "kind = \"isolate-shard\"\ntarget = \"shard-4\"",
+                "has 3 shard servers",
+            ),
+            (
+                "",
+                "kind = \"kill-replica\"\ntarget = \"seq-1\"",
+                "expected \"shard-N\"",
+            ),
+            (
+                "",
+                "kind = \"kill-leader\"\ntarget = \"shard-1\"",
+                "`target` only applies",
+            ),
+        ] {
+            let error = with(head, fault).expect_err(fault);
+            assert!(error.contains(expected), "{head} {fault}: {error}");
+        }
+    }
+
+    #[test]
+    fn count_slo_overrides_apply() {
+        let mut slo = Slo::default();
+        slo.apply_overrides("failed_reads=2,commit_gap=1500ms")
+            .expect("valid");
+        assert_eq!(slo.max_failed_reads, Some(2));
+        assert_eq!(slo.max_commit_gap, Some(Duration::from_millis(1500)));
+        let error = slo
+            .apply_overrides("failed_reads=many")
+            .expect_err("not a count");
+        assert!(error.contains("failed_reads"), "{error}");
     }
 
     #[test]

@@ -1,7 +1,12 @@
-//! A real ktd cluster on one machine: 3 sequencer processes, 2 shard processes and 1 gateway
-//! on `127.0.0.x` with free ports and data directories under one temporary root. Sequencers
-//! dial each other through a fault proxy per directed link ([`Links`], `--peer-override`);
-//! gateways and shards reach the sequencers directly. Every process
+//! A real ktd cluster on one machine: 3 sequencer processes, N shard processes (default 2; every
+//! partition held by `--replication-factor` of them) and 1 gateway on `127.0.0.x` with free
+//! ports and data directories under one temporary root. Sequencers dial each other through a
+//! fault proxy per directed link ([`Links`], `--peer-override`); gateways reach the sequencers
+//! directly. Shards reach the sequencers directly and everyone reaches the shards at their real
+//! addresses, unless [`TopologyOptions::fence_shards`] is set: then each shard sits behind a
+//! [`ShardFence`] (its shard-map address and its `--sequencers` are proxies), so that it can be
+//! cut off the network. A shard's data directory can be deleted while it is down
+//! ([`Process::wipe_data`]). Every process
 //! logs to `<root>/<name>.log`. Processes can be SIGKILLed and restarted from their data
 //! directory, or paused with SIGSTOP and resumed with SIGCONT. Dropping the [`Topology`] kills
 //! every process it started (and resumes paused ones first so that they die).
@@ -13,7 +18,7 @@ use std::time::{Duration, Instant};
 use ktd_client::Client;
 use ktd_testkit::process::{KtdNode, ProcessError, wait_timeout};
 
-use crate::proxy::Links;
+use crate::proxy::{LinkFault, Links, ShardFence};
 
 /// Why the harness could not build or drive the cluster (never the system under test's fault).
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +133,9 @@ pub struct Process {
     pub id: u64,
     /// `ip:port` it listens on.
     pub addr: String,
+    /// Its data directory, if the harness started it (shards only; what `wipe-replica`
+    /// deletes).
+    data_dir: Option<PathBuf>,
     driver: Driver,
 }
 
@@ -182,6 +190,7 @@ impl Process {
             role,
             id,
             addr,
+            data_dir: None,
             driver: Driver::Child(node),
         }
     }
@@ -200,6 +209,7 @@ impl Process {
             role,
             id,
             addr,
+            data_dir: None,
             driver: Driver::Hooks {
                 hooks,
                 log: log.unwrap_or_default(),
@@ -360,6 +370,36 @@ impl Process {
         Ok(())
     }
 
+    /// Its data directory, if the harness knows it (a shard it started).
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.data_dir.as_deref()
+    }
+
+    /// Deletes the data directory of a process that is down (a lost disk). Errors if it runs
+    /// or its data directory is unknown (a process this harness did not start).
+    pub fn wipe_data(&mut self) -> Result<(), TopologyError> {
+        if self.is_running() {
+            return Err(TopologyError::State(format!(
+                "{} is running: stop it before wiping its data",
+                self.name
+            )));
+        }
+        let Some(dir) = &self.data_dir else {
+            return Err(TopologyError::State(format!(
+                "the data directory of {} is unknown",
+                self.name
+            )));
+        };
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(TopologyError::Io {
+                what: format!("delete {}", dir.display()),
+                source: error,
+            }),
+        }
+    }
+
     /// The log file.
     pub fn log_path(&self) -> &Path {
         match &self.driver {
@@ -388,6 +428,12 @@ pub struct TopologyOptions {
     /// Deliberately broken gateway modes (`KTD_UNSAFE_*` variables): when non-empty the
     /// gateway gets them and `--unsafe-test-mode`. Positive controls only.
     pub gateway_unsafe_env: Vec<(String, String)>,
+    /// Shard servers (at least 1).
+    pub shards: u32,
+    /// `--replication-factor` at `--init` (`None`: the sequencer's default, min(3, shards)).
+    pub replication_factor: Option<u32>,
+    /// Put every shard behind a [`ShardFence`] (needed by `isolate-shard`).
+    pub fence_shards: bool,
 }
 
 /// A running cluster.
@@ -401,6 +447,9 @@ pub struct Topology {
     /// The fault proxies between sequencers, one per directed link (none for a drill against a
     /// running cluster).
     pub links: Links,
+    /// The fences around the shards, by shard name (empty unless
+    /// [`TopologyOptions::fence_shards`]).
+    pub shard_fences: std::collections::BTreeMap<String, ShardFence>,
     /// Sequencers removed from the cluster during the run (kept for their logs).
     pub retired: Vec<Process>,
     /// How to start another sequencer (`None` for a cluster this harness did not start).
@@ -417,8 +466,8 @@ struct Spawner {
 }
 
 impl Topology {
-    /// Starts 3 sequencers, 2 shards (16 partitions) and 1 gateway, and waits until the gateway
-    /// answers `GetEpoch`.
+    /// Starts 3 sequencers, `options.shards` shards (16 partitions, `options.replication_factor`
+    /// replicas each) and 1 gateway, and waits until the gateway answers `GetEpoch`.
     pub async fn start(options: &TopologyOptions) -> Result<Self, TopologyError> {
         let binary = exists(options.ktd.clone())?;
         let binary_for_spawner = binary.clone();
@@ -438,9 +487,23 @@ impl Topology {
         let interval = humantime::format_duration(options.epoch_interval).to_string();
 
         let mut shards = Vec::new();
-        for index in 1..=2u64 {
-            let addr = free_addr(&format!("127.0.0.{}", 20 + index))?;
+        let mut shard_fences = std::collections::BTreeMap::new();
+        let mut shard_map_entries = Vec::new();
+        for index in 1..=u64::from(options.shards.max(1)) {
+            let addr = free_addr(&format!("127.0.0.{}", (20 + index).min(39)))?;
             let data_dir = root.path().join(format!("shard-{index}"));
+            let name = format!("shard-{index}");
+            let (map_addr, shard_sequencers) = if options.fence_shards {
+                let fence = ShardFence::start(index, &addr, &sequencer_addrs)
+                    .await
+                    .map_err(io(format!("start the fence of {name}")))?;
+                let entry = (fence.inbound_addr().to_string(), fence.sequencer_addrs());
+                shard_fences.insert(name.clone(), fence);
+                entry
+            } else {
+                (addr.clone(), sequencer_addrs.clone())
+            };
+            shard_map_entries.push(format!("s{index}=http://{map_addr}"));
             let args = vec![
                 "shard".to_string(),
                 "--id".into(),
@@ -454,19 +517,15 @@ impl Topology {
                 "--partition-bits".into(),
                 "4".into(),
                 "--sequencers".into(),
-                sequencer_list.clone(),
+                shard_sequencers.join(","),
             ];
-            let name = format!("shard-{index}");
             let mut process =
                 Process::new(&binary, root.path(), name, Role::Shard, index, addr, args);
+            process.data_dir = Some(data_dir);
             process.spawn(&[])?;
             shards.push(process);
         }
-        let shard_map = shards
-            .iter()
-            .map(|shard| format!("s{}=http://{}", shard.id, shard.addr))
-            .collect::<Vec<_>>()
-            .join(",");
+        let shard_map = shard_map_entries.join(",");
         let peers = sequencer_addrs
             .iter()
             .enumerate()
@@ -501,6 +560,9 @@ impl Topology {
                     "--shards".into(),
                     shard_map.clone(),
                 ]);
+                if let Some(factor) = options.replication_factor {
+                    first.extend(["--replication-factor".to_string(), factor.to_string()]);
+                }
             }
             let mut process = Process::new(
                 &binary,
@@ -541,6 +603,7 @@ impl Topology {
             shards,
             gateways: vec![gateway],
             links,
+            shard_fences,
             retired: Vec::new(),
             spawner: Some(Spawner {
                 binary: binary_for_spawner,
@@ -595,6 +658,7 @@ impl Topology {
             shards: Vec::new(),
             gateways: Vec::new(),
             links: Links::default(),
+            shard_fences: std::collections::BTreeMap::new(),
             retired: Vec::new(),
             spawner: None,
             root: None,
@@ -608,6 +672,36 @@ impl Topology {
         }
         topology.sequencers.sort_by_key(|p| p.id);
         topology
+    }
+
+    /// Cuts shard `name` off the network (every proxy of its fence to blackhole) or puts it
+    /// back (`false`: pass). Errors if it has no fence.
+    pub fn fence_shard(&self, name: &str, isolated: bool) -> Result<(), TopologyError> {
+        let fence = self.shard_fences.get(name).ok_or_else(|| {
+            TopologyError::State(format!(
+                "{name} has no fence (the topology was started without fence_shards)"
+            ))
+        })?;
+        fence.set(if isolated {
+            LinkFault::Blackhole
+        } else {
+            LinkFault::Pass
+        });
+        Ok(())
+    }
+
+    /// Whether shard `name` is cut off by its fence.
+    pub fn shard_isolated(&self, name: &str) -> bool {
+        self.shard_fences
+            .get(name)
+            .is_some_and(ShardFence::is_faulted)
+    }
+
+    /// The `ktd` binary of a cluster this harness started.
+    pub fn ktd_binary(&self) -> Option<&Path> {
+        self.spawner
+            .as_ref()
+            .map(|spawner| spawner.binary.as_path())
     }
 
     /// The root directory (data dirs and logs) of a cluster this harness started.

@@ -42,7 +42,7 @@ pub mod vrf;
 pub use config::AkdConfig;
 pub use epoch_record::EpochRecord;
 pub use error::{Error, Result};
-pub use shard_map::{ShardInfo, ShardMap};
+pub use shard_map::{Learner, PartitionReplicas, Role, ShardInfo, ShardMap, ShardServer};
 
 /// Re-exported so dependants name exactly the `akd_core` this crate was built against.
 pub use akd_core;

@@ -141,20 +141,32 @@ pub struct EpochLeaves {
     pub versions: Vec<(AkdLabel, UserVersion)>,
 }
 
-/// Evaluates the VRF and the commitments for `planned` updates published in `epoch`, in
-/// parallel. The stale leaf of version `n` carries `stale_azks_value` (akd-spec §2.4).
-pub fn compute_leaves<TC: Configuration>(
+/// What one planned update produces: its fresh leaf, the stale leaf of its previous version
+/// (none for version 1), and the new user version.
+#[derive(Clone, Debug)]
+pub struct UpdateLeaves {
+    /// `FreshLabel(version)` with its commitment.
+    pub fresh: NewLeaf,
+    /// `StaleLabel(version - 1)` with akd's stale value.
+    pub stale: Option<NewLeaf>,
+    /// The user version to store.
+    pub version: UserVersion,
+}
+
+/// The leaves and new user versions of `planned` in `epoch`, one entry per update, in order
+/// (VRF labels from `cache` where present, evaluated in parallel otherwise).
+pub fn compute_update_leaves<TC: Configuration>(
     vrf: &VrfKey,
     planned: &[PlannedUpdate],
     epoch: u64,
     cache: Option<&LabelCache>,
-) -> EpochLeaves {
+) -> Vec<UpdateLeaves> {
     let commitment_key = vrf.commitment_key::<TC>();
     let node_label = |akd_label: &AkdLabel, freshness, version| match cache {
         Some(cache) => cache.node_label::<TC>(vrf, akd_label, freshness, version),
         None => vrf.node_label::<TC>(akd_label, freshness, version),
     };
-    let per_update: Vec<(NewLeaf, Option<NewLeaf>, UserVersion)> = planned
+    planned
         .par_iter()
         .map(|update| {
             let fresh_label =
@@ -182,18 +194,33 @@ pub fn compute_leaves<TC: Configuration>(
                 value: update.value.clone(),
                 fresh_label,
             };
-            (fresh, stale, version)
+            UpdateLeaves {
+                fresh,
+                stale,
+                version,
+            }
         })
-        .collect();
+        .collect()
+}
 
+/// The leaves and new user versions of `planned` in `epoch` (see [`compute_update_leaves`]),
+/// flattened.
+pub fn compute_leaves<TC: Configuration>(
+    vrf: &VrfKey,
+    planned: &[PlannedUpdate],
+    epoch: u64,
+    cache: Option<&LabelCache>,
+) -> EpochLeaves {
+    let per_update = compute_update_leaves::<TC>(vrf, planned, epoch, cache);
     let mut out = EpochLeaves {
         leaves: Vec::with_capacity(per_update.len() * 2),
         versions: Vec::with_capacity(per_update.len()),
     };
-    for ((fresh, stale, version), update) in per_update.into_iter().zip(planned) {
-        out.leaves.push(fresh);
-        out.leaves.extend(stale);
-        out.versions.push((update.akd_label.clone(), version));
+    for (leaves, update) in per_update.into_iter().zip(planned) {
+        out.leaves.push(leaves.fresh);
+        out.leaves.extend(leaves.stale);
+        out.versions
+            .push((update.akd_label.clone(), leaves.version));
     }
     out
 }

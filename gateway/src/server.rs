@@ -1,7 +1,7 @@
 //! Serving a gateway: `ktd.v1.Directory`, `ktd.v1.Admin`, `grpc.health.v1` and server
-//! reflection on one listener, with `TCP_NODELAY` on every accepted socket. Health is SERVING
-//! only while the gateway reaches the sequencer leader and every shard
-//! ([`crate::readiness`]); NOT_SERVING first thing on shutdown, then in-flight requests drain.
+//! reflection on one listener, with `TCP_NODELAY` on every accepted socket. Health is per
+//! capability ([`crate::readiness`]); NOT_SERVING first thing on shutdown, then in-flight
+//! requests drain.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,13 +20,17 @@ use crate::service::{AdminService, DirectoryService, Gateway};
 /// Largest request or answer (history and audit proofs of busy labels can be large).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// The health service name of the public API (`""` is the whole server).
+/// The health service name of the public API: SERVING while publishes work (`""` is the whole
+/// server: SERVING while it runs).
 pub const HEALTH_SERVICE: &str = <api::directory_server::DirectoryServer<
     DirectoryService<ktd_core::config::WhatsAppV1>,
 > as NamedService>::NAME;
 
+/// The health service name of reads: SERVING while every partition has a live healthy replica.
+pub const READ_HEALTH_SERVICE: &str = "ktd.v1.Directory.Read";
+
 /// Serves `gateway` on `listener` until `shutdown`; then reports NOT_SERVING and drains
-/// in-flight requests for at most `drain`. Health follows [`Gateway::readiness`] meanwhile.
+/// in-flight requests for at most `drain`. Health follows the gateway's capabilities meanwhile.
 pub async fn serve<TC: Configuration>(
     gateway: Arc<Gateway<TC>>,
     listener: TcpListener,
@@ -35,13 +39,12 @@ pub async fn serve<TC: Configuration>(
 ) -> anyhow::Result<()> {
     let local_addr = listener.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
-    let services = [HEALTH_SERVICE];
+    let services = [HEALTH_SERVICE, READ_HEALTH_SERVICE];
     ktd_rpc::health::set_health(&reporter, &services, ServingStatus::NotServing).await;
     let stop_probe = tokio_util::sync::CancellationToken::new();
     let probe = tokio::spawn(crate::readiness::track_gateway_readiness(
         gateway.clone(),
         reporter.clone(),
-        services.to_vec(),
         stop_probe.clone(),
     ));
     let reflection = tonic_reflection::server::Builder::configure()

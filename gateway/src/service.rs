@@ -166,7 +166,7 @@ impl<TC: Configuration> Gateway<TC> {
             shard::replicated::shard_map(&self.metadata, &answer.shard_map.unwrap_or_default())?;
         let mut slot = self.shards.lock().unwrap_or_else(|p| p.into_inner());
         let shards = match slot.take() {
-            Some((_, shards)) if shards.map().version == map.version => shards,
+            Some((_, shards)) if shards.map().version() == map.version() => shards,
             _ => self.connector.connect(map)?,
         };
         *slot = Some((Instant::now(), shards.clone()));
@@ -392,67 +392,102 @@ impl<TC: Configuration> Gateway<TC> {
         Ok(epoch_hash(&committed))
     }
 
-    /// Whether this gateway can serve reads and writes: the sequencer leader answers a
-    /// linearizable read of the latest committed epoch and every shard in the shard map answers
-    /// a status call. `Err` says what is unreachable.
-    pub async fn readiness(&self) -> std::result::Result<(), String> {
+    /// Whether this gateway can serve publishes: the sequencer leader answers a linearizable
+    /// read of the latest committed epoch. `Err` says why not.
+    pub async fn publish_readiness(&self) -> std::result::Result<(), String> {
         self.sequencing
             .get_epoch(None)
             .await
-            .map_err(|error| format!("sequencer leader: {error}"))?;
+            .map(|_| ())
+            .map_err(|error| format!("sequencer leader: {error}"))
+    }
+
+    /// Whether this gateway can serve reads: every partition has at least one healthy voter
+    /// whose server answers a status call (not every server: a partition with one live replica
+    /// is readable). `Err` names the partitions that are not.
+    pub async fn read_readiness(&self) -> std::result::Result<(), String> {
         let shards = self
             .shard_set()
             .await
             .map_err(|error| format!("shard map: {error}"))?;
-        let answers = futures::future::join_all(shards.map().shards.iter().map(|info| {
+        let map = shards.map();
+        let answers = futures::future::join_all(map.servers().iter().map(|server| {
             let shards = &shards;
             async move {
-                let answer = match shards.api(&info.id) {
-                    Ok(api) => api.status().await.map(|_| ()),
-                    Err(error) => Err(error),
+                let up = match shards.api(&server.id) {
+                    Ok(api) => api.status().await.is_ok(),
+                    Err(_) => false,
                 };
-                answer.map_err(|error| format!("shard {}: {error}", info.id))
+                (server.id.as_str(), up)
             }
         }))
         .await;
-        let down: Vec<String> = answers
+        let up: std::collections::HashSet<&str> = answers
             .into_iter()
-            .filter_map(std::result::Result::err)
+            .filter_map(|(server, up)| up.then_some(server))
             .collect();
-        if down.is_empty() {
+        let unreadable: Vec<String> = (0..map.partition_count())
+            .filter(|partition| {
+                !map.replicas(*partition)
+                    .healthy_voters()
+                    .any(|voter| up.contains(voter))
+            })
+            .map(|partition| partition.to_string())
+            .collect();
+        if unreadable.is_empty() {
             Ok(())
         } else {
-            Err(down.join("; "))
+            Err(format!(
+                "no live healthy replica of partitions {}",
+                unreadable.join(", ")
+            ))
         }
     }
 
     async fn cluster_status(&self) -> Result<api::ClusterStatusResponse> {
         let sequencer = self.sequencing.cluster_status().await?;
         let shards = self.shard_set().await?;
-        let statuses = futures::future::join_all(shards.map().shards.iter().map(|info| {
+        let map = shards.map();
+        let statuses = futures::future::join_all(map.servers().iter().map(|info| {
             let shards = &shards;
             async move {
                 let answer = match shards.api(&info.id) {
                     Ok(api) => api.status().await,
                     Err(error) => Err(error),
                 };
-                let (reachable, built_epoch, precomputed_labels, error) = match answer {
-                    Ok(status) => (
-                        true,
-                        status.built_epoch,
-                        status.label_cache_entries,
-                        String::new(),
-                    ),
-                    Err(error) => (false, 0, 0, error.to_string()),
+                let assignments = map.assignments(&info.id);
+                let role_partitions = |wanted: ktd_core::shard_map::Role| {
+                    assignments
+                        .iter()
+                        .filter(|(_, role)| *role == wanted)
+                        .map(|(partition, _)| *partition)
+                        .collect::<Vec<u32>>()
                 };
+                let (reachable, built_epoch, min_built_epoch, precomputed_labels, error) =
+                    match answer {
+                        Ok(status) => (
+                            true,
+                            status.built_epoch,
+                            status.prepared_epoch,
+                            status.label_cache_entries,
+                            String::new(),
+                        ),
+                        Err(error) => (false, 0, 0, 0, error.to_string()),
+                    };
                 api::ShardStatus {
                     shard_id: info.id.clone(),
                     address: info.address.clone(),
-                    partitions: info.partitions.clone(),
+                    partitions: assignments
+                        .iter()
+                        .map(|(partition, _)| *partition)
+                        .collect(),
                     reachable,
                     built_epoch,
                     error,
                     precomputed_labels,
+                    learner_partitions: role_partitions(ktd_core::shard_map::Role::Learner),
+                    quarantined_partitions: role_partitions(ktd_core::shard_map::Role::Quarantined),
+                    min_built_epoch,
                 }
             }
         }))

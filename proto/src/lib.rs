@@ -9,6 +9,7 @@
 //! | [`ktd::v1`] | `ktd.v1` | `ktd/v1/directory.proto`: the public `Directory` and `Admin` services; `ktd/v1/akd.proto`: akd's proof messages, wire-compatible with `akd_core` |
 //! | [`ktd::sequencer::v1`] | `ktd.sequencer.v1` | `ktd/sequencer/v1/sequencer.proto`: the sequencer's internal API and its replicated commands |
 //! | [`ktd::raft::v1`] | `ktd.raft.v1` | `ktd/raft/v1/raft.proto`: Raft transport and the on-disk Raft log encoding |
+//! | [`ktd::cluster::v1`] | `ktd.cluster.v1` | `ktd/cluster/v1/cluster.proto`: the shard map and the fence every shard mutation carries |
 //! | [`ktd::shard::v1`] | `ktd.shard.v1` | `ktd/shard/v1/shard.proto`: the shard servers' internal API |
 //! | [`ktd::auditor::v1`] | `ktd.auditor.v1` | `ktd/auditor/v1/auditor.proto`: an auditor's signed heads |
 //!
@@ -36,6 +37,16 @@ pub mod ktd {
         #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
         pub mod v1 {
             tonic::include_proto!("ktd.sequencer.v1");
+        }
+    }
+
+    /// Cluster packages.
+    pub mod cluster {
+        /// Package `ktd.cluster.v1`: the shard map and the fence, shared by the sequencer and the
+        /// shard servers.
+        #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
+        pub mod v1 {
+            tonic::include_proto!("ktd.cluster.v1");
         }
     }
 

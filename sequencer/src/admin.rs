@@ -57,9 +57,17 @@ impl sequencer_admin_server::SequencerAdmin for AdminService {
         request: Request<pb::SetShardMapRequest>,
     ) -> Result<Response<pb::SetShardMapResponse>, Status> {
         let request = request.into_inner();
+        // The first release's form (one owner per partition) is still accepted; the state
+        // machine validates and normalises either.
+        let map = request
+            .map
+            .unwrap_or_else(|| ktd_proto::ktd::cluster::v1::ShardMap {
+                shards: request.shards,
+                ..Default::default()
+            });
         let shard_map = self
             .node()?
-            .set_shard_map(request.shards, request.expected_version)
+            .set_shard_map(map, request.expected_version)
             .await?;
         Ok(Response::new(pb::SetShardMapResponse {
             shard_map: Some(shard_map),

@@ -94,11 +94,7 @@ impl sequencer_server::Sequencer for ApiService {
         &self,
         request: Request<pb::CommitEpochRequest>,
     ) -> Result<Response<pb::CommitEpochResponse>, Status> {
-        let request = request.into_inner();
-        let committed = self
-            .node()?
-            .commit_epoch(request.epoch, request.root_hash, request.partition_roots)
-            .await?;
+        let committed = self.node()?.commit_epoch(request.into_inner()).await?;
         Ok(Response::new(committed))
     }
 

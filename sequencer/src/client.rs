@@ -233,20 +233,12 @@ impl SequencerClient {
         .await
     }
 
-    /// Commits an epoch's root (idempotent for the same root).
+    /// Commits an epoch's root (idempotent for the same root); `committed_at_ms` is stamped by
+    /// the node that proposes it.
     pub async fn commit_epoch(
         &self,
-        epoch: u64,
-        root_hash: Vec<u8>,
-        partition_roots: Vec<u8>,
+        request: pb::CommitEpochRequest,
     ) -> Result<pb::CommitEpochResponse> {
-        let request = pb::CommitEpochRequest {
-            epoch,
-            root_hash,
-            partition_roots,
-            // Stamped by the node that proposes it.
-            committed_at_ms: 0,
-        };
         self.on_leader(Retry::Idempotent, |channel| {
             let request = self.request(request.clone());
             async move {
@@ -318,12 +310,13 @@ impl SequencerClient {
     /// Replaces the shard map if it is at `expected_version`.
     pub async fn set_shard_map(
         &self,
-        shards: Vec<pb::ShardAssignment>,
+        map: ktd_proto::ktd::cluster::v1::ShardMap,
         expected_version: u64,
-    ) -> Result<pb::ShardMap> {
+    ) -> Result<ktd_proto::ktd::cluster::v1::ShardMap> {
         let request = pb::SetShardMapRequest {
-            shards,
+            shards: Vec::new(),
             expected_version,
+            map: Some(map),
         };
         self.on_leader(Retry::IfNotApplied, |channel| {
             let request = self.request(request.clone());

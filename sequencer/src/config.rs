@@ -61,6 +61,8 @@ pub struct SequencerConfig {
     pub raft: RaftOptions,
     /// Graceful shutdown.
     pub shutdown: ShutdownOptions,
+    /// How the leader's coordinator looks after shard replicas.
+    pub replicas: ReplicaOptions,
 }
 
 impl Default for SequencerConfig {
@@ -77,6 +79,7 @@ impl Default for SequencerConfig {
             epoch: EpochOptions::default(),
             raft: RaftOptions::default(),
             shutdown: ShutdownOptions::default(),
+            replicas: ReplicaOptions::default(),
         }
     }
 }
@@ -95,11 +98,22 @@ pub struct ClusterOptions {
     pub max_epoch_updates: u64,
     /// Keyed appends remembered for deduplication.
     pub idempotency_window: u64,
-    /// Sealed batches of this many latest committed epochs stay retrievable.
+    /// Sealed batches of this many latest committed epochs stay retrievable whatever the
+    /// replicas' progress.
     pub retained_committed_batches: u64,
-    /// The initial shard map as `ID=URL` entries (`s1=http://10.0.0.5:7100`); the partitions
-    /// are split evenly in the order given. Written once, at `--init`.
+    /// Older committed batches stay while a shard replica has not built them, up to this many
+    /// bytes in all (then the oldest go, and replicas that still needed them must bootstrap).
+    pub batch_retention_max_bytes: u64,
+    /// ... and for at most this long after they were sealed.
+    #[serde(with = "humantime_serde")]
+    pub batch_retention_max_age: Duration,
+    /// The initial shard map as `ID=URL` entries (`s1=http://10.0.0.5:7100`): partition `p` is
+    /// held by `replication_factor` consecutive servers starting with its owner in an even,
+    /// contiguous split, in the order given. Written once, at `--init`.
     pub shards: Vec<String>,
+    /// Voting replicas per partition in the initial shard map (default: 3, or the number of
+    /// shards if fewer).
+    pub replication_factor: Option<u32>,
 }
 
 impl Default for ClusterOptions {
@@ -111,7 +125,12 @@ impl Default for ClusterOptions {
             max_epoch_updates: 100_000,
             idempotency_window: 262_144,
             retained_committed_batches: 8,
+            batch_retention_max_bytes: crate::machine::DEFAULT_RETENTION_MAX_BYTES,
+            batch_retention_max_age: Duration::from_millis(
+                crate::machine::DEFAULT_RETENTION_MAX_AGE_MS,
+            ),
             shards: Vec::new(),
+            replication_factor: None,
         }
     }
 }
@@ -225,6 +244,32 @@ impl Default for ShutdownOptions {
         Self {
             transfer_timeout: Duration::from_secs(3),
             drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How the leader's coordinator looks after shard replicas (node-local: they steer repairs,
+/// not the replicated state).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaOptions {
+    /// A shard server unreachable this long (and not in maintenance) has its partitions
+    /// re-replicated on servers that do not hold them, if there are any.
+    #[serde(with = "humantime_serde")]
+    pub failure_timeout: Duration,
+    /// How often replicas' progress is checked (status polls, replays, bootstraps).
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Rate limit of one partition copy into a new or repaired replica, bytes per second.
+    pub bootstrap_max_bytes_per_second: u64,
+}
+
+impl Default for ReplicaOptions {
+    fn default() -> Self {
+        Self {
+            failure_timeout: Duration::from_secs(300),
+            check_interval: Duration::from_secs(1),
+            bootstrap_max_bytes_per_second: 64 << 20,
         }
     }
 }
@@ -366,14 +411,15 @@ impl SequencerConfig {
 }
 
 impl SequencerConfig {
-    /// The shard map written at `--init` (`cluster.shards`, partitions split evenly); empty
-    /// if no shards are configured.
-    pub fn initial_shard_map(&self) -> Result<Vec<crate::pb::ShardAssignment>> {
+    /// The shard map written at `--init` (`cluster.shards`, partitions split evenly, each held
+    /// by `cluster.replication_factor` servers); `None` if no shards are configured.
+    pub fn initial_shard_map(&self) -> Result<Option<ktd_core::ShardMap>> {
         if self.cluster.shards.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
-        let bits = u8::try_from(self.cluster.partition_bits)
-            .map_err(|_| invalid("cluster.partition_bits is too large"))?;
+        let bits =
+            ktd_core::shard_map::check_partition_bits(u64::from(self.cluster.partition_bits))
+                .map_err(|error| invalid(format!("cluster.partition_bits: {error}")))?;
         let entries = self
             .cluster
             .shards
@@ -387,9 +433,15 @@ impl SequencerConfig {
                 Ok((id.trim().to_string(), url.trim().to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
-        let map = ktd_core::ShardMap::even(bits, entries)
+        let replication_factor = match self.cluster.replication_factor {
+            Some(factor) => u8::try_from(factor).map_err(|_| {
+                invalid(format!("cluster.replication_factor {factor} is too large"))
+            })?,
+            None => entries.len().min(3) as u8,
+        };
+        let map = ktd_core::ShardMap::even(bits, replication_factor, entries)
             .map_err(|error| invalid(format!("cluster.shards: {error}")))?;
-        Ok(shard::replicated::shard_assignments(&map))
+        Ok(Some(map))
     }
 }
 

@@ -21,9 +21,17 @@
 //! * **One root per epoch.** `CommitEpoch(E)` is accepted only for the sealed epoch right after
 //!   the last committed one; repeating the same root is OK; any other root for a committed epoch
 //!   is refused with `ALREADY_EXISTS`.
+//! * **Batch retention follows the replicas.** A committed epoch's sealed batch is kept while a
+//!   shard server assigned to the map has not durably built it (the progress each commit
+//!   carries), always for the last `retained_committed_batches` epochs, and never beyond the
+//!   cluster's bounds: total bytes and age (measured against the commit's own timestamp, so every
+//!   replica drops the same batches). A replica behind the oldest retained batch must bootstrap.
+//! * **One shard-map validation.** `SetShardMap` is checked with `ktd_core::ShardMap::new` (via
+//!   `shard::replicated`): a map a shard or the coordinator would refuse is never replicated.
 
 use std::collections::{BTreeMap, HashSet};
 
+use ktd_proto::ktd::cluster::v1 as cluster_pb;
 use ktd_proto::ktd::sequencer::v1 as pb;
 use tonic::Code;
 
@@ -63,11 +71,19 @@ pub struct EpochState {
     /// Cluster metadata, once `InitCluster` has been applied.
     pub metadata: Option<pb::ClusterMetadata>,
     /// The shard map (version 0 = never set).
-    pub shard_map: pb::ShardMap,
+    pub shard_map: cluster_pb::ShardMap,
     /// Epochs whose batch is retained → number of updates in it.
     pub retained_batches: BTreeMap<u64, u64>,
     /// Sealed, uncommitted epochs → when they were sealed (ms since the Unix epoch).
     pub sealed_at_ms: BTreeMap<u64, u64>,
+    /// Retained epochs → bytes appended to them (labels + values; replaced values included).
+    pub retained_batch_bytes: BTreeMap<u64, u64>,
+    /// Retained epochs → when they were sealed (ms since the Unix epoch).
+    pub retained_sealed_at_ms: BTreeMap<u64, u64>,
+    /// Shard server → the durable epoch the coordinator last reported for it.
+    pub replica_progress: BTreeMap<String, u64>,
+    /// Bytes appended to the open epoch so far.
+    pub open_epoch_bytes: u64,
 }
 
 impl Default for EpochState {
@@ -79,9 +95,13 @@ impl Default for EpochState {
             idem_next_ordinal: 0,
             idem_oldest_ordinal: 0,
             metadata: None,
-            shard_map: pb::ShardMap::default(),
+            shard_map: cluster_pb::ShardMap::default(),
             retained_batches: BTreeMap::new(),
             sealed_at_ms: BTreeMap::new(),
+            retained_batch_bytes: BTreeMap::new(),
+            retained_sealed_at_ms: BTreeMap::new(),
+            replica_progress: BTreeMap::new(),
+            open_epoch_bytes: 0,
         }
     }
 }
@@ -91,6 +111,99 @@ impl EpochState {
     pub fn last_sealed_epoch(&self) -> u64 {
         self.open_epoch - 1
     }
+
+    /// The oldest committed epoch whose sealed batch is still retained (`None`: none is).
+    pub fn oldest_retained_committed(&self) -> Option<u64> {
+        self.retained_batches
+            .keys()
+            .copied()
+            .find(|epoch| *epoch <= self.last_committed_epoch)
+    }
+
+    /// Bytes of every retained batch.
+    pub fn retained_bytes(&self) -> u64 {
+        self.retained_batch_bytes.values().sum()
+    }
+
+    /// The lowest durable epoch of the shard servers assigned in the map, and who holds it
+    /// (`None` without a map). A server never reported counts as epoch 0.
+    pub fn oldest_pin(&self) -> Option<(String, u64)> {
+        assigned_servers(&self.shard_map)
+            .into_iter()
+            .map(|server| {
+                let epoch = self.replica_progress.get(&server).copied().unwrap_or(0);
+                (server, epoch)
+            })
+            .min_by_key(|(_, epoch)| *epoch)
+    }
+}
+
+impl EpochState {
+    /// The batch-retention summary `ClusterStatus` and the metrics report.
+    pub fn retention(&self) -> pb::BatchRetention {
+        let oldest = self.retained_batches.keys().next().copied();
+        let (oldest_pin_server, oldest_pin_epoch) = self.oldest_pin().unwrap_or_default();
+        let (max_bytes, max_age_ms) = self.retention_bounds();
+        pb::BatchRetention {
+            batches: self.retained_batches.len() as u64,
+            bytes: self.retained_bytes(),
+            max_bytes,
+            oldest_epoch: self.oldest_retained_committed().unwrap_or(0),
+            oldest_sealed_at_ms: oldest
+                .and_then(|epoch| self.retained_sealed_at_ms.get(&epoch).copied())
+                .unwrap_or(0),
+            max_age_ms,
+            oldest_pin_epoch,
+            oldest_pin_server,
+            pins: assigned_servers(&self.shard_map)
+                .into_iter()
+                .map(|server| cluster_pb::ServerProgress {
+                    built_epoch: self.replica_progress.get(&server).copied().unwrap_or(0),
+                    server,
+                })
+                .collect(),
+        }
+    }
+
+    /// `(max bytes, max age in ms)` of retained batches: the cluster's settings, or the defaults.
+    pub fn retention_bounds(&self) -> (u64, u64) {
+        let metadata = self.metadata.clone().unwrap_or_default();
+        (
+            match metadata.batch_retention_max_bytes {
+                0 => DEFAULT_RETENTION_MAX_BYTES,
+                bytes => bytes,
+            },
+            match metadata.batch_retention_max_age_ms {
+                0 => DEFAULT_RETENTION_MAX_AGE_MS,
+                age => age,
+            },
+        )
+    }
+}
+
+/// Default bound on the bytes of retained batches when the metadata sets none.
+pub const DEFAULT_RETENTION_MAX_BYTES: u64 = 2 << 30;
+/// Default bound on the age of retained batches (ms) when the metadata sets none.
+pub const DEFAULT_RETENTION_MAX_AGE_MS: u64 = 3_600_000;
+
+/// The servers that hold or build a copy of some partition in `map`.
+fn assigned_servers(map: &cluster_pb::ShardMap) -> Vec<String> {
+    let mut servers: Vec<String> = map
+        .partitions
+        .iter()
+        .flat_map(|partition| {
+            partition.voters.iter().cloned().chain(
+                partition
+                    .learners
+                    .iter()
+                    .map(|learner| learner.server.clone()),
+            )
+        })
+        .chain(map.shards.iter().map(|shard| shard.shard_id.clone()))
+        .collect();
+    servers.sort_unstable();
+    servers.dedup();
+    servers
 }
 
 /// The state machine: replicated state plus the open epoch's label set (rebuilt on open).
@@ -152,6 +265,10 @@ impl Machine {
         let updates = self.open_labels.len() as u64;
         self.state.retained_batches.insert(epoch, updates);
         self.state.sealed_at_ms.insert(epoch, sealed_at_ms);
+        self.state
+            .retained_batch_bytes
+            .insert(epoch, std::mem::take(&mut self.state.open_epoch_bytes));
+        self.state.retained_sealed_at_ms.insert(epoch, sealed_at_ms);
         self.state.open_epoch += 1;
         self.open_labels.clear();
         pb::SealResponse {
@@ -216,6 +333,7 @@ impl Machine {
                 self.state.next_sequence,
                 &update.value,
             );
+            self.state.open_epoch_bytes += (update.label.len() + update.value.len()) as u64;
             self.state.next_sequence += 1;
             if !self.open_labels.contains(update.label.as_slice()) {
                 self.open_labels.insert(update.label.clone());
@@ -304,6 +422,22 @@ impl Machine {
                 format!("root hash must be 32 bytes, got {}", commit.root_hash.len()),
             ));
         }
+        let partitions = self
+            .state
+            .metadata
+            .as_ref()
+            .map_or(0, |metadata| 1usize << metadata.partition_bits);
+        if !commit.leaf_digests.is_empty() && commit.leaf_digests.len() != 32 * partitions {
+            return Ok(rejected(
+                Code::InvalidArgument,
+                format!(
+                    "leaf digests must be 32 bytes per user partition ({} bytes for {partitions} \
+                     partitions), got {}",
+                    32 * partitions,
+                    commit.leaf_digests.len()
+                ),
+            ));
+        }
         if epoch <= last {
             let existing = tx.epoch_get(epoch)?;
             return Ok(match existing {
@@ -357,27 +491,68 @@ impl Machine {
                 .unwrap_or(0),
             sealed_at_ms: self.state.sealed_at_ms.remove(&epoch).unwrap_or(0),
             committed_at_ms: commit.committed_at_ms,
+            leaf_digests: commit.leaf_digests.clone(),
         };
         tx.epoch_put(&record);
         self.state.last_committed_epoch = epoch;
-        let retain = self
-            .state
-            .metadata
-            .as_ref()
-            .map_or(0, |metadata| metadata.retained_committed_batches);
-        while let Some((&oldest, _)) = self.state.retained_batches.first_key_value() {
-            if oldest + retain > epoch {
-                break;
+        let assigned = assigned_servers(&self.state.shard_map);
+        for progress in &commit.progress {
+            if assigned.contains(&progress.server) {
+                let known = self
+                    .state
+                    .replica_progress
+                    .entry(progress.server.clone())
+                    .or_default();
+                *known = (*known).max(progress.built_epoch.min(epoch));
             }
-            tx.updates_drop(oldest);
-            self.state.retained_batches.remove(&oldest);
         }
+        self.state
+            .replica_progress
+            .retain(|server, _| assigned.contains(server));
+        self.drop_released_batches(tx, epoch, commit.committed_at_ms);
         Ok(result(pb::apply_result::Kind::Committed(
             pb::CommitEpochResponse {
                 record: Some(record),
                 already_committed: false,
             },
         )))
+    }
+
+    /// Drops committed batches that no assigned replica needs any more, or that are past the
+    /// cluster's retention bounds, oldest first; never the last `retained_committed_batches`.
+    fn drop_released_batches(&mut self, tx: &mut dyn MachineTx, committed: u64, now_ms: u64) {
+        let Some(metadata) = &self.state.metadata else {
+            return;
+        };
+        let retain = metadata.retained_committed_batches;
+        let (max_bytes, max_age) = self.state.retention_bounds();
+        let pin = self
+            .state
+            .oldest_pin()
+            .map_or(committed, |(_, epoch)| epoch);
+        let mut retained_bytes = self.state.retained_bytes();
+        while let Some((&oldest, _)) = self.state.retained_batches.first_key_value() {
+            if oldest > committed || oldest + retain > committed {
+                break;
+            }
+            let sealed_at = self
+                .state
+                .retained_sealed_at_ms
+                .get(&oldest)
+                .copied()
+                .unwrap_or(0);
+            let released = oldest <= pin
+                || retained_bytes > max_bytes
+                || now_ms.saturating_sub(sealed_at) > max_age;
+            if !released {
+                break;
+            }
+            tx.updates_drop(oldest);
+            self.state.retained_batches.remove(&oldest);
+            self.state.retained_sealed_at_ms.remove(&oldest);
+            let bytes = self.state.retained_batch_bytes.remove(&oldest).unwrap_or(0);
+            retained_bytes = retained_bytes.saturating_sub(bytes);
+        }
     }
 
     fn init_cluster(&mut self, metadata: &pb::ClusterMetadata) -> pb::ApplyResult {
@@ -414,17 +589,20 @@ impl Machine {
                 ),
             );
         }
+        let proposed = match &request.map {
+            Some(map) => map.clone(),
+            None => cluster_pb::ShardMap {
+                shards: request.shards.clone(),
+                ..cluster_pb::ShardMap::default()
+            },
+        };
         // The one validation every holder of a shard map applies (`ktd_core::ShardMap::new`):
         // a map a shard or the coordinator would refuse is refused before it is replicated.
-        if let Err(error) =
-            shard::replicated::shard_map_of(metadata.partition_bits, current + 1, &request.shards)
-        {
-            return rejected(Code::InvalidArgument, error.to_string());
-        }
-        self.state.shard_map = pb::ShardMap {
-            version: current + 1,
-            shards: request.shards.clone(),
+        let map = match shard::replicated::shard_map_with_bits(metadata.partition_bits, &proposed) {
+            Ok(map) => map.with_version(current + 1),
+            Err(error) => return rejected(Code::InvalidArgument, error.to_string()),
         };
+        self.state.shard_map = shard::replicated::shard_map_to_pb(&map);
         result(pb::apply_result::Kind::ShardMap(
             self.state.shard_map.clone(),
         ))

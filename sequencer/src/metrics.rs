@@ -219,6 +219,47 @@ impl InclusionTracker {
     }
 }
 
+/// Servers with a `ktd_batch_retention_pin_epoch` series (set to NaN once they leave the map).
+static PINNED_SERVERS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Sets the batch-retention gauges from the replicated state (every node exports them; they are
+/// the same on every caught-up member):
+/// - `ktd_batch_retained` (batches), `ktd_batch_retained_bytes` and `ktd_batch_retention_max_bytes`;
+/// - `ktd_batch_oldest_retained_sealed_at_seconds` (Unix time; age = `time() - …`) and
+///   `ktd_batch_retention_max_age_seconds`;
+/// - `ktd_batch_retention_pin_epoch{server}`: each assigned shard server's durable epoch, which
+///   pins the batches after it (the lowest one is the oldest pin).
+pub fn export_retention(retention: &pb::BatchRetention) {
+    metrics::gauge!("ktd_batch_retained").set(retention.batches as f64);
+    metrics::gauge!("ktd_batch_retained_bytes").set(retention.bytes as f64);
+    metrics::gauge!("ktd_batch_retention_max_bytes").set(retention.max_bytes as f64);
+    metrics::gauge!("ktd_batch_retention_max_age_seconds")
+        .set(retention.max_age_ms as f64 / 1000.0);
+    metrics::gauge!("ktd_batch_oldest_retained_sealed_at_seconds").set(
+        if retention.oldest_sealed_at_ms == 0 {
+            f64::NAN
+        } else {
+            retention.oldest_sealed_at_ms as f64 / 1000.0
+        },
+    );
+    let current: BTreeSet<String> = retention
+        .pins
+        .iter()
+        .map(|pin| pin.server.clone())
+        .collect();
+    for pin in &retention.pins {
+        metrics::gauge!("ktd_batch_retention_pin_epoch", "server" => pin.server.clone())
+            .set(pin.built_epoch as f64);
+    }
+    let mut exported = PINNED_SERVERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for gone in exported.difference(&current) {
+        metrics::gauge!("ktd_batch_retention_pin_epoch", "server" => gone.clone()).set(f64::NAN);
+    }
+    *exported = current;
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -338,6 +338,8 @@ impl Sequencer {
             max_epoch_updates: config.cluster.max_epoch_updates,
             idempotency_window: config.cluster.idempotency_window,
             retained_committed_batches: config.cluster.retained_committed_batches,
+            batch_retention_max_bytes: config.cluster.batch_retention_max_bytes,
+            batch_retention_max_age_ms: config.cluster.batch_retention_max_age.as_millis() as u64,
         };
         machine::validate_metadata(&metadata).map_err(SequencerError::InvalidConfig)?;
         let sequencer = self.clone();
@@ -351,10 +353,10 @@ impl Sequencer {
     /// node leads, until they exist.
     async fn ensure_metadata(&self, metadata: pb::ClusterMetadata) {
         let shards = match self.inner.config.initial_shard_map() {
-            Ok(shards) => shards,
+            Ok(map) => map.map(|map| shard::replicated::shard_map_to_pb(&map)),
             Err(error) => {
                 tracing::error!(%error, "the shard map from --init is invalid");
-                Vec::new()
+                None
             }
         };
         let mut view = self.inner.sm.view();
@@ -366,7 +368,7 @@ impl Sequencer {
             };
             let write = if !has_metadata {
                 "metadata"
-            } else if !shards.is_empty() && map_version == 0 {
+            } else if shards.is_some() && map_version == 0 {
                 "shard map"
             } else {
                 return;
@@ -378,9 +380,12 @@ impl Sequencer {
                     .init_cluster(metadata.clone())
                     .await
                     .map(|_| ()),
-                (_, true, _) => self.set_shard_map(shards.clone(), 0).await.map(|_| ()),
+                (_, true, _) => self
+                    .set_shard_map(shards.clone().unwrap_or_default(), 0)
+                    .await
+                    .map(|_| ()),
                 (_, false, Some(addr)) => crate::client::SequencerClient::new([addr])
-                    .set_shard_map(shards.clone(), 0)
+                    .set_shard_map(shards.clone().unwrap_or_default(), 0)
                     .await
                     .map(|_| ()),
                 (_, false, None) => Err(SequencerError::NotLeader {
@@ -485,6 +490,7 @@ impl Sequencer {
         metrics::gauge!("ktd_epoch_pending_updates").set(status.open_epoch_updates as f64);
         metrics::gauge!("ktd_epoch_last_sealed").set(status.last_sealed_epoch as f64);
         metrics::gauge!("ktd_epoch_last_committed").set(status.last_committed_epoch as f64);
+        crate::metrics::export_retention(&self.inner.sm.view().borrow().epochs().retention());
         self.inner
             .raft_exporter
             .export(&self.inner.metrics.borrow().clone());
@@ -719,28 +725,21 @@ impl Sequencer {
         }
     }
 
-    /// Records the root of sealed epoch `epoch`: accepted once per epoch and in order; the same
-    /// root again is OK; a different root for a committed epoch is refused (`ALREADY_EXISTS`).
+    /// Records the root of a sealed epoch (with its partition roots, leaf digests and the
+    /// replicas' progress): accepted once per epoch and in order; the same root again is OK; a
+    /// different root for a committed epoch is refused (`ALREADY_EXISTS`). The commit is stamped
+    /// with this node's clock.
     pub async fn commit_epoch(
         &self,
-        epoch: u64,
-        root_hash: Vec<u8>,
-        partition_roots: Vec<u8>,
+        mut commit: pb::CommitEpochRequest,
     ) -> Result<pb::CommitEpochResponse> {
-        if root_hash.len() != 32 {
+        if commit.root_hash.len() != 32 {
             return Err(SequencerError::InvalidRootHash {
-                len: root_hash.len(),
+                len: commit.root_hash.len(),
             });
         }
-        match self
-            .propose(pb::command::Kind::CommitEpoch(pb::CommitEpochRequest {
-                epoch,
-                root_hash,
-                partition_roots,
-                committed_at_ms: unix_ms(),
-            }))
-            .await?
-        {
+        commit.committed_at_ms = unix_ms();
+        match self.propose(pb::command::Kind::CommitEpoch(commit)).await? {
             pb::apply_result::Kind::Committed(committed) => Ok(committed),
             other => Err(unexpected(&other)),
         }
@@ -761,13 +760,14 @@ impl Sequencer {
     /// Replaces the shard map if it is still at `expected_version`.
     pub async fn set_shard_map(
         &self,
-        shards: Vec<pb::ShardAssignment>,
+        map: ktd_proto::ktd::cluster::v1::ShardMap,
         expected_version: u64,
-    ) -> Result<pb::ShardMap> {
+    ) -> Result<ktd_proto::ktd::cluster::v1::ShardMap> {
         match self
             .propose(pb::command::Kind::SetShardMap(pb::SetShardMapRequest {
-                shards,
+                shards: Vec::new(),
                 expected_version,
+                map: Some(map),
             }))
             .await?
         {
@@ -943,7 +943,12 @@ impl Sequencer {
     }
 
     /// The cluster metadata and shard map as applied on this node.
-    pub fn cluster_metadata(&self) -> (Option<pb::ClusterMetadata>, pb::ShardMap) {
+    pub fn cluster_metadata(
+        &self,
+    ) -> (
+        Option<pb::ClusterMetadata>,
+        ktd_proto::ktd::cluster::v1::ShardMap,
+    ) {
         let epochs = self.inner.sm.view().borrow().epochs();
         (epochs.metadata, epochs.shard_map)
     }
@@ -1030,6 +1035,7 @@ impl Sequencer {
             voter_sets: self.voter_sets(&metrics),
             open_epoch: epochs.open_epoch,
             last_committed_epoch: epochs.last_committed_epoch,
+            retention: Some(epochs.retention()),
         })
     }
 

@@ -15,16 +15,22 @@ use ktd_proto::ktd::shard::v1 as pb;
 use ktd_proto::ktd::shard::v1::shard_client::ShardClient;
 use tonic::transport::Channel;
 
-use crate::api::{BuildSummary, PrepareSummary, ShardApi, ShardStatus, UpdateTrace};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use crate::api::{
+    BootstrapSource, BootstrapSummary, BuildSummary, Fence, PartitionChunk, PrepareSummary,
+    ShardApi, ShardStatus, UpdateTrace, UserPartitionLeaves,
+};
 use crate::error::{Error, LabelTag, Result};
 use crate::local::PeerResolver;
 use crate::server::MAX_MESSAGE_BYTES;
 use crate::wire::{self, Decoder};
 use ktd_core::Error as CoreError;
 use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan};
+use ktd_core::shard_map::ShardServer;
 use ktd_core::tree::audit::AppendOnlySlice;
 use ktd_core::tree::{LeavesByPartition, NodeRef, PartitionWalk, WalkRequest};
-use ktd_core::{ShardInfo, ShardMap};
 
 /// Deadlines for calls to shards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,8 +39,11 @@ pub struct ClientTimeouts {
     pub connect: Duration,
     /// Reads (walks, plans, slices).
     pub read: Duration,
-    /// Epoch steps (prepare, deliver, build), which can take seconds for large epochs.
+    /// Epoch steps (prepare, build, leaf recomputation), which can take seconds for large
+    /// epochs.
     pub epoch_step: Duration,
+    /// A whole partition bootstrap (the copy streams for as long as this).
+    pub bootstrap: Duration,
 }
 
 impl Default for ClientTimeouts {
@@ -43,6 +52,7 @@ impl Default for ClientTimeouts {
             connect: Duration::from_secs(2),
             read: Duration::from_secs(10),
             epoch_step: Duration::from_secs(120),
+            bootstrap: Duration::from_secs(6 * 3600),
         }
     }
 }
@@ -57,7 +67,7 @@ pub struct GrpcShard {
 
 impl GrpcShard {
     /// A client of `info`'s server; connects on first use and reconnects as needed.
-    pub fn connect_lazy(info: &ShardInfo, timeouts: ClientTimeouts) -> Result<Self> {
+    pub fn connect_lazy(info: &ShardServer, timeouts: ClientTimeouts) -> Result<Self> {
         let endpoint = ktd_rpc::security::endpoint(&info.address)
             .map_err(|error| {
                 CoreError::InvalidConfig(format!(
@@ -104,13 +114,13 @@ impl ShardApi for GrpcShard {
     async fn prepare_epoch(
         &self,
         epoch: u64,
-        map: &ShardMap,
+        fence: &Fence,
+        user_partitions: Vec<u32>,
         updates: Vec<(AkdLabel, AkdValue)>,
         traces: Vec<UpdateTrace>,
     ) -> Result<PrepareSummary> {
         let request = pb::PrepareEpochRequest {
             epoch,
-            shard_map: Some(wire::shard_map(map)),
             updates: wire::updates(&updates),
             traces: traces
                 .into_iter()
@@ -119,6 +129,8 @@ impl ShardApi for GrpcShard {
                     traceparent: trace.traceparent,
                 })
                 .collect(),
+            fence: Some(wire::fence(fence)),
+            user_partitions,
         };
         let response = self
             .client
@@ -127,42 +139,59 @@ impl ShardApi for GrpcShard {
             .await
             .map_err(|status| self.remote(status))?
             .into_inner();
+        let decoder = self.decoder();
         Ok(PrepareSummary {
             updates: response.updates,
             changed: response.changed,
             leaves: response.leaves,
+            user_partitions: response
+                .user_partitions
+                .iter()
+                .map(|leaves| decoder.user_partition_leaves(leaves))
+                .collect::<Result<_>>()?,
         })
     }
 
-    async fn deliver_leaves(
+    async fn compute_leaves(
         &self,
         epoch: u64,
-        from: &str,
-        leaves: LeavesByPartition,
-    ) -> Result<()> {
-        let request = pb::DeliverLeavesRequest {
+        user_partition: u32,
+        updates: Vec<(AkdLabel, AkdValue)>,
+    ) -> Result<UserPartitionLeaves> {
+        let request = pb::ComputeLeavesRequest {
             epoch,
-            from_shard: from.to_string(),
-            partitions: wire::partition_leaves(&leaves),
+            user_partition,
+            updates: wire::updates(&updates),
         };
-        self.client
+        let response = self
+            .client
             .clone()
-            .deliver_leaves(self.request(request, self.timeouts.epoch_step))
+            .compute_leaves(self.request(request, self.timeouts.epoch_step))
             .await
-            .map_err(|status| self.remote(status))?;
-        Ok(())
+            .map_err(|status| self.remote(status))?
+            .into_inner();
+        let decoder = self.decoder();
+        let leaves = response.leaves.ok_or_else(|| Error::BadMessage {
+            peer: self.id.clone(),
+            message: "ComputeLeavesResponse.leaves is missing".into(),
+        })?;
+        decoder.user_partition_leaves(&leaves)
     }
 
     async fn build_epoch(
         &self,
         epoch: u64,
+        fence: &Fence,
         base_roots: Vec<(u32, Option<NodeRef>)>,
-        senders: Vec<String>,
+        leaves: LeavesByPartition,
+        sources: Vec<u32>,
     ) -> Result<BuildSummary> {
         let request = pb::BuildEpochRequest {
             epoch,
             base_roots: wire::partition_roots(&base_roots),
-            senders,
+            fence: Some(wire::fence(fence)),
+            leaves: wire::partition_leaves(&leaves),
+            sources,
         };
         let response = self
             .client
@@ -175,6 +204,54 @@ impl ShardApi for GrpcShard {
             roots: self.decoder().partition_roots(&response.roots)?,
             nodes_written: response.nodes_written,
         })
+    }
+
+    async fn bootstrap(&self, fence: &Fence, source: BootstrapSource) -> Result<BootstrapSummary> {
+        let request = pb::BootstrapRequest {
+            fence: Some(wire::fence(fence)),
+            partition: source.partition,
+            epoch: source.epoch,
+            source_id: source.source_id,
+            source_address: source.source_address,
+            expected_root: source.expected_root.as_ref().map(wire::node_ref),
+            max_bytes_per_second: source.max_bytes_per_second,
+        };
+        let response = self
+            .client
+            .clone()
+            .bootstrap(self.request(request, self.timeouts.bootstrap))
+            .await
+            .map_err(|status| self.remote(status))?
+            .into_inner();
+        Ok(BootstrapSummary {
+            epoch: response.epoch,
+            records: response.records,
+            bytes: response.bytes,
+            nodes_checked: response.nodes_checked,
+        })
+    }
+
+    async fn stream_partition(
+        &self,
+        partition: u32,
+        epoch: u64,
+    ) -> Result<BoxStream<'static, Result<PartitionChunk>>> {
+        let request = pb::StreamPartitionRequest { partition, epoch };
+        let stream = self
+            .client
+            .clone()
+            .stream_partition(self.request(request, self.timeouts.bootstrap))
+            .await
+            .map_err(|status| self.remote(status))?
+            .into_inner();
+        let peer = self.id.clone();
+        let remote = self.clone();
+        Ok(stream
+            .map(move |chunk| {
+                let chunk = chunk.map_err(|status| remote.remote(status))?;
+                Decoder { peer: &peer }.chunk(chunk)
+            })
+            .boxed())
     }
 
     async fn walk(&self, requests: Vec<WalkRequest>) -> Result<Vec<PartitionWalk>> {
@@ -289,6 +366,13 @@ impl ShardApi for GrpcShard {
             built_epoch: response.built_epoch,
             seen_committed_epoch: response.seen_committed_epoch,
             label_cache_entries: response.label_cache_entries,
+            partition_states: response
+                .partition_states
+                .iter()
+                .map(|state| self.decoder().partition_state(state))
+                .collect::<Result<_>>()?,
+            fence_term: response.fence_term,
+            shard_map_version: response.shard_map_version,
         })
     }
 }
@@ -310,7 +394,7 @@ impl GrpcPeers {
     }
 
     /// The client of `info` (created on first use).
-    pub fn client(&self, info: &ShardInfo) -> Result<Arc<GrpcShard>> {
+    pub fn client(&self, info: &ShardServer) -> Result<Arc<GrpcShard>> {
         let mut clients = self
             .clients
             .lock()
@@ -326,7 +410,7 @@ impl GrpcPeers {
 }
 
 impl PeerResolver for GrpcPeers {
-    fn peer(&self, info: &ShardInfo) -> Result<Arc<dyn ShardApi>> {
+    fn peer(&self, info: &ShardServer) -> Result<Arc<dyn ShardApi>> {
         Ok(self.client(info)?)
     }
 }

@@ -410,7 +410,8 @@ impl<TC: Configuration> Core<TC> {
                 (partition, base.top.partitions()[partition as usize], leaves)
             })
             .collect();
-        let built = self.node.build_partitions(epoch, inputs)?;
+        let all_partitions: Vec<u32> = (0..1u32 << self.node.bits()).collect();
+        let built = self.node.build_partitions(epoch, &all_partitions, inputs)?;
         stats.tree = built.tree;
         stats.node_reads = built.node_reads;
         stats.write_nodes = built.write_nodes;

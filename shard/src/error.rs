@@ -24,14 +24,6 @@ pub enum Error {
         /// What did not match.
         reason: String,
     },
-    /// A shard has not delivered its leaves for an epoch that is being built.
-    #[error("leaves from shard {from} for epoch {epoch} have not been delivered")]
-    MissingDelivery {
-        /// The epoch being built.
-        epoch: u64,
-        /// The shard whose delivery is missing.
-        from: String,
-    },
     /// Another process answered with an error (a remote shard, over gRPC).
     #[error("{peer} answered {code:?}: {message}")]
     Remote {
@@ -41,6 +33,24 @@ pub enum Error {
         code: tonic::Code,
         /// Its message.
         message: String,
+    },
+    /// A mutation the shard's fence refuses (a deposed coordinator, an epoch that is final, a
+    /// map or partition the request is not entitled to): nothing was changed.
+    #[error("refused by the fence: {reason}")]
+    Fenced {
+        /// What the fence refused.
+        reason: String,
+    },
+    /// This server cannot serve a partition at the epoch asked (not held, not built that far,
+    /// quarantined, or its stored root disagrees with the committed one): another replica can.
+    #[error("partition {partition} is not readable here at epoch {epoch}: {reason}")]
+    NotServing {
+        /// The partition.
+        partition: u32,
+        /// The epoch asked for.
+        epoch: u64,
+        /// Why.
+        reason: String,
     },
     /// A message from another process could not be understood.
     #[error("malformed message from {peer}: {message}")]
@@ -53,6 +63,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the error says stored data is damaged (a local [`ktd_core::Error::Corrupt`], or
+    /// a peer answering `DATA_LOSS`): the copy that produced it must be rebuilt, not retried.
+    pub fn is_data_loss(&self) -> bool {
+        matches!(self, Self::Core(ktd_core::Error::Corrupt(_)))
+            || matches!(
+                self,
+                Self::Remote {
+                    code: tonic::Code::DataLoss,
+                    ..
+                }
+            )
+    }
+
     /// A [`ktd_core::Error::Corrupt`]: stored data contradicts itself.
     pub fn corrupt(message: impl Into<String>) -> Self {
         Self::Core(ktd_core::Error::Corrupt(message.into()))
@@ -61,6 +84,13 @@ impl Error {
     /// A [`ktd_core::Error::InvalidConfig`]: a configuration value is out of range.
     pub fn invalid_config(message: impl Into<String>) -> Self {
         Self::Core(ktd_core::Error::InvalidConfig(message.into()))
+    }
+
+    /// A [`Error::Fenced`] refusal.
+    pub fn fenced(reason: impl Into<String>) -> Self {
+        Self::Fenced {
+            reason: reason.into(),
+        }
     }
 
     /// The core error inside, if this is one.

@@ -1,65 +1,93 @@
-//! [`LocalShard`]: the shard logic behind [`ShardApi`], running in this process.
+//! [`LocalShard`]: the shard server's logic behind [`ShardApi`], running in this process — a
+//! replica of the partitions the shard map assigns to it.
 //!
 //! A shard server wraps one in a gRPC service; `ktd dev` calls one directly. Every call hands
 //! its blocking work (RocksDB, VRF, hashing) to `spawn_blocking`, so the async runtime's threads
 //! never wait on the disk or the CPU-heavy tree code.
 //!
-//! Prepare stores the new user versions (synced) and then delivers leaves to every shard in the
-//! map, an empty delivery included, so that build can tell "no leaves" from "not delivered yet".
+//! **Fencing.** Every mutation is checked against the highest fence accepted so far (persisted,
+//! synced when it grows) before anything is written; a refusal is [`Error::Fenced`] and changes
+//! nothing. Mutations are serialised: one prepare, build or bootstrap at a time per server.
+//!
+//! **Durability.** Prepare writes the epoch's user versions in a synced batch before it answers;
+//! build writes the node versions and then each partition's built marker in a synced batch
+//! before it answers, so what a replica reports is on disk.
+//!
+//! **Reads** are served for a partition only at epochs it has built, never while the restart
+//! check found its stored root disagreeing with the committed one, and never while the latest
+//! map seen quarantines it here ([`Error::NotServing`]: the gateway asks another replica).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use akd_core::configuration::Configuration;
 use akd_core::verify::history::HistoryParams;
 use akd_core::{AkdLabel, AkdValue};
-use futures::future::try_join_all;
-
-use crate::api::{BuildSummary, PrepareSummary, ShardApi, ShardStatus, UpdateTrace};
-use crate::error::{Error, Result};
-use crate::node::ShardNode;
-use ktd_core::Error as CoreError;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan};
+use ktd_core::shard_map::{Role, ShardServer};
 use ktd_core::tree::audit::AppendOnlySlice;
 use ktd_core::tree::{
     LeavesByPartition, NewLeaf, NodeRef, PartitionWalk, SortedLeaves, WalkRequest,
 };
-use ktd_core::{ShardInfo, ShardMap};
+use ktd_core::{Error as CoreError, ShardMap, label};
 
-/// Finds the [`ShardApi`] of another shard (a pooled gRPC client in a cluster).
+use crate::api::{
+    BootstrapSource, BootstrapSummary, BuildSummary, Fence, PartitionChunk, PartitionState,
+    PrepareSummary, ShardApi, ShardStatus, UpdateTrace, UserPartitionLeaves, chunk_checksum,
+};
+use crate::error::{Error, Result};
+use crate::node::ShardNode;
+use crate::store::replica::{BuiltMarker, StoredFence};
+
+/// Finds the [`ShardApi`] of another shard server (a pooled gRPC client in a cluster): where a
+/// bootstrap copies a partition from.
 pub trait PeerResolver: Send + Sync {
-    /// The shard described by `info`.
-    fn peer(&self, info: &ShardInfo) -> Result<Arc<dyn ShardApi>>;
+    /// The server described by `server`.
+    fn peer(&self, server: &ShardServer) -> Result<Arc<dyn ShardApi>>;
 }
 
-/// A resolver for a single-shard cluster: there are no peers.
+/// A resolver for a single-server process: there are no peers.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoPeers;
 
 impl PeerResolver for NoPeers {
-    fn peer(&self, info: &ShardInfo) -> Result<Arc<dyn ShardApi>> {
-        Err(CoreError::InvalidConfig(format!(
+    fn peer(&self, server: &ShardServer) -> Result<Arc<dyn ShardApi>> {
+        Err(Error::invalid_config(format!(
             "no route to shard {} in a single-shard process",
-            info.id
-        ))
-        .into())
+            server.id
+        )))
     }
 }
 
+/// Bytes per chunk of a partition copy.
+const CHUNK_BYTES: usize = 4 << 20;
+/// Chunks of a partition copy buffered between the RocksDB reader and the network.
+const CHUNK_QUEUE: usize = 4;
+
+/// What the replica knows about itself, mirrored from the store.
 #[derive(Debug, Default)]
-struct Progress {
-    partitions: Vec<u32>,
-    prepared_epoch: u64,
-    built_epoch: u64,
+struct ReplicaState {
+    markers: BTreeMap<u32, BuiltMarker>,
+    fence: StoredFence,
+    /// Partitions whose stored root disagrees with the committed one (restart check).
+    mismatched: BTreeSet<u32>,
+    /// The newest map a fence carried (reads of partitions it quarantines here are refused).
+    map: Option<ShardMap>,
     seen_committed_epoch: u64,
+    /// Partitions a bootstrap is copying in (at most one copy per partition at a time).
+    bootstrapping: BTreeSet<u32>,
 }
 
-/// One shard's logic over its [`ShardNode`].
+/// One shard server's logic over its [`ShardNode`].
 pub struct LocalShard<TC> {
     id: String,
     node: Arc<ShardNode<TC>>,
     peers: Arc<dyn PeerResolver>,
-    progress: Mutex<Progress>,
+    state: Mutex<ReplicaState>,
+    writes: tokio::sync::Mutex<()>,
 }
 
 impl<TC> std::fmt::Debug for LocalShard<TC> {
@@ -82,18 +110,44 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl<TC: Configuration> LocalShard<TC> {
-    /// The shard `id` over `node`, reaching other shards through `peers`.
-    pub fn new(
+    /// The shard server `id` over `node`, reaching peers through `peers`. Reads its identity,
+    /// fence and built markers from the store: a data directory that belongs to another shard id
+    /// is refused; a new one is stamped with `id`. Blocking (RocksDB).
+    pub fn load(
         id: impl Into<String>,
         node: Arc<ShardNode<TC>>,
         peers: Arc<dyn PeerResolver>,
-    ) -> Self {
-        Self {
-            id: id.into(),
+    ) -> Result<Self> {
+        let id = id.into();
+        let store = node.store();
+        match store.shard_id()? {
+            Some(stored) if stored != id => {
+                return Err(Error::IncompatibleDataDir {
+                    path: store.path().display().to_string(),
+                    reason: format!("it belongs to shard {stored:?}, not {id:?}"),
+                });
+            }
+            Some(_) => {}
+            None => store.set_shard_id(&id)?,
+        }
+        let markers = store
+            .built_markers()?
+            .into_iter()
+            .map(|marker| (marker.partition, marker))
+            .collect();
+        let fence = store.fence()?;
+        Ok(Self {
+            id,
             node,
             peers,
-            progress: Mutex::new(Progress::default()),
-        }
+            state: Mutex::new(ReplicaState {
+                markers,
+                seen_committed_epoch: fence.committed_epoch,
+                fence,
+                ..ReplicaState::default()
+            }),
+            writes: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// This shard's id.
@@ -106,16 +160,219 @@ impl<TC: Configuration> LocalShard<TC> {
         &self.node
     }
 
-    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
-        self.progress
+    fn state(&self) -> std::sync::MutexGuard<'_, ReplicaState> {
+        self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Records that the sequencer's log shows `epoch` committed.
     pub fn saw_committed(&self, epoch: u64) {
-        let mut progress = self.progress();
-        progress.seen_committed_epoch = progress.seen_committed_epoch.max(epoch);
+        let mut state = self.state();
+        state.seen_committed_epoch = state.seen_committed_epoch.max(epoch);
+    }
+
+    /// The built marker of every held partition.
+    pub fn markers(&self) -> Vec<BuiltMarker> {
+        self.state().markers.values().copied().collect()
+    }
+
+    /// Marks `partition` as disagreeing with the committed epoch record (the restart check):
+    /// it is not read, and reported so that the coordinator rebuilds it.
+    pub fn set_mismatch(&self, partition: u32) {
+        self.state().mismatched.insert(partition);
+    }
+
+    /// Adopts `marker` for a partition that has none, after the caller checked that the store
+    /// holds the partition's committed root at that epoch (a data directory written before
+    /// built markers existed). Synced. Blocking.
+    pub fn adopt_marker(&self, marker: BuiltMarker) -> Result<()> {
+        if self.state().markers.contains_key(&marker.partition) {
+            return Ok(());
+        }
+        self.node.store().put_built_markers(&[marker])?;
+        self.state().markers.insert(marker.partition, marker);
+        Ok(())
+    }
+
+    /// Checks `fence` for a mutation touching `partitions`, and accepts it: refuses a term below
+    /// the highest seen, a map older than one seen, a map for another partitioning, and
+    /// partitions the map does not assign here. Persists the fence (synced) when it grows. Call
+    /// with the write lock held.
+    async fn accept_fence(&self, fence: &Fence, partitions: &[u32]) -> Result<StoredFence> {
+        let bits = self.node.bits();
+        if fence.map.bits() != bits {
+            return Err(Error::fenced(format!(
+                "the map has {} partition bits; this shard has {bits}",
+                fence.map.bits()
+            )));
+        }
+        let stored = self.state().fence;
+        if fence.term < stored.term {
+            return Err(Error::fenced(format!(
+                "coordinator term {} is older than term {} already accepted",
+                fence.term, stored.term
+            )));
+        }
+        if fence.map.version() < stored.map_version {
+            return Err(Error::fenced(format!(
+                "shard map version {} is older than version {} already seen",
+                fence.map.version(),
+                stored.map_version
+            )));
+        }
+        let assigned: HashSet<u32> = fence
+            .map
+            .assignments(&self.id)
+            .into_iter()
+            .map(|(partition, _)| partition)
+            .collect();
+        if let Some(partition) = partitions
+            .iter()
+            .find(|partition| !assigned.contains(partition))
+        {
+            return Err(Error::fenced(format!(
+                "shard map version {} does not assign partition {partition} to {}",
+                fence.map.version(),
+                self.id
+            )));
+        }
+        let grown = StoredFence {
+            term: stored.term.max(fence.term),
+            committed_epoch: stored.committed_epoch.max(fence.committed_epoch),
+            map_version: stored.map_version.max(fence.map.version()),
+        };
+        if grown != stored {
+            let node = self.node.clone();
+            blocking(move || Ok(node.store().put_fence(&grown)?)).await?;
+        }
+        let mut state = self.state();
+        state.fence = grown;
+        state.seen_committed_epoch = state.seen_committed_epoch.max(grown.committed_epoch);
+        if state
+            .map
+            .as_ref()
+            .is_none_or(|map| map.version() <= fence.map.version())
+        {
+            state.map = Some(fence.map.clone());
+        }
+        Ok(grown)
+    }
+
+    /// Refuses a write of `epoch` to `partition` unless it extends the built epoch by one, or
+    /// redoes the built epoch while it is not committed.
+    fn check_extends(&self, partition: u32, epoch: u64, committed: u64) -> Result<()> {
+        let built = self
+            .state()
+            .markers
+            .get(&partition)
+            .map(|marker| marker.epoch);
+        match built {
+            // Epoch 0 is the empty directory: every partition of a new cluster starts there.
+            None if epoch == 1 && committed == 0 => Ok(()),
+            None => Err(Error::fenced(format!(
+                "partition {partition} is not held here (a bootstrap must copy it first)"
+            ))),
+            Some(built) if epoch == built + 1 => Ok(()),
+            Some(built) if epoch == built && epoch > committed => Ok(()),
+            Some(built) => Err(Error::fenced(format!(
+                "partition {partition} is built to epoch {built} and epoch {committed} is \
+                 committed: epoch {epoch} cannot be written"
+            ))),
+        }
+    }
+
+    /// Refuses to read `partition` at `epoch` unless it is held, built that far, not found
+    /// disagreeing at restart, and not quarantined here by the latest map seen.
+    fn check_readable(&self, partition: u32, epoch: u64) -> Result<()> {
+        let state = self.state();
+        let not_serving = |reason: String| Error::NotServing {
+            partition,
+            epoch,
+            reason,
+        };
+        if state.mismatched.contains(&partition) {
+            return Err(not_serving(
+                "its stored root disagrees with the committed one (being rebuilt)".into(),
+            ));
+        }
+        if let Some(map) = &state.map
+            && map.replicas(partition).role_of(&self.id) == Some(Role::Quarantined)
+        {
+            return Err(not_serving("it is quarantined on this server".into()));
+        }
+        match state.markers.get(&partition) {
+            // Epoch 0 is the empty directory: nothing to hold.
+            None if epoch == 0 => Ok(()),
+            None => Err(not_serving("it is not held on this server".into())),
+            Some(marker) if marker.epoch < epoch => Err(not_serving(format!(
+                "it is built only to epoch {}",
+                marker.epoch
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+impl<TC: Configuration> LocalShard<TC> {
+    /// Streams `source`'s copy of its partition in, checking every chunk's checksum and the
+    /// record count, at most `max_bytes_per_second`. Returns the records and bytes copied.
+    async fn copy_partition(&self, source: &BootstrapSource) -> Result<(u64, u64)> {
+        let partition = source.partition;
+        let bits = self.node.bits();
+        let peer = self.peers.peer(&ShardServer {
+            id: source.source_id.clone(),
+            address: source.source_address.clone(),
+            maintenance_until_ms: 0,
+        })?;
+        let mut chunks = peer.stream_partition(partition, source.epoch).await?;
+        let started = Instant::now();
+        let mut records = 0u64;
+        let mut bytes = 0u64;
+        let mut total = None;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            if chunk_checksum(&chunk.nodes, &chunk.users) != chunk.checksum {
+                return Err(Error::corrupt(format!(
+                    "a chunk of partition {partition} from {} failed its checksum",
+                    source.source_id
+                )));
+            }
+            records += (chunk.nodes.len() + chunk.users.len()) as u64;
+            bytes += chunk
+                .nodes
+                .iter()
+                .chain(&chunk.users)
+                .map(|(key, value)| (key.len() + value.len()) as u64)
+                .sum::<u64>();
+            total = total.or(chunk.total_records);
+            let node = self.node.clone();
+            let epoch = source.epoch;
+            blocking(move || {
+                Ok(node.store().import_records(
+                    partition,
+                    epoch,
+                    bits,
+                    &chunk.nodes,
+                    &chunk.users,
+                )?)
+            })
+            .await?;
+            if source.max_bytes_per_second > 0 {
+                let due =
+                    Duration::from_secs_f64(bytes as f64 / source.max_bytes_per_second as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        if total != Some(records) {
+            return Err(Error::corrupt(format!(
+                "the copy of partition {partition} from {} ended after {records} records; it announced {total:?}",
+                source.source_id
+            )));
+        }
+        Ok((records, bytes))
     }
 }
 
@@ -124,7 +381,8 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
     async fn prepare_epoch(
         &self,
         epoch: u64,
-        map: &ShardMap,
+        fence: &Fence,
+        user_partitions: Vec<u32>,
         updates: Vec<(AkdLabel, AkdValue)>,
         traces: Vec<UpdateTrace>,
     ) -> Result<PrepareSummary> {
@@ -133,149 +391,299 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         if epoch == 0 {
             return Err(CoreError::EpochOutOfOrder { epoch, previous: 0 }.into());
         }
-        let me = map.shard(&self.id).ok_or_else(|| {
-            CoreError::InvalidConfig(format!("shard {} is not in the shard map", self.id))
-        })?;
-        if let Some((akd_label, _)) = updates
-            .iter()
-            .find(|(akd_label, _)| map.user_owner(akd_label).id != self.id)
-        {
-            return Err(CoreError::InvalidConfig(format!(
-                "user {} belongs to shard {}, not {}",
-                crate::error::LabelTag::of(akd_label),
-                map.user_owner(akd_label).id,
-                self.id
-            ))
-            .into());
+        let mut user_partitions = user_partitions;
+        user_partitions.sort_unstable();
+        user_partitions.dedup();
+        let _writes = self.writes.lock().await;
+        let accepted = self.accept_fence(fence, &user_partitions).await?;
+        for partition in &user_partitions {
+            self.check_extends(*partition, epoch, accepted.committed_epoch)?;
         }
         self.node.limits().check_batch(&updates)?;
         let n_updates = updates.len() as u64;
         let node = self.node.clone();
-        let user_leaves = blocking(move || {
-            let user_leaves = node.user_leaves(epoch, updates)?;
-            node.store().write_user_versions(&user_leaves.versions)?;
-            Ok(user_leaves)
+        let prepared = blocking(move || {
+            let prepared = node.user_partition_leaves(epoch, &user_partitions, updates)?;
+            node.store().write_user_versions(&prepared.versions)?;
+            Ok(prepared)
         })
         .await?;
-
-        let mut per_owner: HashMap<&str, LeavesByPartition> = map
-            .shards
+        let leaves = prepared
+            .partitions
             .iter()
-            .map(|shard| (shard.id.as_str(), Vec::new()))
-            .collect();
-        let mut n_leaves = 0u64;
-        for (partition, leaves) in user_leaves.by_partition {
-            n_leaves += leaves.len() as u64;
-            let owner = map.partition_owner(partition).id.as_str();
-            per_owner
-                .entry(owner)
-                .or_default()
-                .push((partition, leaves.as_slice().to_vec()));
-        }
-        let deliveries = map.shards.iter().map(|shard| {
-            let leaves = per_owner.remove(shard.id.as_str()).unwrap_or_default();
-            async move {
-                if shard.id == self.id {
-                    self.deliver_leaves(epoch, &self.id, leaves).await
-                } else {
-                    self.peers
-                        .peer(shard)?
-                        .deliver_leaves(epoch, &self.id, leaves)
-                        .await
-                }
-            }
-        });
-        try_join_all(deliveries).await?;
-
-        let mut progress = self.progress();
-        progress.partitions = me.partitions.clone();
-        progress.prepared_epoch = progress.prepared_epoch.max(epoch);
+            .flat_map(|partition| &partition.leaves)
+            .map(|(_, leaves)| leaves.len() as u64)
+            .sum();
         Ok(PrepareSummary {
             updates: n_updates,
-            changed: user_leaves.changed as u64,
-            leaves: n_leaves,
+            changed: prepared.changed as u64,
+            leaves,
+            user_partitions: prepared.partitions,
         })
     }
 
-    async fn deliver_leaves(
+    async fn compute_leaves(
         &self,
         epoch: u64,
-        from: &str,
-        leaves: LeavesByPartition,
-    ) -> Result<()> {
+        user_partition: u32,
+        updates: Vec<(AkdLabel, AkdValue)>,
+    ) -> Result<UserPartitionLeaves> {
+        if epoch == 0 {
+            return Err(CoreError::EpochOutOfOrder { epoch, previous: 0 }.into());
+        }
+        self.check_readable(user_partition, epoch - 1)?;
+        self.node.limits().check_batch(&updates)?;
         let node = self.node.clone();
-        let from = from.to_string();
-        blocking(move || Ok(node.store().put_inbox(epoch, &from, &leaves)?)).await
+        let mut prepared =
+            blocking(move || node.user_partition_leaves(epoch, &[user_partition], updates)).await?;
+        prepared.partitions.pop().ok_or_else(|| {
+            CoreError::Proof("no leaves were computed for the user partition".into()).into()
+        })
     }
 
     async fn build_epoch(
         &self,
         epoch: u64,
+        fence: &Fence,
         base_roots: Vec<(u32, Option<NodeRef>)>,
-        senders: Vec<String>,
+        leaves: LeavesByPartition,
+        sources: Vec<u32>,
     ) -> Result<BuildSummary> {
         if epoch == 0 {
             return Err(CoreError::EpochOutOfOrder { epoch, previous: 0 }.into());
         }
-        let node = self.node.clone();
-        let summary = blocking(move || {
-            let mut by_partition: HashMap<u32, Vec<NewLeaf>> =
-                base_roots.iter().map(|(partition, _)| (*partition, Vec::new())).collect();
-            for sender in &senders {
-                let delivered = node
-                    .store()
-                    .inbox(epoch, sender)?
-                    .ok_or_else(|| Error::MissingDelivery { epoch, from: sender.clone() })?;
-                for (partition, leaves) in delivered {
-                    by_partition
-                        .get_mut(&partition)
-                        .ok_or_else(|| {
-                            CoreError::InvalidConfig(format!("shard {sender} delivered leaves for partition {partition}, which is not built here"))
-                        })?
-                        .extend(leaves);
-                }
+        let bits = self.node.bits();
+        let mut sources = sources;
+        sources.sort_unstable();
+        sources.dedup();
+        if sources.len() != 1usize << bits {
+            return Err(Error::fenced(format!(
+                "the leaves come from {} of the {} user partitions; every one must be accounted for",
+                sources.len(),
+                1u32 << bits
+            )));
+        }
+        let mut base: BTreeMap<u32, Option<NodeRef>> = BTreeMap::new();
+        for (partition, root) in base_roots {
+            if base.insert(partition, root).is_some() {
+                return Err(Error::fenced(format!(
+                    "partition {partition} is named twice"
+                )));
             }
-            let inputs = base_roots
-                .iter()
-                .filter_map(|(partition, root)| {
-                    let leaves = by_partition.remove(partition).unwrap_or_default();
-                    (!leaves.is_empty()).then(|| SortedLeaves::new(leaves).map(|leaves| (*partition, *root, leaves)))
+        }
+        let partitions: Vec<u32> = base.keys().copied().collect();
+        let _writes = self.writes.lock().await;
+        let accepted = self.accept_fence(fence, &partitions).await?;
+        for partition in &partitions {
+            self.check_extends(*partition, epoch, accepted.committed_epoch)?;
+            let built = self.state().markers.get(partition).copied();
+            // A replica whose own root at epoch - 1 differs from the committed one has diverged:
+            // building on either would be wrong.
+            if let Some(marker) = built
+                && marker.epoch == epoch - 1
+                && marker.root != base[partition]
+            {
+                self.state().mismatched.insert(*partition);
+                return Err(Error::corrupt(format!(
+                    "partition {partition}: the stored root of epoch {} is not the committed one",
+                    epoch - 1
+                )));
+            }
+        }
+        let mut by_partition: BTreeMap<u32, Vec<NewLeaf>> = BTreeMap::new();
+        for (partition, partition_leaves) in leaves {
+            if !base.contains_key(&partition) {
+                return Err(Error::fenced(format!(
+                    "leaves for partition {partition}, which this request does not build"
+                )));
+            }
+            by_partition
+                .entry(partition)
+                .or_default()
+                .extend(partition_leaves);
+        }
+        let node = self.node.clone();
+        let (summary, markers) = blocking(move || {
+            let inputs = by_partition
+                .into_iter()
+                .filter(|(_, leaves)| !leaves.is_empty())
+                .map(|(partition, leaves)| {
+                    SortedLeaves::new(leaves).map(|leaves| (partition, base[&partition], leaves))
                 })
                 .collect::<ktd_core::Result<Vec<_>>>()?;
-            let built = node.build_partitions(epoch, inputs)?;
-            let mut roots: HashMap<u32, Option<NodeRef>> = base_roots.into_iter().collect();
+            let built = node.build_partitions(epoch, &partitions, inputs)?;
+            let mut roots = base;
             roots.extend(built.roots);
-            let mut roots: Vec<(u32, Option<NodeRef>)> = roots.into_iter().collect();
-            roots.sort_unstable_by_key(|(partition, _)| *partition);
-            // Deliveries of earlier epochs are no longer needed: those epochs are committed.
-            node.store().discard_inbox_before(epoch)?;
-            Ok(BuildSummary {
-                roots,
-                nodes_written: built.nodes_written as u64,
-            })
+            let markers: Vec<BuiltMarker> = roots
+                .iter()
+                .map(|(partition, root)| BuiltMarker {
+                    partition: *partition,
+                    epoch,
+                    root: *root,
+                })
+                .collect();
+            // Synced: the node versions written above become durable with the markers.
+            node.store().put_built_markers(&markers)?;
+            Ok((
+                BuildSummary {
+                    roots: roots.into_iter().collect(),
+                    nodes_written: built.nodes_written as u64,
+                },
+                markers,
+            ))
         })
         .await?;
-        let mut progress = self.progress();
-        progress.built_epoch = progress.built_epoch.max(epoch);
+        let mut state = self.state();
+        for marker in markers {
+            state.mismatched.remove(&marker.partition);
+            state.markers.insert(marker.partition, marker);
+        }
         Ok(summary)
     }
 
+    async fn bootstrap(&self, fence: &Fence, source: BootstrapSource) -> Result<BootstrapSummary> {
+        let partition = source.partition;
+        let bits = self.node.bits();
+        // Step 1, under the write lock: accept the fence and forget the partition, so a crash
+        // from here on leaves it not held, never half held. The copy itself runs without the lock
+        // (the partition is not held, so no prepare or build touches its key ranges meanwhile),
+        // and other partitions keep building.
+        {
+            let _writes = self.writes.lock().await;
+            let accepted = self.accept_fence(fence, &[partition]).await?;
+            if source.epoch > accepted.committed_epoch {
+                return Err(Error::fenced(format!(
+                    "epoch {} is not committed (the latest committed epoch is {})",
+                    source.epoch, accepted.committed_epoch
+                )));
+            }
+            if !self.state().bootstrapping.insert(partition) {
+                return Err(Error::fenced(format!(
+                    "partition {partition} is already being copied in"
+                )));
+            }
+            let node = self.node.clone();
+            let forgotten = blocking(move || {
+                node.store().drop_built_marker(partition)?;
+                node.store().delete_user_partition(partition, bits)?;
+                Ok(())
+            })
+            .await;
+            let mut state = self.state();
+            state.markers.remove(&partition);
+            if let Err(error) = forgotten {
+                state.bootstrapping.remove(&partition);
+                return Err(error);
+            }
+        }
+        let copied = self.copy_partition(&source).await;
+        let finished = match copied {
+            Ok((records, bytes)) => {
+                let _writes = self.writes.lock().await;
+                let node = self.node.clone();
+                let marker = BuiltMarker {
+                    partition,
+                    epoch: source.epoch,
+                    root: source.expected_root,
+                };
+                blocking(move || {
+                    // The copy must be the tree the committed root names, node by node.
+                    let checked = node.verify_partition(marker.root)?;
+                    node.store().put_built_markers(&[marker])?;
+                    Ok(checked)
+                })
+                .await
+                .map(|nodes_checked| {
+                    let mut state = self.state();
+                    state.mismatched.remove(&partition);
+                    state.markers.insert(partition, marker);
+                    BootstrapSummary {
+                        epoch: source.epoch,
+                        records,
+                        bytes,
+                        nodes_checked,
+                    }
+                })
+            }
+            Err(error) => Err(error),
+        };
+        self.state().bootstrapping.remove(&partition);
+        finished
+    }
+
+    async fn stream_partition(
+        &self,
+        partition: u32,
+        epoch: u64,
+    ) -> Result<BoxStream<'static, Result<PartitionChunk>>> {
+        self.check_readable(partition, epoch)?;
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<PartitionChunk>>(CHUNK_QUEUE);
+        let node = self.node.clone();
+        let bits = node.bits();
+        tokio::task::spawn_blocking(move || {
+            let send = |chunk: Result<PartitionChunk>| sender.blocking_send(chunk).is_ok();
+            let exported = node.store().export_partition(
+                partition,
+                epoch,
+                bits,
+                CHUNK_BYTES,
+                |nodes, users| {
+                    let checksum = chunk_checksum(&nodes, &users);
+                    if send(Ok(PartitionChunk {
+                        nodes,
+                        users,
+                        checksum,
+                        total_records: None,
+                    })) {
+                        Ok(())
+                    } else {
+                        Err(CoreError::Storage {
+                            context: "stream a partition",
+                            message: "the receiver went away".into(),
+                        })
+                    }
+                },
+            );
+            let last = match exported {
+                Ok(total) => Ok(PartitionChunk {
+                    checksum: chunk_checksum(&[], &[]),
+                    total_records: Some(total),
+                    ..PartitionChunk::default()
+                }),
+                Err(error) => Err(error.into()),
+            };
+            send(last);
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(receiver).boxed())
+    }
+
     async fn walk(&self, requests: Vec<WalkRequest>) -> Result<Vec<PartitionWalk>> {
+        let bits = self.node.bits();
+        for request in &requests {
+            if let Some(root) = &request.root {
+                let partition = label::partition_of(&root.label.label_val, bits);
+                self.check_readable(partition, root.max_epoch)?;
+            }
+        }
         let node = self.node.clone();
         blocking(move || Ok(node.walk(&requests)?)).await
     }
 
     async fn append_only_slice(&self, root: NodeRef, start_epoch: u64) -> Result<AppendOnlySlice> {
+        let partition = label::partition_of(&root.label.label_val, self.node.bits());
+        self.check_readable(partition, root.max_epoch)?;
         let node = self.node.clone();
         blocking(move || node.append_only_slice(Some(root), start_epoch)).await
     }
 
     async fn lookup_plan(&self, akd_label: AkdLabel, epoch: u64) -> Result<LookupPlan> {
+        self.check_readable(label::user_partition(&akd_label, self.node.bits()), epoch)?;
         let node = self.node.clone();
         blocking(move || node.lookup_plan(&akd_label, epoch)).await
     }
 
     async fn absence_plan(&self, akd_label: AkdLabel, epoch: u64) -> Result<AbsencePlan> {
+        self.check_readable(label::user_partition(&akd_label, self.node.bits()), epoch)?;
         let node = self.node.clone();
         blocking(move || node.absence_plan(&akd_label, epoch)).await
     }
@@ -286,19 +694,44 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         params: HistoryParams,
         epoch: u64,
     ) -> Result<HistoryPlan> {
+        self.check_readable(label::user_partition(&akd_label, self.node.bits()), epoch)?;
         let node = self.node.clone();
         blocking(move || node.history_plan(&akd_label, params, epoch)).await
     }
 
     async fn status(&self) -> Result<ShardStatus> {
-        let progress = self.progress();
+        let state = self.state();
+        let partition_states: Vec<PartitionState> = state
+            .markers
+            .values()
+            .map(|marker| PartitionState {
+                partition: marker.partition,
+                held: true,
+                built_epoch: marker.epoch,
+                root: marker.root,
+                mismatch: state.mismatched.contains(&marker.partition),
+            })
+            .collect();
         Ok(ShardStatus {
             id: self.id.clone(),
-            partitions: progress.partitions.clone(),
-            prepared_epoch: progress.prepared_epoch,
-            built_epoch: progress.built_epoch,
-            seen_committed_epoch: progress.seen_committed_epoch,
+            partitions: state.markers.keys().copied().collect(),
+            prepared_epoch: state
+                .markers
+                .values()
+                .map(|marker| marker.epoch)
+                .min()
+                .unwrap_or(0),
+            built_epoch: state
+                .markers
+                .values()
+                .map(|marker| marker.epoch)
+                .max()
+                .unwrap_or(0),
+            seen_committed_epoch: state.seen_committed_epoch,
             label_cache_entries: self.node.label_cache().len() as u64,
+            partition_states,
+            fence_term: state.fence.term,
+            shard_map_version: state.fence.map_version,
         })
     }
 }

@@ -52,6 +52,21 @@ pub struct UserLeaves {
     pub vrf: Duration,
 }
 
+/// The leaves of one epoch's updates, grouped by user partition, and the new user versions.
+#[derive(Clone, Debug, Default)]
+pub struct PartitionedUserLeaves {
+    /// One entry per requested user partition, in partition order.
+    pub partitions: Vec<crate::api::UserPartitionLeaves>,
+    /// New user versions (write them before the epoch can commit).
+    pub versions: Vec<(AkdLabel, UserVersion)>,
+    /// Updates that changed something (identical republishes excluded).
+    pub changed: usize,
+    /// Reading the users' previous versions.
+    pub read_users: Duration,
+    /// VRF and commitments.
+    pub vrf: Duration,
+}
+
 /// What building an epoch's partitions produced.
 #[derive(Clone, Debug, Default)]
 pub struct BuiltPartitions {
@@ -220,13 +235,83 @@ impl<TC: Configuration> ShardNode<TC> {
         })
     }
 
+    /// Step 1 of an epoch for a replica: like [`ShardNode::user_leaves`], but the leaves are
+    /// grouped by the user partition (of `user_partitions`) whose update produced them, each
+    /// group sorted and digested, so replicas of a user partition can compare what they
+    /// computed. Every update must belong to one of `user_partitions`. Writes nothing.
+    pub fn user_partition_leaves(
+        &self,
+        epoch: u64,
+        user_partitions: &[u32],
+        updates: Vec<(AkdLabel, AkdValue)>,
+    ) -> Result<PartitionedUserLeaves> {
+        let started = Instant::now();
+        let labels: Vec<&[u8]> = updates
+            .iter()
+            .map(|(akd_label, _)| akd_label.as_slice())
+            .collect();
+        let prior: Vec<Option<(u64, AkdValue)>> = self
+            .store
+            .latest_user_versions(&labels, epoch - 1)?
+            .into_iter()
+            .map(|version| version.map(|version| (version.version, version.value)))
+            .collect();
+        let planned = user::plan_updates(updates, &prior);
+        let read_users = started.elapsed();
+        let started = Instant::now();
+        let per_update =
+            user::compute_update_leaves::<TC>(&self.vrf, &planned, epoch, Some(&self.labels));
+        let vrf = started.elapsed();
+        let mut grouped: std::collections::BTreeMap<u32, Vec<tree::NewLeaf>> = user_partitions
+            .iter()
+            .map(|partition| (*partition, Vec::new()))
+            .collect();
+        let mut versions = Vec::with_capacity(planned.len());
+        for (leaves, update) in per_update.into_iter().zip(&planned) {
+            let partition = label::user_partition(&update.akd_label, self.bits);
+            let group = grouped.get_mut(&partition).ok_or_else(|| {
+                CoreError::InvalidConfig(format!(
+                    "user {} belongs to user partition {partition}, which this request does not prepare",
+                    LabelTag::of(&update.akd_label)
+                ))
+            })?;
+            group.push(leaves.fresh);
+            group.extend(leaves.stale);
+            versions.push((update.akd_label.clone(), leaves.version));
+        }
+        let partitions = grouped
+            .into_iter()
+            .map(|(user_partition, leaves)| {
+                let sorted = SortedLeaves::new(leaves)?;
+                Ok(crate::api::UserPartitionLeaves {
+                    user_partition,
+                    digest: sorted.digest(),
+                    leaves: sorted
+                        .split_by_partition(self.bits)
+                        .into_iter()
+                        .map(|(partition, leaves)| (partition, leaves.into_vec()))
+                        .collect(),
+                })
+            })
+            .collect::<ktd_core::Result<Vec<_>>>()?;
+        Ok(PartitionedUserLeaves {
+            partitions,
+            versions,
+            changed: planned.len(),
+            read_users,
+            vrf,
+        })
+    }
+
     /// Step 2 of an epoch: inserts each partition's leaves (with its root as of the previous
-    /// epoch) as `epoch`, in parallel, and writes the node versions (one `WriteBatch` per
-    /// partition). Versions an abandoned attempt at `epoch` left behind are dropped first, so
-    /// the inputs must cover every partition of this node that changes in `epoch`.
+    /// epoch) as `epoch`, in parallel, and writes the node versions (one unsynced `WriteBatch`
+    /// per partition). Node versions an abandoned attempt at `epoch` left in `partitions` (the
+    /// partitions being built, a superset of those in `inputs`) are dropped first — only that
+    /// epoch's, only those partitions'.
     pub fn build_partitions(
         &self,
         epoch: u64,
+        partitions: &[u32],
         inputs: Vec<(u32, Option<NodeRef>, SortedLeaves)>,
     ) -> Result<BuiltPartitions> {
         let started = Instant::now();
@@ -253,7 +338,10 @@ impl<TC: Configuration> ShardNode<TC> {
         let node_reads = Duration::from_nanos(timed_store.nanos.load(Ordering::Relaxed));
 
         let started = Instant::now();
-        self.store.discard_nodes_from(epoch)?;
+        for partition in partitions {
+            self.store
+                .discard_partition_epoch(epoch, *partition, self.bits)?;
+        }
         deltas
             .par_iter()
             .try_for_each(|(_, delta)| self.store.write_nodes(delta))?;
@@ -272,6 +360,12 @@ impl<TC: Configuration> ShardNode<TC> {
     /// Proof walks inside this node's partitions, from the roots given in the requests.
     pub fn walk(&self, requests: &[WalkRequest]) -> ktd_core::Result<Vec<PartitionWalk>> {
         tree::walk::<TC, _>(&*self.store, requests)
+    }
+
+    /// Re-hashes the stored tree under `root` (a partition copied from a peer): see
+    /// [`ktd_core::tree::verify_partition`]. Returns the interior nodes checked.
+    pub fn verify_partition(&self, root: Option<NodeRef>) -> Result<u64> {
+        Ok(tree::verify_partition::<TC, _>(&*self.store, root)?)
     }
 
     /// The append-only slice of one partition for `start_epoch → start_epoch + 1`, given its

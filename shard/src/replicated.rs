@@ -1,52 +1,139 @@
-//! Conversions between the records the sequencer replicates through Raft
-//! (`ktd.sequencer.v1.ShardMap`, `ktd.sequencer.v1.EpochRecord`) and the core's types.
+//! Conversions between the records the sequencer replicates through Raft — the shard map
+//! (`ktd.cluster.v1.ShardMap`) and committed epochs (`ktd.sequencer.v1.EpochRecord`) — and the
+//! core's types.
 //!
-//! Everyone who reads the replicated shard map or a committed epoch — the state machine when it
-//! validates a proposed map, the coordinator, shard servers, gateways — goes through these
-//! functions, so they all accept and refuse the same maps ([`ktd_core::ShardMap::new`]) and
-//! decode partition roots the same way ([`ktd_core::EpochRecord::decode`]).
+//! Everyone who reads them — the state machine when it validates a proposed map, the
+//! coordinator, shard servers receiving a fence, gateways — goes through these functions, so they
+//! all accept and refuse the same maps ([`ktd_core::ShardMap::new`]) and decode partition roots
+//! and leaf digests the same way.
 
 use akd_core::configuration::Configuration;
-use ktd_core::shard_map::check_partition_bits;
+use ktd_core::shard_map::{Learner, PartitionReplicas, ShardServer, check_partition_bits};
 use ktd_core::stitch::TopTree;
 use ktd_core::{EpochRecord, ShardInfo, ShardMap};
+use ktd_proto::ktd::cluster::v1 as cluster_pb;
 use ktd_proto::ktd::sequencer::v1 as pb;
 
 use crate::error::{Error, Result};
 
-/// The replicated shard map of a cluster with `metadata`, checked by [`ShardMap::new`].
-pub fn shard_map(metadata: &pb::ClusterMetadata, map: &pb::ShardMap) -> Result<ShardMap> {
-    shard_map_of(metadata.partition_bits, map.version, &map.shards)
+/// The replicated shard map of a cluster with `metadata`, checked by [`ShardMap::new`]. A map
+/// written by the first release (one owner per partition) becomes a replication-factor-1 map.
+pub fn shard_map(metadata: &pb::ClusterMetadata, map: &cluster_pb::ShardMap) -> Result<ShardMap> {
+    shard_map_with_bits(metadata.partition_bits, map)
 }
 
-/// A shard map from its replicated parts, checked by [`ShardMap::new`].
-pub fn shard_map_of(
-    partition_bits: u32,
-    version: u64,
-    shards: &[pb::ShardAssignment],
-) -> Result<ShardMap> {
+/// A shard map for `partition_bits`, from its replicated form, checked.
+pub fn shard_map_with_bits(partition_bits: u32, map: &cluster_pb::ShardMap) -> Result<ShardMap> {
     let bits = check_partition_bits(u64::from(partition_bits))?;
-    let shards = shards
+    if map.partitions.is_empty() && !map.shards.is_empty() {
+        let owners = map
+            .shards
+            .iter()
+            .map(|shard| ShardInfo {
+                id: shard.shard_id.clone(),
+                address: shard.address.clone(),
+                partitions: shard.partitions.clone(),
+            })
+            .collect();
+        return Ok(ShardMap::from_owners(map.version, bits, owners)?);
+    }
+    let replication_factor = u8::try_from(map.replication_factor).map_err(|_| {
+        Error::invalid_config(format!(
+            "replication factor {} is too large",
+            map.replication_factor
+        ))
+    })?;
+    let servers = map
+        .servers
         .iter()
-        .map(|shard| ShardInfo {
-            id: shard.shard_id.clone(),
-            address: shard.address.clone(),
-            partitions: shard.partitions.clone(),
+        .map(|server| ShardServer {
+            id: server.id.clone(),
+            address: server.address.clone(),
+            maintenance_until_ms: server.maintenance_until_ms,
         })
         .collect();
-    Ok(ShardMap::new(version, bits, shards)?)
+    let mut partitions = vec![None; 1usize << bits];
+    for entry in &map.partitions {
+        let slot = partitions
+            .get_mut(entry.partition as usize)
+            .ok_or_else(|| {
+                Error::invalid_config(format!(
+                    "the map names partition {}; there are {}",
+                    entry.partition,
+                    1u32 << bits
+                ))
+            })?;
+        if slot.is_some() {
+            return Err(Error::invalid_config(format!(
+                "the map names partition {} twice",
+                entry.partition
+            )));
+        }
+        *slot = Some(PartitionReplicas {
+            voters: entry.voters.clone(),
+            learners: entry
+                .learners
+                .iter()
+                .map(|learner| Learner {
+                    server: learner.server.clone(),
+                    replaces: (!learner.replaces.is_empty()).then(|| learner.replaces.clone()),
+                })
+                .collect(),
+            quarantined: entry.quarantined.clone(),
+        });
+    }
+    let partitions = partitions
+        .into_iter()
+        .enumerate()
+        .map(|(partition, replicas)| {
+            replicas.ok_or_else(|| {
+                Error::invalid_config(format!("the map does not name partition {partition}"))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ShardMap::new(
+        map.version,
+        bits,
+        replication_factor,
+        servers,
+        partitions,
+    )?)
 }
 
-/// The replicated form of `map`'s shards.
-pub fn shard_assignments(map: &ShardMap) -> Vec<pb::ShardAssignment> {
-    map.shards
-        .iter()
-        .map(|info| pb::ShardAssignment {
-            shard_id: info.id.clone(),
-            address: info.address.clone(),
-            partitions: info.partitions.clone(),
-        })
-        .collect()
+/// The replicated form of `map`.
+pub fn shard_map_to_pb(map: &ShardMap) -> cluster_pb::ShardMap {
+    cluster_pb::ShardMap {
+        version: map.version(),
+        shards: Vec::new(),
+        replication_factor: u32::from(map.replication_factor()),
+        servers: map
+            .servers()
+            .iter()
+            .map(|server| cluster_pb::ShardServer {
+                id: server.id.clone(),
+                address: server.address.clone(),
+                maintenance_until_ms: server.maintenance_until_ms,
+            })
+            .collect(),
+        partitions: map
+            .partitions()
+            .iter()
+            .enumerate()
+            .map(|(partition, replicas)| cluster_pb::PartitionReplicas {
+                partition: partition as u32,
+                voters: replicas.voters.clone(),
+                learners: replicas
+                    .learners
+                    .iter()
+                    .map(|learner| cluster_pb::Learner {
+                        server: learner.server.clone(),
+                        replaces: learner.replaces.clone().unwrap_or_default(),
+                    })
+                    .collect(),
+                quarantined: replicas.quarantined.clone(),
+            })
+            .collect(),
+    }
 }
 
 /// A committed epoch's top tree from its replicated record (epoch 0 has no partition roots: the
@@ -64,4 +151,69 @@ pub fn top_tree<TC: Configuration>(bits: u8, record: &pb::EpochRecord) -> Result
         )));
     }
     Ok(top)
+}
+
+/// The committed per-user-partition leaf digests of `record` (empty for epoch 0 and records
+/// committed before digests were recorded).
+pub fn leaf_digests(bits: u8, record: &pb::EpochRecord) -> Result<Vec<[u8; 32]>> {
+    if record.leaf_digests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let expected = (1usize << bits) * 32;
+    if record.leaf_digests.len() != expected {
+        return Err(Error::corrupt(format!(
+            "epoch {}: {} bytes of leaf digests, expected {expected}",
+            record.epoch,
+            record.leaf_digests.len()
+        )));
+    }
+    Ok(record
+        .leaf_digests
+        .chunks_exact(32)
+        .map(|digest| digest.try_into().expect("chunks of 32"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_round_trip_and_first_release_maps_load_as_rf_1() {
+        let map = ShardMap::even(
+            2,
+            2,
+            vec![
+                ("a".into(), "http://a".into()),
+                ("b".into(), "http://b".into()),
+                ("c".into(), "http://c".into()),
+            ],
+        )
+        .expect("valid")
+        .with_version(4);
+        let encoded = shard_map_to_pb(&map);
+        assert_eq!(shard_map_with_bits(2, &encoded).expect("decodes"), map);
+        assert!(shard_map_with_bits(3, &encoded).is_err(), "bits must match");
+
+        let legacy = cluster_pb::ShardMap {
+            version: 2,
+            shards: vec![
+                cluster_pb::LegacyShard {
+                    shard_id: "s1".into(),
+                    address: "http://s1".into(),
+                    partitions: vec![0, 1],
+                },
+                cluster_pb::LegacyShard {
+                    shard_id: "s2".into(),
+                    address: "http://s2".into(),
+                    partitions: vec![2, 3],
+                },
+            ],
+            ..cluster_pb::ShardMap::default()
+        };
+        let loaded = shard_map_with_bits(2, &legacy).expect("legacy map");
+        assert_eq!(loaded.replication_factor(), 1);
+        assert_eq!(loaded.replicas(3).voters, ["s2"]);
+        assert_eq!(loaded.version(), 2);
+    }
 }

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use ktd_proto::ktd::shard::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::api::{ShardApi, UpdateTrace};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use crate::api::{BootstrapSource, ShardApi, UpdateTrace};
 use crate::error::Error;
 use crate::wire::{self, Decoder};
 use ktd_core::Error as CoreError;
@@ -45,9 +48,10 @@ impl From<Error> for Status {
         match error {
             Error::Core(core) => Status::new(core_code(&core), message),
             Error::BadMessage { .. } => Status::invalid_argument(message),
-            Error::IncompatibleDataDir { .. } | Error::MissingDelivery { .. } => {
+            Error::IncompatibleDataDir { .. } | Error::Fenced { .. } => {
                 Status::failed_precondition(message)
             }
+            Error::NotServing { .. } => Status::unavailable(message),
             Error::Remote { code, message, .. } => Status::new(code, message),
         }
     }
@@ -88,12 +92,7 @@ impl pb::shard_server::Shard for ShardService {
         let peer = decoder(&request);
         let decoder = Decoder { peer: &peer };
         let request = request.into_inner();
-        let map = decoder.shard_map(
-            request
-                .shard_map
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument("shard_map is missing"))?,
-        )?;
+        let fence = decoder.fence(&request.fence)?;
         let updates = decoder.updates(&request.updates);
         let traces = request
             .traces
@@ -105,26 +104,40 @@ impl pb::shard_server::Shard for ShardService {
             .collect();
         let summary = self
             .api
-            .prepare_epoch(request.epoch, &map, updates, traces)
+            .prepare_epoch(
+                request.epoch,
+                &fence,
+                request.user_partitions,
+                updates,
+                traces,
+            )
             .await?;
         Ok(Response::new(pb::PrepareEpochResponse {
             updates: summary.updates,
             changed: summary.changed,
             leaves: summary.leaves,
+            user_partitions: summary
+                .user_partitions
+                .iter()
+                .map(wire::user_partition_leaves)
+                .collect(),
         }))
     }
 
-    async fn deliver_leaves(
+    async fn compute_leaves(
         &self,
-        request: Request<pb::DeliverLeavesRequest>,
-    ) -> Result<Response<pb::DeliverLeavesResponse>, Status> {
+        request: Request<pb::ComputeLeavesRequest>,
+    ) -> Result<Response<pb::ComputeLeavesResponse>, Status> {
         let peer = decoder(&request);
         let request = request.into_inner();
-        let leaves = Decoder { peer: &peer }.partition_leaves(&request.partitions)?;
-        self.api
-            .deliver_leaves(request.epoch, &request.from_shard, leaves)
+        let updates = Decoder { peer: &peer }.updates(&request.updates);
+        let leaves = self
+            .api
+            .compute_leaves(request.epoch, request.user_partition, updates)
             .await?;
-        Ok(Response::new(pb::DeliverLeavesResponse {}))
+        Ok(Response::new(pb::ComputeLeavesResponse {
+            leaves: Some(wire::user_partition_leaves(&leaves)),
+        }))
     }
 
     async fn build_epoch(
@@ -132,16 +145,62 @@ impl pb::shard_server::Shard for ShardService {
         request: Request<pb::BuildEpochRequest>,
     ) -> Result<Response<pb::BuildEpochResponse>, Status> {
         let peer = decoder(&request);
+        let decoder = Decoder { peer: &peer };
         let request = request.into_inner();
-        let base_roots = Decoder { peer: &peer }.partition_roots(&request.base_roots)?;
+        let fence = decoder.fence(&request.fence)?;
+        let base_roots = decoder.partition_roots(&request.base_roots)?;
+        let leaves = decoder.partition_leaves(&request.leaves)?;
         let summary = self
             .api
-            .build_epoch(request.epoch, base_roots, request.senders)
+            .build_epoch(request.epoch, &fence, base_roots, leaves, request.sources)
             .await?;
         Ok(Response::new(pb::BuildEpochResponse {
             roots: wire::partition_roots(&summary.roots),
             nodes_written: summary.nodes_written,
         }))
+    }
+
+    async fn bootstrap(
+        &self,
+        request: Request<pb::BootstrapRequest>,
+    ) -> Result<Response<pb::BootstrapResponse>, Status> {
+        let peer = decoder(&request);
+        let decoder = Decoder { peer: &peer };
+        let request = request.into_inner();
+        let fence = decoder.fence(&request.fence)?;
+        let source = BootstrapSource {
+            partition: request.partition,
+            epoch: request.epoch,
+            source_id: request.source_id,
+            source_address: request.source_address,
+            expected_root: decoder.optional_node_ref(&request.expected_root)?,
+            max_bytes_per_second: request.max_bytes_per_second,
+        };
+        let summary = self.api.bootstrap(&fence, source).await?;
+        Ok(Response::new(pb::BootstrapResponse {
+            epoch: summary.epoch,
+            records: summary.records,
+            bytes: summary.bytes,
+            nodes_checked: summary.nodes_checked,
+        }))
+    }
+
+    type StreamPartitionStream = BoxStream<'static, Result<pb::PartitionChunk, Status>>;
+
+    async fn stream_partition(
+        &self,
+        request: Request<pb::StreamPartitionRequest>,
+    ) -> Result<Response<Self::StreamPartitionStream>, Status> {
+        let request = request.into_inner();
+        let chunks = self
+            .api
+            .stream_partition(request.partition, request.epoch)
+            .await?;
+        Ok(Response::new(
+            chunks
+                .map(|chunk| chunk.map(|chunk| wire::chunk(&chunk)).map_err(Status::from))
+                .boxed(),
+        ))
     }
 
     async fn walk(
@@ -227,6 +286,13 @@ impl pb::shard_server::Shard for ShardService {
             built_epoch: status.built_epoch,
             seen_committed_epoch: status.seen_committed_epoch,
             label_cache_entries: status.label_cache_entries,
+            partition_states: status
+                .partition_states
+                .iter()
+                .map(wire::partition_state)
+                .collect(),
+            fence_term: status.fence_term,
+            shard_map_version: status.shard_map_version,
         }))
     }
 }

@@ -5,8 +5,12 @@
 //! 256 bits and canonical, known enum values) and returns [`Error::BadMessage`], never panics.
 
 use akd_core::{AkdValue, AzksValue, NodeLabel};
+use ktd_proto::ktd::cluster::v1 as cluster_pb;
 use ktd_proto::ktd::shard::v1 as pb;
 use ktd_proto::ktd::v1 as akd_pb;
+
+use crate::api::{Fence, PartitionChunk, PartitionState, UserPartitionLeaves};
+use crate::store::replica::RawRecord;
 
 use crate::error::{Error, Result};
 use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan, ProvenLabel, UpdatePlan};
@@ -394,39 +398,107 @@ pub fn history_plan(plan: &HistoryPlan) -> pb::HistoryPlanResponse {
     }
 }
 
-/// Encodes a shard map.
-pub fn shard_map(map: &ktd_core::ShardMap) -> pb::ShardMap {
-    pb::ShardMap {
-        version: map.version,
-        partition_bits: u32::from(map.bits),
-        shards: map
-            .shards
+/// Encodes a fence.
+pub fn fence(fence: &Fence) -> cluster_pb::Fence {
+    cluster_pb::Fence {
+        term: fence.term,
+        committed_epoch: fence.committed_epoch,
+        shard_map: Some(crate::replicated::shard_map_to_pb(&fence.map)),
+        partition_bits: u32::from(fence.map.bits()),
+    }
+}
+
+/// Encodes one user partition's leaves.
+pub fn user_partition_leaves(leaves: &UserPartitionLeaves) -> pb::UserPartitionLeaves {
+    pb::UserPartitionLeaves {
+        user_partition: leaves.user_partition,
+        digest: leaves.digest.to_vec(),
+        leaves: partition_leaves(&leaves.leaves),
+    }
+}
+
+/// Encodes a chunk of a partition copy.
+pub fn chunk(chunk: &PartitionChunk) -> pb::PartitionChunk {
+    let records = |records: &[RawRecord]| {
+        records
             .iter()
-            .map(|shard| pb::ShardEntry {
-                id: shard.id.clone(),
-                address: shard.address.clone(),
-                partitions: shard.partitions.clone(),
+            .map(|(key, value)| pb::Record {
+                key: key.clone(),
+                value: value.clone(),
             })
-            .collect(),
+            .collect()
+    };
+    pb::PartitionChunk {
+        nodes: records(&chunk.nodes),
+        users: records(&chunk.users),
+        checksum: chunk.checksum.to_vec(),
+        last: chunk.total_records.is_some(),
+        total_records: chunk.total_records.unwrap_or(0),
+    }
+}
+
+/// Encodes a partition's state.
+pub fn partition_state(state: &PartitionState) -> pb::PartitionState {
+    pb::PartitionState {
+        partition: state.partition,
+        built_epoch: state.built_epoch,
+        root: state.root.as_ref().map(node_ref),
+        held: state.held,
+        mismatch: state.mismatch,
     }
 }
 
 impl Decoder<'_> {
-    /// A shard map (checked: every partition owned exactly once).
-    pub fn shard_map(&self, map: &pb::ShardMap) -> Result<ktd_core::ShardMap> {
-        let bits = ktd_core::shard_map::check_partition_bits(u64::from(map.partition_bits))
-            .map_err(|error| self.bad(error.to_string()))?;
-        let shards = map
-            .shards
-            .iter()
-            .map(|shard| ktd_core::ShardInfo {
-                id: shard.id.clone(),
-                address: shard.address.clone(),
-                partitions: shard.partitions.clone(),
-            })
-            .collect();
-        ktd_core::ShardMap::new(map.version, bits, shards)
-            .map_err(|error| self.bad(error.to_string()))
+    /// A fence (its map checked by `ShardMap::new`).
+    pub fn fence(&self, fence: &Option<cluster_pb::Fence>) -> Result<Fence> {
+        let fence = self.required(fence, "fence")?;
+        let map = self.required(&fence.shard_map, "Fence.shard_map")?;
+        let map = crate::replicated::shard_map_with_bits(fence.partition_bits, map)
+            .map_err(|error| self.bad(format!("fence shard map: {error}")))?;
+        Ok(Fence {
+            term: fence.term,
+            committed_epoch: fence.committed_epoch,
+            map,
+        })
+    }
+
+    /// One user partition's leaves.
+    pub fn user_partition_leaves(
+        &self,
+        leaves: &pb::UserPartitionLeaves,
+    ) -> Result<UserPartitionLeaves> {
+        Ok(UserPartitionLeaves {
+            user_partition: leaves.user_partition,
+            digest: self.digest(&leaves.digest, "UserPartitionLeaves.digest")?,
+            leaves: self.partition_leaves(&leaves.leaves)?,
+        })
+    }
+
+    /// A chunk of a partition copy.
+    pub fn chunk(&self, chunk: pb::PartitionChunk) -> Result<PartitionChunk> {
+        let records = |records: Vec<pb::Record>| {
+            records
+                .into_iter()
+                .map(|record| (record.key, record.value))
+                .collect()
+        };
+        Ok(PartitionChunk {
+            checksum: self.digest(&chunk.checksum, "PartitionChunk.checksum")?,
+            nodes: records(chunk.nodes),
+            users: records(chunk.users),
+            total_records: chunk.last.then_some(chunk.total_records),
+        })
+    }
+
+    /// A partition's state.
+    pub fn partition_state(&self, state: &pb::PartitionState) -> Result<PartitionState> {
+        Ok(PartitionState {
+            partition: state.partition,
+            held: state.held,
+            built_epoch: state.built_epoch,
+            root: self.optional_node_ref(&state.root)?,
+            mismatch: state.mismatch,
+        })
     }
 
     /// Updates.

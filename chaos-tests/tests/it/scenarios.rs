@@ -121,11 +121,132 @@ fn follower_pause() {
     });
 }
 
+/// With 2 shards and the default replication factor (2), a killed shard leaves one of two
+/// replicas: no majority, so epochs stall until it is back (not checked here), but publishes
+/// are still acknowledged and nothing is lost.
 #[test]
-fn shard_crash_mid_epoch() {
+fn shard_crash_mid_epoch_keeps_acknowledging_publishes() {
     with_deadline(Duration::from_secs(90), || async {
         let output = run("shard-crash-mid-epoch", Duration::from_secs(14), None).await;
         assert_clean(&output, FaultKind::KillShard);
+    });
+}
+
+/// What replication buys, measured while one replica of every partition is out (3 shards,
+/// replication factor 3): epochs keep committing (no gap between committed epochs above the
+/// scenario's `max_commit_gap`: 3 s, 5 s for an isolated shard),
+/// no lookup goes unanswered, and the shard is back afterwards — `SERVING`, and a voter with
+/// lag 0 in every partition it voted in before.
+fn assert_replication_held(output: &RunOutput, kind: FaultKind) {
+    assert_clean(output, kind);
+    let report = &output.report;
+    assert_eq!(report.failed_reads, 0, "lookups without an answer");
+    let figure = report
+        .faults
+        .iter()
+        .find(|f| f.fault.kind == kind)
+        .expect("the fault");
+    let limit = Scenario::load(&report.scenario)
+        .expect("shipped scenario")
+        .slo
+        .max_commit_gap
+        .expect("the scenario bounds the commit gap");
+    let gap = figure.max_commit_gap_ms.expect("epochs were seen");
+    assert!(
+        u128::from(gap) <= limit.as_millis(),
+        "epochs stalled for {gap} ms: {figure:?}"
+    );
+    let replica = figure.fault.replica.clone().expect("replica recovery");
+    assert!(replica.error.is_none(), "{replica:?}");
+    assert_eq!(
+        replica.voter_before.len(),
+        16,
+        "a voter of every partition: {replica:?}"
+    );
+    assert!(replica.serving_ms.is_some(), "{replica:?}");
+    assert!(replica.caught_up_ms.is_some(), "{replica:?}");
+    assert_eq!(replica.voter_after, replica.voter_before, "{replica:?}");
+    assert_eq!(report.exit, Exit::Ok, "{:#?}", report.slo);
+}
+
+#[test]
+fn replica_kill_keeps_epochs_committing_and_reads_answered() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run("replica-kill", Duration::from_secs(16), None).await;
+        assert_replication_held(&output, FaultKind::KillReplica);
+    });
+}
+
+/// A wiped replica comes back empty and is rebuilt by partition copies from a live voter
+/// (`partition copied` in the sequencers' logs), while the majority keeps committing.
+#[test]
+fn replica_disk_wipe_is_rebuilt_by_partition_copies() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run("replica-disk-wipe", Duration::from_secs(16), None).await;
+        assert_replication_held(&output, FaultKind::WipeReplica);
+        let replica = output.report.faults[0]
+            .fault
+            .replica
+            .clone()
+            .expect("replica recovery");
+        assert!(
+            replica.partitions_copied > 0,
+            "not rebuilt by copies: {replica:?}"
+        );
+    });
+}
+
+/// A shard cut off the network (its fence blackholes every connection to and from it): reads
+/// hedge to another voter, the majority commits, and it catches up after the heal.
+#[test]
+fn shard_isolated_keeps_epochs_committing_and_reads_answered() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run("shard-isolated", Duration::from_secs(16), None).await;
+        assert_replication_held(&output, FaultKind::IsolateShard);
+    });
+}
+
+/// The positive control for the three above: the same kill with replication factor 1 must
+/// stall commits and fail reads, and the commit-gap and failed-read SLOs must catch it (exit
+/// 2), while the correctness checkers still pass (nothing is lost, only unavailable).
+#[test]
+fn unreplicated_replica_kill_is_caught_by_the_slos() {
+    with_deadline(Duration::from_secs(90), || async {
+        let output = run("broken-unreplicated-kill", Duration::from_secs(16), None).await;
+        let report = &output.report;
+        assert_eq!(report.exit, Exit::SloBreach, "{:#?}", report.slo);
+        for verdict in &report.verdicts {
+            assert!(
+                verdict.ok(),
+                "{}: {:#?}",
+                verdict.checker,
+                verdict.violations
+            );
+        }
+        let figure = &report.faults[0];
+        assert!(figure.fault.installed(), "{:?}", figure.fault);
+        let gap = figure.max_commit_gap_ms.expect("epochs were seen");
+        assert!(gap > 3000, "no stall without replication? {gap} ms");
+        assert!(
+            report.failed_reads > 0,
+            "no failed read without replication?"
+        );
+        let breached: Vec<&str> = report
+            .slo
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.what.as_str())
+            .collect();
+        assert!(
+            breached
+                .iter()
+                .any(|w| w.contains("longest gap between committed epochs")),
+            "{breached:?}"
+        );
+        assert!(
+            breached.iter().any(|w| w.contains("failed reads")),
+            "{breached:?}"
+        );
     });
 }
 

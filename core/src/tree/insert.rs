@@ -65,6 +65,22 @@ impl SortedLeaves {
         &self.0
     }
 
+    /// BLAKE3 over the leaves in label order (`label ‖ commitment` per leaf): what replicas
+    /// compare to agree on one user partition's leaves of an epoch.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new();
+        for leaf in &self.0 {
+            hasher.update(&leaf.label.label_val);
+            hasher.update(&leaf.commitment.0);
+        }
+        *hasher.finalize().as_bytes()
+    }
+
+    /// The leaves, in label order.
+    pub fn into_vec(self) -> Vec<NewLeaf> {
+        self.0
+    }
+
     /// Number of leaves.
     pub fn len(&self) -> usize {
         self.0.len()

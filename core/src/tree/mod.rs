@@ -22,10 +22,12 @@ use crate::label::LEAF_LEN;
 pub mod audit;
 pub mod insert;
 pub mod mem;
+pub mod verify;
 pub mod walk;
 
 pub use insert::{NewLeaf, PartitionDelta, SortedLeaves, insert_leaves};
 pub use mem::MemTreeStore;
+pub use verify::verify_partition;
 pub use walk::{PartitionWalk, WalkRequest, walk};
 
 /// What a parent records about one child subtree; also a partition's exported root summary.

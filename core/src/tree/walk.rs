@@ -5,12 +5,13 @@
 //! (akd-spec §5.2): the path node's label, the other child as `(label, value-as-seen-by-parent)`,
 //! and the side taken. It ends at the target (membership) or at the **deepest** node whose label
 //! is a strict prefix of the target (canonical non-membership). Many walks advance together,
-//! with one store read per tree level for all of them.
+//! with one store read per tree level for all of them. Every node read is re-hashed against the
+//! value its parent records, so a damaged or diverged copy fails instead of answering.
 
 use akd_core::configuration::Configuration;
 use akd_core::{AzksElement, AzksValue, NodeLabel, SiblingProof};
 
-use super::{NodeRef, TreeStore, check_children, read_existing};
+use super::{NodeRef, TreeStore, check_children, parent_value, read_existing};
 use crate::error::Result;
 use crate::label;
 
@@ -86,6 +87,16 @@ pub fn walk<TC: Configuration, S: TreeStore + ?Sized>(
         let mut still_active = Vec::with_capacity(active.len());
         for (mut walk, record) in active.into_iter().zip(records) {
             check_children(&walk.current.label, &record)?;
+            // A stored node that does not hash to what its parent records belongs to another
+            // tree (a damaged or diverged copy): refuse rather than answer with a path that
+            // cannot verify.
+            if parent_value::<TC>(&record.children[0], &record.children[1]) != walk.current.hash {
+                return Err(crate::Error::Corrupt(format!(
+                    "tree node {} version {} does not hash to the value its parent records",
+                    label::display(&walk.current.label),
+                    walk.current.max_epoch
+                )));
+            }
             let target = requests[walk.index].target;
             let direction = label::direction(&target.label_val, walk.current.label.label_len);
             let side = direction as usize;

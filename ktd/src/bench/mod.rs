@@ -49,6 +49,8 @@ pub struct BenchSettings {
     pub value_bytes: usize,
     /// Random seed (labels, mix).
     pub seed: u64,
+    /// Verify each lookup's proof (client-side, in this process) instead of only fetching it.
+    pub verify: bool,
     /// A `ktd auditor`'s gRPC address to follow: the report then has the auditor's lag.
     pub auditor: Option<String>,
     /// Local server processes to sample (name, pid): CPU and RSS go into the report.
@@ -301,6 +303,9 @@ fn code_of(error: &ktd_client::ClientError) -> tonic::Code {
     error.code().unwrap_or(tonic::Code::Unknown)
 }
 
+/// How long the pre-load waits for its last epoch to commit.
+const PRELOAD_COMMIT_WAIT: Duration = Duration::from_secs(3600);
+
 /// Every acknowledged publish's updates, for `--compare-akd`.
 pub type Recording = Arc<Mutex<compare_akd::Published>>;
 
@@ -361,7 +366,19 @@ pub async fn preload(
         Err(error) if code_of(&error) == tonic::Code::FailedPrecondition => {}
         Err(error) => return Err(error.into()),
     }
-    client.wait_for_epoch(last_epoch).await?;
+    // Commits may trail the acknowledged pre-load by minutes (a 1M pre-load is ten
+    // 100,000-update epochs), longer than one waiting call's deadline: wait in steps.
+    loop {
+        match client.wait_for_epoch(last_epoch).await {
+            Ok(_) => break,
+            Err(error)
+                if matches!(
+                    code_of(&error),
+                    tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                ) && started.elapsed() < PRELOAD_COMMIT_WAIT => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
     eprintln!(
         "pre-load: {} users in {:.1} s (through epoch {last_epoch})",
         settings.preload,
@@ -454,6 +471,7 @@ pub async fn run(
         }
         let (client, recorder, next_user) = (client.clone(), recorder.clone(), next_user.clone());
         let (batch, value_bytes, seed) = (settings.batch, settings.value_bytes, settings.seed);
+        let verify = settings.verify;
         let recording = recording.clone();
         tasks.spawn(async move {
             let _permit = permit;
@@ -476,6 +494,11 @@ pub async fn run(
                         })
                         .map_err(|error| code_of(&error))
                 }
+                Kind::Lookup if verify => client
+                    .lookup(&label(seed, target), None)
+                    .await
+                    .map(|_| None)
+                    .map_err(|error| code_of(&error)),
                 Kind::Lookup => client
                     .directory()
                     .lookup(api::LookupRequest {

@@ -174,6 +174,14 @@ pub struct BenchArgs {
     /// Users to load before measuring (batches of 5,000, then one seal).
     #[arg(long, default_value_t = 10_000)]
     pub preload: u64,
+    /// Skip the pre-load: this many users were loaded by an earlier run with the same --seed
+    /// (its --preload); lookups and histories pick among them.
+    #[arg(long, conflicts_with_all = ["preload", "compare_akd"])]
+    pub loaded: Option<u64>,
+    /// Verify every lookup's proof as a client would (`ktd-client`: stock akd plus its strict
+    /// checks) instead of only fetching it; the verification runs in this process.
+    #[arg(long)]
+    pub verify: bool,
     /// Updates per publish in the measured phase.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -480,6 +488,10 @@ pub struct SequencerArgs {
     /// Initial shard map, ID=URL comma-separated (recorded at --init).
     #[arg(long, env = "KTD_SEQUENCER_SHARDS", value_delimiter = ',')]
     pub shards: Vec<String>,
+    /// Voting replicas per partition in the initial shard map (recorded at --init; default 3,
+    /// or the number of shards if fewer).
+    #[arg(long)]
+    pub replication_factor: Option<u32>,
     /// Tree partition bits (recorded at --init).
     #[arg(long)]
     pub partition_bits: Option<u32>,

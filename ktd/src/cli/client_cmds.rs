@@ -227,6 +227,7 @@ pub async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
                 batch: args.batch.max(1),
                 value_bytes: args.value_bytes,
                 seed: args.seed,
+                verify: args.verify,
                 auditor: args.auditor.clone(),
                 servers: {
                     let mut servers = args.server_pid.clone();
@@ -242,7 +243,10 @@ pub async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
             };
             let recording: Option<crate::bench::Recording> =
                 args.compare_akd.then(Default::default);
-            let users = crate::bench::preload(&client, &settings, recording.as_ref()).await?;
+            let users = match args.loaded {
+                Some(loaded) => loaded,
+                None => crate::bench::preload(&client, &settings, recording.as_ref()).await?,
+            };
             let (mut report, timeline) =
                 crate::bench::run(&client, &settings, users, recording.clone()).await?;
             if let Some(recording) = recording {

@@ -195,6 +195,10 @@ fn sequencer(args: SequencerArgs, tls: &TlsFlags) -> anyhow::Result<ServerComman
     set(&mut config.cluster.vrf_public_key, args.vrf_public_key);
     set_list(&mut config.cluster.shards, args.shards);
     set(&mut config.cluster.partition_bits, args.partition_bits);
+    set_some(
+        &mut config.cluster.replication_factor,
+        args.replication_factor,
+    );
     set(
         &mut config.cluster.akd_configuration,
         args.configuration

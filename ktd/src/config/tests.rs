@@ -5,7 +5,9 @@
 use std::collections::BTreeSet;
 
 use sequencer::SequencerConfig;
-use sequencer::config::{ClusterOptions, EpochOptions, RaftOptions, ShutdownOptions};
+use sequencer::config::{
+    ClusterOptions, EpochOptions, RaftOptions, ReplicaOptions, ShutdownOptions,
+};
 use serde::de::{DeserializeOwned, Deserializer, Visitor};
 
 use super::*;
@@ -64,7 +66,7 @@ fn expected_keys() -> BTreeSet<String> {
     let mut add = |table: &str, fields: Vec<&'static str>| {
         keys.extend(fields.into_iter().map(|key| format!("{table}.{key}")));
     };
-    let nested = ["cluster", "epoch", "raft", "shutdown"];
+    let nested = ["cluster", "epoch", "raft", "shutdown", "replicas"];
     add(
         "sequencer",
         fields_of::<SequencerConfig>()
@@ -76,6 +78,7 @@ fn expected_keys() -> BTreeSet<String> {
     add("sequencer.epoch", fields_of::<EpochOptions>());
     add("sequencer.raft", fields_of::<RaftOptions>());
     add("sequencer.shutdown", fields_of::<ShutdownOptions>());
+    add("sequencer.replicas", fields_of::<ReplicaOptions>());
     add("shard", fields_of::<ShardConfig>());
     add("gateway", fields_of::<GatewayConfig>());
     add("dev", fields_of::<DevConfig>());

@@ -164,9 +164,15 @@ async fn dev_shards<TC: Configuration>(
         LogSource::Local(sequencer.clone()),
         sequencer.shutdown_token(),
     ));
-    let shard: Arc<dyn ShardApi> = Arc::new(LocalShard::new(DEV_SHARD, node, Arc::new(NoPeers)));
+    let shard = Arc::new(
+        tokio::task::spawn_blocking(move || LocalShard::load(DEV_SHARD, node, Arc::new(NoPeers)))
+            .await??,
+    );
+    super::readiness::check_in_process(&shard, sequencer).await?;
+    let shard: Arc<dyn ShardApi> = shard;
     let map = ShardMap::even(
         settings.partition_bits,
+        1,
         vec![(DEV_SHARD.to_string(), "in-process".to_string())],
     )?;
     Ok(ShardSet::new(map, [(DEV_SHARD.to_string(), shard)].into())?)

@@ -168,7 +168,9 @@ async fn open_shard<TC: Configuration>(
     }
     let peers: Arc<dyn PeerResolver> = Arc::new(GrpcPeers::new(ClientTimeouts::default()));
     let store = node.store().clone();
-    let shard = Arc::new(LocalShard::new(settings.id.clone(), node, peers));
+    let id = settings.id.clone();
+    let shard =
+        Arc::new(tokio::task::spawn_blocking(move || LocalShard::load(id, node, peers)).await??);
     let readiness = Box::pin(super::readiness::track_shard_readiness(
         shard.clone(),
         settings.sequencers.clone(),

@@ -49,7 +49,9 @@ impl LogSource {
         }
     }
 
-    async fn metadata(&self) -> Result<(pb::ClusterMetadata, pb::ShardMap), String> {
+    async fn metadata(
+        &self,
+    ) -> Result<(pb::ClusterMetadata, ktd_proto::ktd::cluster::v1::ShardMap), String> {
         let (metadata, map) = match self {
             LogSource::Remote { client, .. } => {
                 let answer = client
@@ -151,7 +153,12 @@ async fn follow<TC: Configuration>(
     let owned = |owners: &ShardMap, updates: Vec<pb::SequencedUpdate>| {
         updates
             .into_iter()
-            .filter(|update| owners.user_owner(&update.label).id == shard_id)
+            .filter(|update| {
+                owners
+                    .replicas(owners.user_partition(&update.label))
+                    .role_of(shard_id)
+                    .is_some()
+            })
             .map(|update| AkdLabel(update.label))
             .collect::<Vec<_>>()
     };

@@ -1,12 +1,22 @@
-//! The distributed directory end to end, over real processes: 3 sequencers, 2 shard servers
-//! (16 partitions) and 2 gateways on 127.0.0.x. Seeded random publishes over 22 epochs; after
-//! every epoch the root equals a stock `akd::Directory` fed the same batches with the same VRF
-//! seed, and lookup/history proofs fetched over gRPC verify with stock akd. Mid-run a shard and
-//! the sequencer leader are killed with SIGKILL in the middle of an epoch and restarted: the epoch
-//! commits once, with akd's root, and no acknowledged publish is missing (every root matches an
-//! oracle fed exactly the acknowledged batches). At the end: one audit over all epochs verifies
-//! with `akd::auditor`, a second gateway and a restarted first gateway serve identical roots and
-//! proofs, and the latest proofs equal akd's own, field for field.
+//! The distributed directory end to end, over real processes: 3 sequencers, 3 shard servers
+//! (16 partitions, each on all three: replication factor 3) and 2 gateways on 127.0.0.x. Seeded
+//! random publishes over 22 epochs; after every epoch the root equals a stock `akd::Directory`
+//! fed the same batches with the same VRF seed, and lookup/history proofs fetched over gRPC
+//! verify with stock akd. Mid-run:
+//!
+//! - shard server `s2` is killed with SIGKILL in the middle of an epoch and stays down for three
+//!   epochs, which commit without it (a majority of every replica set is up), then restarts and
+//!   catches up;
+//! - shard server `s3` loses its disk (SIGKILL, data directory deleted, restarted empty) and is
+//!   rebuilt from its replicas while epochs keep committing;
+//! - the sequencer leader is killed with SIGKILL in the middle of an epoch and restarted.
+//!
+//! Each epoch commits once, with akd's root, and no acknowledged publish is missing (every root
+//! matches an oracle fed exactly the acknowledged batches). At the end, with `s1` and `s2`
+//! stopped so that the rebuilt `s3` alone answers: one audit over all epochs verifies with
+//! `akd::auditor`, absence proofs at old epochs verify, and the latest proofs equal akd's own,
+//! field for field. Then a second gateway and a restarted first gateway serve identical roots
+//! and proof bytes.
 
 use std::time::Duration;
 
@@ -21,6 +31,7 @@ use ktd_proto::ktd::v1 as api;
 use ktd_testkit::{Poll, eventually, with_deadline};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::cluster::{Topology, TopologyOptions, connect};
 
@@ -29,15 +40,19 @@ type Oracle = akd::Directory<WhatsAppV1, AsyncInMemoryDatabase, VrfKey>;
 const SEED: [u8; 32] = [0x5a; 32];
 const EPOCHS: u64 = 22;
 const SHARD_KILL_EPOCH: u64 = 8;
-const LEADER_KILL_EPOCH: u64 = 15;
+const SHARD_RESTART_EPOCH: u64 = 11;
+const DISK_LOSS_EPOCH: u64 = 13;
+const LEADER_KILL_EPOCH: u64 = 16;
 
-/// Sequencers on 127.0.0.11-13, shards on .21-22, gateways from .31; the test seals every epoch
+/// Sequencers on 127.0.0.11-13, shards on .21-23, gateways from .31; the test seals every epoch
 /// itself, so the batches are known exactly.
 fn start() -> Topology {
     Topology::start(TopologyOptions {
         seed: SEED,
         ip_base: 10,
         epoch_interval: "1h",
+        shards: 3,
+        replication_factor: Some(3),
     })
 }
 
@@ -157,20 +172,28 @@ async fn run(topology: &mut Topology) {
             .await;
         }
         if epoch == SHARD_KILL_EPOCH {
-            // The shard dies with the epoch's updates ordered but not built: the coordinator
-            // must keep retrying until it is back, then commit the same root.
+            // s2 dies with the epoch's updates ordered but not built: s1 and s3 are a majority
+            // of every replica set, so this epoch and the next two commit without it.
             topology.shards[1].kill9();
+        }
+        if epoch == SHARD_RESTART_EPOCH {
+            topology.shards[1].restart();
+        }
+        if epoch == DISK_LOSS_EPOCH {
+            // s3's disk is lost: it comes back empty under its old id and is rebuilt from s1
+            // and s2 (a bootstrap per partition) while this and later epochs commit.
+            let shard = &mut topology.shards[2];
+            shard.kill9();
+            let data_dir = topology.shard_dir(3);
+            std::fs::remove_dir_all(&data_dir).expect("wipe s3's data directory");
+            topology.shards[2].restart();
         }
         let sealing = {
             let client = client.clone();
             tokio::spawn(async move { client.seal().await })
         };
         // The fixed 700 ms below are the fault, not a wait for a condition: the process stays
-        // down while the seal is in flight, so the coordinator retries the epoch against it.
-        if epoch == SHARD_KILL_EPOCH {
-            tokio::time::sleep(Duration::from_millis(700)).await;
-            topology.shards[1].restart();
-        }
+        // down while the seal is in flight.
         if epoch == LEADER_KILL_EPOCH {
             let leader = leader_id(&client).await;
             let node = topology.sequencers.get_mut(&leader).expect("leader");
@@ -204,14 +227,37 @@ async fn run(topology: &mut Topology) {
         assert_eq!(&versions[0].value, value);
     }
 
-    let retried = topology
+    // The rebuilt s3 holds every partition again: its copies were checked against the committed
+    // partition roots as they arrived, and its readiness says it holds the latest epoch.
+    let s3 = topology.shards[2].addr.clone();
+    ktd_testkit::grpc::wait_health(&s3, ServingStatus::Serving, "the rebuilt s3").await;
+    eventually(
+        "the gateway to see s3 as an up-to-date voter of every partition",
+        Duration::from_secs(60),
+        || async {
+            let status = client.cluster_status().await.ok()?;
+            let s3 = status.shards.iter().find(|shard| shard.shard_id == "s3")?;
+            (s3.reachable
+                && s3.partitions.len() == 16
+                && s3.learner_partitions.is_empty()
+                && s3.quarantined_partitions.is_empty()
+                && s3.min_built_epoch >= EPOCHS)
+                .then_some(())
+        },
+    )
+    .await;
+    let copied: usize = topology
         .sequencers
         .values()
-        .any(|node| node.log_text().contains("epoch not committed yet"));
-    assert!(retried, "the coordinator never saw the killed shard");
+        .map(|node| node.log_text().matches("partition copied").count())
+        .sum();
+    assert!(copied >= 16, "s3 was rebuilt by copies ({copied} logged)");
+    // From here on s3 answers alone: every proof below comes from the rebuilt copy.
+    topology.shards[0].kill9();
+    topology.shards[1].kill9();
 
-    // Labels never published are proven absent (at the latest and an earlier epoch, across
-    // both shard processes); a published label and the empty directory are refused.
+    // Labels never published are proven absent (at the latest and an earlier epoch); a
+    // published label and the empty directory are refused.
     for label in ["nobody-1", "nobody-2", "nobody-3"] {
         for epoch in [None, Some(3)] {
             let absent = client
@@ -272,6 +318,9 @@ async fn run(topology: &mut Topology) {
             (ours, theirs) => panic!("{label:?}: ktd {ours:?}, akd {:?}", theirs.map(|_| ())),
         }
     }
+
+    topology.shards[0].restart();
+    topology.shards[1].restart();
 
     // A second gateway, and the first one restarted: identical roots and proof bytes.
     let probe: Vec<Vec<u8>> = labels.iter().take(8).cloned().collect();

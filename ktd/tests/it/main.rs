@@ -10,6 +10,7 @@ mod dev;
 mod docs;
 mod leader_kill;
 mod metrics;
+mod replicas;
 mod runbooks;
 mod support;
 mod tls;

@@ -21,13 +21,13 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ktd_client::Client;
 use ktd_testkit::fs::copy_dir;
-use ktd_testkit::grpc::wait_health;
+use ktd_testkit::grpc::{health, wait_health};
 use ktd_testkit::net::free_addr;
 use ktd_testkit::seed::TEST_VRF_KEY;
 use ktd_testkit::{Deadline, Poll};
@@ -59,6 +59,8 @@ struct Runbook {
     topology: Topology,
     stop: Arc<AtomicBool>,
     acked: Acked,
+    /// Publishes that failed (each is indeterminate; with a sequencer quorum there are none).
+    failed_publishes: Arc<AtomicU64>,
     publisher: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -74,7 +76,17 @@ where
 }
 
 impl Runbook {
+    /// Two shard servers; every partition on both.
     async fn start() -> Self {
+        Self::start_with(2, None).await
+    }
+
+    /// Three shard servers, replication factor 3: the topology of the replica runbooks.
+    async fn replicated() -> Self {
+        Self::start_with(3, Some(3)).await
+    }
+
+    async fn start_with(shards: u64, replication_factor: Option<u32>) -> Self {
         let public_key = hex::encode(
             ktd_core::vrf::VrfKey::from_seed(&SEED)
                 .expect("seed")
@@ -85,11 +97,14 @@ impl Runbook {
             seed: SEED,
             ip_base: 40,
             epoch_interval: "1s",
+            shards,
+            replication_factor,
         });
         let mut cluster = Self {
             topology,
             stop: Arc::new(AtomicBool::new(false)),
             acked: Arc::default(),
+            failed_publishes: Arc::default(),
             publisher: None,
         };
         cluster.wait_check_passes("startup").await;
@@ -97,6 +112,7 @@ impl Runbook {
             cluster.topology.gateway_url(),
             cluster.stop.clone(),
             cluster.acked.clone(),
+            cluster.failed_publishes.clone(),
         ));
         cluster
     }
@@ -159,7 +175,13 @@ impl Runbook {
 
     /// Waits until `status -o json` satisfies `done` (`what`, within 20 s).
     async fn wait_status(&self, what: &str, done: impl Fn(&Value) -> bool) {
-        Poll::new(what, Duration::from_secs(20))
+        self.wait_status_within(Duration::from_secs(20), what, done)
+            .await;
+    }
+
+    /// Waits until `status -o json` satisfies `done` (`what`, within `limit`).
+    async fn wait_status_within(&self, limit: Duration, what: &str, done: impl Fn(&Value) -> bool) {
+        Poll::new(what, limit)
             .every(Duration::from_millis(200))
             .until_ok(|| async {
                 let status = self.status_json().await;
@@ -251,6 +273,7 @@ fn start_publisher(
     url: String,
     stop: Arc<AtomicBool>,
     acked: Acked,
+    failed: Arc<AtomicU64>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut client = None;
@@ -276,7 +299,10 @@ fn start_publisher(
                             .expect("lock")
                             .push((label, value, published.epoch));
                     }
-                    Err(_) => client = None,
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        client = None;
+                    }
                 }
                 next += 1;
             }
@@ -299,9 +325,11 @@ fn status_shows_every_member_and_the_check_passes() {
         for heading in [
             "SEQUENCERS",
             "EPOCHS",
-            "SHARDS",
+            "SHARD SERVERS",
+            "PARTITIONS",
+            "BATCH RETENTION",
+            "UP-TO-DATE/MAJORITY",
             "LAG",
-            "CAUGHT-UP",
             "leader",
         ] {
             assert!(table.contains(heading), "table lacks {heading}: {table}");
@@ -324,7 +352,13 @@ fn status_shows_every_member_and_the_check_passes() {
             .iter()
             .map(|shard| shard["partitions"].as_array().expect("partitions").len())
             .sum();
-        assert_eq!(partitions, 16, "every partition owned once: {status}");
+        assert_eq!(
+            partitions, 32,
+            "every partition held by both servers (replication factor 2): {status}"
+        );
+        assert_eq!(status["replication_factor"], 2, "{status}");
+        let replica_sets = status["partitions"].as_array().expect("partitions");
+        assert_eq!(replica_sets.len(), 16, "{status}");
         assert!(
             shards
                 .iter()
@@ -541,18 +575,25 @@ fn a_failed_shard_is_reported_and_serves_again_once_caught_up() {
         let mut cluster = Runbook::start().await;
         let gateway = cluster.topology.gateways[0].addr.clone();
         cluster.topology.shards[1].kill9();
-        wait_health(
-            &gateway,
-            ServingStatus::NotServing,
-            "gateway with a shard down",
+        // `--check` names the dead server; the gateway's liveness (`""`) never depends on
+        // another process, so an orchestrator does not restart healthy gateways.
+        Poll::new(
+            "`status --check` to name the dead shard server",
+            Duration::from_secs(30),
         )
+        .until_ok(|| async {
+            let check = cluster.ktd(&["admin", "status", "--check"]).await;
+            if check.code == 1 && check.stderr.contains("shard server s2 unreachable") {
+                Ok(())
+            } else {
+                Err(format!("exit {}: {}", check.code, check.stderr))
+            }
+        })
         .await;
-        let check = cluster.ktd(&["admin", "status", "--check"]).await;
-        assert_eq!(check.code, 1);
-        assert!(
-            check.stderr.contains("shard s2 unreachable"),
-            "{}",
-            check.stderr
+        assert_eq!(
+            health(&gateway, "").await,
+            Ok(ServingStatus::Serving),
+            "gateway liveness with a shard down"
         );
         let shard = &mut cluster.topology.shards[1];
         shard.restart();
@@ -653,5 +694,466 @@ fn backup_and_restore_keeps_the_root_and_every_acknowledged_publish() {
         )
         .await;
         eprintln!("backup and restore: {:?} in all", started.elapsed());
+    });
+}
+
+/// Runs one replica runbook (three shard servers, more steps) under a longer deadline, alone.
+fn replica_runbook<F, Fut>(body: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    Deadline::new(Duration::from_secs(240))
+        .one_at_a_time()
+        .run(body);
+}
+
+/// What a [`Looker`] saw.
+#[derive(Debug, Default)]
+struct LookerReport {
+    /// Verified lookups that found the acknowledged value.
+    verified: u64,
+    /// Every failed or wrong lookup, with its error.
+    failed: Vec<String>,
+}
+
+/// A client doing verified lookups of acknowledged publishes (the newest committed one and an
+/// older one each round, about 50 a second) until stopped.
+struct Looker {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<LookerReport>,
+}
+
+impl Looker {
+    fn start(url: String, acked: Acked) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut report = LookerReport::default();
+                let client = Client::connect(&url).await.expect("connect");
+                let mut turn = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    let committed = match client.epoch(None).await {
+                        Ok(root) => root.epoch,
+                        Err(error) => {
+                            report.failed.push(format!("latest epoch: {error:#}"));
+                            continue;
+                        }
+                    };
+                    let picks: Vec<Publish> = {
+                        let acked = acked.lock().expect("lock");
+                        let eligible: Vec<&Publish> = acked
+                            .iter()
+                            .filter(|(_, _, epoch)| *epoch <= committed)
+                            .collect();
+                        match eligible.last() {
+                            None => continue,
+                            Some(newest) => vec![
+                                (*newest).clone(),
+                                eligible[turn.wrapping_mul(7919) % eligible.len()].clone(),
+                            ],
+                        }
+                    };
+                    turn += 1;
+                    for (label, value, _) in picks {
+                        let name = String::from_utf8_lossy(&label).into_owned();
+                        match client.lookup(&label, None).await {
+                            Ok(found) if found.value == value => report.verified += 1,
+                            Ok(found) => report.failed.push(format!(
+                                "{name}: found {:?}",
+                                String::from_utf8_lossy(&found.value)
+                            )),
+                            Err(error) => report.failed.push(format!("{name}: {error:#}")),
+                        }
+                    }
+                }
+                report
+            }
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> LookerReport {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("looker")
+    }
+}
+
+impl Runbook {
+    /// Waits until `ktd admin status --check` fails naming `problem`.
+    async fn wait_check_names(&self, problem: &str) {
+        Poll::new(
+            format!("`ktd admin status --check` to report {problem:?}"),
+            Duration::from_secs(30),
+        )
+        .every(Duration::from_millis(300))
+        .until_ok(|| async {
+            let check = self.ktd(&["admin", "status", "--check"]).await;
+            if check.code == 1 && check.stderr.contains(problem) {
+                Ok(())
+            } else {
+                Err(format!("exit {}: {}", check.code, check.stderr))
+            }
+        })
+        .await;
+    }
+
+    /// Waits until `count` more epochs than `after` have committed.
+    async fn wait_commits(&self, after: u64, count: u64, what: &str) -> u64 {
+        self.wait_status(
+            &format!("{count} epochs to commit after {after} ({what})"),
+            |status| status["epochs"]["last_committed_epoch"].as_u64() >= Some(after + count),
+        )
+        .await;
+        self.last_committed().await
+    }
+
+    /// The append-only proof from epoch 0 to the latest verifies with stock akd.
+    async fn audit_from_genesis(&self) -> u64 {
+        let client = Client::connect(&self.topology.gateway_url())
+            .await
+            .expect("connect");
+        let latest = client.epoch(None).await.expect("latest").epoch;
+        let audit = client
+            .audit(0, latest)
+            .await
+            .unwrap_or_else(|error| panic!("audit 0..={latest}: {error:#}"));
+        assert_eq!(audit.roots.len() as u64, latest + 1);
+        latest
+    }
+
+    /// Waits until the gateway's own view of the shard map has `server` voting in every
+    /// partition it holds (the gateway re-reads the map every few seconds).
+    async fn wait_gateway_sees_voter(&self, server: &str) {
+        let client = Client::connect(&self.topology.gateway_url())
+            .await
+            .expect("connect");
+        Poll::new(
+            format!("the gateway to read from {server} again"),
+            Duration::from_secs(30),
+        )
+        .every(Duration::from_millis(200))
+        .until_ok(|| async {
+            let status = client
+                .cluster_status()
+                .await
+                .map_err(|error| format!("{error:#}"))?;
+            let row = status
+                .shards
+                .iter()
+                .find(|shard| shard.shard_id == server)
+                .ok_or("not in the map")?;
+            if row.reachable
+                && !row.partitions.is_empty()
+                && row.learner_partitions.is_empty()
+                && row.quarantined_partitions.is_empty()
+            {
+                Ok(())
+            } else {
+                Err(format!("{row:?}"))
+            }
+        })
+        .await;
+    }
+
+    /// The partitions `server` is an up-to-date voter of, from `status -o json`.
+    fn up_to_date_voter_of(status: &Value, server: &str) -> usize {
+        status["partitions"]
+            .as_array()
+            .expect("partitions")
+            .iter()
+            .filter(|partition| {
+                partition["replicas"]
+                    .as_array()
+                    .expect("replicas")
+                    .iter()
+                    .any(|replica| {
+                        replica["server"] == server
+                            && replica["role"] == "voter"
+                            && replica["lag_epochs"].as_u64().is_some_and(|lag| lag <= 1)
+                    })
+            })
+            .count()
+    }
+}
+
+#[test]
+fn a_shard_server_down_is_a_non_event_with_three_replicas() {
+    replica_runbook(|| async {
+        let mut cluster = Runbook::replicated().await;
+        cluster.wait_commits(0, 2, "before the first kill").await;
+        let looker = Looker::start(cluster.topology.gateway_url(), cluster.acked.clone());
+        let gateway = cluster.topology.gateways[0].addr.clone();
+        for index in 0..3 {
+            let name = format!("s{}", index + 1);
+            let before = cluster.last_committed().await;
+            cluster.topology.shards[index].kill9();
+            let down = Instant::now();
+            // Runbook step 1: `status --check` names the server; the directory does not care.
+            cluster
+                .wait_check_names(&format!("shard server {name} unreachable"))
+                .await;
+            let committed = cluster
+                .wait_commits(before, 2, &format!("{name} down"))
+                .await;
+            eprintln!(
+                "{name} down: epochs {before}..{committed} committed in {:?}",
+                down.elapsed()
+            );
+            for service in ["", "ktd.v1.Directory", "ktd.v1.Directory.Read"] {
+                assert_eq!(
+                    health(&gateway, service).await,
+                    Ok(ServingStatus::Serving),
+                    "gateway health {service:?} with {name} down"
+                );
+            }
+            // Step 2: restart it; it replays what it missed and serves once caught up.
+            let shard = &mut cluster.topology.shards[index];
+            shard.restart();
+            let addr = shard.addr.clone();
+            wait_health(&addr, ServingStatus::Serving, "restarted shard server").await;
+            cluster
+                .wait_check_passes(&format!("after {name} restarted"))
+                .await;
+        }
+        let report = looker.stop().await;
+        eprintln!(
+            "verified lookups: {}, failed: {}",
+            report.verified,
+            report.failed.len()
+        );
+        assert!(
+            report.failed.is_empty(),
+            "lookups failed while a replica was down: {:#?}",
+            report.failed
+        );
+        assert!(report.verified > 100, "{report:?}");
+        cluster.audit_from_genesis().await;
+        assert_eq!(cluster.failed_publishes.load(Ordering::SeqCst), 0);
+        cluster.finish("shard server down").await;
+    });
+}
+
+#[test]
+fn a_lost_shard_disk_is_rebuilt_from_the_other_replicas() {
+    replica_runbook(|| async {
+        let mut cluster = Runbook::replicated().await;
+        let before = cluster.last_committed().await;
+        cluster.wait_commits(before, 3, "history to copy").await;
+        // The disk of s2 is lost: the server comes back empty under its old id.
+        cluster.topology.shards[1].kill9();
+        let data_dir = cluster.topology.shard_dir(2);
+        std::fs::remove_dir_all(&data_dir).expect("wipe s2");
+        let rebuilt = Instant::now();
+        cluster.topology.shards[1].restart();
+        cluster
+            .wait_status_within(
+                Duration::from_secs(60),
+                "s2 to be an up-to-date voter of every partition again",
+                |status| Runbook::up_to_date_voter_of(status, "s2") == 16,
+            )
+            .await;
+        eprintln!("s2 rebuilt in {:?}", rebuilt.elapsed());
+        cluster.wait_check_passes("after s2 was rebuilt").await;
+        let acked = cluster.stop_publishing(20).await;
+        let last = acked.iter().map(|(_, _, epoch)| *epoch).max().unwrap_or(0);
+        cluster
+            .wait_commits(last, 0, "the last acknowledged publish")
+            .await;
+        // The copy is real: with s1 and s3 stopped, s2 alone answers every read.
+        cluster.wait_gateway_sees_voter("s2").await;
+        cluster.topology.shards[0].kill9();
+        cluster.topology.shards[2].kill9();
+        every_publish_is_found(&cluster.topology.gateway_url(), &acked, "disk lost").await;
+        cluster.audit_from_genesis().await;
+        cluster.topology.shards[0].restart();
+        cluster.topology.shards[2].restart();
+        cluster.wait_check_passes("after s1 and s3 restarted").await;
+    });
+}
+
+#[test]
+fn a_replica_that_disagrees_is_quarantined_and_rebuilt() {
+    replica_runbook(|| async {
+        let mut cluster = Runbook::replicated().await;
+        let before = cluster.last_committed().await;
+        cluster.wait_commits(before, 2, "history to damage").await;
+        // s3's copy of partition 5 goes bad while it is stopped (a bit flipped in every child
+        // hash — what a silent disk error does); its built markers still look fine.
+        let exit = cluster.topology.shards[2].terminate(Duration::from_secs(20));
+        assert!(exit.success(), "s3 exited with {exit:?}");
+        let damaged_at = cluster.last_committed().await;
+        let data_dir = cluster.topology.shard_dir(3);
+        let damaged = tokio::task::spawn_blocking(move || {
+            let (store, _) =
+                shard::store::RocksStore::open(&data_dir, shard::store::StoreOptions::default())
+                    .expect("open s3's store");
+            store
+                .damage_partition_for_tests(5, damaged_at, 4)
+                .expect("damage")
+        })
+        .await
+        .expect("damage task");
+        assert!(damaged > 0, "partition 5 had node versions to damage");
+        cluster.topology.shards[2].restart();
+        // Its next root for partition 5 disagrees with s1 and s2: it is quarantined there (and
+        // never read), its copy is rebuilt, and it votes again.
+        Poll::new(
+            "the coordinator to quarantine s3 in partition 5",
+            Duration::from_secs(60),
+        )
+        .every(Duration::from_millis(300))
+        .until(|| async {
+            cluster
+                .topology
+                .sequencers
+                .values()
+                .any(|node| {
+                    node.log_text()
+                        .contains("a replica disagrees with its majority")
+                })
+                .then_some(())
+        })
+        .await;
+        cluster
+            .wait_status_within(
+                Duration::from_secs(60),
+                "s3 to be an up-to-date voter of every partition again",
+                |status| Runbook::up_to_date_voter_of(status, "s3") == 16,
+            )
+            .await;
+        cluster.wait_check_passes("after s3 was rebuilt").await;
+        cluster.audit_from_genesis().await;
+        assert_eq!(cluster.failed_publishes.load(Ordering::SeqCst), 0);
+        cluster.finish("replica disagrees").await;
+    });
+}
+
+impl Runbook {
+    /// Starts shard server `s<index>` with an empty data directory (not in the map yet).
+    fn start_new_shard(&mut self, index: u64) -> String {
+        let addr = free_addr(&format!("127.0.0.{}", 50 + index));
+        let topology = &mut self.topology;
+        let mut shard = topology.shard_node(index, addr.clone(), &topology.shard_dir(index));
+        shard.spawn(&[]);
+        topology.shards.push(shard);
+        format!("http://{addr}")
+    }
+
+    /// `status -o json`'s row of shard server `id`, if it is in the map.
+    async fn shard_row(&self, id: &str) -> Option<Value> {
+        let status = self.status_json().await;
+        status["shards"]
+            .as_array()
+            .expect("shards")
+            .iter()
+            .find(|row| row["id"] == id)
+            .cloned()
+    }
+}
+
+#[test]
+fn shard_servers_are_replaced_added_and_drained_online() {
+    replica_runbook(|| async {
+        let mut cluster = Runbook::replicated().await;
+
+        // A maintenance window is recorded in the map (no re-replication while it lasts).
+        let out = cluster
+            .ktd_ok(&["admin", "maintenance", "--id", "s1", "--for", "10m"])
+            .await;
+        assert!(out.contains("s1: in maintenance"), "{out}");
+        let row = cluster.shard_row("s1").await.expect("s1");
+        assert!(row["maintenance_until_ms"].as_u64() > Some(0), "{row}");
+        cluster
+            .ktd_ok(&["admin", "maintenance", "--id", "s1", "--off"])
+            .await;
+        let row = cluster.shard_row("s1").await.expect("s1");
+        assert_eq!(row["maintenance_until_ms"], 0, "{row}");
+
+        // Replace s2 by a new, empty s4: every copy of s2 is rebuilt on s4, then s2 leaves.
+        let s4 = cluster.start_new_shard(4);
+        let out = cluster
+            .ktd_ok(&[
+                "admin",
+                "replace-shard",
+                "--id",
+                "s2",
+                "--with",
+                "s4",
+                "--address",
+                &s4,
+                "--wait",
+                "--timeout",
+                "50s",
+            ])
+            .await;
+        assert!(out.contains("s2 holds nothing and left the map"), "{out}");
+        assert!(cluster.shard_row("s2").await.is_none(), "s2 left the map");
+        cluster
+            .wait_status_within(
+                Duration::from_secs(60),
+                "s4 to vote in every partition",
+                |status| Runbook::up_to_date_voter_of(status, "s4") == 16,
+            )
+            .await;
+        let exit = cluster.topology.shards[1].terminate(Duration::from_secs(20));
+        assert!(exit.success(), "s2 exited with {exit:?}");
+        cluster.wait_check_passes("after s2 was replaced").await;
+
+        // Three servers, replication factor 3: draining one would leave every partition short.
+        let refused = cluster.ktd(&["admin", "drain-shard", "--id", "s4"]).await;
+        assert_eq!(refused.code, 1, "{}", refused.stdout);
+        assert_eq!(
+            refused.stderr.trim().lines().count(),
+            1,
+            "{}",
+            refused.stderr
+        );
+        // A server that still holds copies cannot be removed.
+        let refused = cluster.ktd(&["admin", "remove-shard", "--id", "s4"]).await;
+        assert_eq!(refused.code, 1, "{}", refused.stdout);
+
+        // s5 joins and takes a share of the copies; then it is drained and leaves again.
+        let s5 = cluster.start_new_shard(5);
+        let out = cluster
+            .ktd_ok(&[
+                "admin",
+                "add-shard",
+                "--id",
+                "s5",
+                "--address",
+                &s5,
+                "--rebalance",
+                "--wait",
+                "--timeout",
+                "50s",
+            ])
+            .await;
+        assert!(out.contains("s5 votes in partitions"), "{out}");
+        let row = cluster.shard_row("s5").await.expect("s5");
+        let share = row["voter_of"].as_array().expect("voter_of").len();
+        assert!(
+            (8..=16).contains(&share),
+            "s5 took {share} of 48 copies: {row}"
+        );
+        cluster.wait_check_passes("after s5 joined").await;
+        let out = cluster
+            .ktd_ok(&[
+                "admin",
+                "drain-shard",
+                "--id",
+                "s5",
+                "--wait",
+                "--timeout",
+                "50s",
+            ])
+            .await;
+        assert!(out.contains("s5 holds nothing and left the map"), "{out}");
+        cluster.wait_check_passes("after s5 was drained").await;
+        cluster.audit_from_genesis().await;
+        assert_eq!(cluster.failed_publishes.load(Ordering::SeqCst), 0);
+        cluster.finish("replace, add and drain shard servers").await;
     });
 }

@@ -159,15 +159,18 @@ fn one_publish_is_one_trace_across_gateway_sequencer_and_shards() {
         "the include span links to the epoch's span"
     );
 
-    // The shard that owns the user prepared the update inside the publish's trace, parented
-    // through the PrepareEpoch request.
+    // Every replica of the user's partition (two shards, replication factor 2) prepared the
+    // update inside the publish's trace, parented through its PrepareEpoch request.
     let prepares = named(&spans, "ktd.shard.prepare_update", trace);
-    assert_eq!(prepares.len(), 1, "one shard prepared the update");
-    let prepare = prepares[0];
-    assert_eq!(prepare.parent_span_id, include.span_context.span_id());
-    assert!(prepare.parent_span_is_remote);
-    let shard = attribute(prepare, "shard").expect("shard attribute");
-    assert!(shard == "s1" || shard == "s2", "shard {shard}");
+    assert_eq!(prepares.len(), 2, "each replica prepared the update once");
+    let mut shards = Vec::new();
+    for prepare in prepares {
+        assert_eq!(prepare.parent_span_id, include.span_context.span_id());
+        assert!(prepare.parent_span_is_remote);
+        shards.push(attribute(prepare, "shard").expect("shard attribute"));
+    }
+    shards.sort();
+    assert_eq!(shards, ["s1", "s2"]);
 
     // The epoch's own trace covers both shards' PrepareEpoch and BuildEpoch RPCs.
     let epoch_trace = epoch_span.span_context.trace_id();

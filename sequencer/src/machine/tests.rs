@@ -61,6 +61,7 @@ fn metadata(max_epoch_updates: u64, window: u64, retain: u64) -> pb::ClusterMeta
         max_epoch_updates,
         idempotency_window: window,
         retained_committed_batches: retain,
+        ..pb::ClusterMetadata::default()
     }
 }
 
@@ -139,6 +140,29 @@ impl Harness {
             root_hash: vec![root; 32],
             partition_roots: vec![root],
             committed_at_ms: 2_000 + epoch,
+            ..pb::CommitEpochRequest::default()
+        }))
+    }
+
+    fn commit_with_progress(
+        &mut self,
+        epoch: u64,
+        now_ms: u64,
+        progress: &[(&str, u64)],
+    ) -> pb::ApplyResult {
+        self.run(pb::command::Kind::CommitEpoch(pb::CommitEpochRequest {
+            epoch,
+            root_hash: vec![epoch as u8; 32],
+            partition_roots: vec![epoch as u8],
+            committed_at_ms: now_ms,
+            leaf_digests: Vec::new(),
+            progress: progress
+                .iter()
+                .map(|(server, built_epoch)| cluster_pb::ServerProgress {
+                    server: (*server).into(),
+                    built_epoch: *built_epoch,
+                })
+                .collect(),
         }))
     }
 }
@@ -397,7 +421,7 @@ fn uninitialised_cluster_refuses_appends_and_metadata_identity_is_fixed() {
 #[test]
 fn shard_map_is_versioned_and_checked() {
     let mut harness = Harness::new(10, 10, 0);
-    let shard = |id: &str, partitions: Vec<u32>| pb::ShardAssignment {
+    let shard = |id: &str, partitions: Vec<u32>| cluster_pb::LegacyShard {
         shard_id: id.into(),
         address: "127.0.0.1:1".into(),
         partitions,
@@ -406,6 +430,7 @@ fn shard_map_is_versioned_and_checked() {
         pb::command::Kind::SetShardMap(pb::SetShardMapRequest {
             shards,
             expected_version,
+            map: None,
         })
     };
     assert_eq!(
@@ -447,4 +472,167 @@ fn shard_map_is_versioned_and_checked() {
         );
     }
     assert_eq!(harness.machine.state().shard_map.version, 1);
+}
+
+fn replica_map(rf: u32, partitions: Vec<Vec<&str>>) -> cluster_pb::ShardMap {
+    cluster_pb::ShardMap {
+        replication_factor: rf,
+        servers: ["a", "b", "c"]
+            .iter()
+            .map(|id| cluster_pb::ShardServer {
+                id: (*id).into(),
+                address: format!("http://{id}"),
+                maintenance_until_ms: 0,
+            })
+            .collect(),
+        partitions: partitions
+            .into_iter()
+            .enumerate()
+            .map(|(partition, voters)| cluster_pb::PartitionReplicas {
+                partition: partition as u32,
+                voters: voters.into_iter().map(String::from).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn set_map(map: cluster_pb::ShardMap, expected_version: u64) -> pb::command::Kind {
+    pb::command::Kind::SetShardMap(pb::SetShardMapRequest {
+        shards: Vec::new(),
+        expected_version,
+        map: Some(map),
+    })
+}
+
+#[test]
+fn replica_set_maps_are_checked_before_they_are_replicated() {
+    let mut harness = Harness::new(10, 10, 0);
+    let good = replica_map(
+        2,
+        vec![
+            vec!["a", "b"],
+            vec!["b", "c"],
+            vec!["c", "a"],
+            vec!["a", "b"],
+        ],
+    );
+    assert!(rejection_code(&harness.run(set_map(good, 0))).is_none());
+    assert_eq!(harness.machine.state().shard_map.version, 1);
+    assert_eq!(harness.machine.state().shard_map.replication_factor, 2);
+    for (map, what) in [
+        (
+            replica_map(
+                2,
+                vec![
+                    vec!["a", "a"],
+                    vec!["b", "c"],
+                    vec!["c", "a"],
+                    vec!["a", "b"],
+                ],
+            ),
+            "two replicas on one server",
+        ),
+        (
+            replica_map(
+                2,
+                vec![vec!["a"], vec!["b", "c"], vec!["c", "a"], vec!["a", "b"]],
+            ),
+            "too few replicas",
+        ),
+        (
+            replica_map(2, vec![vec!["a", "b"], vec!["b", "c"], vec!["c", "a"]]),
+            "a partition uncovered",
+        ),
+        (
+            replica_map(
+                2,
+                vec![
+                    vec!["a", "x"],
+                    vec!["b", "c"],
+                    vec!["c", "a"],
+                    vec!["a", "b"],
+                ],
+            ),
+            "an unknown server",
+        ),
+        (
+            replica_map(4, vec![vec!["a", "b", "c", "a"]; 4]),
+            "a factor above the servers",
+        ),
+    ] {
+        assert_eq!(
+            rejection_code(&harness.run(set_map(map, 1))),
+            Some(Code::InvalidArgument),
+            "{what}"
+        );
+    }
+    assert_eq!(harness.machine.state().shard_map.version, 1);
+}
+
+#[test]
+fn committed_batches_stay_until_every_assigned_replica_built_them_within_the_bounds() {
+    let mut harness = Harness::new(10, 10, 1);
+    let map = replica_map(3, vec![vec!["a", "b", "c"]; 4]);
+    assert!(rejection_code(&harness.run(set_map(map, 0))).is_none());
+    for epoch in 1..=5u64 {
+        harness.append(&["k"], "");
+        harness.seal(epoch);
+    }
+    // c is down at epoch 1: every batch after it stays.
+    for epoch in 1..=5u64 {
+        assert!(
+            rejection_code(&harness.commit_with_progress(
+                epoch,
+                10_000 + epoch,
+                &[("a", epoch), ("b", epoch), ("c", 1)]
+            ))
+            .is_none()
+        );
+    }
+    let retained: Vec<u64> = harness
+        .machine
+        .state()
+        .retained_batches
+        .keys()
+        .copied()
+        .collect();
+    assert_eq!(retained, [2, 3, 4, 5], "c still needs 2..5");
+    assert_eq!(harness.machine.state().oldest_pin(), Some(("c".into(), 1)));
+    assert!(harness.machine.state().retained_bytes() > 0);
+
+    // c catches up to 4: 2..4 are released, 5 stays (the last `retained_committed_batches`).
+    harness.append(&["k"], "");
+    harness.seal(6);
+    harness.commit_with_progress(6, 10_006, &[("a", 6), ("b", 6), ("c", 4)]);
+    let retained: Vec<u64> = harness
+        .machine
+        .state()
+        .retained_batches
+        .keys()
+        .copied()
+        .collect();
+    assert_eq!(retained, [5, 6]);
+
+    // c goes silent again; past the age bound its pin is released anyway.
+    harness.append(&["k"], "");
+    harness.seal(7);
+    harness.commit_with_progress(
+        7,
+        10_007 + crate::machine::DEFAULT_RETENTION_MAX_AGE_MS,
+        &[],
+    );
+    let retained: Vec<u64> = harness
+        .machine
+        .state()
+        .retained_batches
+        .keys()
+        .copied()
+        .collect();
+    assert_eq!(
+        retained,
+        [7],
+        "batches older than the age bound go, whoever still needs them"
+    );
 }

@@ -111,6 +111,22 @@ fn encode_meta(inner: &SmInner) -> Vec<u8> {
             .iter()
             .map(|(epoch, at)| (*epoch, *at))
             .collect(),
+        retained_batch_bytes: state
+            .retained_batch_bytes
+            .iter()
+            .map(|(epoch, bytes)| (*epoch, *bytes))
+            .collect(),
+        retained_sealed_at_ms: state
+            .retained_sealed_at_ms
+            .iter()
+            .map(|(epoch, at)| (*epoch, *at))
+            .collect(),
+        replica_progress: state
+            .replica_progress
+            .iter()
+            .map(|(server, epoch)| (server.clone(), *epoch))
+            .collect(),
+        open_epoch_bytes: state.open_epoch_bytes,
     }
     .encode_to_vec()
 }
@@ -140,6 +156,10 @@ fn load(db: &DB) -> Result<SmInner> {
         shard_map: meta.shard_map.unwrap_or_default(),
         retained_batches: meta.retained_batches.into_iter().collect(),
         sealed_at_ms: meta.sealed_at_ms.into_iter().collect(),
+        retained_batch_bytes: meta.retained_batch_bytes.into_iter().collect(),
+        retained_sealed_at_ms: meta.retained_sealed_at_ms.into_iter().collect(),
+        replica_progress: meta.replica_progress.into_iter().collect(),
+        open_epoch_bytes: meta.open_epoch_bytes,
     };
     if state.open_epoch == 0 || state.next_sequence == 0 {
         return Err(SequencerError::Corrupt(

@@ -114,7 +114,9 @@ fn bad_requests_get_clear_statuses() {
             .expect("epoch 0 always exists");
         assert!(empty.root_hash.is_empty());
         assert_status(
-            client.commit_epoch(1, vec![7; 5], Vec::new()).await,
+            client
+                .commit_epoch(crate::support::commit(1, vec![7; 5], Vec::new()))
+                .await,
             Code::InvalidArgument,
             "root hash must be 32 bytes, got 5",
         );
@@ -131,11 +133,14 @@ fn bad_requests_get_clear_statuses() {
         assert_status(
             client
                 .set_shard_map(
-                    vec![pb::ShardAssignment {
-                        shard_id: "s1".into(),
-                        address: "127.0.0.1:9".into(),
-                        partitions: vec![999],
-                    }],
+                    ktd_proto::ktd::cluster::v1::ShardMap {
+                        shards: vec![ktd_proto::ktd::cluster::v1::LegacyShard {
+                            shard_id: "s1".into(),
+                            address: "127.0.0.1:9".into(),
+                            partitions: vec![999],
+                        }],
+                        ..Default::default()
+                    },
                     0,
                 )
                 .await,

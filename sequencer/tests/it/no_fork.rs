@@ -27,7 +27,11 @@ fn conflicting_commit_is_refused_and_epochs_commit_in_order() {
             .await
             .expect("append");
         assert_eq!(
-            code(client.commit_epoch(1, vec![1; 32], b"p1".to_vec()).await),
+            code(
+                client
+                    .commit_epoch(crate::support::commit(1, vec![1; 32], b"p1".to_vec()))
+                    .await
+            ),
             Code::FailedPrecondition,
             "epoch 1 is not sealed yet"
         );
@@ -35,16 +39,19 @@ fn conflicting_commit_is_refused_and_epochs_commit_in_order() {
         assert_eq!((sealed.epoch, sealed.updates), (1, 1));
 
         let committed = client
-            .commit_epoch(1, vec![1; 32], b"p1".to_vec())
+            .commit_epoch(crate::support::commit(1, vec![1; 32], b"p1".to_vec()))
             .await
             .expect("commit");
         assert!(!committed.already_committed);
         let again = client
-            .commit_epoch(1, vec![1; 32], b"p1".to_vec())
+            .commit_epoch(crate::support::commit(1, vec![1; 32], b"p1".to_vec()))
             .await
             .expect("same root again");
         assert!(again.already_committed);
-        match client.commit_epoch(1, vec![2; 32], b"p1".to_vec()).await {
+        match client
+            .commit_epoch(crate::support::commit(1, vec![2; 32], b"p1".to_vec()))
+            .await
+        {
             Err(SequencerError::Remote(status)) => {
                 assert_eq!(status.code(), Code::AlreadyExists);
                 assert!(
@@ -61,7 +68,11 @@ fn conflicting_commit_is_refused_and_epochs_commit_in_order() {
             let new_leader = client.transfer_leader(None).await.expect("transfer");
             assert_eq!(cluster.wait_leader().await, new_leader);
             assert_eq!(
-                code(client.commit_epoch(1, vec![3; 32], Vec::new()).await),
+                code(
+                    client
+                        .commit_epoch(crate::support::commit(1, vec![3; 32], Vec::new()))
+                        .await
+                ),
                 Code::AlreadyExists
             );
             let record = client.get_epoch(Some(1)).await.expect("get epoch 1");
@@ -83,15 +94,19 @@ fn conflicting_commit_is_refused_and_epochs_commit_in_order() {
                 .expect("append");
             assert_eq!(client.seal(None).await.expect("seal").epoch, 3);
             assert_eq!(
-                code(client.commit_epoch(3, vec![3; 32], Vec::new()).await),
+                code(
+                    client
+                        .commit_epoch(crate::support::commit(3, vec![3; 32], Vec::new()))
+                        .await
+                ),
                 Code::FailedPrecondition
             );
             client
-                .commit_epoch(2, vec![2; 32], Vec::new())
+                .commit_epoch(crate::support::commit(2, vec![2; 32], Vec::new()))
                 .await
                 .expect("commit 2");
             client
-                .commit_epoch(3, vec![3; 32], Vec::new())
+                .commit_epoch(crate::support::commit(3, vec![3; 32], Vec::new()))
                 .await
                 .expect("commit 3");
         }

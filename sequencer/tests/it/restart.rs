@@ -66,7 +66,7 @@ fn full_cluster_restart_keeps_state_and_resumes_sealing() {
         assert_eq!(first.epoch, 1);
         assert_eq!(client.seal(None).await.expect("seal").epoch, 1);
         client
-            .commit_epoch(1, vec![5; 32], b"p".to_vec())
+            .commit_epoch(crate::support::commit(1, vec![5; 32], b"p".to_vec()))
             .await
             .expect("commit");
         let second = client

@@ -7,10 +7,10 @@
 //! range delete). Every record starts with a format byte so a future format can coexist.
 //! Decoding never panics: malformed bytes are [`ktd_core::Error::Corrupt`].
 
-use akd_core::{AkdLabel, AkdValue, AzksValue, NodeLabel};
+use akd_core::{AkdLabel, AkdValue};
 use ktd_core::codec::{Reader, label_bytes, put_label, put_node_ref};
 use ktd_core::error::Result;
-use ktd_core::tree::{InteriorNode, LeavesByPartition, NewLeaf, NodeKey};
+use ktd_core::tree::{InteriorNode, NodeKey};
 use ktd_core::user::UserVersion;
 
 /// Format byte of every record written by this version.
@@ -105,53 +105,14 @@ pub fn decode_user(akd_label: &[u8], bytes: &[u8]) -> Result<UserVersion> {
     })
 }
 
-/// Key of an inbox record: `be64(epoch) ‖ sender id`.
-pub fn inbox_key(epoch: u64, from: &str) -> Vec<u8> {
-    let mut out = epoch.to_be_bytes().to_vec();
-    out.extend_from_slice(from.as_bytes());
-    out
-}
-
-/// Encodes leaves delivered for some partitions.
-pub fn encode_leaves(partitions: &[(u32, Vec<NewLeaf>)]) -> Vec<u8> {
-    let n_leaves: usize = partitions.iter().map(|(_, leaves)| leaves.len()).sum();
-    let mut out = Vec::with_capacity(5 + partitions.len() * 8 + n_leaves * 64);
-    out.push(FORMAT);
-    out.extend_from_slice(&(partitions.len() as u32).to_be_bytes());
-    for (partition, leaves) in partitions {
-        out.extend_from_slice(&partition.to_be_bytes());
-        out.extend_from_slice(&(leaves.len() as u32).to_be_bytes());
-        for leaf in leaves {
-            out.extend_from_slice(&leaf.label.label_val);
-            out.extend_from_slice(&leaf.commitment.0);
-        }
-    }
-    out
-}
-
-/// Decodes leaves delivered for some partitions.
-pub fn decode_leaves(bytes: &[u8]) -> Result<LeavesByPartition> {
-    let mut reader = Reader::new(bytes, "delivered leaves");
-    reader.format(FORMAT)?;
-    let n_partitions = reader.u32()? as usize;
-    let mut partitions = Vec::with_capacity(n_partitions.min(1 << 16));
-    for _ in 0..n_partitions {
-        let partition = reader.u32()?;
-        let n_leaves = reader.u32()? as usize;
-        if reader.remaining() < n_leaves.saturating_mul(64) {
-            return Err(reader.corrupt("truncated"));
-        }
-        let mut leaves = Vec::with_capacity(n_leaves);
-        for _ in 0..n_leaves {
-            leaves.push(NewLeaf {
-                label: NodeLabel::new(reader.array()?, 256),
-                commitment: AzksValue(reader.array()?),
-            });
-        }
-        partitions.push((partition, leaves));
-    }
-    reader.finish()?;
-    Ok(partitions)
+/// The epoch of a stored user version, read without decoding the rest (bootstrap copies filter
+/// on it).
+pub fn user_record_epoch(bytes: &[u8]) -> Result<u64> {
+    bytes
+        .get(9..17)
+        .and_then(|epoch| <[u8; 8]>::try_from(epoch).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| ktd_core::Error::Corrupt("malformed user version: truncated".into()))
 }
 
 /// Rebuilds the `AkdLabel` type for callers holding raw bytes.
@@ -161,6 +122,7 @@ pub fn akd_label(bytes: &[u8]) -> AkdLabel {
 
 #[cfg(test)]
 mod tests {
+    use akd_core::{AzksValue, NodeLabel};
     use ktd_core::tree::NodeRef;
 
     use super::*;

@@ -6,7 +6,7 @@
 //! | `nodes` | `be64(version) ‖ label bytes ‖ be16(len)` | interior node (two [`NodeRef`](ktd_core::tree::NodeRef)s) |
 //! | `epochs` | `be64(epoch)` | [`EpochRecord`]: root hash and partition roots |
 //! | `users` | `blake3(label) ‖ be64(version)` | one user version |
-//! | `inbox` | `be64(epoch) ‖ sender id` | leaves another shard delivered for this shard's partitions |
+//! | `inbox` | — | retired (the first release's leaf deliveries); kept so its data directories open |
 //!
 //! Node versions of an epoch are written first (one `WriteBatch` per partition, in parallel,
 //! unsynced); the epoch record and the user versions follow in one synced `WriteBatch`, which is
@@ -27,12 +27,11 @@ use crate::error::Error;
 use crate::metrics::{SampleError, StorageHealth};
 use ktd_core::Error as CoreError;
 use ktd_core::Result;
-use ktd_core::tree::{
-    InteriorNode, LeavesByPartition, NewLeaf, NodeKey, PartitionDelta, TreeStore,
-};
+use ktd_core::tree::{InteriorNode, NodeKey, PartitionDelta, TreeStore};
 use ktd_core::user::UserVersion;
 
 pub mod codec;
+pub mod replica;
 
 use ktd_core::EpochRecord;
 
@@ -434,38 +433,6 @@ impl RocksStore {
             );
         }
         self.write_synced(batch, "user_versions", "write user versions")
-    }
-
-    /// Stores the leaves `from` delivered for `epoch` (replacing an earlier delivery), synced.
-    pub fn put_inbox(
-        &self,
-        epoch: u64,
-        from: &str,
-        partitions: &[(u32, Vec<NewLeaf>)],
-    ) -> Result<()> {
-        let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.cf(CF_INBOX),
-            codec::inbox_key(epoch, from),
-            codec::encode_leaves(partitions),
-        );
-        self.write_synced(batch, "inbox", "store delivered leaves")
-    }
-
-    /// The leaves `from` delivered for `epoch`, if it did.
-    pub fn inbox(&self, epoch: u64, from: &str) -> Result<Option<LeavesByPartition>> {
-        self.db
-            .get_cf(self.cf(CF_INBOX), codec::inbox_key(epoch, from))
-            .map_err(storage("read delivered leaves"))?
-            .map(|bytes| codec::decode_leaves(&bytes))
-            .transpose()
-    }
-
-    /// Deletes the deliveries of every epoch below `epoch`.
-    pub fn discard_inbox_before(&self, epoch: u64) -> Result<()> {
-        self.db
-            .delete_range_cf(self.cf(CF_INBOX), 0u64.to_be_bytes(), epoch.to_be_bytes())
-            .map_err(storage("discard old deliveries"))
     }
 
     /// Commits an epoch: its record and its new user versions, in one synced `WriteBatch`.

@@ -1,26 +1,33 @@
 //! The distributed epoch pipeline (`shard::cluster`) against the in-process directory (itself
-//! proven equal to stock akd): one in-process shard, and three shard servers talking gRPC on
-//! 127.0.0.1 with leaves delivered shard to shard. Every epoch's root, lookup, history and audit
-//! step must equal the in-process directory's.
+//! proven equal to stock akd), with replica sets: one in-process shard (RF 1), three shard
+//! servers over gRPC on 127.0.0.1 holding every partition (RF 3), and in-process replica sets
+//! with injected faults. Every committed root, lookup, history and audit step must equal the
+//! in-process directory's; a minority of replicas down, behind or wrong never changes that.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use akd_core::configuration::WhatsAppV1Configuration;
 use akd_core::verify::history::HistoryParams;
-use akd_core::{AkdLabel, AkdValue};
-use ktd_core::AkdConfig;
-use ktd_core::ShardMap;
+use akd_core::{AkdLabel, AkdValue, AzksValue};
+use futures::stream::BoxStream;
+use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan};
 use ktd_core::stitch::TopTree;
+use ktd_core::tree::audit::AppendOnlySlice;
+use ktd_core::tree::{LeavesByPartition, NodeRef, PartitionWalk, WalkRequest};
 use ktd_core::user::UpdateLimits;
 use ktd_core::vrf::VrfKey;
+use ktd_core::{AkdConfig, ShardMap};
 use ktd_testkit::with_deadline_blocking;
 use shard::Directory;
-use shard::api::ShardApi;
+use shard::api::{
+    BootstrapSource, BootstrapSummary, BuildSummary, Fence, PartitionChunk, PrepareSummary,
+    ShardApi, ShardStatus, UpdateTrace, UserPartitionLeaves,
+};
 use shard::client::{ClientTimeouts, GrpcPeers};
-use shard::cluster::{self, ShardSet};
+use shard::cluster::{self, CommittedEpoch, EpochOutcome, Participation, ReplicaVerdict, ShardSet};
 use shard::local::{LocalShard, NoPeers, PeerResolver};
 use shard::node::ShardNode;
 use shard::server::ShardService;
@@ -54,39 +61,67 @@ fn node(path: &std::path::Path, bits: u8, seed: u64) -> Arc<ShardNode<Wa>> {
     )
 }
 
+fn local(id: &str, path: &std::path::Path, bits: u8, seed: u64) -> Arc<LocalShard<Wa>> {
+    Arc::new(LocalShard::load(id, node(path, bits, seed), Arc::new(NoPeers)).expect("load"))
+}
+
+/// The fence of a coordinator in `term` driving the epoch after `committed`.
+fn fence(map: &ShardMap, term: u64, committed: u64) -> Fence {
+    Fence {
+        term,
+        committed_epoch: committed,
+        map: map.clone(),
+    }
+}
+
+/// One epoch on every healthy voter and learner of `shards`' map.
+async fn run(
+    shards: &ShardSet,
+    epoch: u64,
+    base: &TopTree<Wa>,
+    batch: Vec<(AkdLabel, AkdValue)>,
+) -> EpochOutcome<Wa> {
+    let map = shards.map().clone();
+    cluster::run_epoch(
+        shards,
+        &fence(&map, 1, epoch - 1),
+        epoch,
+        base,
+        batch,
+        &HashMap::new(),
+        &Participation::everyone(&map),
+    )
+    .await
+    .unwrap_or_else(|failure| panic!("epoch {epoch}: {failure}"))
+}
+
 /// Drives `batches` through `shards` and through an in-process directory, comparing as it goes.
 async fn compare_with_directory(
     shards: &ShardSet,
     bits: u8,
     seed: u64,
     batches: Vec<Vec<(AkdLabel, AkdValue)>>,
-) {
+) -> Vec<TopTree<Wa>> {
     let data_dir = tempfile::tempdir().expect("temp dir");
     let reference: Directory = open(data_dir.path(), AkdConfig::WhatsAppV1, bits, seed);
     let mut tops = vec![TopTree::<Wa>::new(bits, vec![None; 1 << bits]).expect("empty top")];
     let mut users: Vec<AkdLabel> = Vec::new();
     for batch in batches {
         let epoch = tops.len() as u64;
-        let outcome = cluster::run_epoch(
-            shards,
-            epoch,
-            &tops[tops.len() - 1],
-            batch.clone(),
-            &Default::default(),
-        )
-        .await
-        .expect("run epoch");
-        // Running the same epoch again (a re-driven epoch) gives the same result.
-        let again = cluster::run_epoch(
-            shards,
-            epoch,
-            &tops[tops.len() - 1],
-            batch.clone(),
-            &Default::default(),
-        )
-        .await
-        .expect("re-run epoch");
+        let outcome = run(shards, epoch, &tops[tops.len() - 1], batch.clone()).await;
+        // Running the same epoch again (a re-driven epoch: built, not committed) gives the same
+        // result.
+        let again = run(shards, epoch, &tops[tops.len() - 1], batch.clone()).await;
         assert_eq!(outcome.top.root_hash(), again.top.root_hash());
+        assert_eq!(outcome.leaf_digests, again.leaf_digests);
+        assert!(
+            outcome
+                .verdicts
+                .iter()
+                .all(|(_, _, verdict)| *verdict == ReplicaVerdict::Agreed),
+            "{:?}",
+            outcome.verdicts
+        );
         let expected = reference.publish(batch.clone()).expect("reference publish");
         assert_eq!(
             expected.epoch, epoch,
@@ -142,6 +177,7 @@ async fn compare_with_directory(
             reference.lookup(&label, Some(epoch)).expect("reference").0
         );
     }
+    tops
 }
 
 #[test]
@@ -150,10 +186,10 @@ fn one_in_process_shard_matches_the_directory() {
         let runtime = runtime();
         let (bits, seed) = (4, 31);
         let data_dir = tempfile::tempdir().expect("temp dir");
-        let shard = LocalShard::new("dev", node(data_dir.path(), bits, seed), Arc::new(NoPeers));
-        let map = ShardMap::even(bits, vec![("dev".into(), String::new())]).expect("map");
+        let shard = local("dev", data_dir.path(), bits, seed);
+        let map = ShardMap::even(bits, 1, vec![("dev".into(), String::new())]).expect("map");
         let apis: HashMap<String, Arc<dyn ShardApi>> =
-            HashMap::from([("dev".to_string(), Arc::new(shard) as Arc<dyn ShardApi>)]);
+            HashMap::from([("dev".to_string(), shard as Arc<dyn ShardApi>)]);
         let shards = ShardSet::new(map, apis).expect("shard set");
         let batches = workload::random(seed, 12, 80, 2).batches;
         runtime.block_on(compare_with_directory(&shards, bits, seed, batches));
@@ -178,55 +214,571 @@ async fn serve(shard: Arc<dyn ShardApi>) -> SocketAddr {
 }
 
 #[test]
-fn three_grpc_shards_match_the_directory() {
-    with_deadline_blocking(Duration::from_secs(180), || {
+fn three_grpc_replicas_match_the_directory_and_copy_a_partition_to_a_new_one() {
+    with_deadline_blocking(Duration::from_secs(240), || {
         let runtime = runtime();
         let (bits, seed) = (4, 32);
-        let dirs: Vec<_> = (0..3)
+        let dirs: Vec<_> = (0..4)
             .map(|_| tempfile::tempdir().expect("temp dir"))
             .collect();
         runtime.block_on(async {
-            // Bind first so that the map can name every address; the shards resolve each other
-            // through the same pool of gRPC clients the cluster uses.
+            // Bind first so that the map can name every address; a bootstrapping server reaches
+            // its source through the same pool of gRPC clients the cluster uses.
             let peers = Arc::new(GrpcPeers::new(ClientTimeouts::default()));
-            let mut shards_info = Vec::new();
+            let mut servers = Vec::new();
             for (index, dir) in dirs.iter().enumerate() {
                 let id = format!("shard-{index}");
-                let local: Arc<dyn ShardApi> = Arc::new(LocalShard::new(
-                    id.clone(),
-                    node(dir.path(), bits, seed),
-                    peers.clone() as Arc<dyn PeerResolver>,
-                ));
+                let local: Arc<dyn ShardApi> = Arc::new(
+                    LocalShard::load(
+                        id.clone(),
+                        node(dir.path(), bits, seed),
+                        peers.clone() as Arc<dyn PeerResolver>,
+                    )
+                    .expect("load"),
+                );
                 let address = serve(local).await;
-                shards_info.push((id, format!("http://{address}")));
+                servers.push((id, format!("http://{address}")));
             }
-            let map = ShardMap::even(bits, shards_info).expect("map");
+            let map = ShardMap::even(bits, 3, servers[..3].to_vec()).expect("map");
             let shards = ShardSet::resolve(map.clone(), peers.as_ref()).expect("shard set");
-            let batches = workload::random(seed, 10, 120, 2).batches;
-            compare_with_directory(&shards, bits, seed, batches).await;
+            let batches = workload::random(seed, 8, 120, 2).batches;
+            let tops = compare_with_directory(&shards, bits, seed, batches).await;
+            let committed = (tops.len() - 1) as u64;
 
-            // Building an epoch whose leaves were never delivered is refused, not guessed.
-            let first = &map.shards[0];
-            let error = shards
-                .api(&first.id)
+            // A fourth server copies partition 5 from shard-0 at the committed epoch: the copy
+            // is checked node by node against the committed root, and then serves the same proof
+            // bytes as the replicas it was copied from.
+            let map4 = map
+                .with_servers(
+                    servers
+                        .iter()
+                        .map(|(id, address)| ktd_core::shard_map::ShardServer {
+                            id: id.clone(),
+                            address: address.clone(),
+                            maintenance_until_ms: 0,
+                        })
+                        .collect(),
+                )
+                .expect("map with a fourth server");
+            let mut partitions = map4.partitions().to_vec();
+            partitions[5].learners.push(ktd_core::shard_map::Learner {
+                server: "shard-3".into(),
+                replaces: None,
+            });
+            let with_learner = map4.with_partitions(partitions).expect("learner map");
+            let shards4 = ShardSet::resolve(with_learner.clone(), peers.as_ref()).expect("set");
+            let summary = shards4
+                .api("shard-3")
                 .expect("api")
-                .build_epoch(
-                    99,
-                    vec![(first.partitions[0], None)],
-                    vec!["shard-1".into()],
+                .bootstrap(
+                    &fence(&with_learner, 1, committed),
+                    BootstrapSource {
+                        partition: 5,
+                        epoch: committed,
+                        source_id: "shard-0".into(),
+                        source_address: servers[0].1.clone(),
+                        expected_root: tops[committed as usize].partitions()[5],
+                        max_bytes_per_second: 0,
+                    },
                 )
                 .await
-                .expect_err("no deliveries for epoch 99");
+                .expect("bootstrap");
             assert!(
-                matches!(
-                    &error,
-                    shard::Error::Remote {
-                        code: tonic::Code::FailedPrecondition,
-                        ..
-                    }
-                ),
-                "{error:?}"
+                summary.records > 0 && summary.nodes_checked > 0,
+                "{summary:?}"
             );
+            let status = shards4
+                .api("shard-3")
+                .expect("api")
+                .status()
+                .await
+                .expect("status");
+            assert_eq!(status.partitions, [5]);
+            assert_eq!(status.built_epoch, committed);
+            let root = tops[committed as usize].partitions()[5].expect("partition 5 has a root");
+            let target = WalkRequest {
+                root: Some(root),
+                target: root.label,
+            };
+            let copied = shards4
+                .api("shard-3")
+                .expect("api")
+                .walk(vec![target])
+                .await
+                .expect("walk on the copy");
+            let original = shards
+                .api("shard-1")
+                .expect("api")
+                .walk(vec![target])
+                .await
+                .expect("walk on a voter");
+            assert_eq!(copied, original);
+
+            // A copy whose expected root is not the source's is refused and left not held.
+            let mut wrong = root;
+            wrong.hash = AzksValue([7; 32]);
+            let error = shards4
+                .api("shard-3")
+                .expect("api")
+                .bootstrap(
+                    &fence(&with_learner, 1, committed),
+                    BootstrapSource {
+                        partition: 5,
+                        epoch: committed,
+                        source_id: "shard-0".into(),
+                        source_address: servers[0].1.clone(),
+                        expected_root: Some(wrong),
+                        max_bytes_per_second: 0,
+                    },
+                )
+                .await
+                .expect_err("a copy that does not hash to the committed root");
+            assert!(error.to_string().contains("hash"), "{error}");
+            let status = shards4
+                .api("shard-3")
+                .expect("api")
+                .status()
+                .await
+                .expect("status");
+            assert!(status.partitions.is_empty(), "{status:?}");
+        });
+    });
+}
+
+/// What a faulty replica does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    Healthy,
+    /// Every call fails (a dead or partitioned server).
+    Down,
+    /// Builds report a wrong root for every partition (a damaged replica).
+    WrongRoots,
+}
+
+/// A replica whose behaviour a test switches.
+struct Faulty {
+    inner: Arc<dyn ShardApi>,
+    fault: Mutex<Fault>,
+}
+
+impl Faulty {
+    fn new(inner: Arc<dyn ShardApi>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            fault: Mutex::new(Fault::Healthy),
+        })
+    }
+
+    fn set(&self, fault: Fault) {
+        *self.fault.lock().expect("fault lock") = fault;
+    }
+
+    fn check(&self) -> shard::Result<()> {
+        if *self.fault.lock().expect("fault lock") == Fault::Down {
+            return Err(shard::Error::Remote {
+                peer: "faulty".into(),
+                code: tonic::Code::Unavailable,
+                message: "down (injected)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl ShardApi for Faulty {
+    async fn prepare_epoch(
+        &self,
+        epoch: u64,
+        fence: &Fence,
+        user_partitions: Vec<u32>,
+        updates: Vec<(AkdLabel, AkdValue)>,
+        traces: Vec<UpdateTrace>,
+    ) -> shard::Result<PrepareSummary> {
+        self.check()?;
+        self.inner
+            .prepare_epoch(epoch, fence, user_partitions, updates, traces)
+            .await
+    }
+    async fn compute_leaves(
+        &self,
+        epoch: u64,
+        user_partition: u32,
+        updates: Vec<(AkdLabel, AkdValue)>,
+    ) -> shard::Result<UserPartitionLeaves> {
+        self.check()?;
+        self.inner
+            .compute_leaves(epoch, user_partition, updates)
+            .await
+    }
+    async fn build_epoch(
+        &self,
+        epoch: u64,
+        fence: &Fence,
+        base_roots: Vec<(u32, Option<NodeRef>)>,
+        leaves: LeavesByPartition,
+        sources: Vec<u32>,
+    ) -> shard::Result<BuildSummary> {
+        self.check()?;
+        let mut built = self
+            .inner
+            .build_epoch(epoch, fence, base_roots, leaves, sources)
+            .await?;
+        if *self.fault.lock().expect("fault lock") == Fault::WrongRoots {
+            for (_, root) in &mut built.roots {
+                if let Some(root) = root {
+                    root.hash = AzksValue([0xee; 32]);
+                }
+            }
+        }
+        Ok(built)
+    }
+    async fn bootstrap(
+        &self,
+        fence: &Fence,
+        source: BootstrapSource,
+    ) -> shard::Result<BootstrapSummary> {
+        self.check()?;
+        self.inner.bootstrap(fence, source).await
+    }
+    async fn stream_partition(
+        &self,
+        partition: u32,
+        epoch: u64,
+    ) -> shard::Result<BoxStream<'static, shard::Result<PartitionChunk>>> {
+        self.check()?;
+        self.inner.stream_partition(partition, epoch).await
+    }
+    async fn walk(&self, requests: Vec<WalkRequest>) -> shard::Result<Vec<PartitionWalk>> {
+        self.check()?;
+        self.inner.walk(requests).await
+    }
+    async fn append_only_slice(
+        &self,
+        root: NodeRef,
+        start_epoch: u64,
+    ) -> shard::Result<AppendOnlySlice> {
+        self.check()?;
+        self.inner.append_only_slice(root, start_epoch).await
+    }
+    async fn lookup_plan(&self, akd_label: AkdLabel, epoch: u64) -> shard::Result<LookupPlan> {
+        self.check()?;
+        self.inner.lookup_plan(akd_label, epoch).await
+    }
+    async fn absence_plan(&self, akd_label: AkdLabel, epoch: u64) -> shard::Result<AbsencePlan> {
+        self.check()?;
+        self.inner.absence_plan(akd_label, epoch).await
+    }
+    async fn history_plan(
+        &self,
+        akd_label: AkdLabel,
+        params: HistoryParams,
+        epoch: u64,
+    ) -> shard::Result<HistoryPlan> {
+        self.check()?;
+        self.inner.history_plan(akd_label, params, epoch).await
+    }
+    async fn status(&self) -> shard::Result<ShardStatus> {
+        self.check()?;
+        self.inner.status().await
+    }
+}
+
+/// Three in-process replicas of every partition (RF 3, partition bits 2), each behind a
+/// [`Faulty`] switch.
+struct ReplicaSet {
+    shards: ShardSet,
+    faulty: Vec<Arc<Faulty>>,
+    locals: Vec<Arc<LocalShard<Wa>>>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn replica_set(bits: u8, seed: u64) -> ReplicaSet {
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("temp dir"))
+        .collect();
+    let ids = ["r0", "r1", "r2"];
+    let locals: Vec<_> = ids
+        .iter()
+        .zip(&dirs)
+        .map(|(id, dir)| local(id, dir.path(), bits, seed))
+        .collect();
+    let faulty: Vec<_> = locals
+        .iter()
+        .map(|local| Faulty::new(local.clone() as Arc<dyn ShardApi>))
+        .collect();
+    let map = ShardMap::even(
+        bits,
+        3,
+        ids.iter().map(|id| ((*id).into(), String::new())).collect(),
+    )
+    .expect("map");
+    let apis: HashMap<String, Arc<dyn ShardApi>> = ids
+        .iter()
+        .zip(&faulty)
+        .map(|(id, faulty)| ((*id).to_string(), faulty.clone() as Arc<dyn ShardApi>))
+        .collect();
+    ReplicaSet {
+        shards: ShardSet::new(map, apis).expect("shard set"),
+        faulty,
+        locals,
+        _dirs: dirs,
+    }
+}
+
+#[test]
+fn a_replica_set_commits_without_one_replica_and_the_replica_replays_to_the_same_roots() {
+    with_deadline_blocking(Duration::from_secs(180), || {
+        let runtime = runtime();
+        let (bits, seed) = (2, 41);
+        let set = replica_set(bits, seed);
+        let batches = workload::random(seed, 6, 60, 2).batches;
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let reference: Directory = open(data_dir.path(), AkdConfig::WhatsAppV1, bits, seed);
+        runtime.block_on(async {
+            let mut tops = vec![TopTree::<Wa>::new(bits, vec![None; 1 << bits]).expect("empty")];
+            let mut digests = vec![Vec::new()];
+            for (index, batch) in batches.iter().enumerate() {
+                let epoch = index as u64 + 1;
+                // r2 is down from epoch 3 on: two of three replicas are a majority.
+                if epoch == 3 {
+                    set.faulty[2].set(Fault::Down);
+                }
+                let outcome = run(&set.shards, epoch, &tops[index], batch.clone()).await;
+                let expected = reference.publish(batch.clone()).expect("reference");
+                assert_eq!(outcome.top.root_hash(), expected.root_hash, "epoch {epoch}");
+                if epoch >= 3 {
+                    assert!(
+                        outcome
+                            .verdicts
+                            .iter()
+                            .any(|(server, _, verdict)| server == "r2"
+                                && matches!(verdict, ReplicaVerdict::Behind { .. }))
+                    );
+                }
+                digests.push(outcome.leaf_digests.clone());
+                tops.push(outcome.top);
+            }
+            let committed = batches.len() as u64;
+            // Reads go around the dead replica.
+            let label = batches[0][0].0.clone();
+            let proof = cluster::lookup(&set.shards, &tops[committed as usize], committed, &label)
+                .await
+                .expect("lookup with a replica down");
+            assert_eq!(proof, reference.lookup(&label, None).expect("reference").0);
+
+            // r2 comes back at epoch 2 and replays 3.. from the batches, checked against the
+            // committed roots and leaf digests; then it holds the same roots as the others.
+            set.faulty[2].set(Fault::Healthy);
+            let map = set.shards.map().clone();
+            for epoch in 3..=committed {
+                let committed_epoch = CommittedEpoch {
+                    epoch,
+                    base_roots: tops[epoch as usize - 1].partitions().to_vec(),
+                    roots: tops[epoch as usize].partitions().to_vec(),
+                    leaf_digests: digests[epoch as usize].clone(),
+                };
+                let outcome = cluster::replay_epoch(
+                    &set.shards,
+                    &fence(&map, 1, committed),
+                    "r2",
+                    &(0..1 << bits).collect::<Vec<u32>>(),
+                    batches[epoch as usize - 1].clone(),
+                    &committed_epoch,
+                    &|server, _| server != "r2",
+                )
+                .await
+                .expect("replay");
+                assert!(
+                    outcome
+                        .verdicts
+                        .iter()
+                        .all(|(_, verdict)| *verdict == ReplicaVerdict::Agreed),
+                    "epoch {epoch}: {outcome:?}"
+                );
+            }
+            let statuses = [
+                set.locals[0].status().await.expect("r0"),
+                set.locals[2].status().await.expect("r2"),
+            ];
+            assert_eq!(statuses[0].partition_states, statuses[1].partition_states);
+
+            // Only r2 answering is not a majority: the epoch fails rather than commit a
+            // minority's root.
+            set.faulty[0].set(Fault::Down);
+            set.faulty[1].set(Fault::Down);
+            let next = workload::random(seed + 1, 1, 10, 0).batches.remove(0);
+            let failure = cluster::run_epoch(
+                &set.shards,
+                &fence(&map, 1, committed),
+                committed + 1,
+                &tops[committed as usize],
+                next,
+                &HashMap::new(),
+                &Participation::everyone(&map),
+            )
+            .await
+            .expect_err("one replica of three is no majority");
+            assert!(failure.reason.contains("no majority"), "{failure}");
+        });
+    });
+}
+
+#[test]
+fn a_replica_that_builds_another_root_is_outvoted_and_named() {
+    with_deadline_blocking(Duration::from_secs(120), || {
+        let runtime = runtime();
+        let (bits, seed) = (2, 42);
+        let set = replica_set(bits, seed);
+        let batches = workload::random(seed, 3, 40, 1).batches;
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let reference: Directory = open(data_dir.path(), AkdConfig::WhatsAppV1, bits, seed);
+        runtime.block_on(async {
+            let mut top = TopTree::<Wa>::new(bits, vec![None; 1 << bits]).expect("empty");
+            set.faulty[1].set(Fault::WrongRoots);
+            for (index, batch) in batches.iter().enumerate() {
+                let epoch = index as u64 + 1;
+                let outcome = run(&set.shards, epoch, &top, batch.clone()).await;
+                let expected = reference.publish(batch.clone()).expect("reference");
+                assert_eq!(
+                    outcome.top.root_hash(),
+                    expected.root_hash,
+                    "the majority's root, not the damaged replica's"
+                );
+                let dissents: Vec<_> = outcome
+                    .verdicts
+                    .iter()
+                    .filter(|(_, _, verdict)| matches!(verdict, ReplicaVerdict::Dissented { .. }))
+                    .map(|(server, _, _)| server.as_str())
+                    .collect();
+                assert!(!dissents.is_empty(), "epoch {epoch}");
+                assert!(
+                    dissents.iter().all(|server| *server == "r1"),
+                    "{dissents:?}"
+                );
+                top = outcome.top;
+            }
+        });
+    });
+}
+
+#[test]
+fn fenced_mutations_are_refused_and_change_nothing() {
+    with_deadline_blocking(Duration::from_secs(120), || {
+        let runtime = runtime();
+        let (bits, seed) = (2, 43);
+        let set = replica_set(bits, seed);
+        let batches = workload::random(seed, 3, 40, 1).batches;
+        runtime.block_on(async {
+            let mut tops = vec![TopTree::<Wa>::new(bits, vec![None; 1 << bits]).expect("empty")];
+            for (index, batch) in batches.iter().enumerate() {
+                let epoch = index as u64 + 1;
+                let map = set.shards.map().clone();
+                let outcome = cluster::run_epoch(
+                    &set.shards,
+                    &fence(&map, 5, epoch - 1),
+                    epoch,
+                    &tops[index],
+                    batch.clone(),
+                    &HashMap::new(),
+                    &Participation::everyone(&map),
+                )
+                .await
+                .expect("epoch");
+                tops.push(outcome.top);
+            }
+            let committed = batches.len() as u64;
+            let r0 = &set.locals[0];
+            let store = r0.node().store().clone();
+            let nodes_before = store.node_versions_from(0).expect("count");
+            let status_before = r0.status().await.expect("status");
+            let map = set.shards.map().clone();
+            let all: Vec<u32> = (0..1 << bits).collect();
+            let refusals = [
+                (
+                    "BuildEpoch for a committed epoch (the request that wiped a shard)",
+                    r0.build_epoch(
+                        1,
+                        &fence(&map, 5, committed),
+                        vec![(0, None)],
+                        Vec::new(),
+                        all.clone(),
+                    )
+                    .await
+                    .map(|_| ()),
+                ),
+                (
+                    "a build from a deposed coordinator's older term",
+                    r0.build_epoch(
+                        committed + 1,
+                        &fence(&map, 4, committed),
+                        vec![(0, tops[committed as usize].partitions()[0])],
+                        Vec::new(),
+                        all.clone(),
+                    )
+                    .await
+                    .map(|_| ()),
+                ),
+                (
+                    "a prepare of an old epoch",
+                    r0.prepare_epoch(
+                        2,
+                        &fence(&map, 5, committed),
+                        vec![0],
+                        Vec::new(),
+                        Vec::new(),
+                    )
+                    .await
+                    .map(|_| ()),
+                ),
+                (
+                    "a build that does not account for every user partition",
+                    r0.build_epoch(
+                        committed + 1,
+                        &fence(&map, 5, committed),
+                        vec![(0, tops[committed as usize].partitions()[0])],
+                        Vec::new(),
+                        vec![0],
+                    )
+                    .await
+                    .map(|_| ()),
+                ),
+            ];
+            for (what, refused) in refusals {
+                let error = refused.expect_err(what);
+                assert!(
+                    matches!(error, shard::Error::Fenced { .. }),
+                    "{what}: {error:?}"
+                );
+            }
+            // A map that does not assign the partition here is refused too.
+            let elsewhere = ShardMap::even(
+                bits,
+                1,
+                vec![("r1".into(), String::new()), ("r2".into(), String::new())],
+            )
+            .expect("map");
+            let error = r0
+                .prepare_epoch(
+                    committed + 1,
+                    &fence(&elsewhere.with_version(9), 5, committed),
+                    vec![0],
+                    Vec::new(),
+                    Vec::new(),
+                )
+                .await
+                .expect_err("partition not assigned");
+            assert!(matches!(error, shard::Error::Fenced { .. }), "{error:?}");
+            assert_eq!(store.node_versions_from(0).expect("count"), nodes_before);
+            assert_eq!(
+                r0.status().await.expect("status").partition_states,
+                status_before.partition_states
+            );
+            // And the replica still serves its committed state.
+            let label = batches[0][0].0.clone();
+            cluster::lookup(&set.shards, &tops[committed as usize], committed, &label)
+                .await
+                .expect("still serving");
         });
     });
 }
@@ -238,25 +790,18 @@ fn an_all_republish_epoch_is_a_heartbeat_that_audits() {
         let seed = 33;
         for bits in [0u8, 2] {
             let data_dir = tempfile::tempdir().expect("temp dir");
-            let shard =
-                LocalShard::new("dev", node(data_dir.path(), bits, seed), Arc::new(NoPeers));
-            let map = ShardMap::even(bits, vec![("dev".into(), String::new())]).expect("map");
+            let shard = local("dev", data_dir.path(), bits, seed);
+            let map = ShardMap::even(bits, 1, vec![("dev".into(), String::new())]).expect("map");
             let apis: HashMap<String, Arc<dyn ShardApi>> =
-                HashMap::from([("dev".to_string(), Arc::new(shard) as Arc<dyn ShardApi>)]);
+                HashMap::from([("dev".to_string(), shard as Arc<dyn ShardApi>)]);
             let shards = ShardSet::new(map, apis).expect("shard set");
             runtime.block_on(async {
                 let batch: Vec<(AkdLabel, AkdValue)> = (0..20)
                     .map(|i| (AkdLabel(format!("u{i}").into_bytes()), AkdValue::from("v")))
                     .collect();
                 let empty = TopTree::<Wa>::new(bits, vec![None; 1 << bits]).expect("empty");
-                let first =
-                    cluster::run_epoch(&shards, 1, &empty, batch.clone(), &Default::default())
-                        .await
-                        .expect("epoch 1");
-                let heartbeat =
-                    cluster::run_epoch(&shards, 2, &first.top, batch, &Default::default())
-                        .await
-                        .expect("epoch 2");
+                let first = run(&shards, 1, &empty, batch.clone()).await;
+                let heartbeat = run(&shards, 2, &first.top, batch).await;
                 assert_eq!(heartbeat.changed, 0);
                 assert_eq!(
                     heartbeat.top.root_hash(),

@@ -123,7 +123,7 @@ fn compose_services_run_real_flags_with_declared_resources() {
             .values()
             .filter(|(sub, ..)| sub == "shard")
             .count(),
-        2
+        3
     );
 
     // Prometheus scrapes every ktd process.
@@ -227,7 +227,7 @@ fn compose_healthchecks_pass_against_a_running_server_and_fail_without_one() {
                 (name.clone(), argv)
             })
             .collect();
-        assert_eq!(checks.len(), 6);
+        assert_eq!(checks.len(), 7);
         for (name, argv) in &checks {
             Poll::new(format!("{name}: {argv:?} to pass"), Duration::from_secs(30))
                 .every(Duration::from_millis(200))

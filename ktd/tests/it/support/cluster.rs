@@ -83,10 +83,15 @@ pub struct TopologyOptions {
     /// Every sequencer start's `--epoch-interval` (a restart from the data directory keeps the
     /// id, peers and cluster metadata, but not the local epoch interval).
     pub epoch_interval: &'static str,
+    /// How many shard servers (`s1`…).
+    pub shards: u64,
+    /// `--replication-factor` at `--init` (`None`: the sequencer's default, every partition on
+    /// up to three servers).
+    pub replication_factor: Option<u32>,
 }
 
-/// Three `ktd sequencer`s (bootstrapped from node 1), two `ktd shard`s owning 16 partitions
-/// (`--partition-bits 4`) and one gateway, with data directories and `<name>.log` files under
+/// Three `ktd sequencer`s (bootstrapped from node 1), [`TopologyOptions::shards`] `ktd shard`s
+/// holding 16 partitions (`--partition-bits 4`) in replica sets and one gateway, with data directories and `<name>.log` files under
 /// one temporary root. Started shards first, then sequencers, then the gateway.
 pub struct Topology {
     /// The VRF seed file the shards read.
@@ -127,7 +132,7 @@ impl Topology {
             options,
             root,
         };
-        for index in 1..=2u64 {
+        for index in 1..=topology.options.shards {
             let addr = free_addr(&topology.options.ip(10 + index));
             let mut shard = topology.shard_node(index, addr, &topology.shard_dir(index));
             shard.spawn(&[]);
@@ -170,6 +175,9 @@ impl Topology {
                     ]
                     .map(String::from),
                 );
+                if let Some(factor) = topology.options.replication_factor {
+                    args.extend(["--replication-factor".to_string(), factor.to_string()]);
+                }
             }
             node.spawn(&args);
             topology.sequencers.insert(id, node);

@@ -18,3 +18,18 @@ where
         .join_thread()
         .run(body);
 }
+
+/// A commit of `epoch` with `root_hash` and `partition_roots`, no leaf digests and no replica
+/// progress (what a coordinator of an unreplicated cluster would send).
+pub fn commit(
+    epoch: u64,
+    root_hash: Vec<u8>,
+    partition_roots: Vec<u8>,
+) -> ktd_proto::ktd::sequencer::v1::CommitEpochRequest {
+    ktd_proto::ktd::sequencer::v1::CommitEpochRequest {
+        epoch,
+        root_hash,
+        partition_roots,
+        ..Default::default()
+    }
+}

@@ -9,6 +9,11 @@
 //! ktd admin remove-sequencer --id N            # never reuse N afterwards
 //! ktd admin seal                               # seal the open epoch, wait for its root
 //! ktd admin snapshot [--node ID] [--purge]     # build a snapshot now (every member by default)
+//! ktd admin add-shard --id S --address URL [--rebalance] [--wait]
+//! ktd admin drain-shard --id S [--wait]        # copies move off; with --wait, S leaves the map
+//! ktd admin replace-shard --id OLD --with NEW [--address URL] [--wait]
+//! ktd admin remove-shard --id S                # only once S holds nothing
+//! ktd admin maintenance --id S --for 30m | --off   # no re-replication while S is away
 //! ```
 //!
 //! Exit status: 0 done, 1 failed (one error line on stderr; `status --check` also fails when it
@@ -20,9 +25,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand, ValueEnum};
 use sequencer::{ClientOptions, SequencerClient, SequencerError, pb};
 use serde::Serialize;
+pub use shards::{PartitionRow, ReplicaCell, RetentionRow, ShardRow};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+mod shards;
 
 /// Most entries a member's applied index may trail the leader's commit index before `status
 /// --check` calls it lagging (the sequencer's readiness uses the same default).
@@ -128,6 +136,76 @@ pub enum AdminCommand {
     },
     /// Seal the open epoch now and wait until its root is committed.
     Seal,
+    /// Add a shard server (started with an empty data directory) to the shard map. It holds
+    /// nothing until `--rebalance` (or a later drain/replace) moves copies onto it.
+    AddShard {
+        /// Its server id (`--id` it was started with).
+        #[arg(long)]
+        id: String,
+        /// Its gRPC address as the coordinator and gateways reach it (`http://HOST:PORT`).
+        #[arg(long)]
+        address: String,
+        /// Move copies from the most-loaded servers onto it (as learners, promoted once built).
+        #[arg(long)]
+        rebalance: bool,
+        /// Wait until every moved copy is built and promoted.
+        #[arg(long)]
+        wait: bool,
+        /// Bound on `--wait`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Move every copy off a shard server (learners elsewhere, promoted once built), then —
+    /// with `--wait` — remove it from the map. Stop it and delete its data directory afterwards.
+    DrainShard {
+        /// The server to empty.
+        #[arg(long)]
+        id: String,
+        /// Wait until it holds nothing, then remove it from the map.
+        #[arg(long)]
+        wait: bool,
+        /// Bound on `--wait`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Hand every copy of one shard server to another (added if new; started with an empty
+    /// data directory), then — with `--wait` — remove the old one from the map.
+    ReplaceShard {
+        /// The server leaving.
+        #[arg(long)]
+        id: String,
+        /// The server taking over.
+        #[arg(long = "with")]
+        with: String,
+        /// The new server's address (`http://HOST:PORT`; needed if it is not in the map yet).
+        #[arg(long)]
+        address: Option<String>,
+        /// Wait until the old server holds nothing, then remove it from the map.
+        #[arg(long)]
+        wait: bool,
+        /// Bound on `--wait`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Remove a shard server that holds nothing (drain it first).
+    RemoveShard {
+        /// The server to remove.
+        #[arg(long)]
+        id: String,
+    },
+    /// Put a shard server in maintenance (its absence does not start re-replication until the
+    /// window ends), or end the window with `--off`.
+    Maintenance {
+        /// The server.
+        #[arg(long)]
+        id: String,
+        /// How long (e.g. `30m`, `2h`).
+        #[arg(long = "for", value_parser = humantime::parse_duration, required_unless_present = "off")]
+        duration: Option<Duration>,
+        /// End the window now.
+        #[arg(long, conflicts_with = "duration")]
+        off: bool,
+    },
     /// Build a snapshot of the state machine now (every member, or --node).
     Snapshot {
         /// Only this node.
@@ -185,27 +263,6 @@ pub struct EpochRow {
     pub last_commit_age_seconds: Option<f64>,
 }
 
-/// One shard server in `status`.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ShardRow {
-    /// Shard id.
-    pub id: String,
-    /// Its address in the shard map.
-    pub address: String,
-    /// Tree partitions it owns.
-    pub partitions: Vec<u32>,
-    /// Answered its status call.
-    pub reachable: bool,
-    /// Its `grpc.health.v1` status (SERVING = holds the latest committed epoch).
-    pub health: String,
-    /// The latest committed epoch it has checked it holds.
-    pub caught_up_epoch: u64,
-    /// The latest epoch it built since it started (staged or committed).
-    pub built_epoch: u64,
-    /// Why it could not be asked.
-    pub error: String,
-}
-
 /// Everything `ktd admin status` shows.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ClusterReport {
@@ -221,8 +278,14 @@ pub struct ClusterReport {
     pub epochs: EpochRow,
     /// The shard map's version.
     pub shard_map_version: u64,
-    /// Every shard in the shard map.
+    /// Voting replicas per partition.
+    pub replication_factor: u8,
+    /// Every shard server in the shard map.
     pub shards: Vec<ShardRow>,
+    /// Every partition's replica set.
+    pub partitions: Vec<PartitionRow>,
+    /// Sealed batches the sequencer retains for lagging replicas.
+    pub retention: Option<RetentionRow>,
     /// Why the cluster status is incomplete (no leader, no shard map).
     pub errors: Vec<String>,
 }
@@ -264,12 +327,13 @@ impl ClusterReport {
                 ));
             }
         }
-        for shard in &self.shards {
-            if !shard.reachable {
-                problems.push(format!("shard {} unreachable: {}", shard.id, shard.error));
-            } else if shard.health != "SERVING" {
-                problems.push(format!("shard {} is {}", shard.id, shard.health));
-            }
+        problems.extend(shards::problems(
+            &self.shards,
+            &self.partitions,
+            self.replication_factor,
+        ));
+        if let Some(retention) = &self.retention {
+            problems.extend(retention.problems());
         }
         problems
     }
@@ -329,6 +393,118 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
             ),
             None => println!("nothing to seal: the open epoch has no updates"),
         },
+        AdminCommand::AddShard {
+            id,
+            address,
+            rebalance,
+            wait,
+            timeout,
+        } => {
+            let edit = shards::MapEdit::Add {
+                server: shard_server(&id, &address),
+                rebalance,
+            };
+            let map = admin.change_map(&edit).await?;
+            println!(
+                "shard server {id} added (map version {}); {} copies moving onto it",
+                map.version(),
+                map.assignments(&id).len()
+            );
+            if wait {
+                let map = admin
+                    .wait_for_map(
+                        "the moved copies to be promoted",
+                        timeout,
+                        shards::no_learners,
+                    )
+                    .await?;
+                println!(
+                    "{id} votes in partitions {} (map version {})",
+                    ranges(
+                        &map.assignments(&id)
+                            .iter()
+                            .map(|(p, _)| *p)
+                            .collect::<Vec<_>>()
+                    ),
+                    map.version()
+                );
+            }
+        }
+        AdminCommand::DrainShard { id, wait, timeout } => {
+            let map = admin
+                .change_map(&shards::MapEdit::Drain(id.clone()))
+                .await?;
+            println!(
+                "draining {id} (map version {}): {} copies moving off it",
+                map.version(),
+                map.assignments(&id).len()
+            );
+            if wait {
+                finish_move(&admin, &id, timeout).await?;
+            }
+        }
+        AdminCommand::ReplaceShard {
+            id,
+            with,
+            address,
+            wait,
+            timeout,
+        } => {
+            let current = shards::read_map(&admin.client).await?;
+            let new = match (current.server(&with), address) {
+                (Some(server), None) => server.clone(),
+                (_, Some(address)) => shard_server(&with, &address),
+                (None, None) => {
+                    return Err(AdminError::Refused(format!(
+                        "{with} is not in the shard map; give its --address"
+                    )));
+                }
+            };
+            let edit = shards::MapEdit::Replace {
+                old: id.clone(),
+                new,
+            };
+            let map = admin.change_map(&edit).await?;
+            println!(
+                "replacing {id} with {with} (map version {}): {} copies moving",
+                map.version(),
+                map.assignments(&with).len()
+            );
+            if wait {
+                finish_move(&admin, &id, timeout).await?;
+            }
+        }
+        AdminCommand::RemoveShard { id } => {
+            let map = admin
+                .change_map(&shards::MapEdit::Remove(id.clone()))
+                .await?;
+            println!(
+                "shard server {id} removed (map version {}); stop it and delete its data directory",
+                map.version()
+            );
+        }
+        AdminCommand::Maintenance { id, duration, off } => {
+            let until_ms = match (off, duration) {
+                (true, _) | (false, None) => 0,
+                (false, Some(duration)) => now_ms() + duration.as_millis() as u64,
+            };
+            let map = admin
+                .change_map(&shards::MapEdit::Maintenance {
+                    id: id.clone(),
+                    until_ms,
+                })
+                .await?;
+            if until_ms == 0 {
+                println!("{id}: maintenance ended (map version {})", map.version());
+            } else {
+                println!(
+                    "{id}: in maintenance for {} (map version {}); its absence does not start \
+                     re-replication until then",
+                    humantime::format_duration(Duration::from_secs((until_ms - now_ms()) / 1000)),
+                    map.version()
+                );
+            }
+        }
         AdminCommand::Snapshot { node, purge } => {
             for (id, address, answer) in admin.snapshot(node, purge).await? {
                 println!(
@@ -338,6 +514,37 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
             }
         }
     }
+    Ok(())
+}
+
+/// A shard server entry for the map (`HOST:PORT` gets `http://`).
+fn shard_server(id: &str, address: &str) -> ktd_core::shard_map::ShardServer {
+    let address = address.trim();
+    ktd_core::shard_map::ShardServer {
+        id: id.to_string(),
+        address: if address.contains("://") {
+            address.to_string()
+        } else {
+            format!("http://{address}")
+        },
+        maintenance_until_ms: 0,
+    }
+}
+
+/// Waits until `id` holds nothing, then removes it from the map.
+async fn finish_move(admin: &Admin, id: &str, timeout: Duration) -> Result<(), AdminError> {
+    admin
+        .wait_for_map(&format!("every copy on {id} to move"), timeout, |map| {
+            shards::moved_off(map, id)
+        })
+        .await?;
+    let map = admin
+        .change_map(&shards::MapEdit::Remove(id.to_string()))
+        .await?;
+    println!(
+        "{id} holds nothing and left the map (version {}); stop it and delete its data directory",
+        map.version()
+    );
     Ok(())
 }
 
@@ -484,6 +691,10 @@ impl Admin {
             last_committed_epoch: leader_status.last_committed_epoch,
             last_commit_age_seconds: None,
         };
+        report.retention = cluster
+            .retention
+            .as_ref()
+            .map(|retention| RetentionRow::from_pb(retention, now_ms()));
         match self.client.get_epoch(None).await {
             Ok(record) if record.committed_at_ms > 0 => {
                 report.epochs.last_commit_age_seconds =
@@ -526,59 +737,36 @@ impl Admin {
     }
 
     async fn fill_shards(&self, report: &mut ClusterReport) {
-        let answer = match self.client.cluster_metadata().await {
-            Ok(answer) => answer,
+        let map = match shards::read_map(&self.client).await {
+            Ok(map) => map,
             Err(error) => {
                 report.errors.push(format!("shard map: {error}"));
                 return;
             }
         };
-        let map = answer.shard_map.unwrap_or_default();
-        report.shard_map_version = map.version;
-        let shard_set = answer.metadata.as_ref().map(|metadata| {
-            shard::replicated::shard_map(metadata, &map).and_then(|shard_map| {
-                use shard::cluster::ShardConnector;
-                shard::cluster::GrpcConnector::default().connect(shard_map)
-            })
-        });
-        let rows = futures::future::join_all(map.shards.iter().map(|assignment| {
-            let shard_set = &shard_set;
-            async move {
-                let mut row = ShardRow {
-                    id: assignment.shard_id.clone(),
-                    address: assignment.address.clone(),
-                    partitions: assignment.partitions.clone(),
-                    health: health_of(&assignment.address).await,
-                    ..ShardRow::default()
-                };
-                let status = match shard_set {
-                    Some(Ok(shard_set)) => match shard_set.api(&assignment.shard_id) {
-                        Ok(api) => tokio::time::timeout(PROBE, api.status())
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(shard::Error::invalid_config(format!(
-                                    "no answer within {PROBE:?}"
-                                )))
-                            })
-                            .map_err(|error| error.to_string()),
-                        Err(error) => Err(error.to_string()),
-                    },
-                    Some(Err(error)) => Err(error.to_string()),
-                    None => Err("the cluster has no metadata yet".into()),
-                };
-                match status {
-                    Ok(status) => {
-                        row.reachable = true;
-                        row.caught_up_epoch = status.seen_committed_epoch;
-                        row.built_epoch = status.built_epoch;
-                    }
-                    Err(error) => row.error = error,
-                }
-                row
-            }
-        }))
-        .await;
-        report.shards = rows;
+        let shards = shards::report(&map, report.epochs.last_committed_epoch).await;
+        report.shard_map_version = shards.version;
+        report.replication_factor = shards.replication_factor;
+        report.shards = shards.servers;
+        report.partitions = shards.partitions;
+    }
+
+    /// Applies a shard-map change (compare-and-set, retried on concurrent changes).
+    pub async fn change_map(
+        &self,
+        edit: &shards::MapEdit,
+    ) -> Result<ktd_core::ShardMap, AdminError> {
+        shards::change_map(&self.client, edit).await
+    }
+
+    /// Waits, at most `limit`, until `done` holds for the shard map.
+    pub async fn wait_for_map(
+        &self,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&ktd_core::ShardMap) -> bool,
+    ) -> Result<ktd_core::ShardMap, AdminError> {
+        shards::wait_for_map(&self.client, what, limit, done).await
     }
 
     /// Hands leadership to `to` (or the most caught-up other voter) and waits, bounded, until
@@ -854,9 +1042,10 @@ pub fn render_table(report: &ClusterReport) -> String {
         }
     ));
     out.push_str(&format!(
-        "\nSHARDS  map version {}\n",
-        report.shard_map_version
+        "\nSHARD SERVERS  map version {}, replication factor {}\n",
+        report.shard_map_version, report.replication_factor
     ));
+    let now = now_ms();
     let rows: Vec<Vec<String>> = report
         .shards
         .iter()
@@ -864,11 +1053,18 @@ pub fn render_table(report: &ClusterReport) -> String {
             vec![
                 shard.id.clone(),
                 shard.address.clone(),
-                ranges(&shard.partitions),
+                ranges(&shard.voter_of),
+                ranges(&shard.learner_of),
+                ranges(&shard.quarantined_in),
                 if shard.reachable { "yes" } else { "NO" }.into(),
                 shard.health.clone(),
-                shard.caught_up_epoch.to_string(),
                 shard.built_epoch.to_string(),
+                shard.lag_epochs.to_string(),
+                if shard.maintenance_until_ms > now {
+                    format!("{}s", (shard.maintenance_until_ms - now) / 1000)
+                } else {
+                    "-".into()
+                },
                 shard.error.clone(),
             ]
         })
@@ -877,15 +1073,60 @@ pub fn render_table(report: &ClusterReport) -> String {
         &[
             "ID",
             "ADDRESS",
-            "PARTITIONS",
+            "VOTER",
+            "LEARNER",
+            "QUARANTINED",
             "REACHABLE",
             "HEALTH",
-            "CAUGHT-UP",
             "BUILT",
+            "LAG",
+            "MAINTENANCE",
             "ERROR",
         ],
         &rows,
     ));
+    out.push_str("\nPARTITIONS  replicas (server:role:lag; ? = not reported)\n");
+    let rows: Vec<Vec<String>> = report
+        .partitions
+        .iter()
+        .map(|partition| {
+            let replicas: Vec<String> = partition
+                .replicas
+                .iter()
+                .map(|cell| {
+                    format!(
+                        "{}:{}:{}",
+                        cell.server,
+                        cell.role,
+                        cell.lag_epochs
+                            .map_or_else(|| "?".to_string(), |lag| lag.to_string())
+                    )
+                })
+                .collect();
+            vec![
+                partition.partition.to_string(),
+                format!("{}/{}", partition.up_to_date_voters, partition.majority),
+                replicas.join(" "),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["P", "UP-TO-DATE/MAJORITY", "REPLICAS"], &rows));
+    if let Some(retention) = &report.retention {
+        out.push_str(&format!(
+            "\nBATCH RETENTION  {} batches, {} of {} bytes, oldest {} (bound {:.0}s), oldest pin {}\n",
+            retention.batches,
+            retention.bytes,
+            retention.max_bytes,
+            retention
+                .oldest_age_seconds
+                .map_or_else(|| "-".to_string(), |age| format!("{age:.0}s")),
+            retention.max_age_seconds,
+            retention
+                .oldest_pin
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |(server, epoch)| format!("{server} at epoch {epoch}")),
+        ));
+    }
     for error in &report.errors {
         out.push_str(&format!("error: {error}\n"));
     }

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Replication factor 1 vs 3 on one 2-core machine, same run, same binary: the local cluster
+# (3 sequencers, 3 shard servers, 1 gateway; 16 partitions) with KTD_REPLICATION_FACTOR=1, then 3.
+#
+#   bench-results/2026-12-02-2core/replicas/run.sh [OUT_DIR]
+#
+# Per replication factor:
+#   A. pre-load 1,000,000 users (10 epochs of 100,000: the sequencer's epoch cap), then offer
+#      20,000 updates/s for 90 s (more than the cluster commits, so epochs fill to the 100,000
+#      cap): seal → committed latency of those 100k-update epochs, committed updates/s,
+#      CPU and RSS of every process. RF1 also replays the same batches through stock akd
+#      (`--compare-akd`, in-process, same run).
+#   B. verified lookups only, 2,000/s offered by 8 clients for 30 s: lookups/s, p50/p99, and the
+#      CPU of each shard server (how reads spread over replicas).
+# RF3 only:
+#   C. the same lookups with shard server s2 SIGKILLed 10 s in (and restarted at the end):
+#      failed lookups and p99 against B.
+#   D. shard server s3 loses its disk (SIGKILL, data directory deleted, restarted empty): time
+#      until every partition is copied back, bytes and MiB/s (from the leader's log).
+# Run on a quiet machine (no build or test beside it).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
+OUT="${1:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ktd-target}"
+KTD="${KTD_BIN:-$CARGO_TARGET_DIR/release/ktd}"
+export KTD_BIN="$KTD"
+export KTD_SEQUENCERS=127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
+GATEWAY=http://127.0.0.1:8080
+mkdir -p "$OUT"
+log() { printf '[replicas-bench] %s %s\n' "$(date +%T)" "$*" | tee -a "$OUT/run.log" >&2; }
+
+for rf in 1 3; do
+    DIR="/tmp/ktd-bench-rf$rf"
+    rm -rf "$DIR"
+    log "RF$rf: starting the local cluster in $DIR"
+    KTD_REPLICATION_FACTOR=$rf KTD_EPOCH_INTERVAL=5s "$ROOT/deploy/local-cluster.sh" start "$DIR" >>"$OUT/run.log" 2>&1
+    compare=()
+    if [ "$rf" = 1 ]; then compare=(--compare-akd --vrf-seed-file "$DIR/vrf-seed.hex"); fi
+    log "RF$rf: A. pre-load 1M, then 20k updates/s offered for 90 s"
+    "$KTD" --addr "$GATEWAY" bench --mix publish-only --preload 1000000 --rate 20 --batch 1000 \
+        --concurrency 64 --duration 90s --seed "$rf" --server-pid-dir "$DIR" \
+        "${compare[@]}" --report "$OUT/rf$rf-publish" >>"$OUT/run.log" 2>&1
+    log "RF$rf: B. verified lookups, 2,000/s offered, 8 clients, 30 s"
+    "$KTD" --addr "$GATEWAY" bench --mix lookup-only --loaded 1000000 --verify --rate 2000 --concurrency 8 --duration 30s \
+        --seed "$rf" --server-pid-dir "$DIR" --report "$OUT/rf$rf-lookup" >>"$OUT/run.log" 2>&1
+    if [ "$rf" = 3 ]; then
+        log "RF3: C. the same lookups, s2 SIGKILLed 10 s in"
+        ( sleep 10; kill -KILL "$(cat "$DIR/shard-s2.pid")"; echo "killed s2 at $(date +%T.%N)" >>"$OUT/run.log" ) &
+        "$KTD" --addr "$GATEWAY" bench --mix lookup-only --loaded 1000000 --verify --rate 2000 --concurrency 8 --duration 30s \
+            --seed "$rf" --server-pid-dir "$DIR" --report "$OUT/rf3-lookup-s2-killed" >>"$OUT/run.log" 2>&1
+        wait
+        "$ROOT/deploy/local-cluster.sh" relaunch shard-s2 "$DIR" >>"$OUT/run.log" 2>&1
+        until "$KTD" admin status --check >/dev/null 2>&1; do sleep 1; done
+        log "RF3: D. s3's disk lost: SIGKILL, wipe, restart empty"
+        "$KTD" admin status >"$OUT/rf3-status-before-wipe.txt" 2>&1 || true
+        du -sb "$DIR/shard-s3" | cut -f1 >"$OUT/rf3-s3-bytes-before-wipe.txt"
+        kill -KILL "$(cat "$DIR/shard-s3.pid")"
+        rm -rf "$DIR/shard-s3"
+        start_ns=$(date +%s%N)
+        "$ROOT/deploy/local-cluster.sh" relaunch shard-s3 "$DIR" >>"$OUT/run.log" 2>&1
+        until "$KTD" admin status --check >/dev/null 2>&1; do sleep 0.5; done
+        end_ns=$(date +%s%N)
+        echo "$(( (end_ns - start_ns) / 1000000 ))" >"$OUT/rf3-rebuild-ms.txt"
+        "$KTD" admin status >"$OUT/rf3-status-after-rebuild.txt" 2>&1 || true
+        cat "$DIR"/sequencer-*.log | sed 's/\x1b\[[0-9;]*m//g' | grep 'partition copied' >"$OUT/rf3-copies.log" || true
+    fi
+    "$KTD" admin status >"$OUT/rf$rf-status.txt" 2>&1 || true
+    "$ROOT/deploy/local-cluster.sh" stop "$DIR" >>"$OUT/run.log" 2>&1
+    du -sb "$DIR"/shard-s* >"$OUT/rf$rf-shard-bytes.txt" || true
+done
+python3 "$(dirname "${BASH_SOURCE[0]}")/summarize.py" "$OUT" | tee "$OUT/summary.md"

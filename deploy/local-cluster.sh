@@ -38,7 +38,7 @@ alive() { # PID : running (a zombie that nobody reaped yet counts as stopped)
 launch() { # NAME ARGS... : start `ktd ARGS...` in the background, logging to DIR/NAME.log
     local name="$1"
     shift
-    if [ -f "$DIR/$name.pid" ] && kill -0 "$(cat "$DIR/$name.pid")" 2>/dev/null; then
+    if [ -f "$DIR/$name.pid" ] && alive "$(cat "$DIR/$name.pid")"; then
         log "$name already runs (pid $(cat "$DIR/$name.pid"))"
         return
     fi

@@ -26,8 +26,28 @@ def cpu(r, prefix):
 lines = ["# Replication factor 1 vs 3 (same machine, same run)", ""]
 lines.append("| measure | RF1 | RF3 | RF3 / RF1 |")
 lines.append("|---|---|---|---|")
-pub = {rf: report(f"rf{rf}-publish") for rf in (1, 3)}
 look = {rf: report(f"rf{rf}-lookup") for rf in (1, 3)}
+
+
+def commits(rf):
+    """Coordinator pass (s) of each pre-load epoch, from the leader's 'epoch committed' lines."""
+    path = os.path.join(out, f"rf{rf}-commits.log")
+    found = {}
+    for line in open(path).read().splitlines() if os.path.exists(path) else []:
+        e = re.search(r"epoch=(\d+)", line)
+        t = re.search(r"seconds=([0-9.]+)", line)
+        if e and t:
+            found[int(e.group(1))] = float(t.group(1))
+    return found
+
+
+def preload_s(rf):
+    return int(open(os.path.join(out, f"rf{rf}-preload-ms.txt")).read()) / 1000
+
+
+def ticks(rf):
+    path = os.path.join(out, f"rf{rf}-cpu-ticks.txt")
+    return {n: int(t) / 100 for n, t in (l.split() for l in open(path).read().splitlines())}
 
 
 def row(what, f, fmt="{:.0f}"):
@@ -42,31 +62,17 @@ def row(what, f, fmt="{:.0f}"):
     lines.append(f"| {what} | {cells[0]} | {cells[1]} | {ratio} |")
 
 
-row("100k-update epochs measured (into ≥ 1M entries)", lambda rf: len(full_epochs(pub[rf])))
-row("seal → committed root, median of those, ms",
-    lambda rf: statistics.median(e["seal_ms"] for e in full_epochs(pub[rf])))
-row("committed updates/s (those epochs' updates / their seal time)",
-    lambda rf: sum(e["updates"] for e in full_epochs(pub[rf])) / (sum(e["seal_ms"] for e in full_epochs(pub[rf])) / 1000))
-row("acknowledged publishes, updates/s offered 20,000", lambda rf: pub[rf]["updates_per_second"])
-for rf in (1, 3):
-    if pub[rf]:
-        shards = cpu(pub[rf], "shard")
-        seqs = cpu(pub[rf], "sequencer")
-        lines.append("")
-        lines.append(f"RF{rf} publish phase, CPU % of one core (mean / max) and RSS max MiB: " + ", ".join(
-            f"{k} {v['cpu_percent_mean']:.0f}/{v['cpu_percent_max']:.0f}% {v['rss_max_mib']:.0f} MiB"
-            for k, v in {**shards, **seqs, **cpu(pub[rf], 'gateway')}.items()))
+row("pre-load of 1,000,000 users, publish → last epoch committed, s", preload_s, "{:.1f}")
+row("sustained committed updates/s over the pre-load", lambda rf: 1_000_000 / preload_s(rf))
+row("100k-update epochs building into 0.5M–1M entries (epochs 6–10): median coordinator pass, ms",
+    lambda rf: 1000 * statistics.median(v for e, v in commits(rf).items() if 6 <= e <= 10))
+row("the same, epoch 10 (900k → 1M entries), ms", lambda rf: 1000 * commits(rf)[10])
+row("all shard servers: CPU s during the pre-load", lambda rf: sum(v for n, v in ticks(rf).items() if n.startswith("shard")))
+row("per shard server: CPU s (mean of 3)", lambda rf: sum(v for n, v in ticks(rf).items() if n.startswith("shard")) / 3)
+row("sequencers: CPU s (sum of 3)", lambda rf: sum(v for n, v in ticks(rf).items() if n.startswith("sequencer")))
+row("gateway: CPU s", lambda rf: ticks(rf)["gateway"])
 lines.append("")
-akd = (pub[1] or {}).get("compare_akd")
-if akd:
-    lines.append(
-        f"Stock akd 0.13 in the same run (RF1 run's batches replayed in process): {akd['epochs']} epochs, "
-        f"akd publish median {akd['akd_publish_median_ms']:.0f} ms vs ktd RF1 seal median "
-        f"{akd['ktd_seal_median_ms']:.0f} ms (ratio {akd['seal_ratio']:.2f}); akd {akd['akd_updates_per_second']:.0f} "
-        f"updates/s vs ktd {akd['ktd_updates_per_second']:.0f}; roots compared {akd['roots_compared']}, equal {akd['roots_equal']}. "
-        f"Notes: {'; '.join(akd.get('notes', [])) or 'none'}")
-    lines.append("")
-lines.append("| verified lookups (2,000/s offered, 8 clients, 30 s) | RF1 | RF3 | RF3 / RF1 |")
+lines.append("| verified lookups (250/s offered, 8 clients, 20 s) | RF1 | RF3 | RF3 / RF1 |")
 lines.append("|---|---|---|---|")
 row("lookups/s ok", lambda rf: look[rf]["calls"]["lookup"]["ok_per_second"])
 row("p50 ms", lambda rf: look[rf]["calls"]["lookup"]["p50_ms"], "{:.1f}")
@@ -83,7 +89,7 @@ if killed and look[3]:
     base = look[3]["calls"]["lookup"]
     lines.append("")
     lines.append(
-        f"RF3, s2 SIGKILLed 10 s into the same lookup run: {l['ok_per_second']:.0f} lookups/s ok, "
+        f"RF3, s2 SIGKILLed 7 s into the same lookup run: {l['ok_per_second']:.0f} lookups/s ok, "
         f"errors {sum(l['errors'].values())} {dict(l['errors'])}, p50 {l['p50_ms']:.1f} ms, p99 {l['p99_ms']:.1f} ms "
         f"(without the kill: p99 {base['p99_ms']:.1f} ms; extra p99 {l['p99_ms'] - base['p99_ms']:+.1f} ms).")
 path = os.path.join(out, "rf3-rebuild-ms.txt")

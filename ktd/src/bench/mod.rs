@@ -364,6 +364,12 @@ pub async fn preload(
         Ok(_) => {}
         // Sealed on its own (timer or size) in the meantime.
         Err(error) if code_of(&error) == tonic::Code::FailedPrecondition => {}
+        // Sealed, but its root did not come within the call's deadline: waited for below.
+        Err(error)
+            if matches!(
+                code_of(&error),
+                tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+            ) => {}
         Err(error) => return Err(error.into()),
     }
     // Commits may trail the acknowledged pre-load by minutes (a 1M pre-load is ten

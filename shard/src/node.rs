@@ -203,19 +203,7 @@ impl<TC: Configuration> ShardNode<TC> {
         epoch: u64,
         updates: Vec<(AkdLabel, AkdValue)>,
     ) -> Result<UserLeaves> {
-        let started = Instant::now();
-        let labels: Vec<&[u8]> = updates
-            .iter()
-            .map(|(akd_label, _)| akd_label.as_slice())
-            .collect();
-        let prior: Vec<Option<(u64, AkdValue)>> = self
-            .store
-            .latest_user_versions(&labels, epoch - 1)?
-            .into_iter()
-            .map(|version| version.map(|version| (version.version, version.value)))
-            .collect();
-        let planned = user::plan_updates(updates, &prior);
-        let read_users = started.elapsed();
+        let (planned, read_users) = self.plan_updates(epoch, updates)?;
         if planned.is_empty() {
             return Ok(UserLeaves {
                 read_users,
@@ -235,16 +223,13 @@ impl<TC: Configuration> ShardNode<TC> {
         })
     }
 
-    /// Step 1 of an epoch for a replica: like [`ShardNode::user_leaves`], but the leaves are
-    /// grouped by the user partition (of `user_partitions`) whose update produced them, each
-    /// group sorted and digested, so replicas of a user partition can compare what they
-    /// computed. Every update must belong to one of `user_partitions`. Writes nothing.
-    pub fn user_partition_leaves(
+    /// Reads each updated user's latest version before `epoch` and plans the updates (akd's
+    /// version rules); returns the plan and the time the reads took.
+    fn plan_updates(
         &self,
         epoch: u64,
-        user_partitions: &[u32],
         updates: Vec<(AkdLabel, AkdValue)>,
-    ) -> Result<PartitionedUserLeaves> {
+    ) -> Result<(Vec<user::PlannedUpdate>, std::time::Duration)> {
         let started = Instant::now();
         let labels: Vec<&[u8]> = updates
             .iter()
@@ -256,8 +241,20 @@ impl<TC: Configuration> ShardNode<TC> {
             .into_iter()
             .map(|version| version.map(|version| (version.version, version.value)))
             .collect();
-        let planned = user::plan_updates(updates, &prior);
-        let read_users = started.elapsed();
+        Ok((user::plan_updates(updates, &prior), started.elapsed()))
+    }
+
+    /// Step 1 of an epoch for a replica: like [`ShardNode::user_leaves`], but the leaves are
+    /// grouped by the user partition (of `user_partitions`) whose update produced them, each
+    /// group sorted and digested, so replicas of a user partition can compare what they
+    /// computed. Every update must belong to one of `user_partitions`. Writes nothing.
+    pub fn user_partition_leaves(
+        &self,
+        epoch: u64,
+        user_partitions: &[u32],
+        updates: Vec<(AkdLabel, AkdValue)>,
+    ) -> Result<PartitionedUserLeaves> {
+        let (planned, read_users) = self.plan_updates(epoch, updates)?;
         let started = Instant::now();
         let per_update =
             user::compute_update_leaves::<TC>(&self.vrf, &planned, epoch, Some(&self.labels));

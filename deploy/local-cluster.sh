@@ -82,7 +82,7 @@ start() {
     local peers
     peers="$(IFS=,; echo "${SEQUENCERS[*]}")"
     for entry in "${SEQUENCERS[@]}"; do
-        local id="${entry%%=*}" addr="${entry#*=}" init=()
+        local id="${entry%%=*}" addr="${entry#*=}" init=(--join)
         if [ "$id" = 1 ]; then
             init=(--init --vrf-public-key "$public_key" --partition-bits "$BITS"
                 --shards "$(IFS=,; echo "${shard_map[*]}")"

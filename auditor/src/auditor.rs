@@ -136,23 +136,47 @@ fn empty_root(config: &AkdConfig) -> anyhow::Result<[u8; 32]> {
     with_configuration!(config, TC => root::<TC>())
 }
 
+/// Reads a JSON-lines file. A last line without its newline is what a crash in the middle of
+/// [`append_jsonl`] leaves (the record was never acknowledged): it is dropped and the file cut
+/// back to its last complete line, with a warning. A damaged complete line is an error.
 fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<Vec<T>> {
     match std::fs::read_to_string(path) {
-        Ok(text) => text
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .enumerate()
-            .map(|(index, line)| {
-                serde_json::from_str(line)
-                    .with_context(|| format!("{} line {}: damaged", path.display(), index + 1))
-            })
-            .collect(),
+        Ok(text) => {
+            let complete = text.rfind('\n').map_or(0, |end| end + 1);
+            if complete < text.len() {
+                tracing::warn!(
+                    path = %path.display(),
+                    torn_bytes = text.len() - complete,
+                    "dropping a torn last line (a crash during an append)"
+                );
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .with_context(|| format!("open {}", path.display()))?;
+                file.set_len(complete as u64)
+                    .and_then(|()| file.sync_all())
+                    .with_context(|| format!("cut the torn line of {}", path.display()))?;
+            }
+            parse_jsonl(path, &text[..complete])
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(error) => Err(error).with_context(|| format!("read {}", path.display())),
     }
 }
 
+fn parse_jsonl<T: for<'de> Deserialize<'de>>(path: &Path, text: &str) -> anyhow::Result<Vec<T>> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .enumerate()
+        .map(|(index, line)| {
+            serde_json::from_str(line)
+                .with_context(|| format!("{} line {}: damaged", path.display(), index + 1))
+        })
+        .collect()
+}
+
 fn append_jsonl<T: Serialize>(path: &Path, record: &T) -> anyhow::Result<()> {
+    let created = !path.exists();
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -161,6 +185,12 @@ fn append_jsonl<T: Serialize>(path: &Path, record: &T) -> anyhow::Result<()> {
     writeln!(file, "{}", serde_json::to_string(record)?)?;
     file.sync_all()
         .with_context(|| format!("fsync {}", path.display()))?;
+    if created && let Some(dir) = path.parent() {
+        // The new file's directory entry must survive a power loss too.
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("fsync {}", dir.display()))?;
+    }
     Ok(())
 }
 
@@ -474,5 +504,36 @@ impl Auditor {
             key_id: u32::from(self.public_key()[31]),
             signed_bytes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_dropped_and_cut_but_a_damaged_complete_line_is_an_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("heads.jsonl");
+        append_jsonl(&path, &1u64).expect("append");
+        append_jsonl(&path, &2u64).expect("append");
+        // A crash in the middle of the third append.
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        write!(file, "3").expect("write");
+        drop(file);
+        assert_eq!(read_jsonl::<u64>(&path).expect("read"), vec![1, 2]);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "1\n2\n");
+        append_jsonl(&path, &4u64).expect("append after the cut");
+        assert_eq!(read_jsonl::<u64>(&path).expect("read"), vec![1, 2, 4]);
+
+        std::fs::write(&path, "1\nnot json\n2\n").expect("write");
+        let error = read_jsonl::<u64>(&path).expect_err("a damaged complete line");
+        assert!(
+            format!("{error:#}").contains("line 2: damaged"),
+            "{error:#}"
+        );
     }
 }

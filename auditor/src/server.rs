@@ -208,12 +208,13 @@ pub async fn serve(
     );
     let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
     let grpc_server = tokio::spawn(
-        ktd_rpc::security::server_builder(true)?
+        ktd_rpc::limits::bounded(ktd_rpc::security::server_builder(true)?)
             .tcp_nodelay(true)
             .layer(ktd_rpc::telemetry::GrpcServerLayer::new("auditor"))
             .layer(ktd_rpc::security::AuthorizeLayer::new(
                 ktd_rpc::security::auditor_policy,
             ))
+            .layer(ktd_rpc::limits::RequestLimitLayer::new(|_| 5 + (64 << 10)))
             .add_service(pb::auditor_server::AuditorServer::new(AuditorService(
                 auditor,
             )))

@@ -550,6 +550,9 @@ impl Topology {
                 "--peers".into(),
                 peers.clone(),
             ];
+            if id != 1 {
+                first.push("--join".to_string());
+            }
             if id == 1 {
                 first.extend([
                     "--init".to_string(),

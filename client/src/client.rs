@@ -32,6 +32,16 @@ pub struct Published {
     pub epoch: u64,
     /// The sequence number of the first update.
     pub sequence: u64,
+    /// The gateway answered with the remembered result of an earlier publish with the same
+    /// idempotency key and updates (nothing was applied this time).
+    pub duplicate: bool,
+}
+
+/// A fresh idempotency key (128 random bits, hex): one per logical publish, reused for its
+/// retries.
+pub fn new_idempotency_key() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// A committed epoch and its root hash.
@@ -172,7 +182,10 @@ impl Client {
         self.directory.clone()
     }
 
-    /// Publishes `(label, value)` updates; they are durable when this returns.
+    /// Publishes `(label, value)` updates; they are durable when this returns. Without an
+    /// `idempotency_key` one is generated, so that a retry of this call (by the caller, with the
+    /// key from [`new_idempotency_key`]) is applied once; the gateway binds a key to the caller
+    /// and to these updates.
     pub async fn publish(
         &self,
         updates: Vec<(Vec<u8>, Vec<u8>)>,
@@ -183,7 +196,7 @@ impl Client {
                 .into_iter()
                 .map(|(label, value)| api::Update { label, value })
                 .collect(),
-            idempotency_key: idempotency_key.unwrap_or_default(),
+            idempotency_key: idempotency_key.unwrap_or_else(new_idempotency_key),
         };
         let answer = self
             .directory
@@ -195,6 +208,7 @@ impl Client {
         Ok(Published {
             epoch: answer.epoch,
             sequence: answer.sequence,
+            duplicate: answer.duplicate,
         })
     }
 

@@ -37,7 +37,7 @@ pub mod strict;
 pub use blobs::BlobDir;
 pub use client::{
     Client, EpochRoot, Published, VerifiedAbsence, VerifiedAudit, VerifiedBlob, VerifiedLookup,
-    VerifiedVersion,
+    VerifiedVersion, new_idempotency_key,
 };
 pub use error::{ClientError, Result};
 /// The akd configuration types (what a directory's `GetPublicKey` names).

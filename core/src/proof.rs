@@ -165,9 +165,10 @@ pub struct LookupPlan {
     pub commitment_nonce: Vec<u8>,
 }
 
-/// akd's marker version for a lookup: the largest power of two `≤ version`.
+/// akd's marker version for a lookup: the largest power of two `≤ version` (versions start at
+/// 1; 0, which stored data never holds, gives 1 instead of an underflow).
 pub fn lookup_marker_version(version: u64) -> u64 {
-    1u64 << (63 - version.leading_zeros())
+    1u64 << (63 - version.max(1).leading_zeros())
 }
 
 impl LookupPlan {

@@ -17,8 +17,24 @@ use tonic_health::ServingStatus;
 
 use crate::service::{AdminService, DirectoryService, Gateway};
 
-/// Largest request or answer (history and audit proofs of busy labels can be large).
+/// Largest answer (history and audit proofs of busy labels can be large).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Largest `Publish`: whatever the gateway accepts fits the sequencer's `Append` limit
+/// (`sequencer::api::MAX_REQUEST_BYTES`) once re-encoded with the scoped idempotency key.
+pub const MAX_PUBLISH_BYTES: usize = sequencer::api::MAX_REQUEST_BYTES - (64 << 10);
+
+/// Largest request of every other method (a label, an epoch range, a blob name).
+pub const MAX_READ_REQUEST_BYTES: usize = 64 << 10;
+
+/// Request bytes per method (`ktd_rpc::limits`): publishes up to [`MAX_PUBLISH_BYTES`], every
+/// read and admin call up to [`MAX_READ_REQUEST_BYTES`] (plus the 5-byte gRPC frame header).
+pub fn request_limits(path: &str) -> usize {
+    5 + match path {
+        "/ktd.v1.Directory/Publish" => MAX_PUBLISH_BYTES,
+        _ => MAX_READ_REQUEST_BYTES,
+    }
+}
 
 /// The health service name of the public API: SERVING while publishes work (`""` is the whole
 /// server: SERVING while it runs).
@@ -52,7 +68,7 @@ pub async fn serve<TC: Configuration>(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let directory = api::directory_server::DirectoryServer::new(DirectoryService(gateway.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(MAX_PUBLISH_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = api::admin_server::AdminServer::new(AdminService(gateway.clone()));
     // The admin service on its own port (with TLS: admin certificates only), or, without
@@ -72,28 +88,30 @@ pub async fn serve<TC: Configuration>(
     let stopped_signal = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    let public = ktd_rpc::security::server_builder(gateway.options().tls_client_auth_optional)?
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .layer(ktd_rpc::telemetry::GrpcServerLayer::new("gateway"))
-        .layer(ktd_rpc::security::AuthorizeLayer::new(
-            ktd_rpc::security::gateway_policy,
-        ))
-        .add_service(health.clone())
-        .add_service(reflection)
-        .add_service(directory);
+    let public = ktd_rpc::limits::bounded(ktd_rpc::security::server_builder(
+        gateway.options().tls_client_auth_optional,
+    )?)
+    .tcp_nodelay(true)
+    .layer(ktd_rpc::telemetry::GrpcServerLayer::new("gateway"))
+    .layer(ktd_rpc::security::AuthorizeLayer::new(
+        ktd_rpc::security::gateway_policy,
+    ))
+    .layer(ktd_rpc::limits::RequestLimitLayer::new(request_limits))
+    .add_service(health.clone())
+    .add_service(reflection)
+    .add_service(directory);
     let (public, admin_server) = match admin_listener {
         None => (public.add_service(admin), None),
         Some(admin_listener) => {
             tracing::info!(addr = %admin_listener.local_addr()?, "gateway admin port serving");
             let incoming = TcpIncoming::from(admin_listener).with_nodelay(Some(true));
-            let admin_server = ktd_rpc::security::server_builder(false)?
+            let admin_server = ktd_rpc::limits::bounded(ktd_rpc::security::server_builder(false)?)
                 .tcp_nodelay(true)
                 .layer(ktd_rpc::telemetry::GrpcServerLayer::new("gateway"))
                 .layer(ktd_rpc::security::AuthorizeLayer::new(
                     ktd_rpc::security::gateway_policy,
                 ))
+                .layer(ktd_rpc::limits::RequestLimitLayer::new(request_limits))
                 .add_service(health)
                 .add_service(admin)
                 .serve_with_incoming_shutdown(incoming, stopped_signal(stop.subscribe()));

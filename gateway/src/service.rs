@@ -187,7 +187,17 @@ impl<TC: Configuration> Gateway<TC> {
         Ok(AkdLabel(label))
     }
 
-    async fn publish(&self, request: api::PublishRequest) -> Result<api::PublishResponse> {
+    async fn publish(
+        &self,
+        caller: Option<Vec<u8>>,
+        request: api::PublishRequest,
+    ) -> Result<api::PublishResponse> {
+        if request.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(GatewayError::InvalidArgument(format!(
+                "the idempotency key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY_BYTES}",
+                request.idempotency_key.len()
+            )));
+        }
         if request.updates.is_empty() {
             return Err(GatewayError::InvalidArgument("no updates".into()));
         }
@@ -215,13 +225,12 @@ impl<TC: Configuration> Gateway<TC> {
                 value: update.value,
             });
         }
-        let answer = self
-            .sequencing
-            .append(updates, request.idempotency_key.into_bytes())
-            .await?;
+        let key = scoped_idempotency_key(caller.as_deref(), &request.idempotency_key);
+        let answer = self.sequencing.append(updates, key).await?;
         Ok(api::PublishResponse {
             epoch: answer.epoch,
             sequence: answer.first_sequence,
+            duplicate: answer.duplicate,
         })
     }
 
@@ -509,6 +518,24 @@ fn epoch_hash<TC: Configuration>(committed: &Committed<TC>) -> api::EpochHash {
     }
 }
 
+/// Longest idempotency key a client may send (the sequencer's limit, 256 bytes, less the
+/// caller scope).
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 240;
+
+/// The sequencer-level key of a client's idempotency key: scoped to the caller (16 bytes of
+/// BLAKE3 of its TLS client certificate, or of nothing for callers without one), so two callers
+/// using the same key never see each other's answers. Empty stays empty (the sequencing layer
+/// then makes one up: the publish is not retried).
+pub fn scoped_idempotency_key(caller: Option<&[u8]>, key: &str) -> Vec<u8> {
+    if key.is_empty() {
+        return Vec::new();
+    }
+    let scope = blake3::hash(caller.unwrap_or_default());
+    let mut scoped = scope.as_bytes()[..16].to_vec();
+    scoped.extend_from_slice(key.as_bytes());
+    scoped
+}
+
 /// The client's deadline from the `grpc-timeout` header (`"<digits><unit>"`, gRPC over HTTP/2).
 fn deadline<T>(request: &Request<T>) -> Option<Duration> {
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
@@ -538,8 +565,9 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
         request: Request<api::PublishRequest>,
     ) -> Result<Response<api::PublishResponse>, Status> {
         let deadline = deadline(&request);
+        let caller = ktd_rpc::security::peer_certificate(&request);
         self.0
-            .serve(deadline, self.0.publish(request.into_inner()))
+            .serve(deadline, self.0.publish(caller, request.into_inner()))
             .await
     }
 

@@ -1,8 +1,10 @@
 //! `ktd certs`: a development certificate authority for mutual TLS, with rcgen.
 //!
-//! Writes `ca.pem` (+ `ca.key`), and one certificate and key per role: `node` (for every ktd
-//! process; valid for the given host names and IP addresses, as server and client), `admin`,
-//! `auditor` and `client` (client-only). Each certificate names its role as the SAN URI
+//! Writes `ca.pem` (+ `ca.key`), and one certificate and key per component role:
+//! `sequencer-<id>` for each sequencer node id (bound to that id by the SAN URI
+//! `urn:ktd:sequencer-id:<id>`, so a sequencer cannot speak Raft for another), `shard` and
+//! `gateway` and `auditor` (valid for the given host names and IP addresses, as server and
+//! client: an auditor serves its signed heads), and `admin` and `client` (client-only). Each certificate names its role as the SAN URI
 //! `urn:ktd:role:<role>`, which is what servers authorize by (`ktd_rpc::security`). Keys are
 //! written with mode 600 and no file is ever overwritten. Production deployments use their own
 //! CA (cert-manager, Vault, …) and the same SAN URIs.
@@ -13,19 +15,29 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use ktd_rpc::security::{ROLE_URI_PREFIX, Role};
+use ktd_rpc::security::{ROLE_URI_PREFIX, Role, SEQUENCER_ID_URI_PREFIX};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
-/// The roles `ktd certs` issues a certificate for, and its file stem.
-pub const ISSUED: [(Role, &str); 4] = [
-    (Role::Node, "node"),
+/// The roles `ktd certs` issues a certificate for, and its file stem (plus one
+/// `sequencer-<id>` certificate per sequencer node id, bound to that id).
+pub const ISSUED: [(Role, &str); 5] = [
+    (Role::Shard, "shard"),
+    (Role::Gateway, "gateway"),
     (Role::Admin, "admin"),
     (Role::Auditor, "auditor"),
     (Role::Client, "client"),
 ];
+
+/// Whether a role's certificate is also a server certificate (valid for the hosts).
+fn serves(role: Role) -> bool {
+    matches!(
+        role,
+        Role::Sequencer | Role::Shard | Role::Gateway | Role::Auditor
+    )
+}
 
 fn create(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new()
@@ -55,6 +67,7 @@ fn validity(params: &mut CertificateParams, valid_for: Duration) {
 pub fn write_dev_ca(
     out: &Path,
     hosts: &[String],
+    sequencer_ids: &[u64],
     valid_for: Duration,
 ) -> anyhow::Result<Vec<PathBuf>> {
     if hosts.is_empty() {
@@ -82,12 +95,25 @@ pub fn write_dev_ca(
     }
     let issuer = Issuer::new(ca, ca_key);
 
-    for (role, stem) in ISSUED {
-        let mut params = if role == Role::Node {
+    let sequencers = sequencer_ids
+        .iter()
+        .map(|id| (Role::Sequencer, format!("sequencer-{id}"), Some(*id)));
+    let others = ISSUED
+        .iter()
+        .map(|(role, stem)| (*role, stem.to_string(), None));
+    for (role, stem, sequencer_id) in sequencers.chain(others) {
+        let mut params = if serves(role) {
             CertificateParams::new(hosts.to_vec()).context("--hosts")?
         } else {
             CertificateParams::default()
         };
+        if let Some(id) = sequencer_id {
+            params.subject_alt_names.push(SanType::URI(
+                format!("{SEQUENCER_ID_URI_PREFIX}{id}")
+                    .try_into()
+                    .context("sequencer id URI")?,
+            ));
+        }
         params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
@@ -101,7 +127,7 @@ pub fn write_dev_ca(
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = if role == Role::Node {
+        params.extended_key_usages = if serves(role) {
             vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
@@ -136,11 +162,16 @@ mod tests {
         let files = write_dev_ca(
             dir.path(),
             &["localhost".into(), "127.0.0.1".into()],
+            &[1, 2],
             Duration::from_secs(86_400),
         )
         .expect("certs");
-        assert_eq!(files.len(), 10);
-        for (role, stem) in ISSUED {
+        assert_eq!(files.len(), 2 + 2 * (2 + ISSUED.len()));
+        let sequencers = [
+            (Role::Sequencer, "sequencer-1"),
+            (Role::Sequencer, "sequencer-2"),
+        ];
+        for (role, stem) in ISSUED.into_iter().chain(sequencers) {
             let material = ktd_rpc::security::TlsMaterial::load(&ktd_rpc::security::TlsPaths {
                 ca: dir.path().join("ca.pem"),
                 cert: dir.path().join(format!("{stem}.pem")),
@@ -149,6 +180,11 @@ mod tests {
             .expect("load");
             assert_eq!(material.roles(), [role]);
         }
-        assert!(write_dev_ca(dir.path(), &["x".into()], Duration::from_secs(60)).is_err());
+        let pem = std::fs::read_to_string(dir.path().join("sequencer-2.pem")).expect("pem");
+        assert_eq!(
+            ktd_rpc::security::sequencer_id_of_pem(pem.as_bytes()),
+            Some(2)
+        );
+        assert!(write_dev_ca(dir.path(), &["x".into()], &[1], Duration::from_secs(60)).is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! ktd's gRPC transport plumbing, shared by every server and client: [`security`] (mutual TLS,
 //! roles from certificate SAN URIs, per-server authorization), [`telemetry`] (W3C trace context
 //! over gRPC metadata, one span and RED metrics per served RPC, the JSON logs' context) and
-//! [`health`] (`grpc.health.v1` statuses).
+//! [`health`] (`grpc.health.v1` statuses) and [`limits`] (what one caller can make a server
+//! hold: request bytes per method, streams and requests per connection).
 //!
 //! Servers enable the `server` feature (the server TLS configuration, the authorization layer,
 //! health); clients — `ktd-client` — leave it off and take only what dialing needs.
@@ -12,5 +13,7 @@
 
 #[cfg(feature = "server")]
 pub mod health;
+#[cfg(feature = "server")]
+pub mod limits;
 pub mod security;
 pub mod telemetry;

@@ -30,11 +30,20 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 /// The SAN URI prefix that names a role.
 pub const ROLE_URI_PREFIX: &str = "urn:ktd:role:";
 
+/// The SAN URI prefix that binds a sequencer certificate to one Raft node id
+/// (`urn:ktd:sequencer-id:3`).
+pub const SEQUENCER_ID_URI_PREFIX: &str = "urn:ktd:sequencer-id:";
+
 /// Who a peer is, for authorization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
-    /// ktd's own processes: sequencers, shards, gateways.
-    Node,
+    /// A sequencer (Raft peer, epoch coordinator on the leader). Its certificate may also bind
+    /// its node id ([`SEQUENCER_ID_URI_PREFIX`]): Raft messages from it must then claim that id.
+    Sequencer,
+    /// A shard server.
+    Shard,
+    /// A gateway.
+    Gateway,
     /// Operators: seal, membership, leader transfer, snapshots.
     Admin,
     /// Third-party auditors: epochs and audit proofs.
@@ -49,7 +58,9 @@ impl Role {
     /// The role's name in certificates and messages.
     pub fn name(self) -> &'static str {
         match self {
-            Role::Node => "node",
+            Role::Sequencer => "sequencer",
+            Role::Shard => "shard",
+            Role::Gateway => "gateway",
             Role::Admin => "admin",
             Role::Auditor => "auditor",
             Role::Client => "client",
@@ -60,7 +71,9 @@ impl Role {
     /// Parses a role name (`anonymous` is not a certificate role).
     pub fn parse(name: &str) -> Option<Role> {
         match name {
-            "node" => Some(Role::Node),
+            "sequencer" => Some(Role::Sequencer),
+            "shard" => Some(Role::Shard),
+            "gateway" => Some(Role::Gateway),
             "admin" => Some(Role::Admin),
             "auditor" => Some(Role::Auditor),
             "client" => Some(Role::Client),
@@ -212,6 +225,24 @@ fn roles_in(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<Role> {
     roles
 }
 
+/// The Raft node id a sequencer certificate is bound to (`None`: it names none).
+pub fn sequencer_id_of_der(leaf: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => {
+            uri.strip_prefix(SEQUENCER_ID_URI_PREFIX)?.parse().ok()
+        }
+        _ => None,
+    })
+}
+
+/// [`sequencer_id_of_der`] of a PEM certificate.
+pub fn sequencer_id_of_pem(pem: &[u8]) -> Option<u64> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    sequencer_id_of_der(&pem.contents)
+}
+
 /// The roles of a peer's certificate chain (read from the leaf; empty if it names none).
 pub fn roles_of_der(leaf: &[u8]) -> Vec<Role> {
     x509_parser::parse_x509_certificate(leaf)
@@ -343,37 +374,53 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, SecurityError> {
     }
 }
 
-/// Which roles may call a method (`/package.Service/Method`); `None`: the method is not served
-/// here (the router answers UNIMPLEMENTED).
+/// Which roles may call a method (`/package.Service/Method`); `None`: nobody (over TLS the call
+/// is refused with `PERMISSION_DENIED`; `grpc.health.v1` and reflection are open to every peer).
 pub type Policy = fn(&str) -> Option<&'static [Role]>;
 
-const NODES: &[Role] = &[Role::Node];
-const NODES_AND_ADMINS: &[Role] = &[Role::Node, Role::Admin];
+const SEQUENCERS: &[Role] = &[Role::Sequencer];
+const SEQUENCERS_AND_ADMINS: &[Role] = &[Role::Sequencer, Role::Admin];
+const INTERNAL_READERS: &[Role] = &[Role::Sequencer, Role::Shard, Role::Gateway, Role::Admin];
+const APPENDERS: &[Role] = &[Role::Gateway, Role::Admin];
+const LOG_READERS: &[Role] = &[Role::Sequencer, Role::Shard, Role::Admin];
+const SHARD_PEERS: &[Role] = &[Role::Sequencer, Role::Shard, Role::Admin];
 const ADMINS: &[Role] = &[Role::Admin];
-const READERS: &[Role] = &[
-    Role::Node,
-    Role::Admin,
-    Role::Auditor,
-    Role::Client,
-    Role::Anonymous,
-];
-const WRITERS: &[Role] = &[Role::Node, Role::Admin, Role::Client];
+const READERS: &[Role] = &[Role::Admin, Role::Auditor, Role::Client, Role::Anonymous];
+const WRITERS: &[Role] = &[Role::Admin, Role::Client];
 
-/// A sequencer's port: Raft between nodes; the sequencer API for nodes (and admins' tools);
-/// its admin service for admins and nodes (a gateway forwards an admin's seal and status).
+/// A sequencer's port. Raft only between sequencers; appends from gateways; the log and its
+/// batches for shard servers; membership, shard-map and metadata changes for admins (and a
+/// sequencer forwarding its own start-up writes to the leader); statuses and seals also for
+/// gateways (which forward an admin's seal and status) and shard servers. No method commits an
+/// epoch: the leader's own coordinator does, in process.
 pub fn sequencer_policy(path: &str) -> Option<&'static [Role]> {
-    let service = path.trim_start_matches('/').split('/').next()?;
-    match service {
-        "ktd.raft.v1.Raft" => Some(NODES),
-        "ktd.sequencer.v1.Sequencer" | "ktd.sequencer.v1.SequencerAdmin" => Some(NODES_AND_ADMINS),
+    let (service, method) = path.trim_start_matches('/').split_once('/')?;
+    match (service, method) {
+        ("ktd.raft.v1.Raft", _) => Some(SEQUENCERS),
+        ("ktd.sequencer.v1.Sequencer", "Append") => Some(APPENDERS),
+        ("ktd.sequencer.v1.Sequencer", "GetSealedBatch" | "GetOpenEpoch" | "WatchLog") => {
+            Some(LOG_READERS)
+        }
+        ("ktd.sequencer.v1.Sequencer", "GetEpoch" | "GetClusterMetadata") => Some(INTERNAL_READERS),
+        ("ktd.sequencer.v1.SequencerAdmin", "Seal" | "GetClusterStatus" | "GetNodeStatus") => {
+            Some(INTERNAL_READERS)
+        }
+        ("ktd.sequencer.v1.SequencerAdmin", _) => Some(SEQUENCERS_AND_ADMINS),
         _ => None,
     }
 }
 
-/// A shard server's port: other nodes (and admins' tools).
+/// A shard server's port: epoch steps (prepare, leaves, build, bootstrap) only from the
+/// sequencers' coordinator; partition copies for other shard servers; proof reads for
+/// gateways and the coordinator; admins everywhere.
 pub fn shard_policy(path: &str) -> Option<&'static [Role]> {
-    match path.trim_start_matches('/').split('/').next()? {
-        "ktd.shard.v1.Shard" => Some(NODES_AND_ADMINS),
+    let (service, method) = path.trim_start_matches('/').split_once('/')?;
+    match (service, method) {
+        ("ktd.shard.v1.Shard", "PrepareEpoch" | "ComputeLeaves" | "BuildEpoch" | "Bootstrap") => {
+            Some(SEQUENCERS_AND_ADMINS)
+        }
+        ("ktd.shard.v1.Shard", "StreamPartition") => Some(SHARD_PEERS),
+        ("ktd.shard.v1.Shard", _) => Some(INTERNAL_READERS),
         _ => None,
     }
 }
@@ -399,6 +446,25 @@ pub fn auditor_policy(path: &str) -> Option<&'static [Role]> {
 }
 
 #[cfg(feature = "server")]
+/// The Raft node id the caller's TLS certificate is bound to: `None` on a plaintext
+/// connection or a certificate that binds none (then the caller is not checked further).
+pub fn peer_sequencer_id<T>(request: &tonic::Request<T>) -> Option<u64> {
+    peer_certificate(request).and_then(|der| sequencer_id_of_der(&der))
+}
+
+#[cfg(feature = "server")]
+/// The DER of the caller's TLS client certificate (`None`: plaintext, or no certificate): who
+/// is calling, for state kept per caller (the gateway scopes idempotency keys by it).
+pub fn peer_certificate<T>(request: &tonic::Request<T>) -> Option<Vec<u8>> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let info = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?;
+    let certs = info.peer_certs()?;
+    certs.first().map(|cert| cert.as_ref().to_vec())
+}
+
+#[cfg(feature = "server")]
 /// The peer's roles, from the TLS connection of `request` (`None`: not a TLS connection).
 fn peer_roles<B>(request: &http::Request<B>) -> Option<Vec<Role>> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -421,7 +487,11 @@ fn verdict(policy: Policy, path: &str, roles: Option<&[Role]>) -> Result<(), ton
         return Ok(());
     }
     let Some(allowed) = policy(path) else {
-        return Ok(());
+        // Deny by default: a method no policy names is served to nobody (a service added
+        // without a policy entry is not open to every TLS peer).
+        return Err(tonic::Status::permission_denied(format!(
+            "{path} is not served to any role here"
+        )));
     };
     if roles.iter().any(|role| allowed.contains(role)) {
         return Ok(());
@@ -545,7 +615,67 @@ mod tests {
         assert!(ok(
             sequencer_policy,
             "/ktd.raft.v1.Raft/Vote",
-            &[Role::Node]
+            &[Role::Sequencer]
+        ));
+        // A gateway is not a Raft peer, cannot change the shard map or membership, and cannot
+        // drive a shard's epoch steps; a shard cannot append.
+        for (policy, path, role) in [
+            (
+                sequencer_policy as Policy,
+                "/ktd.raft.v1.Raft/AppendEntries",
+                Role::Gateway,
+            ),
+            (sequencer_policy, "/ktd.raft.v1.Raft/Vote", Role::Shard),
+            (
+                sequencer_policy,
+                "/ktd.sequencer.v1.SequencerAdmin/SetShardMap",
+                Role::Gateway,
+            ),
+            (
+                sequencer_policy,
+                "/ktd.sequencer.v1.SequencerAdmin/InitCluster",
+                Role::Gateway,
+            ),
+            (
+                sequencer_policy,
+                "/ktd.sequencer.v1.SequencerAdmin/AddLearner",
+                Role::Shard,
+            ),
+            (
+                sequencer_policy,
+                "/ktd.sequencer.v1.Sequencer/Append",
+                Role::Shard,
+            ),
+            (
+                sequencer_policy,
+                "/ktd.sequencer.v1.Sequencer/CommitEpoch",
+                Role::Sequencer,
+            ),
+            (
+                shard_policy,
+                "/ktd.shard.v1.Shard/BuildEpoch",
+                Role::Gateway,
+            ),
+            (shard_policy, "/ktd.shard.v1.Shard/Bootstrap", Role::Gateway),
+            (
+                shard_policy,
+                "/ktd.shard.v1.Shard/PrepareEpoch",
+                Role::Shard,
+            ),
+            (gateway_policy, "/ktd.v1.Directory/Publish", Role::Gateway),
+            (gateway_policy, "/ktd.v1.Unknown/Method", Role::Admin),
+        ] {
+            assert!(!ok(policy, path, &[role]), "{path} must refuse {role}");
+        }
+        assert!(ok(
+            sequencer_policy,
+            "/ktd.sequencer.v1.Sequencer/WatchLog",
+            &[Role::Shard]
+        ));
+        assert!(ok(
+            shard_policy,
+            "/ktd.shard.v1.Shard/LookupPlan",
+            &[Role::Gateway]
         ));
         assert!(!ok(
             sequencer_policy,

@@ -1,5 +1,6 @@
-//! The `ktd.sequencer.v1.Sequencer` gRPC service: the data path (Append, CommitEpoch, GetEpoch, batches,
-//! WatchLog). Thin: each handler calls [`Sequencer`] and maps errors through
+//! The `ktd.sequencer.v1.Sequencer` gRPC service: the data path (Append, GetEpoch, batches,
+//! WatchLog). Commits are not served here: the leader's own coordinator proposes them in
+//! process. Thin: each handler calls [`Sequencer`] and maps errors through
 //! `From<SequencerError> for Status`.
 
 use std::pin::Pin;
@@ -88,14 +89,6 @@ impl sequencer_server::Sequencer for ApiService {
             .append(request.updates, request.idempotency_key)
             .await?;
         Ok(Response::new(answer))
-    }
-
-    async fn commit_epoch(
-        &self,
-        request: Request<pb::CommitEpochRequest>,
-    ) -> Result<Response<pb::CommitEpochResponse>, Status> {
-        let committed = self.node()?.commit_epoch(request.into_inner()).await?;
-        Ok(Response::new(committed))
     }
 
     async fn get_epoch(

@@ -6,7 +6,7 @@
 //! attempt) move to the next configured endpoint after an exponential backoff. Attempts and total
 //! time are bounded ([`ClientOptions`]). Only operations that are safe to repeat are retried
 //! after an indeterminate failure: appends always carry an idempotency key (one is generated if
-//! the caller gives none), `CommitEpoch` and `Seal(E)` are idempotent by design.
+//! the caller gives none), `Seal(E)` is idempotent by design.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -218,32 +218,15 @@ impl SequencerClient {
         let request = pb::AppendRequest {
             updates,
             idempotency_key,
-            // Stamped by the node that proposes it.
+            // Stamped and computed by the node that proposes it.
             proposed_at_ms: 0,
+            payload_hash: Vec::new(),
         };
         self.on_leader(Retry::Idempotent, |channel| {
             let request = self.request(request.clone());
             async move {
                 ApiClient::new(channel)
                     .append(request)
-                    .await
-                    .map(tonic::Response::into_inner)
-            }
-        })
-        .await
-    }
-
-    /// Commits an epoch's root (idempotent for the same root); `committed_at_ms` is stamped by
-    /// the node that proposes it.
-    pub async fn commit_epoch(
-        &self,
-        request: pb::CommitEpochRequest,
-    ) -> Result<pb::CommitEpochResponse> {
-        self.on_leader(Retry::Idempotent, |channel| {
-            let request = self.request(request.clone());
-            async move {
-                ApiClient::new(channel)
-                    .commit_epoch(request)
                     .await
                     .map(tonic::Response::into_inner)
             }

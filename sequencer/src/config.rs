@@ -53,6 +53,12 @@ pub struct SequencerConfig {
     /// Bootstrap a new cluster from `peers` (flag only; ignored for an initialised data dir).
     #[serde(skip)]
     pub init: bool,
+    /// Start as a new member with an empty data directory (flag only; ignored for an
+    /// initialised data dir): one of the `peers` of a cluster `--init` bootstraps, or a node
+    /// `ktd admin add-sequencer` adds. Without `--init` or `--join` an empty data directory is
+    /// refused: a member that lost its data must never rejoin under its old id.
+    #[serde(skip)]
+    pub join: bool,
     /// Cluster metadata written at `--init`.
     pub cluster: ClusterOptions,
     /// Epoch sealing and input limits.
@@ -75,6 +81,7 @@ impl Default for SequencerConfig {
             peers: Vec::new(),
             peer_overrides: Vec::new(),
             init: false,
+            join: false,
             cluster: ClusterOptions::default(),
             epoch: EpochOptions::default(),
             raft: RaftOptions::default(),
@@ -114,6 +121,15 @@ pub struct ClusterOptions {
     /// Voting replicas per partition in the initial shard map (default: 3, or the number of
     /// shards if fewer).
     pub replication_factor: Option<u32>,
+    /// Longest label, in bytes (at most 1024, the shards' limit).
+    pub max_label_bytes: u64,
+    /// Largest value, in bytes (at most 65536, the shards' limit).
+    pub max_value_bytes: u64,
+    /// An epoch never holds more label + value bytes than this (at most 128 MiB).
+    pub max_epoch_bytes: u64,
+    /// While this many sealed epochs wait for their commit, appends are refused with
+    /// `RESOURCE_EXHAUSTED` (backpressure) and no heartbeat epoch is sealed.
+    pub max_uncommitted_epochs: u64,
 }
 
 impl Default for ClusterOptions {
@@ -131,6 +147,10 @@ impl Default for ClusterOptions {
             ),
             shards: Vec::new(),
             replication_factor: None,
+            max_label_bytes: 1024,
+            max_value_bytes: 64 * 1024,
+            max_epoch_bytes: crate::machine::DEFAULT_MAX_EPOCH_BYTES,
+            max_uncommitted_epochs: crate::machine::DEFAULT_MAX_UNCOMMITTED_EPOCHS,
         }
     }
 }
@@ -149,10 +169,6 @@ pub struct EpochOptions {
     pub heartbeat_interval: Option<Duration>,
     /// Most updates in one Append.
     pub max_batch_updates: usize,
-    /// Largest value, in bytes.
-    pub max_value_bytes: usize,
-    /// Longest label, in bytes.
-    pub max_label_bytes: usize,
     /// Longest idempotency key, in bytes.
     pub max_idempotency_key_bytes: usize,
 }
@@ -163,8 +179,6 @@ impl Default for EpochOptions {
             interval: Duration::from_secs(120),
             heartbeat_interval: None,
             max_batch_updates: 10_000,
-            max_value_bytes: 64 * 1024,
-            max_label_bytes: 4096,
             max_idempotency_key_bytes: 256,
         }
     }
@@ -383,10 +397,8 @@ impl SequencerConfig {
                 "epoch.heartbeat_interval must be positive when set",
             ));
         }
-        if self.epoch.max_batch_updates == 0 || self.epoch.max_value_bytes == 0 {
-            return Err(invalid(
-                "epoch.max_batch_updates and epoch.max_value_bytes must be positive",
-            ));
+        if self.epoch.max_batch_updates == 0 {
+            return Err(invalid("epoch.max_batch_updates must be positive"));
         }
         let members = self.initial_members()?;
         self.peer_overrides()?;

@@ -5,7 +5,9 @@
 //! `epoch.heartbeat_interval` is set and the epoch has been open that long (its root equals the
 //! previous one; its append-only step carries the root's children as unchanged nodes). The size limit needs no timer: the state
 //! machine itself seals an epoch before an append would push it past `max_epoch_updates`, so a
-//! backlog becomes several bounded epochs. Sealing is one small Raft entry proposed beside the
+//! backlog becomes several bounded epochs (bounded by updates and by bytes). Heartbeats pause
+//! while a sealed epoch waits for its commit (backpressure: the state machine also refuses them
+//! then, and refuses appends past `max_uncommitted_epochs`). Sealing is one small Raft entry proposed beside the
 //! appends, so it never blocks them. `Seal(E)` names the epoch, so a seal that races another one
 //! (an operator's "seal now", or a previous leader's timer) is harmless.
 
@@ -39,7 +41,7 @@ async fn run(sequencer: Sequencer) {
         tracing::info!(term, "leading: seal timer armed");
         // The epoch counts as opened when this leader first saw it (conservative after a
         // failover: at most one extra interval).
-        let (mut tracked_epoch, _) = sequencer.open_epoch_view();
+        let (mut tracked_epoch, _, _) = sequencer.open_epoch_view();
         let mut opened_at = Instant::now();
         loop {
             tokio::select! {
@@ -51,7 +53,7 @@ async fn run(sequencer: Sequencer) {
                 }
                 () = tokio::time::sleep(tick) => {}
             }
-            let (open_epoch, open_updates) = sequencer.open_epoch_view();
+            let (open_epoch, open_updates, uncommitted) = sequencer.open_epoch_view();
             if open_epoch != tracked_epoch {
                 tracked_epoch = open_epoch;
                 opened_at = Instant::now();
@@ -62,6 +64,7 @@ async fn run(sequencer: Sequencer) {
             } else if open_updates == 0
                 && heartbeat.is_some_and(|heartbeat| open_for >= heartbeat)
                 && open_epoch > 1
+                && uncommitted == 0
             {
                 sequencer.heartbeat(open_epoch).await
             } else {

@@ -40,6 +40,7 @@ pub mod coordinator;
 pub mod error;
 pub mod leader;
 pub mod machine;
+pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod raft;

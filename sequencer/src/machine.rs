@@ -15,9 +15,10 @@
 //!   so no epoch is ever larger than the limit, and a backlog becomes several bounded epochs.
 //! * **Last writer wins** per label within the open epoch (also within one batch); every update
 //!   still gets its own sequence number (gap-free, cluster-wide).
-//! * **Idempotency.** A keyed append is remembered (key → original answer) for the last
-//!   `idempotency_window` keyed appends; a repeat returns the original answer marked `duplicate`
-//!   and changes nothing.
+//! * **Idempotency.** A keyed append is remembered (key → original answer and payload hash) for
+//!   the last `idempotency_window` keyed appends; a repeat with the same payload returns the
+//!   original answer marked `duplicate` and changes nothing; a repeat with another payload is
+//!   refused (`ALREADY_EXISTS`), never answered with the first payload's result.
 //! * **One root per epoch.** `CommitEpoch(E)` is accepted only for the sealed epoch right after
 //!   the last committed one; repeating the same root is OK; any other root for a committed epoch
 //!   is refused with `ALREADY_EXISTS`.
@@ -107,6 +108,12 @@ impl Default for EpochState {
 }
 
 impl EpochState {
+    /// Sealed epochs waiting for their commit.
+    pub fn uncommitted_epochs(&self) -> u64 {
+        self.last_sealed_epoch()
+            .saturating_sub(self.last_committed_epoch)
+    }
+
     /// The latest sealed epoch (0 if none).
     pub fn last_sealed_epoch(&self) -> u64 {
         self.open_epoch - 1
@@ -291,9 +298,20 @@ impl Machine {
         };
         let max_epoch_updates = metadata.max_epoch_updates;
         let window = metadata.idempotency_window;
+        let limits = InputLimits::of(metadata);
         if !append.idempotency_key.is_empty()
             && let Some(mut answer) = tx.idem_get(&append.idempotency_key)?
         {
+            if !answer.payload_hash.is_empty()
+                && !append.payload_hash.is_empty()
+                && answer.payload_hash != append.payload_hash
+            {
+                return Ok(rejected(
+                    Code::AlreadyExists,
+                    "this idempotency key was already used for other updates; use a new key for \
+                     new updates",
+                ));
+            }
             answer.duplicate = true;
             return Ok(result(pb::apply_result::Kind::Appended(answer)));
         }
@@ -301,6 +319,20 @@ impl Machine {
             return Ok(rejected(
                 Code::InvalidArgument,
                 "an append must contain at least one update",
+            ));
+        }
+        if let Err(message) = limits.check(&append.updates) {
+            return Ok(rejected(Code::InvalidArgument, message));
+        }
+        let backlog = self.state.uncommitted_epochs();
+        if backlog >= limits.max_uncommitted_epochs {
+            return Ok(rejected(
+                Code::ResourceExhausted,
+                format!(
+                    "{backlog} sealed epochs are waiting to be committed (limit \
+                     max_uncommitted_epochs = {}): the directory is not committing; retry later",
+                    limits.max_uncommitted_epochs
+                ),
             ));
         }
         let batch_labels: HashSet<&[u8]> = append
@@ -321,8 +353,10 @@ impl Machine {
             .iter()
             .filter(|label| !self.open_labels.contains(**label))
             .count() as u64;
-        let sealed_before = (self.open_labels.len() as u64 + new_labels > max_epoch_updates)
-            .then(|| self.seal_open(append.proposed_at_ms));
+        let too_many = self.open_labels.len() as u64 + new_labels > max_epoch_updates;
+        let too_big = !self.open_labels.is_empty()
+            && self.state.open_epoch_bytes + append_bytes(&append.updates) > limits.max_epoch_bytes;
+        let sealed_before = (too_many || too_big).then(|| self.seal_open(append.proposed_at_ms));
 
         let epoch = self.state.open_epoch;
         let first_sequence = self.state.next_sequence;
@@ -345,6 +379,11 @@ impl Machine {
             count: append.updates.len() as u32,
             duplicate: false,
             sealed_before,
+            payload_hash: if append.idempotency_key.is_empty() {
+                Vec::new()
+            } else {
+                append.payload_hash.clone()
+            },
         };
         if !append.idempotency_key.is_empty() {
             tx.idem_put(
@@ -386,6 +425,15 @@ impl Machine {
                 format!("epoch {epoch} is not open yet; the open epoch is {open}"),
             );
         }
+        if self.open_labels.is_empty() && heartbeat && self.state.uncommitted_epochs() > 0 {
+            return rejected(
+                Code::FailedPrecondition,
+                format!(
+                    "no heartbeat epoch while {} sealed epochs wait for their commit",
+                    self.state.uncommitted_epochs()
+                ),
+            );
+        }
         if self.open_labels.is_empty() && heartbeat && epoch > 1 {
             return result(pb::apply_result::Kind::Sealed(
                 self.seal_open(seal.sealed_at_ms),
@@ -422,11 +470,16 @@ impl Machine {
                 format!("root hash must be 32 bytes, got {}", commit.root_hash.len()),
             ));
         }
-        let partitions = self
-            .state
-            .metadata
-            .as_ref()
-            .map_or(0, |metadata| 1usize << metadata.partition_bits);
+        let Some(metadata) = &self.state.metadata else {
+            return Ok(rejected(
+                Code::FailedPrecondition,
+                "the cluster is not initialised",
+            ));
+        };
+        if let Err(message) = check_commit(metadata, commit) {
+            return Ok(rejected(Code::InvalidArgument, message));
+        }
+        let partitions = 1usize << metadata.partition_bits;
         if !commit.leaf_digests.is_empty() && commit.leaf_digests.len() != 32 * partitions {
             return Ok(rejected(
                 Code::InvalidArgument,
@@ -559,17 +612,17 @@ impl Machine {
         if let Err(message) = validate_metadata(metadata) {
             return rejected(Code::InvalidArgument, message);
         }
-        if let Some(existing) = &self.state.metadata
-            && (existing.cluster_id != metadata.cluster_id
-                || existing.partition_bits != metadata.partition_bits
-                || existing.akd_configuration != metadata.akd_configuration
-                || existing.vrf_public_key != metadata.vrf_public_key)
-        {
-            return rejected(
-                Code::AlreadyExists,
-                "the cluster is already initialised with a different identity (cluster id, \
-                 partition bits, akd configuration or VRF key)",
-            );
+        if let Some(existing) = &self.state.metadata {
+            // Set once: the identity and the limits every replica enforces never change under
+            // a running cluster (a repeat of the same metadata is an idempotent retry).
+            if existing != metadata {
+                return rejected(
+                    Code::AlreadyExists,
+                    "the cluster is already initialised with other metadata; InitCluster cannot \
+                     change an initialised cluster",
+                );
+            }
+            return result(pb::apply_result::Kind::Metadata(existing.clone()));
         }
         self.state.metadata = Some(metadata.clone());
         result(pb::apply_result::Kind::Metadata(metadata.clone()))
@@ -609,6 +662,110 @@ impl Machine {
     }
 }
 
+/// Checks that a commit's partition roots stitch to its root hash in this cluster's directory
+/// (`shard::replicated::check_commit`): a forged or garbage root is refused before it becomes the
+/// epoch's one root.
+fn check_commit(
+    metadata: &pb::ClusterMetadata,
+    commit: &pb::CommitEpochRequest,
+) -> std::result::Result<(), String> {
+    let akd = metadata
+        .akd_configuration
+        .parse::<ktd_core::AkdConfig>()
+        .map_err(|error| error.to_string())?;
+    let bits = u8::try_from(metadata.partition_bits)
+        .map_err(|_| format!("partition bits {} out of range", metadata.partition_bits))?;
+    shard::replicated::check_commit(
+        &akd,
+        bits,
+        commit.epoch,
+        &commit.root_hash,
+        &commit.partition_roots,
+    )
+    .map_err(|error| format!("refusing the commit of epoch {}: {error}", commit.epoch))
+}
+
+/// Default of `ClusterMetadata.max_epoch_bytes`.
+pub const DEFAULT_MAX_EPOCH_BYTES: u64 = 64 << 20;
+/// Largest `ClusterMetadata.max_epoch_bytes`: with at most one million updates of ~80 bytes of
+/// framing and trace context each, a shard's whole share of an epoch stays under its 256 MiB
+/// `PrepareEpoch` message limit (`shard::server::MAX_MESSAGE_BYTES`).
+pub const MAX_EPOCH_BYTES_CEILING: u64 = 128 << 20;
+/// Default of `ClusterMetadata.max_uncommitted_epochs`.
+pub const DEFAULT_MAX_UNCOMMITTED_EPOCHS: u64 = 16;
+
+/// The input limits of a cluster, from its replicated metadata (a 0 field is the default):
+/// enforced by the state machine at `Append` on every replica, so an update that was
+/// acknowledged always fits what a shard accepts and what one `PrepareEpoch` carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputLimits {
+    /// Longest label, in bytes (at most the shards' `UpdateLimits::max_label_len`).
+    pub max_label_bytes: u64,
+    /// Largest value, in bytes (at most the shards' `UpdateLimits::max_value_len`).
+    pub max_value_bytes: u64,
+    /// Most label + value bytes in one epoch.
+    pub max_epoch_bytes: u64,
+    /// Most sealed epochs waiting for their commit before appends are refused.
+    pub max_uncommitted_epochs: u64,
+}
+
+impl InputLimits {
+    /// The limits `metadata` sets.
+    pub fn of(metadata: &pb::ClusterMetadata) -> Self {
+        let shard = ktd_core::user::UpdateLimits::default();
+        let or = |value: u64, default: u64| if value == 0 { default } else { value };
+        Self {
+            max_label_bytes: or(metadata.max_label_bytes, shard.max_label_len as u64),
+            max_value_bytes: or(metadata.max_value_bytes, shard.max_value_len as u64),
+            max_epoch_bytes: or(metadata.max_epoch_bytes, DEFAULT_MAX_EPOCH_BYTES),
+            max_uncommitted_epochs: or(
+                metadata.max_uncommitted_epochs,
+                DEFAULT_MAX_UNCOMMITTED_EPOCHS,
+            ),
+        }
+    }
+
+    /// The first update of `updates` these limits refuse, as a message.
+    pub fn check(&self, updates: &[pb::Update]) -> std::result::Result<(), String> {
+        for (position, update) in updates.iter().enumerate() {
+            if update.label.is_empty() {
+                return Err(format!("update {position}: the label is empty"));
+            }
+            if update.label.len() as u64 > self.max_label_bytes {
+                return Err(format!(
+                    "update {position}: label of {} bytes exceeds the limit of {} bytes",
+                    update.label.len(),
+                    self.max_label_bytes
+                ));
+            }
+            if update.value.len() as u64 > self.max_value_bytes {
+                return Err(format!(
+                    "update {position}: value of {} bytes exceeds the limit of {} bytes",
+                    update.value.len(),
+                    self.max_value_bytes
+                ));
+            }
+        }
+        let bytes = append_bytes(updates);
+        if bytes > self.max_epoch_bytes {
+            return Err(format!(
+                "the batch holds {bytes} bytes of labels and values, more than one epoch may \
+                 hold (max_epoch_bytes = {}); split it",
+                self.max_epoch_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Label + value bytes of `updates` (what `max_epoch_bytes` counts).
+fn append_bytes(updates: &[pb::Update]) -> u64 {
+    updates
+        .iter()
+        .map(|update| (update.label.len() + update.value.len()) as u64)
+        .sum()
+}
+
 /// Checks cluster metadata before it is proposed and again when applied.
 pub fn validate_metadata(metadata: &pb::ClusterMetadata) -> std::result::Result<(), String> {
     if metadata.vrf_public_key.len() != 32 {
@@ -624,6 +781,36 @@ pub fn validate_metadata(metadata: &pb::ClusterMetadata) -> std::result::Result<
     }
     if metadata.akd_configuration.is_empty() {
         return Err("the akd configuration name must not be empty".into());
+    }
+    let shard = ktd_core::user::UpdateLimits::default();
+    if metadata.max_epoch_updates > shard.max_batch as u64 {
+        return Err(format!(
+            "max_epoch_updates {} exceeds what a shard builds in one epoch ({})",
+            metadata.max_epoch_updates, shard.max_batch
+        ));
+    }
+    let limits = InputLimits::of(metadata);
+    if limits.max_label_bytes > shard.max_label_len as u64 {
+        return Err(format!(
+            "max_label_bytes {} exceeds the shards' label limit ({})",
+            limits.max_label_bytes, shard.max_label_len
+        ));
+    }
+    if limits.max_value_bytes > shard.max_value_len as u64 {
+        return Err(format!(
+            "max_value_bytes {} exceeds the shards' value limit ({})",
+            limits.max_value_bytes, shard.max_value_len
+        ));
+    }
+    if limits.max_epoch_bytes > MAX_EPOCH_BYTES_CEILING {
+        return Err(format!(
+            "max_epoch_bytes {} exceeds {MAX_EPOCH_BYTES_CEILING} (a shard's share of an epoch \
+             must fit one PrepareEpoch message)",
+            limits.max_epoch_bytes
+        ));
+    }
+    if limits.max_epoch_bytes < limits.max_label_bytes + limits.max_value_bytes {
+        return Err("max_epoch_bytes must hold at least one largest update".into());
     }
     Ok(())
 }

@@ -147,8 +147,14 @@ async fn blocking<T: Send + 'static>(
         .map_err(|error| SequencerError::Raft(format!("blocking task failed: {error}")))?
 }
 
-/// Validates an append against this node's input limits.
-fn validate_append(config: &SequencerConfig, updates: &[pb::Update], key: &[u8]) -> Result<()> {
+/// Validates an append against this node's request limits and the cluster's replicated input
+/// limits (which the state machine enforces again on every replica).
+fn validate_append(
+    config: &SequencerConfig,
+    input: &machine::InputLimits,
+    updates: &[pb::Update],
+    key: &[u8],
+) -> Result<()> {
     let limits = &config.epoch;
     if updates.is_empty() {
         return Err(SequencerError::EmptyBatch);
@@ -169,22 +175,35 @@ fn validate_append(config: &SequencerConfig, updates: &[pb::Update], key: &[u8])
         if update.label.is_empty() {
             return Err(SequencerError::EmptyLabel { position });
         }
-        if update.label.len() > limits.max_label_bytes {
+        if update.label.len() as u64 > input.max_label_bytes {
             return Err(SequencerError::LabelTooLong {
                 position,
                 len: update.label.len(),
-                max: limits.max_label_bytes,
+                max: input.max_label_bytes as usize,
             });
         }
-        if update.value.len() > limits.max_value_bytes {
+        if update.value.len() as u64 > input.max_value_bytes {
             return Err(SequencerError::ValueTooLarge {
                 position,
                 len: update.value.len(),
-                max: limits.max_value_bytes,
+                max: input.max_value_bytes as usize,
             });
         }
     }
     Ok(())
+}
+
+/// BLAKE3 of an append's updates (each label and value length-prefixed, in order): what an
+/// idempotency key is bound to.
+pub fn payload_hash(updates: &[pb::Update]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    for update in updates {
+        hasher.update(&(update.label.len() as u64).to_be_bytes());
+        hasher.update(&update.label);
+        hasher.update(&(update.value.len() as u64).to_be_bytes());
+        hasher.update(&update.value);
+    }
+    *hasher.finalize().as_bytes()
 }
 
 /// This node's wall clock in ms since the Unix epoch (0 if the clock is before 1970): stamped
@@ -239,6 +258,13 @@ impl Sequencer {
     pub async fn start(config: SequencerConfig) -> Result<Self> {
         config.validate()?;
         let data_dir = config.data_dir.clone();
+        let fresh = {
+            let data_dir = data_dir.clone();
+            blocking(move || Storage::is_new(&data_dir)).await?
+        };
+        if fresh {
+            crate::membership::check_new_node(&config).await?;
+        }
         let configured_id = config.id;
         let storage = blocking(move || Storage::open(&data_dir, configured_id)).await?;
         {
@@ -340,6 +366,10 @@ impl Sequencer {
             retained_committed_batches: config.cluster.retained_committed_batches,
             batch_retention_max_bytes: config.cluster.batch_retention_max_bytes,
             batch_retention_max_age_ms: config.cluster.batch_retention_max_age.as_millis() as u64,
+            max_label_bytes: config.cluster.max_label_bytes,
+            max_value_bytes: config.cluster.max_value_bytes,
+            max_epoch_bytes: config.cluster.max_epoch_bytes,
+            max_uncommitted_epochs: config.cluster.max_uncommitted_epochs,
         };
         machine::validate_metadata(&metadata).map_err(SequencerError::InvalidConfig)?;
         let sequencer = self.clone();
@@ -490,7 +520,12 @@ impl Sequencer {
         metrics::gauge!("ktd_epoch_pending_updates").set(status.open_epoch_updates as f64);
         metrics::gauge!("ktd_epoch_last_sealed").set(status.last_sealed_epoch as f64);
         metrics::gauge!("ktd_epoch_last_committed").set(status.last_committed_epoch as f64);
-        crate::metrics::export_retention(&self.inner.sm.view().borrow().epochs().retention());
+        let epochs = self.inner.sm.view().borrow().epochs().clone();
+        if let Some(metadata) = &epochs.metadata {
+            metrics::gauge!("ktd_epoch_max_uncommitted")
+                .set(machine::InputLimits::of(metadata).max_uncommitted_epochs as f64);
+        }
+        crate::metrics::export_retention(&epochs.retention());
         self.inner
             .raft_exporter
             .export(&self.inner.metrics.borrow().clone());
@@ -645,8 +680,13 @@ impl Sequencer {
         updates: Vec<pb::Update>,
         idempotency_key: Vec<u8>,
     ) -> Result<pb::AppendResponse> {
-        validate_append(&self.inner.config, &updates, &idempotency_key)?;
         let metadata = self.require_metadata()?;
+        validate_append(
+            &self.inner.config,
+            &machine::InputLimits::of(&metadata),
+            &updates,
+            &idempotency_key,
+        )?;
         if updates.len() as u64 > metadata.max_epoch_updates {
             return Err(SequencerError::BatchTooLarge {
                 len: updates.len(),
@@ -660,6 +700,11 @@ impl Sequencer {
         });
         match self
             .propose(pb::command::Kind::Append(pb::AppendRequest {
+                payload_hash: if idempotency_key.is_empty() {
+                    Vec::new()
+                } else {
+                    payload_hash(&updates).to_vec()
+                },
                 updates,
                 idempotency_key,
                 proposed_at_ms: unix_ms(),
@@ -1316,9 +1361,13 @@ impl Sequencer {
     }
 
     /// The open epoch and how many distinct labels it holds, as applied here.
-    pub(crate) fn open_epoch_view(&self) -> (u64, u64) {
+    pub(crate) fn open_epoch_view(&self) -> (u64, u64, u64) {
         let view = self.inner.sm.view().borrow().clone();
-        (view.epochs().open_epoch, view.open_epoch_updates)
+        (
+            view.epochs().open_epoch,
+            view.open_epoch_updates,
+            view.epochs().uncommitted_epochs(),
+        )
     }
 }
 

@@ -41,6 +41,22 @@ pub async fn run(
     serve(sequencer, listener, shutdown).await
 }
 
+/// Request bytes per method (`ktd_rpc::limits`): Raft streams are bounded per message by the
+/// transport (`raft::network::MAX_MESSAGE_BYTES`), an `Append` by
+/// [`crate::api::MAX_REQUEST_BYTES`], admin calls (a shard map) by 1 MiB, every read by 64 KiB.
+pub fn request_limits(path: &str) -> usize {
+    const FRAME: usize = 5;
+    if path.starts_with("/ktd.raft.v1.Raft/") {
+        usize::MAX
+    } else if path == "/ktd.sequencer.v1.Sequencer/Append" {
+        crate::api::MAX_REQUEST_BYTES + FRAME
+    } else if path.starts_with("/ktd.sequencer.v1.SequencerAdmin/") {
+        (1 << 20) + FRAME
+    } else {
+        (64 << 10) + FRAME
+    }
+}
+
 async fn set_health(reporter: &HealthReporter, serving: bool) {
     let status = if serving {
         ServingStatus::Serving
@@ -99,26 +115,32 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(10)));
-    let router = ktd_rpc::security::server_builder(false)
-        .map_err(|error| SequencerError::InvalidConfig(error.to_string()))?
-        .tcp_nodelay(true)
-        .layer(ktd_rpc::telemetry::GrpcServerLayer::new("sequencer"))
-        .layer(ktd_rpc::security::AuthorizeLayer::new(
-            ktd_rpc::security::sequencer_policy,
-        ))
-        .http2_keepalive_interval(Some(Duration::from_secs(2)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .add_service(health_service)
-        .add_service(
-            RaftService::new(
-                sequencer.raft().clone(),
-                sequencer.storage().clone(),
-                sequencer.shutdown_token(),
-            )
-            .into_server(),
+    let router = ktd_rpc::limits::bounded(
+        ktd_rpc::security::server_builder(false)
+            .map_err(|error| SequencerError::InvalidConfig(error.to_string()))?,
+    )
+    .tcp_nodelay(true)
+    .layer(ktd_rpc::telemetry::GrpcServerLayer::new("sequencer"))
+    .layer(ktd_rpc::security::AuthorizeLayer::new(
+        ktd_rpc::security::sequencer_policy,
+    ))
+    .layer(ktd_rpc::limits::RequestLimitLayer::large_in_flight(
+        request_limits,
+        64,
+    ))
+    .http2_keepalive_interval(Some(Duration::from_secs(2)))
+    .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+    .add_service(health_service)
+    .add_service(
+        RaftService::new(
+            sequencer.raft().clone(),
+            sequencer.storage().clone(),
+            sequencer.shutdown_token(),
         )
-        .add_service(ApiService::new(&sequencer).into_server())
-        .add_service(AdminService::new(&sequencer).into_server());
+        .into_server(),
+    )
+    .add_service(ApiService::new(&sequencer).into_server())
+    .add_service(AdminService::new(&sequencer).into_server());
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stopped.await;
     }));

@@ -174,6 +174,50 @@ pub fn leaf_digests(bits: u8, record: &pb::EpochRecord) -> Result<Vec<[u8; 32]>>
         .collect())
 }
 
+/// Checks a proposed commit of `epoch` before it is replicated: `partition_roots` must decode
+/// to one root per partition of a `bits`-bit directory, carry `root_hash`, claim no leaf newer
+/// than `epoch`, and stitch (with the directory's akd configuration `akd`) to `root_hash`.
+///
+/// The state machine runs this on every replica, so a commit that could not serve proofs is
+/// never made permanent (an epoch has one root, ever).
+pub fn check_commit(
+    akd: &ktd_core::AkdConfig,
+    bits: u8,
+    epoch: u64,
+    root_hash: &[u8],
+    partition_roots: &[u8],
+) -> Result<()> {
+    let decoded = EpochRecord::decode(epoch, partition_roots)?;
+    decoded.check_partitions(bits)?;
+    if decoded.root_hash.as_slice() != root_hash {
+        return Err(Error::corrupt(format!(
+            "epoch {epoch}: the partition roots carry another root hash than the commit"
+        )));
+    }
+    if let Some(newest) = decoded
+        .partitions
+        .iter()
+        .flatten()
+        .map(|root| root.max_epoch)
+        .max()
+        && newest > epoch
+    {
+        return Err(Error::corrupt(format!(
+            "epoch {epoch}: a partition root claims a leaf of epoch {newest}"
+        )));
+    }
+    akd.install()?;
+    let stitched = ktd_core::with_configuration!(akd, TC => {
+        TopTree::<TC>::new(bits, decoded.partitions)?.root_hash()
+    });
+    if stitched.as_slice() != root_hash {
+        return Err(Error::corrupt(format!(
+            "epoch {epoch}: the partition roots do not hash to the root hash"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,16 @@ use ktd_core::Error as CoreError;
 /// Largest message a shard sends or accepts (audit slices and leaf deliveries can be large).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// Request bytes per method (`ktd_rpc::limits`): a `PrepareEpoch` carries a share of an epoch
+/// (up to [`MAX_MESSAGE_BYTES`]); every other request (plans, walks, fences, a build) at most
+/// 16 MiB.
+pub fn request_limits(path: &str) -> usize {
+    5 + match path {
+        "/ktd.shard.v1.Shard/PrepareEpoch" => MAX_MESSAGE_BYTES,
+        _ => 16 << 20,
+    }
+}
+
 /// The gRPC code of a core error: the caller's input, a state that does not allow the call,
 /// data loss, or an internal failure.
 pub fn core_code(error: &CoreError) -> tonic::Code {

@@ -360,6 +360,9 @@ impl KtdCluster {
                 "--peers".into(),
                 peers.clone(),
             ];
+            if node.id != 1 {
+                args.push("--join".into());
+            }
             if node.id == 1 {
                 args.push("--init".into());
                 args.push("--vrf-public-key".into());

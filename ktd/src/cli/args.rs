@@ -34,6 +34,11 @@ pub struct Cli {
     /// Mutual TLS: this process's private key (PEM, mode 600).
     #[arg(long, global = true, env = "KTD_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Servers: serve plaintext gRPC on a non-loopback address (private test networks only;
+    /// logged as a warning and exported as `ktd_insecure_plaintext`). Without it, a server
+    /// without TLS refuses any address but loopback.
+    #[arg(long, global = true, env = "KTD_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -147,9 +152,13 @@ pub struct CertsArgs {
     /// Directory to write into (created; existing files are never overwritten).
     #[arg(long)]
     pub out: PathBuf,
-    /// Host names and IP addresses the node certificate is valid for, comma-separated.
+    /// Host names and IP addresses the sequencer, shard and gateway certificates are valid
+    /// for, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
     pub hosts: Vec<String>,
+    /// Sequencer node ids: one `sequencer-<id>` certificate each, bound to its id.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub sequencer_ids: Vec<u64>,
     /// Validity of every certificate (e.g. 90d).
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     pub valid_for: Duration,
@@ -480,8 +489,13 @@ pub struct SequencerArgs {
     #[arg(long, env = "KTD_SEQUENCER_PEER_OVERRIDES", value_delimiter = ',')]
     pub peer_override: Vec<String>,
     /// Bootstrap a new cluster from --peers (ignored if the data directory is initialised).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "join")]
     pub init: bool,
+    /// Start as a new member with an empty data directory (one of the --peers of a cluster
+    /// being bootstrapped, or a node `ktd admin add-sequencer` adds); ignored if the data
+    /// directory is initialised. Without --init or --join an empty data directory is refused.
+    #[arg(long)]
+    pub join: bool,
     /// The directory's VRF public key, 64 hex digits (recorded at --init).
     #[arg(long, env = "KTD_SEQUENCER_VRF_PUBLIC_KEY")]
     pub vrf_public_key: Option<String>,
@@ -507,4 +521,11 @@ pub struct SequencerArgs {
     /// Seal when the open epoch holds this many updates (recorded at --init).
     #[arg(long)]
     pub max_epoch_updates: Option<u64>,
+    /// Seal when the open epoch holds this many label + value bytes (recorded at --init; at
+    /// most 128 MiB).
+    #[arg(long)]
+    pub max_epoch_bytes: Option<u64>,
+    /// Refuse appends while this many sealed epochs wait for their commit (recorded at --init).
+    #[arg(long)]
+    pub max_uncommitted_epochs: Option<u64>,
 }

@@ -61,7 +61,9 @@ async fn write_audit_blobs(
 /// Runs a client subcommand against the gateway at `addr`.
 pub async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
     if let Command::Certs(args) = &command {
-        for file in crate::certs::write_dev_ca(&args.out, &args.hosts, args.valid_for)? {
+        for file in
+            crate::certs::write_dev_ca(&args.out, &args.hosts, &args.sequencer_ids, args.valid_for)?
+        {
             println!("wrote {}", file.display());
         }
         return Ok(());

@@ -56,8 +56,10 @@ pub fn parse_cli() -> Result<Invocation, String> {
         tls_ca,
         tls_cert,
         tls_key,
+        insecure_plaintext,
         command,
     } = cli;
+    super::servers::allow_insecure_plaintext(insecure_plaintext);
     let tls = TlsFlags {
         ca: tls_ca,
         cert: tls_cert,
@@ -213,7 +215,13 @@ fn sequencer(args: SequencerArgs, tls: &TlsFlags) -> anyhow::Result<ServerComman
         config.cluster.max_epoch_updates = max;
         config.epoch.max_batch_updates = config.epoch.max_batch_updates.min(max as usize);
     }
+    set(&mut config.cluster.max_epoch_bytes, args.max_epoch_bytes);
+    set(
+        &mut config.cluster.max_uncommitted_epochs,
+        args.max_uncommitted_epochs,
+    );
     config.init = args.init;
+    config.join = args.join;
     // The sequencer's file holds no process settings: they are flags and variables only.
     let mut process = ProcessConfig::default();
     overlay_process(&mut process, args.metrics, args.telemetry, tls);

@@ -151,10 +151,58 @@ pub async fn run(resolved: Resolved) -> anyhow::Result<()> {
     }
 }
 
+/// `--insecure-plaintext` (`KTD_INSECURE_PLAINTEXT`), set once from the command line.
+static INSECURE_PLAINTEXT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Records `--insecure-plaintext` for [`bind`].
+pub fn allow_insecure_plaintext(allowed: bool) {
+    INSECURE_PLAINTEXT.store(allowed, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Binds a gRPC listener. Without mutual TLS every RPC of the server is open to whoever
+/// reaches the port, so plaintext is served only on loopback addresses (`ktd dev`, the local
+/// cluster, tests), or elsewhere with `--insecure-plaintext` (`KTD_INSECURE_PLAINTEXT=1`): an
+/// explicit, loudly logged opt-in for private test networks.
 async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("bind {addr}"))
+        .with_context(|| format!("bind {addr}"))?;
+    let local = listener.local_addr()?;
+    check_plaintext(
+        local,
+        INSECURE_PLAINTEXT.load(std::sync::atomic::Ordering::Relaxed),
+    )?;
+    Ok(listener)
+}
+
+/// Refuses plaintext on a non-loopback `addr` unless `insecure` (`--insecure-plaintext`).
+fn check_plaintext(addr: std::net::SocketAddr, insecure: bool) -> anyhow::Result<()> {
+    if ktd_rpc::security::client_tls_installed() || addr.ip().is_loopback() {
+        return Ok(());
+    }
+    match insecure {
+        true => {
+            tracing::warn!(
+                %addr,
+                "INSECURE: serving plaintext gRPC on a non-loopback address \
+                 (KTD_INSECURE_PLAINTEXT): every RPC, internal ones included, is open to whoever \
+                 reaches this port"
+            );
+            eprintln!(
+                "ktd: INSECURE: plaintext gRPC on {addr} (KTD_INSECURE_PLAINTEXT): every RPC is \
+                 open to whoever reaches it"
+            );
+            metrics::gauge!("ktd_insecure_plaintext").set(1.0);
+            Ok(())
+        }
+        false => bail!(
+            "refusing to serve plaintext gRPC on {addr}: it is not a loopback address, and \
+             without mutual TLS every RPC (internal ones included) is open to whoever reaches the \
+             port. Configure --tls-ca/--tls-cert/--tls-key (docs/security.md), or pass \
+             --insecure-plaintext (KTD_INSECURE_PLAINTEXT=1) on a private test network"
+        ),
+    }
 }
 
 /// `ktd sequencer`.
@@ -227,4 +275,22 @@ async fn run_gateway(gateway: ResolvedGateway) -> anyhow::Result<()> {
         }
     };
     crate::serve::run_gateway(settings, listener, shutdown_signal()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_plaintext;
+
+    #[test]
+    fn plaintext_is_served_on_loopback_only_unless_explicitly_allowed() {
+        let loopback = "127.0.0.7:7001".parse().expect("addr");
+        let public = "0.0.0.0:7001".parse().expect("addr");
+        assert!(check_plaintext(loopback, false).is_ok());
+        let refused = check_plaintext(public, false).expect_err("0.0.0.0 in plaintext");
+        assert!(
+            refused.to_string().contains("--insecure-plaintext"),
+            "{refused}"
+        );
+        assert!(check_plaintext(public, true).is_ok());
+    }
 }

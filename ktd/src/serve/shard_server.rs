@@ -101,11 +101,15 @@ pub async fn run_shard(
         .with_keepalive(Some(Duration::from_secs(10)));
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
-        ktd_rpc::security::server_builder(false)?
+        ktd_rpc::limits::bounded(ktd_rpc::security::server_builder(false)?)
             .tcp_nodelay(true)
             .layer(ktd_rpc::telemetry::GrpcServerLayer::new("shard"))
             .layer(ktd_rpc::security::AuthorizeLayer::new(
                 ktd_rpc::security::shard_policy,
+            ))
+            .layer(ktd_rpc::limits::RequestLimitLayer::large_in_flight(
+                shard::server::request_limits,
+                16,
             ))
             .add_service(health)
             .add_service(ShardService::new(opened.api).into_server())

@@ -53,6 +53,7 @@ fn start() -> Topology {
         epoch_interval: "1h",
         shards: 3,
         replication_factor: Some(3),
+        init_args: &[],
     })
 }
 

@@ -320,7 +320,7 @@ fn config_files_of_shard_and_gateway_layer_under_environment_and_flags() {
             "listen = \"127.0.0.1:18080\"\nsequencers = [\"a:1\"]\ntls_ca = \"{}\"\n\
              tls_cert = \"{}\"\ntls_key = \"{}\"\n",
             certs.join("ca.pem").display(),
-            certs.join("node.pem").display(),
+            certs.join("gateway.pem").display(),
             certs.join("missing.key").display()
         ),
         0o644,

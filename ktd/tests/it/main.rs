@@ -15,3 +15,4 @@ mod runbooks;
 mod support;
 mod tls;
 mod tracing;
+mod trust;

@@ -32,6 +32,7 @@ fn shard_servers_killed_right_after_a_commit_reopen_with_the_epoch_built() {
             epoch_interval: "1h",
             shards: 3,
             replication_factor: Some(3),
+            init_args: &[],
         });
         let client = connect(&topology.gateways[0].addr).await;
         let mut committed = None;

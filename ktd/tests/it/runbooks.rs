@@ -9,8 +9,9 @@
 //! - **rolling restart**: SIGTERM each sequencer (followers, then the leader: leadership moves
 //!   before the process exits, exit status 0), each shard and the gateway; each restarted
 //!   process is NOT_SERVING until caught up, and `status --check` passes before the next.
-//! - **replace a failed sequencer**: SIGKILL a follower, `remove-sequencer`, wipe it, start a
-//!   node with a new id, `add-sequencer`; reusing an id is refused.
+//! - **replace a failed sequencer**: SIGKILL a follower and wipe its disk: restarted as it is,
+//!   or with `--join` under its old id, it refuses to start; `remove-sequencer`, start a node
+//!   with a new id and `--join`, `add-sequencer`; reusing an id is refused.
 //! - **shard failure**: SIGKILL a shard: the gateway and `status --check` report it; restart it,
 //!   it becomes SERVING once it holds the latest committed epoch, and epochs commit again.
 //! - **backup and restore**: `seal`, `snapshot`, stop everything (SIGTERM), copy the data
@@ -99,6 +100,7 @@ impl Runbook {
             epoch_interval: "1s",
             shards,
             replication_factor,
+            init_args: &[],
         });
         let mut cluster = Self {
             topology,
@@ -511,18 +513,56 @@ fn a_failed_sequencer_is_replaced_by_a_node_with_a_new_id() {
             "{}",
             check.stderr
         );
+        tracing::info!("--- its disk is lost: it refuses to come back under its old id");
+        {
+            let topology = &mut cluster.topology;
+            std::fs::remove_dir_all(topology.sequencer_dir(failed))
+                .expect("wipe the failed node's data");
+            let peers = topology
+                .sequencers
+                .iter()
+                .map(|(id, node)| format!("{id}={}", node.addr))
+                .collect::<Vec<_>>()
+                .join(",");
+            let node = topology.sequencers.get_mut(&failed).expect("node");
+            for (attempt, refusal) in [
+                (Vec::new(), "A new node needs --init"),
+                (
+                    vec![
+                        "--id".to_string(),
+                        failed.to_string(),
+                        "--peers".into(),
+                        peers,
+                        "--join".into(),
+                    ],
+                    "lost its state and must not rejoin",
+                ),
+            ] {
+                node.spawn(&attempt);
+                Poll::new(
+                    format!("the wiped node to refuse to start ({refusal})"),
+                    Duration::from_secs(30),
+                )
+                .every(Duration::from_millis(200))
+                .until_ok(|| async {
+                    let log = node.log_text();
+                    log.contains(refusal).then_some(()).ok_or(log)
+                })
+                .await;
+                let exit = node.terminate(Duration::from_secs(10));
+                assert!(!exit.success(), "the wiped node must exit with an error");
+            }
+        }
         cluster
             .ktd_ok(&["admin", "remove-sequencer", "--id", &failed.to_string()])
             .await;
         let topology = &mut cluster.topology;
         topology.sequencers.remove(&failed).expect("node");
-        std::fs::remove_dir_all(topology.sequencer_dir(failed))
-            .expect("wipe the failed node's data");
         let new_id = 4u64;
         let addr = free_addr("127.0.0.44");
         let mut node =
             topology.sequencer_node(new_id, addr.clone(), &topology.sequencer_dir(new_id));
-        node.spawn(&["--id".to_string(), new_id.to_string()]);
+        node.spawn(&["--id".to_string(), new_id.to_string(), "--join".into()]);
         topology.sequencers.insert(new_id, node);
         let reused = cluster
             .ktd(&["admin", "add-sequencer", "--id", "2", "--address", &addr])

@@ -1,10 +1,12 @@
 //! Mutual TLS and roles over real processes: `ktd certs` makes a development CA; a sequencer, a
-//! shard server and a gateway (public port + `--admin-listen` port) run with node
-//! certificates. Components talk to each other normally (a client-certificate publish is
+//! shard server and a gateway (public port + `--admin-listen` port) run with their component
+//! certificates (`sequencer-1`, `shard`, `gateway`). Components talk to each other normally (a client-certificate publish is
 //! committed through them and its lookup verifies); a client without a certificate, with one
 //! from another CA, or speaking plaintext is refused; a client certificate cannot call the
 //! admin service on the gateway's admin port or the sequencer's admin RPCs; an admin
-//! certificate can; an auditor cannot publish.
+//! certificate can; an auditor cannot publish; a gateway certificate cannot vote, change the
+//! shard map or drive a shard build, a shard certificate cannot append, and one sequencer's
+//! certificate cannot speak Raft for another node id.
 
 use std::path::Path;
 use std::process::Output;
@@ -81,7 +83,7 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
         ]);
         assert!(made.status.success(), "{}", stderr(&made));
         let ca = certs.join("ca.pem");
-        let node_tls: Vec<String> = as_role(&certs, &ca, "node", "unused")[2..].to_vec();
+        let tls_of = |stem: &str| as_role(&certs, &ca, stem, "unused")[2..].to_vec();
 
         let seed_file = write_vrf_seed(root.path(), &SEED);
         let shard_addr = free_addr(IP);
@@ -92,7 +94,7 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
             1,
             shard_addr.clone(),
             with(
-                node_tls.clone(),
+                tls_of("shard"),
                 &[
                     "shard",
                     "--id",
@@ -118,7 +120,7 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
             1,
             sequencer_addr.clone(),
             with(
-                node_tls.clone(),
+                tls_of("sequencer-1"),
                 &[
                     "sequencer",
                     "--listen",
@@ -151,7 +153,7 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
             1,
             gateway_addr.clone(),
             with(
-                node_tls.clone(),
+                tls_of("gateway"),
                 &[
                     "gateway",
                     "--listen",
@@ -266,6 +268,63 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
             .await
             .expect_err("a client transferred leadership");
         assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+        // Component roles are split: a gateway certificate (every gateway holds one) is not a
+        // Raft peer, cannot re-point the shard map and cannot drive a shard's epoch steps; a
+        // shard certificate cannot append; and no role commits an epoch over the wire.
+        let as_gateway = endpoint(&certs, &sequencer_addr, Some("gateway"))
+            .connect()
+            .await
+            .expect("a gateway certificate may connect");
+        let status = seq::sequencer_admin_client::SequencerAdminClient::new(as_gateway.clone())
+            .set_shard_map(seq::SetShardMapRequest::default())
+            .await
+            .expect_err("a gateway changed the shard map");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        let status = ktd_proto::ktd::raft::v1::raft_client::RaftClient::new(as_gateway)
+            .vote(ktd_proto::ktd::raft::v1::VoteRequest::default())
+            .await
+            .expect_err("a gateway voted");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        let as_gateway_to_shard = endpoint(&certs, &shard_addr, Some("gateway"))
+            .connect()
+            .await
+            .expect("connect");
+        let status = ktd_proto::ktd::shard::v1::shard_client::ShardClient::new(as_gateway_to_shard)
+            .build_epoch(ktd_proto::ktd::shard::v1::BuildEpochRequest::default())
+            .await
+            .expect_err("a gateway drove a build");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        let as_shard = endpoint(&certs, &sequencer_addr, Some("shard"))
+            .connect()
+            .await
+            .expect("connect");
+        let status = seq::sequencer_client::SequencerClient::new(as_shard)
+            .append(seq::AppendRequest::default())
+            .await
+            .expect_err("a shard appended");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        // Sequencer 2's certificate cannot speak Raft as node 1.
+        let as_sequencer_2 = endpoint(&certs, &sequencer_addr, Some("sequencer-2"))
+            .connect()
+            .await
+            .expect("connect");
+        let forged_vote = ktd_proto::ktd::raft::v1::VoteRequest {
+            vote: Some(ktd_proto::ktd::raft::v1::Vote {
+                leader_id: Some(ktd_proto::ktd::raft::v1::LeaderId {
+                    term: 1_000,
+                    node_id: 1,
+                }),
+                committed: false,
+            }),
+            ..Default::default()
+        };
+        let status = ktd_proto::ktd::raft::v1::raft_client::RaftClient::new(as_sequencer_2)
+            .vote(forged_vote)
+            .await
+            .expect_err("sequencer 2 voted as node 1");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("bound to node 2"), "{status:?}");
 
         // An auditor reads but cannot publish.
         let auditor = as_role(&certs, &ca, "auditor", &gateway_addr);

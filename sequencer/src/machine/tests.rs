@@ -15,10 +15,10 @@ struct MemTx {
 
 impl MachineTx for MemTx {
     fn idem_get(&self, key: &[u8]) -> Result<Option<pb::AppendResponse>> {
-        Ok(self.idem.get(key).map(|(_, answer)| *answer))
+        Ok(self.idem.get(key).map(|(_, answer)| answer.clone()))
     }
     fn idem_put(&mut self, key: &[u8], ordinal: u64, answer: &pb::AppendResponse) {
-        self.idem.insert(key.to_vec(), (ordinal, *answer));
+        self.idem.insert(key.to_vec(), (ordinal, answer.clone()));
         self.idem_order.insert(ordinal, key.to_vec());
     }
     fn idem_evict(&mut self, ordinal: u64) -> Result<()> {
@@ -73,16 +73,16 @@ struct Harness {
 
 impl Harness {
     fn new(max_epoch_updates: u64, window: u64, retain: u64) -> Self {
+        Self::with_metadata(metadata(max_epoch_updates, window, retain))
+    }
+
+    fn with_metadata(metadata: pb::ClusterMetadata) -> Self {
         let mut harness = Self {
             machine: Machine::default(),
             tx: MemTx::default(),
             index: 0,
         };
-        let applied = harness.run(pb::command::Kind::InitCluster(metadata(
-            max_epoch_updates,
-            window,
-            retain,
-        )));
+        let applied = harness.run(pb::command::Kind::InitCluster(metadata));
         assert!(matches!(
             applied.kind,
             Some(pb::apply_result::Kind::Metadata(_))
@@ -98,16 +98,24 @@ impl Harness {
     }
 
     fn append(&mut self, labels: &[&str], key: &str) -> pb::ApplyResult {
+        let updates: Vec<pb::Update> = labels
+            .iter()
+            .map(|label| pb::Update {
+                label: label.as_bytes().to_vec(),
+                value: format!("v-{label}").into_bytes(),
+            })
+            .collect();
+        // As the proposing node does (`Sequencer::append`).
+        let payload_hash = if key.is_empty() {
+            Vec::new()
+        } else {
+            crate::node::payload_hash(&updates).to_vec()
+        };
         self.run(pb::command::Kind::Append(pb::AppendRequest {
-            updates: labels
-                .iter()
-                .map(|label| pb::Update {
-                    label: label.as_bytes().to_vec(),
-                    value: format!("v-{label}").into_bytes(),
-                })
-                .collect(),
+            updates,
             idempotency_key: key.as_bytes().to_vec(),
             proposed_at_ms: 500,
+            payload_hash,
         }))
     }
 
@@ -137,8 +145,8 @@ impl Harness {
     fn commit(&mut self, epoch: u64, root: u8) -> pb::ApplyResult {
         self.run(pb::command::Kind::CommitEpoch(pb::CommitEpochRequest {
             epoch,
-            root_hash: vec![root; 32],
-            partition_roots: vec![root],
+            root_hash: stitched(epoch, root).0,
+            partition_roots: stitched(epoch, root).1,
             committed_at_ms: 2_000 + epoch,
             ..pb::CommitEpochRequest::default()
         }))
@@ -152,8 +160,8 @@ impl Harness {
     ) -> pb::ApplyResult {
         self.run(pb::command::Kind::CommitEpoch(pb::CommitEpochRequest {
             epoch,
-            root_hash: vec![epoch as u8; 32],
-            partition_roots: vec![epoch as u8],
+            root_hash: stitched(epoch, epoch as u8).0,
+            partition_roots: stitched(epoch, epoch as u8).1,
             committed_at_ms: now_ms,
             leaf_digests: Vec::new(),
             progress: progress
@@ -165,6 +173,29 @@ impl Harness {
                 .collect(),
         }))
     }
+}
+
+/// A commit's root hash and partition roots for `epoch` of the tests' 2-bit `whatsapp_v1`
+/// directory that stitch together: partition 0 holds one leaf whose value is `seed` repeated
+/// (another seed, another root).
+fn stitched(epoch: u64, seed: u8) -> (Vec<u8>, Vec<u8>) {
+    use ktd_core::akd_core::{AzksValue, NodeLabel};
+    use ktd_core::stitch::TopTree;
+    use ktd_core::tree::NodeRef;
+    let mut partitions = vec![None; 4];
+    partitions[0] = Some(NodeRef {
+        label: NodeLabel::new([0; 32], 256),
+        hash: AzksValue([seed; 32]),
+        min_epoch: epoch,
+        max_epoch: epoch,
+    });
+    let top = TopTree::<ktd_core::config::WhatsAppV1>::new(2, partitions.clone()).expect("stitch");
+    let record = ktd_core::EpochRecord {
+        epoch,
+        root_hash: top.root_hash(),
+        partitions,
+    };
+    (record.root_hash.to_vec(), record.encode())
 }
 
 fn rejection_code(applied: &pb::ApplyResult) -> Option<Code> {
@@ -208,7 +239,7 @@ fn idempotent_retry_returns_original_answer_and_applies_once() {
     harness.appended(&["c"], "k3");
     let late = harness.appended(&["a"], "k1");
     assert!(!late.duplicate, "k1 fell out of the window");
-    assert!(harness.appended(&["d"], "k3").duplicate);
+    assert!(harness.appended(&["c"], "k3").duplicate);
 }
 
 #[test]
@@ -286,6 +317,12 @@ fn heartbeat_seals_an_empty_epoch_only_after_the_first_updates() {
         Some(Code::FailedPrecondition),
         "a plain seal of an empty epoch is still refused"
     );
+    assert_eq!(
+        rejection_code(&harness.heartbeat(2)),
+        Some(Code::FailedPrecondition),
+        "no heartbeat while epoch 1 waits for its commit"
+    );
+    assert!(rejection_code(&harness.commit(1, 1)).is_none());
     assert!(matches!(
         harness.heartbeat(2).kind,
         Some(pb::apply_result::Kind::Sealed(pb::SealResponse {
@@ -373,7 +410,7 @@ fn commit_epoch_never_forks() {
     );
     assert_eq!(
         harness.tx.epochs[&1].root_hash,
-        vec![9; 32],
+        stitched(1, 9).0,
         "the first root stays"
     );
     assert_eq!(
@@ -400,6 +437,7 @@ fn uninitialised_cluster_refuses_appends_and_metadata_identity_is_fixed() {
             }],
             idempotency_key: Vec::new(),
             proposed_at_ms: 500,
+            payload_hash: Vec::new(),
         })),
     };
     let applied = machine.apply(&mut tx, 1, &append).expect("apply");
@@ -412,9 +450,14 @@ fn uninitialised_cluster_refuses_appends_and_metadata_identity_is_fixed() {
         rejection_code(&harness.run(pb::command::Kind::InitCluster(other))),
         Some(Code::AlreadyExists)
     );
-    // Same identity, new limits: accepted.
+    // Same identity, new limits: refused too (InitCluster sets the metadata once).
+    assert_eq!(
+        rejection_code(&harness.run(pb::command::Kind::InitCluster(metadata(20, 10, 0)))),
+        Some(Code::AlreadyExists)
+    );
+    // The same metadata again: an idempotent retry.
     assert!(
-        rejection_code(&harness.run(pb::command::Kind::InitCluster(metadata(20, 10, 0)))).is_none()
+        rejection_code(&harness.run(pb::command::Kind::InitCluster(metadata(10, 10, 0)))).is_none()
     );
 }
 
@@ -634,5 +677,176 @@ fn committed_batches_stay_until_every_assigned_replica_built_them_within_the_bou
         retained,
         [7],
         "batches older than the age bound go, whoever still needs them"
+    );
+}
+
+#[test]
+fn a_commit_whose_partition_roots_do_not_stitch_to_its_root_is_refused_and_changes_nothing() {
+    let mut harness = Harness::new(10, 10, 0);
+    harness.appended(&["a"], "");
+    assert!(rejection_code(&harness.seal(1)).is_none());
+    let (root, roots) = stitched(1, 9);
+    let forged = |root_hash: Vec<u8>, partition_roots: Vec<u8>| {
+        pb::command::Kind::CommitEpoch(pb::CommitEpochRequest {
+            epoch: 1,
+            root_hash,
+            partition_roots,
+            ..pb::CommitEpochRequest::default()
+        })
+    };
+    // Any 32 bytes as the root, with the real roots; garbage roots; no roots; roots that carry
+    // the right hash but another leaf; a partition root claiming a later epoch.
+    let (_, other_roots) = stitched(1, 8);
+    let (future_root, future_roots) = stitched(2, 9);
+    for (what, command) in [
+        ("a random root", forged(vec![0xab; 32], roots.clone())),
+        (
+            "garbage partition roots",
+            forged(root.clone(), vec![1, 2, 3]),
+        ),
+        ("no partition roots", forged(root.clone(), Vec::new())),
+        ("another leaf's roots", forged(root.clone(), other_roots)),
+        (
+            "a leaf from a later epoch",
+            forged(future_root, future_roots),
+        ),
+    ] {
+        assert_eq!(
+            rejection_code(&harness.run(command)),
+            Some(Code::InvalidArgument),
+            "{what}"
+        );
+        assert_eq!(harness.machine.state().last_committed_epoch, 0, "{what}");
+        assert!(harness.tx.epochs.is_empty(), "{what}");
+    }
+    assert!(rejection_code(&harness.commit(1, 9)).is_none());
+    assert_eq!(harness.tx.epochs[&1].root_hash, root);
+}
+
+#[test]
+fn appends_are_bounded_by_the_replicated_limits_and_epochs_by_bytes() {
+    let mut harness = Harness::new(100, 100, 0);
+    let append = |label: Vec<u8>, value: Vec<u8>| {
+        pb::command::Kind::Append(pb::AppendRequest {
+            updates: vec![pb::Update { label, value }],
+            idempotency_key: Vec::new(),
+            proposed_at_ms: 500,
+            payload_hash: Vec::new(),
+        })
+    };
+    // The shards' own limits (1 KiB labels, 64 KiB values) are the defaults: a label the
+    // sequencer accepts is a label every shard builds.
+    for (what, command) in [
+        ("a 1025-byte label", append(vec![b'l'; 1025], b"v".to_vec())),
+        ("an empty label", append(Vec::new(), b"v".to_vec())),
+        ("a 64 KiB + 1 value", append(b"l".to_vec(), vec![0; 65_537])),
+    ] {
+        assert_eq!(
+            rejection_code(&harness.run(command)),
+            Some(Code::InvalidArgument),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        harness.machine.state().next_sequence,
+        1,
+        "nothing was sequenced"
+    );
+    assert!(rejection_code(&harness.run(append(vec![b'l'; 1024], vec![0; 65_536]))).is_none());
+
+    // Epochs are bounded by bytes: with max_epoch_bytes = 200 KiB, 64 KiB updates seal an
+    // epoch every three appends.
+    let mut metadata = metadata(100, 100, 0);
+    metadata.max_epoch_bytes = 200 << 10;
+    let mut harness = Harness::with_metadata(metadata);
+    let epochs: Vec<u64> = (0..7)
+        .map(|i| {
+            match harness
+                .run(append(format!("u{i}").into_bytes(), vec![0; 64 << 10]))
+                .kind
+            {
+                Some(pb::apply_result::Kind::Appended(answer)) => answer.epoch,
+                other => panic!("append {i}: {other:?}"),
+            }
+        })
+        .collect();
+    assert_eq!(epochs, [1, 1, 1, 2, 2, 2, 3]);
+    let mut bigger = pb::AppendRequest::default();
+    for i in 0..4 {
+        bigger.updates.push(pb::Update {
+            label: format!("b{i}").into_bytes(),
+            value: vec![0; 64 << 10],
+        });
+    }
+    assert_eq!(
+        rejection_code(&harness.run(pb::command::Kind::Append(bigger))),
+        Some(Code::InvalidArgument),
+        "one append larger than an epoch is refused, not split"
+    );
+}
+
+#[test]
+fn appends_are_refused_while_too_many_sealed_epochs_wait_for_their_commit() {
+    let mut metadata = metadata(100, 100, 0);
+    metadata.max_uncommitted_epochs = 2;
+    let mut harness = Harness::with_metadata(metadata);
+    harness.appended(&["a"], "k1");
+    harness.seal(1);
+    harness.appended(&["b"], "k2");
+    harness.seal(2);
+    assert_eq!(
+        rejection_code(&harness.append(&["c"], "k3")),
+        Some(Code::ResourceExhausted)
+    );
+    // A retry of an acknowledged append still gets its answer.
+    assert!(harness.appended(&["a"], "k1").duplicate);
+    assert!(rejection_code(&harness.commit(1, 1)).is_none());
+    assert_eq!(harness.appended(&["c"], "k3").epoch, 3);
+}
+
+#[test]
+fn metadata_that_would_let_an_acknowledged_update_fail_to_build_is_refused() {
+    for (what, tweak) in [
+        (
+            "labels over 1 KiB",
+            (|m: &mut pb::ClusterMetadata| m.max_label_bytes = 4096) as fn(&mut _),
+        ),
+        ("values over 64 KiB", |m| m.max_value_bytes = 65_537),
+        ("epochs over 128 MiB", |m| {
+            m.max_epoch_bytes = (128 << 20) + 1
+        }),
+        ("over a million updates per epoch", |m| {
+            m.max_epoch_updates = 1_000_001
+        }),
+        ("an epoch smaller than one update", |m| {
+            m.max_epoch_bytes = 1000
+        }),
+    ] {
+        let mut metadata = metadata(100, 100, 0);
+        tweak(&mut metadata);
+        assert!(validate_metadata(&metadata).is_err(), "{what}");
+    }
+}
+
+#[test]
+fn an_idempotency_key_reused_for_other_updates_is_refused_and_a_true_retry_is_a_duplicate() {
+    let mut harness = Harness::new(100, 100, 0);
+    let first = harness.appended(&["alice"], "k");
+    assert!(!first.duplicate);
+    assert_eq!(
+        rejection_code(&harness.append(&["mallory"], "k")),
+        Some(Code::AlreadyExists),
+        "another payload under the same key is never answered with the first one's result"
+    );
+    let retry = harness.appended(&["alice"], "k");
+    assert!(retry.duplicate);
+    assert_eq!(
+        (retry.epoch, retry.first_sequence),
+        (first.epoch, first.first_sequence)
+    );
+    assert_eq!(
+        harness.tx.batch(1).len(),
+        1,
+        "only alice's update was applied"
     );
 }

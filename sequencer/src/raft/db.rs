@@ -130,27 +130,32 @@ pub fn synced() -> WriteOptions {
 }
 
 impl Storage {
+    /// Whether `data_dir` holds no sequencer database yet (missing, empty, or left by a crash
+    /// while it was being created): opening it would create a new node.
+    pub fn is_new(data_dir: &Path) -> Result<bool> {
+        match std::fs::read_dir(data_dir) {
+            Ok(entries) => {
+                let names: Vec<_> = entries
+                    .filter_map(|entry| entry.ok().map(|entry| entry.file_name()))
+                    .collect();
+                // A crash while creating leaves only `db.tmp` (and maybe `snapshots`).
+                Ok(names
+                    .iter()
+                    .all(|name| name == "db.tmp" || name == "snapshots")
+                    && !data_dir.join("db").exists())
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(true),
+            Err(error) => Err(incompatible(data_dir, format!("cannot read it: {error}"))),
+        }
+    }
+
     /// Opens the data directory, creating it if it is missing or empty.
     ///
     /// `node_id` is required to create a directory; for an existing one it is optional and, if
     /// given, must match the stored identity.
     pub fn open(data_dir: &Path, node_id: Option<NodeId>) -> Result<Arc<Self>> {
         let db_path = data_dir.join("db");
-        let is_new = match std::fs::read_dir(data_dir) {
-            Ok(entries) => {
-                let names: Vec<_> = entries
-                    .filter_map(|entry| entry.ok().map(|entry| entry.file_name()))
-                    .collect();
-                // A crash while creating leaves only `db.tmp` (and maybe `snapshots`).
-                names
-                    .iter()
-                    .all(|name| name == "db.tmp" || name == "snapshots")
-                    && !db_path.exists()
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => true,
-            Err(error) => return Err(incompatible(data_dir, format!("cannot read it: {error}"))),
-        };
-        if is_new {
+        if Self::is_new(data_dir)? {
             let node_id = node_id.ok_or_else(|| {
                 SequencerError::InvalidConfig(format!(
                     "{} is a new data directory: a node id (--id) is required",

@@ -51,6 +51,26 @@ fn bad(error: SequencerError) -> Status {
     Status::invalid_argument(error.to_string())
 }
 
+/// Refuses a Raft message that claims to come from another node than the one the caller's
+/// certificate is bound to (`urn:ktd:sequencer-id:N`): one sequencer's key cannot vote or lead
+/// as another. Plaintext and unbound certificates are not checked here (the role check is
+/// `ktd_rpc::security::sequencer_policy`).
+fn check_sender<T>(request: &Request<T>, vote: Option<&rpb::Vote>) -> Result<(), Status> {
+    let Some(bound) = ktd_rpc::security::peer_sequencer_id(request) else {
+        return Ok(());
+    };
+    let claimed = vote
+        .and_then(|vote| vote.leader_id.as_ref())
+        .map(|leader| leader.node_id);
+    if claimed != Some(bound) {
+        return Err(Status::permission_denied(format!(
+            "this certificate is bound to node {bound}; the message claims node {}",
+            claimed.map_or_else(|| "none".to_string(), |id| id.to_string())
+        )));
+    }
+    Ok(())
+}
+
 fn raft_failed(error: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("raft: {error}"))
 }
@@ -64,6 +84,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<rpb::AppendEntriesRequest>,
     ) -> Result<Response<rpb::AppendEntriesResponse>, Status> {
+        check_sender(&request, request.get_ref().vote.as_ref())?;
         let request = codec::append_request_from_pb(request.into_inner()).map_err(bad)?;
         let response = self
             .raft
@@ -82,11 +103,26 @@ impl raft_server::Raft for RaftService {
         // A malformed request ends the input; openraft then ends the output after the replies
         // to the requests before it, and the leader starts a new stream. Shutdown ends the input
         // too: openraft reads it on a task of its own, which would otherwise keep the connection
-        // (and this node's storage) alive until the leader sends again.
+        // (and this node's storage) alive until the leader sends again. A message claiming
+        // another node than the caller's certificate is bound to ends it as well.
+        let bound = ktd_rpc::security::peer_sequencer_id(&request);
         let input = request
             .into_inner()
             .take_until(self.shutdown.clone().cancelled_owned())
-            .take_while(|item| futures::future::ready(item.is_ok()))
+            .take_while(move |item| {
+                let sender_ok = match (bound, item) {
+                    (Some(bound), Ok(request)) => {
+                        request
+                            .vote
+                            .as_ref()
+                            .and_then(|vote| vote.leader_id.as_ref())
+                            .map(|leader| leader.node_id)
+                            == Some(bound)
+                    }
+                    _ => true,
+                };
+                futures::future::ready(item.is_ok() && sender_ok)
+            })
             .filter_map(|item| async move {
                 item.ok()
                     .and_then(|request| codec::append_request_from_pb(request).ok())
@@ -102,6 +138,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<rpb::VoteRequest>,
     ) -> Result<Response<rpb::VoteResponse>, Status> {
+        check_sender(&request, request.get_ref().vote.as_ref())?;
         let request = codec::vote_request_from_pb(request.get_ref()).map_err(bad)?;
         let response = self.raft.vote(request).await.map_err(raft_failed)?;
         Ok(Response::new(codec::vote_response_to_pb(&response)))
@@ -111,6 +148,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<rpb::VoteRequest>,
     ) -> Result<Response<rpb::VoteResponse>, Status> {
+        check_sender(&request, request.get_ref().vote.as_ref())?;
         let request = codec::vote_request_from_pb(request.get_ref()).map_err(bad)?;
         let response = self.raft.pre_vote(request).await.map_err(raft_failed)?;
         Ok(Response::new(codec::vote_response_to_pb(&response)))
@@ -120,6 +158,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<rpb::TransferLeaderRequest>,
     ) -> Result<Response<rpb::TransferLeaderResponse>, Status> {
+        check_sender(&request, request.get_ref().from_leader.as_ref())?;
         let request = codec::transfer_request_from_pb(request.get_ref()).map_err(bad)?;
         let response = self
             .raft

@@ -176,7 +176,7 @@ fn load(db: &DB) -> Result<SmInner> {
         IteratorMode::From(&prefix, Direction::Forward),
     ) {
         let (key, _) = item.map_err(SequencerError::storage("read the open epoch"))?;
-        open_labels.insert(key[8..].to_vec());
+        open_labels.insert(label_of_update_key(&key)?.to_vec());
     }
     let last_applied = codec::opt_log_id_from_pb(meta.last_applied.as_ref())
         .map_err(|error| SequencerError::Corrupt(error.to_string()))?;
@@ -213,7 +213,7 @@ impl<'a> RocksTx<'a> {
 impl MachineTx for RocksTx<'_> {
     fn idem_get(&self, key: &[u8]) -> Result<Option<pb::AppendResponse>> {
         if let Some(answer) = self.idem.get(key) {
-            return Ok(*answer);
+            return Ok(answer.clone());
         }
         let Some(bytes) = self
             .storage
@@ -234,7 +234,7 @@ impl MachineTx for RocksTx<'_> {
         self.batch.put_cf(self.storage.cf(CF_SM_IDEM), key, value);
         self.batch
             .put_cf(self.storage.cf(CF_SM_IDEM_ORDER), be64(ordinal), key);
-        self.idem.insert(key.to_vec(), Some(*answer));
+        self.idem.insert(key.to_vec(), Some(answer.clone()));
         self.idem_order.insert(ordinal, Some(key.to_vec()));
     }
 
@@ -515,7 +515,7 @@ impl SmShared {
         ) {
             let (key, value) = item.map_err(SequencerError::storage("read a batch"))?;
             updates.push(pb::SequencedUpdate {
-                label: key[8..].to_vec(),
+                label: label_of_update_key(&key)?.to_vec(),
                 sequence: read_be64(&value)?,
                 value: value[8..].to_vec(),
             });
@@ -717,4 +717,11 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         let storage = self.shared.storage.clone();
         blocking(move || snapshot::current(&storage)).await
     }
+}
+
+/// The label of an `sm_updates` key (`be64(epoch) ‖ label`); a shorter key is corrupt data,
+/// reported, never a panic.
+fn label_of_update_key(key: &[u8]) -> Result<&[u8]> {
+    key.get(8..)
+        .ok_or_else(|| SequencerError::Corrupt("update key shorter than 8 bytes".into()))
 }

@@ -113,12 +113,19 @@ fn bad_requests_get_clear_statuses() {
             .await
             .expect("epoch 0 always exists");
         assert!(empty.root_hash.is_empty());
-        assert_status(
-            client
-                .commit_epoch(crate::support::commit(1, vec![7; 5], Vec::new()))
-                .await,
-            Code::InvalidArgument,
-            "root hash must be 32 bytes, got 5",
+        let mut short_root = crate::support::commit(1, 7);
+        short_root.root_hash.truncate(5);
+        let refused = tonic::Status::from(
+            cluster
+                .commit_epoch(short_root)
+                .await
+                .expect_err("a 5-byte root is refused"),
+        );
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused
+                .message()
+                .contains("root hash must be 32 bytes, got 5")
         );
         assert_status(
             client.seal(Some(7)).await,
@@ -177,13 +184,42 @@ fn bad_requests_get_clear_statuses() {
             // gRPC's convention for a message that does not parse is INTERNAL.
             assert_eq!(status.code(), Code::Internal, "{status:?}");
             assert!(status.message().contains("decode"), "{status:?}");
+
+            tracing::info!("--- nobody commits over the wire, not even a well-formed commit");
+            client
+                .append(vec![update("c", "1")], None)
+                .await
+                .expect("append");
+            let sealed = client.seal(None).await.expect("seal");
+            let forged = prost::Message::encode_to_vec(&pb::CommitEpochRequest {
+                epoch: sealed.epoch,
+                root_hash: vec![0xab; 32],
+                ..crate::support::commit(sealed.epoch, 1)
+            });
+            grpc.ready().await.expect("ready");
+            let answer = grpc
+                .unary(
+                    tonic::Request::new(forged),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(
+                        "/ktd.sequencer.v1.Sequencer/CommitEpoch",
+                    ),
+                    RawCodec,
+                )
+                .await;
+            let status = answer.expect_err("CommitEpoch is not served");
+            assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+            assert_status(
+                client.get_epoch(Some(sealed.epoch)).await,
+                Code::NotFound,
+                "is not committed",
+            );
         }
 
         let after = client
             .append(vec![update("b", "2")], None)
             .await
             .expect("still serving");
-        assert_eq!(after.first_sequence, 2);
+        assert_eq!(after.first_sequence, 3);
         cluster.shutdown().await;
     });
 }

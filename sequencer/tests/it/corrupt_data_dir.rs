@@ -1,5 +1,6 @@
 //! A data directory that is damaged, foreign, or another node's is refused with a clear message
-//! and left untouched: a sequencer never re-initialises data it cannot read.
+//! and left untouched: a sequencer never re-initialises data it cannot read; and an empty one
+//! is created only with `--init` or `--join`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,10 +10,12 @@ use sequencer::{Sequencer, SequencerConfig, SequencerError};
 
 use crate::support::with_deadline;
 
+/// A node's configuration; `--join` lets it create a new data directory (ignored otherwise).
 fn config(data_dir: &Path, id: Option<u64>) -> SequencerConfig {
     SequencerConfig {
         id,
         data_dir: data_dir.to_path_buf(),
+        join: true,
         ..SequencerConfig::default()
     }
 }
@@ -57,6 +60,24 @@ async fn refused(config: SequencerConfig) -> String {
 fn damaged_foreign_or_mismatched_data_dirs_are_refused() {
     with_deadline(Duration::from_secs(60), || async {
         let root = tempfile::tempdir().expect("temp dir");
+
+        tracing::info!(
+            "--- an empty data directory without --init or --join: refused, not created"
+        );
+        {
+            let fresh = root.path().join("fresh");
+            let error = Sequencer::start(SequencerConfig {
+                join: false,
+                ..config(&fresh, Some(1))
+            })
+            .await
+            .expect_err("a new node needs --init or --join");
+            assert!(
+                error.to_string().contains("A new node needs --init"),
+                "{error}"
+            );
+            assert!(!fresh.join("db").exists(), "nothing was created");
+        }
 
         tracing::info!("--- a healthy data directory of node 1");
         let healthy = root.path().join("node-1");

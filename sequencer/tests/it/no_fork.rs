@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sequencer::{SequencerError, pb};
+use sequencer::pb;
 use tonic::Code;
 
 use crate::support::cluster::{TestCluster, update};
@@ -12,8 +12,8 @@ use crate::support::with_deadline;
 
 fn code<T: std::fmt::Debug>(result: sequencer::Result<T>) -> Code {
     match result {
-        Err(SequencerError::Remote(status)) => status.code(),
-        other => panic!("expected an error status, got {other:?}"),
+        Err(error) => tonic::Status::from(error).code(),
+        other => panic!("expected an error, got {other:?}"),
     }
 }
 
@@ -27,32 +27,26 @@ fn conflicting_commit_is_refused_and_epochs_commit_in_order() {
             .await
             .expect("append");
         assert_eq!(
-            code(
-                client
-                    .commit_epoch(crate::support::commit(1, vec![1; 32], b"p1".to_vec()))
-                    .await
-            ),
+            code(cluster.commit_epoch(crate::support::commit(1, 1)).await),
             Code::FailedPrecondition,
             "epoch 1 is not sealed yet"
         );
         let sealed = client.seal(None).await.expect("seal");
         assert_eq!((sealed.epoch, sealed.updates), (1, 1));
 
-        let committed = client
-            .commit_epoch(crate::support::commit(1, vec![1; 32], b"p1".to_vec()))
+        let committed = cluster
+            .commit_epoch(crate::support::commit(1, 1))
             .await
             .expect("commit");
         assert!(!committed.already_committed);
-        let again = client
-            .commit_epoch(crate::support::commit(1, vec![1; 32], b"p1".to_vec()))
+        let again = cluster
+            .commit_epoch(crate::support::commit(1, 1))
             .await
             .expect("same root again");
         assert!(again.already_committed);
-        match client
-            .commit_epoch(crate::support::commit(1, vec![2; 32], b"p1".to_vec()))
-            .await
-        {
-            Err(SequencerError::Remote(status)) => {
+        match cluster.commit_epoch(crate::support::commit(1, 2)).await {
+            Err(error) => {
+                let status = tonic::Status::from(error);
                 assert_eq!(status.code(), Code::AlreadyExists);
                 assert!(
                     status.message().contains("different root"),
@@ -68,16 +62,15 @@ fn conflicting_commit_is_refused_and_epochs_commit_in_order() {
             let new_leader = client.transfer_leader(None).await.expect("transfer");
             assert_eq!(cluster.wait_leader().await, new_leader);
             assert_eq!(
-                code(
-                    client
-                        .commit_epoch(crate::support::commit(1, vec![3; 32], Vec::new()))
-                        .await
-                ),
+                code(cluster.commit_epoch(crate::support::commit(1, 3)).await),
                 Code::AlreadyExists
             );
             let record = client.get_epoch(Some(1)).await.expect("get epoch 1");
-            assert_eq!(record.root_hash, vec![1; 32]);
-            assert_eq!(record.partition_roots, b"p1".to_vec());
+            assert_eq!(record.root_hash, crate::support::commit(1, 1).root_hash);
+            assert_eq!(
+                record.partition_roots,
+                crate::support::commit(1, 1).partition_roots
+            );
             assert_eq!(client.get_epoch(None).await.expect("latest").epoch, 1);
         }
 
@@ -94,19 +87,15 @@ fn conflicting_commit_is_refused_and_epochs_commit_in_order() {
                 .expect("append");
             assert_eq!(client.seal(None).await.expect("seal").epoch, 3);
             assert_eq!(
-                code(
-                    client
-                        .commit_epoch(crate::support::commit(3, vec![3; 32], Vec::new()))
-                        .await
-                ),
+                code(cluster.commit_epoch(crate::support::commit(3, 3)).await),
                 Code::FailedPrecondition
             );
-            client
-                .commit_epoch(crate::support::commit(2, vec![2; 32], Vec::new()))
+            cluster
+                .commit_epoch(crate::support::commit(2, 2))
                 .await
                 .expect("commit 2");
-            client
-                .commit_epoch(crate::support::commit(3, vec![3; 32], Vec::new()))
+            cluster
+                .commit_epoch(crate::support::commit(3, 3))
                 .await
                 .expect("commit 3");
         }
@@ -126,7 +115,9 @@ fn conflicting_commit_is_refused_and_epochs_commit_in_order() {
                 .collect();
             assert_eq!(
                 commits,
-                vec![(1, vec![1; 32]), (2, vec![2; 32]), (3, vec![3; 32])],
+                (1..=3)
+                    .map(|e| (e, crate::support::commit(e, e as u8).root_hash))
+                    .collect::<Vec<_>>(),
                 "node {id}: one commit per epoch"
             );
         }

@@ -65,8 +65,8 @@ fn full_cluster_restart_keeps_state_and_resumes_sealing() {
             .expect("append");
         assert_eq!(first.epoch, 1);
         assert_eq!(client.seal(None).await.expect("seal").epoch, 1);
-        client
-            .commit_epoch(crate::support::commit(1, vec![5; 32], b"p".to_vec()))
+        cluster
+            .commit_epoch(crate::support::commit(1, 5))
             .await
             .expect("commit");
         let second = client

@@ -40,7 +40,8 @@ fn follower_behind_a_purged_log_catches_up_by_snapshot() {
                 live.append(batch(round), None).await.expect("append");
             }
             assert_eq!(live.seal(None).await.expect("seal").epoch, 1);
-            live.commit_epoch(crate::support::commit(1, vec![9; 32], b"roots".to_vec()))
+            cluster
+                .commit_epoch(crate::support::commit(1, 9))
                 .await
                 .expect("commit");
             for round in 60..70 {

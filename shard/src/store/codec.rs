@@ -87,6 +87,10 @@ pub fn decode_user(akd_label: &[u8], bytes: &[u8]) -> Result<UserVersion> {
     let mut reader = Reader::new(bytes, "user version");
     reader.format(FORMAT)?;
     let version = reader.u64()?;
+    if version == 0 {
+        // akd versions start at 1; a 0 would underflow the lookup marker (2^⌊log2 n⌋).
+        return Err(reader.corrupt("user version 0"));
+    }
     let epoch = reader.u64()?;
     let fresh_label = reader.label()?;
     let label_len = reader.u32()? as usize;

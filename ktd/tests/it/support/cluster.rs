@@ -88,6 +88,8 @@ pub struct TopologyOptions {
     /// `--replication-factor` at `--init` (`None`: the sequencer's default, every partition on
     /// up to three servers).
     pub replication_factor: Option<u32>,
+    /// More flags for node 1's `--init` (cluster limits).
+    pub init_args: &'static [&'static str],
 }
 
 /// Three `ktd sequencer`s (bootstrapped from node 1), [`TopologyOptions::shards`] `ktd shard`s
@@ -162,6 +164,9 @@ impl Topology {
                 "--peers".into(),
                 peers.clone(),
             ];
+            if id != 1 {
+                args.push("--join".into());
+            }
             if id == 1 {
                 args.extend(
                     [
@@ -178,6 +183,7 @@ impl Topology {
                 if let Some(factor) = topology.options.replication_factor {
                     args.extend(["--replication-factor".to_string(), factor.to_string()]);
                 }
+                args.extend(topology.options.init_args.iter().map(|arg| arg.to_string()));
             }
             node.spawn(&args);
             topology.sequencers.insert(id, node);
@@ -261,6 +267,18 @@ impl Topology {
         );
         node.spawn(&[]);
         self.gateways.push(node);
+    }
+
+    /// A client over the sequencers of [`Topology::sequencer_list`], retrying generously.
+    pub fn sequencer_client(&self) -> SequencerClient {
+        SequencerClient::with_options(
+            self.sequencer_list.split(',').map(String::from),
+            ClientOptions {
+                total_timeout: Duration::from_secs(20),
+                max_attempts: 400,
+                ..ClientOptions::default()
+            },
+        )
     }
 
     /// `http://ip:port` of the first gateway.

@@ -3,12 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use ktd_testkit::eventually;
 use ktd_testkit::seed::TEST_VRF_KEY;
-use sequencer::{ClientOptions, SequencerClient, SequencerConfig, pb};
+use sequencer::node::WeakSequencer;
+use sequencer::{ClientOptions, Sequencer, SequencerClient, SequencerConfig, SequencerError, pb};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -16,6 +18,8 @@ use tokio::task::JoinHandle;
 struct RunningNode {
     stop: oneshot::Sender<()>,
     task: JoinHandle<sequencer::Result<()>>,
+    /// The node, once started (weak: stopping it is not held up by the test).
+    node: Arc<Mutex<Option<WeakSequencer>>>,
 }
 
 /// A cluster of in-process nodes.
@@ -74,6 +78,7 @@ impl TestCluster {
             let mut config = cluster.config(id, Some(id));
             config.peers = peers.clone();
             config.init = id == 1;
+            config.join = id != 1;
             cluster.spawn(id, config, listener);
         }
         cluster.wait_leader().await;
@@ -98,12 +103,52 @@ impl TestCluster {
         config
     }
 
+    /// Starts a node as `sequencer::run` does (its coordinator included), keeping a weak
+    /// handle so tests can propose commits in process, as the leader's coordinator does.
     fn spawn(&mut self, id: u64, config: SequencerConfig, listener: TcpListener) {
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(sequencer::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        self.running.insert(id, RunningNode { stop, task });
+        let node = Arc::new(Mutex::new(None));
+        let handle = node.clone();
+        let task = tokio::spawn(async move {
+            let sequencer = Sequencer::start(config).await?;
+            sequencer.spawn_coordinator(Arc::new(shard::cluster::GrpcConnector::default()));
+            *handle.lock().expect("handle lock") = Some(sequencer.downgrade());
+            sequencer::serve(sequencer, listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        self.running.insert(id, RunningNode { stop, task, node });
+    }
+
+    /// Proposes `commit` on the current leader, in process (the only way an epoch commits:
+    /// there is no CommitEpoch RPC); follows leadership changes for up to 20 s.
+    pub async fn commit_epoch(
+        &self,
+        commit: pb::CommitEpochRequest,
+    ) -> sequencer::Result<pb::CommitEpochResponse> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let nodes: Vec<Sequencer> = self
+                .running
+                .values()
+                .filter_map(|node| node.node.lock().expect("handle lock").as_ref()?.upgrade())
+                .collect();
+            let mut last = None;
+            for node in nodes {
+                match node.commit_epoch(commit.clone()).await {
+                    Err(error @ SequencerError::NotLeader { .. }) => last = Some(error),
+                    other => return other,
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(last.unwrap_or(SequencerError::NotLeader {
+                    leader_id: None,
+                    leader_addr: None,
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Replaces the configuration tweak used by later (re)starts.
@@ -138,7 +183,8 @@ impl TestCluster {
             .expect("bind");
         self.addrs
             .insert(id, listener.local_addr().expect("addr").to_string());
-        let config = self.config(id, Some(id));
+        let mut config = self.config(id, Some(id));
+        config.join = true;
         self.spawn(id, config, listener);
         self.addr(id)
     }

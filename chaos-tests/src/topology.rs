@@ -712,7 +712,7 @@ impl Topology {
         self.root.as_ref().map(tempfile::TempDir::path)
     }
 
-    /// Starts one more sequencer (the next node id, a fresh data directory, no `--init`): a
+    /// Starts one more sequencer (the next node id, a fresh data directory, `--join`): a
     /// node for an operator to add with `AddLearner`. It dials its peers directly (no link
     /// proxies). Errors for a cluster this harness did not start.
     pub fn spawn_sequencer(&mut self) -> Result<u64, TopologyError> {
@@ -745,7 +745,8 @@ impl Topology {
             addr,
             base,
         );
-        process.spawn(&["--id".to_string(), id.to_string()])?;
+        // A new member: `--join` lets it create its data directory.
+        process.spawn(&["--id".to_string(), id.to_string(), "--join".to_string()])?;
         self.sequencers.push(process);
         Ok(id)
     }

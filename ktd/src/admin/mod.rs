@@ -117,7 +117,7 @@ pub enum AdminCommand {
         #[arg(long)]
         to: Option<u64>,
     },
-    /// Add a sequencer started with `--id N` and an empty data directory (no `--init`): as a
+    /// Add a sequencer started with `--id N` and an empty data directory and `--join`: as a
     /// learner, wait until it has caught up, then promote it to voter. N must be new.
     AddSequencer {
         /// Its node id (never one used before in this cluster).

@@ -687,16 +687,17 @@ fn check_commit(
 
 /// Default of `ClusterMetadata.max_epoch_bytes`.
 pub const DEFAULT_MAX_EPOCH_BYTES: u64 = 64 << 20;
-/// Largest `ClusterMetadata.max_epoch_bytes`: with at most one million updates of ~80 bytes of
-/// framing and trace context each, a shard's whole share of an epoch stays under its 256 MiB
-/// `PrepareEpoch` message limit (`shard::server::MAX_MESSAGE_BYTES`).
+/// Largest `ClusterMetadata.max_epoch_bytes`: bounds what the coordinator holds of one epoch
+/// while it drives it (the batch and each server's share). Shares travel to shards in parts
+/// (`shard::client::TRANSFER_CHUNK_BYTES` per message), and an epoch's leaves (at most two per
+/// update, ≤ 1,000,000 updates) fit one `BuildEpoch` stream (`shard::server::MAX_MESSAGE_BYTES`).
 pub const MAX_EPOCH_BYTES_CEILING: u64 = 128 << 20;
 /// Default of `ClusterMetadata.max_uncommitted_epochs`.
 pub const DEFAULT_MAX_UNCOMMITTED_EPOCHS: u64 = 16;
 
 /// The input limits of a cluster, from its replicated metadata (a 0 field is the default):
 /// enforced by the state machine at `Append` on every replica, so an update that was
-/// acknowledged always fits what a shard accepts and what one `PrepareEpoch` carries.
+/// acknowledged always fits what a shard accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InputLimits {
     /// Longest label, in bytes (at most the shards' `UpdateLimits::max_label_len`).

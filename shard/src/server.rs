@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ktd_proto::ktd::shard::v1 as pb;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -15,16 +15,25 @@ use crate::error::Error;
 use crate::wire::{self, Decoder};
 use ktd_core::Error as CoreError;
 
-/// Largest message a shard sends or accepts (audit slices and leaf deliveries can be large).
+/// Largest message a shard sends (audit slices and proof answers can be large), and the most
+/// bytes one `BuildEpoch` stream may carry in all.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
-/// Request bytes per method (`ktd_rpc::limits`): a `PrepareEpoch` carries a share of an epoch
-/// (up to [`MAX_MESSAGE_BYTES`]); every other request (plans, walks, fences, a build) at most
-/// 16 MiB.
+/// Largest request message a shard accepts. Epoch shares travel in parts
+/// ([`crate::client::TRANSFER_CHUNK_BYTES`] each: several `PrepareEpoch` or `ComputeLeaves`
+/// requests, one `BuildEpoch` stream), so no single message holds a server's whole share of an
+/// epoch, whatever the epoch's size.
+pub const MAX_REQUEST_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Request bytes per method (`ktd_rpc::limits`): a `BuildEpoch` stream carries a server's
+/// leaves of an epoch (up to [`MAX_MESSAGE_BYTES`] in all, [`MAX_REQUEST_MESSAGE_BYTES`] per
+/// message); every other request (a part of a share, plans, walks, fences) at most
+/// [`MAX_REQUEST_MESSAGE_BYTES`].
 pub fn request_limits(path: &str) -> usize {
+    // 5 bytes of gRPC framing per message.
     5 + match path {
-        "/ktd.shard.v1.Shard/PrepareEpoch" => MAX_MESSAGE_BYTES,
-        _ => 16 << 20,
+        "/ktd.shard.v1.Shard/BuildEpoch" => MAX_MESSAGE_BYTES + (1 << 20),
+        _ => MAX_REQUEST_MESSAGE_BYTES,
     }
 }
 
@@ -81,7 +90,7 @@ impl ShardService {
     /// The tonic server for this service, with ktd's message size limits.
     pub fn into_server(self) -> pb::shard_server::ShardServer<Self> {
         pb::shard_server::ShardServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
@@ -152,17 +161,36 @@ impl pb::shard_server::Shard for ShardService {
 
     async fn build_epoch(
         &self,
-        request: Request<pb::BuildEpochRequest>,
+        request: Request<Streaming<pb::BuildEpochRequest>>,
     ) -> Result<Response<pb::BuildEpochResponse>, Status> {
         let peer = decoder(&request);
         let decoder = Decoder { peer: &peer };
-        let request = request.into_inner();
-        let fence = decoder.fence(&request.fence)?;
-        let base_roots = decoder.partition_roots(&request.base_roots)?;
-        let leaves = decoder.partition_leaves(&request.leaves)?;
+        let mut stream = request.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(Status::invalid_argument(
+                "BuildEpoch: the stream ended before its first message",
+            ));
+        };
+        let fence = decoder.fence(&first.fence)?;
+        let base_roots = decoder.partition_roots(&first.base_roots)?;
+        let mut leaves = decoder.partition_leaves(&first.leaves)?;
+        // The stream's total is bounded by the method's request limit (`request_limits`).
+        while let Some(part) = stream.message().await? {
+            if part.epoch != 0
+                || part.fence.is_some()
+                || !part.base_roots.is_empty()
+                || !part.sources.is_empty()
+            {
+                return Err(Status::invalid_argument(
+                    "BuildEpoch: only the stream's first message may set epoch, fence, base_roots \
+                     or sources",
+                ));
+            }
+            leaves.extend(decoder.partition_leaves(&part.leaves)?);
+        }
         let summary = self
             .api
-            .build_epoch(request.epoch, &fence, base_roots, leaves, request.sources)
+            .build_epoch(first.epoch, &fence, base_roots, leaves, first.sources)
             .await?;
         Ok(Response::new(pb::BuildEpochResponse {
             roots: wire::partition_roots(&summary.roots),

@@ -291,7 +291,9 @@ fn mutual_tls_refuses_strangers_and_keeps_admin_rpcs_for_admins() {
             .await
             .expect("connect");
         let status = ktd_proto::ktd::shard::v1::shard_client::ShardClient::new(as_gateway_to_shard)
-            .build_epoch(ktd_proto::ktd::shard::v1::BuildEpochRequest::default())
+            .build_epoch(futures::stream::iter([
+                ktd_proto::ktd::shard::v1::BuildEpochRequest::default(),
+            ]))
             .await
             .expect_err("a gateway drove a build");
         assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");

@@ -26,7 +26,7 @@ use shard::api::{
     BootstrapSource, BootstrapSummary, BuildSummary, Fence, PartitionChunk, PrepareSummary,
     ShardApi, ShardStatus, UpdateTrace, UserPartitionLeaves,
 };
-use shard::client::{ClientTimeouts, GrpcPeers};
+use shard::client::{ClientTimeouts, GrpcPeers, TransferChunks};
 use shard::cluster::{self, CommittedEpoch, EpochOutcome, Participation, ReplicaVerdict, ShardSet};
 use shard::local::{LocalShard, NoPeers, PeerResolver};
 use shard::node::ShardNode;
@@ -211,6 +211,98 @@ async fn serve(shard: Arc<dyn ShardApi>) -> SocketAddr {
             .await
     });
     address
+}
+
+/// Request messages a deliberately strict shard server decodes: far less than one epoch's share.
+const STRICT_MESSAGE_BYTES: usize = 4 << 10;
+
+#[test]
+fn epoch_shares_travel_in_parts_so_a_server_that_takes_only_small_messages_still_builds_the_directorys_roots()
+ {
+    with_deadline_blocking(Duration::from_secs(120), || {
+        let runtime = runtime();
+        let (bits, seed) = (2, 33);
+        let dir = tempfile::tempdir().expect("temp dir");
+        runtime.block_on(async {
+            let strict = local("strict", dir.path(), bits, seed);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let address = listener.local_addr().expect("address");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let service = ShardService::new(strict.clone() as Arc<dyn ShardApi>)
+                .into_server()
+                .max_decoding_message_size(STRICT_MESSAGE_BYTES);
+            tokio::spawn(async move {
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(incoming)
+                    .await
+            });
+            let map = ShardMap::even(
+                bits,
+                1,
+                vec![("strict".to_string(), format!("http://{address}"))],
+            )
+            .expect("map");
+            let batches = workload::random(seed, 6, 200, 2).batches;
+            let empty = TopTree::<Wa>::new(bits, vec![None; 1 << bits]).expect("empty top");
+
+            // Sent whole, the first epoch's share is refused by the server's message limit, and
+            // nothing is written.
+            let whole = GrpcPeers::new(ClientTimeouts::default());
+            let shards = ShardSet::resolve(map.clone(), &whole).expect("shard set");
+            let Err(failure) = cluster::run_epoch(
+                &shards,
+                &fence(&map, 1, 0),
+                1,
+                &empty,
+                batches[0].clone(),
+                &HashMap::new(),
+                &Participation::everyone(&map),
+            )
+            .await
+            else {
+                panic!("a whole share larger than the server's message limit was accepted");
+            };
+            assert!(
+                failure.to_string().contains("too large"),
+                "unexpected failure: {failure}"
+            );
+
+            // In parts, every epoch builds the directory's roots, proofs and audits.
+            let chunks = TransferChunks {
+                bytes: 1 << 10,
+                updates: 8,
+            };
+            let parted = GrpcPeers::new(ClientTimeouts::default()).with_transfer_chunks(chunks);
+            let shards = ShardSet::resolve(map.clone(), &parted).expect("shard set");
+            let tops = compare_with_directory(&shards, bits, seed, batches.clone()).await;
+
+            // A recomputation of one user partition's leaves in parts equals the whole one.
+            let epoch = 1;
+            let user_partition = 1;
+            let updates: Vec<_> = batches[0]
+                .iter()
+                .filter(|(label, _)| {
+                    ktd_core::label::user_partition(&label.0, bits) == user_partition
+                })
+                .cloned()
+                .collect();
+            assert!(updates.len() > 2 * chunks.updates, "several parts");
+            let client = parted.client(&map.servers()[0]).expect("client");
+            let parts = client
+                .compute_leaves(epoch, user_partition, updates.clone())
+                .await
+                .expect("leaves in parts");
+            let whole = strict
+                .compute_leaves(epoch, user_partition, updates)
+                .await
+                .expect("leaves in process");
+            assert_eq!(parts, whole);
+            assert_eq!(tops.len(), batches.len() + 1);
+        });
+    });
 }
 
 #[test]

@@ -69,7 +69,6 @@ fn batch_stream(
     };
     Box::pin(futures::stream::try_unfold(Some(cursor), move |state| {
         let sequencer = sequencer.clone();
-        let header = header.clone();
         async move {
             let Some(cursor) = state else {
                 return Ok(None);

@@ -1,5 +1,6 @@
 //! The `ktd.sequencer.v1.Sequencer` gRPC service: the data path (Append, GetEpoch, batches,
-//! WatchLog). Commits are not served here: the leader's own coordinator proposes them in
+//! WatchLog). Batches are streamed from RocksDB a chunk at a time (never loaded whole);
+//! `WatchLog` subscribers are bounded in number and buffered bytes (`watch.*`). Commits are not served here: the leader's own coordinator proposes them in
 //! process. Thin: each handler calls [`Sequencer`] and maps errors through
 //! `From<SequencerError> for Status`.
 
@@ -11,10 +12,10 @@ use ktd_proto::ktd::sequencer::v1::sequencer_server;
 use tonic::{Request, Response, Status};
 
 use crate::node::{Sequencer, WeakSequencer};
-use crate::raft::state_machine::BatchRead;
+use crate::raft::state_machine::BatchCursor;
 
-/// Bytes of updates per streamed batch chunk.
-const CHUNK_BYTES: usize = 1 << 20;
+/// Bytes of updates per streamed batch chunk (one update larger than this is a chunk alone).
+pub const CHUNK_BYTES: usize = 1 << 20;
 
 /// Largest request (an Append): one Raft entry, see `raft::network::MAX_MESSAGE_BYTES`.
 pub const MAX_REQUEST_BYTES: usize = 16 << 20;
@@ -49,32 +50,37 @@ impl ApiService {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Splits a batch into chunks of about [`CHUNK_BYTES`].
-fn chunks(batch: BatchRead) -> Vec<Result<pb::BatchChunk, Status>> {
-    let total = batch.updates.len() as u64;
-    let header = |updates| pb::BatchChunk {
-        epoch: batch.epoch,
-        as_of_index: batch.as_of_index,
+/// Streams a batch from `cursor` on, one chunk of about [`CHUNK_BYTES`] read from RocksDB (on a
+/// blocking thread) when the transport asks for the next: a stream holds one chunk, whatever
+/// the batch's size. Always at least one chunk (an empty batch is one empty chunk). The stream
+/// holds the node weakly; a node shutting down ends it with `UNAVAILABLE`.
+fn batch_stream(
+    sequencer: WeakSequencer,
+    cursor: BatchCursor,
+    labels_only: bool,
+) -> BoxStream<pb::BatchChunk> {
+    let first = cursor.clone();
+    let header = move |updates| pb::BatchChunk {
+        epoch: first.epoch,
+        as_of_index: first.as_of_index,
         updates,
-        total,
-        sealed: batch.sealed,
+        total: first.total,
+        sealed: first.sealed,
     };
-    let mut out = Vec::new();
-    let mut current = Vec::new();
-    let mut bytes = 0;
-    for update in batch.updates {
-        let size = update.label.len() + update.value.len() + 16;
-        if !current.is_empty() && bytes + size > CHUNK_BYTES {
-            out.push(Ok(header(std::mem::take(&mut current))));
-            bytes = 0;
+    Box::pin(futures::stream::try_unfold(Some(cursor), move |state| {
+        let sequencer = sequencer.clone();
+        async move {
+            let Some(cursor) = state else {
+                return Ok(None);
+            };
+            let node = sequencer
+                .upgrade()
+                .ok_or_else(|| Status::unavailable("the sequencer is shutting down"))?;
+            let (updates, cursor) = node.batch_page(cursor, CHUNK_BYTES, labels_only).await?;
+            let next = (!cursor.done).then_some(cursor);
+            Ok(Some((header(updates), next)))
         }
-        bytes += size;
-        current.push(update);
-    }
-    if !current.is_empty() || out.is_empty() {
-        out.push(Ok(header(current)));
-    }
-    out
+    }))
 }
 
 #[tonic::async_trait]
@@ -111,25 +117,30 @@ impl sequencer_server::Sequencer for ApiService {
         &self,
         request: Request<pb::GetSealedBatchRequest>,
     ) -> Result<Response<Self::GetSealedBatchStream>, Status> {
-        let batch = self
+        let cursor = self
             .node()?
-            .sealed_batch(request.into_inner().epoch)
+            .start_batch(Some(request.into_inner().epoch))
             .await?;
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks(
-            batch,
-        )))))
+        Ok(Response::new(batch_stream(
+            self.sequencer.clone(),
+            cursor,
+            false,
+        )))
     }
 
     type GetOpenEpochStream = BoxStream<pb::BatchChunk>;
 
     async fn get_open_epoch(
         &self,
-        _request: Request<pb::GetOpenEpochRequest>,
+        request: Request<pb::GetOpenEpochRequest>,
     ) -> Result<Response<Self::GetOpenEpochStream>, Status> {
-        let batch = self.node()?.open_epoch().await?;
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks(
-            batch,
-        )))))
+        let labels_only = request.into_inner().labels_only;
+        let cursor = self.node()?.start_batch(None).await?;
+        Ok(Response::new(batch_stream(
+            self.sequencer.clone(),
+            cursor,
+            labels_only,
+        )))
     }
 
     type WatchLogStream = BoxStream<pb::LogEvent>;
@@ -143,7 +154,7 @@ impl sequencer_server::Sequencer for ApiService {
         // A purged start position is an error status, not a stream that fails at once.
         node.check_log_position(from_index).await?;
         let stream = node
-            .watch_log(from_index)
+            .watch_log(from_index)?
             .map(|item| item.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }

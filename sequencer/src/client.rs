@@ -137,6 +137,14 @@ impl SequencerClient {
         request
     }
 
+    /// A request for a server stream: trace context, no `grpc-timeout` (the caller bounds each
+    /// message instead).
+    fn stream_request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        ktd_rpc::telemetry::inject_context(&mut request);
+        request
+    }
+
     /// Runs `call` against the leader, following hints and retrying (see the module docs).
     async fn on_leader<T, F, Fut>(&self, retry: Retry, mut call: F) -> Result<T>
     where
@@ -420,24 +428,42 @@ impl SequencerClient {
         .await
     }
 
-    /// A sealed epoch's batch from the node at `addr`, all chunks collected.
+    /// A sealed epoch's batch from the node at `addr`, all chunks collected. The stream has no
+    /// overall deadline; each chunk must arrive within `attempt_timeout` of the previous one.
     pub async fn sealed_batch_at(&self, addr: &str, epoch: u64) -> Result<Vec<pb::BatchChunk>> {
         let mut client = ApiClient::new(self.channel(addr)?).max_decoding_message_size(64 << 20);
-        let stream = client
-            .get_sealed_batch(self.request(pb::GetSealedBatchRequest { epoch }))
+        let idle = self.inner.options.attempt_timeout;
+        let request = self.stream_request(pb::GetSealedBatchRequest { epoch });
+        let stream = within(idle, client.get_sealed_batch(request))
             .await?
             .into_inner();
-        Ok(collect(stream).await?)
+        Ok(collect(stream, idle).await?)
     }
 
-    /// The open epoch's updates from the node at `addr`, all chunks collected.
+    /// The open epoch's updates from the node at `addr`, all chunks collected (deadlines as
+    /// for [`SequencerClient::sealed_batch_at`]).
     pub async fn open_epoch_at(&self, addr: &str) -> Result<Vec<pb::BatchChunk>> {
+        self.open_epoch_chunks(addr, false).await
+    }
+
+    /// The open epoch's labels (values left empty) from the node at `addr`: what a shard's log
+    /// tail needs, at a fraction of the bytes.
+    pub async fn open_epoch_labels_at(&self, addr: &str) -> Result<Vec<pb::BatchChunk>> {
+        self.open_epoch_chunks(addr, true).await
+    }
+
+    async fn open_epoch_chunks(
+        &self,
+        addr: &str,
+        labels_only: bool,
+    ) -> Result<Vec<pb::BatchChunk>> {
         let mut client = ApiClient::new(self.channel(addr)?).max_decoding_message_size(64 << 20);
-        let stream = client
-            .get_open_epoch(self.request(pb::GetOpenEpochRequest {}))
+        let idle = self.inner.options.attempt_timeout;
+        let request = self.stream_request(pb::GetOpenEpochRequest { labels_only });
+        let stream = within(idle, client.get_open_epoch(request))
             .await?
             .into_inner();
-        Ok(collect(stream).await?)
+        Ok(collect(stream, idle).await?)
     }
 
     /// Tails the committed log of the node at `addr` from `from_index` (no deadline: the stream
@@ -491,10 +517,28 @@ fn is_connect_failure(status: &Status) -> bool {
         && (status.message().contains("connect") || status.message().contains("shutting down"))
 }
 
-async fn collect<T>(mut stream: tonic::Streaming<T>) -> std::result::Result<Vec<T>, Status> {
+/// Runs `call` for at most `limit` (a stream's start, or one of its messages).
+async fn within<T>(
+    limit: Duration,
+    call: impl Future<Output = std::result::Result<T, Status>>,
+) -> std::result::Result<T, Status> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(Status::deadline_exceeded(format!(
+            "nothing received for {} ms",
+            limit.as_millis()
+        )))
+    })
+}
+
+/// Collects a stream, each message within `idle` of the previous one (no overall deadline: a
+/// large batch takes as long as it takes while it keeps moving).
+async fn collect<T>(
+    mut stream: tonic::Streaming<T>,
+    idle: Duration,
+) -> std::result::Result<Vec<T>, Status> {
     let mut items = Vec::new();
-    while let Some(item) = stream.next().await {
-        items.push(item?);
+    while let Some(item) = within(idle, async { stream.next().await.transpose() }).await? {
+        items.push(item);
     }
     Ok(items)
 }

@@ -69,6 +69,8 @@ pub struct SequencerConfig {
     pub shutdown: ShutdownOptions,
     /// How the leader's coordinator looks after shard replicas.
     pub replicas: ReplicaOptions,
+    /// Bounds on `WatchLog` subscribers.
+    pub watch: WatchOptions,
 }
 
 impl Default for SequencerConfig {
@@ -87,6 +89,7 @@ impl Default for SequencerConfig {
             raft: RaftOptions::default(),
             shutdown: ShutdownOptions::default(),
             replicas: ReplicaOptions::default(),
+            watch: WatchOptions::default(),
         }
     }
 }
@@ -222,6 +225,14 @@ pub struct RaftOptions {
     pub snapshot_min_timeout: Duration,
     /// Health reports NOT_SERVING while applied lags committed by more entries than this.
     pub max_apply_lag: u64,
+    /// A received snapshot larger than this in all is refused (`RESOURCE_EXHAUSTED`) and
+    /// removed. Keep it below the data disk's free space and above the largest state machine
+    /// (retained and uncommitted batches, the open epoch, idempotency records).
+    pub snapshot_max_bytes: u64,
+    /// A received snapshot with more files than this is refused.
+    pub snapshot_max_files: u64,
+    /// A received snapshot with a file larger than this is refused.
+    pub snapshot_max_file_bytes: u64,
 }
 
 impl Default for RaftOptions {
@@ -237,6 +248,50 @@ impl Default for RaftOptions {
             stream_progress_timeout: Duration::from_secs(3),
             snapshot_min_timeout: Duration::from_secs(30),
             max_apply_lag: 1_000,
+            snapshot_max_bytes: crate::raft::snapshot::SnapshotLimits::default().max_bytes,
+            snapshot_max_files: crate::raft::snapshot::SnapshotLimits::default().max_files,
+            snapshot_max_file_bytes: crate::raft::snapshot::SnapshotLimits::default()
+                .max_file_bytes,
+        }
+    }
+}
+
+impl RaftOptions {
+    /// The bounds on one received snapshot.
+    pub fn snapshot_limits(&self) -> crate::raft::snapshot::SnapshotLimits {
+        crate::raft::snapshot::SnapshotLimits {
+            max_bytes: self.snapshot_max_bytes,
+            max_files: self.snapshot_max_files,
+            max_file_bytes: self.snapshot_max_file_bytes,
+        }
+    }
+}
+
+/// Bounds on `WatchLog` subscribers (node-local).
+///
+/// Each subscriber's undelivered events take at most `buffer_bytes` of memory (an event larger
+/// than that, up to one 16 MiB `Append`, is buffered alone), so stalled subscribers hold at most
+/// `max_subscribers × max(buffer_bytes, 16 MiB)`: 1 GiB with the defaults. The subscribers are
+/// the shard servers' log tails (one each) and operators' tools, far fewer than 64.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchOptions {
+    /// Most `WatchLog` streams open at once on this node; more get `RESOURCE_EXHAUSTED`.
+    pub max_subscribers: usize,
+    /// Bytes of events buffered for one subscriber that has not read them yet.
+    pub buffer_bytes: usize,
+    /// A subscriber whose buffer stays full this long is dropped; its stream ends with
+    /// `RESOURCE_EXHAUSTED` after the events already buffered.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        Self {
+            max_subscribers: 64,
+            buffer_bytes: 8 << 20,
+            stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -399,6 +454,23 @@ impl SequencerConfig {
         }
         if self.epoch.max_batch_updates == 0 {
             return Err(invalid("epoch.max_batch_updates must be positive"));
+        }
+        if raft.snapshot_max_bytes == 0
+            || raft.snapshot_max_files == 0
+            || raft.snapshot_max_file_bytes == 0
+        {
+            return Err(invalid(
+                "raft.snapshot_max_bytes, raft.snapshot_max_files and \
+                 raft.snapshot_max_file_bytes must be positive",
+            ));
+        }
+        if self.watch.max_subscribers == 0
+            || self.watch.buffer_bytes == 0
+            || self.watch.stall_timeout.is_zero()
+        {
+            return Err(invalid(
+                "watch.max_subscribers, watch.buffer_bytes and watch.stall_timeout must be positive",
+            ));
         }
         let members = self.initial_members()?;
         self.peer_overrides()?;

@@ -143,6 +143,34 @@ pub enum SequencerError {
         /// First index still in the log.
         first_retained: u64,
     },
+    /// A snapshot install is half done: the state is neither the old one nor the new one.
+    #[error("a snapshot is being installed on this node; retry shortly")]
+    InstallingSnapshot,
+    /// One snapshot is received at a time.
+    #[error("another snapshot is being received by this node; one at a time")]
+    SnapshotInProgress,
+    /// A received snapshot exceeds a `raft.snapshot_max_*` limit.
+    #[error("snapshot refused: {0}")]
+    SnapshotTooLarge(String),
+    /// `watch.max_subscribers` WatchLog streams are open already.
+    #[error(
+        "too many WatchLog subscribers on this node (at most {max}); retry later or use another node"
+    )]
+    TooManySubscribers {
+        /// `watch.max_subscribers`.
+        max: usize,
+    },
+    /// A WatchLog subscriber read nothing for `watch.stall_timeout` with its buffer full.
+    #[error(
+        "WatchLog subscriber dropped: it read nothing for {waited_ms} ms with {buffered_bytes} \
+         bytes waiting; resume from the next index"
+    )]
+    SubscriberTooSlow {
+        /// How long the subscriber's buffer stayed full.
+        waited_ms: u64,
+        /// Bytes buffered for it then.
+        buffered_bytes: u64,
+    },
     /// The cluster has no metadata yet (not initialised, or InitCluster not yet applied).
     #[error("the cluster is not initialised")]
     NotInitialized,
@@ -232,9 +260,14 @@ impl SequencerError {
             Self::NotLeader { .. }
             | Self::LeaseExpired { .. }
             | Self::ShuttingDown
+            | Self::InstallingSnapshot
             | Self::NoQuorum(_)
             | Self::Coordination(_) => Code::Unavailable,
             Self::EpochNotFound { .. } | Self::BatchNotRetained { .. } => Code::NotFound,
+            Self::SnapshotInProgress
+            | Self::SnapshotTooLarge(_)
+            | Self::TooManySubscribers { .. }
+            | Self::SubscriberTooSlow { .. } => Code::ResourceExhausted,
             Self::EpochNotSealed { .. } | Self::NotInitialized | Self::Membership(_) => {
                 Code::FailedPrecondition
             }

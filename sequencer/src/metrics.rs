@@ -222,6 +222,19 @@ impl InclusionTracker {
 /// Servers with a `ktd_batch_retention_pin_epoch` series (set to NaN once they leave the map).
 static PINNED_SERVERS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
+/// Sets the `WatchLog` gauges: `ktd_sequencer_watch_subscribers` (streams open on this node)
+/// and `ktd_sequencer_watch_buffered_bytes` (events read for them and not yet taken).
+pub fn export_watch(subscribers: usize, buffered_bytes: u64) {
+    metrics::gauge!("ktd_sequencer_watch_subscribers").set(subscribers as f64);
+    metrics::gauge!("ktd_sequencer_watch_buffered_bytes").set(buffered_bytes as f64);
+}
+
+/// Counts a `WatchLog` subscriber dropped for reading too slowly
+/// (`ktd_sequencer_watch_dropped_total`).
+pub fn record_watch_dropped() {
+    metrics::counter!("ktd_sequencer_watch_dropped_total").increment(1);
+}
+
 /// Sets the batch-retention gauges from the replicated state (every node exports them; they are
 /// the same on every caught-up member):
 /// - `ktd_batch_retained` (batches), `ktd_batch_retained_bytes` and `ktd_batch_retention_max_bytes`;

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
@@ -26,7 +27,7 @@ use crate::raft::db::Storage;
 use crate::raft::log_store::RocksLogStore;
 use crate::raft::network::{PeerNetwork, TransportOptions};
 use crate::raft::snapshot;
-use crate::raft::state_machine::{BatchRead, RocksStateMachine, SmShared, SmView};
+use crate::raft::state_machine::{BatchCursor, BatchRead, RocksStateMachine, SmShared, SmView};
 use crate::raft::types::{Node, RaftMetrics};
 use crate::raft::{self, Command, NodeId, Raft};
 
@@ -66,6 +67,62 @@ struct Inner {
     raft_exporter: crate::metrics::RaftExporter,
     /// Appends acknowledged here whose epochs are not committed yet.
     inclusion: crate::metrics::InclusionTracker,
+    /// One permit per `WatchLog` subscriber (`watch.max_subscribers`).
+    watch_subscribers: Arc<tokio::sync::Semaphore>,
+    /// Bytes of events read for `WatchLog` subscribers and not yet taken by them, all together.
+    watch_buffered_bytes: Arc<AtomicU64>,
+}
+
+/// Bytes of log entries one `WatchLog` read takes from the store (at least one entry).
+pub const WATCH_READ_BYTES: usize = 4 << 20;
+
+/// A `WatchLog` subscriber's side: the buffered events, then how the stream ended. Taking an
+/// event gives its bytes back to the subscriber's buffer; dropping the stream gives back all.
+struct WatchStream {
+    receiver: tokio::sync::mpsc::Receiver<(pb::LogEvent, u32)>,
+    end: Option<tokio::sync::oneshot::Receiver<SequencerError>>,
+    buffer: Arc<tokio::sync::Semaphore>,
+    buffered: Arc<AtomicU64>,
+}
+
+impl Stream for WatchStream {
+    type Item = Result<pb::LogEvent>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        match self.receiver.poll_recv(cx) {
+            Poll::Ready(Some((event, size))) => {
+                self.buffered.fetch_sub(u64::from(size), Ordering::SeqCst);
+                self.buffer.add_permits(size as usize);
+                Poll::Ready(Some(Ok(event)))
+            }
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                let Some(end) = self.end.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                match std::future::Future::poll(std::pin::Pin::new(end), cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(outcome) => {
+                        self.end = None;
+                        Poll::Ready(outcome.ok().map(Err))
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for WatchStream {
+    fn drop(&mut self) {
+        self.receiver.close();
+        while let Ok((_, size)) = self.receiver.try_recv() {
+            self.buffered.fetch_sub(u64::from(size), Ordering::SeqCst);
+        }
+    }
 }
 
 /// A handle that does not keep the node alive: services hold one, because a connection can
@@ -301,6 +358,7 @@ impl Sequencer {
         let (leader, _) = watch::channel(LeaderState::default());
         let tasks = TaskTracker::new();
         let metrics = forward_metrics(&raft, &tasks);
+        let watch_subscribers = Arc::new(tokio::sync::Semaphore::new(config.watch.max_subscribers));
         let sequencer = Self {
             inner: Arc::new(Inner {
                 id,
@@ -315,6 +373,8 @@ impl Sequencer {
                 traces: Default::default(),
                 raft_exporter: crate::metrics::RaftExporter::default(),
                 inclusion: crate::metrics::InclusionTracker::default(),
+                watch_subscribers,
+                watch_buffered_bytes: Arc::new(AtomicU64::new(0)),
             }),
         };
         tracing::info!(
@@ -526,6 +586,7 @@ impl Sequencer {
                 .set(machine::InputLimits::of(metadata).max_uncommitted_epochs as f64);
         }
         crate::metrics::export_retention(&epochs.retention());
+        crate::metrics::export_watch(self.watch_subscriber_count(), self.watch_buffered_bytes());
         self.inner
             .raft_exporter
             .export(&self.inner.metrics.borrow().clone());
@@ -903,7 +964,7 @@ impl Sequencer {
             )))
     }
 
-    /// A sealed epoch's batch from this node's state.
+    /// A sealed epoch's batch from this node's state, whole (the in-process coordinator).
     pub async fn sealed_batch(&self, epoch: u64) -> Result<BatchRead> {
         let sm = self.inner.sm.clone();
         let batch = blocking(move || sm.read_batch(Some(epoch))).await?;
@@ -913,10 +974,39 @@ impl Sequencer {
         Ok(batch)
     }
 
-    /// The open epoch's pending updates from this node's state.
+    /// The open epoch's pending updates from this node's state, whole.
     pub async fn open_epoch(&self) -> Result<BatchRead> {
         let sm = self.inner.sm.clone();
         blocking(move || sm.read_batch(None)).await
+    }
+
+    /// Starts a paged read of a batch from this node's state: a sealed epoch's, or the open
+    /// one's (`None`); see [`SmShared::start_batch_read`].
+    pub async fn start_batch(&self, epoch: Option<u64>) -> Result<BatchCursor> {
+        let sm = self.inner.sm.clone();
+        let cursor = blocking(move || sm.start_batch_read(epoch)).await?;
+        if let Some(epoch) = epoch
+            && !cursor.sealed
+        {
+            return Err(SequencerError::EpochNotSealed { epoch, open: epoch });
+        }
+        Ok(cursor)
+    }
+
+    /// The next page of a paged batch read: about `max_bytes` of updates (see
+    /// [`SmShared::read_batch_page`]), read on a blocking thread.
+    pub async fn batch_page(
+        &self,
+        mut cursor: BatchCursor,
+        max_bytes: usize,
+        labels_only: bool,
+    ) -> Result<(Vec<pb::SequencedUpdate>, BatchCursor)> {
+        let sm = self.inner.sm.clone();
+        blocking(move || {
+            let updates = sm.read_batch_page(&mut cursor, max_bytes, labels_only)?;
+            Ok((updates, cursor))
+        })
+        .await
     }
 
     /// Checks that this node can stream events from `from_index`: `Err(LogPurged)` if that
@@ -933,45 +1023,103 @@ impl Sequencer {
         Ok(())
     }
 
+    /// `WatchLog` subscribers open on this node.
+    pub fn watch_subscriber_count(&self) -> usize {
+        self.inner.config.watch.max_subscribers - self.inner.watch_subscribers.available_permits()
+    }
+
+    /// Bytes of events buffered for `WatchLog` subscribers and not yet taken by them.
+    pub fn watch_buffered_bytes(&self) -> u64 {
+        self.inner.watch_buffered_bytes.load(Ordering::SeqCst)
+    }
+
     /// Committed log events from `from_index` on, then new ones as they are applied; ends on
     /// shutdown. An item is `Err(LogPurged)` if the log was purged under the reader (see
     /// [`Sequencer::check_log_position`] to check the start position first).
+    ///
+    /// Bounded (`watch.*`): `Err(TooManySubscribers)` past `max_subscribers` streams; events
+    /// are read about [`WATCH_READ_BYTES`] at a time and at most `buffer_bytes` of them wait
+    /// for the subscriber (one larger event waits alone); a subscriber whose buffer stays full
+    /// for `stall_timeout` is dropped, its stream ending with `Err(SubscriberTooSlow)` after the
+    /// events already buffered.
     pub fn watch_log(
         &self,
         from_index: u64,
-    ) -> impl Stream<Item = Result<pb::LogEvent>> + Send + 'static {
-        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+    ) -> Result<impl Stream<Item = Result<pb::LogEvent>> + Send + 'static> {
+        let options = self.inner.config.watch.clone();
+        let permit = self
+            .inner
+            .watch_subscribers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SequencerError::TooManySubscribers {
+                max: options.max_subscribers,
+            })?;
+        let budget = u32::try_from(options.buffer_bytes).unwrap_or(u32::MAX);
+        let buffer = Arc::new(tokio::sync::Semaphore::new(budget as usize));
+        let buffered = self.inner.watch_buffered_bytes.clone();
+        // Events are bounded by bytes (`buffer`); the count bound only caps the queue's slots.
+        let (sender, receiver) = tokio::sync::mpsc::channel::<(pb::LogEvent, u32)>(4096);
+        let (end_sender, end) = tokio::sync::oneshot::channel::<SequencerError>();
         let sm = self.inner.sm.clone();
         let shutdown = self.inner.shutdown.clone();
+        let producer_buffer = buffer.clone();
+        let producer_buffered = buffered.clone();
         self.inner.tasks.spawn(async move {
+            let _permit = permit;
+            let buffer = producer_buffer;
+            let buffered = producer_buffered;
             let mut view = sm.view();
             let mut next = from_index.max(1);
+            let end_with = |error| {
+                let _ = end_sender.send(error);
+            };
             loop {
                 let applied = view.borrow_and_update().last_applied_index;
                 if next <= applied {
-                    let to = applied.min(next + 255);
                     let reader = sm.clone();
-                    let events = blocking(move || reader.read_events(next, to)).await;
-                    match events {
+                    let to = applied.min(next + 255);
+                    let events =
+                        blocking(move || reader.read_events(next, to, WATCH_READ_BYTES)).await;
+                    let events = match events {
                         Ok(events) if events.is_empty() => {
-                            let _ = sender
-                                .send(Err(SequencerError::LogPurged {
-                                    from_index: next,
-                                    first_retained: applied + 1,
-                                }))
-                                .await;
-                            return;
+                            return end_with(SequencerError::LogPurged {
+                                from_index: next,
+                                first_retained: applied + 1,
+                            });
                         }
-                        Ok(events) => {
-                            for event in events {
-                                next = event.index + 1;
-                                if sender.send(Ok(event)).await.is_err() {
-                                    return;
-                                }
+                        Ok(events) => events,
+                        Err(error) => return end_with(error),
+                    };
+                    for event in events {
+                        next = event.index + 1;
+                        let size = u32::try_from(prost::Message::encoded_len(&event))
+                            .unwrap_or(u32::MAX)
+                            .min(budget)
+                            .max(1);
+                        let acquired = tokio::select! {
+                            acquired = tokio::time::timeout(
+                                options.stall_timeout,
+                                buffer.acquire_many(size),
+                            ) => acquired,
+                            _ = shutdown.cancelled() => return,
+                            _ = sender.closed() => return,
+                        };
+                        match acquired {
+                            Ok(Ok(permit)) => permit.forget(),
+                            Ok(Err(_closed)) => return,
+                            Err(_elapsed) => {
+                                crate::metrics::record_watch_dropped();
+                                return end_with(SequencerError::SubscriberTooSlow {
+                                    waited_ms: options.stall_timeout.as_millis() as u64,
+                                    buffered_bytes: u64::from(budget)
+                                        - buffer.available_permits() as u64,
+                                });
                             }
                         }
-                        Err(error) => {
-                            let _ = sender.send(Err(error)).await;
+                        buffered.fetch_add(u64::from(size), Ordering::SeqCst);
+                        if sender.send((event, size)).await.is_err() {
+                            buffered.fetch_sub(u64::from(size), Ordering::SeqCst);
                             return;
                         }
                     }
@@ -984,7 +1132,12 @@ impl Sequencer {
                 }
             }
         });
-        tokio_stream::wrappers::ReceiverStream::new(receiver)
+        Ok(WatchStream {
+            receiver,
+            end: Some(end),
+            buffer,
+            buffered,
+        })
     }
 
     /// The cluster metadata and shard map as applied on this node.

@@ -137,6 +137,10 @@ pub async fn serve(
             sequencer.storage().clone(),
             sequencer.shutdown_token(),
         )
+        .with_snapshot_limits(
+            sequencer.config().raft.snapshot_limits(),
+            sequencer.config().raft.snapshot_min_timeout,
+        )
         .into_server(),
     )
     .add_service(ApiService::new(&sequencer).into_server())

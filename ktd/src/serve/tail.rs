@@ -65,12 +65,13 @@ impl LogSource {
         Ok((metadata.ok_or("the cluster has no metadata yet")?, map))
     }
 
-    /// The open epoch's pending updates and the log index they are consistent with.
+    /// The open epoch's pending updates (remote: labels only, values empty) and the log index
+    /// they are consistent with.
     async fn open_epoch(&self, attempt: usize) -> Result<(Vec<pb::SequencedUpdate>, u64), String> {
         match (self, self.addr(attempt)) {
             (LogSource::Remote { client, .. }, Some(addr)) => {
                 let chunks = client
-                    .open_epoch_at(addr)
+                    .open_epoch_labels_at(addr)
                     .await
                     .map_err(|error| error.to_string())?;
                 let as_of = chunks.first().map_or(0, |chunk| chunk.as_of_index);
@@ -97,6 +98,7 @@ impl LogSource {
                 .boxed()),
             (LogSource::Local(sequencer), _) => Ok(sequencer
                 .watch_log(from)
+                .map_err(|error| error.to_string())?
                 .map(|event| event.map_err(tonic::Status::from))
                 .boxed()),
             (LogSource::Remote { .. }, None) => Err("no sequencer addresses".into()),

@@ -69,7 +69,19 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, SequencerError> {
 
 /// Reads log entries with index in `[start, end)`.
 pub fn read_entries(storage: &Storage, start: u64, end: u64) -> Result<Vec<Entry>, SequencerError> {
+    read_entries_bounded(storage, start, end, usize::MAX)
+}
+
+/// Like [`read_entries`], but stops after the entry that brings the stored bytes read to
+/// `max_bytes` (so at least one entry, if there is one).
+pub fn read_entries_bounded(
+    storage: &Storage,
+    start: u64,
+    end: u64,
+    max_bytes: usize,
+) -> Result<Vec<Entry>, SequencerError> {
     let mut entries = Vec::new();
+    let mut bytes = 0usize;
     if start >= end {
         return Ok(entries);
     }
@@ -91,6 +103,10 @@ pub fn read_entries(storage: &Storage, start: u64, end: u64) -> Result<Vec<Entry
             )));
         }
         entries.push(entry);
+        bytes = bytes.saturating_add(value.len());
+        if bytes >= max_bytes {
+            break;
+        }
     }
     Ok(entries)
 }

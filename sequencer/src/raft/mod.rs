@@ -29,6 +29,27 @@ pub use types::{Command, NodeId, TypeConfig};
 use crate::config::RaftOptions;
 use crate::error::{Result, SequencerError};
 
+/// Room reserved for one log entry's envelope around an `Append`'s updates (log id, command
+/// framing, idempotency key, payload hash, timestamps) and for the AppendEntries header (vote,
+/// previous log id, commit index). Commands other than `Append` are far smaller than
+/// [`crate::api::MAX_REQUEST_BYTES`].
+pub const ENTRY_ENVELOPE_BYTES: usize = 64 << 10;
+
+/// Most entries openraft puts in one AppendEntries message: with every entry as large as the
+/// API lets an `Append` be (16 MiB plus its envelope), the message still fits the transport's
+/// [`network::MAX_MESSAGE_BYTES`] (31 entries: 31 × (16 MiB + 64 KiB) + 64 KiB < 512 MiB), so a
+/// lagging follower is never sent a batch its transport refuses (audit finding L6).
+pub const MAX_PAYLOAD_ENTRIES: u64 = ((network::MAX_MESSAGE_BYTES - ENTRY_ENVELOPE_BYTES)
+    / (crate::api::MAX_REQUEST_BYTES + ENTRY_ENVELOPE_BYTES))
+    as u64;
+
+const _: () = assert!(
+    MAX_PAYLOAD_ENTRIES as usize * (crate::api::MAX_REQUEST_BYTES + ENTRY_ENVELOPE_BYTES)
+        + ENTRY_ENVELOPE_BYTES
+        <= network::MAX_MESSAGE_BYTES
+        && MAX_PAYLOAD_ENTRIES >= 1
+);
+
 /// The openraft handle of a node.
 pub type Raft = openraft::Raft<TypeConfig, state_machine::RocksStateMachine>;
 
@@ -48,13 +69,33 @@ pub fn raft_config(options: &RaftOptions) -> Result<Arc<openraft::Config>> {
         install_snapshot_timeout: millis(options.snapshot_min_timeout),
         enable_pre_vote: Some(options.pre_vote),
         purge_batch_size: 256,
-        // With appends of at most 16 MiB (the API's request limit), one AppendEntries message
-        // stays below the transport's 512 MiB message limit.
-        max_payload_entries: 32,
+        // One AppendEntries message stays below the transport's message limit (see the const).
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
         ..Default::default()
     };
     config
         .validate()
         .map(Arc::new)
         .map_err(|error| SequencerError::InvalidConfig(format!("raft timing: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_append_entries_message_of_maximum_appends_fits_the_transport_limit() {
+        let config = raft_config(&RaftOptions::default()).expect("default config");
+        let entries = usize::try_from(config.max_payload_entries).expect("small");
+        let largest_message =
+            entries * (crate::api::MAX_REQUEST_BYTES + ENTRY_ENVELOPE_BYTES) + ENTRY_ENVELOPE_BYTES;
+        assert!(
+            largest_message <= network::MAX_MESSAGE_BYTES,
+            "{entries} entries of up to {} bytes make {largest_message} bytes, over the \
+             {}-byte transport limit",
+            crate::api::MAX_REQUEST_BYTES + ENTRY_ENVELOPE_BYTES,
+            network::MAX_MESSAGE_BYTES
+        );
+        assert_eq!(config.max_payload_entries, 31);
+    }
 }

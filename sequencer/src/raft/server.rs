@@ -3,7 +3,10 @@
 //!
 //! A snapshot arrives as a client stream (header, file chunks, trailer); it is written under
 //! `snapshots/incoming/`, checked against the trailer's digests, synced, and only then given to
-//! `Raft::install_full_snapshot`.
+//! `Raft::install_full_snapshot`. One snapshot is received at a time (a second concurrent stream
+//! gets `RESOURCE_EXHAUSTED`); a stream over [`SnapshotLimits`] gets `RESOURCE_EXHAUSTED`, one
+//! that sends nothing for the idle timeout `DEADLINE_EXCEEDED`; either way, and on any other
+//! failure, what it wrote is removed before the answer.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -18,7 +21,7 @@ use crate::error::SequencerError;
 use crate::raft::Raft;
 use crate::raft::codec;
 use crate::raft::db::Storage;
-use crate::raft::snapshot::IncomingSnapshot;
+use crate::raft::snapshot::{IncomingSnapshot, SnapshotHandle, SnapshotLimits};
 
 /// The Raft transport service.
 pub struct RaftService {
@@ -26,6 +29,11 @@ pub struct RaftService {
     /// Weak: a connection that outlives the server must not keep the database open.
     storage: Weak<Storage>,
     shutdown: CancellationToken,
+    snapshot_limits: SnapshotLimits,
+    /// Longest wait for the next message of a snapshot stream.
+    snapshot_idle_timeout: std::time::Duration,
+    /// The one permit to receive a snapshot.
+    receiving: Arc<tokio::sync::Semaphore>,
 }
 
 impl RaftService {
@@ -36,7 +44,21 @@ impl RaftService {
             raft,
             storage: Arc::downgrade(&storage),
             shutdown,
+            snapshot_limits: SnapshotLimits::default(),
+            snapshot_idle_timeout: std::time::Duration::from_secs(30),
+            receiving: Arc::new(tokio::sync::Semaphore::new(1)),
         }
+    }
+
+    /// Bounds received snapshots by `limits`, and each message's wait by `idle_timeout`.
+    pub fn with_snapshot_limits(
+        mut self,
+        limits: SnapshotLimits,
+        idle_timeout: std::time::Duration,
+    ) -> Self {
+        self.snapshot_limits = limits;
+        self.snapshot_idle_timeout = idle_timeout;
+        self
     }
 
     /// The tonic server for this service.
@@ -172,8 +194,12 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<rpb::SnapshotChunk>>,
     ) -> Result<Response<rpb::SnapshotResponse>, Status> {
+        let Ok(_permit) = self.receiving.clone().try_acquire_owned() else {
+            return Err(SequencerError::SnapshotInProgress.into());
+        };
         let mut chunks = request.into_inner();
-        let Some(first) = chunks.next().await.transpose()? else {
+        let idle = self.snapshot_idle_timeout;
+        let Some(first) = next_chunk(&mut chunks, idle).await? else {
             return Err(Status::invalid_argument("empty snapshot stream"));
         };
         let Some(rpb::snapshot_chunk::Kind::Header(header)) = first.kind else {
@@ -181,64 +207,44 @@ impl raft_server::Raft for RaftService {
                 "a snapshot stream starts with its header",
             ));
         };
+        if header.total_bytes > self.snapshot_limits.max_bytes {
+            return Err(SequencerError::SnapshotTooLarge(format!(
+                "announced {} bytes, over {} (raft.snapshot_max_bytes)",
+                header.total_bytes, self.snapshot_limits.max_bytes
+            ))
+            .into());
+        }
         let vote = codec::vote_from_pb(header.vote.as_ref()).map_err(bad)?;
         let meta = codec::snapshot_meta_from_pb(header.meta.as_ref()).map_err(bad)?;
         let storage = self
             .storage
             .upgrade()
             .ok_or_else(|| Status::unavailable("the node is shutting down"))?;
-        let incoming = tokio::task::spawn_blocking(move || IncomingSnapshot::create(&storage))
-            .await
-            .map_err(|error| Status::internal(error.to_string()))?
-            .map_err(Status::from)?;
+        let limits = self.snapshot_limits;
+        let incoming =
+            tokio::task::spawn_blocking(move || IncomingSnapshot::create(&storage, limits))
+                .await
+                .map_err(|error| Status::internal(error.to_string()))?
+                .map_err(Status::from)?;
         let incoming = Arc::new(Mutex::new(Some(incoming)));
-        let mut handle = None;
-        while let Some(chunk) = chunks.next().await.transpose()? {
-            let receiving = incoming.clone();
-            match chunk.kind {
-                Some(rpb::snapshot_chunk::Kind::File(file)) => {
-                    tokio::task::spawn_blocking(move || {
-                        let mut guard = receiving
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner());
-                        match guard.as_mut() {
-                            Some(snapshot) => snapshot.write_chunk(&file),
-                            None => {
-                                Err(SequencerError::Malformed("file chunk after trailer".into()))
-                            }
-                        }
-                    })
-                    .await
-                    .map_err(|error| Status::internal(error.to_string()))?
-                    .map_err(Status::from)?;
-                }
-                Some(rpb::snapshot_chunk::Kind::Trailer(trailer)) => {
-                    let finished = tokio::task::spawn_blocking(move || {
-                        let taken = receiving
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner())
-                            .take();
-                        match taken {
-                            Some(snapshot) => snapshot.finish(&trailer),
-                            None => Err(SequencerError::Malformed("two snapshot trailers".into())),
-                        }
-                    })
-                    .await
-                    .map_err(|error| Status::internal(error.to_string()))?
-                    .map_err(Status::from)?;
-                    handle = Some(finished);
-                }
-                _ => {
-                    return Err(Status::invalid_argument(
-                        "unexpected chunk in a snapshot stream",
-                    ));
-                }
+        let received = receive(&mut chunks, &incoming, idle).await;
+        let handle = match received {
+            Ok(handle) => handle,
+            Err(status) => {
+                // Remove what was written before answering (a leftover would also go at the
+                // next start, or when the last reference drops).
+                let _ = tokio::task::spawn_blocking(move || {
+                    let taken = incoming
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .take();
+                    if let Some(snapshot) = taken {
+                        snapshot.discard();
+                    }
+                })
+                .await;
+                return Err(status);
             }
-        }
-        let Some(handle) = handle else {
-            return Err(Status::invalid_argument(
-                "snapshot stream ended without a trailer",
-            ));
         };
         let dir = handle.dir.clone();
         let snapshot = openraft::storage::Snapshot {
@@ -254,5 +260,83 @@ impl raft_server::Raft for RaftService {
         Ok(Response::new(rpb::SnapshotResponse {
             vote: Some(codec::vote_to_pb(&response.vote)),
         }))
+    }
+}
+
+/// The next message of a snapshot stream, or `DEADLINE_EXCEEDED` after `idle` without one.
+async fn next_chunk(
+    chunks: &mut Streaming<rpb::SnapshotChunk>,
+    idle: std::time::Duration,
+) -> Result<Option<rpb::SnapshotChunk>, Status> {
+    match tokio::time::timeout(idle, chunks.next()).await {
+        Ok(next) => next.transpose(),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "snapshot stream: nothing received for {} ms",
+            idle.as_millis()
+        ))),
+    }
+}
+
+/// Receives file chunks up to the trailer (which must end the stream) into `incoming`; every
+/// write on a blocking thread.
+async fn receive(
+    chunks: &mut Streaming<rpb::SnapshotChunk>,
+    incoming: &Arc<Mutex<Option<IncomingSnapshot>>>,
+    idle: std::time::Duration,
+) -> Result<SnapshotHandle, Status> {
+    loop {
+        let Some(chunk) = next_chunk(chunks, idle).await? else {
+            return Err(Status::invalid_argument(
+                "snapshot stream ended without a trailer",
+            ));
+        };
+        let receiving = incoming.clone();
+        let lock = move || {
+            receiving
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take()
+        };
+        match chunk.kind {
+            Some(rpb::snapshot_chunk::Kind::File(file)) => {
+                let receiving = incoming.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut guard = receiving
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    guard
+                        .as_mut()
+                        .ok_or_else(|| {
+                            SequencerError::Malformed("file chunk after trailer".into())
+                        })?
+                        .write_chunk(&file)
+                })
+                .await
+                .map_err(|error| Status::internal(error.to_string()))?
+                .map_err(Status::from)?;
+            }
+            Some(rpb::snapshot_chunk::Kind::Trailer(trailer)) => {
+                let handle = tokio::task::spawn_blocking(move || match lock() {
+                    Some(snapshot) => snapshot.finish(&trailer),
+                    None => Err(SequencerError::Malformed("two snapshot trailers".into())),
+                })
+                .await
+                .map_err(|error| Status::internal(error.to_string()))?
+                .map_err(Status::from)?;
+                let after = match next_chunk(chunks, idle).await {
+                    Ok(None) => return Ok(handle),
+                    Ok(Some(_)) => Status::invalid_argument("a message after the snapshot trailer"),
+                    Err(status) => status,
+                };
+                let dir = handle.dir;
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+                return Err(after);
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "unexpected chunk in a snapshot stream",
+                ));
+            }
+        }
     }
 }

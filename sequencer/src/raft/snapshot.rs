@@ -9,9 +9,12 @@
 //! receiving the older one), the rest deleted.
 //!
 //! Installing: the receiver writes the files into `snapshots/incoming/<nonce>`, checks each file's
-//! size and BLAKE3 against the sender's trailer, fsyncs them, and hands the directory to openraft;
-//! [`install`] then replaces the live state-machine column families with the checkpoint's content
-//! in one synced `WriteBatch` and moves the directory in place as the current snapshot.
+//! size and BLAKE3 against the sender's trailer, fsyncs them, and hands the directory to openraft.
+//! Receiving is bounded ([`SnapshotLimits`]: total bytes, files, bytes per file); files arrive one
+//! after the other, each closed (synced) when the next starts, so one file is open at a time; a
+//! failed or abandoned transfer removes its directory. [`install`] moves the directory in place
+//! as the current snapshot, then replaces the live state-machine column families with the
+//! checkpoint's content in bounded writes (crash safety: `state_machine::replace_state`).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -209,35 +212,51 @@ pub fn clean_leftovers(storage: &Storage) -> Result<()> {
     Ok(())
 }
 
-/// Installs a received snapshot: replaces the state machine, then keeps the directory as the
-/// current snapshot.
+/// Opens a snapshot's checkpoint read-only, after checking it has every column family a
+/// snapshot carries.
+pub(crate) fn open_checkpoint(dir: &Path) -> Result<DB> {
+    let names = DB::list_cf(&Options::default(), dir)
+        .map_err(SequencerError::storage("list a snapshot's column families"))?;
+    for name in SNAPSHOT_COLUMN_FAMILIES {
+        if !names.iter().any(|found| found == name) {
+            return Err(SequencerError::Corrupt(format!(
+                "snapshot lacks column family {name}"
+            )));
+        }
+    }
+    DB::open_cf_for_read_only(&Options::default(), dir, &names, false)
+        .map_err(SequencerError::storage("open a snapshot"))
+}
+
+/// Installs a received snapshot: moves its directory in place as the current snapshot (synced,
+/// so an interrupted install can be finished from it), then replaces the state machine with its
+/// content.
 pub fn install(shared: &SmShared, meta: &SnapshotMeta, handle: &SnapshotHandle) -> Result<()> {
     let storage = shared.storage();
     let root = storage.snapshot_dir();
-    {
-        let names = DB::list_cf(&Options::default(), &handle.dir)
-            .map_err(SequencerError::storage("list a snapshot's column families"))?;
-        for name in SNAPSHOT_COLUMN_FAMILIES {
-            if !names.iter().any(|found| found == name) {
-                return Err(SequencerError::Corrupt(format!(
-                    "snapshot lacks column family {name}"
-                )));
-            }
-        }
-        let checkpoint = DB::open_cf_for_read_only(&Options::default(), &handle.dir, &names, false)
-            .map_err(SequencerError::storage("open a snapshot"))?;
-        shared.install_blocking(meta, &checkpoint)?;
-    }
+    let index = meta.last_log_id.map_or(0, |log_id| log_id.index());
     let already_current = handle.dir.parent() == Some(root.as_path());
-    if !already_current {
-        let index = meta.last_log_id.map_or(0, |log_id| log_id.index());
+    // Checked before anything moves: a snapshot that cannot be opened is refused as it came.
+    SmShared::check_snapshot(meta, &open_checkpoint(&handle.dir)?)?;
+    let dir = if already_current {
+        handle.dir.clone()
+    } else {
         let dir = root.join(snapshot_name(index));
         std::fs::rename(&handle.dir, &dir).map_err(io("keep a received snapshot"))?;
         write_meta(&dir, meta)?;
         sync_dir(&root)?;
+        dir
+    };
+    let dir_name = dir
+        .file_name()
+        .and_then(|name| name.to_str())
+        .ok_or_else(|| SequencerError::Corrupt(format!("snapshot directory {dir:?}")))?
+        .to_string();
+    {
+        let checkpoint = open_checkpoint(&dir)?;
+        shared.install_blocking(&checkpoint, &dir_name)?;
     }
     prune(&root)?;
-    let index = meta.last_log_id.map_or(0, |log_id| log_id.index());
     shared.set_snapshot_index(index);
     tracing::info!(index, "installed a snapshot");
     Ok(())
@@ -259,26 +278,80 @@ pub fn files(dir: &Path) -> Result<Vec<(String, u64)>> {
     Ok(files)
 }
 
+/// Bounds on one received snapshot (`raft.snapshot_max_*` in the configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotLimits {
+    /// Total bytes of all files.
+    pub max_bytes: u64,
+    /// Number of files.
+    pub max_files: u64,
+    /// Bytes of one file.
+    pub max_file_bytes: u64,
+}
+
+impl Default for SnapshotLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 32 << 30,
+            max_files: 10_000,
+            max_file_bytes: 4 << 30,
+        }
+    }
+}
+
+/// The file being received: open until the next one starts or the trailer arrives.
+struct OpenFile {
+    name: String,
+    file: std::fs::File,
+    hasher: blake3::Hasher,
+    written: u64,
+}
+
 /// A snapshot being received into `snapshots/incoming/<nonce>`.
 pub struct IncomingSnapshot {
     dir: PathBuf,
-    files: HashMap<String, (std::fs::File, blake3::Hasher, u64)>,
+    limits: SnapshotLimits,
+    current: Option<OpenFile>,
+    /// Files received and closed: name → (size, BLAKE3).
+    closed: HashMap<String, (u64, [u8; 32])>,
+    total_bytes: u64,
     finished: bool,
 }
 
 impl IncomingSnapshot {
-    /// Starts receiving under `storage`'s snapshot directory.
-    pub fn create(storage: &Storage) -> Result<Self> {
+    /// Starts receiving under `storage`'s snapshot directory, within `limits`.
+    pub fn create(storage: &Storage, limits: SnapshotLimits) -> Result<Self> {
         let dir = storage.snapshot_dir().join("incoming").join(nonce());
         std::fs::create_dir_all(&dir).map_err(io("create an incoming snapshot"))?;
         Ok(Self {
             dir,
-            files: HashMap::new(),
+            limits,
+            current: None,
+            closed: HashMap::new(),
+            total_bytes: 0,
             finished: false,
         })
     }
 
-    /// Appends one chunk; chunks of a file must arrive in order.
+    /// The directory files are written to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Syncs and closes the file being received.
+    fn close_current(&mut self) -> Result<()> {
+        if let Some(open) = self.current.take() {
+            open.file.sync_all().map_err(io("sync a snapshot file"))?;
+            self.closed.insert(
+                open.name,
+                (open.written, *open.hasher.finalize().as_bytes()),
+            );
+        }
+        Ok(())
+    }
+
+    /// Appends one chunk. Files arrive one after the other, each one's chunks in order; a file
+    /// is closed when the next one starts.
     pub fn write_chunk(&mut self, chunk: &rpb::FileChunk) -> Result<()> {
         let name = &chunk.file_name;
         if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
@@ -286,55 +359,94 @@ impl IncomingSnapshot {
                 "snapshot file name {name:?}"
             )));
         }
-        if !self.files.contains_key(name) {
+        if self.current.as_ref().is_none_or(|open| &open.name != name) {
+            if self.closed.contains_key(name) {
+                return Err(SequencerError::Malformed(format!(
+                    "snapshot file {name} resumed after another file started"
+                )));
+            }
+            self.close_current()?;
+            let files = self.closed.len() as u64 + 1;
+            if files > self.limits.max_files {
+                return Err(SequencerError::SnapshotTooLarge(format!(
+                    "more than {} files (raft.snapshot_max_files)",
+                    self.limits.max_files
+                )));
+            }
             let file =
                 std::fs::File::create(self.dir.join(name)).map_err(io("create a snapshot file"))?;
-            self.files
-                .insert(name.clone(), (file, blake3::Hasher::new(), 0));
+            self.current = Some(OpenFile {
+                name: name.clone(),
+                file,
+                hasher: blake3::Hasher::new(),
+                written: 0,
+            });
         }
-        let (file, hasher, written) = self.files.get_mut(name).expect("inserted above");
-        if chunk.offset != *written {
+        let open = self.current.as_mut().expect("opened above");
+        if chunk.offset != open.written {
             return Err(SequencerError::Malformed(format!(
-                "snapshot file {name}: chunk at offset {} but {written} bytes received",
-                chunk.offset
+                "snapshot file {name}: chunk at offset {} but {} bytes received",
+                chunk.offset, open.written
             )));
         }
-        file.write_all(&chunk.data)
+        let len = chunk.data.len() as u64;
+        if open.written + len > self.limits.max_file_bytes {
+            return Err(SequencerError::SnapshotTooLarge(format!(
+                "file {name} is over {} bytes (raft.snapshot_max_file_bytes)",
+                self.limits.max_file_bytes
+            )));
+        }
+        if self.total_bytes + len > self.limits.max_bytes {
+            return Err(SequencerError::SnapshotTooLarge(format!(
+                "over {} bytes in all (raft.snapshot_max_bytes)",
+                self.limits.max_bytes
+            )));
+        }
+        open.file
+            .write_all(&chunk.data)
             .map_err(io("write a snapshot file"))?;
-        hasher.update(&chunk.data);
-        *written += chunk.data.len() as u64;
+        open.hasher.update(&chunk.data);
+        open.written += len;
+        self.total_bytes += len;
         Ok(())
     }
 
     /// Checks every file against the trailer, syncs them, and returns the handle.
     pub fn finish(mut self, trailer: &rpb::SnapshotTrailer) -> Result<SnapshotHandle> {
-        if trailer.files.len() != self.files.len() {
+        self.close_current()?;
+        if trailer.files.len() != self.closed.len() {
             return Err(SequencerError::Malformed(format!(
                 "snapshot trailer lists {} files, {} received",
                 trailer.files.len(),
-                self.files.len()
+                self.closed.len()
             )));
         }
         for digest in &trailer.files {
-            let (file, hasher, written) = self.files.get(&digest.file_name).ok_or_else(|| {
+            let (written, hash) = self.closed.get(&digest.file_name).ok_or_else(|| {
                 SequencerError::Malformed(format!(
                     "snapshot file {} never arrived",
                     digest.file_name
                 ))
             })?;
-            if *written != digest.size || hasher.finalize().as_bytes().as_slice() != digest.blake3 {
+            if *written != digest.size || hash.as_slice() != digest.blake3 {
                 return Err(SequencerError::Malformed(format!(
                     "snapshot file {} does not match its digest",
                     digest.file_name
                 )));
             }
-            file.sync_all().map_err(io("sync a snapshot file"))?;
         }
         sync_dir(&self.dir)?;
         self.finished = true;
         Ok(SnapshotHandle {
             dir: self.dir.clone(),
         })
+    }
+
+    /// Removes what was received (a failed transfer).
+    pub fn discard(mut self) {
+        self.current = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        self.finished = true;
     }
 }
 

@@ -9,7 +9,15 @@
 //! entry.
 //!
 //! Readers never take the apply lock: they read RocksDB (one snapshot per read, so data and
-//! `MachineMeta` agree) or the [`SmView`] published after every apply batch.
+//! `MachineMeta` agree) or the [`SmView`] published after every apply batch. A batch is read in
+//! pages of bounded bytes ([`SmShared::read_batch_page`]), never loaded whole for a remote
+//! reader. While a snapshot install is half done (the `installing` key in `sm_meta`), readers
+//! refuse with `InstallingSnapshot` rather than see a mix of old and new state.
+//!
+//! Installing a snapshot writes in bounded batches, not one `WriteBatch` of the whole state; it
+//! stays atomic with respect to a crash because the `installing` key, written first and deleted
+//! last, names the (synced) snapshot directory and [`SmShared::open`] re-runs an interrupted
+//! install from it before loading anything (see `replace_state`).
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -35,6 +43,8 @@ use crate::raft::snapshot::{self, RocksSnapshotBuilder, SnapshotHandle};
 use crate::raft::types::{EntryPayload, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 
 const META_KEY: &[u8] = b"state";
+/// Present in `sm_meta` while a snapshot install is half done (see [`SmShared::install_blocking`]).
+const INSTALLING_KEY: &[u8] = b"installing";
 
 /// What readers may know about the state machine without locking it; published after every
 /// apply batch and snapshot install.
@@ -290,6 +300,88 @@ impl MachineTx for RocksTx<'_> {
     }
 }
 
+/// Bytes of one write while a snapshot's content is copied in.
+const INSTALL_BATCH_BYTES: usize = 8 << 20;
+
+/// Replaces the live state-machine column families with `checkpoint`'s, in writes of about
+/// [`INSTALL_BATCH_BYTES`] (memory stays bounded whatever the state's size).
+///
+/// Crash safety without one atomic write: the first synced write clears the live column
+/// families (range deletions) and records [`INSTALLING_KEY`] = `dir_name`, the snapshot
+/// directory (already synced in place, so it outlives a crash); the copies follow unsynced; the
+/// last write deletes the key, synced (which also syncs the WAL before it). A crash in between
+/// leaves the key, and [`SmShared::open`] runs the install again from that directory before it
+/// loads anything ([`finish_interrupted_install`]). Readers refuse while the key is present
+/// ([`SequencerError::InstallingSnapshot`]), so they see the old state or the new one, never a
+/// mix; the apply lock keeps applies out.
+fn replace_state(storage: &Storage, checkpoint: &DB, dir_name: &str) -> Result<()> {
+    let db = storage.db();
+    let mut batch = WriteBatch::default();
+    for name in crate::raft::db::SNAPSHOT_COLUMN_FAMILIES {
+        clear_column_family(db, storage.cf(name), &mut batch)?;
+    }
+    clear_column_family(db, storage.cf(CF_SM_RESULTS), &mut batch)?;
+    batch.put_cf(storage.cf(CF_SM_META), INSTALLING_KEY, dir_name.as_bytes());
+    db.write_opt(batch, &synced())
+        .map_err(SequencerError::storage("start installing a snapshot"))?;
+    let mut batch = WriteBatch::default();
+    for name in crate::raft::db::SNAPSHOT_COLUMN_FAMILIES {
+        let live = storage.cf(name);
+        for item in
+            checkpoint.iterator_cf(crate::raft::db::cf(checkpoint, name), IteratorMode::Start)
+        {
+            let (key, value) = item.map_err(SequencerError::storage("read a snapshot"))?;
+            if name == CF_SM_META && &*key == INSTALLING_KEY {
+                continue;
+            }
+            batch.put_cf(live, key, value);
+            if batch.size_in_bytes() >= INSTALL_BATCH_BYTES {
+                db.write(std::mem::take(&mut batch))
+                    .map_err(SequencerError::storage("install a snapshot"))?;
+            }
+        }
+    }
+    batch.delete_cf(storage.cf(CF_SM_META), INSTALLING_KEY);
+    db.write_opt(batch, &synced())
+        .map_err(SequencerError::storage("finish installing a snapshot"))
+}
+
+/// Adds deletions of every key of `cf` to `batch`: one range deletion and one point deletion
+/// (the range's end is exclusive), whatever the number of keys.
+fn clear_column_family(db: &DB, cf: &rocksdb::ColumnFamily, batch: &mut WriteBatch) -> Result<()> {
+    let mut iterator = db.raw_iterator_cf(cf);
+    iterator.seek_to_first();
+    let first = iterator.key().map(<[u8]>::to_vec);
+    iterator.seek_to_last();
+    let last = iterator.key().map(<[u8]>::to_vec);
+    iterator
+        .status()
+        .map_err(SequencerError::storage("clear the state machine"))?;
+    if let (Some(first), Some(last)) = (first, last) {
+        batch.delete_range_cf(cf, &first, &last);
+        batch.delete_cf(cf, &last);
+    }
+    Ok(())
+}
+
+/// Finishes a snapshot install a crash interrupted (see [`replace_state`]); does nothing if
+/// none was under way.
+fn finish_interrupted_install(storage: &Storage) -> Result<()> {
+    let Some(dir_name) = storage
+        .db()
+        .get_cf(storage.cf(CF_SM_META), INSTALLING_KEY)
+        .map_err(SequencerError::storage("read the state machine metadata"))?
+    else {
+        return Ok(());
+    };
+    let dir_name = String::from_utf8(dir_name)
+        .map_err(|_| SequencerError::Corrupt("installing-snapshot marker is not UTF-8".into()))?;
+    let dir = storage.snapshot_dir().join(&dir_name);
+    tracing::warn!(dir = %dir.display(), "finishing a snapshot install interrupted by a crash");
+    let checkpoint = snapshot::open_checkpoint(&dir)?;
+    replace_state(storage, &checkpoint, &dir_name)
+}
+
 fn read_epoch_record(storage: &Storage, epoch: u64) -> Result<Option<pb::EpochRecord>> {
     storage
         .db()
@@ -297,6 +389,56 @@ fn read_epoch_record(storage: &Storage, epoch: u64) -> Result<Option<pb::EpochRe
         .map_err(SequencerError::storage("read an epoch record"))?
         .map(|bytes| pb::EpochRecord::decode(bytes.as_slice()).map_err(corrupt("epoch record")))
         .transpose()
+}
+
+/// Bytes of labels and values [`SmShared::read_batch`] reads per page.
+const BATCH_PAGE_BYTES: usize = 4 << 20;
+
+/// Where a paged read of one epoch's batch stands (see [`SmShared::start_batch_read`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchCursor {
+    /// The epoch.
+    pub epoch: u64,
+    /// The log index the read is consistent with (fixed at the start).
+    pub as_of_index: u64,
+    /// Whether the epoch was sealed at the start.
+    pub sealed: bool,
+    /// Updates in the batch at the start.
+    pub total: u64,
+    /// The last label returned; the next page starts after it.
+    after: Option<Vec<u8>>,
+    /// Whether the last page was read.
+    pub done: bool,
+}
+
+/// Checks that `epoch`'s batch is readable under `meta`: sealed and retained, or open.
+fn check_batch_readable(meta: &rpb::MachineMeta, epoch: u64) -> Result<()> {
+    if epoch == 0 || epoch > meta.open_epoch {
+        return Err(SequencerError::EpochNotSealed {
+            epoch,
+            open: meta.open_epoch,
+        });
+    }
+    if epoch < meta.open_epoch && !meta.retained_batches.contains_key(&epoch) {
+        return Err(SequencerError::BatchNotRetained {
+            epoch,
+            oldest_retained_before: meta
+                .retained_batches
+                .keys()
+                .min()
+                .copied()
+                .unwrap_or(meta.open_epoch),
+        });
+    }
+    Ok(())
+}
+
+/// Read options bounding an iterator to `epoch`'s `sm_updates` keys.
+fn epoch_bounds(epoch: u64) -> ReadOptions {
+    let mut read = ReadOptions::default();
+    read.set_iterate_lower_bound(be64(epoch).to_vec());
+    read.set_iterate_upper_bound(be64(epoch + 1).to_vec());
+    read
 }
 
 /// One epoch's updates as stored, consistent with `as_of_index`.
@@ -315,6 +457,7 @@ pub struct BatchRead {
 impl SmShared {
     /// Opens the state machine on `storage` and publishes its first view.
     pub fn open(storage: Arc<Storage>) -> Result<Arc<Self>> {
+        finish_interrupted_install(&storage)?;
         let inner = load(storage.db())?;
         let (view, _) = watch::channel(SmView::default());
         let snapshot_index = snapshot::current(&storage)?
@@ -427,8 +570,8 @@ impl SmShared {
         Ok(results)
     }
 
-    /// Replaces the whole state with the checkpoint at `checkpoint` (a received snapshot).
-    pub(crate) fn install_blocking(&self, meta: &SnapshotMeta, checkpoint: &DB) -> Result<()> {
+    /// Checks that a received checkpoint loads and is at the log id its metadata says.
+    pub(crate) fn check_snapshot(meta: &SnapshotMeta, checkpoint: &DB) -> Result<()> {
         let loaded = load(checkpoint)?;
         if loaded.last_applied != meta.last_log_id {
             return Err(SequencerError::Corrupt(format!(
@@ -436,26 +579,16 @@ impl SmShared {
                 loaded.last_applied, meta.last_log_id
             )));
         }
+        Ok(())
+    }
+
+    /// Replaces the whole state with the checkpoint `checkpoint` (a received snapshot, already
+    /// in place as `snapshots/<dir_name>`); see [`replace_state`] for how a crash half-way is
+    /// finished at the next start.
+    pub(crate) fn install_blocking(&self, checkpoint: &DB, dir_name: &str) -> Result<()> {
         let mut inner = self.lock();
-        let db = self.storage.db();
-        let mut batch = WriteBatch::default();
-        for name in crate::raft::db::SNAPSHOT_COLUMN_FAMILIES {
-            let live = self.storage.cf(name);
-            for item in db.iterator_cf(live, IteratorMode::Start) {
-                let (key, _) = item.map_err(SequencerError::storage("clear the state machine"))?;
-                batch.delete_cf(live, key);
-            }
-            for item in
-                checkpoint.iterator_cf(crate::raft::db::cf(checkpoint, name), IteratorMode::Start)
-            {
-                let (key, value) = item.map_err(SequencerError::storage("read a snapshot"))?;
-                batch.put_cf(live, key, value);
-            }
-        }
-        batch.delete_range_cf(self.storage.cf(CF_SM_RESULTS), be64(0), be64(u64::MAX));
-        db.write_opt(batch, &synced())
-            .map_err(SequencerError::storage("install a snapshot"))?;
-        *inner = load(db)?;
+        replace_state(&self.storage, checkpoint, dir_name)?;
+        *inner = load(self.storage.db())?;
         self.publish(&inner);
         Ok(())
     }
@@ -465,18 +598,156 @@ impl SmShared {
         if epoch == 0 {
             return Ok(Some(pb::EpochRecord::default()));
         }
+        if self
+            .storage
+            .db()
+            .get_cf(self.storage.cf(CF_SM_META), INSTALLING_KEY)
+            .map_err(SequencerError::storage("read the state machine metadata"))?
+            .is_some()
+        {
+            return Err(SequencerError::InstallingSnapshot);
+        }
         read_epoch_record(&self.storage, epoch)
     }
 
-    /// Reads one epoch's updates under one RocksDB snapshot, so the data, the sealed flag and
-    /// `as_of_index` agree. `None` for `epoch` means the open epoch.
+    /// Reads one epoch's updates whole (the in-process coordinator, which needs them all): the
+    /// pages of [`SmShared::start_batch_read`] concatenated. `None` for `epoch` means the open
+    /// epoch.
     pub fn read_batch(&self, epoch: Option<u64>) -> Result<BatchRead> {
+        let mut cursor = self.start_batch_read(epoch)?;
+        let mut updates = Vec::new();
+        while !cursor.done {
+            updates.extend(self.read_batch_page(&mut cursor, BATCH_PAGE_BYTES, false)?);
+        }
+        Ok(BatchRead {
+            epoch: cursor.epoch,
+            as_of_index: cursor.as_of_index,
+            sealed: cursor.sealed,
+            updates,
+        })
+    }
+
+    /// Starts a paged read of one epoch's updates (`None`: the open epoch): checks the epoch is
+    /// readable and fixes `as_of_index`, the sealed flag and the update count under one RocksDB
+    /// snapshot. Reads no values into memory.
+    pub fn start_batch_read(&self, epoch: Option<u64>) -> Result<BatchCursor> {
         let db = self.storage.db();
         let snapshot = db.snapshot();
+        let meta = self.readable_meta(&snapshot)?;
+        let as_of_index = meta.last_applied.as_ref().map_or(0, |log_id| log_id.index);
+        let epoch = epoch.unwrap_or(meta.open_epoch);
+        check_batch_readable(&meta, epoch)?;
+        let sealed = epoch < meta.open_epoch;
+        let total = match meta.retained_batches.get(&epoch) {
+            Some(count) if sealed => *count,
+            _ => {
+                let mut count = 0;
+                let mut iterator = snapshot
+                    .raw_iterator_cf_opt(self.storage.cf(CF_SM_UPDATES), epoch_bounds(epoch));
+                iterator.seek(be64(epoch));
+                while iterator.valid() {
+                    count += 1;
+                    iterator.next();
+                }
+                iterator
+                    .status()
+                    .map_err(SequencerError::storage("count a batch"))?;
+                count
+            }
+        };
+        Ok(BatchCursor {
+            epoch,
+            as_of_index,
+            sealed,
+            total,
+            after: None,
+            done: false,
+        })
+    }
+
+    /// Reads the next page of a batch: updates in label order after the cursor's last label,
+    /// about `max_bytes` of labels and values (at least one update, so one update larger than
+    /// `max_bytes` makes a page of its own). Sets `cursor.done` after the last one. With
+    /// `labels_only`, values are left empty (and not counted).
+    ///
+    /// A sealed epoch's batch never changes, so its pages are exactly the batch. The open
+    /// epoch's may grow between pages (a later update of a label replaces its value): the pages
+    /// hold every update applied at `as_of_index`, possibly already replaced by a later one, so
+    /// replaying `WatchLog` from `as_of_index + 1` over them gives the same state. A batch
+    /// released between pages is `BatchNotRetained`.
+    pub fn read_batch_page(
+        &self,
+        cursor: &mut BatchCursor,
+        max_bytes: usize,
+        labels_only: bool,
+    ) -> Result<Vec<pb::SequencedUpdate>> {
+        let db = self.storage.db();
+        let snapshot = db.snapshot();
+        let meta = self.readable_meta(&snapshot)?;
+        check_batch_readable(&meta, cursor.epoch)?;
+        let mut iterator = snapshot
+            .raw_iterator_cf_opt(self.storage.cf(CF_SM_UPDATES), epoch_bounds(cursor.epoch));
+        match &cursor.after {
+            Some(label) => {
+                iterator.seek(update_key(cursor.epoch, label));
+                if iterator.key() == Some(update_key(cursor.epoch, label).as_slice()) {
+                    iterator.next();
+                }
+            }
+            None => iterator.seek(be64(cursor.epoch)),
+        }
+        let mut updates = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let (Some(key), Some(value)) = (iterator.key(), iterator.value()) else {
+                iterator
+                    .status()
+                    .map_err(SequencerError::storage("read a batch"))?;
+                cursor.done = true;
+                break;
+            };
+            let label = label_of_update_key(key)?;
+            let stored_value = value.get(8..).unwrap_or_default();
+            let size = label.len() + if labels_only { 0 } else { stored_value.len() } + 16;
+            if !updates.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            updates.push(pb::SequencedUpdate {
+                label: label.to_vec(),
+                sequence: read_be64(value)?,
+                value: if labels_only {
+                    Vec::new()
+                } else {
+                    stored_value.to_vec()
+                },
+            });
+            iterator.next();
+        }
+        if let Some(last) = updates.last() {
+            cursor.after = Some(last.label.clone());
+        }
+        Ok(updates)
+    }
+
+    /// The state machine metadata as of `snapshot`; `Installing` while a snapshot install is
+    /// half done (its data is then neither the old state nor the new one).
+    fn readable_meta(
+        &self,
+        snapshot: &rocksdb::SnapshotWithThreadMode<'_, DB>,
+    ) -> Result<rpb::MachineMeta> {
+        let meta_cf = self.storage.cf(CF_SM_META);
+        if snapshot
+            .get_cf(meta_cf, INSTALLING_KEY)
+            .map_err(SequencerError::storage("read the state machine metadata"))?
+            .is_some()
+        {
+            return Err(SequencerError::InstallingSnapshot);
+        }
         let meta_bytes = snapshot
-            .get_cf(self.storage.cf(CF_SM_META), META_KEY)
+            .get_cf(meta_cf, META_KEY)
             .map_err(SequencerError::storage("read the state machine metadata"))?;
-        let meta = match meta_bytes {
+        Ok(match meta_bytes {
             Some(bytes) => rpb::MachineMeta::decode(bytes.as_slice())
                 .map_err(corrupt("state machine metadata"))?,
             None => rpb::MachineMeta {
@@ -484,47 +755,6 @@ impl SmShared {
                 next_sequence: 1,
                 ..Default::default()
             },
-        };
-        let as_of_index = meta.last_applied.as_ref().map_or(0, |log_id| log_id.index);
-        let epoch = epoch.unwrap_or(meta.open_epoch);
-        let sealed = epoch < meta.open_epoch;
-        if epoch == 0 || epoch > meta.open_epoch {
-            return Err(SequencerError::EpochNotSealed {
-                epoch,
-                open: meta.open_epoch,
-            });
-        }
-        if sealed && !meta.retained_batches.contains_key(&epoch) {
-            return Err(SequencerError::BatchNotRetained {
-                epoch,
-                oldest_retained_before: meta
-                    .retained_batches
-                    .keys()
-                    .min()
-                    .copied()
-                    .unwrap_or(meta.open_epoch),
-            });
-        }
-        let mut read = ReadOptions::default();
-        read.set_iterate_upper_bound(be64(epoch + 1).to_vec());
-        let mut updates = Vec::new();
-        for item in snapshot.iterator_cf_opt(
-            self.storage.cf(CF_SM_UPDATES),
-            read,
-            IteratorMode::From(&be64(epoch), Direction::Forward),
-        ) {
-            let (key, value) = item.map_err(SequencerError::storage("read a batch"))?;
-            updates.push(pb::SequencedUpdate {
-                label: label_of_update_key(&key)?.to_vec(),
-                sequence: read_be64(&value)?,
-                value: value[8..].to_vec(),
-            });
-        }
-        Ok(BatchRead {
-            epoch,
-            as_of_index,
-            sealed,
-            updates,
         })
     }
 
@@ -545,9 +775,10 @@ impl SmShared {
         Ok(after_purge.max(first_result.unwrap_or(applied + 1)))
     }
 
-    /// The events of applied entries with index in `[from, to]` (stops early at a gap).
+    /// The events of applied entries with index in `[from, to]` (stops early at a gap, and
+    /// after the entry that brings the log bytes read to `max_bytes`).
     /// `Err(LogPurged)` if `from` is below the first retained index.
-    pub fn read_events(&self, from: u64, to: u64) -> Result<Vec<pb::LogEvent>> {
+    pub fn read_events(&self, from: u64, to: u64, max_bytes: usize) -> Result<Vec<pb::LogEvent>> {
         let first_retained = log_store::last_purged_index(&self.storage)? + 1;
         if from < first_retained {
             return Err(SequencerError::LogPurged {
@@ -555,7 +786,8 @@ impl SmShared {
                 first_retained,
             });
         }
-        let entries = log_store::read_entries(&self.storage, from, to.saturating_add(1))?;
+        let entries =
+            log_store::read_entries_bounded(&self.storage, from, to.saturating_add(1), max_bytes)?;
         let mut events = Vec::with_capacity(entries.len());
         for (offset, entry) in entries.into_iter().enumerate() {
             let index = entry.log_id.index();
@@ -724,4 +956,82 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
 fn label_of_update_key(key: &[u8]) -> Result<&[u8]> {
     key.get(8..)
         .ok_or_else(|| SequencerError::Corrupt("update key shorter than 8 bytes".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn updates_of(storage: &Storage) -> Vec<(Vec<u8>, Vec<u8>)> {
+        storage
+            .db()
+            .iterator_cf(storage.cf(CF_SM_UPDATES), IteratorMode::Start)
+            .map(|item| {
+                let (key, value) = item.expect("read");
+                (key.to_vec(), value.to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_install_interrupted_by_a_crash_is_finished_at_the_next_open() {
+        let source_dir = tempfile::tempdir().expect("tempdir");
+        let target_dir = tempfile::tempdir().expect("tempdir");
+        let source = Storage::open(source_dir.path(), Some(1)).expect("open source");
+        for i in 0..100u64 {
+            let mut value = be64(i).to_vec();
+            value.extend_from_slice(&[7; 1000]);
+            source
+                .db()
+                .put_cf(source.cf(CF_SM_UPDATES), update_key(1, &be64(i)), value)
+                .expect("put");
+        }
+        let expected = updates_of(&source);
+        let built = snapshot::build(&SmShared::open(source.clone()).expect("open sm"))
+            .expect("build a snapshot");
+        let target = Storage::open(target_dir.path(), Some(2)).expect("open target");
+        let name = "snap-00000000000000000000-crashed";
+        let in_place = target.snapshot_dir().join(name);
+        std::fs::create_dir_all(&in_place).expect("mkdir");
+        for entry in std::fs::read_dir(&built.snapshot.dir).expect("list") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), in_place.join(entry.file_name())).expect("copy");
+        }
+        // The state a crash after the first write and part of the copy leaves: the marker, and
+        // some of the live data not yet replaced.
+        target
+            .db()
+            .put_cf(target.cf(CF_SM_UPDATES), update_key(1, b"stale"), be64(1))
+            .expect("put");
+        target
+            .db()
+            .put_cf(target.cf(CF_SM_META), INSTALLING_KEY, name.as_bytes())
+            .expect("put");
+        let readers_refused = SmShared {
+            storage: target.clone(),
+            inner: Mutex::new(SmInner {
+                machine: Machine::default(),
+                last_applied: None,
+                last_membership: StoredMembership::default(),
+            }),
+            view: watch::channel(SmView::default()).0,
+            snapshot_index: std::sync::atomic::AtomicU64::new(0),
+        };
+        assert!(matches!(
+            readers_refused.start_batch_read(None),
+            Err(SequencerError::InstallingSnapshot)
+        ));
+
+        let reopened = SmShared::open(target.clone()).expect("open finishes the install");
+        assert_eq!(updates_of(&target), expected);
+        assert!(
+            target
+                .db()
+                .get_cf(target.cf(CF_SM_META), INSTALLING_KEY)
+                .expect("read")
+                .is_none()
+        );
+        let batch = reopened.read_batch(None).expect("readable again");
+        assert_eq!(batch.updates.len(), 100);
+    }
 }

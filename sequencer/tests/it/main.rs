@@ -5,6 +5,7 @@
 //! `ktd/tests/` (they need the `ktd` binary). Shared helpers are in `support/`.
 
 mod bad_input;
+mod bounded_streams;
 mod corrupt_data_dir;
 mod idempotent_retry;
 mod membership;

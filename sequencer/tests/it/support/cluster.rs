@@ -151,6 +151,17 @@ impl TestCluster {
         }
     }
 
+    /// Node `id` in this process, if it is running (for reading its internal gauges).
+    pub fn node(&self, id: u64) -> Option<Sequencer> {
+        self.running
+            .get(&id)?
+            .node
+            .lock()
+            .expect("handle lock")
+            .as_ref()?
+            .upgrade()
+    }
+
     /// Replaces the configuration tweak used by later (re)starts.
     pub fn set_tweak(&mut self, tweak: impl Fn(&mut SequencerConfig) + Send + Sync + 'static) {
         self.tweak = Box::new(tweak);

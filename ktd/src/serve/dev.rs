@@ -143,6 +143,7 @@ pub async fn run_dev(
             metadata,
             settings.options.clone(),
             listener,
+            None,
             shutdown,
             Duration::from_secs(5),
         )

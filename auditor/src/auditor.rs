@@ -309,7 +309,11 @@ impl Auditor {
             return Ok(());
         }
         tracing::error!(%violation, "audit rule violated; not signing");
-        append_blocking(self.settings.data_dir.join("violations.jsonl"), text.clone()).await?;
+        append_blocking(
+            self.settings.data_dir.join("violations.jsonl"),
+            text.clone(),
+        )
+        .await?;
         let mut state = self.state();
         if !state.violations.contains(&text) {
             state.violations.push(text);
@@ -441,13 +445,13 @@ impl Auditor {
                         .map_err(|error| anyhow!("reading the blob directory: {error}"))
                         .and_then(|read| read.map_err(anyhow::Error::from))
                         .map(|(blobs, latest)| {
-                        let mut state = self.state();
-                        state.source_latest = state.source_latest.max(latest);
-                        blobs
-                            .into_iter()
-                            .map(|blob| (blob.name, blob.bytes))
-                            .collect()
-                    })
+                            let mut state = self.state();
+                            state.source_latest = state.source_latest.max(latest);
+                            blobs
+                                .into_iter()
+                                .map(|blob| (blob.name, blob.bytes))
+                                .collect()
+                        })
                 }
             };
             let blobs = match blobs {

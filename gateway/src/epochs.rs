@@ -221,11 +221,12 @@ impl<TC: Configuration> Epochs<TC> {
         let info = EpochInfo::of(&record);
         let bits = self.bits;
         // Decoding and hashing up to 4096 roots: CPU work, off the runtime threads.
-        let top = tokio::task::spawn_blocking(move || {
-            shard::replicated::top_tree::<TC>(bits, &record)
-        })
-        .await
-        .map_err(|error| GatewayError::Internal(format!("decoding epoch {epoch}: {error}")))??;
+        let top =
+            tokio::task::spawn_blocking(move || shard::replicated::top_tree::<TC>(bits, &record))
+                .await
+                .map_err(|error| {
+                    GatewayError::Internal(format!("decoding epoch {epoch}: {error}"))
+                })??;
         let top = Arc::new(top);
         let mut tops = self
             .tops

@@ -154,8 +154,7 @@ impl RateLimiter {
     pub fn wait(&self, principal: &Principal, what: &'static str, cost: f64) -> Result<Wait> {
         self.with_bucket(principal, |bucket, limits| {
             if bucket.waits >= limits.max_waits {
-                metrics::counter!("ktd_gateway_rate_limited_total", "method" => what)
-                    .increment(1);
+                metrics::counter!("ktd_gateway_rate_limited_total", "method" => what).increment(1);
                 return Err(GatewayError::TooManyWaits {
                     what,
                     max: limits.max_waits,
@@ -258,7 +257,9 @@ mod tests {
     fn a_caller_past_its_burst_is_refused_with_a_retry_hint_while_another_is_served() {
         let limiter = limiter(3.0, 16);
         for _ in 0..3 {
-            limiter.charge(&ip(1), "KeyHistory", 1.0).expect("within the burst");
+            limiter
+                .charge(&ip(1), "KeyHistory", 1.0)
+                .expect("within the burst");
         }
         match limiter.charge(&ip(1), "KeyHistory", 1.0) {
             Err(GatewayError::RateLimited { retry_after, .. }) => {
@@ -266,7 +267,9 @@ mod tests {
             }
             other => panic!("expected RateLimited, got {other:?}"),
         }
-        limiter.charge(&ip(2), "KeyHistory", 1.0).expect("another caller");
+        limiter
+            .charge(&ip(2), "KeyHistory", 1.0)
+            .expect("another caller");
     }
 
     #[test]
@@ -275,16 +278,22 @@ mod tests {
         let first = limiter.wait(&ip(1), "GetEpoch", 1.0).expect("first");
         let _second = limiter.wait(&ip(1), "GetEpoch", 1.0).expect("second");
         assert!(limiter.wait(&ip(1), "GetEpoch", 1.0).is_err(), "third");
-        let _other = limiter.wait(&ip(2), "GetEpoch", 1.0).expect("another caller");
+        let _other = limiter
+            .wait(&ip(2), "GetEpoch", 1.0)
+            .expect("another caller");
         drop(first);
-        let _third = limiter.wait(&ip(1), "GetEpoch", 1.0).expect("after one ended");
+        let _third = limiter
+            .wait(&ip(1), "GetEpoch", 1.0)
+            .expect("after one ended");
     }
 
     #[test]
     fn the_caller_map_stays_bounded_and_never_refuses_a_new_caller() {
         let limiter = limiter(1.0, 4);
         for last in 0..50 {
-            limiter.charge(&ip(last), "Audit", 1.0).expect("a new caller");
+            limiter
+                .charge(&ip(last), "Audit", 1.0)
+                .expect("a new caller");
             assert!(limiter.callers() <= 4, "{}", limiter.callers());
         }
     }

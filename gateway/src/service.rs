@@ -339,7 +339,11 @@ impl<TC: Configuration> Gateway<TC> {
         })
     }
 
-    async fn audit(&self, caller: Caller, request: api::AuditRequest) -> Result<api::AuditResponse> {
+    async fn audit(
+        &self,
+        caller: Caller,
+        request: api::AuditRequest,
+    ) -> Result<api::AuditResponse> {
         let (start, end) = (request.start_epoch, request.end_epoch);
         if start > end {
             return Err(GatewayError::InvalidArgument(format!(

@@ -34,11 +34,11 @@
 //! each for at most the handshake timeout before it speaks HTTP/2, and a request stream for
 //! at most [`BODY_TIMEOUT`] before its request is complete.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context as TaskContext, Poll};
-use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -153,7 +153,10 @@ where
                     metrics::gauge!("ktd_connections_open", "server" => server).increment(1.0);
                     return Poll::Ready(Some(Ok(Connection {
                         io,
-                        open: Open { server, _permit: permit },
+                        open: Open {
+                            server,
+                            _permit: permit,
+                        },
                         handshake: Some(Box::pin(tokio::time::sleep(
                             self.limits.handshake_timeout,
                         ))),
@@ -210,9 +213,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Connection<IO> {
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.received = this
-                    .received
-                    .saturating_add(buf.filled().len() - before);
+                this.received = this.received.saturating_add(buf.filled().len() - before);
                 if this.received >= HANDSHAKE_BYTES {
                     this.handshake = None;
                 }

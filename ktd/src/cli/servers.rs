@@ -256,7 +256,11 @@ async fn run_gateway(gateway: ResolvedGateway) -> anyhow::Result<()> {
     let listener = bind(&gateway.listen).await?;
     // The admin port goes through the same plaintext check as every listener.
     let admin_listener = match &gateway.settings.options.admin_listen {
-        Some(addr) => Some(bind(addr).await.context("the admin port (--admin-listen)")?),
+        Some(addr) => Some(
+            bind(addr)
+                .await
+                .context("the admin port (--admin-listen)")?,
+        ),
         None => None,
     };
     let mut settings = gateway.settings;
@@ -304,7 +308,10 @@ mod tests {
         .expect_err("plaintext admin port on 0.0.0.0");
         let message = format!("{refused:#}");
         assert!(message.contains("--admin-listen"), "{message}");
-        assert!(message.contains("refusing to serve plaintext gRPC"), "{message}");
+        assert!(
+            message.contains("refusing to serve plaintext gRPC"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -65,7 +65,10 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) {
         }
     })
     .await;
-    assert!(closed.is_ok(), "the server kept the connection open for {limit:?}");
+    assert!(
+        closed.is_ok(),
+        "the server kept the connection open for {limit:?}"
+    );
 }
 
 #[test]
@@ -77,7 +80,9 @@ fn a_connection_past_the_cap_is_closed_at_once_while_held_ones_keep_being_served
         };
         let addr = start("127.0.0.61", limits, BodyTimeouts::default()).await;
         let mut normal = client(addr).await;
-        check(&mut normal).await.expect("the first client is served");
+        check(&mut normal)
+            .await
+            .expect("the first client is served");
         // Two idle raw connections fill the cap (3 with the client's).
         let _idle_1 = TcpStream::connect(addr).await.expect("idle 1");
         let _idle_2 = TcpStream::connect(addr).await.expect("idle 2");

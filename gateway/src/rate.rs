@@ -140,11 +140,13 @@ impl RateLimiter {
     /// the time until it would fit.
     pub fn charge(&self, principal: &Principal, what: &'static str, cost: f64) -> Result<()> {
         self.with_bucket(principal, |bucket, limits| {
+            // A request dearer than the whole bucket needs a full one.
+            let cost = cost.min(limits.burst);
             if bucket.tokens >= cost {
                 bucket.tokens -= cost;
                 return Ok(());
             }
-            let missing = cost.min(limits.burst) - bucket.tokens;
+            let missing = cost - bucket.tokens;
             Err(refused(what, missing / limits.per_second))
         })
     }
@@ -160,8 +162,9 @@ impl RateLimiter {
                     max: limits.max_waits,
                 });
             }
+            let cost = cost.min(limits.burst);
             if bucket.tokens < cost {
-                let missing = cost.min(limits.burst) - bucket.tokens;
+                let missing = cost - bucket.tokens;
                 return Err(refused(what, missing / limits.per_second));
             }
             bucket.tokens -= cost;
@@ -211,7 +214,7 @@ impl RateLimiter {
 /// Frees at least one entry of a full map: the callers whose bucket has refilled and who wait
 /// for nothing (indistinguishable from new ones), else the least recently seen without waits.
 fn make_room(buckets: &mut HashMap<Principal, Bucket>, limits: &RateLimits, now: Instant) {
-    let refill = Duration::from_secs_f64((limits.burst / limits.per_second).min(86_400.0));
+    let refill = seconds(limits.burst / limits.per_second);
     buckets.retain(|_, bucket| {
         bucket.waits > 0 || now.saturating_duration_since(bucket.updated) < refill
     });
@@ -228,11 +231,20 @@ fn make_room(buckets: &mut HashMap<Principal, Bucket>, limits: &RateLimits, now:
     }
 }
 
-fn refused(what: &'static str, seconds: f64) -> GatewayError {
+fn refused(what: &'static str, seconds_until: f64) -> GatewayError {
     metrics::counter!("ktd_gateway_rate_limited_total", "method" => what).increment(1);
     GatewayError::RateLimited {
         what,
-        retry_after: Duration::from_secs_f64(seconds.clamp(0.001, 86_400.0)),
+        retry_after: seconds(seconds_until),
+    }
+}
+
+/// `secs` as a duration between 1 ms and a day (a day for anything not a positive number:
+/// budgets built in code are not validated like configuration).
+fn seconds(secs: f64) -> Duration {
+    match secs.is_finite() && secs > 0.0 {
+        true => Duration::from_secs_f64(secs.clamp(0.001, 86_400.0)),
+        false => Duration::from_secs(86_400),
     }
 }
 

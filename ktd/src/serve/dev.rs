@@ -142,8 +142,7 @@ pub async fn run_dev(
             connector,
             metadata,
             settings.options.clone(),
-            listener,
-            None,
+            (listener, None),
             shutdown,
             Duration::from_secs(5),
         )

@@ -61,8 +61,7 @@ pub async fn run_gateway(
         connector,
         metadata,
         settings.options,
-        listener,
-        admin_listener,
+        (listener, admin_listener),
         stopped,
         settings.drain,
     )
@@ -74,8 +73,7 @@ pub(crate) async fn serve_for_config(
     connector: Arc<dyn ShardConnector>,
     metadata: pb::ClusterMetadata,
     options: GatewayOptions,
-    listener: TcpListener,
-    admin_listener: Option<TcpListener>,
+    (listener, admin_listener): (TcpListener, Option<TcpListener>),
     shutdown: impl Future<Output = ()> + Send,
     drain: Duration,
 ) -> anyhow::Result<()> {

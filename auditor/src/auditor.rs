@@ -10,6 +10,8 @@
 //! (ciphersuite 1: protobuf + Ed25519). Verified heads and violations are appended to files in
 //! its data directory (fsynced before they are served), so a restart resumes where it stopped.
 //! A violation stops the auditor at the last good epoch: nothing after it is ever signed.
+//! File IO after start-up (appends with their `fsync`, blob-directory scans) runs on the
+//! blocking pool, never on a runtime thread.
 //!
 //! The client side — checking a root against the auditor's signature before trusting it — is
 //! [`ktd_client::head::verify_head`].
@@ -194,6 +196,16 @@ fn append_jsonl<T: Serialize>(path: &Path, record: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// [`append_jsonl`] on the blocking pool (an `fsync` must not stall a runtime thread).
+async fn append_blocking<T: Serialize + Send + 'static>(
+    path: std::path::PathBuf,
+    record: T,
+) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || append_jsonl(&path, &record))
+        .await
+        .map_err(|error| anyhow!("appending a record: {error}"))?
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -291,12 +303,19 @@ impl Auditor {
         self.state().violations.clone()
     }
 
-    fn record_violation(&self, violation: &Violation) -> anyhow::Result<()> {
+    async fn record_violation(&self, violation: &Violation) -> anyhow::Result<()> {
         let text = violation.to_string();
+        if self.state().violations.contains(&text) {
+            return Ok(());
+        }
+        tracing::error!(%violation, "audit rule violated; not signing");
+        append_blocking(
+            self.settings.data_dir.join("violations.jsonl"),
+            text.clone(),
+        )
+        .await?;
         let mut state = self.state();
         if !state.violations.contains(&text) {
-            tracing::error!(%violation, "audit rule violated; not signing");
-            append_jsonl(&self.settings.data_dir.join("violations.jsonl"), &text)?;
             state.violations.push(text);
         }
         Ok(())
@@ -360,7 +379,8 @@ impl Auditor {
         })?;
         let verify_us = started.elapsed().as_micros() as u64;
         let head = self.sign(epoch, root, proof.len() as u64, verify_us);
-        append_jsonl(&self.settings.data_dir.join("heads.jsonl"), &head)
+        append_blocking(self.settings.data_dir.join("heads.jsonl"), head.clone())
+            .await
             .map_err(|error| violation(format!("cannot persist the head: {error:#}")))?;
         let mut state = self.state();
         state.latest = (epoch, root);
@@ -417,17 +437,22 @@ impl Auditor {
                         None => Err(anyhow!("cannot reach the gateway at {addr}")),
                     }
                 }
-                BlobSource::Directory(dir) => BlobDir::new(dir)
-                    .read_from(next, 16)
-                    .map(|(blobs, latest)| {
-                        let mut state = self.state();
-                        state.source_latest = state.source_latest.max(latest);
-                        blobs
-                            .into_iter()
-                            .map(|blob| (blob.name, blob.bytes))
-                            .collect()
-                    })
-                    .map_err(anyhow::Error::from),
+                BlobSource::Directory(dir) => {
+                    // A directory scan and file reads: blocking IO, off the runtime threads.
+                    let dir = dir.clone();
+                    tokio::task::spawn_blocking(move || BlobDir::new(&dir).read_from(next, 16))
+                        .await
+                        .map_err(|error| anyhow!("reading the blob directory: {error}"))
+                        .and_then(|read| read.map_err(anyhow::Error::from))
+                        .map(|(blobs, latest)| {
+                            let mut state = self.state();
+                            state.source_latest = state.source_latest.max(latest);
+                            blobs
+                                .into_iter()
+                                .map(|blob| (blob.name, blob.bytes))
+                                .collect()
+                        })
+                }
             };
             let blobs = match blobs {
                 Ok(blobs) => blobs,
@@ -445,7 +470,7 @@ impl Auditor {
                     }
                     Ok(None) => {}
                     Err(violation) => {
-                        self.record_violation(&violation)?;
+                        self.record_violation(&violation).await?;
                         // Nothing after a violation is signed; keep serving, stop following.
                         shutdown.cancelled().await;
                         return Ok(());

@@ -206,7 +206,11 @@ pub async fn serve(
             .with_graceful_shutdown(stopped(stop.subscribe()))
             .into_future(),
     );
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+    let incoming = ktd_rpc::limits::incoming(
+        grpc,
+        "auditor",
+        ktd_rpc::limits::ConnectionLimits::default(),
+    );
     let grpc_server = tokio::spawn(
         ktd_rpc::limits::bounded(ktd_rpc::security::server_builder(true)?)
             .tcp_nodelay(true)

@@ -1,6 +1,11 @@
 //! Committed epochs as the gateway sees them: the latest one (a linearizable read at the
 //! sequencer, shared by every request that arrives while one is in flight) and each epoch's top
 //! tree (decoded once from its partition roots and cached; committed epochs never change).
+//!
+//! Invariants: decoding and hashing a top tree (up to 4096 partition roots) runs on the
+//! blocking pool, never on a runtime thread; requests waiting for a future epoch
+//! (`GetEpoch{wait}`) poll only through the shared latest-epoch read, so however many wait,
+//! at most one read per round reaches the sequencer for all of them.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
@@ -98,7 +103,7 @@ impl<TC: Configuration> Epochs<TC> {
     pub async fn latest(&self) -> Result<Committed<TC>> {
         let record = self.latest_record().await?;
         let epoch = record.epoch;
-        let committed = self.committed(record)?;
+        let committed = self.committed(record).await?;
         if epoch
             > self
                 .latest_seen
@@ -145,7 +150,7 @@ impl<TC: Configuration> Epochs<TC> {
             return Ok(committed);
         }
         match self.sequencing.get_epoch(Some(epoch)).await {
-            Ok(record) => self.committed(record),
+            Ok(record) => self.committed(record).await,
             Err(SequencerError::EpochNotFound { epoch, latest }) => {
                 Err(GatewayError::EpochNotCommitted { epoch, latest })
             }
@@ -175,17 +180,24 @@ impl<TC: Configuration> Epochs<TC> {
             .await
     }
 
-    /// Waits until `epoch` is committed (the caller bounds the wait with its deadline).
+    /// Waits until `epoch` is committed (the caller bounds the wait with its deadline). Every
+    /// waiter polls through the shared latest-epoch read ([`Epochs::latest`]'s batch), so a
+    /// thousand waiters cost the sequencer one read per round, not a thousand.
     pub async fn wait_for(&self, epoch: u64) -> Result<Committed<TC>> {
         let mut delay = Duration::from_millis(20);
         loop {
-            match self.at(epoch).await {
-                Err(GatewayError::EpochNotCommitted { .. }) => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(250));
-                }
-                other => return other,
+            if let Some(committed) = self.cached(epoch) {
+                return Ok(committed);
             }
+            let latest = self.latest_record().await?;
+            if latest.epoch == epoch {
+                return self.committed(latest).await;
+            }
+            if latest.epoch > epoch {
+                return self.at(epoch).await;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(250));
         }
     }
 
@@ -201,13 +213,21 @@ impl<TC: Configuration> Epochs<TC> {
             })
     }
 
-    fn committed(&self, record: pb::EpochRecord) -> Result<Committed<TC>> {
+    async fn committed(&self, record: pb::EpochRecord) -> Result<Committed<TC>> {
         let epoch = record.epoch;
         if let Some(committed) = self.cached(epoch) {
             return Ok(committed);
         }
-        let top = Arc::new(shard::replicated::top_tree::<TC>(self.bits, &record)?);
         let info = EpochInfo::of(&record);
+        let bits = self.bits;
+        // Decoding and hashing up to 4096 roots: CPU work, off the runtime threads.
+        let top =
+            tokio::task::spawn_blocking(move || shard::replicated::top_tree::<TC>(bits, &record))
+                .await
+                .map_err(|error| {
+                    GatewayError::Internal(format!("decoding epoch {epoch}: {error}"))
+                })??;
+        let top = Arc::new(top);
         let mut tops = self
             .tops
             .lock()

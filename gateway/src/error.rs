@@ -38,6 +38,31 @@ pub enum GatewayError {
     /// A shard answered with an error (or could not be reached), or a proof could not be built.
     #[error("{0}")]
     Shard(#[from] shard::Error),
+    /// The gateway's own work failed (a blocking task panicked or was cancelled).
+    #[error("internal: {0}")]
+    Internal(String),
+    /// The caller already has its maximum of waiting requests.
+    #[error(
+        "{what}: this caller already has {max} requests waiting, the most one caller may have; \
+         retry when one has finished"
+    )]
+    TooManyWaits {
+        /// The kind of request refused.
+        what: &'static str,
+        /// The limit.
+        max: usize,
+    },
+    /// The caller spent its budget of expensive reads.
+    #[error(
+        "{what}: this caller's budget of expensive reads is spent; retry in {} ms",
+        retry_after.as_millis()
+    )]
+    RateLimited {
+        /// The kind of request refused.
+        what: &'static str,
+        /// When the caller's budget allows it again.
+        retry_after: std::time::Duration,
+    },
 }
 
 impl From<GatewayError> for Status {
@@ -55,6 +80,16 @@ impl From<GatewayError> for Status {
             GatewayError::Overloaded { .. } => Status::resource_exhausted(message),
             GatewayError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             GatewayError::NothingToSeal => Status::failed_precondition(message),
+            GatewayError::Internal(_) => Status::internal(message),
+            GatewayError::TooManyWaits { .. } => Status::resource_exhausted(message),
+            GatewayError::RateLimited { retry_after, .. } => {
+                let mut status = Status::resource_exhausted(message);
+                let millis = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
+                status
+                    .metadata_mut()
+                    .insert(RETRY_AFTER_MS_METADATA, millis.into());
+                status
+            }
             GatewayError::Sequencer(error) => Status::new(error.code(), message),
             GatewayError::Shard(
                 error @ shard::Error::Core(
@@ -75,6 +110,10 @@ impl From<GatewayError> for Status {
         }
     }
 }
+
+/// Trailer on rate-limited (`RESOURCE_EXHAUSTED`) answers: milliseconds until the caller's
+/// budget allows the request again.
+pub const RETRY_AFTER_MS_METADATA: &str = "ktd-retry-after-ms";
 
 /// Trailer on `NOT_FOUND` answers for uncommitted epochs: the latest committed epoch.
 pub const LATEST_EPOCH_METADATA: &str = "ktd-latest-epoch";

@@ -7,15 +7,18 @@
 //! - [`sequencing`]: how the gateway reaches the sequencer (gRPC, or in process for `ktd dev`).
 //! - [`server`]: serving a gateway (health, reflection, `TCP_NODELAY`, draining shutdown).
 //! - [`readiness`]: what SERVING means for a gateway ("caught up").
+//! - [`rate`]: per-caller budgets for the expensive reads (histories, audits, waits).
 //! - [`error`]: the gateway's errors and their one mapping to gRPC status codes.
 //!
 //! The `ktd gateway` process around it (flags, configuration, listeners) is the `ktd` crate's.
 //!
 //! **Architecture invariant:** the gateway holds no state that is not derived from committed
-//! Raft entries; any two gateways give the same bytes for the same epoch.
+//! Raft entries; any two gateways give the same bytes for the same epoch. (The per-caller
+//! budgets of [`rate`] decide only *whether* a request is served, never what it answers.)
 
 pub mod epochs;
 pub mod error;
+pub mod rate;
 pub mod readiness;
 pub mod sequencing;
 pub mod server;

@@ -7,12 +7,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use ktd_core::akd_core::configuration::Configuration;
 use ktd_proto::ktd::v1 as api;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::service::{AdminService, DirectoryService, Gateway};
@@ -45,11 +43,14 @@ pub const HEALTH_SERVICE: &str = <api::directory_server::DirectoryServer<
 /// The health service name of reads: SERVING while every partition has a live healthy replica.
 pub const READ_HEALTH_SERVICE: &str = "ktd.v1.Directory.Read";
 
-/// Serves `gateway` on `listener` until `shutdown`; then reports NOT_SERVING and drains
-/// in-flight requests for at most `drain`. Health follows the gateway's capabilities meanwhile.
+/// Serves `gateway` on `listener` (and its Admin service on `admin_listener` if given, the
+/// `--admin-listen` port the caller bound and checked) until `shutdown`; then reports
+/// NOT_SERVING and drains in-flight requests for at most `drain`. Health follows the gateway's
+/// capabilities meanwhile.
 pub async fn serve<TC: Configuration>(
     gateway: Arc<Gateway<TC>>,
     listener: TcpListener,
+    admin_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
     drain: Duration,
 ) -> anyhow::Result<()> {
@@ -73,17 +74,11 @@ pub async fn serve<TC: Configuration>(
     let admin = api::admin_server::AdminServer::new(AdminService(gateway.clone()));
     // The admin service on its own port (with TLS: admin certificates only), or, without
     // --admin-listen, beside the public API.
-    let admin_listener = match &gateway.options().admin_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("bind the admin port {addr}"))?,
-        ),
-        None => None,
-    };
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(10)));
+    let incoming = ktd_rpc::limits::incoming(
+        listener,
+        "gateway",
+        ktd_rpc::limits::ConnectionLimits::default(),
+    );
     let (stop, _) = tokio::sync::watch::channel(false);
     let stopped_signal = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
@@ -104,7 +99,11 @@ pub async fn serve<TC: Configuration>(
         None => (public.add_service(admin), None),
         Some(admin_listener) => {
             tracing::info!(addr = %admin_listener.local_addr()?, "gateway admin port serving");
-            let incoming = TcpIncoming::from(admin_listener).with_nodelay(Some(true));
+            let incoming = ktd_rpc::limits::incoming(
+                admin_listener,
+                "gateway-admin",
+                ktd_rpc::limits::ConnectionLimits::default(),
+            );
             let admin_server = ktd_rpc::limits::bounded(ktd_rpc::security::server_builder(false)?)
                 .tcp_nodelay(true)
                 .layer(ktd_rpc::telemetry::GrpcServerLayer::new("gateway"))

@@ -6,6 +6,12 @@
 //! in-flight permits (none left: `RESOURCE_EXHAUSTED`, at once) and runs under its deadline (the
 //! client's `grpc-timeout`, capped by the gateway's own); when it expires the handler's future is
 //! dropped, which cancels the calls it made downstream.
+//!
+//! Expensive reads also spend the caller's budget ([`crate::rate`]): a complete history or one
+//! over [`CHEAP_HISTORY_VERSIONS`] versions and a `GetEpoch{wait}` cost 1 (and a wait holds one
+//! of the caller's waits), an `Audit` [`audit_cost`]. Callers without a client certificate over
+//! TLS are also capped in size (history versions, audit span): what one anonymous request can
+//! cost is bounded, not only how many it sends.
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -28,6 +34,7 @@ use tonic::{Request, Response, Status};
 
 use crate::epochs::{Committed, Epochs};
 use crate::error::{GatewayError, Result};
+use crate::rate::{Caller, RateLimiter, RateLimits};
 use crate::sequencing::Sequencing;
 
 /// Gateway limits and timeouts.
@@ -53,11 +60,28 @@ pub struct GatewayOptions {
     /// the chaos checkers can be shown to catch a real broken mode end to end.
     pub unsafe_stale_reads: Option<Duration>,
     /// Serve the `Admin` service (seal, cluster status) on this address instead of the public
-    /// one (recommended: keep it off networks clients reach).
+    /// one (recommended: keep it off networks clients reach). The process binds it (`ktd`
+    /// refuses plaintext on it off loopback, like on every listener) and hands the listener to
+    /// [`crate::server::serve`].
     pub admin_listen: Option<String>,
     /// With TLS: accept public-port clients without a certificate (role `anonymous`:
     /// read-only). The admin port always requires one.
     pub tls_client_auth_optional: bool,
+    /// Per-caller budgets of the expensive reads ([`crate::rate`]).
+    pub rate_limits: RateLimits,
+    /// Most versions of a key history a caller without a client certificate (over TLS) may
+    /// ask for (`most_recent` 0, every version, is refused to it).
+    pub anonymous_max_history_versions: u64,
+    /// Most epochs one `Audit` of a caller without a client certificate (over TLS) may span.
+    pub anonymous_max_audit_epochs: u64,
+}
+
+/// A history of at most this many versions is a cheap read (no budget spent).
+pub const CHEAP_HISTORY_VERSIONS: u64 = 16;
+
+/// Budget tokens an `Audit` spanning `epochs` epochs costs: 1, plus 1 per 64 epochs.
+pub fn audit_cost(epochs: u64) -> f64 {
+    1.0 + (epochs / 64) as f64
 }
 
 impl Default for GatewayOptions {
@@ -74,6 +98,9 @@ impl Default for GatewayOptions {
             unsafe_stale_reads: None,
             admin_listen: None,
             tls_client_auth_optional: false,
+            rate_limits: RateLimits::default(),
+            anonymous_max_history_versions: 64,
+            anonymous_max_audit_epochs: 64,
         }
     }
 }
@@ -87,6 +114,7 @@ pub struct Gateway<TC> {
     shards: Mutex<Option<(Instant, ShardSet)>>,
     options: GatewayOptions,
     permits: Arc<Semaphore>,
+    rate: RateLimiter,
     config: PhantomData<fn() -> TC>,
 }
 
@@ -116,6 +144,7 @@ impl<TC: Configuration> Gateway<TC> {
             metadata,
             shards: Mutex::new(None),
             permits: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
+            rate: RateLimiter::new(options.rate_limits),
             options,
             config: PhantomData,
         }))
@@ -234,9 +263,16 @@ impl<TC: Configuration> Gateway<TC> {
         })
     }
 
-    async fn get_epoch(&self, request: api::GetEpochRequest) -> Result<api::EpochHash> {
+    async fn get_epoch(
+        &self,
+        caller: Caller,
+        request: api::GetEpochRequest,
+    ) -> Result<api::EpochHash> {
         let committed = match request.epoch {
-            Some(epoch) if request.wait => self.epochs.wait_for(epoch).await?,
+            Some(epoch) if request.wait => {
+                let _wait = self.rate.wait(&caller.principal, "GetEpoch", 1.0)?;
+                self.epochs.wait_for(epoch).await?
+            }
             epoch => self.epochs.resolve(epoch).await?,
         };
         Ok(epoch_hash(&committed))
@@ -275,9 +311,20 @@ impl<TC: Configuration> Gateway<TC> {
 
     async fn key_history(
         &self,
+        caller: Caller,
         request: api::KeyHistoryRequest,
     ) -> Result<api::KeyHistoryResponse> {
         let label = self.label(request.label)?;
+        let cap = self.options.anonymous_max_history_versions;
+        if caller.anonymous && (request.most_recent == 0 || request.most_recent > cap) {
+            return Err(GatewayError::InvalidArgument(format!(
+                "callers without a client certificate get at most the {cap} most recent \
+                 versions of a history; ask for most_recent between 1 and {cap}"
+            )));
+        }
+        if request.most_recent == 0 || request.most_recent > CHEAP_HISTORY_VERSIONS {
+            self.rate.charge(&caller.principal, "KeyHistory", 1.0)?;
+        }
         let params = match request.most_recent {
             0 => HistoryParams::Complete,
             n => HistoryParams::MostRecent(usize::try_from(n).unwrap_or(usize::MAX)),
@@ -292,20 +339,38 @@ impl<TC: Configuration> Gateway<TC> {
         })
     }
 
-    async fn audit(&self, request: api::AuditRequest) -> Result<api::AuditResponse> {
+    async fn audit(
+        &self,
+        caller: Caller,
+        request: api::AuditRequest,
+    ) -> Result<api::AuditResponse> {
         let (start, end) = (request.start_epoch, request.end_epoch);
         if start > end {
             return Err(GatewayError::InvalidArgument(format!(
                 "start epoch {start} is after end epoch {end}"
             )));
         }
-        if end - start > self.options.max_audit_epochs {
+        let max_span = match caller.anonymous {
+            true => self
+                .options
+                .max_audit_epochs
+                .min(self.options.anonymous_max_audit_epochs),
+            false => self.options.max_audit_epochs,
+        };
+        if end - start > max_span {
             return Err(GatewayError::InvalidArgument(format!(
-                "an audit spans at most {} epochs; ask for {start}..{} and continue from there",
-                self.options.max_audit_epochs,
-                start + self.options.max_audit_epochs
+                "an audit {}spans at most {max_span} epochs; ask for {start}..{} and continue \
+                 from there",
+                if caller.anonymous {
+                    "by a caller without a client certificate "
+                } else {
+                    ""
+                },
+                start + max_span
             )));
         }
+        self.rate
+            .charge(&caller.principal, "Audit", audit_cost(end - start))?;
         // Resolving the end first answers NOT_FOUND for an uncommitted range at once.
         self.epochs.at(end).await?;
         let shards = self.shard_set().await?;
@@ -576,8 +641,9 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
         request: Request<api::GetEpochRequest>,
     ) -> Result<Response<api::EpochHash>, Status> {
         let deadline = deadline(&request);
+        let caller = Caller::of(&request);
         self.0
-            .serve(deadline, self.0.get_epoch(request.into_inner()))
+            .serve(deadline, self.0.get_epoch(caller, request.into_inner()))
             .await
     }
 
@@ -606,8 +672,9 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
         request: Request<api::KeyHistoryRequest>,
     ) -> Result<Response<api::KeyHistoryResponse>, Status> {
         let deadline = deadline(&request);
+        let caller = Caller::of(&request);
         self.0
-            .serve(deadline, self.0.key_history(request.into_inner()))
+            .serve(deadline, self.0.key_history(caller, request.into_inner()))
             .await
     }
 
@@ -616,8 +683,9 @@ impl<TC: Configuration> api::directory_server::Directory for DirectoryService<TC
         request: Request<api::AuditRequest>,
     ) -> Result<Response<api::AuditResponse>, Status> {
         let deadline = deadline(&request);
+        let caller = Caller::of(&request);
         self.0
-            .serve(deadline, self.0.audit(request.into_inner()))
+            .serve(deadline, self.0.audit(caller, request.into_inner()))
             .await
     }
 

@@ -308,6 +308,7 @@ impl TlsMaterial {
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
             .client_auth_optional(client_auth_optional)
+            .timeout(crate::limits::HANDSHAKE_TIMEOUT)
     }
 
     /// The client side: present the certificate, trust only the CA.

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -112,9 +111,11 @@ pub async fn serve(
     ));
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(10)));
+    let incoming = ktd_rpc::limits::incoming(
+        listener,
+        "sequencer",
+        ktd_rpc::limits::ConnectionLimits::default(),
+    );
     let router = ktd_rpc::limits::bounded(
         ktd_rpc::security::server_builder(false)
             .map_err(|error| SequencerError::InvalidConfig(error.to_string()))?,

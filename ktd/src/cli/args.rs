@@ -314,6 +314,14 @@ pub struct DevArgs {
     /// Requests served at once before RESOURCE_EXHAUSTED.
     #[arg(long)]
     pub max_in_flight: Option<usize>,
+    /// Expensive-read budget per caller (client certificate, else IP): tokens regained per
+    /// second. Complete or long histories and GetEpoch waits cost 1, an audit 1 + 1 per 64
+    /// epochs; past the budget: RESOURCE_EXHAUSTED with a retry hint.
+    #[arg(long)]
+    pub expensive_reads_per_second: Option<f64>,
+    /// Expensive-read budget per caller: tokens it can hold (spend at once).
+    #[arg(long)]
+    pub expensive_reads_burst: Option<f64>,
 }
 
 /// `ktd shard`.
@@ -439,6 +447,14 @@ pub struct GatewayArgs {
     /// Requests served at once before RESOURCE_EXHAUSTED.
     #[arg(long)]
     pub max_in_flight: Option<usize>,
+    /// Expensive-read budget per caller (client certificate, else IP): tokens regained per
+    /// second. Complete or long histories and GetEpoch waits cost 1, an audit 1 + 1 per 64
+    /// epochs; past the budget: RESOURCE_EXHAUSTED with a retry hint.
+    #[arg(long)]
+    pub expensive_reads_per_second: Option<f64>,
+    /// Expensive-read budget per caller: tokens it can hold (spend at once).
+    #[arg(long)]
+    pub expensive_reads_burst: Option<f64>,
     /// Serve the Admin service (seal, cluster status) on this address instead of --listen;
     /// with TLS only admin certificates may call it.
     #[arg(long, env = "KTD_GATEWAY_ADMIN_LISTEN")]

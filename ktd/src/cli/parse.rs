@@ -255,6 +255,14 @@ fn gateway(args: GatewayArgs, tls: &TlsFlags) -> anyhow::Result<ServerCommand> {
     set(&mut config.listen, args.listen);
     set_list(&mut config.sequencers, args.sequencers);
     set(&mut config.max_in_flight, args.max_in_flight);
+    set(
+        &mut config.expensive_reads_per_second,
+        args.expensive_reads_per_second,
+    );
+    set(
+        &mut config.expensive_reads_burst,
+        args.expensive_reads_burst,
+    );
     set_some(&mut config.admin_listen, args.admin_listen);
     set(&mut config.tls_client_auth, args.tls_client_auth);
     config.unsafe_test_mode = args.unsafe_test_mode;
@@ -275,6 +283,14 @@ fn dev(args: DevArgs, tls: &TlsFlags) -> anyhow::Result<ServerCommand> {
     set(&mut config.partition_bits, args.partition_bits);
     set(&mut config.configuration, args.configuration);
     set(&mut config.max_in_flight, args.max_in_flight);
+    set(
+        &mut config.expensive_reads_per_second,
+        args.expensive_reads_per_second,
+    );
+    set(
+        &mut config.expensive_reads_burst,
+        args.expensive_reads_burst,
+    );
     overlay_process(&mut config.process, args.metrics, args.telemetry, tls);
     Ok(ServerCommand {
         config: ServerConfig::Dev(config),

@@ -254,6 +254,15 @@ async fn run_auditor(auditor: ResolvedAuditor) -> anyhow::Result<()> {
 async fn run_gateway(gateway: ResolvedGateway) -> anyhow::Result<()> {
     ktd_rpc::telemetry::log_context().set_node("gateway", gateway.listen.clone());
     let listener = bind(&gateway.listen).await?;
+    // The admin port goes through the same plaintext check as every listener.
+    let admin_listener = match &gateway.settings.options.admin_listen {
+        Some(addr) => Some(
+            bind(addr)
+                .await
+                .context("the admin port (--admin-listen)")?,
+        ),
+        None => None,
+    };
     let mut settings = gateway.settings;
     // Deliberately broken mode, test-only: stale latest-epoch lookups (see
     // `GatewayOptions::unsafe_stale_reads`). Refused without --unsafe-test-mode.
@@ -274,12 +283,36 @@ async fn run_gateway(gateway: ResolvedGateway) -> anyhow::Result<()> {
             Some(max_age)
         }
     };
-    crate::serve::run_gateway(settings, listener, shutdown_signal()).await
+    crate::serve::run_gateway(settings, listener, admin_listener, shutdown_signal()).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::check_plaintext;
+
+    #[tokio::test]
+    async fn a_plaintext_admin_port_off_loopback_is_refused_like_the_public_one() {
+        let config = crate::config::GatewayConfig {
+            listen: "127.0.0.1:0".into(),
+            admin_listen: Some("0.0.0.0:0".into()),
+            sequencers: vec!["http://127.0.0.1:1".into()],
+            ..crate::config::GatewayConfig::default()
+        };
+        let resolved = config.resolve().expect("a valid configuration");
+        let refused = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            super::run_gateway(resolved),
+        )
+        .await
+        .expect("refused at start, before the cluster is reached")
+        .expect_err("plaintext admin port on 0.0.0.0");
+        let message = format!("{refused:#}");
+        assert!(message.contains("--admin-listen"), "{message}");
+        assert!(
+            message.contains("refusing to serve plaintext gRPC"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn plaintext_is_served_on_loopback_only_unless_explicitly_allowed() {

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use gateway::rate::RateLimits;
 use gateway::service::GatewayOptions;
 use ktd_core::AkdConfig;
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,10 @@ pub struct DevConfig {
     pub configuration: AkdConfig,
     /// Requests served at once before RESOURCE_EXHAUSTED.
     pub max_in_flight: usize,
+    /// Expensive-read budget tokens a caller regains per second (`gateway::rate`).
+    pub expensive_reads_per_second: f64,
+    /// Expensive-read budget tokens a caller can hold (spend at once).
+    pub expensive_reads_burst: f64,
     /// Metrics, logs, traces and TLS.
     #[serde(flatten, skip_deserializing)]
     pub process: ProcessConfig,
@@ -50,6 +55,8 @@ impl Default for DevConfig {
             partition_bits: 4,
             configuration: AkdConfig::WhatsAppV1,
             max_in_flight: 1024,
+            expensive_reads_per_second: RateLimits::default().per_second,
+            expensive_reads_burst: RateLimits::default().burst,
             process: ProcessConfig::default(),
         }
     }
@@ -76,6 +83,10 @@ pub struct ResolvedDev {
 }
 
 impl DevConfig {
+    fn rate_limits(&self) -> anyhow::Result<RateLimits> {
+        super::gateway::rate_limits(self.expensive_reads_per_second, self.expensive_reads_burst)
+    }
+
     /// Validates the configuration; an existing VRF seed file is read (its length and
     /// permissions), a missing one is generated when the directory starts.
     pub fn resolve(&self) -> anyhow::Result<ResolvedDev> {
@@ -110,6 +121,7 @@ impl DevConfig {
                 config: self.configuration.clone(),
                 options: GatewayOptions {
                     max_in_flight: self.max_in_flight,
+                    rate_limits: self.rate_limits()?,
                     ..GatewayOptions::default()
                 },
             },

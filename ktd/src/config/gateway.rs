@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use gateway::rate::RateLimits;
 use gateway::service::GatewayOptions;
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +31,10 @@ pub struct GatewayConfig {
     pub sequencers: Vec<String>,
     /// Requests served at once before RESOURCE_EXHAUSTED.
     pub max_in_flight: usize,
+    /// Expensive-read budget tokens a caller regains per second (`gateway::rate`).
+    pub expensive_reads_per_second: f64,
+    /// Expensive-read budget tokens a caller can hold (spend at once).
+    pub expensive_reads_burst: f64,
     /// Serve the Admin service (seal, cluster status) on this address instead of `listen`;
     /// with TLS only admin certificates may call it.
     pub admin_listen: Option<String>,
@@ -51,6 +56,8 @@ impl Default for GatewayConfig {
             listen: "127.0.0.1:8080".into(),
             sequencers: Vec::new(),
             max_in_flight: 1024,
+            expensive_reads_per_second: RateLimits::default().per_second,
+            expensive_reads_burst: RateLimits::default().burst,
             admin_listen: None,
             tls_client_auth: ClientAuth::Required,
             unsafe_test_mode: false,
@@ -80,7 +87,28 @@ pub struct ResolvedGateway {
 /// How long a stopping gateway waits for in-flight requests.
 const GATEWAY_DRAIN: Duration = Duration::from_secs(10);
 
+/// The per-caller budget of `per_second` and `burst` (both positive and finite).
+pub(crate) fn rate_limits(per_second: f64, burst: f64) -> anyhow::Result<RateLimits> {
+    for (key, value) in [
+        ("expensive_reads_per_second", per_second),
+        ("expensive_reads_burst", burst),
+    ] {
+        if !(value.is_finite() && value > 0.0) {
+            anyhow::bail!("{key}: {value} is not a positive number");
+        }
+    }
+    Ok(RateLimits {
+        per_second,
+        burst,
+        ..RateLimits::default()
+    })
+}
+
 impl GatewayConfig {
+    fn rate_limits(&self) -> anyhow::Result<RateLimits> {
+        rate_limits(self.expensive_reads_per_second, self.expensive_reads_burst)
+    }
+
     /// Validates the addresses.
     pub fn resolve(&self) -> anyhow::Result<ResolvedGateway> {
         check_address("listen", &self.listen)?;
@@ -101,6 +129,7 @@ impl GatewayConfig {
                 sequencers: self.sequencers.clone(),
                 options: GatewayOptions {
                     max_in_flight: self.max_in_flight,
+                    rate_limits: self.rate_limits()?,
                     admin_listen: self.admin_listen.clone(),
                     tls_client_auth_optional: self.tls_client_auth == ClientAuth::Optional,
                     ..GatewayOptions::default()

@@ -142,7 +142,7 @@ pub async fn run_dev(
             connector,
             metadata,
             settings.options.clone(),
-            listener,
+            (listener, None),
             shutdown,
             Duration::from_secs(5),
         )

@@ -28,10 +28,13 @@ pub struct GatewaySettings {
     pub drain: Duration,
 }
 
-/// Runs a gateway on `listener` until `shutdown`.
+/// Runs a gateway on `listener` (its Admin service on `admin_listener` if given: the
+/// `--admin-listen` port, bound and checked like every listener by the caller) until
+/// `shutdown`.
 pub async fn run_gateway(
     settings: GatewaySettings,
     listener: TcpListener,
+    admin_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     if settings.sequencers.is_empty() {
@@ -58,7 +61,7 @@ pub async fn run_gateway(
         connector,
         metadata,
         settings.options,
-        listener,
+        (listener, admin_listener),
         stopped,
         settings.drain,
     )
@@ -70,7 +73,7 @@ pub(crate) async fn serve_for_config(
     connector: Arc<dyn ShardConnector>,
     metadata: pb::ClusterMetadata,
     options: GatewayOptions,
-    listener: TcpListener,
+    (listener, admin_listener): (TcpListener, Option<TcpListener>),
     shutdown: impl Future<Output = ()> + Send,
     drain: Duration,
 ) -> anyhow::Result<()> {
@@ -79,11 +82,11 @@ pub(crate) async fn serve_for_config(
     match config {
         AkdConfig::WhatsAppV1 => {
             let gateway = Gateway::<WhatsAppV1>::new(sequencing, connector, metadata, options)?;
-            gateway::server::serve(gateway, listener, shutdown, drain).await
+            gateway::server::serve(gateway, listener, admin_listener, shutdown, drain).await
         }
         AkdConfig::Experimental { .. } => {
             let gateway = Gateway::<Experimental>::new(sequencing, connector, metadata, options)?;
-            gateway::server::serve(gateway, listener, shutdown, drain).await
+            gateway::server::serve(gateway, listener, admin_listener, shutdown, drain).await
         }
     }
 }

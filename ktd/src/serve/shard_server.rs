@@ -20,7 +20,6 @@ use shard::local::{LocalShard, PeerResolver};
 use shard::node::ShardNode;
 use shard::server::ShardService;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::serve::tail::{LogSource, precompute_from_log};
@@ -96,9 +95,11 @@ pub async fn run_shard(
         }
     };
     let readiness = tokio::spawn(opened.readiness);
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(10)));
+    let incoming = ktd_rpc::limits::incoming(
+        listener,
+        "shard",
+        ktd_rpc::limits::ConnectionLimits::default(),
+    );
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         ktd_rpc::limits::bounded(ktd_rpc::security::server_builder(false)?)

@@ -1,6 +1,7 @@
 //! `ktd dev` as a user meets it: the README's flow (`ktd publish`, `ktd lookup --verify`) as
 //! real processes; audit blobs written by `ktd audit-blobs` and verified; bad input over gRPC answered with the documented status while the server
-//! keeps serving; overload answered `RESOURCE_EXHAUSTED`; a clean SIGTERM and a restart from the
+//! keeps serving; overload answered `RESOURCE_EXHAUSTED`; each caller's budget of expensive
+//! reads its own; a clean SIGTERM and a restart from the
 //! data directory that still serves what was published.
 
 use std::time::Duration;
@@ -466,5 +467,82 @@ fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
             .await
             .expect("lookup after restart");
         assert_eq!(after, before);
+    });
+}
+
+/// A Directory client whose connection comes from `local_ip` (a caller of its own, by IP).
+async fn directory_from(
+    addr: &str,
+    local_ip: &str,
+) -> api::directory_client::DirectoryClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .local_address(Some(local_ip.parse().expect("ip")))
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .expect("connect");
+    api::directory_client::DirectoryClient::new(channel)
+}
+
+#[test]
+fn a_caller_past_its_budget_of_complete_histories_is_refused_with_a_retry_hint_while_another_is_served()
+ {
+    with_deadline(Duration::from_secs(120), || async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let extra = [
+            "--epoch-interval",
+            "200ms",
+            "--expensive-reads-per-second",
+            "0.001",
+            "--expensive-reads-burst",
+            "3",
+        ];
+        let mut dev = KtdNode::dev(KTD, dir.path(), "127.0.0.47", &extra);
+        dev.spawn(&[]);
+        let addr = dev.addr.clone();
+        let client = connect(&addr).await;
+        publish_epochs(&client, "budget", 1, 1).await;
+        let history = || api::KeyHistoryRequest {
+            label: b"budget-0-0".to_vec(),
+            most_recent: 0,
+            epoch: None,
+        };
+        let mut greedy = directory_from(&addr, "127.0.0.48").await;
+        for call in 0..3 {
+            greedy
+                .key_history(history())
+                .await
+                .unwrap_or_else(|status| panic!("call {call} is within the burst: {status:?}"));
+        }
+        let refused = greedy
+            .key_history(history())
+            .await
+            .expect_err("the fourth complete history is past the budget");
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(refused.message().contains("retry in"), "{refused:?}");
+        let retry_after: u64 = refused
+            .metadata()
+            .get("ktd-retry-after-ms")
+            .expect("a retry hint")
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("milliseconds");
+        assert!(retry_after > 1000, "{retry_after} ms");
+        // Another caller has its own budget; cheap reads of the greedy one still pass.
+        let mut other = directory_from(&addr, "127.0.0.49").await;
+        other
+            .key_history(history())
+            .await
+            .expect("another caller is served");
+        greedy
+            .key_history(api::KeyHistoryRequest {
+                most_recent: 1,
+                ..history()
+            })
+            .await
+            .expect("a short history costs no budget");
     });
 }

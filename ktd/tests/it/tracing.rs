@@ -260,7 +260,7 @@ async fn run(root: &std::path::Path, exporter: &Collector) -> Vec<SpanData> {
     {
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            ktd::serve::run_gateway(settings, listener, stop.cancelled_owned()).await
+            ktd::serve::run_gateway(settings, listener, None, stop.cancelled_owned()).await
         }));
     }
 

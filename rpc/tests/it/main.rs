@@ -1,0 +1,3 @@
+//! `ktd-rpc`'s integration tests: the server limits on a real tonic server over TCP.
+
+mod limits;

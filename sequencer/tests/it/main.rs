@@ -5,8 +5,10 @@
 //! `ktd/tests/` (they need the `ktd` binary). Shared helpers are in `support/`.
 
 mod bad_input;
+mod codec_props;
 mod corrupt_data_dir;
 mod idempotent_retry;
+mod machine_props;
 mod membership;
 mod no_fork;
 mod restart;

@@ -2,6 +2,7 @@
 //! `127.0.0.x` ports, each with its own data directory, under a deadline. One file (or folder)
 //! per topic; what topics share is in `support/`.
 
+mod adversarial;
 mod auditor;
 mod cluster;
 mod config;

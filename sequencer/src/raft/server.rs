@@ -78,7 +78,12 @@ fn bad(error: SequencerError) -> Status {
 /// as another. Plaintext and unbound certificates are not checked here (the role check is
 /// `ktd_rpc::security::sequencer_policy`).
 fn check_sender<T>(request: &Request<T>, vote: Option<&rpb::Vote>) -> Result<(), Status> {
-    let Some(bound) = ktd_rpc::security::peer_sequencer_id(request) else {
+    check_claim(ktd_rpc::security::peer_sequencer_id(request), vote)
+}
+
+/// [`check_sender`] for a caller bound to node `bound` (`None`: not checked).
+fn check_claim(bound: Option<u64>, vote: Option<&rpb::Vote>) -> Result<(), Status> {
+    let Some(bound) = bound else {
         return Ok(());
     };
     let claimed = vote
@@ -123,36 +128,47 @@ impl raft_server::Raft for RaftService {
         request: Request<Streaming<rpb::AppendEntriesRequest>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
         // A malformed request ends the input; openraft then ends the output after the replies
-        // to the requests before it, and the leader starts a new stream. Shutdown ends the input
-        // too: openraft reads it on a task of its own, which would otherwise keep the connection
-        // (and this node's storage) alive until the leader sends again. A message claiming
-        // another node than the caller's certificate is bound to ends it as well.
+        // to the requests before it, and the output ends with the status saying why (an
+        // undecodable message, a malformed one, or one claiming another node than the caller's
+        // certificate is bound to); the leader starts a new stream. Shutdown ends the input
+        // too: openraft reads it on a task of its own, which would otherwise keep the
+        // connection (and this node's storage) alive until the leader sends again.
         let bound = ktd_rpc::security::peer_sequencer_id(&request);
+        let refusal: Arc<Mutex<Option<Status>>> = Arc::default();
+        let noted = refusal.clone();
         let input = request
             .into_inner()
             .take_until(self.shutdown.clone().cancelled_owned())
-            .take_while(move |item| {
-                let sender_ok = match (bound, item) {
-                    (Some(bound), Ok(request)) => {
-                        request
-                            .vote
-                            .as_ref()
-                            .and_then(|vote| vote.leader_id.as_ref())
-                            .map(|leader| leader.node_id)
-                            == Some(bound)
-                    }
-                    _ => true,
-                };
-                futures::future::ready(item.is_ok() && sender_ok)
+            .map(move |item| {
+                let request = item?;
+                check_claim(bound, request.vote.as_ref())?;
+                codec::append_request_from_pb(request).map_err(bad)
             })
-            .filter_map(|item| async move {
-                item.ok()
-                    .and_then(|request| codec::append_request_from_pb(request).ok())
-            });
-        let output = self.raft.stream_append(input).map(|item| match item {
-            Ok(result) => Ok(codec::stream_result_to_pb(&result)),
-            Err(fatal) => Err(raft_failed(fatal)),
-        });
+            .take_while(move |item| {
+                if let Err(status) = item {
+                    *noted
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(status.clone());
+                }
+                futures::future::ready(item.is_ok())
+            })
+            .filter_map(|item| futures::future::ready(item.ok()));
+        let output = self
+            .raft
+            .stream_append(input)
+            .map(|item| match item {
+                Ok(result) => Ok(codec::stream_result_to_pb(&result)),
+                Err(fatal) => Err(raft_failed(fatal)),
+            })
+            .chain(
+                futures::stream::once(async move {
+                    refusal
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .take()
+                })
+                .filter_map(|refused| futures::future::ready(refused.map(Err))),
+            );
         Ok(Response::new(Box::pin(output)))
     }
 

@@ -6,8 +6,10 @@
 
 mod bad_input;
 mod bounded_streams;
+mod codec_props;
 mod corrupt_data_dir;
 mod idempotent_retry;
+mod machine_props;
 mod membership;
 mod no_fork;
 mod restart;

@@ -12,3 +12,4 @@ mod store_conformance;
 mod support;
 mod test_vectors;
 mod wire_compat;
+mod wire_props;

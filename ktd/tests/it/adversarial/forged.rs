@@ -124,8 +124,8 @@ fn stale_terms_stale_epochs_a_changed_cluster_and_invalid_shard_maps_are_refused
             leadership_transfer: false,
         };
         for (what, answer) in [
-            ("Vote", raft_client.vote(stale_vote.clone()).await),
-            ("PreVote", raft_client.pre_vote(stale_vote.clone()).await),
+            ("Vote", raft_client.vote(stale_vote).await),
+            ("PreVote", raft_client.pre_vote(stale_vote).await),
         ] {
             match answer {
                 Ok(response) => assert!(
@@ -231,7 +231,7 @@ fn stale_terms_stale_epochs_a_changed_cluster_and_invalid_shard_maps_are_refused
             .await
         {
             Ok(response) => {
-                let answered = response.get_ref().vote.clone();
+                let answered = response.get_ref().vote;
                 assert_ne!(
                     answered,
                     vote(term - 1, true),
@@ -300,27 +300,31 @@ fn stale_terms_stale_epochs_a_changed_cluster_and_invalid_shard_maps_are_refused
         refused(
             "BuildEpoch with a stale coordinator term",
             shard
-                .build_epoch(build(stale_term.clone(), next, base_roots.clone()))
+                .build_epoch(futures::stream::iter([build(
+                    stale_term.clone(),
+                    next,
+                    base_roots.clone(),
+                )]))
                 .await,
         );
         refused(
             "BuildEpoch of the committed epoch",
             shard
-                .build_epoch(build(
+                .build_epoch(futures::stream::iter([build(
                     fence(fence_term, committed, &map),
                     committed,
                     base_roots.clone(),
-                ))
+                )]))
                 .await,
         );
         refused(
             "BuildEpoch of the committed epoch under a fence that has not seen it committed",
             shard
-                .build_epoch(build(
+                .build_epoch(futures::stream::iter([build(
                     fence(fence_term, committed - 1, &map),
                     committed,
                     base_roots.clone(),
-                ))
+                )]))
                 .await,
         );
         refused(
@@ -472,13 +476,13 @@ fn a_build_on_forged_base_roots_is_refused_without_quarantining_the_partitions()
         refused(
             "BuildEpoch on base roots that are not the committed ones",
             shard
-                .build_epoch(shard_pb::BuildEpochRequest {
+                .build_epoch(futures::stream::iter([shard_pb::BuildEpochRequest {
                     epoch: committed + 1,
                     base_roots: forged_roots(&base_roots(&partitions)),
                     fence: fence(fence_term, committed, &map),
                     leaves: forged_leaves(),
                     sources: all_sources(),
-                })
+                }]))
                 .await,
         );
         let after = secured.state_at_rest().await;

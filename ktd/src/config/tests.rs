@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use sequencer::SequencerConfig;
 use sequencer::config::{
-    ClusterOptions, EpochOptions, RaftOptions, ReplicaOptions, ShutdownOptions,
+    ClusterOptions, EpochOptions, RaftOptions, ReplicaOptions, ShutdownOptions, WatchOptions,
 };
 use serde::de::{DeserializeOwned, Deserializer, Visitor};
 
@@ -66,7 +66,7 @@ fn expected_keys() -> BTreeSet<String> {
     let mut add = |table: &str, fields: Vec<&'static str>| {
         keys.extend(fields.into_iter().map(|key| format!("{table}.{key}")));
     };
-    let nested = ["cluster", "epoch", "raft", "shutdown", "replicas"];
+    let nested = ["cluster", "epoch", "raft", "shutdown", "replicas", "watch"];
     add(
         "sequencer",
         fields_of::<SequencerConfig>()
@@ -79,6 +79,7 @@ fn expected_keys() -> BTreeSet<String> {
     add("sequencer.raft", fields_of::<RaftOptions>());
     add("sequencer.shutdown", fields_of::<ShutdownOptions>());
     add("sequencer.replicas", fields_of::<ReplicaOptions>());
+    add("sequencer.watch", fields_of::<WatchOptions>());
     add("shard", fields_of::<ShardConfig>());
     add("gateway", fields_of::<GatewayConfig>());
     add("dev", fields_of::<DevConfig>());

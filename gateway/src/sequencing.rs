@@ -62,12 +62,14 @@ impl Sequencing for Sequencer {
         updates: Vec<pb::Update>,
         idempotency_key: Vec<u8>,
     ) -> Result<pb::AppendResponse> {
-        let key = if idempotency_key.is_empty() {
+        // Without a caller key, one made up here makes this call's own retries safe.
+        let retry_key = idempotency_key.is_empty();
+        let key = if retry_key {
             rand::random::<[u8; 16]>().to_vec()
         } else {
             idempotency_key
         };
-        Sequencer::append(self, updates, key).await
+        Sequencer::append_keyed(self, updates, key, retry_key).await
     }
 
     async fn get_epoch(&self, epoch: Option<u64>) -> Result<pb::EpochRecord> {

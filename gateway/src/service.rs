@@ -137,6 +137,17 @@ impl<TC: Configuration> Gateway<TC> {
                 metadata.partition_bits
             ))
         })?;
+        // The deliberately broken test mode is loud: an error log line and a gauge an alert
+        // watches (`KtdUnsafeTestMode`), so it cannot run unnoticed where it does not belong.
+        let unsafe_mode = options.unsafe_stale_reads.is_some();
+        metrics::gauge!("ktd_gateway_unsafe_test_mode").set(if unsafe_mode { 1.0 } else { 0.0 });
+        if let Some(max_age) = options.unsafe_stale_reads {
+            tracing::error!(
+                max_age_ms = max_age.as_millis() as u64,
+                "UNSAFE TEST MODE: latest-epoch lookups are served from a stale view \
+                 (KTD_UNSAFE_STALE_READS); never run this outside chaos tests"
+            );
+        }
         Ok(Arc::new(Self {
             epochs: Epochs::new(sequencing.clone(), bits),
             sequencing,

@@ -53,7 +53,7 @@ pub struct TelemetrySettings {
     pub default_filter: String,
     /// OTLP/gRPC collector endpoint (`http://HOST:4317`); `None`: no export, no trace context.
     pub otlp_endpoint: Option<String>,
-    /// Fraction of new traces recorded (a caller's sampled `traceparent` is always followed).
+    /// Fraction of new traces recorded (a caller's sampled `traceparent` is followed, up to [`FORCED_TRACES_PER_SECOND`] per second).
     pub sample_ratio: f64,
 }
 
@@ -118,6 +118,82 @@ pub fn init(settings: &TelemetrySettings) -> Result<TelemetryGuard, TelemetryErr
     Ok(TelemetryGuard { provider })
 }
 
+/// Traces a caller may force per second in one process (a sampled `traceparent` the ratio
+/// would not have sampled); past it, the ratio decides.
+pub const FORCED_TRACES_PER_SECOND: u32 = 10;
+
+/// `ParentBased(TraceIdRatioBased(ratio))`, except that a *remote* sampled parent — a caller's
+/// `traceparent` — forces a trace only within [`FORCED_TRACES_PER_SECOND`]; past that budget the
+/// ratio decides. Traces the ratio samples anyway (by trace id, so every process of a trace
+/// decides alike) never use the budget, so ktd's own sampled traces stay whole across hops and
+/// no client can make a server record every request.
+#[derive(Clone, Debug)]
+struct CallerSampler {
+    parent_based: Sampler,
+    ratio: Sampler,
+    forced: std::sync::Arc<std::sync::Mutex<(std::time::Instant, u32)>>,
+}
+
+impl CallerSampler {
+    fn new(ratio: f64) -> Self {
+        Self {
+            parent_based: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
+            ratio: Sampler::TraceIdRatioBased(ratio),
+            forced: std::sync::Arc::new(std::sync::Mutex::new((std::time::Instant::now(), 0))),
+        }
+    }
+
+    /// Takes one forced trace from this second's budget.
+    fn take_forced(&self) -> bool {
+        let mut budget = self
+            .forced
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = std::time::Instant::now();
+        if now.duration_since(budget.0) >= Duration::from_secs(1) {
+            *budget = (now, 0);
+        }
+        if budget.1 < FORCED_TRACES_PER_SECOND {
+            budget.1 += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl opentelemetry_sdk::trace::ShouldSample for CallerSampler {
+    fn should_sample(
+        &self,
+        parent_context: Option<&opentelemetry::Context>,
+        trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        span_kind: &opentelemetry::trace::SpanKind,
+        attributes: &[opentelemetry::KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> opentelemetry_sdk::trace::SamplingResult {
+        use opentelemetry::trace::TraceContextExt;
+        use opentelemetry_sdk::trace::SamplingDecision;
+        let remote_sampled = parent_context
+            .filter(|context| context.has_active_span())
+            .is_some_and(|context| {
+                let span = context.span();
+                let parent = span.span_context();
+                parent.is_remote() && parent.is_sampled()
+            });
+        let ask = |sampler: &Sampler| {
+            sampler.should_sample(parent_context, trace_id, name, span_kind, attributes, links)
+        };
+        if remote_sampled {
+            let by_ratio = ask(&self.ratio);
+            if by_ratio.decision == SamplingDecision::RecordAndSample || !self.take_forced() {
+                return by_ratio;
+            }
+        }
+        ask(&self.parent_based)
+    }
+}
+
 /// A tracer provider exporting to `exporter`: batched in production, one span at a time when
 /// `batch` is false (tests read an in-memory exporter right after the work).
 pub fn tracer_provider(
@@ -133,9 +209,7 @@ pub fn tracer_provider(
         .build();
     let builder = SdkTracerProvider::builder()
         .with_resource(resource)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            settings.sample_ratio,
-        ))));
+        .with_sampler(CallerSampler::new(settings.sample_ratio));
     let builder = if batch {
         builder.with_batch_exporter(exporter)
     } else {
@@ -258,4 +332,64 @@ pub fn serve_prometheus(addr: std::net::SocketAddr) -> anyhow::Result<()> {
         .with_context(|| format!("serve metrics on {addr}"))?;
     tracing::info!(%addr, "Prometheus metrics at /metrics");
     Ok(())
+}
+
+#[cfg(test)]
+mod sampler_tests {
+    use super::*;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+
+    fn decide(sampler: &CallerSampler, parent: Option<SpanContext>, trace: u128) -> bool {
+        let context =
+            parent.map(|parent| opentelemetry::Context::new().with_remote_span_context(parent));
+        sampler
+            .should_sample(
+                context.as_ref(),
+                TraceId::from(trace),
+                "span",
+                &SpanKind::Server,
+                &[],
+                &[],
+            )
+            .decision
+            == SamplingDecision::RecordAndSample
+    }
+
+    fn parent(trace: u128, sampled: bool) -> SpanContext {
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        SpanContext::new(
+            TraceId::from(trace),
+            SpanId::from(7u64),
+            flags,
+            true,
+            TraceState::default(),
+        )
+    }
+
+    #[test]
+    fn a_caller_forces_at_most_the_budget_of_traces_per_second_and_the_ratio_decides_the_rest() {
+        let never = CallerSampler::new(0.0);
+        let forced = (1..=100u128)
+            .filter(|trace| decide(&never, Some(parent(*trace, true)), *trace))
+            .count();
+        assert_eq!(forced, FORCED_TRACES_PER_SECOND as usize);
+        // An unsampled caller parent, or none, follows the ratio (0 here).
+        assert!(!decide(&never, Some(parent(1, false)), 1));
+        assert!(!decide(&never, None, 1));
+
+        // Traces the ratio samples anyway are followed without using the budget.
+        let always = CallerSampler::new(1.0);
+        let followed = (1..=100u128)
+            .filter(|trace| decide(&always, Some(parent(*trace, true)), *trace))
+            .count();
+        assert_eq!(followed, 100);
+        assert!(always.take_forced(), "the budget was not used");
+    }
 }

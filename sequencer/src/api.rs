@@ -92,7 +92,7 @@ impl sequencer_server::Sequencer for ApiService {
         let request = request.into_inner();
         let answer = self
             .node()?
-            .append(request.updates, request.idempotency_key)
+            .append_keyed(request.updates, request.idempotency_key, request.retry_key)
             .await?;
         Ok(Response::new(answer))
     }

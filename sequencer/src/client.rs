@@ -1,7 +1,8 @@
 //! [`SequencerClient`]: a typed client for a sequencer cluster that finds the leader.
 //!
 //! Calls that must reach the leader go to the last node that answered as leader; a follower's
-//! `UNAVAILABLE` with a leader hint (`ktd-leader-addr`) redirects the next attempt at once, other
+//! `UNAVAILABLE` with a leader hint (`ktd-leader-addr`) redirects the next attempt at once (for
+//! [`MAX_IMMEDIATE_HINTS`] hints in a row; later ones after the backoff), other
 //! retryable failures (connection refused, no leader yet, a node shutting down, a timed-out
 //! attempt) move to the next configured endpoint after an exponential backoff. Attempts and total
 //! time are bounded ([`ClientOptions`]). Only operations that are safe to repeat are retried
@@ -18,6 +19,10 @@ use ktd_proto::ktd::sequencer::v1 as pb;
 use ktd_proto::ktd::sequencer::v1::sequencer_admin_client::SequencerAdminClient;
 use ktd_proto::ktd::sequencer::v1::sequencer_client::SequencerClient as ApiClient;
 use tonic::transport::Channel;
+
+/// Leader hints followed at once in a row; later hints are followed after the backoff (hints
+/// can point in a circle during an election).
+pub const MAX_IMMEDIATE_HINTS: u32 = 2;
 use tonic::{Code, Status};
 
 use crate::error::{LEADER_ADDR_METADATA, Result, SequencerError};
@@ -160,6 +165,7 @@ impl SequencerClient {
         let started = Instant::now();
         let mut backoff = options.initial_backoff;
         let mut rotation = 0usize;
+        let mut hints_in_a_row = 0u32;
         let mut last_error = None;
         for attempt in 0..options.max_attempts {
             let addr = lock(&self.inner.preferred).clone().unwrap_or_else(|| {
@@ -195,11 +201,16 @@ impl SequencerClient {
             last_error = Some(status);
             match hint {
                 Some(hint) if hint != addr => {
-                    // Follow the hint at once.
+                    // Follow the hint at once, twice in a row at most: during an election
+                    // nodes may point at each other, and later hints wait for the backoff.
                     *lock(&self.inner.preferred) = Some(hint);
-                    continue;
+                    hints_in_a_row += 1;
+                    if hints_in_a_row <= MAX_IMMEDIATE_HINTS {
+                        continue;
+                    }
                 }
                 _ => {
+                    hints_in_a_row = 0;
                     *lock(&self.inner.preferred) = None;
                     rotation += 1;
                 }
@@ -215,12 +226,15 @@ impl SequencerClient {
         })))
     }
 
-    /// Appends a batch. Without an idempotency key, a random one is used so retries are safe.
+    /// Appends a batch. The caller's idempotency key is remembered for the cluster's
+    /// `idempotency_retention`; without one, a random key is made up (a `retry_key`, remembered
+    /// for a shorter window) so that this client's own retries are safe.
     pub async fn append(
         &self,
         updates: Vec<pb::Update>,
         idempotency_key: Option<Vec<u8>>,
     ) -> Result<pb::AppendResponse> {
+        let retry_key = idempotency_key.is_none();
         let idempotency_key =
             idempotency_key.unwrap_or_else(|| rand::random::<[u8; 16]>().to_vec());
         let request = pb::AppendRequest {
@@ -229,6 +243,7 @@ impl SequencerClient {
             // Stamped and computed by the node that proposes it.
             proposed_at_ms: 0,
             payload_hash: Vec::new(),
+            retry_key,
         };
         self.on_leader(Retry::Idempotent, |channel| {
             let request = self.request(request.clone());

@@ -106,8 +106,16 @@ pub struct ClusterOptions {
     pub vrf_public_key: String,
     /// An epoch never holds more distinct labels than this.
     pub max_epoch_updates: u64,
-    /// Keyed appends remembered for deduplication.
+    /// Appends keyed by a client library for its own retries remembered for deduplication.
     pub idempotency_window: u64,
+    /// A caller's idempotency key is remembered at least this long: a retry within it is never
+    /// applied twice.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_retention: Duration,
+    /// At most this many caller keys are remembered at once; while that many are younger than
+    /// `idempotency_retention`, keyed publishes are refused with `RESOURCE_EXHAUSTED`. Size it
+    /// at least peak keyed publishes per second × the retention in seconds.
+    pub max_idempotency_keys: u64,
     /// Sealed batches of this many latest committed epochs stay retrievable whatever the
     /// replicas' progress.
     pub retained_committed_batches: u64,
@@ -143,6 +151,10 @@ impl Default for ClusterOptions {
             vrf_public_key: String::new(),
             max_epoch_updates: 100_000,
             idempotency_window: 262_144,
+            idempotency_retention: Duration::from_millis(
+                crate::machine::DEFAULT_IDEMPOTENCY_RETENTION_MS,
+            ),
+            max_idempotency_keys: crate::machine::DEFAULT_MAX_IDEMPOTENCY_KEYS,
             retained_committed_batches: 8,
             batch_retention_max_bytes: crate::machine::DEFAULT_RETENTION_MAX_BYTES,
             batch_retention_max_age: Duration::from_millis(

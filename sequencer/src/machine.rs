@@ -15,10 +15,16 @@
 //!   so no epoch is ever larger than the limit, and a backlog becomes several bounded epochs.
 //! * **Last writer wins** per label within the open epoch (also within one batch); every update
 //!   still gets its own sequence number (gap-free, cluster-wide).
-//! * **Idempotency.** A keyed append is remembered (key → original answer and payload hash) for
-//!   the last `idempotency_window` keyed appends; a repeat with the same payload returns the
-//!   original answer marked `duplicate` and changes nothing; a repeat with another payload is
-//!   refused (`ALREADY_EXISTS`), never answered with the first payload's result.
+//! * **Idempotency.** A keyed append is remembered (key → original answer and payload hash); a
+//!   repeat with the same payload returns the original answer marked `duplicate` and changes
+//!   nothing; a repeat with another payload is refused (`ALREADY_EXISTS`), never answered with
+//!   the first payload's result. A caller's key is remembered for at least
+//!   `idempotency_retention_ms` after it was applied (by the `proposed_at_ms` stamps, kept in
+//!   time spans of 1/64 of the retention); at most `max_idempotency_keys` at once, and while
+//!   that many are younger than the retention a new keyed append is refused
+//!   (`RESOURCE_EXHAUSTED`), so a key is never forgotten early. Keys a client library made up
+//!   for its own retries (`retry_key`) are remembered for the last `idempotency_window` such
+//!   appends.
 //! * **One root per epoch.** `CommitEpoch(E)` is accepted only for the sealed epoch right after
 //!   the last committed one; repeating the same root is OK; any other root for a committed epoch
 //!   is refused with `ALREADY_EXISTS`.
@@ -85,6 +91,12 @@ pub struct EpochState {
     pub replica_progress: BTreeMap<String, u64>,
     /// Bytes appended to the open epoch so far.
     pub open_epoch_bytes: u64,
+    /// Ordinal of the next remembered caller key.
+    pub kept_next_ordinal: u64,
+    /// Ordinal of the oldest remembered caller key.
+    pub kept_oldest_ordinal: u64,
+    /// First ordinal of each time span of caller keys → the span's start (ms).
+    pub kept_marks: BTreeMap<u64, u64>,
 }
 
 impl Default for EpochState {
@@ -103,6 +115,9 @@ impl Default for EpochState {
             retained_sealed_at_ms: BTreeMap::new(),
             replica_progress: BTreeMap::new(),
             open_epoch_bytes: 0,
+            kept_next_ordinal: 0,
+            kept_oldest_ordinal: 0,
+            kept_marks: BTreeMap::new(),
         }
     }
 }
@@ -299,6 +314,9 @@ impl Machine {
         let max_epoch_updates = metadata.max_epoch_updates;
         let window = metadata.idempotency_window;
         let limits = InputLimits::of(metadata);
+        let retention = KeyRetention::of(metadata);
+        let keep = !append.idempotency_key.is_empty() && !append.retry_key;
+        let now = append.proposed_at_ms;
         if !append.idempotency_key.is_empty()
             && let Some(mut answer) = tx.idem_get(&append.idempotency_key)?
         {
@@ -334,6 +352,22 @@ impl Machine {
                     limits.max_uncommitted_epochs
                 ),
             ));
+        }
+        if keep {
+            let remembered = self.state.kept_next_ordinal - self.state.kept_oldest_ordinal;
+            let expiring = self.kept_expiry_end(now, &retention) - self.state.kept_oldest_ordinal;
+            if remembered - expiring >= retention.max_keys {
+                return Ok(rejected(
+                    Code::ResourceExhausted,
+                    format!(
+                        "{remembered} idempotency keys younger than their retention ({} s) are \
+                         remembered, the most this cluster keeps (max_idempotency_keys = {}): \
+                         retry later",
+                        retention.retention_ms / 1000,
+                        retention.max_keys
+                    ),
+                ));
+            }
         }
         let batch_labels: HashSet<&[u8]> = append
             .updates
@@ -385,7 +419,24 @@ impl Machine {
                 append.payload_hash.clone()
             },
         };
-        if !append.idempotency_key.is_empty() {
+        if keep {
+            self.expire_kept(tx, now, &retention)?;
+            let ordinal = self.state.kept_next_ordinal;
+            tx.idem_put(
+                &append.idempotency_key,
+                KEPT_ORDINAL_BASE | ordinal,
+                &answer,
+            );
+            let span = (retention.retention_ms / 64).max(1000);
+            match self.state.kept_marks.last_key_value() {
+                Some((_, start)) if now < start.saturating_add(span) => {}
+                last => {
+                    let start = last.map_or(now, |(_, start)| now.max(*start));
+                    self.state.kept_marks.insert(ordinal, start);
+                }
+            }
+            self.state.kept_next_ordinal += 1;
+        } else if !append.idempotency_key.is_empty() {
             tx.idem_put(
                 &append.idempotency_key,
                 self.state.idem_next_ordinal,
@@ -398,6 +449,50 @@ impl Machine {
             }
         }
         Ok(result(pb::apply_result::Kind::Appended(answer)))
+    }
+
+    /// The end of the caller keys that have outlived their retention at `now` (at most
+    /// [`EXPIRE_PER_APPEND`] past the oldest): every key of a time span whose *next* span
+    /// started at least the retention before `now`.
+    fn kept_expiry_end(&self, now: u64, retention: &KeyRetention) -> u64 {
+        let oldest = self.state.kept_oldest_ordinal;
+        let mut end = oldest;
+        let marks = &self.state.kept_marks;
+        for (_, (next_first, next_start)) in marks.iter().zip(marks.iter().skip(1)) {
+            if next_start.saturating_add(retention.retention_ms) <= now {
+                end = *next_first;
+            } else {
+                break;
+            }
+        }
+        end.clamp(oldest, oldest + EXPIRE_PER_APPEND)
+    }
+
+    /// Forgets the caller keys that have outlived their retention at `now` (a bounded number
+    /// per append), and the time spans they leave empty.
+    fn expire_kept(
+        &mut self,
+        tx: &mut dyn MachineTx,
+        now: u64,
+        retention: &KeyRetention,
+    ) -> Result<()> {
+        let end = self.kept_expiry_end(now, retention);
+        while self.state.kept_oldest_ordinal < end {
+            tx.idem_evict(KEPT_ORDINAL_BASE | self.state.kept_oldest_ordinal)?;
+            self.state.kept_oldest_ordinal += 1;
+        }
+        // A span is dropped once the next one starts at or below the oldest kept ordinal.
+        let oldest = self.state.kept_oldest_ordinal;
+        let covering = self
+            .state
+            .kept_marks
+            .range(..=oldest)
+            .next_back()
+            .map(|(first, _)| *first);
+        if let Some(covering) = covering {
+            self.state.kept_marks = self.state.kept_marks.split_off(&covering);
+        }
+        Ok(())
     }
 
     fn seal(&mut self, seal: &pb::SealRequest) -> pb::ApplyResult {
@@ -692,6 +787,38 @@ pub const DEFAULT_MAX_EPOCH_BYTES: u64 = 64 << 20;
 /// (`shard::client::TRANSFER_CHUNK_BYTES` per message), and an epoch's leaves (at most two per
 /// update, ≤ 1,000,000 updates) fit one `BuildEpoch` stream (`shard::server::MAX_MESSAGE_BYTES`).
 pub const MAX_EPOCH_BYTES_CEILING: u64 = 128 << 20;
+/// Default of `ClusterMetadata.idempotency_retention_ms`: 10 minutes.
+pub const DEFAULT_IDEMPOTENCY_RETENTION_MS: u64 = 600_000;
+/// Default of `ClusterMetadata.max_idempotency_keys`.
+pub const DEFAULT_MAX_IDEMPOTENCY_KEYS: u64 = 4 << 20;
+/// Caller keys are stored under ordinals with this bit set (retry keys without).
+pub const KEPT_ORDINAL_BASE: u64 = 1 << 63;
+/// Most caller keys one append forgets (the rest go with later appends).
+pub const EXPIRE_PER_APPEND: u64 = 4096;
+
+/// How long and how many caller idempotency keys are remembered (a 0 field is the default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyRetention {
+    /// A key is remembered at least this long (ms) after its append.
+    pub retention_ms: u64,
+    /// Most keys remembered at once.
+    pub max_keys: u64,
+}
+
+impl KeyRetention {
+    /// The retention `metadata` sets.
+    pub fn of(metadata: &pb::ClusterMetadata) -> Self {
+        let or = |value: u64, default: u64| if value == 0 { default } else { value };
+        Self {
+            retention_ms: or(
+                metadata.idempotency_retention_ms,
+                DEFAULT_IDEMPOTENCY_RETENTION_MS,
+            ),
+            max_keys: or(metadata.max_idempotency_keys, DEFAULT_MAX_IDEMPOTENCY_KEYS),
+        }
+    }
+}
+
 /// Default of `ClusterMetadata.max_uncommitted_epochs`.
 pub const DEFAULT_MAX_UNCOMMITTED_EPOCHS: u64 = 16;
 

@@ -229,6 +229,21 @@ pub fn export_watch(subscribers: usize, buffered_bytes: u64) {
     metrics::gauge!("ktd_sequencer_watch_buffered_bytes").set(buffered_bytes as f64);
 }
 
+/// Sets the commit-stall gauges of the coordinator on this node:
+/// `ktd_epoch_commit_stall_seconds` (how long the epoch it drives has been failing; 0 while
+/// epochs commit) and `ktd_epoch_poisoned` (1 while every replica refuses that epoch, see
+/// `coordinator::stall`).
+pub fn export_commit_stall(stall: Option<&pb::CommitStall>, now_ms: u64) {
+    let (seconds, poisoned) = stall.map_or((0.0, false), |stall| {
+        (
+            now_ms.saturating_sub(stall.since_ms) as f64 / 1000.0,
+            stall.poisoned,
+        )
+    });
+    metrics::gauge!("ktd_epoch_commit_stall_seconds").set(seconds);
+    metrics::gauge!("ktd_epoch_poisoned").set(if poisoned { 1.0 } else { 0.0 });
+}
+
 /// Counts a `WatchLog` subscriber dropped for reading too slowly
 /// (`ktd_sequencer_watch_dropped_total`).
 pub fn record_watch_dropped() {

@@ -71,6 +71,9 @@ struct Inner {
     watch_subscribers: Arc<tokio::sync::Semaphore>,
     /// Bytes of events read for `WatchLog` subscribers and not yet taken by them, all together.
     watch_buffered_bytes: Arc<AtomicU64>,
+    /// Leader only: the epoch the coordinator keeps failing to commit (see
+    /// `coordinator::stall`).
+    commit_stall: std::sync::Mutex<Option<pb::CommitStall>>,
 }
 
 /// Bytes of log entries one `WatchLog` read takes from the store (at least one entry).
@@ -266,7 +269,7 @@ pub fn payload_hash(updates: &[pb::Update]) -> [u8; 32] {
 /// This node's wall clock in ms since the Unix epoch (0 if the clock is before 1970): stamped
 /// into seal, append and commit commands by the proposer, so every replica records the same
 /// value.
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
@@ -375,6 +378,7 @@ impl Sequencer {
                 inclusion: crate::metrics::InclusionTracker::default(),
                 watch_subscribers,
                 watch_buffered_bytes: Arc::new(AtomicU64::new(0)),
+                commit_stall: std::sync::Mutex::new(None),
             }),
         };
         tracing::info!(
@@ -430,6 +434,8 @@ impl Sequencer {
             max_value_bytes: config.cluster.max_value_bytes,
             max_epoch_bytes: config.cluster.max_epoch_bytes,
             max_uncommitted_epochs: config.cluster.max_uncommitted_epochs,
+            idempotency_retention_ms: config.cluster.idempotency_retention.as_millis() as u64,
+            max_idempotency_keys: config.cluster.max_idempotency_keys,
         };
         machine::validate_metadata(&metadata).map_err(SequencerError::InvalidConfig)?;
         let sequencer = self.clone();
@@ -580,12 +586,25 @@ impl Sequencer {
         metrics::gauge!("ktd_epoch_pending_updates").set(status.open_epoch_updates as f64);
         metrics::gauge!("ktd_epoch_last_sealed").set(status.last_sealed_epoch as f64);
         metrics::gauge!("ktd_epoch_last_committed").set(status.last_committed_epoch as f64);
-        let epochs = self.inner.sm.view().borrow().epochs().clone();
-        if let Some(metadata) = &epochs.metadata {
-            metrics::gauge!("ktd_epoch_max_uncommitted")
-                .set(machine::InputLimits::of(metadata).max_uncommitted_epochs as f64);
+        // Read in place: the epoch state is large (retention maps), and this runs every 5 s.
+        let (max_uncommitted, retention) = {
+            let view = self.inner.sm.view();
+            let view = view.borrow();
+            match &view.epochs {
+                Some(epochs) => (
+                    epochs
+                        .metadata
+                        .as_ref()
+                        .map(|metadata| machine::InputLimits::of(metadata).max_uncommitted_epochs),
+                    epochs.retention(),
+                ),
+                None => (None, machine::EpochState::default().retention()),
+            }
+        };
+        if let Some(max_uncommitted) = max_uncommitted {
+            metrics::gauge!("ktd_epoch_max_uncommitted").set(max_uncommitted as f64);
         }
-        crate::metrics::export_retention(&epochs.retention());
+        crate::metrics::export_retention(&retention);
         crate::metrics::export_watch(self.watch_subscriber_count(), self.watch_buffered_bytes());
         self.inner
             .raft_exporter
@@ -668,6 +687,26 @@ impl Sequencer {
             .committed(epoch, std::time::Instant::now());
     }
 
+    /// Publishes the coordinator's commit stall (`None`: epochs commit) in this node's status
+    /// and its gauges.
+    pub(crate) fn set_commit_stall(&self, stall: Option<pb::CommitStall>) {
+        crate::metrics::export_commit_stall(stall.as_ref(), unix_ms());
+        *self
+            .inner
+            .commit_stall
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = stall;
+    }
+
+    /// The coordinator's commit stall on this node, if an epoch keeps failing.
+    pub fn commit_stall(&self) -> Option<pb::CommitStall> {
+        self.inner
+            .commit_stall
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// A handle that does not keep the node alive.
     pub fn downgrade(&self) -> WeakSequencer {
         WeakSequencer(Arc::downgrade(&self.inner))
@@ -734,12 +773,24 @@ impl Sequencer {
     }
 
     /// Orders a batch of updates into the open epoch. Returns the epoch they will be sealed in
-    /// and the first update's sequence number; a repeated `idempotency_key` returns the original
-    /// answer (`duplicate = true`).
+    /// and the first update's sequence number; a repeated `idempotency_key` (a caller's key,
+    /// remembered for the cluster's idempotency retention) returns the original answer
+    /// (`duplicate = true`).
     pub async fn append(
         &self,
         updates: Vec<pb::Update>,
         idempotency_key: Vec<u8>,
+    ) -> Result<pb::AppendResponse> {
+        self.append_keyed(updates, idempotency_key, false).await
+    }
+
+    /// [`Sequencer::append`]; `retry_key` says the key was made up by a client library for its
+    /// own retries (remembered for the last `idempotency_window` such appends only).
+    pub async fn append_keyed(
+        &self,
+        updates: Vec<pb::Update>,
+        idempotency_key: Vec<u8>,
+        retry_key: bool,
     ) -> Result<pb::AppendResponse> {
         let metadata = self.require_metadata()?;
         validate_append(
@@ -759,16 +810,23 @@ impl Sequencer {
             let labels: Vec<Vec<u8>> = updates.iter().map(|update| update.label.clone()).collect();
             (traceparent, labels)
         });
+        // Hashing up to 16 MiB is CPU work: off the async threads.
+        let (updates, payload_hash) = if idempotency_key.is_empty() {
+            (updates, Vec::new())
+        } else {
+            blocking(move || {
+                let hash = payload_hash(&updates).to_vec();
+                Ok((updates, hash))
+            })
+            .await?
+        };
         match self
             .propose(pb::command::Kind::Append(pb::AppendRequest {
-                payload_hash: if idempotency_key.is_empty() {
-                    Vec::new()
-                } else {
-                    payload_hash(&updates).to_vec()
-                },
+                payload_hash,
                 updates,
                 idempotency_key,
                 proposed_at_ms: unix_ms(),
+                retry_key,
             }))
             .await?
         {
@@ -1154,8 +1212,28 @@ impl Sequencer {
     /// This node's own status.
     pub fn node_status(&self) -> pb::NodeStatus {
         let metrics = self.inner.metrics.clone().borrow().clone();
-        let view = self.inner.sm.view().borrow().clone();
-        let epochs = view.epochs();
+        // The few numbers needed, read in place (the view's epoch state is large).
+        let (
+            last_applied_index,
+            open_epoch_updates,
+            open_epoch,
+            last_sealed,
+            last_committed,
+            next_sequence,
+        ) = {
+            let view = self.inner.sm.view();
+            let view = view.borrow();
+            let initial = machine::EpochState::default();
+            let epochs = view.epochs.as_ref().unwrap_or(&initial);
+            (
+                view.last_applied_index,
+                view.open_epoch_updates,
+                epochs.open_epoch,
+                epochs.last_sealed_epoch(),
+                epochs.last_committed_epoch,
+                epochs.next_sequence,
+            )
+        };
         let index = |log_id: Option<raft::types::LogId>| log_id.map_or(0, |log_id| log_id.index());
         pb::NodeStatus {
             node_id: self.inner.id,
@@ -1165,15 +1243,16 @@ impl Sequencer {
             leader_id: metrics.current_leader.unwrap_or(0),
             last_log_index: metrics.last_log_index.unwrap_or(0),
             committed_index: index(metrics.local_committed),
-            applied_index: index(metrics.last_applied).max(view.last_applied_index),
+            applied_index: index(metrics.last_applied).max(last_applied_index),
             snapshot_index: index(metrics.snapshot).max(self.inner.sm.snapshot_index()),
             purged_index: index(metrics.purged),
-            open_epoch: epochs.open_epoch,
-            open_epoch_updates: view.open_epoch_updates,
-            last_sealed_epoch: epochs.last_sealed_epoch(),
-            last_committed_epoch: epochs.last_committed_epoch,
-            next_sequence: epochs.next_sequence,
+            open_epoch,
+            open_epoch_updates,
+            last_sealed_epoch: last_sealed,
+            last_committed_epoch: last_committed,
+            next_sequence,
             initialized: is_initialized(&metrics),
+            commit_stall: self.commit_stall(),
         }
     }
 
@@ -1257,6 +1336,20 @@ impl Sequencer {
             return Err(SequencerError::InvalidRequest(
                 "a learner needs a node id > 0 and an address".into(),
             ));
+        }
+        if self
+            .inner
+            .sm
+            .view()
+            .borrow()
+            .removed_node_ids
+            .contains(&node_id)
+        {
+            return Err(SequencerError::Membership(format!(
+                "node id {node_id} was removed from this cluster and is never accepted again (a \
+                 node that lost its log or vote must not rejoin under its old id): start the new \
+                 node with a new id"
+            )));
         }
         let response = tokio::time::timeout(
             ADMIN_WAIT,

@@ -76,6 +76,25 @@ impl Error {
             )
     }
 
+    /// Whether the error refuses the request itself, so that sending it again gets the same
+    /// answer: input a server will not take (`INVALID_ARGUMENT`; `OUT_OF_RANGE`, which is also
+    /// a message over its size limits; an unknown method) or an answer that cannot be
+    /// understood. Timeouts, unreachable or busy servers (`RESOURCE_EXHAUSTED` says "retry
+    /// later"), fences and damaged copies are not refusals.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::Core(error) => crate::server::core_code(error) == tonic::Code::InvalidArgument,
+            Self::BadMessage { .. } => true,
+            Self::Remote { code, .. } => matches!(
+                code,
+                tonic::Code::InvalidArgument | tonic::Code::OutOfRange | tonic::Code::Unimplemented
+            ),
+            Self::IncompatibleDataDir { .. } | Self::Fenced { .. } | Self::NotServing { .. } => {
+                false
+            }
+        }
+    }
+
     /// A [`ktd_core::Error::Corrupt`]: stored data contradicts itself.
     pub fn corrupt(message: impl Into<String>) -> Self {
         Self::Core(ktd_core::Error::Corrupt(message.into()))

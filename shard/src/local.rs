@@ -477,13 +477,16 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         for partition in &partitions {
             self.check_extends(*partition, epoch, accepted.committed_epoch)?;
             let built = self.state().markers.get(partition).copied();
-            // A replica whose own root at epoch - 1 differs from the committed one has diverged:
-            // building on either would be wrong.
+            // A replica whose own root at epoch - 1 differs from the base it is given has
+            // diverged (or the base is not the committed one): building on either would be
+            // wrong. Refused as DATA_LOSS and nothing more: the coordinator, which holds the
+            // committed roots, quarantines the replica through the shard map and the repair loop
+            // rebuilds it (its status root differs from the committed one); a claim in a request
+            // alone never stops this server from serving reads.
             if let Some(marker) = built
                 && marker.epoch == epoch - 1
                 && marker.root != base[partition]
             {
-                self.state().mismatched.insert(*partition);
                 return Err(Error::corrupt(format!(
                     "partition {partition}: the stored root of epoch {} is not the committed one",
                     epoch - 1

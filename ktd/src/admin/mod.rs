@@ -261,6 +261,35 @@ pub struct EpochRow {
     pub last_committed_epoch: u64,
     /// Seconds since the latest committed epoch was committed (leader clock), if known.
     pub last_commit_age_seconds: Option<f64>,
+    /// The epoch the leader's coordinator keeps failing to commit, if any.
+    pub commit_stall: Option<CommitStallRow>,
+}
+
+/// An epoch the coordinator keeps failing to commit (`coordinator::stall` in the sequencer).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CommitStallRow {
+    /// The epoch.
+    pub epoch: u64,
+    /// Failed attempts so far.
+    pub attempts: u64,
+    /// Seconds since the first of them (leader clock).
+    pub seconds: f64,
+    /// Every replica refuses the epoch: retrying will not help.
+    pub poisoned: bool,
+    /// Why the latest attempt failed.
+    pub last_error: String,
+}
+
+impl CommitStallRow {
+    fn from_pb(stall: &pb::CommitStall, now_ms: u64) -> Self {
+        Self {
+            epoch: stall.epoch,
+            attempts: stall.attempts,
+            seconds: now_ms.saturating_sub(stall.since_ms) as f64 / 1000.0,
+            poisoned: stall.poisoned,
+            last_error: stall.last_error.clone(),
+        }
+    }
 }
 
 /// Everything `ktd admin status` shows.
@@ -295,6 +324,15 @@ impl ClusterReport {
     pub fn problems(&self, max_lag: u64, max_commit_delay: std::time::Duration) -> Vec<String> {
         let mut problems = self.errors.clone();
         let epochs = &self.epochs;
+        if let Some(stall) = &epochs.commit_stall
+            && stall.poisoned
+        {
+            problems.push(format!(
+                "epoch {} is poisoned: every shard replica refuses it ({} attempts over {:.0} s; \
+                 runbook \"An epoch does not commit\"): {}",
+                stall.epoch, stall.attempts, stall.seconds, stall.last_error
+            ));
+        }
         if epochs.last_sealed_epoch > epochs.last_committed_epoch
             && let Some(age) = epochs.last_commit_age_seconds
             && age > max_commit_delay.as_secs_f64()
@@ -690,6 +728,10 @@ impl Admin {
             last_sealed_epoch: leader_status.last_sealed_epoch,
             last_committed_epoch: leader_status.last_committed_epoch,
             last_commit_age_seconds: None,
+            commit_stall: leader_status
+                .commit_stall
+                .as_ref()
+                .map(|stall| CommitStallRow::from_pb(stall, now_ms())),
         };
         report.retention = cluster
             .retention
@@ -1041,6 +1083,20 @@ pub fn render_table(report: &ClusterReport) -> String {
             None => "age unknown".into(),
         }
     ));
+    if let Some(stall) = &epochs.commit_stall {
+        out.push_str(&format!(
+            "        COMMIT {} epoch {}: {} failed attempts over {:.0}s; last error: {}\n",
+            if stall.poisoned {
+                "POISONED"
+            } else {
+                "RETRYING"
+            },
+            stall.epoch,
+            stall.attempts,
+            stall.seconds,
+            stall.last_error
+        ));
+    }
     out.push_str(&format!(
         "\nSHARD SERVERS  map version {}, replication factor {}\n",
         report.shard_map_version, report.replication_factor
@@ -1160,5 +1216,38 @@ mod tests {
         report.epochs.last_commit_age_seconds = Some(500.0);
         report.epochs.last_sealed_epoch = 2;
         assert!(report.problems(DEFAULT_MAX_LAG, limit).is_empty());
+    }
+
+    #[test]
+    fn check_fails_on_a_poisoned_epoch_and_status_names_it_with_the_replicas_error() {
+        let stall = |poisoned| CommitStallRow {
+            epoch: 3,
+            attempts: 7,
+            seconds: 12.0,
+            poisoned,
+            last_error: "shard s1 answered OutOfRange: message too large".into(),
+        };
+        let mut report = ClusterReport {
+            leader_id: 1,
+            epochs: EpochRow {
+                open_epoch: 4,
+                last_sealed_epoch: 3,
+                last_committed_epoch: 2,
+                last_commit_age_seconds: Some(12.0),
+                commit_stall: Some(stall(false)),
+                ..EpochRow::default()
+            },
+            ..ClusterReport::default()
+        };
+        let limit = std::time::Duration::from_secs(60);
+        // Retrying for a short while is not a problem yet; the text still says so.
+        assert!(report.problems(DEFAULT_MAX_LAG, limit).is_empty());
+        assert!(render_table(&report).contains("COMMIT RETRYING epoch 3: 7 failed attempts"));
+        report.epochs.commit_stall = Some(stall(true));
+        let problems = report.problems(DEFAULT_MAX_LAG, limit);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("epoch 3 is poisoned"), "{problems:?}");
+        assert!(problems[0].contains("message too large"), "{problems:?}");
+        assert!(render_table(&report).contains("COMMIT POISONED epoch 3"));
     }
 }

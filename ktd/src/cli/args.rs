@@ -248,7 +248,7 @@ pub struct TelemetryArgs {
     /// Export spans to this OTLP/gRPC collector (e.g. http://127.0.0.1:4317); off unless given.
     #[arg(long, env = "KTD_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
-    /// Fraction of new traces to record, 0..=1 (a caller's sampled trace is always followed).
+    /// Fraction of new traces to record, 0..=1 (a caller's sampled trace is followed, up to 10 per second).
     #[arg(long, env = "KTD_TRACE_SAMPLE_RATIO")]
     pub trace_sample_ratio: Option<f64>,
 }

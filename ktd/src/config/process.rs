@@ -22,7 +22,7 @@ pub struct ProcessConfig {
     pub log_format: LogFormat,
     /// Export spans to this OTLP/gRPC collector (e.g. `http://127.0.0.1:4317`); off unless set.
     pub otlp_endpoint: Option<String>,
-    /// Fraction of new traces to record, 0..=1 (a caller's sampled trace is always followed).
+    /// Fraction of new traces to record, 0..=1 (a caller's sampled trace is followed, up to 10 per second).
     pub trace_sample_ratio: f64,
     /// Mutual TLS: the CA bundle peers' certificates must chain to (with `tls_cert` and
     /// `tls_key`; off unless all three are set).

@@ -106,6 +106,18 @@ impl LogSource {
     }
 }
 
+/// A tail that ran this long before it broke was healthy: the next retry starts from the
+/// shortest delay again.
+const TAIL_HEALTHY_AFTER: Duration = Duration::from_secs(30);
+
+/// The wait before reconnecting after `failures` breaks in a row: 200 ms doubling to 10 s,
+/// times a jitter factor in [0.5, 1.5) from `unit` in [0, 1), so shard servers that lost the
+/// same sequencer do not reconnect in step.
+fn tail_backoff(failures: u32, unit: f64) -> Duration {
+    let base = Duration::from_millis(200 << failures.min(6)).min(Duration::from_secs(10));
+    base.mul_f64(0.5 + unit.clamp(0.0, 1.0))
+}
+
 /// Tails the log from `source` until `shutdown`, pre-computing the labels of the updates whose
 /// users shard `shard_id` owns. Reconnects (to the next node) after errors.
 pub async fn precompute_from_log<TC: Configuration>(
@@ -115,8 +127,10 @@ pub async fn precompute_from_log<TC: Configuration>(
     shutdown: CancellationToken,
 ) {
     let mut attempt = 0;
+    let mut failures_in_a_row = 0u32;
     let mut next_index = None;
     loop {
+        let started = std::time::Instant::now();
         match follow(
             &node,
             &shard_id,
@@ -129,11 +143,16 @@ pub async fn precompute_from_log<TC: Configuration>(
         {
             Ok(()) => return,
             Err(error) => {
-                tracing::debug!(%error, attempt, "log tail interrupted; reconnecting");
+                if started.elapsed() > TAIL_HEALTHY_AFTER {
+                    failures_in_a_row = 0;
+                }
+                let delay = tail_backoff(failures_in_a_row, rand::random::<f64>());
+                tracing::debug!(%error, attempt, retry_in_ms = delay.as_millis() as u64, "log tail interrupted; reconnecting");
                 attempt += 1;
+                failures_in_a_row = failures_in_a_row.saturating_add(1);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = tokio::time::sleep(delay) => {}
                 }
             }
         }
@@ -219,5 +238,22 @@ async fn flush<TC: Configuration>(node: &Arc<ShardNode<TC>>, pending: &mut Vec<A
         }
         Ok(Err(error)) => tracing::warn!(%error, "pre-computing VRF labels failed"),
         Err(error) => tracing::warn!(%error, "pre-computing VRF labels panicked"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_reconnects_back_off_exponentially_with_jitter_up_to_a_cap() {
+        let middle = |failures| tail_backoff(failures, 0.5);
+        assert_eq!(middle(0), Duration::from_millis(200));
+        assert_eq!(middle(1), Duration::from_millis(400));
+        assert_eq!(middle(5), Duration::from_millis(6_400));
+        assert_eq!(middle(6), Duration::from_secs(10));
+        assert_eq!(middle(60), Duration::from_secs(10));
+        assert_eq!(tail_backoff(0, 0.0), Duration::from_millis(100));
+        assert!(tail_backoff(6, 0.999) < Duration::from_secs(15));
     }
 }

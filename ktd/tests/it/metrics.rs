@@ -70,6 +70,12 @@ fn dev_problems(scrape: &Scrape, data_dir: &std::path::Path) -> Vec<String> {
         epoch > PUBLISH_ROUNDS as f64
     });
     gauge("ktd_epoch_pending_updates", &[], &|pending| pending >= 0.0);
+    // Every epoch committed: no stall, nothing poisoned; no test mode.
+    gauge("ktd_epoch_commit_stall_seconds", &[], &|seconds| {
+        seconds == 0.0
+    });
+    gauge("ktd_epoch_poisoned", &[], &|poisoned| poisoned == 0.0);
+    gauge("ktd_gateway_unsafe_test_mode", &[], &|on| on == 0.0);
     gauge("ktd_epoch_age_seconds", &[], &|age| {
         (0.0..60.0).contains(&age)
     });

@@ -55,6 +55,7 @@ use crate::pb;
 
 pub mod repair;
 pub mod replicas;
+pub mod stall;
 
 use replicas::{MapChange, Tracker};
 
@@ -196,6 +197,8 @@ pub async fn run<TC: Configuration>(
     connector: Arc<dyn ShardConnector>,
     shutdown: CancellationToken,
 ) {
+    // The stall gauges exist (at 0) from the start, so an alert on them has a series to read.
+    crate::metrics::export_commit_stall(None, 0);
     let shared = Arc::new(Shared {
         tracker: Mutex::new(Tracker::default()),
         shards: Mutex::new(None),
@@ -209,6 +212,7 @@ pub async fn run<TC: Configuration>(
     let mut leader = sequencer.leader_changes();
     let mut state = sequencer.state();
     let mut backoff = Backoff::default();
+    let mut stall = stall::Stall::default();
     let mut led_in_term = None;
     loop {
         if shutdown.is_cancelled() {
@@ -226,6 +230,11 @@ pub async fn run<TC: Configuration>(
         } else {
             Step::Idle
         };
+        if !matches!(step, Step::Drive(_)) && stall.current().is_some() {
+            // Caught up, or no longer leading: whatever stalled is not this node's to report.
+            stall.clear();
+            sequencer.set_commit_stall(None);
+        }
         match step {
             Step::Idle | Step::NotConfigured => {
                 tokio::select! {
@@ -249,6 +258,10 @@ pub async fn run<TC: Configuration>(
                 match outcome {
                     Ok(root) => {
                         backoff.reset();
+                        if stall.current().is_some() {
+                            stall.clear();
+                            sequencer.set_commit_stall(None);
+                        }
                         metrics::counter!("ktd_epochs_committed_total").increment(1);
                         metrics::histogram!("ktd_epoch_commit_duration_seconds")
                             .record(started.elapsed().as_secs_f64());
@@ -259,10 +272,24 @@ pub async fn run<TC: Configuration>(
                             "epoch committed"
                         );
                     }
-                    Err(error) => {
+                    Err(DriveFailure { error, refused }) => {
                         metrics::counter!("ktd_epoch_commit_failures_total").increment(1);
                         let delay = backoff.next();
-                        tracing::warn!(epoch, %error, retry_in_ms = delay.as_millis() as u64, "epoch not committed yet");
+                        let now = stall
+                            .failed(epoch, &error.to_string(), refused, crate::node::unix_ms())
+                            .clone();
+                        if now.poisoned {
+                            tracing::error!(
+                                epoch,
+                                %error,
+                                attempts = now.attempts,
+                                "epoch poisoned: every replica refuses it; retrying will not help \
+                                 (runbook: an epoch does not commit)"
+                            );
+                        } else {
+                            tracing::warn!(epoch, %error, refused, retry_in_ms = delay.as_millis() as u64, "epoch not committed yet");
+                        }
+                        sequencer.set_commit_stall(Some(now));
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
                             _ = tokio::time::sleep(delay) => {}
@@ -275,13 +302,29 @@ pub async fn run<TC: Configuration>(
     repairs.abort();
 }
 
+/// Why an epoch did not commit, and whether its replicas refused the epoch itself (see
+/// [`stall`]).
+struct DriveFailure {
+    error: SequencerError,
+    refused: bool,
+}
+
+impl From<SequencerError> for DriveFailure {
+    fn from(error: SequencerError) -> Self {
+        Self {
+            error,
+            refused: false,
+        }
+    }
+}
+
 async fn drive<TC: Configuration>(
     sequencer: &Sequencer,
     shared: &Shared,
     epochs: &EpochState,
     term: u64,
     epoch: u64,
-) -> Result<[u8; 32]> {
+) -> std::result::Result<[u8; 32], DriveFailure> {
     let map = current_map(epochs)?;
     let bits = map.bits();
     let shard_set = shared.shards(&map).map_err(coordination)?;
@@ -349,7 +392,10 @@ async fn drive<TC: Configuration>(
         Ok(outcome) => outcome,
         Err(failure) => {
             note_verdicts(shared, &failure.verdicts);
-            return Err(SequencerError::Coordination(failure.reason));
+            return Err(DriveFailure {
+                error: SequencerError::Coordination(failure.reason),
+                refused: failure.refused,
+            });
         }
     };
     note_verdicts(shared, &outcome.verdicts);

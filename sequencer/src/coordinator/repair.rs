@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ktd_core::EpochRecord;
 use ktd_core::shard_map::Role;
@@ -21,18 +21,12 @@ use tokio_util::sync::CancellationToken;
 use super::replicas::{Committed, Repair, RepairOptions, plan};
 use super::{Shared, change_map, current_map};
 use crate::error::{Result, SequencerError};
-use crate::node::Sequencer;
+use crate::node::{Sequencer, unix_ms};
 
 /// How long one status call may take.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Epochs one replay task replays before it yields to the next check.
 const REPLAY_BATCH: u64 = 64;
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis() as u64)
-}
 
 /// Runs the repair loop until `shutdown` (idle while this node does not lead).
 pub(crate) async fn run(sequencer: Sequencer, shared: Arc<Shared>, shutdown: CancellationToken) {

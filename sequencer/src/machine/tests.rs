@@ -98,6 +98,17 @@ impl Harness {
     }
 
     fn append(&mut self, labels: &[&str], key: &str) -> pb::ApplyResult {
+        self.append_as(labels, key, false, 500)
+    }
+
+    /// An append proposed at `at_ms`, its key a caller's or (`retry_key`) a client library's.
+    fn append_as(
+        &mut self,
+        labels: &[&str],
+        key: &str,
+        retry_key: bool,
+        at_ms: u64,
+    ) -> pb::ApplyResult {
         let updates: Vec<pb::Update> = labels
             .iter()
             .map(|label| pb::Update {
@@ -114,16 +125,27 @@ impl Harness {
         self.run(pb::command::Kind::Append(pb::AppendRequest {
             updates,
             idempotency_key: key.as_bytes().to_vec(),
-            proposed_at_ms: 500,
+            proposed_at_ms: at_ms,
             payload_hash,
+            retry_key,
         }))
     }
 
-    fn appended(&mut self, labels: &[&str], key: &str) -> pb::AppendResponse {
-        match self.append(labels, key).kind {
+    fn appended_as(
+        &mut self,
+        labels: &[&str],
+        key: &str,
+        retry_key: bool,
+        at_ms: u64,
+    ) -> pb::AppendResponse {
+        match self.append_as(labels, key, retry_key, at_ms).kind {
             Some(pb::apply_result::Kind::Appended(answer)) => answer,
             other => panic!("expected Appended, got {other:?}"),
         }
+    }
+
+    fn appended(&mut self, labels: &[&str], key: &str) -> pb::AppendResponse {
+        self.appended_as(labels, key, false, 500)
     }
 
     fn seal(&mut self, epoch: u64) -> pb::ApplyResult {
@@ -205,6 +227,13 @@ fn rejection_code(applied: &pb::ApplyResult) -> Option<Code> {
     }
 }
 
+fn rejection_message(applied: &pb::ApplyResult) -> &str {
+    match &applied.kind {
+        Some(pb::apply_result::Kind::Rejected(rejection)) => &rejection.message,
+        _ => "",
+    }
+}
+
 #[test]
 fn appends_get_sequences_and_last_writer_wins() {
     let mut harness = Harness::new(100, 100, 0);
@@ -234,12 +263,68 @@ fn idempotent_retry_returns_original_answer_and_applies_once() {
         (original.epoch, original.first_sequence)
     );
     assert_eq!(harness.machine.state().next_sequence, 2, "applied once");
-    // The window holds two keys: after two more, k1 is forgotten.
-    harness.appended(&["b"], "k2");
-    harness.appended(&["c"], "k3");
-    let late = harness.appended(&["a"], "k1");
-    assert!(!late.duplicate, "k1 fell out of the window");
-    assert!(harness.appended(&["c"], "k3").duplicate);
+}
+
+#[test]
+fn a_key_a_client_library_made_up_for_its_retries_is_remembered_for_the_window_of_such_keys() {
+    // The window holds two retry keys: after two more, r1 is forgotten.
+    let mut harness = Harness::new(100, 2, 0);
+    harness.appended_as(&["a"], "r1", true, 500);
+    assert!(harness.appended_as(&["a"], "r1", true, 600).duplicate);
+    harness.appended_as(&["b"], "r2", true, 700);
+    harness.appended_as(&["c"], "r3", true, 800);
+    let late = harness.appended_as(&["a"], "r1", true, 900);
+    assert!(!late.duplicate, "r1 fell out of the window");
+    assert!(harness.appended_as(&["c"], "r3", true, 1_000).duplicate);
+    // Caller keys do not count against the window of retry keys.
+    for key in ["c1", "c2", "c3"] {
+        harness.appended_as(&["d"], key, false, 1_100);
+    }
+    assert!(harness.appended_as(&["c"], "r3", true, 1_200).duplicate);
+}
+
+/// M1: a caller's key is remembered for its retention however many keys follow; when the
+/// store is full of keys younger than that, new keyed appends are refused, never is a young
+/// key forgotten; keys past their retention go, and then a retry is applied again.
+#[test]
+fn a_caller_key_is_remembered_for_its_retention_however_many_keyed_appends_follow() {
+    let retention = 60_000;
+    let mut harness = Harness::with_metadata(pb::ClusterMetadata {
+        idempotency_retention_ms: retention,
+        max_idempotency_keys: 3,
+        ..metadata(100, 1, 0)
+    });
+    // Time spans of max(60 s / 64, 1 s) = 1 s: k1 and k2 share the first, k3 opens the next.
+    let k1 = harness.appended_as(&["a"], "k1", false, 0);
+    harness.appended_as(&["b"], "k2", false, 500);
+    harness.appended_as(&["c"], "k3", false, 1_500);
+    // Unkeyed appends and retry keys do not fill the store of caller keys.
+    harness.appended_as(&["x"], "", false, 1_600);
+    harness.appended_as(&["y"], "r1", true, 1_700);
+
+    // Full of keys younger than the retention: refused, and nothing changes.
+    let state = harness.machine.state().clone();
+    let refused = harness.append_as(&["d"], "k4", false, 61_499);
+    assert_eq!(rejection_code(&refused), Some(Code::ResourceExhausted));
+    assert!(
+        rejection_message(&refused).contains("max_idempotency_keys = 3"),
+        "{refused:?}"
+    );
+    assert_eq!(harness.machine.state(), &state);
+    // A retry just before the retention ends is still a duplicate.
+    let retry = harness.appended_as(&["a"], "k1", false, 59_999);
+    assert!(retry.duplicate);
+    assert_eq!(retry.first_sequence, k1.first_sequence);
+
+    // Once the next span is a retention old, k1 and k2 are forgotten and k4 fits.
+    assert!(!harness.appended_as(&["d"], "k4", false, 61_500).duplicate);
+    assert_eq!(harness.machine.state().kept_oldest_ordinal, 2);
+    assert!(harness.appended_as(&["c"], "k3", false, 61_600).duplicate);
+    let late = harness.appended_as(&["a"], "k1", false, 61_700);
+    assert!(
+        !late.duplicate,
+        "past its retention, a retry is a new append"
+    );
 }
 
 #[test]
@@ -438,6 +523,7 @@ fn uninitialised_cluster_refuses_appends_and_metadata_identity_is_fixed() {
             idempotency_key: Vec::new(),
             proposed_at_ms: 500,
             payload_hash: Vec::new(),
+            retry_key: false,
         })),
     };
     let applied = machine.apply(&mut tx, 1, &append).expect("apply");
@@ -732,6 +818,7 @@ fn appends_are_bounded_by_the_replicated_limits_and_epochs_by_bytes() {
             idempotency_key: Vec::new(),
             proposed_at_ms: 500,
             payload_hash: Vec::new(),
+            retry_key: false,
         })
     };
     // The shards' own limits (1 KiB labels, 64 KiB values) are the defaults: a label the

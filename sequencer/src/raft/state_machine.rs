@@ -19,7 +19,7 @@
 //! last, names the (synced) snapshot directory and [`SmShared::open`] re-runs an interrupted
 //! install from it before loading anything (see `replace_state`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -56,6 +56,8 @@ pub struct SmView {
     pub epochs: Option<EpochState>,
     /// Distinct labels in the open epoch.
     pub open_epoch_updates: u64,
+    /// Node ids removed from the membership: never accepted again.
+    pub removed_node_ids: BTreeSet<u64>,
 }
 
 impl SmView {
@@ -70,6 +72,19 @@ struct SmInner {
     machine: Machine,
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
+    /// Node ids a membership change removed (replicated: derived from the membership entries).
+    removed_node_ids: BTreeSet<u64>,
+}
+
+/// The ids in `before`'s membership that `after` no longer has (voters or learners).
+fn removed_by(before: &StoredMembership, after: &crate::raft::types::Membership) -> Vec<u64> {
+    let kept: BTreeSet<u64> = after.nodes().map(|(id, _)| *id).collect();
+    before
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .filter(|id| !kept.contains(id))
+        .collect()
 }
 
 /// The state machine shared by the openraft handle, the snapshot builder and readers.
@@ -137,6 +152,14 @@ fn encode_meta(inner: &SmInner) -> Vec<u8> {
             .map(|(server, epoch)| (server.clone(), *epoch))
             .collect(),
         open_epoch_bytes: state.open_epoch_bytes,
+        removed_node_ids: inner.removed_node_ids.iter().copied().collect(),
+        kept_next_ordinal: state.kept_next_ordinal,
+        kept_oldest_ordinal: state.kept_oldest_ordinal,
+        kept_marks: state
+            .kept_marks
+            .iter()
+            .map(|(first, start)| (*first, *start))
+            .collect(),
     }
     .encode_to_vec()
 }
@@ -152,6 +175,7 @@ fn load(db: &DB) -> Result<SmInner> {
             machine: Machine::default(),
             last_applied: None,
             last_membership: StoredMembership::default(),
+            removed_node_ids: BTreeSet::new(),
         });
     };
     let meta =
@@ -170,6 +194,9 @@ fn load(db: &DB) -> Result<SmInner> {
         retained_sealed_at_ms: meta.retained_sealed_at_ms.into_iter().collect(),
         replica_progress: meta.replica_progress.into_iter().collect(),
         open_epoch_bytes: meta.open_epoch_bytes,
+        kept_next_ordinal: meta.kept_next_ordinal,
+        kept_oldest_ordinal: meta.kept_oldest_ordinal,
+        kept_marks: meta.kept_marks.into_iter().collect(),
     };
     if state.open_epoch == 0 || state.next_sequence == 0 {
         return Err(SequencerError::Corrupt(
@@ -196,6 +223,7 @@ fn load(db: &DB) -> Result<SmInner> {
         machine: Machine::new(state, open_labels),
         last_applied,
         last_membership,
+        removed_node_ids: meta.removed_node_ids.into_iter().collect(),
     })
 }
 
@@ -488,6 +516,7 @@ impl SmShared {
                 .map_or(0, |log_id| log_id.index()),
             epochs: Some(inner.machine.state().clone()),
             open_epoch_updates: inner.machine.open_epoch_updates(),
+            removed_node_ids: inner.removed_node_ids.clone(),
         };
         self.view.send_replace(view);
     }
@@ -543,6 +572,8 @@ impl SmShared {
                 EntryPayload::Blank => noop("blank"),
                 EntryPayload::Normal(command) => inner.machine.apply(&mut tx, index, &command.0)?,
                 EntryPayload::Membership(membership) => {
+                    let removed = removed_by(&inner.last_membership, membership);
+                    inner.removed_node_ids.extend(removed);
                     inner.last_membership =
                         StoredMembership::new(Some(entry.log_id), membership.clone());
                     noop("membership")
@@ -565,7 +596,19 @@ impl SmShared {
             .write_opt(batch, &synced())
             .map_err(SequencerError::storage("apply committed entries"));
         shard::metrics::record_batch_write("sequencer", "apply", started);
-        written?;
+        if let Err(error) = written {
+            // The in-memory machine ran ahead of a write that failed: go back to what is on
+            // disk, so nothing (snapshot builder, readers under the lock) sees state that was
+            // never stored. openraft stops on this error; a restart reloads the same state.
+            match load(self.storage.db()) {
+                Ok(durable) => *inner = durable,
+                Err(reload) => tracing::error!(
+                    %reload,
+                    "after a failed apply, the state machine could not be reloaded from disk"
+                ),
+            }
+            return Err(error);
+        }
         self.publish(&inner);
         Ok(results)
     }
@@ -1013,6 +1056,7 @@ mod tests {
                 machine: Machine::default(),
                 last_applied: None,
                 last_membership: StoredMembership::default(),
+                removed_node_ids: BTreeSet::new(),
             }),
             view: watch::channel(SmView::default()).0,
             snapshot_index: std::sync::atomic::AtomicU64::new(0),

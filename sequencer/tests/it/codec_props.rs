@@ -155,12 +155,17 @@ fn metadata() -> impl Strategy<Value = seq::ClusterMetadata> {
             prop_oneof![0u64..(1 << 28), any::<u64>()],
             prop_oneof![0u64..32, any::<u64>()],
         ),
+        (
+            prop_oneof![0u64..3_600_000, any::<u64>()],
+            prop_oneof![0u64..1024, any::<u64>()],
+        ),
     )
         .prop_map(
             |(
                 (cluster_id, partition_bits, akd_configuration, vrf_public_key),
                 (max_epoch_updates, idempotency_window, retained, max_bytes, max_age),
                 (max_label_bytes, max_value_bytes, max_epoch_bytes, max_uncommitted_epochs),
+                (idempotency_retention_ms, max_idempotency_keys),
             )| seq::ClusterMetadata {
                 cluster_id,
                 partition_bits,
@@ -175,6 +180,8 @@ fn metadata() -> impl Strategy<Value = seq::ClusterMetadata> {
                 max_value_bytes,
                 max_epoch_bytes,
                 max_uncommitted_epochs,
+                idempotency_retention_ms,
+                max_idempotency_keys,
             },
         )
 }

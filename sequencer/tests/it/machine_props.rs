@@ -8,7 +8,9 @@
 //!   one and every epoch up to it has exactly one record;
 //! * one root per epoch: a committed epoch's record never changes;
 //! * a refused command (and an idempotent duplicate) changes nothing — neither the replicated
-//!   state nor anything written through the transaction.
+//!   state nor anything written through the transaction;
+//! * no more caller idempotency keys are remembered than the cluster's cap, and they are
+//!   forgotten oldest first.
 //!
 //! Case counts are fixed (a few seconds in release).
 
@@ -72,6 +74,8 @@ fn metadata() -> pb::ClusterMetadata {
         max_value_bytes: 16,
         max_epoch_bytes: 64,
         max_uncommitted_epochs: 4,
+        idempotency_retention_ms: 2_000,
+        max_idempotency_keys: 2,
         ..pb::ClusterMetadata::default()
     }
 }
@@ -105,6 +109,7 @@ enum Step {
         updates: Vec<(Vec<u8>, Vec<u8>)>,
         key: Option<u8>,
         honest_hash: bool,
+        retry_key: bool,
     },
     Seal {
         offset: i8,
@@ -149,8 +154,14 @@ fn step() -> impl Strategy<Value = Step> {
             prop::collection::vec((label(), prop::collection::vec(any::<u8>(), 0..20)), 0..4),
             prop::option::of(0u8..3),
             prop::bool::weighted(0.8),
+            any::<bool>(),
         )
-            .prop_map(|(updates, key, honest_hash)| Step::Append { updates, key, honest_hash }),
+            .prop_map(|(updates, key, honest_hash, retry_key)| Step::Append {
+                updates,
+                key,
+                honest_hash,
+                retry_key,
+            }),
         3 => (-2i8..3, any::<bool>()).prop_map(|(offset, heartbeat)| Step::Seal { offset, heartbeat }),
         4 => (
             -2i8..3,
@@ -184,6 +195,7 @@ fn command(step: &Step, state: &EpochState) -> Option<pb::command::Kind> {
             updates,
             key,
             honest_hash,
+            retry_key,
         } => {
             let updates: Vec<pb::Update> = updates
                 .into_iter()
@@ -198,8 +210,10 @@ fn command(step: &Step, state: &EpochState) -> Option<pb::command::Kind> {
             pb::command::Kind::Append(pb::AppendRequest {
                 updates,
                 idempotency_key,
-                proposed_at_ms: 1_000,
+                // Time moves on with the appends, so caller keys outlive their retention.
+                proposed_at_ms: 1_000 + state.next_sequence * 700,
                 payload_hash,
+                retry_key,
             })
         }
         Step::Seal { offset, heartbeat } => pb::command::Kind::Seal(pb::SealRequest {
@@ -321,6 +335,10 @@ proptest! {
             prop_assert!(state.last_committed_epoch >= before_state.last_committed_epoch);
             prop_assert!(state.last_committed_epoch < state.open_epoch);
             prop_assert!(state.shard_map.version >= before_state.shard_map.version);
+            // Caller keys: never more than the cap, never forgotten out of order.
+            prop_assert!(state.kept_next_ordinal - state.kept_oldest_ordinal <= metadata().max_idempotency_keys);
+            prop_assert!(state.kept_oldest_ordinal >= before_state.kept_oldest_ordinal);
+            prop_assert!(state.kept_next_ordinal >= before_state.kept_next_ordinal);
             prop_assert_eq!(state.metadata.as_ref(), Some(&metadata()), "InitCluster changed the metadata");
             // One record per committed epoch, and a committed epoch's root never changes.
             let committed: Vec<u64> = tx.epochs.keys().copied().collect();

@@ -12,6 +12,7 @@ mod idempotent_retry;
 mod machine_props;
 mod membership;
 mod no_fork;
+mod poisoned_epoch;
 mod restart;
 mod snapshot_catchup;
 mod support;

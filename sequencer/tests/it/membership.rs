@@ -147,3 +147,51 @@ fn three_to_five_to_three_with_leader_transfer_under_load() {
         cluster.shutdown().await;
     });
 }
+
+/// H3/L14: a node id removed from the membership is remembered in the replicated state and
+/// refused by `AddLearner` — on the leader of the day, after every node restarted — so a node
+/// that lost its log and vote can never rejoin under its old id, whatever tool adds it.
+#[test]
+fn a_removed_node_id_is_refused_when_added_again_even_after_every_node_restarts() {
+    with_deadline(Duration::from_secs(90), || async {
+        let mut cluster = TestCluster::start(3, |_| {}).await;
+        let client = cluster.client();
+        client.remove_node(3).await.expect("remove 3");
+        cluster.stop(3).await;
+        let refused = client
+            .add_learner(3, cluster.addr(3), false)
+            .await
+            .expect_err("a removed id is refused");
+        let status = tonic::Status::from(refused);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains("node id 3 was removed"),
+            "{status:?}"
+        );
+
+        for id in [1, 2] {
+            cluster.stop(id).await;
+        }
+        for id in [1, 2] {
+            cluster.restart(id).await;
+        }
+        cluster.wait_leader().await;
+        let refused = cluster
+            .client()
+            .add_learner(3, cluster.addr(3), false)
+            .await
+            .expect_err("still refused after the restarts");
+        assert!(
+            refused.to_string().contains("node id 3 was removed"),
+            "{refused}"
+        );
+        // A new id for the same address is fine.
+        let added = cluster.add_node(4).await;
+        cluster
+            .client()
+            .add_learner(4, added, true)
+            .await
+            .expect("a new id joins");
+        cluster.shutdown().await;
+    });
+}

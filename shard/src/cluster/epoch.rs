@@ -157,6 +157,20 @@ pub struct EpochFailure {
     pub reason: String,
     /// `(server, partition, verdict)` for the participants that answered or failed.
     pub verdicts: Vec<(String, u32, ReplicaVerdict)>,
+    /// Whether the epoch itself was refused: every participant answered in time and every one
+    /// that failed refused the request ([`Error::is_refusal`]), or the majority's answers
+    /// contradict each other. Retrying the same epoch gets the same answer; a run of such
+    /// failures is what the coordinator reports as a poisoned epoch.
+    pub refused: bool,
+}
+
+/// Whether `answers` (none late) failed only by refusals.
+fn refused_by_all<T>(answers: &BTreeMap<String, Result<T>>, late: &[String]) -> bool {
+    late.is_empty()
+        && answers.values().any(|answer| answer.is_err())
+        && answers
+            .values()
+            .all(|answer| answer.as_ref().err().is_none_or(Error::is_refusal))
 }
 
 impl std::fmt::Display for EpochFailure {
@@ -431,6 +445,7 @@ pub async fn run_epoch<TC: Configuration>(
                 answers.join("; ")
             ),
             verdicts: verdict_list(&verdicts),
+            refused: refused_by_all(&prepared, &late_to_prepare),
         });
     }
     // Every update that changed something has exactly one fresh leaf; stale leaves carry akd's
@@ -512,6 +527,7 @@ pub async fn run_epoch<TC: Configuration>(
             epoch
         ))
         .await;
+    let build_refused = refused_by_all(&built, &late);
     for server in late {
         for partition in &builders[&server] {
             verdicts.insert(
@@ -584,11 +600,13 @@ pub async fn run_epoch<TC: Configuration>(
         return Err(EpochFailure {
             reason: format!("epoch {epoch}: {}", failures.join("; ")),
             verdicts: verdict_list(&verdicts),
+            refused: build_refused,
         });
     }
     let top = TopTree::new(map.bits(), roots).map_err(|error| EpochFailure {
         reason: format!("epoch {epoch}: the majority's roots do not stitch: {error}"),
         verdicts: verdict_list(&verdicts),
+        refused: true,
     })?;
     Ok(EpochOutcome {
         top,
@@ -755,4 +773,50 @@ pub async fn replay_epoch(
     Ok(ReplayOutcome {
         verdicts: verdicts.into_iter().collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(code: tonic::Code) -> Result<()> {
+        Err(Error::Remote {
+            peer: "s1".into(),
+            code,
+            message: "no".into(),
+        })
+    }
+
+    #[test]
+    fn an_epoch_is_refused_only_when_every_replica_answered_and_every_failure_is_a_refusal() {
+        let answers = |list: Vec<(&str, Result<()>)>| -> BTreeMap<String, Result<()>> {
+            list.into_iter()
+                .map(|(server, answer)| (server.to_string(), answer))
+                .collect()
+        };
+        let refusals = answers(vec![
+            ("s1", remote(tonic::Code::InvalidArgument)),
+            ("s2", remote(tonic::Code::OutOfRange)),
+            ("s3", Ok(())),
+        ]);
+        assert!(refused_by_all(&refusals, &[]));
+        // A replica that did not answer might have taken it.
+        assert!(!refused_by_all(&refusals, &["s4".to_string()]));
+        // Busy, unreachable, fenced or damaged replicas are transient or their own problem.
+        for transient in [
+            remote(tonic::Code::Unavailable),
+            remote(tonic::Code::ResourceExhausted),
+            remote(tonic::Code::DeadlineExceeded),
+            remote(tonic::Code::DataLoss),
+            Err(Error::fenced("stale term")),
+        ] {
+            let mixed = answers(vec![
+                ("s1", remote(tonic::Code::InvalidArgument)),
+                ("s2", transient),
+            ]);
+            assert!(!refused_by_all(&mixed, &[]));
+        }
+        // No failure at all is not a refusal.
+        assert!(!refused_by_all(&answers(vec![("s1", Ok(()))]), &[]));
+    }
 }

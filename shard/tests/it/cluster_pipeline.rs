@@ -269,6 +269,10 @@ fn epoch_shares_travel_in_parts_so_a_server_that_takes_only_small_messages_still
                 failure.to_string().contains("too large"),
                 "unexpected failure: {failure}"
             );
+            assert!(
+                failure.refused,
+                "every replica refused the epoch itself: retrying cannot help"
+            );
 
             // In parts, every epoch builds the directory's roots, proofs and audits.
             let chunks = TransferChunks {

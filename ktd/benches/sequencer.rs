@@ -39,6 +39,12 @@ struct Args {
     /// Value size in bytes.
     #[arg(long, default_value_t = 32)]
     value_bytes: usize,
+    /// Instead of one throughput phase, alternate this many rounds of appends keyed by the
+    /// client library (`retry_key`, kept by a count window) with as many keyed by the caller
+    /// (kept for the idempotency retention), `--seconds` each, and report the medians and
+    /// their ratio: the cost of remembering caller keys by time.
+    #[arg(long, default_value_t = 0)]
+    key_rounds: usize,
     // `cargo bench` passes `--bench`; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -93,7 +99,7 @@ fn updates(prefix: &str, count: usize, value_bytes: usize) -> Vec<pb::Update> {
         .collect()
 }
 
-async fn throughput(cluster: &KtdCluster, args: &Args) -> serde_json::Value {
+async fn throughput(cluster: &KtdCluster, args: &Args, caller_keys: bool) -> serde_json::Value {
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -108,8 +114,9 @@ async fn throughput(cluster: &KtdCluster, args: &Args) -> serde_json::Value {
             let mut round = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let request = updates(&format!("t{client_idx}-{round}"), batch, value_bytes);
+                let key = caller_keys.then(|| rand::random::<[u8; 16]>().to_vec());
                 let sent = Instant::now();
-                if client.append(request, None).await.is_ok() {
+                if client.append(request, key).await.is_ok() {
                     latencies.push(sent.elapsed().as_secs_f64() * 1e3);
                     acked.fetch_add(batch as u64, Ordering::Relaxed);
                 }
@@ -129,8 +136,9 @@ async fn throughput(cluster: &KtdCluster, args: &Args) -> serde_json::Value {
     latencies.sort_by(f64::total_cmp);
     let rate = total as f64 / elapsed;
     println!(
-        "throughput: {rate:.0} updates/s ({:.0} appends/s of {}), append latency p50 {:.1} ms, p99 {:.1} ms, \
+        "throughput ({} keys): {rate:.0} updates/s ({:.0} appends/s of {}), append latency p50 {:.1} ms, p99 {:.1} ms, \
          {} clients, {elapsed:.1} s",
+        if caller_keys { "caller" } else { "retry" },
         latencies.len() as f64 / elapsed,
         args.batch,
         quantile(&latencies, 0.5),
@@ -146,6 +154,40 @@ async fn throughput(cluster: &KtdCluster, args: &Args) -> serde_json::Value {
         "batch": args.batch,
         "value_bytes": args.value_bytes,
         "seconds": elapsed,
+        "caller_keys": caller_keys,
+    })
+}
+
+/// Alternating rounds of retry-keyed and caller-keyed appends (see `--key-rounds`).
+async fn key_rounds(cluster: &KtdCluster, args: &Args) -> serde_json::Value {
+    let (mut retry, mut caller) = (Vec::new(), Vec::new());
+    for _ in 0..args.key_rounds {
+        for caller_keys in [false, true] {
+            let round = throughput(cluster, args, caller_keys).await;
+            let rate = round["appends_per_second"].as_f64().unwrap_or(f64::NAN);
+            if caller_keys {
+                caller.push(rate);
+            } else {
+                retry.push(rate);
+            }
+        }
+    }
+    retry.sort_by(f64::total_cmp);
+    caller.sort_by(f64::total_cmp);
+    let (retry_median, caller_median) = (quantile(&retry, 0.5), quantile(&caller, 0.5));
+    println!(
+        "keyed appends/s, median of {} rounds: retry keys {retry_median:.0}, caller keys \
+         {caller_median:.0}, ratio caller/retry {:.3}",
+        args.key_rounds,
+        caller_median / retry_median
+    );
+    serde_json::json!({
+        "rounds": args.key_rounds,
+        "retry_key_appends_per_second": retry,
+        "caller_key_appends_per_second": caller,
+        "retry_median": retry_median,
+        "caller_median": caller_median,
+        "ratio_caller_over_retry": caller_median / retry_median,
     })
 }
 
@@ -264,8 +306,10 @@ fn main() {
              election 200-400 ms, pre-vote); {} cores",
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
-        let throughput = if args.seconds > 0 {
-            throughput(&cluster, &args).await
+        let throughput = if args.key_rounds > 0 {
+            key_rounds(&cluster, &args).await
+        } else if args.seconds > 0 {
+            throughput(&cluster, &args, false).await
         } else {
             serde_json::Value::Null
         };

@@ -19,15 +19,15 @@ use ktd_proto::ktd::sequencer::v1 as pb;
 use ktd_proto::ktd::sequencer::v1::sequencer_admin_client::SequencerAdminClient;
 use ktd_proto::ktd::sequencer::v1::sequencer_client::SequencerClient as ApiClient;
 use tonic::transport::Channel;
-
-/// Leader hints followed at once in a row; later hints are followed after the backoff (hints
-/// can point in a circle during an election).
-pub const MAX_IMMEDIATE_HINTS: u32 = 2;
 use tonic::{Code, Status};
 
 use crate::error::{LEADER_ADDR_METADATA, Result, SequencerError};
 use crate::raft::NodeId;
 use crate::raft::network::endpoint;
+
+/// Leader hints followed at once in a row; later hints are followed after the backoff (hints
+/// can point in a circle during an election).
+pub const MAX_IMMEDIATE_HINTS: u32 = 2;
 
 /// Retry and timeout policy.
 #[derive(Clone, Debug)]

@@ -230,10 +230,9 @@ pub async fn run<TC: Configuration>(
         } else {
             Step::Idle
         };
-        if !matches!(step, Step::Drive(_)) && stall.current().is_some() {
+        if !matches!(step, Step::Drive(_)) {
             // Caught up, or no longer leading: whatever stalled is not this node's to report.
-            stall.clear();
-            sequencer.set_commit_stall(None);
+            end_stall(&mut stall, &sequencer);
         }
         match step {
             Step::Idle | Step::NotConfigured => {
@@ -258,10 +257,7 @@ pub async fn run<TC: Configuration>(
                 match outcome {
                     Ok(root) => {
                         backoff.reset();
-                        if stall.current().is_some() {
-                            stall.clear();
-                            sequencer.set_commit_stall(None);
-                        }
+                        end_stall(&mut stall, &sequencer);
                         metrics::counter!("ktd_epochs_committed_total").increment(1);
                         metrics::histogram!("ktd_epoch_commit_duration_seconds")
                             .record(started.elapsed().as_secs_f64());
@@ -300,6 +296,14 @@ pub async fn run<TC: Configuration>(
         }
     }
     repairs.abort();
+}
+
+/// Clears the commit stall, if any, and its report in this node's status and gauges.
+fn end_stall(stall: &mut stall::Stall, sequencer: &Sequencer) {
+    if stall.current().is_some() {
+        stall.clear();
+        sequencer.set_commit_stall(None);
+    }
 }
 
 /// Why an epoch did not commit, and whether its replicas refused the epoch itself (see

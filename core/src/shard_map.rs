@@ -26,6 +26,8 @@ use crate::label::{self, MAX_PARTITION_BITS};
 
 mod changes;
 
+pub use changes::Move;
+
 /// One shard server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardServer {
@@ -36,6 +38,9 @@ pub struct ShardServer {
     /// Until this wall-clock time (ms since the Unix epoch) the server's absence does not start
     /// re-replication of its partitions (planned work). 0 = not in maintenance.
     pub maintenance_until_ms: u64,
+    /// Being decommissioned (`drain`): its copies are moved away, and neither the balancer nor
+    /// a repair puts a copy on it.
+    pub draining: bool,
 }
 
 /// A replica being built, not counted and not read.
@@ -273,6 +278,7 @@ impl ShardMap {
                 id,
                 address,
                 maintenance_until_ms: 0,
+                draining: false,
             })
             .collect();
         let partitions = (0..n_partitions)
@@ -330,6 +336,7 @@ impl ShardMap {
                 id: shard.id,
                 address: shard.address,
                 maintenance_until_ms: 0,
+                draining: false,
             })
             .collect();
         Self::new(version, bits, 1, servers, partitions)
@@ -456,6 +463,7 @@ mod tests {
                 id: (*id).into(),
                 address: format!("http://{id}"),
                 maintenance_until_ms: 0,
+                draining: false,
             })
             .collect()
     }

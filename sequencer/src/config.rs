@@ -343,6 +343,16 @@ pub struct ReplicaOptions {
     pub check_interval: Duration,
     /// Rate limit of one partition copy into a new or repaired replica, bytes per second.
     pub bootstrap_max_bytes_per_second: u64,
+    /// Move copies between servers until every server's bytes are within `balance_tolerance`
+    /// of the mean (new servers fill up; nothing moves onto a server being drained).
+    pub balance: bool,
+    /// How far (a fraction of the mean bytes per server) the fullest and the emptiest server
+    /// may differ before copies move.
+    pub balance_tolerance: f64,
+    /// Moves (learners replacing a voter) in flight at once, cluster-wide.
+    pub max_moves: u32,
+    /// Moves in flight at once out of one server, and into one server.
+    pub max_moves_per_server: u32,
 }
 
 impl Default for ReplicaOptions {
@@ -351,6 +361,10 @@ impl Default for ReplicaOptions {
             failure_timeout: Duration::from_secs(300),
             check_interval: Duration::from_secs(1),
             bootstrap_max_bytes_per_second: 64 << 20,
+            balance: true,
+            balance_tolerance: 0.1,
+            max_moves: 2,
+            max_moves_per_server: 1,
         }
     }
 }
@@ -454,6 +468,17 @@ impl SequencerConfig {
         }
         if self.epoch.interval.is_zero() {
             return Err(invalid("epoch.interval must be positive"));
+        }
+        let replicas = &self.replicas;
+        if !(replicas.balance_tolerance > 0.0 && replicas.balance_tolerance <= 10.0) {
+            return Err(invalid(
+                "replicas.balance_tolerance must be above 0 and at most 10 (a fraction of the mean)",
+            ));
+        }
+        if replicas.max_moves == 0 || replicas.max_moves_per_server == 0 {
+            return Err(invalid(
+                "replicas.max_moves and replicas.max_moves_per_server must be positive",
+            ));
         }
         if self
             .epoch

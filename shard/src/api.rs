@@ -135,6 +135,18 @@ pub struct PartitionState {
     pub root: Option<NodeRef>,
     /// The restart check found the stored root disagreeing with the committed one.
     pub mismatch: bool,
+    /// RocksDB's estimate of the partition's bytes on disk (0 while it is all in memtables).
+    pub approximate_bytes: u64,
+    /// A copy is being taken in (`held` is false until it ends).
+    pub copying: bool,
+    /// Bytes of that copy received so far.
+    pub copied_bytes: u64,
+    /// How long that copy has run, in milliseconds.
+    pub copy_millis: u64,
+    /// The newest map seen assigns the partition elsewhere: it is deleted after the grace period.
+    pub orphaned: bool,
+    /// Milliseconds left before an orphaned copy is deleted.
+    pub orphan_drop_in_millis: u64,
 }
 
 /// A shard server's identity and progress.

@@ -77,8 +77,55 @@ struct ReplicaState {
     /// The newest map a fence carried (reads of partitions it quarantines here are refused).
     map: Option<ShardMap>,
     seen_committed_epoch: u64,
-    /// Partitions a bootstrap is copying in (at most one copy per partition at a time).
-    bootstrapping: BTreeSet<u32>,
+    /// Partitions a bootstrap is copying in (at most one copy per partition at a time): when
+    /// the copy started and the bytes received so far.
+    copies: BTreeMap<u32, (Instant, u64)>,
+    /// Held partitions the newest map assigns to other servers, since when that is so.
+    orphaned: BTreeMap<u32, Instant>,
+}
+
+impl ReplicaState {
+    /// Brings `orphaned` up to date with the markers and the newest map: a held partition that
+    /// map gives this server no role in is orphaned (from now, if it was not already).
+    fn refresh_orphans(&mut self, id: &str, now: Instant) {
+        let Some(map) = &self.map else {
+            self.orphaned.clear();
+            return;
+        };
+        let orphans: Vec<u32> = self
+            .markers
+            .keys()
+            .copied()
+            .filter(|partition| {
+                (*partition as usize) < map.partitions().len()
+                    && map.replicas(*partition).role_of(id).is_none()
+                    && !self.copies.contains_key(partition)
+            })
+            .collect();
+        self.orphaned
+            .retain(|partition, _| orphans.contains(partition));
+        for partition in orphans {
+            self.orphaned.entry(partition).or_insert(now);
+        }
+    }
+}
+
+/// Forgets a partition copy in progress however its bootstrap ends — finished, failed, or
+/// dropped because the coordinator that asked for it went away — so a later bootstrap of the
+/// partition is never refused as "already being copied in".
+struct CopyGuard<'a> {
+    state: &'a Mutex<ReplicaState>,
+    partition: u32,
+}
+
+impl Drop for CopyGuard<'_> {
+    fn drop(&mut self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .copies
+            .remove(&self.partition);
+    }
 }
 
 /// One shard server's logic over its [`ShardNode`].
@@ -88,7 +135,12 @@ pub struct LocalShard<TC> {
     peers: Arc<dyn PeerResolver>,
     state: Mutex<ReplicaState>,
     writes: tokio::sync::Mutex<()>,
+    orphan_grace: Duration,
 }
+
+/// How long a partition copy the shard map moved away keeps serving before it is deleted
+/// ([`LocalShard::drop_orphans`]): far longer than any gateway routes by an older map.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(600);
 
 impl<TC> std::fmt::Debug for LocalShard<TC> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -147,7 +199,21 @@ impl<TC: Configuration> LocalShard<TC> {
                 ..ReplicaState::default()
             }),
             writes: tokio::sync::Mutex::new(()),
+            orphan_grace: DEFAULT_ORPHAN_GRACE,
         })
+    }
+
+    /// The same shard, deleting moved-away partitions after `grace` instead of
+    /// [`DEFAULT_ORPHAN_GRACE`] (its status reports the time left by this grace).
+    #[must_use]
+    pub fn with_orphan_grace(mut self, grace: Duration) -> Self {
+        self.orphan_grace = grace;
+        self
+    }
+
+    /// The grace period after which moved-away partitions are deleted.
+    pub fn orphan_grace(&self) -> Duration {
+        self.orphan_grace
     }
 
     /// This shard's id.
@@ -193,6 +259,52 @@ impl<TC: Configuration> LocalShard<TC> {
         self.node.store().put_built_markers(&[marker])?;
         self.state().markers.insert(marker.partition, marker);
         Ok(())
+    }
+
+    /// Deletes the copies of partitions that the newest map seen has assigned to other servers
+    /// for at least `grace` (a move's source after the move finished; a server drained or
+    /// replaced), and returns them. Until then such a copy keeps serving reads, so a gateway
+    /// still routing by an older map is answered. The map is checked again under the write
+    /// lock just before each deletion, so a partition assigned back here in the meantime is
+    /// kept. Deleting the built marker first (synced) means a crash part-way leaves the
+    /// partition not held, never half held.
+    pub async fn drop_orphans(&self, grace: Duration) -> Result<Vec<u32>> {
+        let _writes = self.writes.lock().await;
+        let now = Instant::now();
+        let (expired, up_to) = {
+            let mut state = self.state();
+            state.refresh_orphans(&self.id, now);
+            let expired: Vec<(u32, u64)> = state
+                .orphaned
+                .iter()
+                .filter(|(_, since)| now.duration_since(**since) >= grace)
+                .filter_map(|(partition, _)| {
+                    state
+                        .markers
+                        .get(partition)
+                        .map(|marker| (*partition, marker.epoch))
+                })
+                .collect();
+            (expired, state.fence.committed_epoch)
+        };
+        let bits = self.node.bits();
+        let mut dropped = Vec::new();
+        for (partition, built) in expired {
+            let node = self.node.clone();
+            let last = built.max(up_to) + 1;
+            blocking(move || Ok(node.store().delete_partition(partition, bits, last)?)).await?;
+            let mut state = self.state();
+            state.markers.remove(&partition);
+            state.orphaned.remove(&partition);
+            state.mismatched.remove(&partition);
+            tracing::info!(
+                partition,
+                built,
+                "deleted a partition copy the shard map moved to other servers"
+            );
+            dropped.push(partition);
+        }
+        Ok(dropped)
     }
 
     /// Checks `fence` for a mutation touching `partitions`, and accepts it: refuses a term below
@@ -255,6 +367,7 @@ impl<TC: Configuration> LocalShard<TC> {
             .is_none_or(|map| map.version() <= fence.map.version())
         {
             state.map = Some(fence.map.clone());
+            state.refresh_orphans(&self.id, Instant::now());
         }
         Ok(grown)
     }
@@ -324,6 +437,7 @@ impl<TC: Configuration> LocalShard<TC> {
             id: source.source_id.clone(),
             address: source.source_address.clone(),
             maintenance_until_ms: 0,
+            draining: false,
         })?;
         let mut chunks = peer.stream_partition(partition, source.epoch).await?;
         let started = Instant::now();
@@ -346,6 +460,9 @@ impl<TC: Configuration> LocalShard<TC> {
                 .map(|(key, value)| (key.len() + value.len()) as u64)
                 .sum::<u64>();
             total = total.or(chunk.total_records);
+            if let Some(progress) = self.state().copies.get_mut(&partition) {
+                progress.1 = bytes;
+            }
             let node = self.node.clone();
             let epoch = source.epoch;
             blocking(move || {
@@ -547,6 +664,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
     async fn bootstrap(&self, fence: &Fence, source: BootstrapSource) -> Result<BootstrapSummary> {
         let partition = source.partition;
         let bits = self.node.bits();
+        let guard;
         // Step 1, under the write lock: accept the fence and forget the partition, so a crash
         // from here on leaves it not held, never half held. The copy itself runs without the lock
         // (the partition is not held, so no prepare or build touches its key ranges meanwhile),
@@ -560,11 +678,20 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
                     source.epoch, accepted.committed_epoch
                 )));
             }
-            if !self.state().bootstrapping.insert(partition) {
-                return Err(Error::fenced(format!(
-                    "partition {partition} is already being copied in"
-                )));
+            {
+                let mut state = self.state();
+                if state.copies.contains_key(&partition) {
+                    return Err(Error::fenced(format!(
+                        "partition {partition} is already being copied in"
+                    )));
+                }
+                state.copies.insert(partition, (Instant::now(), 0));
+                state.orphaned.remove(&partition);
             }
+            guard = Some(CopyGuard {
+                state: &self.state,
+                partition,
+            });
             let node = self.node.clone();
             let forgotten = blocking(move || {
                 node.store().drop_built_marker(partition)?;
@@ -572,12 +699,8 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
                 Ok(())
             })
             .await;
-            let mut state = self.state();
-            state.markers.remove(&partition);
-            if let Err(error) = forgotten {
-                state.bootstrapping.remove(&partition);
-                return Err(error);
-            }
+            self.state().markers.remove(&partition);
+            forgotten?;
         }
         let copied = self.copy_partition(&source).await;
         let finished = match copied {
@@ -610,7 +733,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
             }
             Err(error) => Err(error),
         };
-        self.state().bootstrapping.remove(&partition);
+        drop(guard);
         finished
     }
 
@@ -703,18 +826,46 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
     }
 
     async fn status(&self) -> Result<ShardStatus> {
+        let held: Vec<u32> = self.state().markers.keys().copied().collect();
+        let (node, bits, asked) = (self.node.clone(), self.node.bits(), held.clone());
+        let sizes = blocking(move || Ok(node.store().partition_sizes(&asked, bits)?)).await?;
+        let sizes: BTreeMap<u32, u64> = held.into_iter().zip(sizes).collect();
+        let now = Instant::now();
+        let grace = self.orphan_grace;
         let state = self.state();
-        let partition_states: Vec<PartitionState> = state
+        let mut partition_states: Vec<PartitionState> = state
             .markers
             .values()
-            .map(|marker| PartitionState {
-                partition: marker.partition,
-                held: true,
-                built_epoch: marker.epoch,
-                root: marker.root,
-                mismatch: state.mismatched.contains(&marker.partition),
+            .map(|marker| {
+                let orphaned_since = state.orphaned.get(&marker.partition);
+                PartitionState {
+                    partition: marker.partition,
+                    held: true,
+                    built_epoch: marker.epoch,
+                    root: marker.root,
+                    mismatch: state.mismatched.contains(&marker.partition),
+                    approximate_bytes: sizes.get(&marker.partition).copied().unwrap_or(0),
+                    orphaned: orphaned_since.is_some(),
+                    orphan_drop_in_millis: orphaned_since.map_or(0, |since| {
+                        grace.saturating_sub(now.duration_since(*since)).as_millis() as u64
+                    }),
+                    ..PartitionState::default()
+                }
             })
             .collect();
+        for (partition, (started, bytes)) in &state.copies {
+            if state.markers.contains_key(partition) {
+                continue;
+            }
+            partition_states.push(PartitionState {
+                partition: *partition,
+                copying: true,
+                copied_bytes: *bytes,
+                copy_millis: now.duration_since(*started).as_millis() as u64,
+                ..PartitionState::default()
+            });
+        }
+        partition_states.sort_by_key(|state| state.partition);
         Ok(ShardStatus {
             id: self.id.clone(),
             partitions: state.markers.keys().copied().collect(),

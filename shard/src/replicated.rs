@@ -50,6 +50,7 @@ pub fn shard_map_with_bits(partition_bits: u32, map: &cluster_pb::ShardMap) -> R
             id: server.id.clone(),
             address: server.address.clone(),
             maintenance_until_ms: server.maintenance_until_ms,
+            draining: server.draining,
         })
         .collect();
     let mut partitions = vec![None; 1usize << bits];
@@ -113,6 +114,7 @@ pub fn shard_map_to_pb(map: &ShardMap) -> cluster_pb::ShardMap {
                 id: server.id.clone(),
                 address: server.address.clone(),
                 maintenance_until_ms: server.maintenance_until_ms,
+                draining: server.draining,
             })
             .collect(),
         partitions: map

@@ -445,6 +445,12 @@ pub fn partition_state(state: &PartitionState) -> pb::PartitionState {
         root: state.root.as_ref().map(node_ref),
         held: state.held,
         mismatch: state.mismatch,
+        approximate_bytes: state.approximate_bytes,
+        copying: state.copying,
+        copied_bytes: state.copied_bytes,
+        copy_millis: state.copy_millis,
+        orphaned: state.orphaned,
+        orphan_drop_in_millis: state.orphan_drop_in_millis,
     }
 }
 
@@ -498,6 +504,12 @@ impl Decoder<'_> {
             built_epoch: state.built_epoch,
             root: self.optional_node_ref(&state.root)?,
             mismatch: state.mismatch,
+            approximate_bytes: state.approximate_bytes,
+            copying: state.copying,
+            copied_bytes: state.copied_bytes,
+            copy_millis: state.copy_millis,
+            orphaned: state.orphaned,
+            orphan_drop_in_millis: state.orphan_drop_in_millis,
         })
     }
 

@@ -16,7 +16,35 @@ fn refused(message: String) -> Error {
     Error::InvalidConfig(message)
 }
 
+/// A copy moving between servers: a learner that replaces a voter once promoted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    /// The partition.
+    pub partition: u32,
+    /// The server whose voting copy is replaced.
+    pub from: String,
+    /// The server building the new copy.
+    pub to: String,
+}
+
 impl ShardMap {
+    /// Every move in flight (learners that replace a voter), in partition order.
+    pub fn moves(&self) -> Vec<Move> {
+        self.partitions
+            .iter()
+            .enumerate()
+            .flat_map(|(partition, replicas)| {
+                replicas.learners.iter().filter_map(move |learner| {
+                    learner.replaces.as_ref().map(|from| Move {
+                        partition: partition as u32,
+                        from: from.clone(),
+                        to: learner.server.clone(),
+                    })
+                })
+            })
+            .collect()
+    }
+
     /// Copies (voters and learners) held or being built by each server.
     pub fn load(&self) -> BTreeMap<&str, usize> {
         let mut load: BTreeMap<&str, usize> = self
@@ -94,6 +122,7 @@ impl ShardMap {
     pub fn drain(&self, id: &str, avoid: &[&str]) -> Result<Self> {
         self.server(id)
             .ok_or_else(|| refused(format!("server {id:?} is not in the shard map")))?;
+        let marked = self.with_draining(id)?;
         let mut load = self.load();
         let mut partitions = self.partitions.clone();
         for (partition, replicas) in partitions.iter_mut().enumerate() {
@@ -110,6 +139,7 @@ impl ShardMap {
                 .filter(|candidate| {
                     *candidate != id
                         && !avoid.contains(candidate)
+                        && !self.is_draining(candidate)
                         && replicas.role_of(candidate).is_none()
                 })
                 .min_by_key(|candidate| (load[candidate], *candidate))
@@ -125,7 +155,65 @@ impl ShardMap {
                 replaces: Some(id.to_string()),
             });
         }
+        marked.with_partitions(partitions)
+    }
+
+    /// The map with `partition`'s voting copy on `from` being moved to `to` (a hot or full
+    /// partition moved by hand): a learner on `to` that replaces `from` once promoted. Refused
+    /// unless `from` votes in the partition and is not being replaced already, and `to` is a
+    /// server that holds no copy of it and is not being drained.
+    pub fn move_copy(&self, partition: u32, from: &str, to: &str) -> Result<Self> {
+        let replicas = self.partitions.get(partition as usize).ok_or_else(|| {
+            refused(format!(
+                "partition {partition} does not exist; there are {}",
+                self.partitions.len()
+            ))
+        })?;
+        if !replicas.voters.iter().any(|voter| voter == from) {
+            return Err(refused(format!(
+                "{from:?} holds no voting copy of partition {partition}"
+            )));
+        }
+        if self.being_replaced(partition as usize, from) {
+            return Err(refused(format!(
+                "the copy of partition {partition} on {from:?} is already being moved"
+            )));
+        }
+        if self.server(to).is_none() {
+            return Err(refused(format!("server {to:?} is not in the shard map")));
+        }
+        if self.is_draining(to) {
+            return Err(refused(format!(
+                "server {to:?} is being drained; it cannot take copies"
+            )));
+        }
+        if replicas.role_of(to).is_some() {
+            return Err(refused(format!(
+                "{to:?} already holds a copy of partition {partition}"
+            )));
+        }
+        let mut partitions = self.partitions.clone();
+        partitions[partition as usize].learners.push(Learner {
+            server: to.to_string(),
+            replaces: Some(from.to_string()),
+        });
         self.with_partitions(partitions)
+    }
+
+    /// Whether `id` is a server being drained.
+    pub fn is_draining(&self, id: &str) -> bool {
+        self.server(id).is_some_and(|server| server.draining)
+    }
+
+    /// The map with `id` marked draining (nothing moved yet).
+    fn with_draining(&self, id: &str) -> Result<Self> {
+        let mut servers = self.servers.clone();
+        for server in &mut servers {
+            if server.id == id {
+                server.draining = true;
+            }
+        }
+        self.with_servers(servers)
     }
 
     /// The map with `new` (added if it is not a server yet) taking over every copy on `old`:
@@ -136,9 +224,15 @@ impl ShardMap {
         if old == new.id {
             return Err(refused(format!("server {old:?} cannot replace itself")));
         }
+        if self.is_draining(&new.id) {
+            return Err(refused(format!(
+                "server {:?} is being drained; it cannot take copies",
+                new.id
+            )));
+        }
         let map = match self.server(&new.id) {
-            Some(_) => self.clone(),
-            None => self.add_server(new.clone())?,
+            Some(_) => self.with_draining(old)?,
+            None => self.add_server(new.clone())?.with_draining(old)?,
         };
         let mut partitions = map.partitions.clone();
         for (partition, replicas) in partitions.iter_mut().enumerate() {
@@ -177,6 +271,7 @@ impl ShardMap {
         for server in avoid {
             load.remove(server);
         }
+        load.retain(|server, _| !self.is_draining(server));
         let mut partitions = self.partitions.clone();
         while let Some((&heaviest, &most)) = load.iter().max_by_key(|(id, count)| (**count, **id)) {
             let Some((&lightest, &least)) = load.iter().min_by_key(|(id, count)| (**count, **id))
@@ -223,6 +318,7 @@ mod tests {
             id: id.into(),
             address: format!("http://{id}"),
             maintenance_until_ms: 0,
+            draining: false,
         }
     }
 
@@ -328,6 +424,55 @@ mod tests {
         assert_eq!(load.values().sum::<usize>(), 8 * 3);
         // And a balanced map stays as it is.
         assert_eq!(moved.rebalance(&[]).expect("again"), moved);
+    }
+
+    #[test]
+    fn a_server_being_drained_is_marked_and_never_chosen_to_take_copies() {
+        let map = three()
+            .add_server(server("d"))
+            .and_then(|map| map.add_server(server("e")))
+            .expect("five servers");
+        let draining = map.drain("d", &[]).expect("drain the empty d");
+        assert!(draining.is_draining("d") && !draining.is_draining("a"));
+        // Rebalancing onto the two empty servers puts nothing on the one being drained.
+        let planned = draining.rebalance(&[]).expect("rebalance");
+        assert!(planned.assignments("d").is_empty(), "{planned:?}");
+        assert!(!planned.assignments("e").is_empty());
+        // Nor does draining another server, or replacing one by it.
+        let moved = draining.drain("a", &[]).expect("drain a");
+        assert!(moved.assignments("d").is_empty());
+        let refused = draining
+            .replace_server("b", server("d"))
+            .expect_err("d is leaving");
+        assert!(refused.to_string().contains("being drained"), "{refused}");
+        // The replaced server is marked too.
+        let replaced = map.replace_server("b", server("f")).expect("replace");
+        assert!(replaced.is_draining("b"));
+    }
+
+    #[test]
+    fn one_copy_is_moved_by_hand_only_from_a_voter_to_a_server_without_a_copy() {
+        let map = three().add_server(server("d")).expect("add d");
+        let moved = map.move_copy(2, "b", "d").expect("move");
+        assert_eq!(
+            moved.moves(),
+            vec![Move {
+                partition: 2,
+                from: "b".into(),
+                to: "d".into()
+            }]
+        );
+        assert_eq!(promote_all(&moved).replicas(2).voters, ["a", "d", "c"]);
+        for (partition, from, to, why) in [
+            (2, "b", "d", "already being moved"),
+            (3, "d", "a", "no voting copy"),
+            (3, "a", "b", "already holds a copy"),
+            (3, "a", "z", "not in the shard map"),
+            (99, "a", "d", "does not exist"),
+        ] {
+            let error = moved.move_copy(partition, from, to).expect_err("refused");
+            assert!(error.to_string().contains(why), "{error}");
+        }
     }
 
     #[test]

@@ -136,8 +136,9 @@ pub enum AdminCommand {
     },
     /// Seal the open epoch now and wait until its root is committed.
     Seal,
-    /// Add a shard server (started with an empty data directory) to the shard map. It holds
-    /// nothing until `--rebalance` (or a later drain/replace) moves copies onto it.
+    /// Add a shard server (started with an empty data directory) to the shard map. The
+    /// balancer then moves copies onto it a few at a time (`replicas.balance`); `--rebalance`
+    /// moves a share of copies onto it at once instead.
     AddShard {
         /// Its server id (`--id` it was started with).
         #[arg(long)]
@@ -181,6 +182,26 @@ pub enum AdminCommand {
         #[arg(long)]
         address: Option<String>,
         /// Wait until the old server holds nothing, then remove it from the map.
+        #[arg(long)]
+        wait: bool,
+        /// Bound on `--wait`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Move one partition's copy from one shard server to another (a hot or full partition):
+    /// a learner on the destination, promoted in the source's place once it is built and caught
+    /// up; the source deletes its copy after its orphan grace period.
+    MovePartition {
+        /// The partition.
+        #[arg(long)]
+        partition: u32,
+        /// The server whose voting copy moves.
+        #[arg(long)]
+        from: String,
+        /// The server that takes it (in the map, holding no copy of the partition).
+        #[arg(long)]
+        to: String,
+        /// Wait until the destination votes in the partition.
         #[arg(long)]
         wait: bool,
         /// Bound on `--wait`.
@@ -313,6 +334,8 @@ pub struct ClusterReport {
     pub shards: Vec<ShardRow>,
     /// Every partition's replica set.
     pub partitions: Vec<PartitionRow>,
+    /// Partition copies moving between servers (balancer, drain, replace, repair).
+    pub moves: Vec<shards::MoveRow>,
     /// Sealed batches the sequencer retains for lagging replicas.
     pub retention: Option<RetentionRow>,
     /// Why the cluster status is incomplete (no leader, no shard map).
@@ -443,11 +466,19 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
                 rebalance,
             };
             let map = admin.change_map(&edit).await?;
-            println!(
-                "shard server {id} added (map version {}); {} copies moving onto it",
-                map.version(),
-                map.assignments(&id).len()
-            );
+            if rebalance {
+                println!(
+                    "shard server {id} added (map version {}); {} copies moving onto it",
+                    map.version(),
+                    map.assignments(&id).len()
+                );
+            } else {
+                println!(
+                    "shard server {id} added (map version {}); the balancer moves copies onto \
+                     it (`ktd admin status` shows the moves)",
+                    map.version()
+                );
+            }
             if wait {
                 let map = admin
                     .wait_for_map(
@@ -512,6 +543,41 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
                 finish_move(&admin, &id, timeout).await?;
             }
         }
+        AdminCommand::MovePartition {
+            partition,
+            from,
+            to,
+            wait,
+            timeout,
+        } => {
+            let edit = shards::MapEdit::Move {
+                partition,
+                from: from.clone(),
+                to: to.clone(),
+            };
+            let map = admin.change_map(&edit).await?;
+            println!(
+                "moving partition {partition} from {from} to {to} (map version {})",
+                map.version()
+            );
+            if wait {
+                let map = admin
+                    .wait_for_map(
+                        &format!("{to} to vote in partition {partition}"),
+                        timeout,
+                        |map: &ktd_core::ShardMap| {
+                            map.replicas(partition).role_of(&to)
+                                == Some(ktd_core::shard_map::Role::Voter)
+                        },
+                    )
+                    .await?;
+                println!(
+                    "partition {partition} moved: voters {} (map version {})",
+                    map.replicas(partition).voters.join(","),
+                    map.version()
+                );
+            }
+        }
         AdminCommand::RemoveShard { id } => {
             let map = admin
                 .change_map(&shards::MapEdit::Remove(id.clone()))
@@ -566,6 +632,7 @@ fn shard_server(id: &str, address: &str) -> ktd_core::shard_map::ShardServer {
             format!("http://{address}")
         },
         maintenance_until_ms: 0,
+        draining: false,
     }
 }
 
@@ -791,6 +858,7 @@ impl Admin {
         report.replication_factor = shards.replication_factor;
         report.shards = shards.servers;
         report.partitions = shards.partitions;
+        report.moves = shards.moves;
     }
 
     /// Applies a shard-map change (compare-and-set, retried on concurrent changes).
@@ -978,6 +1046,15 @@ fn voters(voter_sets: &[pb::VoterSet]) -> Vec<u64> {
 }
 
 /// `[0,1,2,3,5]` → `0-3,5`.
+/// Bytes as MiB with one decimal (`-` for none).
+fn mib(bytes: u64) -> String {
+    if bytes == 0 {
+        "-".into()
+    } else {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+    }
+}
+
 fn ranges(partitions: &[u32]) -> String {
     let mut sorted = partitions.to_vec();
     sorted.sort_unstable();
@@ -1121,6 +1198,9 @@ pub fn render_table(report: &ClusterReport) -> String {
                 } else {
                     "-".into()
                 },
+                mib(shard.bytes),
+                if shard.draining { "yes" } else { "-" }.into(),
+                ranges(&shard.orphaned),
                 shard.error.clone(),
             ]
         })
@@ -1137,6 +1217,9 @@ pub fn render_table(report: &ClusterReport) -> String {
             "BUILT",
             "LAG",
             "MAINTENANCE",
+            "BYTES",
+            "DRAINING",
+            "MOVED-AWAY",
             "ERROR",
         ],
         &rows,
@@ -1167,6 +1250,37 @@ pub fn render_table(report: &ClusterReport) -> String {
         })
         .collect();
     out.push_str(&table(&["P", "UP-TO-DATE/MAJORITY", "REPLICAS"], &rows));
+    if !report.moves.is_empty() {
+        out.push_str(&format!(
+            "\nMOVES  {} in flight (copy, catch up, promote; the source deletes its copy after its grace period)\n",
+            report.moves.len()
+        ));
+        let rows: Vec<Vec<String>> = report
+            .moves
+            .iter()
+            .map(|step| {
+                vec![
+                    step.partition.to_string(),
+                    step.from.clone(),
+                    step.to.clone(),
+                    step.state.clone(),
+                    format!(
+                        "{} of ~{}",
+                        mib(step.copied_bytes),
+                        mib(step.expected_bytes)
+                    ),
+                    step.bytes_per_second
+                        .map_or_else(|| "-".to_string(), |rate| format!("{}/s", mib(rate as u64))),
+                    step.eta_seconds
+                        .map_or_else(|| "-".to_string(), |eta| format!("{eta:.0}s")),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["P", "FROM", "TO", "STATE", "COPIED", "RATE", "ETA"],
+            &rows,
+        ));
+    }
     if let Some(retention) = &report.retention {
         out.push_str(&format!(
             "\nBATCH RETENTION  {} batches, {} of {} bytes, oldest {} (bound {:.0}s), oldest pin {}\n",

@@ -40,6 +40,12 @@ pub struct ShardRow {
     pub quarantined_in: Vec<u32>,
     /// Until when it is in maintenance (ms since the Unix epoch; 0: not).
     pub maintenance_until_ms: u64,
+    /// Being drained: its copies move away and nothing moves onto it.
+    pub draining: bool,
+    /// Its estimate of the bytes on disk of the copies the map assigns to it.
+    pub bytes: u64,
+    /// Copies it still holds that the map moved elsewhere (deleted after its grace period).
+    pub orphaned: Vec<u32>,
     /// Answered its status call.
     pub reachable: bool,
     /// Its `grpc.health.v1` status.
@@ -78,6 +84,28 @@ pub struct PartitionRow {
     pub up_to_date_voters: usize,
     /// Voters needed to commit.
     pub majority: usize,
+}
+
+/// One partition copy moving between servers (a learner that replaces a voter) in `status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MoveRow {
+    /// The partition.
+    pub partition: u32,
+    /// The server whose copy is replaced.
+    pub from: String,
+    /// The server building the new copy.
+    pub to: String,
+    /// `waiting` (not started), `copying`, `catching up` (copied, replaying epochs) or
+    /// `promoting` (up to date; the coordinator promotes it at its next check).
+    pub state: String,
+    /// Bytes of the copy received so far (while copying).
+    pub copied_bytes: u64,
+    /// The copy's expected size: the source's estimate of its bytes on disk.
+    pub expected_bytes: u64,
+    /// Bytes per second received so far.
+    pub bytes_per_second: Option<f64>,
+    /// Seconds left at that rate.
+    pub eta_seconds: Option<f64>,
 }
 
 /// Batch retention as the sequencer reports it.
@@ -152,6 +180,8 @@ pub struct ShardReport {
     pub servers: Vec<ShardRow>,
     /// Every partition.
     pub partitions: Vec<PartitionRow>,
+    /// Copies moving between servers.
+    pub moves: Vec<MoveRow>,
     /// The map's version and replication factor.
     pub version: u64,
     /// Voting replicas per partition.
@@ -181,6 +211,7 @@ pub async fn report(map: &ShardMap, committed: u64) -> ShardReport {
     }))
     .await;
     let mut built: BTreeMap<(String, u32), u64> = BTreeMap::new();
+    let mut states: BTreeMap<(String, u32), shard::api::PartitionState> = BTreeMap::new();
     let mut servers = Vec::new();
     for (server, health, status) in statuses {
         let assignments = map.assignments(&server.id);
@@ -202,6 +233,7 @@ pub async fn report(map: &ShardMap, committed: u64) -> ShardReport {
             learner_of: pick(&[Role::Learner]),
             quarantined_in: pick(&[Role::Quarantined]),
             maintenance_until_ms: server.maintenance_until_ms,
+            draining: server.draining,
             health,
             ..ShardRow::default()
         };
@@ -211,6 +243,12 @@ pub async fn report(map: &ShardMap, committed: u64) -> ShardReport {
                 row.caught_up_epoch = status.seen_committed_epoch;
                 let mut lowest: Option<u64> = None;
                 for state in &status.partition_states {
+                    states.insert((server.id.clone(), state.partition), state.clone());
+                    if state.orphaned {
+                        row.orphaned.push(state.partition);
+                    } else if state.held && row.partitions.contains(&state.partition) {
+                        row.bytes += state.approximate_bytes;
+                    }
                     if state.held && row.partitions.contains(&state.partition) {
                         built.insert((server.id.clone(), state.partition), state.built_epoch);
                         lowest = Some(
@@ -267,9 +305,51 @@ pub async fn report(map: &ShardMap, committed: u64) -> ShardReport {
             }
         })
         .collect();
+    let moves = map
+        .moves()
+        .into_iter()
+        .map(
+            |ktd_core::shard_map::Move {
+                 partition,
+                 from,
+                 to,
+             }| {
+                let state_of = |server: &str| states.get(&(server.to_string(), partition));
+                let expected_bytes = state_of(&from).map_or(0, |state| state.approximate_bytes);
+                let mut row = MoveRow {
+                    partition,
+                    from: from.clone(),
+                    to: to.clone(),
+                    expected_bytes,
+                    ..MoveRow::default()
+                };
+                match state_of(&to) {
+                    Some(state) if state.copying => {
+                        row.state = "copying".into();
+                        row.copied_bytes = state.copied_bytes;
+                        if state.copy_millis > 0 && state.copied_bytes > 0 {
+                            let rate =
+                                state.copied_bytes as f64 * 1000.0 / state.copy_millis as f64;
+                            row.bytes_per_second = Some(rate);
+                            row.eta_seconds = Some(
+                                expected_bytes.saturating_sub(state.copied_bytes) as f64 / rate,
+                            );
+                        }
+                    }
+                    Some(state) if state.held && state.built_epoch < committed => {
+                        row.state = "catching up".into();
+                    }
+                    Some(state) if state.held => row.state = "promoting".into(),
+                    _ => row.state = "waiting".into(),
+                }
+                row
+            },
+        )
+        .collect();
     ShardReport {
         servers,
         partitions,
+        moves,
         version: map.version(),
         replication_factor: map.replication_factor(),
     }
@@ -353,6 +433,15 @@ pub enum MapEdit {
         /// The server taking over.
         new: ShardServer,
     },
+    /// Move one partition's copy from one server to another.
+    Move {
+        /// The partition.
+        partition: u32,
+        /// The server whose voting copy moves.
+        from: String,
+        /// The server that takes it.
+        to: String,
+    },
     /// Remove a server that holds nothing.
     Remove(String),
     /// Set (or, with 0, end) a server's maintenance window.
@@ -385,6 +474,11 @@ impl MapEdit {
             }
             MapEdit::Drain(id) => map.drain(id, &in_maintenance),
             MapEdit::Replace { old, new } => map.replace_server(old, new.clone()),
+            MapEdit::Move {
+                partition,
+                from,
+                to,
+            } => map.move_copy(*partition, from, to),
             MapEdit::Remove(id) => map.remove_server(id),
             MapEdit::Maintenance { id, until_ms } => map.set_maintenance(id, *until_ms),
         }

@@ -361,6 +361,10 @@ pub struct ShardArgs {
     /// while epochs are open (without it, labels are evaluated when an epoch is built).
     #[arg(long, env = "KTD_SHARD_SEQUENCERS", value_delimiter = ',')]
     pub sequencers: Vec<String>,
+    /// How long a partition copy the shard map moved to other servers keeps serving reads
+    /// before this server deletes it (default 10m).
+    #[arg(long, env = "KTD_SHARD_ORPHAN_GRACE", value_parser = humantime::parse_duration)]
+    pub orphan_grace: Option<Duration>,
     /// Validate the settings (listen address, partition bits, the VRF seed file's length and
     /// permissions), print them as TOML with the seed redacted and exit: 0 if valid, 1 if not.
     #[arg(long)]

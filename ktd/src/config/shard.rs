@@ -2,6 +2,7 @@
 //! the VRF seed read from its file, and the settings `crate::serve::run_shard` takes.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ktd_core::AkdConfig;
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,10 @@ pub struct ShardConfig {
     /// Sequencer addresses: the shard tails their log to evaluate VRF labels while epochs are
     /// open (without them, labels are evaluated when an epoch is built).
     pub sequencers: Vec<String>,
+    /// How long a partition copy the shard map moved to other servers keeps serving reads
+    /// before this server deletes it.
+    #[serde(with = "humantime_serde")]
+    pub orphan_grace: Duration,
     /// Metrics, logs, traces and TLS.
     #[serde(flatten, skip_deserializing)]
     pub process: ProcessConfig,
@@ -44,6 +49,7 @@ impl Default for ShardConfig {
             partition_bits: 4,
             configuration: AkdConfig::WhatsAppV1,
             sequencers: Vec::new(),
+            orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
             process: ProcessConfig::default(),
         }
     }
@@ -87,6 +93,7 @@ impl ShardConfig {
             partition_bits: self.partition_bits,
             config: self.configuration.clone(),
             sequencers: self.sequencers.clone(),
+            orphan_grace: self.orphan_grace,
         };
         Ok(ResolvedShard {
             listen: listen.clone(),

@@ -279,6 +279,7 @@ fn printed_configurations_read_back() {
             domain_label: "test".into(),
         },
         sequencers: vec!["127.0.0.1:7001".into()],
+        orphan_grace: std::time::Duration::from_secs(90),
         process: process.clone(),
     });
     round_trip(GatewayConfig {
@@ -383,6 +384,7 @@ fn secrets_are_redacted_from_debug() {
         partition_bits: 4,
         config: ktd_core::AkdConfig::WhatsAppV1,
         sequencers: Vec::new(),
+        orphan_grace: ::shard::local::DEFAULT_ORPHAN_GRACE,
     };
     let auditor = ktd_auditor::AuditorSettings {
         namespace: "test".into(),

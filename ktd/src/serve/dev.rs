@@ -111,6 +111,7 @@ pub async fn run_dev(
             partition_bits: settings.partition_bits,
             config: settings.config.clone(),
             sequencers: Vec::new(),
+            orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
         };
         let shards = match settings.config {
             AkdConfig::WhatsAppV1 => dev_shards::<WhatsAppV1>(&shard_settings, &sequencer).await?,

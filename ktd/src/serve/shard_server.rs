@@ -41,6 +41,8 @@ pub struct ShardSettings {
     /// Sequencer addresses to tail the log from (pre-computing VRF labels while an epoch is
     /// open); empty: no pre-computation, labels are evaluated when the epoch is built.
     pub sequencers: Vec<String>,
+    /// How long a partition copy moved to other servers keeps serving before it is deleted.
+    pub orphan_grace: Duration,
 }
 
 impl std::fmt::Debug for ShardSettings {
@@ -52,6 +54,7 @@ impl std::fmt::Debug for ShardSettings {
             .field("partition_bits", &self.partition_bits)
             .field("config", &self.config)
             .field("sequencers", &self.sequencers)
+            .field("orphan_grace", &self.orphan_grace)
             .finish()
     }
 }
@@ -174,8 +177,14 @@ async fn open_shard<TC: Configuration>(
     let peers: Arc<dyn PeerResolver> = Arc::new(GrpcPeers::new(ClientTimeouts::default()));
     let store = node.store().clone();
     let id = settings.id.clone();
-    let shard =
-        Arc::new(tokio::task::spawn_blocking(move || LocalShard::load(id, node, peers)).await??);
+    let grace = settings.orphan_grace;
+    let shard = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            LocalShard::load(id, node, peers).map(|shard| shard.with_orphan_grace(grace))
+        })
+        .await??,
+    );
+    tokio::spawn(drop_orphans(shard.clone(), stop.clone()));
     let readiness = Box::pin(super::readiness::track_shard_readiness(
         shard.clone(),
         settings.sequencers.clone(),
@@ -187,6 +196,25 @@ async fn open_shard<TC: Configuration>(
         store,
         readiness,
     })
+}
+
+/// Deletes the partition copies the shard map moved away once their grace period is over,
+/// checking a few times per grace period (at most every 10 s), until `stop`.
+async fn drop_orphans<TC: Configuration>(
+    shard: Arc<LocalShard<TC>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let every =
+        (shard.orphan_grace() / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        if let Err(error) = shard.drop_orphans(shard.orphan_grace()).await {
+            tracing::warn!(%error, "deleting moved-away partitions failed; retrying");
+        }
+    }
 }
 
 /// Opens the shard's node and samples its storage gauges until `stop`.

@@ -216,6 +216,7 @@ async fn run(root: &std::path::Path, exporter: &Collector) -> Vec<SpanData> {
             partition_bits: 2,
             config: AkdConfig::WhatsAppV1,
             sequencers: Vec::new(),
+            orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
         };
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {

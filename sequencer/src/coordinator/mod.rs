@@ -53,6 +53,7 @@ use crate::machine::EpochState;
 use crate::node::Sequencer;
 use crate::pb;
 
+pub mod balance;
 pub mod repair;
 pub mod replicas;
 pub mod stall;

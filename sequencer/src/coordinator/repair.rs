@@ -18,7 +18,8 @@ use shard::cluster::{self, CommittedEpoch, ReplicaVerdict};
 use shard::replicated;
 use tokio_util::sync::CancellationToken;
 
-use super::replicas::{Committed, Repair, RepairOptions, plan};
+use super::balance::{BalanceOptions, plan_moves};
+use super::replicas::{Committed, MapChange, Repair, RepairOptions, plan};
 use super::{Shared, change_map, current_map};
 use crate::error::{Result, SequencerError};
 use crate::node::{Sequencer, unix_ms};
@@ -134,6 +135,45 @@ async fn check(
         change_map(sequencer, &map, &changes).await?;
         return Ok(());
     }
+    if options.balance {
+        let reachable = |id: &str| {
+            tracker
+                .servers
+                .get(id)
+                .is_some_and(|view| view.known && view.unreachable_since.is_none())
+        };
+        let moves = plan_moves(
+            &map,
+            &tracker,
+            &reachable,
+            unix_ms(),
+            BalanceOptions {
+                tolerance: options.balance_tolerance,
+                max_moves: options.max_moves as usize,
+                max_moves_per_server: options.max_moves_per_server as usize,
+            },
+        );
+        if !moves.is_empty() {
+            for change in &moves {
+                if let MapChange::AddLearner {
+                    server,
+                    partition,
+                    replaces,
+                } = change
+                {
+                    tracing::info!(
+                        partition,
+                        from = %replaces,
+                        to = %server,
+                        "moving a partition copy to balance the shard servers"
+                    );
+                }
+            }
+            metrics::counter!("ktd_balancer_moves_total").increment(moves.len() as u64);
+            change_map(sequencer, &map, &moves).await?;
+            return Ok(());
+        }
+    }
     for repair in repairs {
         match repair {
             Repair::Replay {
@@ -228,7 +268,7 @@ async fn check(
                                     held: true,
                                     built: summary.epoch,
                                     root: expected_root,
-                                    mismatch: false,
+                                    ..Default::default()
                                 },
                             );
                         }

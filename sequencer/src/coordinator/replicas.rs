@@ -27,7 +27,7 @@ use shard::cluster::{Participation, ReplicaVerdict};
 pub const MAX_PARALLEL_BOOTSTRAPS: usize = 4;
 
 /// One partition as the coordinator last saw it on one server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PartitionProgress {
     /// The server holds a copy.
     pub held: bool,
@@ -37,6 +37,10 @@ pub struct PartitionProgress {
     pub root: Option<NodeRef>,
     /// The server found its stored root disagreeing with the committed one.
     pub mismatch: bool,
+    /// The server's estimate of the copy's bytes on disk (0: not known yet).
+    pub bytes: u64,
+    /// A copy is being taken in (started by this or an earlier coordinator).
+    pub copying: bool,
 }
 
 /// One server as the coordinator knows it.
@@ -63,6 +67,16 @@ pub struct Tracker {
     pub servers: BTreeMap<String, ServerView>,
 }
 
+impl ServerView {
+    /// Partition copies the server reports taking in.
+    pub fn copies_reported(&self) -> usize {
+        self.partitions
+            .values()
+            .filter(|progress| progress.copying)
+            .count()
+    }
+}
+
 impl Tracker {
     fn view(&mut self, server: &str) -> &mut ServerView {
         self.servers.entry(server.to_string()).or_default()
@@ -85,6 +99,8 @@ impl Tracker {
                         built: state.built_epoch,
                         root: state.root,
                         mismatch: state.mismatch,
+                        bytes: state.approximate_bytes,
+                        copying: state.copying,
                     },
                 )
             })
@@ -106,15 +122,15 @@ impl Tracker {
     ) {
         for (server, partition, verdict) in verdicts {
             if *verdict == ReplicaVerdict::Agreed {
-                self.view(server).partitions.insert(
-                    *partition,
-                    PartitionProgress {
-                        held: true,
-                        built: epoch,
-                        root: roots[*partition as usize],
-                        mismatch: false,
-                    },
-                );
+                let progress = self.view(server).partitions.entry(*partition).or_default();
+                *progress = PartitionProgress {
+                    held: true,
+                    built: epoch,
+                    root: roots[*partition as usize],
+                    mismatch: false,
+                    bytes: progress.bytes,
+                    copying: false,
+                };
             }
         }
     }
@@ -354,10 +370,11 @@ pub fn plan(
     options: RepairOptions,
 ) -> Vec<Repair> {
     let mut repairs = Vec::new();
+    // Copies this coordinator started, and copies the servers report that an earlier one did.
     let mut bootstraps_running: usize = tracker
         .servers
         .values()
-        .map(|view| view.bootstrapping.len())
+        .map(|view| view.bootstrapping.len().max(view.copies_reported()))
         .sum();
     for server in map.servers() {
         let Some(view) = tracker.servers.get(&server.id).filter(|view| view.known) else {
@@ -367,12 +384,12 @@ pub fn plan(
             continue;
         }
         let mut replay_groups: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
-        let mut bootstrap_here = !view.bootstrapping.is_empty();
+        let mut bootstrap_here = !view.bootstrapping.is_empty() || view.copies_reported() > 0;
         for (partition, role) in map.assignments(&server.id) {
-            if view.bootstrapping.contains_key(&partition) {
+            let progress = view.partitions.get(&partition);
+            if view.bootstrapping.contains_key(&partition) || progress.is_some_and(|p| p.copying) {
                 continue;
             }
-            let progress = view.partitions.get(&partition);
             let lost_pin = |built: u64| {
                 built < committed.epoch
                     && committed
@@ -496,7 +513,9 @@ fn replacements(
             let candidate = map
                 .servers()
                 .iter()
-                .filter(|candidate| replicas.role_of(&candidate.id).is_none())
+                .filter(|candidate| {
+                    !candidate.draining && replicas.role_of(&candidate.id).is_none()
+                })
                 .filter(|candidate| {
                     tracker
                         .servers
@@ -544,6 +563,7 @@ mod tests {
                     id: (*id).into(),
                     address: format!("http://{id}"),
                     maintenance_until_ms: 0,
+                    draining: false,
                 })
                 .collect(),
             partitions,
@@ -568,7 +588,7 @@ mod tests {
                 held: true,
                 built,
                 root,
-                mismatch: false,
+                ..PartitionProgress::default()
             },
         );
     }
@@ -696,6 +716,7 @@ mod tests {
                     .iter()
                     .map(|server| ShardServer {
                         maintenance_until_ms: if server.id == "c" { 10_000 } else { 0 },
+                        draining: false,
                         ..server.clone()
                     })
                     .collect(),

@@ -612,6 +612,7 @@ fn replica_map(rf: u32, partitions: Vec<Vec<&str>>) -> cluster_pb::ShardMap {
                 id: (*id).into(),
                 address: format!("http://{id}"),
                 maintenance_until_ms: 0,
+                draining: false,
             })
             .collect(),
         partitions: partitions

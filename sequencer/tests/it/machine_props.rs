@@ -252,6 +252,7 @@ fn command(step: &Step, state: &EpochState) -> Option<pb::command::Kind> {
                         id: id.into(),
                         address: format!("{id}:1"),
                         maintenance_until_ms: 0,
+                        draining: false,
                     })
                     .to_vec(),
                 partitions: partitions

@@ -30,6 +30,8 @@ const FORMAT: u8 = 1;
 const SHARD_ID_KEY: &[u8] = b"shard_id";
 const FENCE_KEY: &[u8] = b"fence";
 const BUILT_PREFIX: &[u8] = b"built/";
+/// Range deletions per synced batch when a moved partition is deleted.
+const RANGES_PER_BATCH: usize = 4096;
 
 /// The highest fence a shard has accepted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,6 +66,32 @@ fn partition_bounds(partition: u32, bits: u8) -> ([u8; 2], Option<[u8; 2]>) {
     let end =
         (partition + 1 < (1 << bits)).then(|| (((partition + 1) << shift) as u16).to_be_bytes());
     (start, end)
+}
+
+/// The node keys of `partition` written at `epoch`: one contiguous range `[from, to)`.
+fn node_range(epoch: u64, partition: u32, bits: u8) -> (Vec<u8>, Vec<u8>) {
+    let (start, end) = partition_bounds(partition, bits);
+    let mut from = epoch.to_be_bytes().to_vec();
+    from.extend_from_slice(&start);
+    let to = match end {
+        Some(end) => {
+            let mut to = epoch.to_be_bytes().to_vec();
+            to.extend_from_slice(&end);
+            to
+        }
+        None => (epoch + 1).to_be_bytes().to_vec(),
+    };
+    (from, to)
+}
+
+/// The user keys of user partition `partition`: one contiguous range `[from, to)`.
+fn user_range(partition: u32, bits: u8) -> (Vec<u8>, Vec<u8>) {
+    let (start, end) = partition_bounds(partition, bits);
+    let to = match end {
+        Some(end) => end.to_vec(),
+        None => vec![0xff; super::codec::USER_HASH_LEN + 9],
+    };
+    (start.to_vec(), to)
 }
 
 fn built_key(partition: u32) -> Vec<u8> {
@@ -193,17 +221,7 @@ impl RocksStore {
     /// Deletes the node versions of epoch `epoch` in `partition` (an abandoned attempt at it),
     /// and nothing else.
     pub fn discard_partition_epoch(&self, epoch: u64, partition: u32, bits: u8) -> Result<()> {
-        let (start, end) = partition_bounds(partition, bits);
-        let mut from = epoch.to_be_bytes().to_vec();
-        from.extend_from_slice(&start);
-        let to = match end {
-            Some(end) => {
-                let mut to = epoch.to_be_bytes().to_vec();
-                to.extend_from_slice(&end);
-                to
-            }
-            None => (epoch + 1).to_be_bytes().to_vec(),
-        };
+        let (from, to) = node_range(epoch, partition, bits);
         self.db
             .delete_range_cf(self.cf(CF_NODES), from, to)
             .map_err(storage("discard an abandoned epoch of a partition"))
@@ -211,14 +229,73 @@ impl RocksStore {
 
     /// Deletes every user version of user partition `partition` (before a bootstrap copies it in).
     pub fn delete_user_partition(&self, partition: u32, bits: u8) -> Result<()> {
-        let (start, end) = partition_bounds(partition, bits);
-        let to = match end {
-            Some(end) => end.to_vec(),
-            None => vec![0xff; super::codec::USER_HASH_LEN + 9],
-        };
+        let (from, to) = user_range(partition, bits);
         self.db
-            .delete_range_cf(self.cf(CF_USERS), start.to_vec(), to)
+            .delete_range_cf(self.cf(CF_USERS), from, to)
             .map_err(storage("delete a user partition"))
+    }
+
+    /// Deletes every record of `partition` — once the shard map has moved it to other servers.
+    /// The built marker goes first (synced), so from then on the partition is not held whatever
+    /// happens next; then its node versions of epochs `0..=up_to` and its user versions, as
+    /// range deletions in synced batches of at most 4096. The space returns as
+    /// RocksDB compacts the ranges. Blocking.
+    pub fn delete_partition(&self, partition: u32, bits: u8, up_to: u64) -> Result<()> {
+        self.drop_built_marker(partition)?;
+        let mut batch = WriteBatch::default();
+        for epoch in 0..=up_to {
+            let (from, to) = node_range(epoch, partition, bits);
+            batch.delete_range_cf(self.cf(CF_NODES), from, to);
+            if batch.len() >= RANGES_PER_BATCH {
+                let full = std::mem::take(&mut batch);
+                self.write_synced(full, "built", "delete a moved partition's node versions")?;
+            }
+        }
+        let (from, to) = user_range(partition, bits);
+        batch.delete_range_cf(self.cf(CF_USERS), from, to);
+        self.write_synced(batch, "built", "delete a moved partition's user versions")
+    }
+
+    /// RocksDB's estimate of the bytes on disk of each of `partitions`: the store's SST bytes
+    /// (tree and users) times the partition's share of the user versions (one key range per
+    /// partition; node keys start with the epoch, so a partition's tree is thousands of
+    /// ranges, and its share of the tree is its share of the users — both follow the same
+    /// uniformly spread labels). RocksDB estimates a range by whole data blocks, so while the
+    /// user versions fit in a few blocks the shares are split evenly; while everything is in
+    /// memtables every size is 0. Blocking.
+    pub fn partition_sizes(&self, partitions: &[u32], bits: u8) -> Result<Vec<u64>> {
+        let bounds: Vec<(Vec<u8>, Vec<u8>)> = partitions
+            .iter()
+            .map(|partition| user_range(*partition, bits))
+            .collect();
+        let mut ranges: Vec<rocksdb::Range<'_>> = bounds
+            .iter()
+            .map(|(from, to)| rocksdb::Range::new(from, to))
+            .collect();
+        let everything = [0xffu8; super::codec::USER_HASH_LEN + 9];
+        ranges.push(rocksdb::Range::new(&[], &everything));
+        let mut users = self.db.get_approximate_sizes_cf(self.cf(CF_USERS), &ranges);
+        let all_users = users.pop().unwrap_or(0);
+        let mut on_disk = 0u64;
+        for name in [CF_NODES, CF_USERS] {
+            on_disk += self
+                .db
+                .property_int_value_cf(self.cf(name), "rocksdb.total-sst-files-size")
+                .map_err(storage("read RocksDB properties"))?
+                .unwrap_or(0);
+        }
+        let counted: u64 = users.iter().sum();
+        Ok(users
+            .into_iter()
+            .map(|size| {
+                if counted == 0 {
+                    on_disk / partitions.len().max(1) as u64
+                } else {
+                    (u128::from(on_disk) * u128::from(size) / u128::from(all_users.max(counted)))
+                        as u64
+                }
+            })
+            .collect())
     }
 
     /// Calls `sink` with the records of `partition` as of `epoch`, in chunks of about

@@ -352,6 +352,7 @@ fn three_grpc_replicas_match_the_directory_and_copy_a_partition_to_a_new_one() {
                             id: id.clone(),
                             address: address.clone(),
                             maintenance_until_ms: 0,
+                            draining: false,
                         })
                         .collect(),
                 )
@@ -437,6 +438,231 @@ fn three_grpc_replicas_match_the_directory_and_copy_a_partition_to_a_new_one() {
                 .await
                 .expect("status");
             assert!(status.partitions.is_empty(), "{status:?}");
+        });
+    });
+}
+
+/// The map after a move of `partition` from `from` to `to`: version + 1, `to` in `from`'s seat.
+fn moved(map: &ShardMap, partition: usize, from: &str, to: &str, learner: bool) -> ShardMap {
+    let mut partitions = map.partitions().to_vec();
+    if learner {
+        partitions[partition]
+            .learners
+            .push(ktd_core::shard_map::Learner {
+                server: to.into(),
+                replaces: Some(from.into()),
+            });
+    } else {
+        partitions[partition].learners.clear();
+        for voter in &mut partitions[partition].voters {
+            if voter == from {
+                *voter = to.into();
+            }
+        }
+    }
+    ShardMap::new(
+        map.version() + 1,
+        map.bits(),
+        map.replication_factor(),
+        map.servers().to_vec(),
+        partitions,
+    )
+    .expect("moved map")
+}
+
+#[test]
+fn a_moved_copy_is_copied_resumably_and_the_source_serves_until_its_grace_period_then_deletes_it() {
+    with_deadline_blocking(Duration::from_secs(240), || {
+        let runtime = runtime();
+        let (bits, seed) = (4, 33);
+        let dirs: Vec<_> = (0..4)
+            .map(|_| tempfile::tempdir().expect("temp dir"))
+            .collect();
+        runtime.block_on(async {
+            let peers = Arc::new(GrpcPeers::new(ClientTimeouts::default()));
+            let mut locals = Vec::new();
+            let mut servers = Vec::new();
+            for (index, dir) in dirs.iter().enumerate() {
+                let id = format!("shard-{index}");
+                let local = Arc::new(
+                    LocalShard::load(
+                        id.clone(),
+                        node(dir.path(), bits, seed),
+                        peers.clone() as Arc<dyn PeerResolver>,
+                    )
+                    .expect("load")
+                    .with_orphan_grace(Duration::from_secs(3600)),
+                );
+                let address = serve(local.clone()).await;
+                locals.push(local);
+                servers.push(ktd_core::shard_map::ShardServer {
+                    id,
+                    address: format!("http://{address}"),
+                    maintenance_until_ms: 0,
+                    draining: false,
+                });
+            }
+            let three: Vec<(String, String)> = servers[..3]
+                .iter()
+                .map(|server| (server.id.clone(), server.address.clone()))
+                .collect();
+            let map = ShardMap::even(bits, 3, three)
+                .and_then(|map| map.with_servers(servers.clone()))
+                .expect("map");
+            let shards = ShardSet::resolve(map.clone(), peers.as_ref()).expect("shard set");
+            let batches = workload::random(seed, 4, 120, 2).batches;
+            let tops = compare_with_directory(&shards, bits, seed, batches).await;
+            let committed = (tops.len() - 1) as u64;
+            let root5 = tops[committed as usize].partitions()[5];
+            let source = |rate| BootstrapSource {
+                partition: 5,
+                epoch: committed,
+                source_id: "shard-0".into(),
+                source_address: servers[0].address.clone(),
+                expected_root: root5,
+                max_bytes_per_second: rate,
+            };
+
+            // Partition 5 moves from shard-0 to shard-3. A copy cut off part-way (its
+            // coordinator went away) is reported while it runs and forgotten when it stops, so
+            // the next coordinator's copy is not refused.
+            let learning = moved(&map, 5, "shard-0", "shard-3", true);
+            let api3 = locals[3].clone();
+            let slow = {
+                let (api3, fence, source) =
+                    (api3.clone(), fence(&learning, 1, committed), source(1));
+                tokio::spawn(async move { api3.bootstrap(&fence, source).await })
+            };
+            let copying = ktd_testkit::Poll::new(
+                "shard-3 reports the copy in progress",
+                Duration::from_secs(30),
+            )
+            .until_ok(|| {
+                let api3 = api3.clone();
+                async move {
+                    let status = api3.status().await.map_err(|error| error.to_string())?;
+                    status
+                        .partition_states
+                        .iter()
+                        .find(|state| {
+                            state.partition == 5 && state.copying && state.copied_bytes > 0
+                        })
+                        .cloned()
+                        .ok_or_else(|| format!("{status:?}"))
+                }
+            })
+            .await;
+            assert!(!copying.held, "{copying:?}");
+            slow.abort();
+            ktd_testkit::Poll::new(
+                "shard-3 forgets the abandoned copy",
+                Duration::from_secs(30),
+            )
+            .until_ok(|| {
+                let api3 = api3.clone();
+                async move {
+                    let status = api3.status().await.map_err(|error| error.to_string())?;
+                    if status.partition_states.iter().any(|state| state.copying) {
+                        Err(format!("{status:?}"))
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .await;
+            let summary = api3
+                .bootstrap(&fence(&learning, 1, committed), source(0))
+                .await
+                .expect("the copy, started again");
+            assert_eq!(summary.epoch, committed);
+
+            // Promoted: the next epoch runs on the new replica set and commits.
+            let promoted = moved(&learning, 5, "shard-0", "shard-3", false);
+            let moved_shards = ShardSet::resolve(promoted.clone(), peers.as_ref()).expect("set");
+            let batch = workload::random(seed + 1, 1, 60, 2).batches.remove(0);
+            let outcome = run(
+                &moved_shards,
+                committed + 1,
+                &tops[committed as usize],
+                batch,
+            )
+            .await;
+            assert!(
+                outcome
+                    .verdicts
+                    .iter()
+                    .all(|(_, _, verdict)| *verdict == ReplicaVerdict::Agreed),
+                "{:?}",
+                outcome.verdicts
+            );
+
+            // shard-0 saw the new map: its copy of partition 5 is moved away, still served
+            // (a gateway may still route by the older map) until its grace period ends.
+            let status = locals[0].status().await.expect("status");
+            let state5 = status
+                .partition_states
+                .iter()
+                .find(|state| state.partition == 5)
+                .expect("still held");
+            assert!(state5.held && state5.orphaned, "{state5:?}");
+            assert!(state5.orphan_drop_in_millis > 3_000_000, "{state5:?}");
+            let root = root5.expect("partition 5 has a root");
+            let walk = WalkRequest {
+                root: Some(root),
+                target: root.label,
+            };
+            locals[0]
+                .walk(vec![walk])
+                .await
+                .expect("served during the grace period");
+            assert!(
+                locals[0]
+                    .drop_orphans(Duration::from_secs(3600))
+                    .await
+                    .expect("nothing due")
+                    .is_empty()
+            );
+            assert_eq!(
+                locals[0].drop_orphans(Duration::ZERO).await.expect("drop"),
+                [5]
+            );
+            let status = locals[0].status().await.expect("status");
+            assert!(!status.partitions.contains(&5), "{status:?}");
+            assert_eq!(status.partitions.len(), 15, "{status:?}");
+            let error = locals[0]
+                .walk(vec![walk])
+                .await
+                .expect_err("deleted: not served");
+            assert!(error.to_string().contains("not held"), "{error}");
+            // Its other partitions, and the new copy, serve as before.
+            let root4 = tops[committed as usize].partitions()[4].expect("root");
+            locals[0]
+                .walk(vec![WalkRequest {
+                    root: Some(root4),
+                    target: root4.label,
+                }])
+                .await
+                .expect("partition 4 is untouched");
+            locals[3]
+                .walk(vec![walk])
+                .await
+                .expect("the new copy serves");
+            // Sizes come from RocksDB once the memtables are flushed.
+            let sizes = |status: &ShardStatus| -> u64 {
+                status
+                    .partition_states
+                    .iter()
+                    .map(|state| state.approximate_bytes)
+                    .sum()
+            };
+            assert_eq!(sizes(&locals[1].status().await.expect("status")), 0);
+            locals[1].node().store().flush().expect("flush");
+            let status = locals[1].status().await.expect("status");
+            let on_disk = locals[1].node().store().sst_bytes().expect("sst bytes");
+            assert!(
+                sizes(&status) > 0 && sizes(&status) <= on_disk,
+                "{on_disk} bytes on disk: {status:?}"
+            );
         });
     });
 }

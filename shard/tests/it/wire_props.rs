@@ -107,6 +107,7 @@ fn shard_map() -> impl Strategy<Value = cluster_pb::ShardMap> {
             id,
             address: "127.0.0.1:1".into(),
             maintenance_until_ms,
+            draining: false,
         }
     });
     (

@@ -215,7 +215,9 @@ impl Topology {
     }
 
     /// A `ktd shard` slot `shard-<index>` (id `s<index>`) on `addr` with `data_dir`, reading the
-    /// seed file and following [`Topology::sequencer_list`] (not started).
+    /// seed file and following [`Topology::sequencer_list`] (not started). Copies the shard map
+    /// moves away are deleted after 3 s (the default is 10 min), so tests see sources empty out
+    /// and gateways still routing by an older map fail over.
     pub fn shard_node(&self, index: u64, addr: String, data_dir: &Path) -> KtdNode {
         let args = [
             "shard",
@@ -231,6 +233,8 @@ impl Topology {
             "4",
             "--sequencers",
             &self.sequencer_list,
+            "--orphan-grace",
+            "3s",
         ]
         .map(String::from)
         .to_vec();

@@ -230,6 +230,12 @@ impl Inventory {
                             .into(),
                     ));
                 }
+                FaultKind::AddShard => {
+                    return Err(invalid(
+                        "AddShard needs a spare shard server the harness can start; use `ktd-chaos run`"
+                            .into(),
+                    ));
+                }
             }
         }
         if scenario.broken_mode.is_some() {

@@ -77,6 +77,11 @@ pub enum FaultKind {
     /// Cut a shard server off the network (its fence blackholes every connection to it and
     /// every one it opens to a sequencer); restore at heal ([`FaultRecord::replica`]).
     IsolateShard,
+    /// Capacity added under load: start a new, empty shard server and add it to the shard map
+    /// (nothing to heal); the leader's balancer moves copies onto it while the later faults
+    /// run. After the schedule the runner waits (bounded) until no copy is moving and the new
+    /// server votes ([`FaultRecord::rebalance`]).
+    AddShard,
 }
 
 impl FaultKind {
@@ -375,6 +380,26 @@ pub struct FaultRecord {
     /// Replica faults: how the shard server came back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<ReplicaRecovery>,
+    /// `add-shard`: the new server and how long the balancer took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<Rebalance>,
+}
+
+/// What an [`FaultKind::AddShard`] fault led to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebalance {
+    /// The new server's id in the shard map (`s4`).
+    pub server: String,
+    /// Injection → the map had no learner left and the new server voted, ms (`None`: not
+    /// within the bound).
+    pub balanced_ms: Option<u64>,
+    /// The partitions the new server votes in then.
+    pub voter_of: Vec<u32>,
+    /// Copies per server then (the map's `load`).
+    pub copies: Vec<(String, usize)>,
+    /// What went wrong, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// How a shard server taken out by a replica fault came back, as `ktd admin status -o json`
@@ -444,6 +469,7 @@ pub async fn inject(
         snapshot: None,
         membership: None,
         replica: None,
+        rebalance: None,
     };
     if kind.is_network() {
         return Ok(inject_network(topology, record, targets, rng, now_us));
@@ -497,6 +523,7 @@ pub async fn inject(
         FaultKind::KillReplica | FaultKind::WipeReplica | FaultKind::IsolateShard => {
             return inject_replica(topology, record, targets, rng, now_us).await;
         }
+        FaultKind::AddShard => return Ok(add_shard(topology, record, now_us).await),
         FaultKind::Partition | FaultKind::OneWay | FaultKind::Latency | FaultKind::Heal => {
             return Err(TopologyError::State(format!("{kind:?} is a network fault")));
         }
@@ -648,6 +675,148 @@ async fn add_voter(
     record.membership = Some(change);
     record
 }
+
+/// The shard map as the sequencers hold it.
+async fn read_shard_map(client: &sequencer::SequencerClient) -> Result<ktd_core::ShardMap, String> {
+    let answer = client
+        .cluster_metadata()
+        .await
+        .map_err(|error| error.to_string())?;
+    let metadata = answer.metadata.ok_or("the cluster is not initialised")?;
+    shard::replicated::shard_map(&metadata, &answer.shard_map.unwrap_or_default())
+        .map_err(|error| error.to_string())
+}
+
+/// [`FaultKind::AddShard`]'s injection: start a new shard server and add it to the shard map
+/// (compare-and-set, retried on a concurrent change such as a promotion). Skipped if no server
+/// can be started or the map change is refused.
+async fn add_shard(
+    topology: &mut Topology,
+    mut record: FaultRecord,
+    now_us: impl Fn() -> u64,
+) -> FaultRecord {
+    record.injected_us = now_us();
+    let (id, address) = match topology.spawn_shard() {
+        Ok(started) => started,
+        Err(error) => {
+            record.status = FaultStatus::Skipped {
+                reason: format!("cannot start a new shard server: {error}"),
+            };
+            return record;
+        }
+    };
+    record.target.clone_from(&id);
+    let client = admin_client(topology);
+    let mut added = Err("no attempt".to_string());
+    for _ in 0..20 {
+        let map = match read_shard_map(&client).await {
+            Ok(map) => map,
+            Err(error) => {
+                added = Err(error);
+                continue;
+            }
+        };
+        let edited = match map.add_server(ktd_core::shard_map::ShardServer {
+            id: id.clone(),
+            address: format!("http://{address}"),
+            maintenance_until_ms: 0,
+            draining: false,
+        }) {
+            Ok(edited) => edited,
+            Err(error) => {
+                added = Err(error.to_string());
+                break;
+            }
+        };
+        match client
+            .set_shard_map(shard::replicated::shard_map_to_pb(&edited), map.version())
+            .await
+        {
+            Ok(_) => {
+                added = Ok(());
+                break;
+            }
+            Err(error) => added = Err(error.to_string()),
+        }
+    }
+    if let Err(error) = added {
+        record.status = FaultStatus::Skipped {
+            reason: format!("adding {id} to the shard map failed: {error}"),
+        };
+    }
+    record.rebalance = Some(Rebalance {
+        server: id,
+        ..Rebalance::default()
+    });
+    record
+}
+
+/// After the schedule: waits (at most `limit`) until an [`FaultKind::AddShard`] fault's moves
+/// are done — the new server votes and the map has had no learner for 5 s (the
+/// balancer starts the next move a check or two after a promotion, so one look at a map
+/// without learners is not enough) — and records it.
+pub async fn settle_rebalance(
+    topology: &Topology,
+    record: &mut FaultRecord,
+    limit: Duration,
+    now_us: &impl Fn() -> u64,
+) {
+    let Some(rebalance) = record.rebalance.as_mut() else {
+        return;
+    };
+    if !record.status.eq(&FaultStatus::Installed) {
+        return;
+    }
+    let client = admin_client(topology);
+    let started = Instant::now();
+    let mut quiet: Option<(Instant, u64)> = None;
+    loop {
+        match read_shard_map(&client).await {
+            Ok(map) => {
+                let voter_of: Vec<u32> = map
+                    .assignments(&rebalance.server)
+                    .into_iter()
+                    .filter(|(_, role)| *role == ktd_core::shard_map::Role::Voter)
+                    .map(|(partition, _)| partition)
+                    .collect();
+                let settled =
+                    map.partitions().iter().all(|p| p.learners.is_empty()) && !voter_of.is_empty();
+                if !settled {
+                    quiet = None;
+                } else {
+                    let (since, at_us) = *quiet.get_or_insert((Instant::now(), now_us()));
+                    if since.elapsed() >= SETTLED_FOR {
+                        rebalance.balanced_ms =
+                            Some(at_us.saturating_sub(record.injected_us) / 1000);
+                        rebalance.voter_of = voter_of;
+                        rebalance.copies = map
+                            .load()
+                            .into_iter()
+                            .map(|(server, count)| (server.to_string(), count))
+                            .collect();
+                        rebalance.error = None;
+                        return;
+                    }
+                }
+            }
+            Err(error) => rebalance.error = Some(error),
+        }
+        if started.elapsed() >= limit {
+            rebalance.error.get_or_insert_with(|| {
+                format!(
+                    "copies were still moving {} s after the schedule",
+                    limit.as_secs()
+                )
+            });
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How long the map must stay without a learner before a rebalance counts as finished (a few
+/// of the coordinator's default 1 s checks).
+const SETTLED_FOR: Duration = Duration::from_secs(5);
 
 /// [`FaultKind::SnapshotCatchUp`]'s heal: snapshot + purge on every other running sequencer,
 /// restart the follower, wait (bounded) until it has applied the leader's commit index, and
@@ -1241,6 +1410,11 @@ pub async fn heal(
     }
     if record.kind == FaultKind::SnapshotCatchUp {
         return heal_snapshot_catch_up(topology, record, now_us).await;
+    }
+    if record.kind == FaultKind::AddShard {
+        // Nothing to undo: the server stays; the runner waits for its moves after the schedule.
+        record.healed_us = Some(now_us());
+        return Ok(());
     }
     if record.kind.is_replica() {
         return heal_replica(topology, record, now_us).await;

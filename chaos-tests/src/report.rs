@@ -344,6 +344,21 @@ pub fn slo_checks(
                         .is_some_and(|ms| ms <= limit_ms(slo.max_heal)),
             });
         }
+        if let Some(rebalance) = &figure.fault.rebalance {
+            checks.push(SloCheck {
+                what: match (&rebalance.error, rebalance.balanced_ms) {
+                    (None, Some(ms)) => format!(
+                        "{name}: balanced {ms} ms after it joined: {} votes in {} partitions, copies per server {:?}",
+                        rebalance.server,
+                        rebalance.voter_of.len(),
+                        rebalance.copies
+                    ),
+                    (Some(error), _) => format!("{name}: not balanced: {error}"),
+                    (None, None) => format!("{name}: not balanced"),
+                },
+                ok: rebalance.error.is_none() && rebalance.balanced_ms.is_some(),
+            });
+        }
         if let Some(change) = &figure.fault.membership {
             checks.push(SloCheck {
                 what: match &change.error {
@@ -468,6 +483,20 @@ impl Report {
                         show_ms(figure.max_commit_gap_ms),
                         figure.failed_reads
                     );
+                    if let Some(rebalance) = &fault.rebalance {
+                        let _ = writeln!(
+                            out,
+                            "           rebalance onto {}: balanced after {}; votes in {} partitions; copies per server {:?}{}",
+                            rebalance.server,
+                            show_ms(rebalance.balanced_ms),
+                            rebalance.voter_of.len(),
+                            rebalance.copies,
+                            rebalance
+                                .error
+                                .as_ref()
+                                .map_or_else(String::new, |e| format!("; ERROR {e}"))
+                        );
+                    }
                     if let Some(replica) = &fault.replica {
                         let _ = writeln!(
                             out,
@@ -602,6 +631,7 @@ mod tests {
             snapshot: None,
             membership: None,
             replica: None,
+            rebalance: None,
         }
     }
 

@@ -301,6 +301,16 @@ async fn drive(
     if fault_error.is_none() {
         tokio::time::sleep_until(end.into()).await;
     }
+    // Capacity added during the run: the moves must finish once the faults are over.
+    if fault_error.is_none() {
+        let now = || recorder.now_us();
+        for record in faults
+            .iter_mut()
+            .filter(|record| record.kind == nemesis::FaultKind::AddShard)
+        {
+            nemesis::settle_rebalance(topology, record, Duration::from_secs(120), &now).await;
+        }
+    }
     // Heal everything, then let the clients see the healed cluster for a moment.
     let healed = nemesis::heal_all(topology);
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -45,6 +45,14 @@
 //! target = "shard-2"
 //! at = "40s"
 //!
+//! # Capacity: start a new, empty shard server and add it to the shard map; the balancer moves
+//! # copies onto it while the later faults run, and after the schedule the run waits (≤ 120 s)
+//! # until no copy is moving (an SLO check fails otherwise).
+//! [[faults]]
+//! kind = "add-shard"
+//! at = "45s"
+//! heal_after = "1s"
+//!
 //! [slo]
 //! max_write_unavailable = "10s"
 //! max_p99_publish = "8s"
@@ -406,6 +414,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
     (
         "broken-unreplicated-kill",
         include_str!("../scenarios/broken-unreplicated-kill.toml"),
+    ),
+    (
+        "rebalance-under-faults",
+        include_str!("../scenarios/rebalance-under-faults.toml"),
     ),
 ];
 

@@ -463,6 +463,9 @@ pub struct Topology {
 struct Spawner {
     binary: PathBuf,
     epoch_interval: String,
+    /// The VRF seed file shards read, and the sequencers they tail (for [`Topology::spawn_shard`]).
+    seed_file: PathBuf,
+    sequencers: String,
 }
 
 impl Topology {
@@ -611,6 +614,8 @@ impl Topology {
             spawner: Some(Spawner {
                 binary: binary_for_spawner,
                 epoch_interval: interval,
+                seed_file: seed_file.clone(),
+                sequencers: sequencer_addrs.join(","),
             }),
             root: Some(root),
         };
@@ -749,6 +754,48 @@ impl Topology {
         process.spawn(&["--id".to_string(), id.to_string(), "--join".to_string()])?;
         self.sequencers.push(process);
         Ok(id)
+    }
+
+    /// Starts one more shard server (`shard-<n>`, id `s<n>`, the next index, an empty data
+    /// directory, no fence), for an operator to add to the shard map. Returns its id and
+    /// address. Errors for a cluster this harness did not start.
+    pub fn spawn_shard(&mut self) -> Result<(String, String), TopologyError> {
+        let (Some(spawner), Some(root)) = (self.spawner.clone(), self.root()) else {
+            return Err(TopologyError::State(
+                "this cluster was not started by the harness: no spare shard server to add".into(),
+            ));
+        };
+        let index = self.shards.iter().map(|p| p.id).max().unwrap_or(0) + 1;
+        let addr = free_addr(&format!("127.0.0.{}", (20 + index).min(39)))?;
+        let data_dir = root.join(format!("shard-{index}"));
+        let args = vec![
+            "shard".to_string(),
+            "--id".into(),
+            format!("s{index}"),
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--vrf-seed-file".into(),
+            spawner.seed_file.display().to_string(),
+            "--partition-bits".into(),
+            "4".into(),
+            "--sequencers".into(),
+            spawner.sequencers.clone(),
+        ];
+        let mut process = Process::new(
+            &spawner.binary,
+            root,
+            format!("shard-{index}"),
+            Role::Shard,
+            index,
+            addr.clone(),
+            args,
+        );
+        process.data_dir = Some(data_dir);
+        process.spawn(&[])?;
+        self.shards.push(process);
+        Ok((format!("s{index}"), addr))
     }
 
     /// Kills sequencer `id` (if it runs) and moves it to [`Topology::retired`]: it was removed

@@ -206,6 +206,33 @@ fn shard_isolated_keeps_epochs_committing_and_reads_answered() {
     });
 }
 
+/// Capacity added under faults: a fourth shard server joins and the balancer moves copies
+/// onto it while a shard server (a source of every move) and then the sequencer leader are
+/// SIGKILLed; the moves finish after the faults, every checker passes and no read fails.
+#[test]
+fn rebalance_under_faults_finishes_every_move_with_no_failed_read() {
+    with_deadline(Duration::from_secs(240), || async {
+        let output = run("rebalance-under-faults", Duration::from_secs(20), None).await;
+        assert_clean(&output, FaultKind::AddShard);
+        let rebalance = output
+            .report
+            .faults
+            .iter()
+            .find_map(|figure| figure.fault.rebalance.clone())
+            .expect("the add-shard record");
+        assert!(
+            rebalance.error.is_none() && rebalance.balanced_ms.is_some(),
+            "{rebalance:?}"
+        );
+        // 16 partitions × 3 copies on 4 servers: 12 each, within the balancer's tolerance.
+        assert!(
+            (10..=14).contains(&rebalance.voter_of.len()),
+            "{rebalance:?}"
+        );
+        assert_eq!(output.report.exit, Exit::Ok, "{:#?}", output.report.slo);
+    });
+}
+
 /// The positive control for the three above: the same kill with replication factor 1 must
 /// stall commits and fail reads, and the commit-gap and failed-read SLOs must catch it (exit
 /// 2), while the correctness checkers still pass (nothing is lost, only unavailable).

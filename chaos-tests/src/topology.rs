@@ -468,6 +468,31 @@ struct Spawner {
     sequencers: String,
 }
 
+/// `ktd shard` arguments of shard server `s<index>` (16 partitions).
+fn shard_args(
+    index: u64,
+    addr: &str,
+    data_dir: &Path,
+    seed_file: &Path,
+    sequencers: &str,
+) -> Vec<String> {
+    vec![
+        "shard".to_string(),
+        "--id".into(),
+        format!("s{index}"),
+        "--listen".into(),
+        addr.to_string(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--vrf-seed-file".into(),
+        seed_file.display().to_string(),
+        "--partition-bits".into(),
+        "4".into(),
+        "--sequencers".into(),
+        sequencers.to_string(),
+    ]
+}
+
 impl Topology {
     /// Starts 3 sequencers, `options.shards` shards (16 partitions, `options.replication_factor`
     /// replicas each) and 1 gateway, and waits until the gateway answers `GetEpoch`.
@@ -507,21 +532,13 @@ impl Topology {
                 (addr.clone(), sequencer_addrs.clone())
             };
             shard_map_entries.push(format!("s{index}=http://{map_addr}"));
-            let args = vec![
-                "shard".to_string(),
-                "--id".into(),
-                format!("s{index}"),
-                "--listen".into(),
-                addr.clone(),
-                "--data-dir".into(),
-                data_dir.display().to_string(),
-                "--vrf-seed-file".into(),
-                seed_file.display().to_string(),
-                "--partition-bits".into(),
-                "4".into(),
-                "--sequencers".into(),
-                shard_sequencers.join(","),
-            ];
+            let args = shard_args(
+                index,
+                &addr,
+                &data_dir,
+                &seed_file,
+                &shard_sequencers.join(","),
+            );
             let mut process =
                 Process::new(&binary, root.path(), name, Role::Shard, index, addr, args);
             process.data_dir = Some(data_dir);
@@ -768,21 +785,13 @@ impl Topology {
         let index = self.shards.iter().map(|p| p.id).max().unwrap_or(0) + 1;
         let addr = free_addr(&format!("127.0.0.{}", (20 + index).min(39)))?;
         let data_dir = root.join(format!("shard-{index}"));
-        let args = vec![
-            "shard".to_string(),
-            "--id".into(),
-            format!("s{index}"),
-            "--listen".into(),
-            addr.clone(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-            "--vrf-seed-file".into(),
-            spawner.seed_file.display().to_string(),
-            "--partition-bits".into(),
-            "4".into(),
-            "--sequencers".into(),
-            spawner.sequencers.clone(),
-        ];
+        let args = shard_args(
+            index,
+            &addr,
+            &data_dir,
+            &spawner.seed_file,
+            &spawner.sequencers,
+        );
         let mut process = Process::new(
             &spawner.binary,
             root,

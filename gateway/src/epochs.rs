@@ -45,6 +45,9 @@ pub struct EpochInfo {
     pub sealed_at_ms: u64,
     /// Leader wall clock at the commit, ms since the Unix epoch (0 = unknown).
     pub committed_at_ms: u64,
+    /// The shard map version in force at the commit (0 = unknown): reads of the epoch are
+    /// routed by a map at least this new.
+    pub shard_map_version: u64,
 }
 
 impl EpochInfo {
@@ -53,6 +56,7 @@ impl EpochInfo {
             updates: record.updates,
             sealed_at_ms: record.sealed_at_ms,
             committed_at_ms: record.committed_at_ms,
+            shard_map_version: record.shard_map_version,
         }
     }
 }

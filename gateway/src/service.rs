@@ -2,7 +2,8 @@
 //!
 //! Publishes go to the sequencer; reads resolve a committed epoch (the latest, linearizable, or
 //! the requested one), then fan out to the owning shards in parallel through
-//! [`shard::cluster`], which stitches the proof. Every request holds one of a bounded number of
+//! [`shard::cluster`], which stitches the proof — routed by a shard map at least as new as the
+//! one the epoch's record names (see [`Gateway`]). Every request holds one of a bounded number of
 //! in-flight permits (none left: `RESOURCE_EXHAUSTED`, at once) and runs under its deadline (the
 //! client's `grpc-timeout`, capped by the gateway's own); when it expires the handler's future is
 //! dropped, which cancels the calls it made downstream.
@@ -52,7 +53,9 @@ pub struct GatewayOptions {
     pub max_audit_epochs: u64,
     /// Deadline of a request that carries none (and the cap on any it carries).
     pub max_request_time: Duration,
-    /// How often the shard map is re-read from the sequencer.
+    /// How often the shard map is re-read from the sequencer leader. Reads do not depend on it
+    /// for correctness: an epoch whose record names a newer map, or a read every replica in the
+    /// cached map failed, re-reads the map at once (see [`Gateway`]).
     pub shard_map_refresh: Duration,
     /// **Deliberately broken, test-only**: serve latest-epoch lookups from a view of the latest
     /// epoch refreshed at most this often instead of a linearizable read (stale reads). Set only
@@ -75,6 +78,9 @@ pub struct GatewayOptions {
     /// Most epochs one `Audit` of a caller without a client certificate (over TLS) may span.
     pub anonymous_max_audit_epochs: u64,
 }
+
+/// After a read every replica in the cached map failed, the map is re-read at most this often.
+const FAILED_READ_REFRESH: Duration = Duration::from_millis(250);
 
 /// A history of at most this many versions is a cheap read (no budget spent).
 pub const CHEAP_HISTORY_VERSIONS: u64 = 16;
@@ -106,12 +112,21 @@ impl Default for GatewayOptions {
 }
 
 /// A gateway: the state behind both services.
+///
+/// **Routing.** Reads are routed by the shard map, cached and re-read from the sequencer
+/// leader every [`GatewayOptions::shard_map_refresh`]. The cache never routes an epoch by a map
+/// older than the one its committed record names (`EpochRecord.shard_map_version`, read with
+/// the epoch), and a read every replica of a partition failed in the cached map is retried once
+/// on a newer map if there is one: a read that races a partition move reaches the new owner
+/// within its deadline, whether or not the old owner still holds its copy.
 pub struct Gateway<TC> {
     sequencing: Arc<dyn Sequencing>,
     connector: Arc<dyn ShardConnector>,
     metadata: pb::ClusterMetadata,
     epochs: Epochs<TC>,
     shards: Mutex<Option<(Instant, ShardSet)>>,
+    /// Held while the map is fetched: concurrent readers that need a newer map share a fetch.
+    refreshing: tokio::sync::Mutex<()>,
     options: GatewayOptions,
     permits: Arc<Semaphore>,
     rate: RateLimiter,
@@ -154,6 +169,7 @@ impl<TC: Configuration> Gateway<TC> {
             connector,
             metadata,
             shards: Mutex::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
             permits: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
             rate: RateLimiter::new(options.rate_limits),
             options,
@@ -195,22 +211,100 @@ impl<TC: Configuration> Gateway<TC> {
         }
     }
 
-    async fn shard_set(&self) -> Result<ShardSet> {
-        if let Some((fetched, shards)) = &*self.shards.lock().unwrap_or_else(|p| p.into_inner())
-            && fetched.elapsed() < self.options.shard_map_refresh
-        {
-            return Ok(shards.clone());
+    /// The shard set to read an epoch with: routed by a map at least `min_version` new (the
+    /// version the epoch's record names; 0 = any), re-read from the sequencer leader when the
+    /// cached map is older than that or than [`GatewayOptions::shard_map_refresh`].
+    async fn shard_set(&self, min_version: u64) -> Result<ShardSet> {
+        if let Some(shards) = self.cached_shards(min_version, self.options.shard_map_refresh) {
+            return Ok(shards);
         }
-        let answer = self.sequencing.cluster_metadata().await?;
-        let map =
-            shard::replicated::shard_map(&self.metadata, &answer.shard_map.unwrap_or_default())?;
-        let mut slot = self.shards.lock().unwrap_or_else(|p| p.into_inner());
-        let shards = match slot.take() {
-            Some((_, shards)) if shards.map().version() == map.version() => shards,
-            _ => self.connector.connect(map)?,
+        let _refreshing = self.refreshing.lock().await;
+        // Another reader may have fetched it while this one waited.
+        if let Some(shards) = self.cached_shards(min_version, self.options.shard_map_refresh) {
+            return Ok(shards);
+        }
+        let behind = self
+            .cached_shards(0, Duration::MAX)
+            .is_some_and(|shards| shards.map().version() < min_version);
+        let reason = if behind { "epoch_record" } else { "interval" };
+        self.fetch_shards(min_version, reason).await
+    }
+
+    /// The cached shard set if it was fetched less than `max_age` ago and its map is at least
+    /// `min_version` new.
+    fn cached_shards(&self, min_version: u64, max_age: Duration) -> Option<ShardSet> {
+        let slot = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let (fetched, shards) = slot.as_ref()?;
+        (fetched.elapsed() < max_age && shards.map().version() >= min_version)
+            .then(|| shards.clone())
+    }
+
+    /// Reads the map from the sequencer leader until it is at least `min_version` new (a
+    /// leader elected a moment ago may not have applied the entry a committed epoch names yet;
+    /// the request's deadline bounds the wait) and caches it. Called with `refreshing` held.
+    async fn fetch_shards(&self, min_version: u64, reason: &'static str) -> Result<ShardSet> {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let answer = self.sequencing.cluster_metadata().await?;
+            let map = shard::replicated::shard_map(
+                &self.metadata,
+                &answer.shard_map.unwrap_or_default(),
+            )?;
+            if map.version() >= min_version {
+                metrics::counter!("ktd_gateway_shard_map_refreshes_total", "reason" => reason)
+                    .increment(1);
+                let mut slot = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+                let shards = match slot.take() {
+                    Some((_, shards)) if shards.map().version() == map.version() => shards,
+                    _ => self.connector.connect(map)?,
+                };
+                *slot = Some((Instant::now(), shards.clone()));
+                return Ok(shards);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// A map newer than version `than`, after a read every replica in it failed: `None` if the
+    /// sequencer has none. Fetches at most every [`FAILED_READ_REFRESH`], so a shard server that
+    /// is simply down does not turn every read into a map fetch.
+    async fn newer_shards(&self, than: u64) -> Result<Option<ShardSet>> {
+        if let Some(shards) = self.cached_shards(than + 1, self.options.shard_map_refresh) {
+            return Ok(Some(shards));
+        }
+        let _refreshing = self.refreshing.lock().await;
+        let shards = match self.cached_shards(0, FAILED_READ_REFRESH) {
+            Some(shards) => shards,
+            None => self.fetch_shards(0, "read_failed").await?,
         };
-        *slot = Some((Instant::now(), shards.clone()));
-        Ok(shards)
+        Ok((shards.map().version() > than).then_some(shards))
+    }
+
+    /// Runs `read` (a read of an epoch whose record names map version `min_version`) on the
+    /// shard set. If every replica of a partition failed in a way a newer map explains
+    /// ([`cluster::replica_failure`]: the copy was moved away and deleted, the server left),
+    /// the map is re-read and, if it changed, the read runs once more on the new owners — all
+    /// within the request's deadline.
+    async fn read_shards<T, F, Fut>(&self, min_version: u64, read: F) -> Result<T>
+    where
+        F: Fn(ShardSet) -> Fut,
+        Fut: Future<Output = shard::Result<T>>,
+    {
+        let shards = self.shard_set(min_version).await?;
+        let version = shards.map().version();
+        match read(shards).await {
+            Err(error) if cluster::replica_failure(&error) => {
+                match self.newer_shards(version).await? {
+                    Some(shards) => {
+                        metrics::counter!("ktd_gateway_rerouted_reads_total").increment(1);
+                        Ok(read(shards).await?)
+                    }
+                    None => Err(error.into()),
+                }
+            }
+            answer => Ok(answer?),
+        }
     }
 
     fn label(&self, label: Vec<u8>) -> Result<AkdLabel> {
@@ -295,8 +389,13 @@ impl<TC: Configuration> Gateway<TC> {
             (None, Some(max_age)) => self.epochs.stale_latest(max_age).await?,
             (epoch, _) => self.epochs.resolve(epoch).await?,
         };
-        let shards = self.shard_set().await?;
-        let proof = cluster::lookup(&shards, &committed.top, committed.epoch, &label).await?;
+        let (top, epoch) = (&committed.top, committed.epoch);
+        let proof = self
+            .read_shards(committed.info.shard_map_version, |shards| {
+                let label = label.clone();
+                async move { cluster::lookup(&shards, top, epoch, &label).await }
+            })
+            .await?;
         Ok(api::LookupResponse {
             epoch_hash: Some(epoch_hash(&committed)),
             proof: Some((&proof).into()),
@@ -309,8 +408,13 @@ impl<TC: Configuration> Gateway<TC> {
     ) -> Result<api::ProveAbsenceResponse> {
         let label = self.label(request.label)?;
         let committed = self.epochs.resolve(request.epoch).await?;
-        let shards = self.shard_set().await?;
-        let proof = cluster::absence(&shards, &committed.top, committed.epoch, &label).await?;
+        let (top, epoch) = (&committed.top, committed.epoch);
+        let proof = self
+            .read_shards(committed.info.shard_map_version, |shards| {
+                let label = label.clone();
+                async move { cluster::absence(&shards, top, epoch, &label).await }
+            })
+            .await?;
         Ok(api::ProveAbsenceResponse {
             epoch_hash: Some(epoch_hash(&committed)),
             proof: Some(api::AbsenceProof {
@@ -341,9 +445,13 @@ impl<TC: Configuration> Gateway<TC> {
             n => HistoryParams::MostRecent(usize::try_from(n).unwrap_or(usize::MAX)),
         };
         let committed = self.epochs.resolve(request.epoch).await?;
-        let shards = self.shard_set().await?;
-        let proof =
-            cluster::key_history(&shards, &committed.top, committed.epoch, &label, params).await?;
+        let (top, epoch) = (&committed.top, committed.epoch);
+        let proof = self
+            .read_shards(committed.info.shard_map_version, |shards| {
+                let label = label.clone();
+                async move { cluster::key_history(&shards, top, epoch, &label, params).await }
+            })
+            .await?;
         Ok(api::KeyHistoryResponse {
             epoch_hash: Some(epoch_hash(&committed)),
             proof: Some((&proof).into()),
@@ -383,18 +491,24 @@ impl<TC: Configuration> Gateway<TC> {
         self.rate
             .charge(&caller.principal, "Audit", audit_cost(end - start))?;
         // Resolving the end first answers NOT_FOUND for an uncommitted range at once.
-        self.epochs.at(end).await?;
-        let shards = self.shard_set().await?;
+        let last = self.epochs.at(end).await?;
         let tops = self.epochs.range(start..=end).await?;
         let steps: Vec<(u64, Arc<TopTree<TC>>)> = tops
             .windows(2)
             .map(|pair| (pair[0].epoch, pair[1].top.clone()))
             .collect();
-        let shards = &shards;
-        let proofs: Vec<_> = futures::stream::iter(steps)
-            .map(|(from, to)| async move { cluster::audit_step(shards, &to, from).await })
-            .buffered(4)
-            .try_collect()
+        let proofs: Vec<_> = self
+            .read_shards(last.info.shard_map_version, |shards| {
+                let steps = steps.clone();
+                async move {
+                    let shards = &shards;
+                    futures::stream::iter(steps)
+                        .map(|(from, to)| async move { cluster::audit_step(shards, &to, from).await })
+                        .buffered(4)
+                        .try_collect()
+                        .await
+                }
+            })
             .await?;
         let proof = ktd_core::akd_core::AppendOnlyProof {
             proofs,
@@ -456,8 +570,12 @@ impl<TC: Configuration> Gateway<TC> {
                 epoch - 1
             )));
         }
-        let shards = self.shard_set().await?;
-        let proof = cluster::audit_step(&shards, &end.top, epoch - 1).await?;
+        let top = &end.top;
+        let proof = self
+            .read_shards(end.info.shard_map_version, |shards| async move {
+                cluster::audit_step(&shards, top, epoch - 1).await
+            })
+            .await?;
         let proof: ktd_proto::ktd::v1::SingleAppendOnlyProof = (&proof).into();
         Ok(api::AuditBlob {
             name: request.name,
@@ -492,7 +610,7 @@ impl<TC: Configuration> Gateway<TC> {
     /// is readable). `Err` names the partitions that are not.
     pub async fn read_readiness(&self) -> std::result::Result<(), String> {
         let shards = self
-            .shard_set()
+            .shard_set(0)
             .await
             .map_err(|error| format!("shard map: {error}"))?;
         let map = shards.map();
@@ -531,7 +649,7 @@ impl<TC: Configuration> Gateway<TC> {
 
     async fn cluster_status(&self) -> Result<api::ClusterStatusResponse> {
         let sequencer = self.sequencing.cluster_status().await?;
-        let shards = self.shard_set().await?;
+        let shards = self.shard_set(0).await?;
         let map = shards.map();
         let statuses = futures::future::join_all(map.servers().iter().map(|info| {
             let shards = &shards;

@@ -23,7 +23,6 @@ use akd::storage::StorageManager;
 use akd::storage::memory::AsyncInMemoryDatabase;
 use akd::{AkdLabel, AkdValue};
 use clap::Parser;
-use futures::StreamExt;
 use gateway::service::GatewayOptions;
 use ktd::serve::DevSettings;
 use ktd_client::Client;
@@ -32,6 +31,10 @@ use ktd_core::config::WhatsAppV1;
 use ktd_core::vrf::VrfKey;
 use ktd_proto::ktd::v1 as api;
 use ktd_testkit::stats::{median, quantile};
+
+#[path = "common/workload.rs"]
+mod workload;
+use workload::{batch, label, publish_all, wait_for_precompute};
 
 #[derive(Debug, Parser)]
 #[command(about = "ktd dev (distributed pipeline, one process) vs stock akd, same batches")]
@@ -68,60 +71,6 @@ struct Args {
 type Akd = akd::Directory<WhatsAppV1, AsyncInMemoryDatabase, VrfKey>;
 
 const SEED: [u8; 32] = [0x42; 32];
-const PUBLISH_CHUNK: usize = 5_000;
-
-fn label(id: u64) -> Vec<u8> {
-    format!("user-{id:012}").into_bytes()
-}
-
-/// Epoch `epoch`'s batch: `next_new..` new users and as many changed values of older ones.
-fn batch(epoch: u64, first_new: u64, new: u64, changed: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut updates: Vec<(Vec<u8>, Vec<u8>)> = (first_new..first_new + new)
-        .map(|id| (label(id), format!("key-{id}-{epoch}").into_bytes()))
-        .collect();
-    // Changed values: a stride through the existing users, distinct within the epoch.
-    let stride = (first_new / changed.max(1)).max(1);
-    updates.extend(
-        (0..changed.min(first_new))
-            .map(|i| (i * stride + epoch) % first_new.max(1))
-            .map(|id| (label(id), format!("key-{id}-{epoch}").into_bytes())),
-    );
-    updates
-}
-
-/// Waits until the shard has pre-computed `expected` VRF labels (or the count stops growing
-/// for a second); returns how long that took.
-async fn wait_for_precompute(client: &Client, expected: u64) -> f64 {
-    let started = Instant::now();
-    let (mut last, mut since) = (0, Instant::now());
-    loop {
-        let status = client.cluster_status().await.expect("cluster status");
-        let count: u64 = status
-            .shards
-            .iter()
-            .map(|shard| shard.precomputed_labels)
-            .sum();
-        if count >= expected {
-            return started.elapsed().as_secs_f64();
-        }
-        if count != last {
-            (last, since) = (count, Instant::now());
-        } else if since.elapsed() > Duration::from_secs(1) {
-            eprintln!("pre-compute stalled at {count} of {expected} labels");
-            return started.elapsed().as_secs_f64();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn publish_all(client: &Client, updates: Vec<(Vec<u8>, Vec<u8>)>) {
-    let chunks: Vec<_> = updates.chunks(PUBLISH_CHUNK).map(<[_]>::to_vec).collect();
-    futures::stream::iter(chunks)
-        .map(|chunk| async move { client.publish(chunk, None).await.expect("publish") })
-        .buffer_unordered(4)
-        .collect::<Vec<_>>()
-        .await;
-}
 
 fn main() {
     let args = Args::parse();

@@ -640,6 +640,7 @@ impl Machine {
             sealed_at_ms: self.state.sealed_at_ms.remove(&epoch).unwrap_or(0),
             committed_at_ms: commit.committed_at_ms,
             leaf_digests: commit.leaf_digests.clone(),
+            shard_map_version: self.state.shard_map.version,
         };
         tx.epoch_put(&record);
         self.state.last_committed_epoch = epoch;

@@ -467,6 +467,10 @@ pub struct GatewayArgs {
     /// not publish).
     #[arg(long, env = "KTD_GATEWAY_TLS_CLIENT_AUTH", value_enum)]
     pub tls_client_auth: Option<crate::config::ClientAuth>,
+    /// How often the shard map is re-read from the sequencer leader (default 5s). An epoch
+    /// whose record names a newer map, or a read every replica failed, re-reads it at once.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub shard_map_refresh: Option<Duration>,
     /// TEST ONLY: allow the deliberately broken modes named by KTD_UNSAFE_* variables (the
     /// chaos positive controls). Without it, any such variable is refused. A flag only: no
     /// config file can set it.

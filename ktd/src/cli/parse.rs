@@ -266,6 +266,7 @@ fn gateway(args: GatewayArgs, tls: &TlsFlags) -> anyhow::Result<ServerCommand> {
     );
     set_some(&mut config.admin_listen, args.admin_listen);
     set(&mut config.tls_client_auth, args.tls_client_auth);
+    set(&mut config.shard_map_refresh, args.shard_map_refresh);
     config.unsafe_test_mode = args.unsafe_test_mode;
     overlay_process(&mut config.process, args.metrics, args.telemetry, tls);
     Ok(ServerCommand {

@@ -41,6 +41,10 @@ pub struct GatewayConfig {
     /// With TLS: `required` or `optional` (clients without a certificate may read, not
     /// publish).
     pub tls_client_auth: ClientAuth,
+    /// How often the shard map is re-read from the sequencer leader (an epoch naming a newer
+    /// map, or a read every replica failed, re-reads it at once).
+    #[serde(with = "humantime_serde")]
+    pub shard_map_refresh: Duration,
     /// TEST ONLY (`--unsafe-test-mode`, never from a file): allow the deliberately broken
     /// modes named by `KTD_UNSAFE_*` variables.
     #[serde(skip)]
@@ -60,6 +64,7 @@ impl Default for GatewayConfig {
             expensive_reads_burst: RateLimits::default().burst,
             admin_listen: None,
             tls_client_auth: ClientAuth::Required,
+            shard_map_refresh: GatewayOptions::default().shard_map_refresh,
             unsafe_test_mode: false,
             process: ProcessConfig::default(),
         }
@@ -132,6 +137,7 @@ impl GatewayConfig {
                     rate_limits: self.rate_limits()?,
                     admin_listen: self.admin_listen.clone(),
                     tls_client_auth_optional: self.tls_client_auth == ClientAuth::Optional,
+                    shard_map_refresh: self.shard_map_refresh,
                     ..GatewayOptions::default()
                 },
                 drain: GATEWAY_DRAIN,

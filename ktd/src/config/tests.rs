@@ -286,6 +286,7 @@ fn printed_configurations_read_back() {
         admin_listen: Some("127.0.0.1:8081".into()),
         tls_client_auth: ClientAuth::Optional,
         sequencers: vec!["a:1".into(), "b:1".into()],
+        shard_map_refresh: std::time::Duration::from_secs(2),
         process: process.clone(),
         ..GatewayConfig::default()
     });

@@ -1197,6 +1197,20 @@ impl Runbook {
     }
 
     /// `status -o json`'s row of shard server `id`, if it is in the map.
+    /// `ktd admin drain-shard --id ID --wait --timeout TIMEOUT`, which must succeed.
+    async fn drain(&self, id: &str, timeout: &str) -> String {
+        self.ktd_ok(&[
+            "admin",
+            "drain-shard",
+            "--id",
+            id,
+            "--wait",
+            "--timeout",
+            timeout,
+        ])
+        .await
+    }
+
     async fn shard_row(&self, id: &str) -> Option<Value> {
         let status = self.status_json().await;
         status["shards"]
@@ -1293,17 +1307,7 @@ fn shard_servers_are_replaced_added_and_drained_online() {
             "s5 took {share} of 48 copies: {row}"
         );
         cluster.wait_check_passes("after s5 joined").await;
-        let out = cluster
-            .ktd_ok(&[
-                "admin",
-                "drain-shard",
-                "--id",
-                "s5",
-                "--wait",
-                "--timeout",
-                "50s",
-            ])
-            .await;
+        let out = cluster.drain("s5", "50s").await;
         assert!(out.contains("s5 holds nothing and left the map"), "{out}");
         cluster.wait_check_passes("after s5 was drained").await;
         cluster.audit_from_genesis().await;
@@ -1370,17 +1374,7 @@ fn a_new_shard_server_is_filled_by_the_balancer_and_a_drained_one_empties_under_
 
         // Decommission: s1 is drained (marked, so nothing moves onto it), ends holding nothing
         // and leaves the map.
-        let out = cluster
-            .ktd_ok(&[
-                "admin",
-                "drain-shard",
-                "--id",
-                "s1",
-                "--wait",
-                "--timeout",
-                "120s",
-            ])
-            .await;
+        let out = cluster.drain("s1", "120s").await;
         assert!(out.contains("s1 holds nothing and left the map"), "{out}");
         cluster.wait_balanced(3, "s1 drained").await;
         let exit = cluster.topology.shards[0].terminate(Duration::from_secs(20));
@@ -1401,56 +1395,255 @@ fn a_new_shard_server_is_filled_by_the_balancer_and_a_drained_one_empties_under_
     });
 }
 
+/// The process a [`kill_mid_move`] run SIGKILLs while a copy moves.
+#[derive(Clone, Copy, Debug)]
+enum MoveVictim {
+    /// The sequencer leader: the moves are in the replicated map, the next leader carries them.
+    Leader,
+    /// The server the copy moves to: the copy it was taking in is abandoned (not held) and
+    /// taken again once it is back.
+    Destination,
+    /// The server the copy moves from: its partitions keep a majority, and the copy comes from
+    /// another voter.
+    Source,
+}
+
+/// Adds s4 to a 3-server RF=3 cluster under a publish and verified-lookup load, SIGKILLs
+/// `victim` while a copy moves (restarting it 500 ms later), and checks that the moves finish
+/// (balanced, nothing left in flight), that no sample of the status showed a partition with
+/// fewer up-to-date voters than its majority, that no verified lookup failed, that the audit
+/// from genesis verifies and that every acknowledged publish is found.
+async fn kill_mid_move(victim: MoveVictim) {
+    let mut cluster = Runbook::replicated().await;
+    let watch = MajorityWatch::start(&cluster);
+    let looker = Looker::start(cluster.topology.gateway_url(), cluster.acked.clone());
+    let s4 = cluster.start_new_shard(4);
+    cluster
+        .ktd_ok(&["admin", "add-shard", "--id", "s4", "--address", &s4])
+        .await;
+    let step = cluster
+        .wait_move(Some("s4"), &format!("before the {victim:?} dies"))
+        .await;
+    // (The pause is the fault, not a wait.)
+    let node = match victim {
+        MoveVictim::Leader => {
+            let leader = leader_of(&cluster.status_json().await);
+            cluster
+                .topology
+                .sequencers
+                .get_mut(&leader)
+                .expect("leader")
+        }
+        MoveVictim::Destination => &mut cluster.topology.shards[3],
+        MoveVictim::Source => {
+            let from = step["from"].as_str().expect("from");
+            let index: usize = from[1..].parse().expect("s<N>");
+            &mut cluster.topology.shards[index - 1]
+        }
+    };
+    node.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.restart();
+
+    cluster
+        .wait_balanced(4, &format!("after the {victim:?} died"))
+        .await;
+    cluster.wait_check_passes("after the fault").await;
+    let (samples, short) = watch.stop().await;
+    assert!(
+        short.is_empty(),
+        "{victim:?}: partitions below a majority of up-to-date voters: {short:?}"
+    );
+    assert!(samples >= 10, "{victim:?}: only {samples} status samples");
+    let report = looker.stop().await;
+    // Lookups fail over between replicas inside the gateway; a leader death may fail the
+    // latest-epoch read of a round while no leader answers (the client retries for 20 s).
+    assert!(
+        report.failed.is_empty(),
+        "{victim:?}: verified lookups failed: {:?}",
+        report.failed
+    );
+    cluster.audit_from_genesis().await;
+    // A publish in flight when the leader died may have failed (indeterminate); every
+    // acknowledged one is there.
+    cluster
+        .finish(&format!("a move through the death of the {victim:?}"))
+        .await;
+}
+
 #[test]
-fn a_move_finishes_when_the_leader_the_destination_or_the_source_dies_mid_move() {
-    replica_runbook(|| async {
-        let mut cluster = Runbook::replicated().await;
-        let s4 = cluster.start_new_shard(4);
-        cluster
-            .ktd_ok(&["admin", "add-shard", "--id", "s4", "--address", &s4])
-            .await;
+fn a_move_finishes_when_the_sequencer_leader_dies_mid_move() {
+    replica_runbook(|| kill_mid_move(MoveVictim::Leader));
+}
 
-        // The sequencer leader dies with moves in flight: they are in the replicated map, and
-        // the next leader carries them on. (The pauses below are the faults, not waits.)
-        cluster
-            .wait_move(Some("s4"), "before the leader dies")
-            .await;
-        let leader = leader_of(&cluster.status_json().await);
-        let node = cluster
-            .topology
-            .sequencers
-            .get_mut(&leader)
-            .expect("leader");
-        node.kill9();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        node.restart();
+#[test]
+fn a_move_finishes_when_its_destination_dies_mid_move() {
+    replica_runbook(|| kill_mid_move(MoveVictim::Destination));
+}
 
-        // The destination dies: a copy it was taking in is abandoned (not held), and is taken
-        // again once it is back.
-        cluster
-            .wait_move(Some("s4"), "before the destination dies")
-            .await;
-        let s4 = &mut cluster.topology.shards[3];
-        s4.kill9();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        s4.restart();
+#[test]
+fn a_move_finishes_when_its_source_dies_mid_move() {
+    replica_runbook(|| kill_mid_move(MoveVictim::Source));
+}
 
-        // The source dies: its partitions keep a majority, the copy comes from another voter.
-        let step = cluster.wait_move(None, "before the source dies").await;
-        let from = step["from"].as_str().expect("from").to_string();
-        let index: usize = from[1..].parse().expect("s<N>");
-        let source = &mut cluster.topology.shards[index - 1];
-        source.kill9();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        source.restart();
+/// Samples `ktd admin status -o json` every 300 ms, recording each partition seen with fewer
+/// up-to-date voters (built to within one epoch of the latest committed; status reads the
+/// committed epoch and the servers at slightly different moments) than its majority.
+/// Samples the leader cannot answer (mid-election) are skipped.
+struct MajorityWatch {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(u64, Vec<String>)>,
+}
 
-        cluster.wait_balanced(4, "after the faults").await;
-        cluster.wait_check_passes("after the faults").await;
-        cluster.audit_from_genesis().await;
-        // A publish in flight when the leader died may have failed (indeterminate); every
-        // acknowledged one is there.
-        cluster
-            .finish("a move through leader, destination and source deaths")
+impl MajorityWatch {
+    fn start(cluster: &Runbook) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sequencers = cluster.topology.sequencer_list.clone();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let (mut samples, mut short) = (0u64, Vec::new());
+                while !stop.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let output = tokio::process::Command::new(KTD)
+                        .args(["admin", "status", "-o", "json"])
+                        .env("KTD_SEQUENCERS", &sequencers)
+                        .env("RUST_LOG", "off")
+                        .kill_on_drop(true)
+                        .output();
+                    let Ok(Ok(output)) =
+                        tokio::time::timeout(Duration::from_secs(10), output).await
+                    else {
+                        continue;
+                    };
+                    let Ok(status) = serde_json::from_slice::<Value>(&output.stdout) else {
+                        continue;
+                    };
+                    let Some(partitions) = status["partitions"].as_array() else {
+                        continue;
+                    };
+                    samples += 1;
+                    for partition in partitions {
+                        let replicas = partition["replicas"]
+                            .as_array()
+                            .map_or(&[][..], Vec::as_slice);
+                        let current = replicas
+                            .iter()
+                            .filter(|replica| {
+                                replica["role"] == "voter"
+                                    && replica["lag_epochs"].as_u64().is_some_and(|lag| lag <= 1)
+                            })
+                            .count() as u64;
+                        if Some(current) < partition["majority"].as_u64() {
+                            short.push(format!("{partition}"));
+                        }
+                    }
+                }
+                (samples, short)
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops sampling: how many samples were taken, and the short partitions seen.
+    async fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("majority watch")
+    }
+}
+
+#[test]
+fn a_gateway_routing_by_an_hour_old_map_reaches_copies_that_moved() {
+    runbook(|| async {
+        // One copy of each partition, on s1 or s2; two more gateways that re-read the map only
+        // hourly, with metrics to tell which way they found the new owners.
+        let mut cluster = Runbook::start_with(2, Some(1)).await;
+        let metrics: Vec<String> = (0..2).map(|_| free_addr("127.0.0.64")).collect();
+        for addr in &metrics {
+            cluster.topology.add_gateway_with(&[
+                "--shard-map-refresh",
+                "1h",
+                "--metrics-listen",
+                addr,
+            ]);
+        }
+        let stale: Vec<Client> = futures::future::join_all(
+            cluster.topology.gateways[1..]
+                .iter()
+                .map(|gateway| crate::support::cluster::connect(&gateway.addr)),
+        )
+        .await;
+        // Twenty acknowledged publishes, committed; both stale gateways read them (and cache
+        // the map).
+        let acked = {
+            let acked = cluster.acked.clone();
+            Poll::new("20 acknowledged publishes", Duration::from_secs(30))
+                .every(Duration::from_millis(100))
+                .until(|| async {
+                    let acked = acked.lock().expect("lock");
+                    (acked.len() >= 20).then(|| acked[..20].to_vec())
+                })
+                .await
+        };
+        let before = acked
+            .iter()
+            .map(|(_, _, epoch)| *epoch)
+            .max()
+            .expect("epochs");
+        for client in &stale {
+            client.wait_for_epoch(before).await.expect("committed");
+            for (label, value, _) in &acked {
+                let found = client.lookup(label, Some(before)).await.expect("lookup");
+                assert_eq!(&found.value, value);
+            }
+        }
+
+        // Decommission s1: its partitions move to s2, s1 leaves the map and stops.
+        let out = cluster.drain("s1", "60s").await;
+        assert!(out.contains("s1 holds nothing and left the map"), "{out}");
+        let exit = cluster.topology.shards[0].terminate(Duration::from_secs(20));
+        assert!(exit.success(), "s1 exited with {exit:?}");
+
+        // The first stale gateway reads the old epoch, whose record names the old map: s1
+        // does not answer, so the gateway re-reads the map and reads again from s2.
+        for (label, value, _) in &acked {
+            let found = stale[0]
+                .lookup(label, Some(before))
+                .await
+                .unwrap_or_else(|error| panic!("lookup at epoch {before}: {error:#}"));
+            assert_eq!(&found.value, value);
+        }
+        let scrape = crate::support::metrics::scrape(&metrics[0]).await;
+        let rerouted = scrape.value("ktd_gateway_rerouted_reads_total", &[]);
+        assert!(rerouted >= Some(1.0), "rerouted reads: {rerouted:?}");
+
+        // The second reads the latest epoch, committed under the new map: it re-reads the map
+        // before reading, and no read fails first.
+        let latest = cluster
+            .wait_commits(cluster.last_committed().await, 1, "new map")
             .await;
+        stale[1].wait_for_epoch(latest).await.expect("committed");
+        for (label, value, _) in &acked {
+            let found = stale[1]
+                .lookup(label, None)
+                .await
+                .expect("lookup at the latest");
+            assert_eq!(&found.value, value);
+        }
+        let scrape = crate::support::metrics::scrape(&metrics[1]).await;
+        let refreshed = scrape.value(
+            "ktd_gateway_shard_map_refreshes_total",
+            &[("reason", "epoch_record")],
+        );
+        assert!(
+            refreshed >= Some(1.0),
+            "map re-reads for an epoch: {refreshed:?}"
+        );
+        let rerouted = scrape.value("ktd_gateway_rerouted_reads_total", &[]);
+        assert!(
+            rerouted.unwrap_or(0.0) == 0.0,
+            "rerouted reads: {rerouted:?}"
+        );
+        cluster.finish("reads racing a move").await;
     });
 }

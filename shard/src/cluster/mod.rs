@@ -39,7 +39,7 @@ pub use epoch::{
     CommittedEpoch, EpochFailure, EpochOutcome, Participation, ReplayOutcome, ReplicaVerdict,
     replay_epoch, run_epoch,
 };
-pub use read::{Hedging, absence, audit_step, key_history, lookup};
+pub use read::{Hedging, absence, audit_step, key_history, lookup, replica_failure};
 
 /// The servers of a shard map and a client for each.
 #[derive(Clone)]

@@ -72,8 +72,11 @@ impl Hedging {
     }
 }
 
-/// Whether another replica may answer where this one failed.
-fn retryable(error: &Error) -> bool {
+/// Whether another replica may answer where this one failed: the server is unreachable, does
+/// not hold the partition (any more, or yet), is not built that far or is damaged. A gateway
+/// whose every replica failed this way may be routing by an old shard map, and asks again with
+/// a newer one.
+pub fn replica_failure(error: &Error) -> bool {
     match error {
         Error::NotServing { .. } => true,
         Error::Remote { code, .. } => matches!(
@@ -132,7 +135,7 @@ where
                     shards.hedging().record(started.elapsed());
                     return Ok(value);
                 }
-                Some(Err(error)) if retryable(&error) => {
+                Some(Err(error)) if replica_failure(&error) => {
                     last_error = Some(error);
                     if !start_next(&mut running, &mut next)? && running.is_empty() {
                         break;

@@ -250,9 +250,14 @@ impl Topology {
 
     /// Starts one more gateway (`gateway-<n>`) in front of the sequencers.
     pub fn add_gateway(&mut self) {
+        self.add_gateway_with(&[]);
+    }
+
+    /// Starts one more gateway (`gateway-<n>`) in front of the sequencers, with `extra` flags.
+    pub fn add_gateway_with(&mut self, extra: &[&str]) {
         let index = self.gateways.len() as u64 + 1;
         let addr = free_addr(&self.options.ip(20 + index));
-        let args = [
+        let mut args = [
             "gateway",
             "--listen",
             &addr,
@@ -261,6 +266,7 @@ impl Topology {
         ]
         .map(String::from)
         .to_vec();
+        args.extend(extra.iter().map(|arg| arg.to_string()));
         let mut node = KtdNode::new(
             KTD,
             self.root(),

@@ -20,8 +20,9 @@
 //! - [`config`]: the AKD configuration chosen at run time (WhatsApp v1 or experimental).
 //! - [`shard_map`]: which shard owns which partitions, validated in one place.
 //! - [`epoch_record`]: an epoch's root and partition roots, and their replicated encoding.
+//! - [`retention`]: the history window, its pins and `safe_epoch`, the oldest readable epoch.
 //! - [`codec`]: the byte primitives of every fixed-layout record.
-//! - [`error`]: the one error enum.
+//! - [`error`]: the one error enum of the tree and proofs (the retention record has its own).
 //!
 //! **Architecture invariant:** every root and proof this crate computes equals stock akd's for
 //! the same updates, VRF key and configuration; the akd oracle tests in `shard/tests/it` and
@@ -33,6 +34,7 @@ pub mod epoch_record;
 pub mod error;
 pub mod label;
 pub mod proof;
+pub mod retention;
 pub mod shard_map;
 pub mod stitch;
 pub mod tree;

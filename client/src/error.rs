@@ -49,6 +49,19 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// For a read of an epoch older than the directory's history retention window
+    /// (`OUT_OF_RANGE`): the oldest epoch it still serves (trailer `ktd-oldest-epoch`).
+    pub fn oldest_epoch(&self) -> Option<u64> {
+        match self {
+            Self::Refused { status, .. } if status.code() == tonic::Code::OutOfRange => status
+                .metadata()
+                .get("ktd-oldest-epoch")
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.parse().ok()),
+            _ => None,
+        }
+    }
+
     /// The gRPC code the gateway answered with, for [`ClientError::Refused`].
     pub fn code(&self) -> Option<tonic::Code> {
         match self {

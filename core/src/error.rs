@@ -83,6 +83,16 @@ pub enum Error {
         /// Latest committed epoch.
         latest: u64,
     },
+    /// The epoch is older than the history retention window: its history may be deleted.
+    #[error(
+        "epoch {epoch} is no longer retained (history retention); the oldest readable epoch is {oldest}"
+    )]
+    EpochPruned {
+        /// The epoch asked for.
+        epoch: u64,
+        /// The oldest readable epoch.
+        oldest: u64,
+    },
     /// An audit range is empty or reversed.
     #[error("invalid audit range: start epoch {start} must be below end epoch {end}")]
     InvalidAuditRange {

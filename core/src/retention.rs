@@ -10,11 +10,14 @@
 //! - `safe_epoch` never decreases, and never exceeds the head (the latest committed epoch) it
 //!   was advanced under;
 //! - `safe_epoch` is never above the epoch of a live pin: a pin below it is refused when added
-//!   ([`RetentionError::Pruned`]), and an advance past a live pin is refused;
-//! - an epoch below `safe_epoch` is refused to readers with [`RetentionError::Pruned`], which
-//!   names the oldest readable epoch.
+//!   ([`RetentionError::BadPin`]), and an advance past a live pin is refused;
+//! - an epoch below `safe_epoch` is refused to readers with [`crate::Error::EpochPruned`],
+//!   which names the oldest readable epoch.
 
 use std::collections::BTreeMap;
+
+/// The default window: 30 days (issue 17; the IETF draft's `maximum_lifetime` is the same idea).
+pub const DEFAULT_WINDOW: Window = Window::Millis(30 * 24 * 3_600_000);
 
 /// How much history the window keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,19 +42,13 @@ pub struct Pin {
     pub expires_at_ms: u64,
     /// Why, in the holder's words.
     pub reason: String,
+    /// When it was added (leader wall clock, ms): a pin much older than its purpose is stale.
+    pub created_at_ms: u64,
 }
 
 /// Why a change to the retention record or a read was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RetentionError {
-    /// The epoch is below `safe_epoch`: its history may already be deleted.
-    #[error("epoch {epoch} is no longer retained; the oldest readable epoch is {oldest}")]
-    Pruned {
-        /// The epoch asked for.
-        epoch: u64,
-        /// The oldest readable epoch (`safe_epoch`).
-        oldest: u64,
-    },
     /// An advance would move `safe_epoch` backwards, past the head or past a live pin.
     #[error("safe epoch {proposed} refused: {reason}")]
     Refused {
@@ -60,7 +57,8 @@ pub enum RetentionError {
         /// What it would break.
         reason: String,
     },
-    /// A pin that has already expired, or names no owner.
+    /// A pin that has already expired, names no owner, or needs an epoch already below
+    /// `safe_epoch`.
     #[error("pin {id:?} refused: {reason}")]
     BadPin {
         /// The pin's id.
@@ -84,7 +82,7 @@ pub struct Retention {
 impl Default for Retention {
     fn default() -> Self {
         Self {
-            window: Window::Forever,
+            window: DEFAULT_WINDOW,
             pins: BTreeMap::new(),
             safe_epoch: 0,
         }
@@ -173,7 +171,9 @@ impl Retention {
         if pin.expires_at_ms <= now_ms {
             return bad("it has already expired".into());
         }
-        self.check_readable(pin.epoch)?;
+        if let Err(error) = self.check_readable(pin.epoch) {
+            return bad(error.to_string());
+        }
         self.pins.insert(id.to_string(), pin);
         Ok(())
     }
@@ -183,16 +183,22 @@ impl Retention {
         self.pins.remove(id)
     }
 
-    /// Whether `epoch` may be read: `Err(Pruned)` below `safe_epoch`.
-    pub fn check_readable(&self, epoch: u64) -> Result<(), RetentionError> {
-        if epoch < self.safe_epoch {
-            return Err(RetentionError::Pruned {
-                epoch,
-                oldest: self.safe_epoch,
-            });
-        }
-        Ok(())
+    /// Whether `epoch` may be read: [`crate::Error::EpochPruned`] below `safe_epoch`.
+    pub fn check_readable(&self, epoch: u64) -> crate::Result<()> {
+        check_retained(epoch, self.safe_epoch)
     }
+}
+
+/// Whether `epoch` may be read where the oldest readable epoch is `safe_epoch`: the one check
+/// the gateway, the shards and the record itself make.
+pub fn check_retained(epoch: u64, safe_epoch: u64) -> crate::Result<()> {
+    if epoch < safe_epoch {
+        return Err(crate::Error::EpochPruned {
+            epoch,
+            oldest: safe_epoch,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -205,6 +211,7 @@ mod tests {
             epoch,
             expires_at_ms,
             reason: String::new(),
+            created_at_ms: 0,
         }
     }
 
@@ -217,9 +224,12 @@ mod tests {
 
     #[test]
     fn forever_keeps_every_epoch() {
-        let retention = Retention::default();
+        let retention = Retention {
+            window: Window::Forever,
+            ..Retention::default()
+        };
         assert_eq!(retention.target(1_000, 0, |_| 999), 0);
-        assert_eq!(retention.check_readable(0), Ok(()));
+        assert!(retention.check_readable(0).is_ok());
     }
 
     #[test]
@@ -228,14 +238,14 @@ mod tests {
         assert_eq!(retention.target(10, 0, |_| 0), 0);
         assert_eq!(retention.target(300, 0, |_| 0), 280);
         retention.advance(280, 300, 0).expect("advance");
-        assert_eq!(
+        assert!(matches!(
             retention.check_readable(279),
-            Err(RetentionError::Pruned {
+            Err(crate::Error::EpochPruned {
                 epoch: 279,
                 oldest: 280
             })
-        );
-        assert_eq!(retention.check_readable(280), Ok(()));
+        ));
+        assert!(retention.check_readable(280).is_ok());
         // A wider window later cannot bring pruned epochs back.
         retention.window = Window::Epochs(1_000);
         assert_eq!(retention.target(300, 0, |_| 0), 280);
@@ -289,12 +299,10 @@ mod tests {
     fn a_pin_below_the_safe_epoch_an_expired_pin_and_an_ownerless_pin_are_refused() {
         let mut retention = epochs(20);
         retention.advance(280, 300, 0).expect("advance");
-        assert_eq!(
-            retention.add_pin("late", pin("backup", 279, 10_000), 0),
-            Err(RetentionError::Pruned {
-                epoch: 279,
-                oldest: 280
-            })
+        let late = retention.add_pin("late", pin("backup", 279, 10_000), 0);
+        assert!(
+            matches!(&late, Err(RetentionError::BadPin { reason, .. }) if reason.contains("oldest readable epoch is 280")),
+            "{late:?}"
         );
         assert!(matches!(
             retention.add_pin("old", pin("backup", 290, 5), 5),

@@ -20,6 +20,17 @@ pub enum GatewayError {
         /// The latest committed epoch.
         latest: u64,
     },
+    /// The epoch is older than the history retention window (checked against the safe epoch
+    /// this gateway last read with the shard map; shards check again).
+    #[error(
+        "epoch {epoch} is no longer retained (history retention); the oldest readable epoch is {oldest}"
+    )]
+    EpochPruned {
+        /// The requested epoch.
+        epoch: u64,
+        /// The oldest readable epoch.
+        oldest: u64,
+    },
     /// Too many requests are in flight at this gateway.
     #[error("the gateway is overloaded ({in_flight} requests in flight); retry with backoff")]
     Overloaded {
@@ -76,6 +87,12 @@ impl From<GatewayError> for Status {
                     .metadata_mut()
                     .insert(LATEST_EPOCH_METADATA, latest.into());
                 status
+            }
+            GatewayError::EpochPruned { epoch, oldest } => {
+                Status::from(shard::Error::Core(ktd_core::Error::EpochPruned {
+                    epoch,
+                    oldest,
+                }))
             }
             GatewayError::Overloaded { .. } => Status::resource_exhausted(message),
             GatewayError::DeadlineExceeded(_) => Status::deadline_exceeded(message),

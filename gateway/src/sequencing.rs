@@ -85,6 +85,7 @@ impl Sequencing for Sequencer {
         Ok(pb::ClusterMetadataResponse {
             metadata,
             shard_map: Some(shard_map),
+            safe_epoch: self.history_retention().safe_epoch,
         })
     }
 

@@ -125,6 +125,8 @@ pub struct Gateway<TC> {
     metadata: pb::ClusterMetadata,
     epochs: Epochs<TC>,
     shards: Mutex<Option<(Instant, ShardSet)>>,
+    /// The cluster's oldest readable epoch as last read with the map (history retention).
+    safe_epoch: std::sync::atomic::AtomicU64,
     /// Held while the map is fetched: concurrent readers that need a newer map share a fetch.
     refreshing: tokio::sync::Mutex<()>,
     options: GatewayOptions,
@@ -169,6 +171,7 @@ impl<TC: Configuration> Gateway<TC> {
             connector,
             metadata,
             shards: Mutex::new(None),
+            safe_epoch: std::sync::atomic::AtomicU64::new(0),
             refreshing: tokio::sync::Mutex::new(()),
             permits: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
             rate: RateLimiter::new(options.rate_limits),
@@ -246,6 +249,8 @@ impl<TC: Configuration> Gateway<TC> {
         let mut pause = Duration::from_millis(10);
         loop {
             let answer = self.sequencing.cluster_metadata().await?;
+            self.safe_epoch
+                .fetch_max(answer.safe_epoch, std::sync::atomic::Ordering::Relaxed);
             let map = shard::replicated::shard_map(
                 &self.metadata,
                 &answer.shard_map.unwrap_or_default(),
@@ -305,6 +310,16 @@ impl<TC: Configuration> Gateway<TC> {
             }
             answer => Ok(answer?),
         }
+    }
+
+    /// Refuses a read at `epoch` below the oldest readable epoch this gateway knows (refreshed
+    /// with the shard map; a shard refuses what a stale value lets through).
+    fn check_retained(&self, epoch: u64) -> Result<()> {
+        let oldest = self.safe_epoch.load(std::sync::atomic::Ordering::Relaxed);
+        if epoch < oldest {
+            return Err(GatewayError::EpochPruned { epoch, oldest });
+        }
+        Ok(())
     }
 
     fn label(&self, label: Vec<u8>) -> Result<AkdLabel> {
@@ -390,6 +405,7 @@ impl<TC: Configuration> Gateway<TC> {
             (epoch, _) => self.epochs.resolve(epoch).await?,
         };
         let (top, epoch) = (&committed.top, committed.epoch);
+        self.check_retained(epoch)?;
         let proof = self
             .read_shards(committed.info.shard_map_version, |shards| {
                 let label = label.clone();
@@ -409,6 +425,7 @@ impl<TC: Configuration> Gateway<TC> {
         let label = self.label(request.label)?;
         let committed = self.epochs.resolve(request.epoch).await?;
         let (top, epoch) = (&committed.top, committed.epoch);
+        self.check_retained(epoch)?;
         let proof = self
             .read_shards(committed.info.shard_map_version, |shards| {
                 let label = label.clone();
@@ -446,6 +463,7 @@ impl<TC: Configuration> Gateway<TC> {
         };
         let committed = self.epochs.resolve(request.epoch).await?;
         let (top, epoch) = (&committed.top, committed.epoch);
+        self.check_retained(epoch)?;
         let proof = self
             .read_shards(committed.info.shard_map_version, |shards| {
                 let label = label.clone();
@@ -492,6 +510,7 @@ impl<TC: Configuration> Gateway<TC> {
             .charge(&caller.principal, "Audit", audit_cost(end - start))?;
         // Resolving the end first answers NOT_FOUND for an uncommitted range at once.
         let last = self.epochs.at(end).await?;
+        self.check_retained(start)?;
         let tops = self.epochs.range(start..=end).await?;
         let steps: Vec<(u64, Arc<TopTree<TC>>)> = tops
             .windows(2)
@@ -570,6 +589,7 @@ impl<TC: Configuration> Gateway<TC> {
                 epoch - 1
             )));
         }
+        self.check_retained(epoch - 1)?;
         let top = &end.top;
         let proof = self
             .read_shards(end.info.shard_map_version, |shards| async move {

@@ -154,4 +154,28 @@ impl sequencer_admin_server::SequencerAdmin for AdminService {
             self.node()?.init_cluster(request.into_inner()).await?,
         ))
     }
+
+    async fn update_retention(
+        &self,
+        request: Request<pb::RetentionCommand>,
+    ) -> Result<Response<pb::HistoryRetention>, Status> {
+        let command = request.into_inner();
+        if matches!(
+            command.kind,
+            Some(pb::retention_command::Kind::AdvanceSafeEpoch(_))
+        ) {
+            return Err(Status::invalid_argument(
+                "the safe epoch is advanced by the leader's retention loop only; change the \
+                 window or the pins instead",
+            ));
+        }
+        Ok(Response::new(self.node()?.update_retention(command).await?))
+    }
+
+    async fn get_retention(
+        &self,
+        _request: Request<pb::GetRetentionRequest>,
+    ) -> Result<Response<pb::HistoryRetention>, Status> {
+        Ok(Response::new(self.node()?.history_retention()))
+    }
 }

@@ -163,10 +163,12 @@ impl sequencer_server::Sequencer for ApiService {
         &self,
         _request: Request<pb::GetClusterMetadataRequest>,
     ) -> Result<Response<pb::ClusterMetadataResponse>, Status> {
-        let (metadata, shard_map) = self.node()?.cluster_metadata();
+        let node = self.node()?;
+        let (metadata, shard_map) = node.cluster_metadata();
         Ok(Response::new(pb::ClusterMetadataResponse {
             metadata,
             shard_map: Some(shard_map),
+            safe_epoch: node.history_retention().safe_epoch,
         }))
     }
 }

@@ -313,6 +313,38 @@ impl SequencerClient {
         .await
     }
 
+    /// Changes the history retention record (window, pins) on the leader; setting the window or
+    /// adding or removing a pin is idempotent, so it is retried like one.
+    pub async fn update_retention(
+        &self,
+        command: pb::RetentionCommand,
+    ) -> Result<pb::HistoryRetention> {
+        self.on_leader(Retry::Idempotent, |channel| {
+            let request = self.request(command.clone());
+            async move {
+                SequencerAdminClient::new(channel)
+                    .update_retention(request)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        })
+        .await
+    }
+
+    /// The history retention record as the leader applied it.
+    pub async fn retention(&self) -> Result<pb::HistoryRetention> {
+        self.on_leader(Retry::Idempotent, |channel| {
+            let request = self.request(pb::GetRetentionRequest {});
+            async move {
+                SequencerAdminClient::new(channel)
+                    .get_retention(request)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        })
+        .await
+    }
+
     /// Replaces the shard map if it is at `expected_version`.
     pub async fn set_shard_map(
         &self,

@@ -38,6 +38,7 @@ pub mod client;
 pub mod config;
 pub mod coordinator;
 pub mod error;
+pub mod history;
 pub mod leader;
 pub mod machine;
 pub mod membership;

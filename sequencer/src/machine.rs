@@ -33,6 +33,10 @@
 //!   carries), always for the last `retained_committed_batches` epochs, and never beyond the
 //!   cluster's bounds: total bytes and age (measured against the commit's own timestamp, so every
 //!   replica drops the same batches). A replica behind the oldest retained batch must bootstrap.
+//! * **History retention** (`crate::history`, ADR 0003): `safe_epoch`, the oldest readable
+//!   epoch, never decreases, never passes the latest committed epoch and never passes a live
+//!   pin; pins expire against the proposer's clock carried in the command, so every replica
+//!   decides alike.
 //! * **One shard-map validation.** `SetShardMap` is checked with `ktd_core::ShardMap::new` (via
 //!   `shard::replicated`): a map a shard or the coordinator would refuse is never replicated.
 
@@ -97,6 +101,8 @@ pub struct EpochState {
     pub kept_oldest_ordinal: u64,
     /// First ordinal of each time span of caller keys → the span's start (ms).
     pub kept_marks: BTreeMap<u64, u64>,
+    /// The history retention record (window, pins, safe epoch).
+    pub history: ktd_core::retention::Retention,
 }
 
 impl Default for EpochState {
@@ -118,6 +124,7 @@ impl Default for EpochState {
             kept_next_ordinal: 0,
             kept_oldest_ordinal: 0,
             kept_marks: BTreeMap::new(),
+            history: ktd_core::retention::Retention::default(),
         }
     }
 }
@@ -278,6 +285,7 @@ impl Machine {
             Some(Kind::CommitEpoch(commit)) => self.commit_epoch(tx, index, commit),
             Some(Kind::InitCluster(metadata)) => Ok(self.init_cluster(metadata)),
             Some(Kind::SetShardMap(request)) => Ok(self.set_shard_map(request)),
+            Some(Kind::Retention(command)) => Ok(self.retention(command)),
             None => Ok(rejected(Code::InvalidArgument, "empty command")),
         }
     }
@@ -722,6 +730,23 @@ impl Machine {
         }
         self.state.metadata = Some(metadata.clone());
         result(pb::apply_result::Kind::Metadata(metadata.clone()))
+    }
+
+    fn retention(&mut self, command: &pb::RetentionCommand) -> pb::ApplyResult {
+        if self.state.metadata.is_none() {
+            return rejected(Code::FailedPrecondition, "the cluster is not initialised");
+        }
+        let head = self.state.last_committed_epoch;
+        let mut history = self.state.history.clone();
+        match crate::history::apply(&mut history, head, command) {
+            Ok(()) => {
+                self.state.history = history;
+                result(pb::apply_result::Kind::Retention(crate::history::to_pb(
+                    &self.state.history,
+                )))
+            }
+            Err(message) => rejected(Code::FailedPrecondition, message),
+        }
     }
 
     fn set_shard_map(&mut self, request: &pb::SetShardMapRequest) -> pb::ApplyResult {

@@ -288,6 +288,37 @@ pub fn export_retention(retention: &pb::BatchRetention) {
     *exported = current;
 }
 
+/// Exports the history retention record (ADR 0003):
+/// - `ktd_retention_safe_epoch`: the oldest readable epoch; `ktd_retention_retained_epochs`:
+///   epochs readable (head − safe epoch + 1);
+/// - `ktd_retention_window_epochs` / `ktd_retention_window_seconds`: the window (NaN for the
+///   other kind; both NaN for `forever`);
+/// - `ktd_retention_pins` and `ktd_retention_oldest_pin_created_at_seconds` (Unix time, NaN
+///   without pins): alert `KtdRetentionPinStale` fires on a pin held for more than a day, the
+///   forgotten-protected-timestamp failure that fills disks.
+pub fn export_history(history: &pb::HistoryRetention, head: u64, _now_ms: u64) {
+    use pb::retention_window::Kind;
+    metrics::gauge!("ktd_retention_safe_epoch").set(history.safe_epoch as f64);
+    metrics::gauge!("ktd_retention_retained_epochs")
+        .set((head.saturating_sub(history.safe_epoch) + 1) as f64);
+    let (epochs, seconds) = match history.window.as_ref().and_then(|window| window.kind) {
+        Some(Kind::Epochs(epochs)) => (epochs as f64, f64::NAN),
+        Some(Kind::Millis(millis)) => (f64::NAN, millis as f64 / 1000.0),
+        _ => (f64::NAN, f64::NAN),
+    };
+    metrics::gauge!("ktd_retention_window_epochs").set(epochs);
+    metrics::gauge!("ktd_retention_window_seconds").set(seconds);
+    metrics::gauge!("ktd_retention_pins").set(history.pins.len() as f64);
+    metrics::gauge!("ktd_retention_oldest_pin_created_at_seconds").set(
+        history
+            .pins
+            .iter()
+            .map(|pin| pin.created_at_ms)
+            .min()
+            .map_or(f64::NAN, |ms| ms as f64 / 1000.0),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -587,7 +587,7 @@ impl Sequencer {
         metrics::gauge!("ktd_epoch_last_sealed").set(status.last_sealed_epoch as f64);
         metrics::gauge!("ktd_epoch_last_committed").set(status.last_committed_epoch as f64);
         // Read in place: the epoch state is large (retention maps), and this runs every 5 s.
-        let (max_uncommitted, retention) = {
+        let (max_uncommitted, retention, history) = {
             let view = self.inner.sm.view();
             let view = view.borrow();
             match &view.epochs {
@@ -597,10 +597,16 @@ impl Sequencer {
                         .as_ref()
                         .map(|metadata| machine::InputLimits::of(metadata).max_uncommitted_epochs),
                     epochs.retention(),
+                    crate::history::to_pb(&epochs.history),
                 ),
-                None => (None, machine::EpochState::default().retention()),
+                None => (
+                    None,
+                    machine::EpochState::default().retention(),
+                    crate::history::to_pb(&ktd_core::retention::Retention::default()),
+                ),
             }
         };
+        crate::metrics::export_history(&history, status.last_committed_epoch, unix_ms());
         if let Some(max_uncommitted) = max_uncommitted {
             metrics::gauge!("ktd_epoch_max_uncommitted").set(max_uncommitted as f64);
         }
@@ -919,6 +925,24 @@ impl Sequencer {
             pb::apply_result::Kind::Metadata(metadata) => Ok(metadata),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Changes the history retention record (see the `UpdateRetention` RPC) and returns it.
+    /// The time the command carries is this leader's clock.
+    pub async fn update_retention(
+        &self,
+        mut command: pb::RetentionCommand,
+    ) -> Result<pb::HistoryRetention> {
+        command.now_ms = unix_ms();
+        match self.propose(pb::command::Kind::Retention(command)).await? {
+            pb::apply_result::Kind::Retention(history) => Ok(history),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The history retention record as applied on this node.
+    pub fn history_retention(&self) -> pb::HistoryRetention {
+        crate::history::to_pb(&self.inner.sm.view().borrow().epochs().history)
     }
 
     /// Replaces the shard map if it is still at `expected_version`.
@@ -1313,6 +1337,7 @@ impl Sequencer {
             open_epoch: epochs.open_epoch,
             last_committed_epoch: epochs.last_committed_epoch,
             retention: Some(epochs.retention()),
+            history: Some(crate::history::to_pb(&epochs.history)),
         })
     }
 

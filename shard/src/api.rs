@@ -31,6 +31,8 @@ pub struct Fence {
     pub committed_epoch: u64,
     /// The shard map it routes with.
     pub map: ShardMap,
+    /// The cluster's oldest readable epoch (history retention; 0: everything is retained).
+    pub safe_epoch: u64,
 }
 
 /// The leaves one user partition's updates produced in an epoch, and their digest.
@@ -170,6 +172,12 @@ pub struct ShardStatus {
     pub fence_term: u64,
     /// The newest shard map version seen.
     pub shard_map_version: u64,
+    /// Reads below this epoch are refused: history below it may be deleted.
+    pub prune_floor: u64,
+    /// The newest safe epoch a fence carried.
+    pub safe_epoch: u64,
+    /// Node versions pruned since the server started.
+    pub pruned_node_versions: u64,
 }
 
 /// The trace context (W3C `traceparent`) of update `index` of a prepared batch.

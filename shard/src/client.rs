@@ -136,6 +136,9 @@ impl GrpcShard {
     }
 
     fn remote(&self, status: tonic::Status) -> Error {
+        if let Some(pruned) = crate::server::pruned_of(&status) {
+            return Error::Core(pruned);
+        }
         Error::Remote {
             peer: format!("shard {}", self.id),
             code: status.code(),
@@ -474,6 +477,9 @@ impl ShardApi for GrpcShard {
                 .collect::<Result<_>>()?,
             fence_term: response.fence_term,
             shard_map_version: response.shard_map_version,
+            prune_floor: response.prune_floor,
+            safe_epoch: response.safe_epoch,
+            pruned_node_versions: response.pruned_node_versions,
         })
     }
 }

@@ -217,12 +217,50 @@ impl Directory {
         })
     }
 
+    /// Deletes the tree history no epoch at or after `safe_epoch` reads (history retention,
+    /// `store/prune.rs`): raises the prune floor to `safe_epoch` (at most the latest committed
+    /// epoch; never lowered), sweeps the stale-version index and compacts the pruned range.
+    /// Reads below the floor are refused from then on ([`CoreError::EpochPruned`]). Returns
+    /// the floor in force and the node versions deleted. Blocking.
+    pub fn prune(&self, safe_epoch: u64) -> Result<(u64, u64)> {
+        let store = self.store();
+        let latest = store.last_epoch()?.map_or(0, |record| record.epoch);
+        let floor = store.raise_prune_floor(safe_epoch.min(latest))?;
+        let (mut deleted, mut lowest) = (0u64, u64::MAX);
+        loop {
+            let step = store.prune_step(10_000)?;
+            deleted += step.node_versions;
+            if step.node_versions > 0 {
+                lowest = lowest.min(step.lowest_version);
+            }
+            if step.done {
+                break;
+            }
+        }
+        if deleted > 0 {
+            store.compact_pruned(lowest, floor);
+        }
+        Ok((floor, deleted))
+    }
+
+    /// Refuses a read at `epoch` below the prune floor.
+    fn check_retained(&self, epoch: Option<u64>) -> Result<()> {
+        match epoch {
+            Some(epoch) => Ok(ktd_core::retention::check_retained(
+                epoch,
+                self.store().prune_floor()?,
+            )?),
+            None => Ok(()),
+        }
+    }
+
     /// The lookup proof of `akd_label`'s latest version as of `epoch` (default: latest).
     pub fn lookup(
         &self,
         akd_label: &AkdLabel,
         epoch: Option<u64>,
     ) -> Result<(LookupProof, EpochHash)> {
+        self.check_retained(epoch)?;
         dispatch!(self, core => core.lookup(akd_label, epoch))
     }
 
@@ -232,6 +270,7 @@ impl Directory {
         akd_label: &AkdLabel,
         epoch: Option<u64>,
     ) -> Result<(AbsenceProof, EpochHash)> {
+        self.check_retained(epoch)?;
         dispatch!(self, core => core.absence(akd_label, epoch))
     }
 
@@ -242,11 +281,13 @@ impl Directory {
         params: HistoryParams,
         epoch: Option<u64>,
     ) -> Result<(HistoryProof, EpochHash)> {
+        self.check_retained(epoch)?;
         dispatch!(self, core => core.key_history(akd_label, params, epoch))
     }
 
     /// The append-only proof from `start` to `end` (one step per epoch).
     pub fn audit(&self, start: u64, end: u64) -> Result<AppendOnlyProof> {
+        self.check_retained(Some(start))?;
         dispatch!(self, core => core.audit(start, end))
     }
 

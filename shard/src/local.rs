@@ -16,6 +16,12 @@
 //! **Reads** are served for a partition only at epochs it has built, never while the restart
 //! check found its stored root disagreeing with the committed one, and never while the latest
 //! map seen quarantines it here ([`Error::NotServing`]: the gateway asks another replica).
+//!
+//! **Pruning** ([`LocalShard::prune`], `store/prune.rs`): the floor is the lowest of the newest
+//! safe epoch a fence carried, the built epoch of every held partition, and the epoch of every
+//! partition copy streaming out or in; reads below the floor are refused with
+//! [`ktd_core::Error::EpochPruned`] (`OUT_OF_RANGE`), which no other replica would answer
+//! differently.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
@@ -82,7 +88,66 @@ struct ReplicaState {
     copies: BTreeMap<u32, (Instant, u64)>,
     /// Held partitions the newest map assigns to other servers, since when that is so.
     orphaned: BTreeMap<u32, Instant>,
+    /// Reads below this epoch are refused (the store's persisted prune floor).
+    prune_floor: u64,
+    /// Node versions deleted since start, and since the last compaction of pruned ranges (with
+    /// the lowest version among those).
+    pruned_total: u64,
+    pruned_since_compaction: u64,
+    lowest_pruned_version: u64,
+    /// Epochs partition copies (out or in) are reading or writing right now → how many.
+    holds: BTreeMap<u64, usize>,
 }
+
+/// Keeps the pruner from deleting history an in-progress partition copy needs at `epoch`.
+struct EpochHold {
+    state: Arc<Mutex<ReplicaState>>,
+    epoch: u64,
+}
+
+impl EpochHold {
+    fn new(state: &Arc<Mutex<ReplicaState>>, epoch: u64) -> Self {
+        *state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .holds
+            .entry(epoch)
+            .or_default() += 1;
+        Self {
+            state: state.clone(),
+            epoch,
+        }
+    }
+}
+
+impl Drop for EpochHold {
+    fn drop(&mut self) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = state.holds.get_mut(&self.epoch) {
+            *count -= 1;
+            if *count == 0 {
+                state.holds.remove(&self.epoch);
+            }
+        }
+    }
+}
+
+/// What one [`LocalShard::prune`] pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// The floor in force after the pass.
+    pub floor: u64,
+    /// Node versions deleted.
+    pub node_versions: u64,
+    /// Whether the pruned key range was compacted.
+    pub compacted: bool,
+}
+
+/// Stale-index entries deleted per batch by the pruner.
+const PRUNE_BATCH: usize = 10_000;
 
 impl ReplicaState {
     /// Brings `orphaned` up to date with the markers and the newest map: a held partition that
@@ -114,7 +179,7 @@ impl ReplicaState {
 /// dropped because the coordinator that asked for it went away — so a later bootstrap of the
 /// partition is never refused as "already being copied in".
 struct CopyGuard<'a> {
-    state: &'a Mutex<ReplicaState>,
+    state: &'a Arc<Mutex<ReplicaState>>,
     partition: u32,
 }
 
@@ -133,10 +198,16 @@ pub struct LocalShard<TC> {
     id: String,
     node: Arc<ShardNode<TC>>,
     peers: Arc<dyn PeerResolver>,
-    state: Mutex<ReplicaState>,
+    state: Arc<Mutex<ReplicaState>>,
     writes: tokio::sync::Mutex<()>,
+    /// One prune pass at a time.
+    pruning: tokio::sync::Mutex<()>,
     orphan_grace: Duration,
 }
+
+/// How often a shard server prunes history the retention window let go of
+/// ([`LocalShard::prune`]).
+pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How long a partition copy the shard map moved away keeps serving before it is deleted
 /// ([`LocalShard::drop_orphans`]): far longer than any gateway routes by an older map.
@@ -188,17 +259,20 @@ impl<TC: Configuration> LocalShard<TC> {
             .map(|marker| (marker.partition, marker))
             .collect();
         let fence = store.fence()?;
+        let prune_floor = store.prune_floor()?;
         Ok(Self {
             id,
             node,
             peers,
-            state: Mutex::new(ReplicaState {
+            state: Arc::new(Mutex::new(ReplicaState {
                 markers,
                 seen_committed_epoch: fence.committed_epoch,
                 fence,
+                prune_floor,
                 ..ReplicaState::default()
-            }),
+            })),
             writes: tokio::sync::Mutex::new(()),
+            pruning: tokio::sync::Mutex::new(()),
             orphan_grace: DEFAULT_ORPHAN_GRACE,
         })
     }
@@ -353,6 +427,7 @@ impl<TC: Configuration> LocalShard<TC> {
             term: stored.term.max(fence.term),
             committed_epoch: stored.committed_epoch.max(fence.committed_epoch),
             map_version: stored.map_version.max(fence.map.version()),
+            safe_epoch: stored.safe_epoch.max(fence.safe_epoch),
         };
         if grown != stored {
             let node = self.node.clone();
@@ -393,6 +468,90 @@ impl<TC: Configuration> LocalShard<TC> {
                  committed: epoch {epoch} cannot be written"
             ))),
         }
+    }
+
+    /// Refuses a read at `epoch` below the prune floor: its history may be gone here, and is
+    /// gone or going on every replica (the floor never passes the cluster's safe epoch).
+    fn check_retained(&self, epoch: u64) -> Result<()> {
+        Ok(ktd_core::retention::check_retained(
+            epoch,
+            self.state().prune_floor,
+        )?)
+    }
+
+    /// Deletes the node versions no epoch at or above the floor reads (`store/prune.rs`), the
+    /// floor being the lowest of: the newest safe epoch a fence carried, the built epoch of
+    /// every held partition (a replica rebuilding or extending a partition reads its tree as of
+    /// its built epoch), and the epoch of every partition copy in progress. Raises and persists
+    /// the floor first, then sweeps in batches of 10,000 on a blocking thread, and compacts the
+    /// pruned key range once the versions deleted since the last compaction are a quarter of
+    /// the node family (and at least 10,000), so space returns without rewriting the live
+    /// history on every pass. Never on the commit path: a background task calls it.
+    pub async fn prune(&self) -> Result<PruneReport> {
+        let _pruning = self.pruning.lock().await;
+        let bound = {
+            let state = self.state();
+            let mut bound = state.fence.safe_epoch.min(state.fence.committed_epoch);
+            for marker in state.markers.values() {
+                bound = bound.min(marker.epoch);
+            }
+            if let Some((epoch, _)) = state.holds.first_key_value() {
+                bound = bound.min(*epoch);
+            }
+            bound
+        };
+        let node = self.node.clone();
+        let floor = blocking(move || Ok(node.store().raise_prune_floor(bound)?)).await?;
+        {
+            let mut state = self.state();
+            state.prune_floor = state.prune_floor.max(floor);
+        }
+        let mut report = PruneReport {
+            floor,
+            ..PruneReport::default()
+        };
+        loop {
+            let node = self.node.clone();
+            let step = blocking(move || Ok(node.store().prune_step(PRUNE_BATCH)?)).await?;
+            report.node_versions += step.node_versions;
+            if step.node_versions > 0 {
+                metrics::counter!("ktd_shard_pruned_node_versions_total")
+                    .increment(step.node_versions);
+                let mut state = self.state();
+                state.pruned_total += step.node_versions;
+                state.lowest_pruned_version = if state.pruned_since_compaction == 0 {
+                    step.lowest_version
+                } else {
+                    state.lowest_pruned_version.min(step.lowest_version)
+                };
+                state.pruned_since_compaction += step.node_versions;
+            }
+            if step.done {
+                break;
+            }
+        }
+        metrics::gauge!("ktd_shard_prune_floor").set(floor as f64);
+        let (pending, lowest) = {
+            let state = self.state();
+            (state.pruned_since_compaction, state.lowest_pruned_version)
+        };
+        if pending >= PRUNE_BATCH as u64 {
+            let node = self.node.clone();
+            let compact = blocking(move || {
+                let keys = node.store().node_version_count()?;
+                if pending.saturating_mul(4) >= keys {
+                    node.store().compact_pruned(lowest, floor);
+                    return Ok(true);
+                }
+                Ok(false)
+            })
+            .await?;
+            if compact {
+                report.compacted = true;
+                self.state().pruned_since_compaction = 0;
+            }
+        }
+        Ok(report)
     }
 
     /// Refuses to read `partition` at `epoch` unless it is held, built that far, not found
@@ -678,6 +837,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
                     source.epoch, accepted.committed_epoch
                 )));
             }
+            self.check_retained(source.epoch)?;
             {
                 let mut state = self.state();
                 if state.copies.contains_key(&partition) {
@@ -688,10 +848,13 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
                 state.copies.insert(partition, (Instant::now(), 0));
                 state.orphaned.remove(&partition);
             }
-            guard = Some(CopyGuard {
-                state: &self.state,
-                partition,
-            });
+            guard = Some((
+                CopyGuard {
+                    state: &self.state,
+                    partition,
+                },
+                EpochHold::new(&self.state, source.epoch),
+            ));
             let node = self.node.clone();
             let forgotten = blocking(move || {
                 node.store().drop_built_marker(partition)?;
@@ -715,6 +878,10 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
                 blocking(move || {
                     // The copy must be the tree the committed root names, node by node.
                     let checked = node.verify_partition(marker.root)?;
+                    // A copy carries node versions, not the stale-version index: index them
+                    // here so the copied history is pruned like the rest.
+                    node.store()
+                        .rebuild_stale_index(&[partition], bits, marker.epoch)?;
                     node.store().put_built_markers(&[marker])?;
                     Ok(checked)
                 })
@@ -743,10 +910,13 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         epoch: u64,
     ) -> Result<BoxStream<'static, Result<PartitionChunk>>> {
         self.check_readable(partition, epoch)?;
+        self.check_retained(epoch)?;
         let (sender, receiver) = tokio::sync::mpsc::channel::<Result<PartitionChunk>>(CHUNK_QUEUE);
         let node = self.node.clone();
         let bits = node.bits();
+        let hold = EpochHold::new(&self.state, epoch);
         tokio::task::spawn_blocking(move || {
+            let _hold = hold;
             let send = |chunk: Result<PartitionChunk>| sender.blocking_send(chunk).is_ok();
             let exported = node.store().export_partition(
                 partition,
@@ -791,24 +961,44 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
                 self.check_readable(partition, root.max_epoch)?;
             }
         }
+        let oldest_root = requests
+            .iter()
+            .filter_map(|request| request.root.map(|root| root.max_epoch))
+            .min();
         let node = self.node.clone();
-        blocking(move || Ok(node.walk(&requests)?)).await
+        let walked = blocking(move || Ok(node.walk(&requests)?)).await;
+        // A walk carries roots, not the epoch read: a node missing under a root older than the
+        // floor is history pruned here (the epoch read is below the floor), not damage.
+        let floor = self.state().prune_floor;
+        match (walked, oldest_root) {
+            (Err(Error::Core(CoreError::Corrupt(_))), Some(oldest)) if oldest < floor => {
+                Err(CoreError::EpochPruned {
+                    epoch: oldest,
+                    oldest: floor,
+                }
+                .into())
+            }
+            (walked, _) => walked,
+        }
     }
 
     async fn append_only_slice(&self, root: NodeRef, start_epoch: u64) -> Result<AppendOnlySlice> {
         let partition = label::partition_of(&root.label.label_val, self.node.bits());
         self.check_readable(partition, root.max_epoch)?;
+        self.check_retained(start_epoch)?;
         let node = self.node.clone();
         blocking(move || node.append_only_slice(Some(root), start_epoch)).await
     }
 
     async fn lookup_plan(&self, akd_label: AkdLabel, epoch: u64) -> Result<LookupPlan> {
+        self.check_retained(epoch)?;
         self.check_readable(label::user_partition(&akd_label, self.node.bits()), epoch)?;
         let node = self.node.clone();
         blocking(move || node.lookup_plan(&akd_label, epoch)).await
     }
 
     async fn absence_plan(&self, akd_label: AkdLabel, epoch: u64) -> Result<AbsencePlan> {
+        self.check_retained(epoch)?;
         self.check_readable(label::user_partition(&akd_label, self.node.bits()), epoch)?;
         let node = self.node.clone();
         blocking(move || node.absence_plan(&akd_label, epoch)).await
@@ -820,6 +1010,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         params: HistoryParams,
         epoch: u64,
     ) -> Result<HistoryPlan> {
+        self.check_retained(epoch)?;
         self.check_readable(label::user_partition(&akd_label, self.node.bits()), epoch)?;
         let node = self.node.clone();
         blocking(move || node.history_plan(&akd_label, params, epoch)).await
@@ -886,6 +1077,9 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
             partition_states,
             fence_term: state.fence.term,
             shard_map_version: state.fence.map_version,
+            prune_floor: state.prune_floor,
+            safe_epoch: state.fence.safe_epoch,
+            pruned_node_versions: state.pruned_total,
         })
     }
 }

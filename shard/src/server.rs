@@ -52,6 +52,7 @@ pub fn core_code(error: &CoreError) -> tonic::Code {
         | CoreError::InvalidSeedLength { .. }
         | CoreError::InvalidConfig(_) => Code::InvalidArgument,
         CoreError::EpochNotFound { .. } | CoreError::LabelNotFound { .. } => Code::NotFound,
+        CoreError::EpochPruned { .. } => Code::OutOfRange,
         CoreError::EpochOutOfOrder { .. }
         | CoreError::LeafExists { .. }
         | CoreError::LabelExists { .. }
@@ -61,10 +62,41 @@ pub fn core_code(error: &CoreError) -> tonic::Code {
     }
 }
 
+/// Trailer on `OUT_OF_RANGE` answers for an epoch older than the retention window: the oldest
+/// readable epoch (as etcd's "required revision has been compacted" names its compaction).
+pub const OLDEST_EPOCH_METADATA: &str = "ktd-oldest-epoch";
+/// Trailer beside [`OLDEST_EPOCH_METADATA`]: the epoch that was asked for.
+pub const PRUNED_EPOCH_METADATA: &str = "ktd-pruned-epoch";
+
+/// The [`CoreError::EpochPruned`] a status carries in its trailers, if it is one.
+pub fn pruned_of(status: &Status) -> Option<CoreError> {
+    if status.code() != tonic::Code::OutOfRange {
+        return None;
+    }
+    let read = |key: &str| {
+        status
+            .metadata()
+            .get(key)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok())
+    };
+    Some(CoreError::EpochPruned {
+        epoch: read(PRUNED_EPOCH_METADATA)?,
+        oldest: read(OLDEST_EPOCH_METADATA)?,
+    })
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let message = error.to_string();
         match error {
+            Error::Core(CoreError::EpochPruned { epoch, oldest }) => {
+                let mut status = Status::out_of_range(message);
+                let metadata = status.metadata_mut();
+                metadata.insert(OLDEST_EPOCH_METADATA, oldest.into());
+                metadata.insert(PRUNED_EPOCH_METADATA, epoch.into());
+                status
+            }
             Error::Core(core) => Status::new(core_code(&core), message),
             Error::BadMessage { .. } => Status::invalid_argument(message),
             Error::IncompatibleDataDir { .. } | Error::Fenced { .. } => {
@@ -331,6 +363,9 @@ impl pb::shard_server::Shard for ShardService {
                 .collect(),
             fence_term: status.fence_term,
             shard_map_version: status.shard_map_version,
+            prune_floor: status.prune_floor,
+            safe_epoch: status.safe_epoch,
+            pruned_node_versions: status.pruned_node_versions,
         }))
     }
 }

@@ -405,6 +405,7 @@ pub fn fence(fence: &Fence) -> cluster_pb::Fence {
         committed_epoch: fence.committed_epoch,
         shard_map: Some(crate::replicated::shard_map_to_pb(&fence.map)),
         partition_bits: u32::from(fence.map.bits()),
+        safe_epoch: fence.safe_epoch,
     }
 }
 
@@ -461,10 +462,17 @@ impl Decoder<'_> {
         let map = self.required(&fence.shard_map, "Fence.shard_map")?;
         let map = crate::replicated::shard_map_with_bits(fence.partition_bits, map)
             .map_err(|error| self.bad(format!("fence shard map: {error}")))?;
+        if fence.safe_epoch > fence.committed_epoch {
+            return Err(self.bad(format!(
+                "fence safe epoch {} is above its committed epoch {}",
+                fence.safe_epoch, fence.committed_epoch
+            )));
+        }
         Ok(Fence {
             term: fence.term,
             committed_epoch: fence.committed_epoch,
             map,
+            safe_epoch: fence.safe_epoch,
         })
     }
 

@@ -116,6 +116,13 @@ pub struct PartitionDelta {
     pub root: Option<NodeRef>,
     /// New interior-node versions, in chunks produced by parallel workers.
     pub nodes: Vec<Vec<(NodeKey, InteriorNode)>>,
+    /// The existing node versions this epoch rewrote, each replaced by a new version of the
+    /// same label in [`PartitionDelta::nodes`]. A version `(v, L)` superseded at epoch `E` is
+    /// read only by roots of epochs `v..E`: once no such epoch is retained it can be deleted
+    /// (the stale-version index of `shard/docs/0003-retention-backup-recovery.md`). Interior
+    /// nodes are never removed from the trie otherwise: an insertion above a node keeps it as a
+    /// child, so this is every version that stops being current in `epoch`.
+    pub superseded: Vec<NodeKey>,
 }
 
 impl PartitionDelta {
@@ -149,6 +156,7 @@ pub fn insert_leaves<TC: Configuration, S: TreeStore + ?Sized>(
             epoch,
             root,
             nodes: Vec::new(),
+            superseded: Vec::new(),
         });
     }
 
@@ -158,10 +166,13 @@ pub fn insert_leaves<TC: Configuration, S: TreeStore + ?Sized>(
         pending: Vec::new(),
     };
     let top = planner.resolve(root, 0, leaves.len())?;
+    let mut superseded = Vec::new();
     while !planner.pending.is_empty() {
         let reads = std::mem::take(&mut planner.pending);
         let keys: Vec<NodeKey> = reads.iter().map(|read| read.key).collect();
         let records = read_existing(store, &keys)?;
+        // Every node read here is rewritten under `epoch` with its label unchanged.
+        superseded.extend_from_slice(&keys);
         for (read, record) in reads.into_iter().zip(records) {
             check_children(&read.key.label, &record)?;
             let split = planner.split_point(read.start, read.end, read.key.label.label_len);
@@ -189,6 +200,7 @@ pub fn insert_leaves<TC: Configuration, S: TreeStore + ?Sized>(
         epoch,
         root: Some(new_root),
         nodes,
+        superseded,
     })
 }
 

@@ -136,6 +136,10 @@ pub enum AdminCommand {
     },
     /// Seal the open epoch now and wait until its root is committed.
     Seal,
+    /// History retention: show the window, the pins and the oldest readable epoch (`show`),
+    /// change the window, or hold and release history (shard/docs/0003).
+    #[command(subcommand)]
+    Retention(RetentionCommand),
     /// Add a shard server (started with an empty data directory) to the shard map. The
     /// balancer then moves copies onto it a few at a time (`replicas.balance`); `--rebalance`
     /// moves a share of copies onto it at once instead.
@@ -400,6 +404,208 @@ impl ClusterReport {
     }
 }
 
+/// `ktd admin retention …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum RetentionCommand {
+    /// The window, the pins and the safe epoch (the oldest readable epoch).
+    Show {
+        /// `table` or `json`.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Keep history for `forever`, `N` epochs (`500e`) or a duration (`30d`, `12h`). A shorter
+    /// window lets the safe epoch move up at once; a longer one never brings pruned epochs back.
+    SetWindow {
+        /// `forever`, `<N>e` or a duration.
+        window: String,
+    },
+    /// Keep epoch `--epoch` and everything after it readable until released or `--for` passes
+    /// (an operator hold: an investigation, a slow auditor, a manual backup).
+    Hold {
+        /// The pin's id (reusing an id replaces that pin).
+        #[arg(long)]
+        id: String,
+        /// The oldest epoch to keep readable (default: the safe epoch now).
+        #[arg(long)]
+        epoch: Option<u64>,
+        /// How long the hold lasts.
+        #[arg(long = "for", default_value = "24h", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Why (shown by `show` and in the stale-pin alert's runbook).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Remove a hold (or any pin) by id.
+    Release {
+        /// The pin's id.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+/// Parses a retention window: `forever`, `<N>e` (epochs) or a duration.
+pub fn parse_window(text: &str) -> Result<pb::RetentionWindow, AdminError> {
+    use pb::retention_window::Kind;
+    let text = text.trim();
+    let kind = if text == "forever" {
+        Kind::Forever(true)
+    } else if let Some(epochs) = text.strip_suffix('e') {
+        Kind::Epochs(epochs.parse().map_err(|_| {
+            AdminError::Refused(format!("{text:?}: expected N epochs as `<N>e`, e.g. 500e"))
+        })?)
+    } else {
+        let duration = humantime::parse_duration(text).map_err(|error| {
+            AdminError::Refused(format!(
+                "{text:?} is not `forever`, `<N>e` or a duration ({error})"
+            ))
+        })?;
+        Kind::Millis(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+    };
+    Ok(pb::RetentionWindow { kind: Some(kind) })
+}
+
+/// A window as `ktd admin retention show` prints it.
+pub fn window_text(window: Option<&pb::RetentionWindow>) -> String {
+    use pb::retention_window::Kind;
+    match window.and_then(|window| window.kind) {
+        Some(Kind::Forever(_)) => "forever".into(),
+        Some(Kind::Epochs(epochs)) => format!("{epochs} epochs"),
+        Some(Kind::Millis(millis)) => {
+            humantime::format_duration(Duration::from_millis(millis)).to_string()
+        }
+        None => "default (30 days)".into(),
+    }
+}
+
+async fn retention(admin: &Admin, command: RetentionCommand) -> Result<(), AdminError> {
+    use pb::retention_command::Kind;
+    let (history, output) = match command {
+        RetentionCommand::Show { output } => (admin.client.retention().await?, output),
+        RetentionCommand::SetWindow { window } => {
+            let window = parse_window(&window)?;
+            let command = pb::RetentionCommand {
+                kind: Some(Kind::SetWindow(window)),
+                now_ms: 0,
+            };
+            (admin.client.update_retention(command).await?, Output::Table)
+        }
+        RetentionCommand::Hold {
+            id,
+            epoch,
+            duration,
+            reason,
+        } => {
+            let epoch = match epoch {
+                Some(epoch) => epoch,
+                None => admin.client.retention().await?.safe_epoch,
+            };
+            let pin = pb::HistoryPin {
+                id,
+                owner: "operator".into(),
+                epoch,
+                expires_at_ms: now_ms()
+                    .saturating_add(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)),
+                reason,
+                created_at_ms: 0,
+            };
+            let command = pb::RetentionCommand {
+                kind: Some(Kind::AddPin(pin)),
+                now_ms: 0,
+            };
+            (admin.client.update_retention(command).await?, Output::Table)
+        }
+        RetentionCommand::Release { id } => {
+            let command = pb::RetentionCommand {
+                kind: Some(Kind::RemovePin(id)),
+                now_ms: 0,
+            };
+            (admin.client.update_retention(command).await?, Output::Table)
+        }
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&RetentionReport::of(&history))?
+        ),
+        Output::Table => {
+            let report = RetentionReport::of(&history);
+            println!(
+                "window {}; safe epoch {} (the oldest readable epoch)",
+                report.window, report.safe_epoch
+            );
+            let rows: Vec<Vec<String>> = report
+                .pins
+                .iter()
+                .map(|pin| {
+                    vec![
+                        pin.id.clone(),
+                        pin.owner.clone(),
+                        pin.epoch.to_string(),
+                        pin.expires_at_ms.to_string(),
+                        pin.reason.clone(),
+                    ]
+                })
+                .collect();
+            if !rows.is_empty() {
+                print!(
+                    "{}",
+                    table(&["PIN", "OWNER", "EPOCH", "EXPIRES (ms)", "REASON"], &rows)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `ktd admin retention show -o json`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct RetentionReport {
+    /// The window, as text.
+    pub window: String,
+    /// The oldest readable epoch.
+    pub safe_epoch: u64,
+    /// The pins.
+    pub pins: Vec<PinReport>,
+}
+
+/// One pin of a [`RetentionReport`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct PinReport {
+    /// Its id.
+    pub id: String,
+    /// Who holds it.
+    pub owner: String,
+    /// The epoch it holds.
+    pub epoch: u64,
+    /// When it lapses (ms since the Unix epoch).
+    pub expires_at_ms: u64,
+    /// When it was added (ms since the Unix epoch).
+    pub created_at_ms: u64,
+    /// Why.
+    pub reason: String,
+}
+
+impl RetentionReport {
+    fn of(history: &pb::HistoryRetention) -> Self {
+        Self {
+            window: window_text(history.window.as_ref()),
+            safe_epoch: history.safe_epoch,
+            pins: history
+                .pins
+                .iter()
+                .map(|pin| PinReport {
+                    id: pin.id.clone(),
+                    owner: pin.owner.clone(),
+                    epoch: pin.epoch,
+                    expires_at_ms: pin.expires_at_ms,
+                    created_at_ms: pin.created_at_ms,
+                    reason: pin.reason.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Runs one `ktd admin` command, printing its result on stdout.
 pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
     let sequencers: Vec<String> = args
@@ -454,6 +660,7 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
             ),
             None => println!("nothing to seal: the open epoch has no updates"),
         },
+        AdminCommand::Retention(command) => retention(&admin, command).await?,
         AdminCommand::AddShard {
             id,
             address,

@@ -56,6 +56,10 @@ pub struct ShardRow {
     pub built_epoch: u64,
     /// Committed epoch − `built_epoch` (how far its slowest copy trails).
     pub lag_epochs: u64,
+    /// Reads below this epoch are refused here: its tree history may be pruned.
+    pub prune_floor: u64,
+    /// Node versions it pruned since it started.
+    pub pruned_node_versions: u64,
     /// Why it could not be asked.
     pub error: String,
 }
@@ -241,6 +245,8 @@ pub async fn report(map: &ShardMap, committed: u64) -> ShardReport {
             Ok(status) => {
                 row.reachable = true;
                 row.caught_up_epoch = status.seen_committed_epoch;
+                row.prune_floor = status.prune_floor;
+                row.pruned_node_versions = status.pruned_node_versions;
                 let mut lowest: Option<u64> = None;
                 for state in &status.partition_states {
                     states.insert((server.id.clone(), state.partition), state.clone());

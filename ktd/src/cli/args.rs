@@ -365,6 +365,10 @@ pub struct ShardArgs {
     /// before this server deletes it (default 10m).
     #[arg(long, env = "KTD_SHARD_ORPHAN_GRACE", value_parser = humantime::parse_duration)]
     pub orphan_grace: Option<Duration>,
+    /// How often the server deletes tree history below the cluster's safe epoch (history
+    /// retention; default 30s).
+    #[arg(long, env = "KTD_SHARD_PRUNE_INTERVAL", value_parser = humantime::parse_duration)]
+    pub prune_interval: Option<Duration>,
     /// Validate the settings (listen address, partition bits, the VRF seed file's length and
     /// permissions), print them as TOML with the seed redacted and exit: 0 if valid, 1 if not.
     #[arg(long)]

@@ -244,6 +244,7 @@ fn shard(args: ShardArgs, tls: &TlsFlags) -> anyhow::Result<ServerCommand> {
     set(&mut config.configuration, args.configuration);
     set_list(&mut config.sequencers, args.sequencers);
     set(&mut config.orphan_grace, args.orphan_grace);
+    set(&mut config.prune_interval, args.prune_interval);
     overlay_process(&mut config.process, args.metrics, args.telemetry, tls);
     Ok(ServerCommand {
         config: ServerConfig::Shard(config),

@@ -34,6 +34,10 @@ pub struct ShardConfig {
     /// before this server deletes it.
     #[serde(with = "humantime_serde")]
     pub orphan_grace: Duration,
+    /// How often the server deletes the tree history below the cluster's safe epoch (history
+    /// retention).
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
     /// Metrics, logs, traces and TLS.
     #[serde(flatten, skip_deserializing)]
     pub process: ProcessConfig,
@@ -50,6 +54,7 @@ impl Default for ShardConfig {
             configuration: AkdConfig::WhatsAppV1,
             sequencers: Vec::new(),
             orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
+            prune_interval: shard::local::DEFAULT_PRUNE_INTERVAL,
             process: ProcessConfig::default(),
         }
     }
@@ -94,6 +99,7 @@ impl ShardConfig {
             config: self.configuration.clone(),
             sequencers: self.sequencers.clone(),
             orphan_grace: self.orphan_grace,
+            prune_interval: self.prune_interval,
         };
         Ok(ResolvedShard {
             listen: listen.clone(),

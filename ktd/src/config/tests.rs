@@ -280,6 +280,7 @@ fn printed_configurations_read_back() {
         },
         sequencers: vec!["127.0.0.1:7001".into()],
         orphan_grace: std::time::Duration::from_secs(90),
+        prune_interval: std::time::Duration::from_secs(7),
         process: process.clone(),
     });
     round_trip(GatewayConfig {
@@ -386,6 +387,7 @@ fn secrets_are_redacted_from_debug() {
         config: ktd_core::AkdConfig::WhatsAppV1,
         sequencers: Vec::new(),
         orphan_grace: ::shard::local::DEFAULT_ORPHAN_GRACE,
+        prune_interval: ::shard::local::DEFAULT_PRUNE_INTERVAL,
     };
     let auditor = ktd_auditor::AuditorSettings {
         namespace: "test".into(),

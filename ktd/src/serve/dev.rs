@@ -112,6 +112,7 @@ pub async fn run_dev(
             config: settings.config.clone(),
             sequencers: Vec::new(),
             orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
+            prune_interval: shard::local::DEFAULT_PRUNE_INTERVAL,
         };
         let shards = match settings.config {
             AkdConfig::WhatsAppV1 => dev_shards::<WhatsAppV1>(&shard_settings, &sequencer).await?,
@@ -170,6 +171,11 @@ async fn dev_shards<TC: Configuration>(
             .await??,
     );
     super::readiness::check_in_process(&shard, sequencer).await?;
+    tokio::spawn(super::shard_server::prune(
+        shard.clone(),
+        settings.prune_interval,
+        sequencer.shutdown_token(),
+    ));
     let shard: Arc<dyn ShardApi> = shard;
     let map = ShardMap::even(
         settings.partition_bits,

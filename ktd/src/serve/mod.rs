@@ -36,6 +36,7 @@ pub(crate) async fn cluster_metadata(
             Ok(pb::ClusterMetadataResponse {
                 metadata: Some(metadata),
                 shard_map: Some(map),
+                ..
             }) if map.version > 0 => return Ok(metadata),
             Ok(_) => {
                 if !logged {

@@ -43,6 +43,8 @@ pub struct ShardSettings {
     pub sequencers: Vec<String>,
     /// How long a partition copy moved to other servers keeps serving before it is deleted.
     pub orphan_grace: Duration,
+    /// How often history below the cluster's safe epoch is pruned.
+    pub prune_interval: Duration,
 }
 
 impl std::fmt::Debug for ShardSettings {
@@ -55,6 +57,7 @@ impl std::fmt::Debug for ShardSettings {
             .field("config", &self.config)
             .field("sequencers", &self.sequencers)
             .field("orphan_grace", &self.orphan_grace)
+            .field("prune_interval", &self.prune_interval)
             .finish()
     }
 }
@@ -185,6 +188,7 @@ async fn open_shard<TC: Configuration>(
         .await??,
     );
     tokio::spawn(drop_orphans(shard.clone(), stop.clone()));
+    tokio::spawn(prune(shard.clone(), settings.prune_interval, stop.clone()));
     let readiness = Box::pin(super::readiness::track_shard_readiness(
         shard.clone(),
         settings.sequencers.clone(),
@@ -213,6 +217,39 @@ async fn drop_orphans<TC: Configuration>(
         }
         if let Err(error) = shard.drop_orphans(shard.orphan_grace()).await {
             tracing::warn!(%error, "deleting moved-away partitions failed; retrying");
+        }
+    }
+}
+
+/// Prunes the history the cluster's retention window let go of every `every`, until `stop`
+/// (`LocalShard::prune`: off the commit path, on blocking threads).
+pub(crate) async fn prune<TC: Configuration>(
+    shard: Arc<LocalShard<TC>>,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let every = every.max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let started = std::time::Instant::now();
+        match shard.prune().await {
+            Ok(report) => {
+                metrics::histogram!("ktd_shard_prune_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                if report.node_versions > 0 {
+                    tracing::info!(
+                        floor = report.floor,
+                        node_versions = report.node_versions,
+                        compacted = report.compacted,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "pruned tree history below the safe epoch"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "pruning failed; retrying"),
         }
     }
 }

@@ -1647,3 +1647,127 @@ fn a_gateway_routing_by_an_hour_old_map_reaches_copies_that_moved() {
         cluster.finish("reads racing a move").await;
     });
 }
+
+/// `ktd admin retention show -o json`'s safe epoch.
+async fn safe_epoch(cluster: &Runbook) -> u64 {
+    let shown = cluster
+        .ktd_ok(&["admin", "retention", "show", "-o", "json"])
+        .await;
+    let shown: Value = serde_json::from_str(&shown).expect("retention JSON");
+    shown["safe_epoch"].as_u64().expect("safe epoch")
+}
+
+/// A verified lookup of `label` at `epoch` must be refused with `OUT_OF_RANGE` naming an oldest
+/// readable epoch above it (`Some(oldest)`: exactly that one). The gateway may take one map
+/// refresh to learn a new safe epoch; a shard refuses meanwhile.
+async fn refused_below(client: &Client, label: &[u8], epoch: u64, oldest: Option<u64>) {
+    Poll::new(
+        format!("a lookup at epoch {epoch} to be refused as pruned"),
+        Duration::from_secs(20),
+    )
+    .every(Duration::from_millis(250))
+    .until_ok(|| async {
+        match client.lookup(label, Some(epoch)).await {
+            Err(error)
+                if error
+                    .oldest_epoch()
+                    .is_some_and(|found| found > epoch && oldest.is_none_or(|o| o == found)) =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{:?}", other.map(|found| found.at.epoch))),
+        }
+    })
+    .await;
+}
+
+#[test]
+fn a_history_window_prunes_old_tree_versions_refuses_older_reads_and_a_hold_keeps_its_epoch() {
+    runbook(|| async {
+        let mut cluster = Runbook::start().await;
+        let client = crate::support::cluster::connect(&cluster.topology.gateways[0].addr).await;
+        // Publishes land in epochs 1, 2, ...; pin epoch 3 before any window applies.
+        let first = cluster.wait_commits(0, 4, "history to keep").await;
+        let hold = cluster
+            .ktd_ok(&[
+                "admin",
+                "retention",
+                "hold",
+                "--id",
+                "drill",
+                "--epoch",
+                "3",
+                "--for",
+                "10m",
+                "--reason",
+                "runbook",
+            ])
+            .await;
+        assert!(hold.contains("drill"), "{hold}");
+        cluster
+            .ktd_ok(&["admin", "retention", "set-window", "5e"])
+            .await;
+        // The hold keeps epoch 3 readable while the window moves on.
+        cluster.wait_commits(first, 8, "past the window").await;
+        Poll::new("the safe epoch to reach the hold", Duration::from_secs(20))
+            .until(|| async { (safe_epoch(&cluster).await == 3).then_some(()) })
+            .await;
+        let early = {
+            let acked = cluster.acked.lock().expect("lock");
+            acked
+                .iter()
+                .find(|(_, _, epoch)| *epoch <= 3)
+                .cloned()
+                .expect("a publish in epochs 1..=3")
+        };
+        let at_hold = client
+            .lookup(&early.0, Some(3))
+            .await
+            .expect("epoch 3 held");
+        assert_eq!(at_hold.at.epoch, 3);
+        refused_below(&client, &early.0, 2, Some(3)).await;
+
+        // Released: the safe epoch follows the window, both shards prune below it, reads
+        // below it are refused and every epoch inside it verifies.
+        cluster
+            .ktd_ok(&["admin", "retention", "release", "--id", "drill"])
+            .await;
+        let acked = cluster.stop_publishing(0).await;
+        let safe = Poll::new(
+            "the safe epoch to follow the window",
+            Duration::from_secs(20),
+        )
+        .until(|| async {
+            let safe = safe_epoch(&cluster).await;
+            (safe > 3).then_some(safe)
+        })
+        .await;
+        cluster
+            .wait_status("both shards to prune up to the safe epoch", |status| {
+                status["shards"].as_array().is_some_and(|servers| {
+                    servers.iter().all(|server| {
+                        server["prune_floor"].as_u64() >= Some(safe)
+                            && server["pruned_node_versions"].as_u64() > Some(0)
+                    })
+                })
+            })
+            .await;
+        refused_below(&client, &early.0, safe - 1, None).await;
+        let latest = cluster.last_committed().await;
+        let found = client
+            .lookup(&early.0, Some(latest - 2))
+            .await
+            .expect("an epoch inside the window is readable");
+        assert_eq!(found.at.epoch, latest - 2);
+        client
+            .audit(latest - 3, latest)
+            .await
+            .expect("the window's audit verifies");
+        let below = client
+            .audit(safe - 1, latest)
+            .await
+            .expect_err("an audit from below the window");
+        assert!(below.oldest_epoch() > Some(safe - 1), "{below}");
+        every_publish_is_found(&cluster.topology.gateway_url(), &acked, "history retention").await;
+    });
+}

@@ -217,6 +217,7 @@ async fn run(root: &std::path::Path, exporter: &Collector) -> Vec<SpanData> {
             config: AkdConfig::WhatsAppV1,
             sequencers: Vec::new(),
             orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
+            prune_interval: shard::local::DEFAULT_PRUNE_INTERVAL,
         };
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {

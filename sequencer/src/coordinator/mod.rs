@@ -210,6 +210,7 @@ pub async fn run<TC: Configuration>(
         shared.clone(),
         shutdown.clone(),
     ));
+    let history = tokio::spawn(crate::history::run(sequencer.clone(), shutdown.clone()));
     let mut leader = sequencer.leader_changes();
     let mut state = sequencer.state();
     let mut backoff = Backoff::default();
@@ -297,6 +298,7 @@ pub async fn run<TC: Configuration>(
         }
     }
     repairs.abort();
+    history.abort();
 }
 
 /// Clears the commit stall, if any, and its report in this node's status and gauges.
@@ -381,6 +383,7 @@ async fn drive<TC: Configuration>(
         term,
         committed_epoch: epoch - 1,
         map: map.clone(),
+        safe_epoch: epochs.history.safe_epoch.min(epoch - 1),
     };
     let participation = shared.tracker().participation(&map, epoch);
     let outcome = cluster::run_epoch(

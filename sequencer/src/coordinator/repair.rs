@@ -122,6 +122,7 @@ async fn check(
         term,
         committed_epoch: committed,
         map: map.clone(),
+        safe_epoch: epochs.history.safe_epoch.min(committed),
     };
     let changes: Vec<_> = repairs
         .iter()

@@ -160,6 +160,7 @@ fn encode_meta(inner: &SmInner) -> Vec<u8> {
             .iter()
             .map(|(first, start)| (*first, *start))
             .collect(),
+        history: Some(crate::history::to_pb(&state.history)),
     }
     .encode_to_vec()
 }
@@ -197,6 +198,7 @@ fn load(db: &DB) -> Result<SmInner> {
         kept_next_ordinal: meta.kept_next_ordinal,
         kept_oldest_ordinal: meta.kept_oldest_ordinal,
         kept_marks: meta.kept_marks.into_iter().collect(),
+        history: crate::history::from_pb(meta.history.as_ref()),
     };
     if state.open_epoch == 0 || state.next_sequence == 0 {
         return Err(SequencerError::Corrupt(
@@ -906,6 +908,7 @@ fn event_of(index: u64, entry: crate::raft::types::Entry, result: pb::ApplyResul
         Some(R::ShardMap(map)) => E::ShardMap(map),
         Some(R::Rejected(rejection)) => E::Rejected(rejection),
         Some(R::Noop(noop)) => E::Noop(noop),
+        Some(R::Retention(history)) => E::Retention(history),
         None => E::Noop(pb::Noop {
             kind: "unknown".into(),
         }),

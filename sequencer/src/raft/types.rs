@@ -37,6 +37,7 @@ impl fmt::Display for Command {
             Some(Kind::CommitEpoch(commit)) => write!(f, "CommitEpoch({})", commit.epoch),
             Some(Kind::InitCluster(_)) => write!(f, "InitCluster"),
             Some(Kind::SetShardMap(map)) => write!(f, "SetShardMap({} shards)", map.shards.len()),
+            Some(Kind::Retention(_)) => write!(f, "Retention"),
             None => write!(f, "Empty"),
         }
     }

@@ -127,6 +127,19 @@ enum Step {
     Init {
         changed: bool,
     },
+    /// Moves the safe epoch to the committed epoch plus `offset`.
+    Advance {
+        offset: i8,
+    },
+    /// Pins the committed epoch plus `offset` (pin id `p<id>`), alive until `expires`.
+    Pin {
+        id: u8,
+        offset: i8,
+        expires: u16,
+    },
+    Unpin {
+        id: u8,
+    },
     Empty,
 }
 
@@ -184,8 +197,16 @@ fn step() -> impl Strategy<Value = Step> {
                 replication_factor,
             }),
         1 => any::<bool>().prop_map(|changed| Step::Init { changed }),
+        2 => (-3i8..2).prop_map(|offset| Step::Advance { offset }),
+        1 => (0u8..3, -3i8..2, any::<u16>()).prop_map(|(id, offset, expires)| Step::Pin { id, offset, expires }),
+        1 => (0u8..3).prop_map(|id| Step::Unpin { id }),
         1 => Just(Step::Empty),
     ]
+}
+
+/// The retention commands' clock: moves on with the sequence numbers, so pins expire.
+fn retention_now(state: &EpochState) -> u64 {
+    state.next_sequence * 1_000
 }
 
 fn command(step: &Step, state: &EpochState) -> Option<pb::command::Kind> {
@@ -266,6 +287,32 @@ fn command(step: &Step, state: &EpochState) -> Option<pb::command::Kind> {
                     .collect(),
             }),
         }),
+        Step::Advance { offset } => pb::command::Kind::Retention(pb::RetentionCommand {
+            kind: Some(pb::retention_command::Kind::AdvanceSafeEpoch(at(
+                state.last_committed_epoch,
+                offset,
+            ))),
+            now_ms: retention_now(state),
+        }),
+        Step::Pin {
+            id,
+            offset,
+            expires,
+        } => pb::command::Kind::Retention(pb::RetentionCommand {
+            kind: Some(pb::retention_command::Kind::AddPin(pb::HistoryPin {
+                id: format!("p{id}"),
+                owner: "operator".into(),
+                epoch: at(state.last_committed_epoch, offset),
+                expires_at_ms: u64::from(expires),
+                reason: String::new(),
+                created_at_ms: 0,
+            })),
+            now_ms: retention_now(state),
+        }),
+        Step::Unpin { id } => pb::command::Kind::Retention(pb::RetentionCommand {
+            kind: Some(pb::retention_command::Kind::RemovePin(format!("p{id}"))),
+            now_ms: retention_now(state),
+        }),
         Step::Init { changed } => {
             let mut metadata = metadata();
             if changed {
@@ -326,7 +373,19 @@ proptest! {
                 pb::apply_result::Kind::Metadata(_) => before_state.metadata.is_some(),
                 pb::apply_result::Kind::ShardMap(_) => false,
                 pb::apply_result::Kind::Noop(_) => true,
+                pb::apply_result::Kind::Retention(_) => false,
             };
+            // History retention: the safe epoch never decreases, never passes the committed
+            // epoch, and never passes a pin that was live when it moved.
+            let history = &state.history;
+            prop_assert!(history.safe_epoch >= before_state.history.safe_epoch);
+            prop_assert!(history.safe_epoch <= state.last_committed_epoch.max(before_state.history.safe_epoch));
+            if history.safe_epoch > before_state.history.safe_epoch {
+                let now = retention_now(&before_state);
+                for pin in before_state.history.pins.values().filter(|pin| pin.expires_at_ms > now) {
+                    prop_assert!(history.safe_epoch <= pin.epoch, "advanced past live pin {:?}", pin);
+                }
+            }
             if inert {
                 prop_assert_eq!(&before_state, state, "a refused or repeated command changed the state: {:?}", command);
                 prop_assert_eq!(&before_tx, &tx, "a refused or repeated command wrote: {:?}", command);

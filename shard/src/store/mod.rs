@@ -7,6 +7,12 @@
 //! | `epochs` | `be64(epoch)` | [`EpochRecord`]: root hash and partition roots |
 //! | `users` | `blake3(label) ‖ be64(version)` | one user version |
 //! | `inbox` | — | retired (the first release's leaf deliveries); kept so its data directories open |
+//! | `stale` | the node key of a new version `(E, L)` | `be64(v)`: the version `(v, L)` it superseded |
+//!
+//! The `stale` family is the stale-version index of pruning (`prune.rs`, ADR 0003): its keys
+//! mirror `nodes` exactly, so every range rule on node versions (an epoch, a partition's part of
+//! an epoch) applies to both families unchanged. Data directories created before it get the
+//! family on open, empty (`ktd shard rebuild-stale-index` indexes their history).
 //!
 //! Node versions of an epoch are written first (one `WriteBatch` per partition, in parallel,
 //! unsynced); the epoch record and the user versions follow in one synced `WriteBatch`, which is
@@ -31,6 +37,7 @@ use ktd_core::tree::{InteriorNode, NodeKey, PartitionDelta, TreeStore};
 use ktd_core::user::UserVersion;
 
 pub mod codec;
+pub mod prune;
 pub mod replica;
 
 use ktd_core::EpochRecord;
@@ -40,7 +47,8 @@ const CF_NODES: &str = "nodes";
 const CF_EPOCHS: &str = "epochs";
 const CF_USERS: &str = "users";
 const CF_INBOX: &str = "inbox";
-const COLUMN_FAMILIES: [&str; 5] = [CF_META, CF_NODES, CF_EPOCHS, CF_USERS, CF_INBOX];
+const CF_STALE: &str = "stale";
+const COLUMN_FAMILIES: [&str; 6] = [CF_META, CF_NODES, CF_EPOCHS, CF_USERS, CF_INBOX, CF_STALE];
 const META_KEY: &[u8] = b"directory";
 
 /// Keys per `multi_get` call when a level's reads are split across threads.
@@ -170,6 +178,10 @@ impl RocksStore {
             let mut expected: Vec<&str> =
                 COLUMN_FAMILIES.iter().copied().chain(["default"]).collect();
             let mut found_sorted: Vec<&str> = found.iter().map(String::as_str).collect();
+            // Directories from before the stale-version index lack only that family.
+            if !found_sorted.contains(&CF_STALE) {
+                found_sorted.push(CF_STALE);
+            }
             expected.sort_unstable();
             found_sorted.sort_unstable();
             if expected != found_sorted {
@@ -183,7 +195,8 @@ impl RocksStore {
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
         let mut db_options = Options::default();
         db_options.create_if_missing(is_new);
-        db_options.create_missing_column_families(is_new);
+        // Every family was checked above; only `stale` can be missing (an older directory).
+        db_options.create_missing_column_families(true);
         db_options.set_max_background_jobs(2);
         db_options.set_bytes_per_sync(1 << 20);
         db_options.set_max_open_files(4096);
@@ -236,12 +249,21 @@ impl RocksStore {
             .transpose()
     }
 
-    /// Writes the node versions of one partition's epoch in one (unsynced) `WriteBatch`.
+    /// Writes the node versions of one partition's epoch, and the stale-version index entry of
+    /// each version it superseded, in one (unsynced) `WriteBatch`.
     pub fn write_nodes(&self, delta: &PartitionDelta) -> Result<()> {
         let cf = self.cf(CF_NODES);
+        let stale = self.cf(CF_STALE);
         let mut batch = WriteBatch::default();
         for (key, node) in delta.nodes.iter().flatten() {
             batch.put_cf(cf, codec::node_key(key), codec::encode_node(node));
+        }
+        for old in &delta.superseded {
+            let new = NodeKey {
+                label: old.label,
+                version: delta.epoch,
+            };
+            batch.put_cf(stale, codec::node_key(&new), old.version.to_be_bytes());
         }
         let mut write_options = WriteOptions::default();
         write_options.set_sync(false);
@@ -254,16 +276,16 @@ impl RocksStore {
         written
     }
 
-    /// Deletes every node version written for epochs `≥ from` (an interrupted epoch's garbage).
+    /// Deletes every node version (and stale-index entry) written for epochs `≥ from` (an
+    /// interrupted epoch's garbage).
     pub fn discard_nodes_from(&self, from: u64) -> Result<()> {
         let end = [0xffu8; 8 + 32 + 2 + 1];
-        self.db
-            .delete_range_cf(
-                self.cf(CF_NODES),
-                codec::node_epoch_start(from),
-                end.to_vec(),
-            )
-            .map_err(storage("discard uncommitted tree nodes"))
+        for family in [CF_NODES, CF_STALE] {
+            self.db
+                .delete_range_cf(self.cf(family), codec::node_epoch_start(from), end.to_vec())
+                .map_err(storage("discard uncommitted tree nodes"))?;
+        }
+        Ok(())
     }
 
     /// Number of node versions stored for epochs `≥ from` (diagnostics and tests).

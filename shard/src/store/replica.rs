@@ -6,7 +6,8 @@
 //! | `meta` key | value |
 //! |---|---|
 //! | `shard_id` | the server id the data directory belongs to (written once) |
-//! | `fence` | `format ‖ be64(term) ‖ be64(committed epoch) ‖ be64(map version)` |
+//! | `fence` | `format ‖ be64(term) ‖ be64(committed epoch) ‖ be64(map version) [‖ be64(safe epoch)]` |
+//! | `prune_floor` | `be64(epoch)`: reads below it are refused, history below it may be deleted (`prune.rs`) |
 //! | `built/` `be32(partition)` | `format ‖ be64(epoch) ‖ 0 / 1 ‖ NodeRef`: the partition's highest built epoch and its root then |
 //!
 //! **Invariant:** a built marker `(E, root)` is written in a synced batch after every node
@@ -24,7 +25,7 @@ use ktd_core::tree::NodeRef;
 use ktd_core::{Error as CoreError, Result};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
-use super::{CF_META, CF_NODES, CF_USERS, RocksStore, storage};
+use super::{CF_META, CF_NODES, CF_STALE, CF_USERS, RocksStore, storage};
 
 const FORMAT: u8 = 1;
 const SHARD_ID_KEY: &[u8] = b"shard_id";
@@ -42,6 +43,8 @@ pub struct StoredFence {
     pub committed_epoch: u64,
     /// The version of the newest shard map seen.
     pub map_version: u64,
+    /// The newest cluster safe epoch seen (history retention).
+    pub safe_epoch: u64,
 }
 
 /// A partition's built marker.
@@ -68,8 +71,9 @@ fn partition_bounds(partition: u32, bits: u8) -> ([u8; 2], Option<[u8; 2]>) {
     (start, end)
 }
 
-/// The node keys of `partition` written at `epoch`: one contiguous range `[from, to)`.
-fn node_range(epoch: u64, partition: u32, bits: u8) -> (Vec<u8>, Vec<u8>) {
+/// The node keys of `partition` written at `epoch`: one contiguous range `[from, to)` (also of
+/// the stale-version index, whose keys are node keys).
+pub(super) fn node_range(epoch: u64, partition: u32, bits: u8) -> (Vec<u8>, Vec<u8>) {
     let (start, end) = partition_bounds(partition, bits);
     let mut from = epoch.to_be_bytes().to_vec();
     from.extend_from_slice(&start);
@@ -165,6 +169,12 @@ impl RocksStore {
             term: reader.u64()?,
             committed_epoch: reader.u64()?,
             map_version: reader.u64()?,
+            // Fences stored before history retention have no safe epoch.
+            safe_epoch: if reader.remaining() > 0 {
+                reader.u64()?
+            } else {
+                0
+            },
         };
         reader.finish()?;
         Ok(fence)
@@ -176,6 +186,7 @@ impl RocksStore {
         value.extend_from_slice(&fence.term.to_be_bytes());
         value.extend_from_slice(&fence.committed_epoch.to_be_bytes());
         value.extend_from_slice(&fence.map_version.to_be_bytes());
+        value.extend_from_slice(&fence.safe_epoch.to_be_bytes());
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_META), FENCE_KEY, value);
         self.write_synced(batch, "meta", "store the fence")
@@ -222,8 +233,11 @@ impl RocksStore {
     /// and nothing else.
     pub fn discard_partition_epoch(&self, epoch: u64, partition: u32, bits: u8) -> Result<()> {
         let (from, to) = node_range(epoch, partition, bits);
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_NODES), &from, &to);
+        batch.delete_range_cf(self.cf(CF_STALE), &from, &to);
         self.db
-            .delete_range_cf(self.cf(CF_NODES), from, to)
+            .write(batch)
             .map_err(storage("discard an abandoned epoch of a partition"))
     }
 
@@ -245,7 +259,8 @@ impl RocksStore {
         let mut batch = WriteBatch::default();
         for epoch in 0..=up_to {
             let (from, to) = node_range(epoch, partition, bits);
-            batch.delete_range_cf(self.cf(CF_NODES), from, to);
+            batch.delete_range_cf(self.cf(CF_NODES), &from, &to);
+            batch.delete_range_cf(self.cf(CF_STALE), &from, &to);
             if batch.len() >= RANGES_PER_BATCH {
                 let full = std::mem::take(&mut batch);
                 self.write_synced(full, "built", "delete a moved partition's node versions")?;

@@ -71,6 +71,7 @@ fn fence(map: &ShardMap, term: u64, committed: u64) -> Fence {
         term,
         committed_epoch: committed,
         map: map.clone(),
+        safe_epoch: 0,
     }
 }
 

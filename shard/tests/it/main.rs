@@ -7,6 +7,7 @@ mod akd_oracle;
 mod bad_input;
 mod cluster_pipeline;
 mod crash_safety;
+mod retention;
 mod stitch_props;
 mod store_conformance;
 mod support;

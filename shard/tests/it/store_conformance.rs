@@ -36,6 +36,7 @@ fn delta(n: u32, epoch: u64) -> PartitionDelta {
         epoch,
         root: None,
         nodes: vec![nodes],
+        superseded: Vec::new(),
     }
 }
 

@@ -135,15 +135,19 @@ fn fence() -> impl Strategy<Value = Option<cluster_pb::Fence>> {
             any::<u64>(),
             prop::option::of(shard_map()),
             prop_oneof![0u32..4, 0u32..40, any::<u32>()],
+            any::<u64>(),
         )
-            .prop_map(|(term, committed_epoch, shard_map, partition_bits)| {
-                cluster_pb::Fence {
-                    term,
-                    committed_epoch,
-                    shard_map,
-                    partition_bits,
-                }
-            }),
+            .prop_map(
+                |(term, committed_epoch, shard_map, partition_bits, safe_epoch)| {
+                    cluster_pb::Fence {
+                        term,
+                        committed_epoch,
+                        shard_map,
+                        partition_bits,
+                        safe_epoch,
+                    }
+                },
+            ),
     )
 }
 

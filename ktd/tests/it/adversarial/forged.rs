@@ -27,6 +27,7 @@ fn fence(term: u64, committed_epoch: u64, map: &cluster::ShardMap) -> Option<clu
         committed_epoch,
         shard_map: Some(map.clone()),
         partition_bits: PARTITION_BITS,
+        safe_epoch: 0,
     })
 }
 

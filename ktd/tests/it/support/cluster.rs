@@ -235,6 +235,8 @@ impl Topology {
             &self.sequencer_list,
             "--orphan-grace",
             "3s",
+            "--prune-interval",
+            "1s",
         ]
         .map(String::from)
         .to_vec();

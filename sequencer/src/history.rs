@@ -6,7 +6,7 @@
 //! and the shards. What reaches the shards is `safe_epoch` in every fence the coordinator
 //! sends; what reaches gateways is `safe_epoch` in `GetClusterMetadata`.
 //!
-//! **Bounded input.** A pin id is at most 128 bytes, its owner 64 and its reason 512, and the
+//! **Bounded input.** A pin id is at most 128 bytes, its owner 64 and its reason 256, and the
 //! record holds at most [`MAX_PINS`] pins: an operator or a buggy tool cannot grow the
 //! replicated state without bound.
 
@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use crate::node::{Sequencer, unix_ms};
 use crate::pb;
 
-/// The most pins the record holds at once.
-pub const MAX_PINS: usize = 1024;
+/// The most pins the record holds at once (the record is re-encoded with the state machine's
+/// metadata on every apply: 64 pins of the largest size are about 45 KiB).
+pub const MAX_PINS: usize = 64;
 /// How often the leader re-checks pins and the window.
 pub const ADVANCE_PERIOD: Duration = Duration::from_secs(1);
 /// The smallest time window (a shorter one is refused).
@@ -122,7 +123,7 @@ pub fn apply(
         Some(Kind::AddPin(pin)) => {
             check_text("pin id", &pin.id, 1, 128)?;
             check_text("pin owner", &pin.owner, 1, 64)?;
-            check_text("pin reason", &pin.reason, 0, 512)?;
+            check_text("pin reason", &pin.reason, 0, 256)?;
             if !retention.pins.contains_key(&pin.id) && retention.pins.len() >= MAX_PINS {
                 return Err(format!(
                     "{MAX_PINS} pins already hold history; release one first"

@@ -228,7 +228,7 @@ impl Directory {
         let floor = store.raise_prune_floor(safe_epoch.min(latest))?;
         let (mut deleted, mut lowest) = (0u64, u64::MAX);
         loop {
-            let step = store.prune_step(10_000)?;
+            let step = store.prune_step(10_000, floor)?;
             deleted += step.node_versions;
             if step.node_versions > 0 {
                 lowest = lowest.min(step.lowest_version);

@@ -106,17 +106,20 @@ struct EpochHold {
 }
 
 impl EpochHold {
-    fn new(state: &Arc<Mutex<ReplicaState>>, epoch: u64) -> Self {
-        *state
+    /// Holds `epoch` unless the prune floor is already above it ([`CoreError::EpochPruned`]).
+    /// The check and the registration happen under the state lock, where
+    /// [`LocalShard::prune`] also takes its bound and raises the floor: either the hold is
+    /// seen by the pass, or the pass's floor refuses the hold — never a sweep past a hold.
+    fn new(state: &Arc<Mutex<ReplicaState>>, epoch: u64) -> Result<Self> {
+        let mut locked = state
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .holds
-            .entry(epoch)
-            .or_default() += 1;
-        Self {
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        ktd_core::retention::check_retained(epoch, locked.prune_floor)?;
+        *locked.holds.entry(epoch).or_default() += 1;
+        Ok(Self {
             state: state.clone(),
             epoch,
-        }
+        })
     }
 }
 
@@ -489,30 +492,37 @@ impl<TC: Configuration> LocalShard<TC> {
     /// history on every pass. Never on the commit path: a background task calls it.
     pub async fn prune(&self) -> Result<PruneReport> {
         let _pruning = self.pruning.lock().await;
+        // Markers as stored too: a bootstrap cancelled while its blocking step still writes
+        // the marker leaves the partition held on disk but not in memory.
+        let node = self.node.clone();
+        let stored = blocking(move || Ok(node.store().built_markers()?)).await?;
         let bound = {
-            let state = self.state();
+            let mut state = self.state();
             let mut bound = state.fence.safe_epoch.min(state.fence.committed_epoch);
-            for marker in state.markers.values() {
+            for marker in state.markers.values().chain(&stored) {
                 bound = bound.min(marker.epoch);
             }
             if let Some((epoch, _)) = state.holds.first_key_value() {
                 bound = bound.min(*epoch);
             }
+            // Raised here, under the lock holds are taken under: a copy starting from now on
+            // is checked against it (see `EpochHold::new`). Reads are refused from now on,
+            // before the floor is persisted — the safe direction.
+            let bound = bound.max(state.prune_floor);
+            state.prune_floor = bound;
             bound
         };
         let node = self.node.clone();
         let floor = blocking(move || Ok(node.store().raise_prune_floor(bound)?)).await?;
-        {
-            let mut state = self.state();
-            state.prune_floor = state.prune_floor.max(floor);
-        }
         let mut report = PruneReport {
             floor,
             ..PruneReport::default()
         };
         loop {
             let node = self.node.clone();
-            let step = blocking(move || Ok(node.store().prune_step(PRUNE_BATCH)?)).await?;
+            // Only through this pass's bound: what the floor persisted by an earlier pass
+            // allowed may not be what this pass's markers and holds allow.
+            let step = blocking(move || Ok(node.store().prune_step(PRUNE_BATCH, bound)?)).await?;
             report.node_versions += step.node_versions;
             if step.node_versions > 0 {
                 metrics::counter!("ktd_shard_pruned_node_versions_total")
@@ -837,7 +847,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
                     source.epoch, accepted.committed_epoch
                 )));
             }
-            self.check_retained(source.epoch)?;
+            let hold = EpochHold::new(&self.state, source.epoch)?;
             {
                 let mut state = self.state();
                 if state.copies.contains_key(&partition) {
@@ -853,12 +863,21 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
                     state: &self.state,
                     partition,
                 },
-                EpochHold::new(&self.state, source.epoch),
+                hold,
             ));
+            // Everything of the partition goes, node versions and their stale-version index
+            // entries included: the index rebuilt after the copy then names only the copy's
+            // own history, never a version left from an earlier tenure here.
+            let up_to = self
+                .state()
+                .markers
+                .get(&partition)
+                .map_or(0, |marker| marker.epoch)
+                .max(accepted.committed_epoch)
+                + 1;
             let node = self.node.clone();
             let forgotten = blocking(move || {
-                node.store().drop_built_marker(partition)?;
-                node.store().delete_user_partition(partition, bits)?;
+                node.store().delete_partition(partition, bits, up_to)?;
                 Ok(())
             })
             .await;
@@ -910,11 +929,10 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         epoch: u64,
     ) -> Result<BoxStream<'static, Result<PartitionChunk>>> {
         self.check_readable(partition, epoch)?;
-        self.check_retained(epoch)?;
+        let hold = EpochHold::new(&self.state, epoch)?;
         let (sender, receiver) = tokio::sync::mpsc::channel::<Result<PartitionChunk>>(CHUNK_QUEUE);
         let node = self.node.clone();
         let bits = node.bits();
-        let hold = EpochHold::new(&self.state, epoch);
         tokio::task::spawn_blocking(move || {
             let _hold = hold;
             let send = |chunk: Result<PartitionChunk>| sender.blocking_send(chunk).is_ok();
@@ -961,25 +979,12 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
                 self.check_readable(partition, root.max_epoch)?;
             }
         }
-        let oldest_root = requests
-            .iter()
-            .filter_map(|request| request.root.map(|root| root.max_epoch))
-            .min();
+        // A walk carries roots, not the epoch read, so it is not checked against the floor
+        // here: the user partition's plan (which names the epoch) is, and the gateway before
+        // it. A node missing under a root stays `Corrupt` (damage, or a read that raced a
+        // prune): the gateway fails over to another replica rather than hide damage.
         let node = self.node.clone();
-        let walked = blocking(move || Ok(node.walk(&requests)?)).await;
-        // A walk carries roots, not the epoch read: a node missing under a root older than the
-        // floor is history pruned here (the epoch read is below the floor), not damage.
-        let floor = self.state().prune_floor;
-        match (walked, oldest_root) {
-            (Err(Error::Core(CoreError::Corrupt(_))), Some(oldest)) if oldest < floor => {
-                Err(CoreError::EpochPruned {
-                    epoch: oldest,
-                    oldest: floor,
-                }
-                .into())
-            }
-            (walked, _) => walked,
-        }
+        blocking(move || Ok(node.walk(&requests)?)).await
     }
 
     async fn append_only_slice(&self, root: NodeRef, start_epoch: u64) -> Result<AppendOnlySlice> {

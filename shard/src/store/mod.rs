@@ -12,7 +12,9 @@
 //! The `stale` family is the stale-version index of pruning (`prune.rs`, ADR 0003): its keys
 //! mirror `nodes` exactly, so every range rule on node versions (an epoch, a partition's part of
 //! an epoch) applies to both families unchanged. Data directories created before it get the
-//! family on open, empty (`ktd shard rebuild-stale-index` indexes their history).
+//! family on open, empty: their earlier history is not pruned until it is indexed
+//! ([`RocksStore::rebuild_stale_index`]; no command runs it yet). A binary from before the
+//! index refuses a directory that has the family (its column-family check is exact).
 //!
 //! Node versions of an epoch are written first (one `WriteBatch` per partition, in parallel,
 //! unsynced); the epoch record and the user versions follow in one synced `WriteBatch`, which is

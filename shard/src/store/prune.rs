@@ -75,9 +75,10 @@ impl RocksStore {
     }
 
     /// Deletes up to `max_entries` of the versions the index names as superseded at or below
-    /// the persisted floor, with their index entries (one unsynced batch). Blocking.
-    pub fn prune_step(&self, max_entries: usize) -> Result<PruneStep> {
-        let floor = self.prune_floor()?;
+    /// `through` (never above the persisted floor), with their index entries (one unsynced
+    /// batch). Blocking.
+    pub fn prune_step(&self, max_entries: usize, through: u64) -> Result<PruneStep> {
+        let floor = self.prune_floor()?.min(through);
         let mut step = PruneStep {
             lowest_version: u64::MAX,
             ..PruneStep::default()

@@ -40,10 +40,8 @@ pub struct PruneStep {
     pub node_versions: u64,
     /// Whether every index entry at or below the floor is gone.
     pub done: bool,
-    /// The lowest and highest node keys' epochs deleted (for the compaction range).
+    /// The lowest version deleted (where the compaction range starts).
     pub lowest_version: u64,
-    /// See `lowest_version`.
-    pub highest_version: u64,
 }
 
 impl RocksStore {
@@ -117,7 +115,6 @@ impl RocksStore {
             batch.delete_cf(nodes, old_key);
             batch.delete_cf(stale, key);
             step.lowest_version = step.lowest_version.min(old);
-            step.highest_version = step.highest_version.max(old);
             entries += 1;
             iter.next();
         }

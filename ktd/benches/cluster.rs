@@ -14,6 +14,13 @@
 //!    lines), MiB/s into each new server, and lookup and seal latency while copies moved beside
 //!    the baseline's — the extra p99 is the difference, same run.
 //!
+//! 3. With `--backup`: `ktd admin backup` (full) while the load continues, a second, incremental
+//!    one after `--backup-epochs` more epochs, `ktd admin verify-backup` of the chain; then the
+//!    load stops, the cluster is terminated, a new one (same seed and shape, empty) is started
+//!    and `ktd admin restore` rebuilds it. Reported: each step's seconds and MiB/s, the
+//!    incremental backup's bytes beside the full one's, and the restored cluster's root at the
+//!    backup's epoch against the original's (they must be equal).
+//!
 //! Without `--add` the run is the baseline alone: `--shards 8` against `--shards 1` with the same
 //! workload is the capacity model's simulation (`docs/capacity.md`).
 //!
@@ -79,6 +86,12 @@ struct Args {
     /// Longest the rebalance may take, in seconds.
     #[arg(long, default_value_t = 1800)]
     rebalance_limit: u64,
+    /// Back up under load, verify, and restore into a new cluster (see the module docs).
+    #[arg(long)]
+    backup: bool,
+    /// Epochs between the full and the incremental backup.
+    #[arg(long, default_value_t = 6)]
+    backup_epochs: u64,
     /// Keep the cluster's directory (data and logs) here instead of a temporary one.
     #[arg(long)]
     keep: Option<std::path::PathBuf>,
@@ -225,7 +238,15 @@ impl Cluster {
         serde_json::from_slice(&output.stdout).ok()
     }
 
-    fn admin(&self, args: &[&str]) {
+    /// `ktd <args> -o json` against the sequencer, parsed; panics on failure.
+    fn admin_json(&self, args: &[&str]) -> Value {
+        let mut with_json = args.to_vec();
+        with_json.extend(["-o", "json"]);
+        serde_json::from_slice(&self.admin(&with_json)).expect("JSON")
+    }
+
+    /// `ktd <args>` against the sequencer; its stdout. Panics on failure.
+    fn admin(&self, args: &[&str]) -> Vec<u8> {
         let output = std::process::Command::new(KTD)
             .args(args)
             .env("KTD_SEQUENCERS", &self.sequencer.addr)
@@ -237,6 +258,7 @@ impl Cluster {
             "ktd {args:?}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+        output.stdout
     }
 }
 
@@ -554,7 +576,7 @@ async fn run(args: Args) {
             let address = format!("http://{}", shard.addr);
             cluster.shards.push(shard);
             let id = format!("s{index}");
-            cluster.admin(&["admin", "add-shard", "--id", &id, "--address", &address]);
+            let _ = cluster.admin(&["admin", "add-shard", "--id", &id, "--address", &address]);
             new_ids.push(id);
         }
         let (mut last_move, mut seen_move) = (added_at, false);
@@ -637,12 +659,107 @@ async fn run(args: Args) {
         });
         eprintln!("rebalance: {rebalance}");
     }
+    // Back up under load, verify, restore into a new cluster.
+    let mut backup = Value::Null;
+    let backup_dir = root.join("backup");
+    if args.backup {
+        let dir = backup_dir.display().to_string();
+        let full = cluster.admin_json(&["admin", "backup", "--to", &dir]);
+        eprintln!("full backup: {full}");
+        let first = full["epoch"].as_u64().expect("epoch");
+        let until = first + args.backup_epochs;
+        while cluster
+            .status()
+            .await
+            .and_then(|status| status["epochs"]["last_committed_epoch"].as_u64())
+            .unwrap_or(0)
+            < until
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let incremental = cluster.admin_json(&["admin", "backup", "--to", &dir]);
+        eprintln!("incremental backup: {incremental}");
+        backup = json!({"full": full, "incremental": incremental});
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for task in tasks {
         let _ = task.await;
     }
     let late = samples.lock().expect("lock").late;
     let disk = shard_dirs(args.shards + args.add);
+    if args.backup {
+        let dir = backup_dir.display().to_string();
+        let verified = cluster.admin_json(&["admin", "verify-backup", "--from", &dir]);
+        eprintln!("verify: {verified}");
+        let epoch = verified["epoch"].as_u64().expect("epoch");
+        let root_hash = client.epoch(Some(epoch)).await.expect("root").root_hash;
+        for node in std::iter::once(&mut cluster.gateway)
+            .chain(std::iter::once(&mut cluster.sequencer))
+            .chain(cluster.shards.iter_mut())
+        {
+            node.terminate(Duration::from_secs(20));
+        }
+        let new_root = root.join("restored");
+        std::fs::create_dir_all(&new_root).expect("restored dir");
+        let restored = Cluster::start(&new_root, &args);
+        let started = Instant::now();
+        while restored
+            .status()
+            .await
+            .and_then(|status| status["leader_id"].as_u64())
+            .unwrap_or(0)
+            == 0
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the new cluster did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let report = restored.admin_json(&["admin", "restore", "--from", &dir, "--timeout", "2h"]);
+        eprintln!("restore: {report}");
+        let gateway = format!("http://{}", restored.gateway.addr);
+        let client = Client::connect(&gateway).await.expect("connect");
+        let restored_root = client
+            .epoch(Some(epoch))
+            .await
+            .expect("restored root")
+            .root_hash;
+        assert_eq!(restored_root, root_hash, "the restored root differs");
+        let chain = verified["bytes"].as_f64().unwrap_or(0.0);
+        let mib = |bytes: f64, seconds: f64| bytes / f64::from(1 << 20) / seconds.max(1e-9);
+        backup["verify"] = verified.clone();
+        backup["restore"] = report.clone();
+        backup["chain_bytes"] = json!(chain);
+        backup["full_mib_per_second"] = json!(mib(
+            backup["full"]["bytes_written"].as_f64().unwrap_or(0.0),
+            backup["full"]["seconds"].as_f64().unwrap_or(0.0)
+        ));
+        backup["verify_mib_per_second"] =
+            json!(mib(chain, verified["seconds"].as_f64().unwrap_or(0.0)));
+        backup["restore_mib_per_second"] =
+            json!(mib(chain, report["seconds"].as_f64().unwrap_or(0.0)));
+        backup["restored_root_equal"] = json!(true);
+        println!(
+            "backup: full {:.0} MiB in {:.1} s ({:.1} MiB/s) at epoch {}; incremental {:.1} MiB in {:.1} s after {} epochs; verify {:.1} s ({:.1} MiB/s); restore into a new cluster {:.1} s ({:.1} MiB/s of backup), {} replicas, root equal",
+            backup["full"]["bytes_written"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),
+            backup["full"]["seconds"].as_f64().unwrap_or(0.0),
+            backup["full_mib_per_second"].as_f64().unwrap_or(0.0),
+            backup["full"]["epoch"],
+            backup["incremental"]["bytes_written"]
+                .as_f64()
+                .unwrap_or(0.0)
+                / f64::from(1 << 20),
+            backup["incremental"]["seconds"].as_f64().unwrap_or(0.0),
+            args.backup_epochs,
+            verified["seconds"].as_f64().unwrap_or(0.0),
+            backup["verify_mib_per_second"].as_f64().unwrap_or(0.0),
+            report["seconds"].as_f64().unwrap_or(0.0),
+            backup["restore_mib_per_second"].as_f64().unwrap_or(0.0),
+            report["replicas"],
+        );
+        cluster = restored;
+    }
 
     println!(
         "cluster: {} shard servers, RF {}, {} partitions, {} users (pre-load {:.0} s)",
@@ -698,6 +815,7 @@ async fn run(args: Args) {
         "epoch_every_seconds": args.epoch_every,
         "baseline": baseline,
         "rebalance": rebalance,
+        "backup": backup,
         "shard_disk_bytes_after_preload": disk_after_preload,
         "shard_disk_bytes": disk,
     });

@@ -10,6 +10,9 @@ use tonic::{Request, Response, Status};
 
 use crate::node::{Sequencer, WeakSequencer};
 
+/// Most epoch records one `Restore` step installs (one Raft entry of at most a few MiB).
+pub const MAX_RESTORE_RECORDS: usize = 1024;
+
 /// The admin service.
 #[derive(Clone, Debug)]
 pub struct AdminService {
@@ -177,5 +180,19 @@ impl sequencer_admin_server::SequencerAdmin for AdminService {
         _request: Request<pb::GetRetentionRequest>,
     ) -> Result<Response<pb::HistoryRetention>, Status> {
         Ok(Response::new(self.node()?.history_retention()))
+    }
+
+    async fn restore(
+        &self,
+        request: Request<pb::RestoreCommand>,
+    ) -> Result<Response<pb::RestoreState>, Status> {
+        let command = request.into_inner();
+        if command.records.len() > MAX_RESTORE_RECORDS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_RESTORE_RECORDS} epoch records per restore step, got {}",
+                command.records.len()
+            )));
+        }
+        Ok(Response::new(self.node()?.restore(command).await?))
     }
 }

@@ -331,6 +331,21 @@ impl SequencerClient {
         .await
     }
 
+    /// One step of restoring a backup (`ktd admin restore`). A step is idempotent (records
+    /// already installed with the same roots are skipped), so it is retried like one.
+    pub async fn restore(&self, command: pb::RestoreCommand) -> Result<pb::RestoreState> {
+        self.on_leader(Retry::Idempotent, |channel| {
+            let request = self.request(command.clone());
+            async move {
+                SequencerAdminClient::new(channel)
+                    .restore(request)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        })
+        .await
+    }
+
     /// The history retention record as the leader applied it.
     pub async fn retention(&self) -> Result<pb::HistoryRetention> {
         self.on_leader(Retry::Idempotent, |channel| {

@@ -37,6 +37,11 @@
 //!   epoch, never decreases, never passes the latest committed epoch and never passes a live
 //!   pin; pins expire against the proposer's clock carried in the command, so every replica
 //!   decides alike.
+//! * **Restore** (`ktd admin restore`, ADR 0003): a backup's committed epoch records are
+//!   installed only into a cluster that never took an update, in order, each refused unless
+//!   its partition roots stitch to its root; while the restore is active, appends and seals are
+//!   refused (`UNAVAILABLE`), so the restored epochs are the only ones; finishing it needs every
+//!   record up to the backup's epoch, and never lowers the safe epoch or the sequence number.
 //! * **One shard-map validation.** `SetShardMap` is checked with `ktd_core::ShardMap::new` (via
 //!   `shard::replicated`): a map a shard or the coordinator would refuse is never replicated.
 
@@ -103,6 +108,8 @@ pub struct EpochState {
     pub kept_marks: BTreeMap<u64, u64>,
     /// The history retention record (window, pins, safe epoch).
     pub history: ktd_core::retention::Retention,
+    /// A restore from a backup in progress, or the last one (`None`: never restored).
+    pub restore: Option<pb::RestoreState>,
 }
 
 impl Default for EpochState {
@@ -125,6 +132,7 @@ impl Default for EpochState {
             kept_oldest_ordinal: 0,
             kept_marks: BTreeMap::new(),
             history: ktd_core::retention::Retention::default(),
+            restore: None,
         }
     }
 }
@@ -139,6 +147,11 @@ impl EpochState {
     /// The latest sealed epoch (0 if none).
     pub fn last_sealed_epoch(&self) -> u64 {
         self.open_epoch - 1
+    }
+
+    /// The restore in progress (`None`: none is).
+    pub fn active_restore(&self) -> Option<&pb::RestoreState> {
+        self.restore.as_ref().filter(|restore| restore.active)
     }
 
     /// The oldest committed epoch whose sealed batch is still retained (`None`: none is).
@@ -251,6 +264,18 @@ fn rejected(code: Code, message: impl Into<String>) -> pb::ApplyResult {
     }
 }
 
+/// The refusal of appends and seals while a backup is being restored.
+fn restoring(restore: &pb::RestoreState) -> pb::ApplyResult {
+    rejected(
+        Code::Unavailable,
+        format!(
+            "a backup (epoch {}) is being restored into this cluster; updates are taken once \
+             `ktd admin restore` has finished",
+            restore.epoch
+        ),
+    )
+}
+
 fn result(kind: pb::apply_result::Kind) -> pb::ApplyResult {
     pb::ApplyResult { kind: Some(kind) }
 }
@@ -286,6 +311,7 @@ impl Machine {
             Some(Kind::InitCluster(metadata)) => Ok(self.init_cluster(metadata)),
             Some(Kind::SetShardMap(request)) => Ok(self.set_shard_map(request)),
             Some(Kind::Retention(command)) => Ok(self.retention(command)),
+            Some(Kind::Restore(command)) => self.restore(tx, index, command),
             None => Ok(rejected(Code::InvalidArgument, "empty command")),
         }
     }
@@ -319,6 +345,9 @@ impl Machine {
                 "the cluster is not initialised",
             ));
         };
+        if let Some(restore) = self.state.active_restore() {
+            return Ok(restoring(restore));
+        }
         let max_epoch_updates = metadata.max_epoch_updates;
         let window = metadata.idempotency_window;
         let limits = InputLimits::of(metadata);
@@ -505,6 +534,9 @@ impl Machine {
 
     fn seal(&mut self, seal: &pb::SealRequest) -> pb::ApplyResult {
         let (epoch, heartbeat) = (seal.epoch, seal.heartbeat);
+        if let Some(restore) = self.state.active_restore() {
+            return restoring(restore);
+        }
         let open = self.state.open_epoch;
         if epoch == 0 {
             return rejected(Code::InvalidArgument, "epoch 0 is the empty directory");
@@ -747,6 +779,155 @@ impl Machine {
             }
             Err(message) => rejected(Code::FailedPrecondition, message),
         }
+    }
+
+    fn restore(
+        &mut self,
+        tx: &mut dyn MachineTx,
+        index: u64,
+        command: &pb::RestoreCommand,
+    ) -> Result<pb::ApplyResult> {
+        let Some(metadata) = self.state.metadata.clone() else {
+            return Ok(rejected(
+                Code::FailedPrecondition,
+                "the cluster is not initialised",
+            ));
+        };
+        let mut restore = match self.state.active_restore() {
+            Some(active) if active.epoch != command.epoch => {
+                return Ok(rejected(
+                    Code::FailedPrecondition,
+                    format!(
+                        "a restore of epoch {} is in progress; finish it before another",
+                        active.epoch
+                    ),
+                ));
+            }
+            Some(active) => active.clone(),
+            None => {
+                let written = self.state.next_sequence != 1
+                    || self.state.last_committed_epoch != 0
+                    || self.state.open_epoch != 1
+                    || !self.open_labels.is_empty();
+                if written {
+                    return Ok(rejected(
+                        Code::FailedPrecondition,
+                        format!(
+                            "a backup is restored only into a new cluster that never took an \
+                             update; this one has committed epoch {} and assigned {} sequence \
+                             numbers",
+                            self.state.last_committed_epoch,
+                            self.state.next_sequence - 1
+                        ),
+                    ));
+                }
+                if command.epoch == 0 || command.finish {
+                    return Ok(rejected(
+                        Code::InvalidArgument,
+                        "a restore starts with the backup's epoch (at least 1) and its records",
+                    ));
+                }
+                pb::RestoreState {
+                    active: true,
+                    epoch: command.epoch,
+                    source_address: String::new(),
+                    backup_cluster_id: command.backup_cluster_id.clone(),
+                    installed_epoch: 0,
+                }
+            }
+        };
+        if !command.source_address.is_empty() {
+            restore.source_address = command.source_address.clone();
+        }
+        let mut last = self.state.last_committed_epoch;
+        let mut installed = Vec::new();
+        for record in &command.records {
+            if record.epoch <= last {
+                let same = tx.epoch_get(record.epoch)?.is_some_and(|existing| {
+                    existing.root_hash == record.root_hash
+                        && existing.partition_roots == record.partition_roots
+                });
+                if !same {
+                    return Ok(rejected(
+                        Code::AlreadyExists,
+                        format!(
+                            "epoch {} is already installed with a different root",
+                            record.epoch
+                        ),
+                    ));
+                }
+                continue;
+            }
+            if record.epoch != last + 1 || record.epoch > restore.epoch {
+                return Ok(rejected(
+                    Code::FailedPrecondition,
+                    format!(
+                        "restored epoch records go in order up to epoch {}: the next one is {}, \
+                         not {}",
+                        restore.epoch,
+                        last + 1,
+                        record.epoch
+                    ),
+                ));
+            }
+            let check = pb::CommitEpochRequest {
+                epoch: record.epoch,
+                root_hash: record.root_hash.clone(),
+                partition_roots: record.partition_roots.clone(),
+                ..pb::CommitEpochRequest::default()
+            };
+            if record.root_hash.len() != 32 {
+                return Ok(rejected(
+                    Code::InvalidArgument,
+                    format!(
+                        "epoch {}: root hash must be 32 bytes, got {}",
+                        record.epoch,
+                        record.root_hash.len()
+                    ),
+                ));
+            }
+            if let Err(message) = check_commit(&metadata, &check) {
+                return Ok(rejected(Code::InvalidArgument, message));
+            }
+            installed.push(pb::EpochRecord {
+                commit_index: index,
+                // Gateways read an epoch with a map at least this new: this cluster's map.
+                shard_map_version: self.state.shard_map.version,
+                ..record.clone()
+            });
+            last = record.epoch;
+        }
+        if command.finish && last != restore.epoch {
+            return Ok(rejected(
+                Code::FailedPrecondition,
+                format!(
+                    "the restore of epoch {} cannot finish: epochs up to {last} are installed",
+                    restore.epoch
+                ),
+            ));
+        }
+        for record in &installed {
+            tx.epoch_put(record);
+        }
+        self.state.last_committed_epoch = last;
+        self.state.open_epoch = last + 1;
+        self.state.next_sequence = self.state.next_sequence.max(command.next_sequence);
+        restore.installed_epoch = last;
+        if command.finish {
+            if let Some(history) = &command.history {
+                let backup = crate::history::from_pb(Some(history));
+                self.state.history.window = backup.window;
+                self.state.history.safe_epoch = self
+                    .state
+                    .history
+                    .safe_epoch
+                    .max(backup.safe_epoch)
+                    .min(last);
+            }
+            restore.active = false;
+        }
+        self.state.restore = Some(restore.clone());
+        Ok(result(pb::apply_result::Kind::Restore(restore)))
     }
 
     fn set_shard_map(&mut self, request: &pb::SetShardMapRequest) -> pb::ApplyResult {

@@ -940,6 +940,14 @@ impl Sequencer {
         }
     }
 
+    /// One step of restoring a backup (see the `Restore` RPC); returns the restore's state.
+    pub async fn restore(&self, command: pb::RestoreCommand) -> Result<pb::RestoreState> {
+        match self.propose(pb::command::Kind::Restore(command)).await? {
+            pb::apply_result::Kind::Restore(state) => Ok(state),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// The history retention record as applied on this node.
     pub fn history_retention(&self) -> pb::HistoryRetention {
         crate::history::to_pb(&self.inner.sm.view().borrow().epochs().history)
@@ -1338,6 +1346,8 @@ impl Sequencer {
             last_committed_epoch: epochs.last_committed_epoch,
             retention: Some(epochs.retention()),
             history: Some(crate::history::to_pb(&epochs.history)),
+            restore: epochs.restore.clone(),
+            next_sequence: epochs.next_sequence,
         })
     }
 

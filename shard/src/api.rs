@@ -234,11 +234,14 @@ pub trait ShardApi: Send + Sync {
     /// committed root, and marks the partition built at that epoch.
     async fn bootstrap(&self, fence: &Fence, source: BootstrapSource) -> Result<BootstrapSummary>;
 
-    /// A consistent copy of `partition` as of `epoch` (built here), in checksummed chunks.
+    /// A consistent copy of `partition` as of `epoch` (built here), in checksummed chunks; with
+    /// `from_epoch` > 0 only what epochs `from_epoch + 1 ..= epoch` wrote (an incremental backup
+    /// segment).
     async fn stream_partition(
         &self,
         partition: u32,
         epoch: u64,
+        from_epoch: u64,
     ) -> Result<BoxStream<'static, Result<PartitionChunk>>>;
 
     /// Proof walks from the given partition roots (partitions built here at least to each

@@ -339,8 +339,13 @@ impl ShardApi for GrpcShard {
         &self,
         partition: u32,
         epoch: u64,
+        from_epoch: u64,
     ) -> Result<BoxStream<'static, Result<PartitionChunk>>> {
-        let request = pb::StreamPartitionRequest { partition, epoch };
+        let request = pb::StreamPartitionRequest {
+            partition,
+            epoch,
+            from_epoch,
+        };
         let stream = self
             .client
             .clone()

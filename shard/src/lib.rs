@@ -24,6 +24,7 @@
 //! re-implements its math: every root, path and proof comes from the core's functions.
 
 pub mod api;
+pub mod backup;
 pub mod client;
 pub mod cluster;
 pub mod directory;

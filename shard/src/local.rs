@@ -608,7 +608,7 @@ impl<TC: Configuration> LocalShard<TC> {
             maintenance_until_ms: 0,
             draining: false,
         })?;
-        let mut chunks = peer.stream_partition(partition, source.epoch).await?;
+        let mut chunks = peer.stream_partition(partition, source.epoch, 0).await?;
         let started = Instant::now();
         let mut records = 0u64;
         let mut bytes = 0u64;
@@ -927,8 +927,15 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         &self,
         partition: u32,
         epoch: u64,
+        from_epoch: u64,
     ) -> Result<BoxStream<'static, Result<PartitionChunk>>> {
         self.check_readable(partition, epoch)?;
+        if from_epoch > epoch {
+            return Err(Error::BadMessage {
+                peer: "a StreamPartition caller".into(),
+                message: format!("from_epoch {from_epoch} is after epoch {epoch}"),
+            });
+        }
         let hold = EpochHold::new(&self.state, epoch)?;
         let (sender, receiver) = tokio::sync::mpsc::channel::<Result<PartitionChunk>>(CHUNK_QUEUE);
         let node = self.node.clone();
@@ -938,7 +945,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
             let send = |chunk: Result<PartitionChunk>| sender.blocking_send(chunk).is_ok();
             let exported = node.store().export_partition(
                 partition,
-                epoch,
+                from_epoch..=epoch,
                 bits,
                 CHUNK_BYTES,
                 |nodes, users| {

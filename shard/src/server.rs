@@ -264,7 +264,7 @@ impl pb::shard_server::Shard for ShardService {
         let request = request.into_inner();
         let chunks = self
             .api
-            .stream_partition(request.partition, request.epoch)
+            .stream_partition(request.partition, request.epoch, request.from_epoch)
             .await?;
         Ok(Response::new(
             chunks

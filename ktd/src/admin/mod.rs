@@ -14,6 +14,10 @@
 //! ktd admin replace-shard --id OLD --with NEW [--address URL] [--wait]
 //! ktd admin remove-shard --id S                # only once S holds nothing
 //! ktd admin maintenance --id S --for 30m | --off   # no re-replication while S is away
+//! ktd admin retention show|set-window|hold|release # history retention (shard/docs/0003)
+//! ktd admin backup --to DIR [--full]           # online; incremental over DIR's newest backup
+//! ktd admin verify-backup --from DIR [--epoch E]   # offline: checksums and every root, node by node
+//! ktd admin restore --from DIR [--epoch E]     # into a new, empty cluster with the same VRF key
 //! ```
 //!
 //! Exit status: 0 done, 1 failed (one error line on stderr; `status --check` also fails when it
@@ -30,6 +34,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+pub mod backup;
 mod shards;
 
 /// Most entries a member's applied index may trail the leader's commit index before `status
@@ -47,7 +52,7 @@ pub enum AdminError {
     #[error("{0}")]
     Sequencer(#[from] SequencerError),
     /// A shard could not be asked.
-    #[error("{0}")]
+    #[error(transparent)]
     Shard(#[from] shard::Error),
     /// The request cannot be carried out as asked.
     #[error("{0}")]
@@ -140,6 +145,68 @@ pub enum AdminCommand {
     /// change the window, or hold and release history (shard/docs/0003).
     #[command(subcommand)]
     Retention(RetentionCommand),
+    /// Back up the serving cluster at its latest committed epoch into DIR: incremental over the
+    /// newest backup of this cluster already in DIR (only what later epochs wrote is copied),
+    /// with a pin holding that epoch's history while it runs (shard/docs/0003).
+    Backup {
+        /// The backup directory (created if missing).
+        #[arg(long)]
+        to: std::path::PathBuf,
+        /// Copy everything, even if DIR holds an earlier backup.
+        #[arg(long)]
+        full: bool,
+        /// How long the backup's pin may hold history if this command dies half-way.
+        #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+        pin_for: Duration,
+        /// `table` or `json`.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Check a backup without a cluster: every file's checksum, the epoch records in order with
+    /// each one's partition roots stitching to its root, and every partition's tree re-hashed
+    /// node by node to its committed root.
+    VerifyBackup {
+        /// The backup directory.
+        #[arg(long)]
+        from: std::path::PathBuf,
+        /// The backup's epoch (default: the newest in DIR).
+        #[arg(long)]
+        epoch: Option<u64>,
+        /// `table` or `json`.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Restore a backup into a new cluster (same akd configuration, partition bits and VRF seed,
+    /// never written to): verify it, serve it to the shard servers, install its epochs, wait
+    /// until every replica holds its epoch with the committed root, then take updates again.
+    Restore {
+        /// The backup directory.
+        #[arg(long)]
+        from: std::path::PathBuf,
+        /// The backup's epoch (default: the newest in DIR).
+        #[arg(long)]
+        epoch: Option<u64>,
+        /// Where this command serves the backup to the shard servers.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// The URL shard servers reach `--listen` on (default: `http://` + the bound address).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// A `ktd auditor` (gRPC URL): refuse a backup older than the newest head it signed, or
+        /// whose root differs from a head it signed.
+        #[arg(long)]
+        auditor: Option<String>,
+        /// Restore even though the auditor signed newer epochs (published epochs go back:
+        /// announce it).
+        #[arg(long)]
+        force: bool,
+        /// Bound on the whole restore.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// `table` or `json`.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Add a shard server (started with an empty data directory) to the shard map. The
     /// balancer then moves copies onto it a few at a time (`replicas.balance`); `--rebalance`
     /// moves a share of copies onto it at once instead.
@@ -608,6 +675,30 @@ impl RetentionReport {
 
 /// Runs one `ktd admin` command, printing its result on stdout.
 pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
+    if let AdminCommand::VerifyBackup {
+        from,
+        epoch,
+        output,
+    } = &args.command
+    {
+        let report = backup::verify_backup(from, *epoch).await?;
+        match output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            Output::Table => println!(
+                "backup of epoch {} verified: root {}; {} epoch records, {} files, {} records, {} \
+                 interior nodes re-hashed, {:.1} MiB in {:.1} s",
+                report.epoch,
+                report.root_hash,
+                report.epoch_records,
+                report.files,
+                report.records,
+                report.nodes_checked,
+                report.bytes as f64 / f64::from(1 << 20),
+                report.seconds
+            ),
+        }
+        return Ok(());
+    }
     let sequencers: Vec<String> = args
         .sequencers
         .iter()
@@ -661,6 +752,71 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
             None => println!("nothing to seal: the open epoch has no updates"),
         },
         AdminCommand::Retention(command) => retention(&admin, command).await?,
+        // Answered above, before any sequencer address is needed.
+        AdminCommand::VerifyBackup { .. } => {}
+        AdminCommand::Backup {
+            to,
+            full,
+            pin_for,
+            output,
+        } => {
+            let report = backup::backup(&admin.client, &to, pin_for, full).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => println!(
+                    "backup of epoch {} written to {} ({}): root {}; {:.1} MiB new, {:.1} MiB in \
+                     the chain, {:.1} s",
+                    report.epoch,
+                    to.display(),
+                    match report.parent_epoch {
+                        Some(parent) => format!("incremental over epoch {parent}"),
+                        None => "full".into(),
+                    },
+                    report.root_hash,
+                    report.bytes_written as f64 / f64::from(1 << 20),
+                    report.chain_bytes as f64 / f64::from(1 << 20),
+                    report.seconds
+                ),
+            }
+        }
+        AdminCommand::Restore {
+            from,
+            epoch,
+            listen,
+            advertise,
+            auditor,
+            force,
+            timeout,
+            output,
+        } => {
+            let report = backup::restore(
+                &admin.client,
+                backup::RestoreOptions {
+                    from,
+                    epoch,
+                    listen,
+                    advertise,
+                    auditor,
+                    force,
+                    timeout,
+                },
+            )
+            .await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => println!(
+                    "restored epoch {} (root {}): {} partition replicas hold it; verified {} \
+                     records in {:.1} s, copied in {:.1} s, {:.1} s in all",
+                    report.epoch,
+                    report.root_hash,
+                    report.replicas,
+                    report.verified.records,
+                    report.verified.seconds,
+                    report.copy_seconds,
+                    report.seconds
+                ),
+            }
+        }
         AdminCommand::AddShard {
             id,
             address,

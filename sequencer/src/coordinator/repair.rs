@@ -111,6 +111,9 @@ async fn check(
             epoch: committed,
             oldest_retained: epochs.oldest_retained_committed(),
             roots_at: &roots_at,
+            restoring: epochs
+                .active_restore()
+                .is_some_and(|restore| restore.installed_epoch == committed),
         },
         now,
         unix_ms(),
@@ -210,8 +213,21 @@ async fn check(
                     .get(&epoch)
                     .and_then(|roots| roots.get(partition as usize).copied())
                     .flatten();
-                let Some(source_server) = map.server(&source).cloned() else {
-                    continue;
+                let source_server = if source == super::replicas::RESTORE_SOURCE {
+                    let Some(restore) = epochs.active_restore() else {
+                        continue;
+                    };
+                    ktd_core::shard_map::ShardServer {
+                        id: source.clone(),
+                        address: restore.source_address.clone(),
+                        maintenance_until_ms: 0,
+                        draining: false,
+                    }
+                } else {
+                    let Some(server) = map.server(&source).cloned() else {
+                        continue;
+                    };
+                    server
                 };
                 let api = shard_set.api(&server).map_err(super::coordination)?.clone();
                 shared

@@ -13,6 +13,9 @@
 //! | built, but behind the committed epoch | replay the next epoch |
 //! | caught up, root equal to the committed one | promote (a learner), lift the quarantine (a rebuilt voter) |
 //! | server unreachable past the failure timeout, not in maintenance | add a learner on another server to replace it |
+//!
+//! While a backup is being restored (`ktd admin restore`), a partition that no healthy voter
+//! holds is copied from the restore's source ([`RESTORE_SOURCE`]) instead.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,6 +25,10 @@ use ktd_core::shard_map::{Learner, Role};
 use ktd_core::tree::NodeRef;
 use shard::api::ShardStatus;
 use shard::cluster::{Participation, ReplicaVerdict};
+
+/// The `source` of a [`Repair::Bootstrap`] from the backup being restored (not a server of the
+/// map: the coordinator dials the restore's source address).
+pub const RESTORE_SOURCE: &str = "(backup)";
 
 /// Bootstraps running at once, cluster-wide.
 pub const MAX_PARALLEL_BOOTSTRAPS: usize = 4;
@@ -351,6 +358,8 @@ pub struct Committed<'a> {
     pub oldest_retained: Option<u64>,
     /// The committed partition roots of an epoch (`None`: not available).
     pub roots_at: &'a dyn Fn(u64) -> Option<Vec<Option<NodeRef>>>,
+    /// A backup is being restored at `epoch` (copies with no healthy voter come from it).
+    pub restoring: bool,
 }
 
 /// Options of the repair decisions.
@@ -427,11 +436,16 @@ pub fn plan(
                             .get(&candidate.id)
                             .is_some_and(|view| view.unreachable_since.is_none())
                 });
+                let source = match source {
+                    Some(source) => Some(source.id.clone()),
+                    None if committed.restoring => Some(RESTORE_SOURCE.to_owned()),
+                    None => None,
+                };
                 if let Some(source) = source {
                     repairs.push(Repair::Bootstrap {
                         server: server.id.clone(),
                         partition,
-                        source: source.id.clone(),
+                        source,
                         epoch: committed.epoch,
                     });
                     bootstrap_here = true;
@@ -613,6 +627,7 @@ mod tests {
             epoch: 5,
             oldest_retained: Some(2),
             roots_at: &roots,
+            restoring: false,
         };
         let repairs = plan(&map, &tracker, &committed, now, 0, options());
         assert!(repairs.contains(&Repair::Replay {
@@ -642,6 +657,7 @@ mod tests {
             epoch: 9,
             oldest_retained: Some(6),
             roots_at: &roots,
+            restoring: false,
         };
         let repairs = plan(&map, &tracker, &committed, now, 0, options());
         assert!(
@@ -663,6 +679,7 @@ mod tests {
             epoch: 4,
             oldest_retained: Some(1),
             roots_at: &roots,
+            restoring: false,
         };
         let repairs = plan(&map, &tracker, &committed, now, 0, options());
         assert!(repairs.contains(&Repair::Map(MapChange::Quarantine {
@@ -707,6 +724,7 @@ mod tests {
             epoch: 7,
             oldest_retained: Some(1),
             roots_at: &roots,
+            restoring: false,
         };
         assert!(plan(&map, &tracker, &committed, start, 0, options()).is_empty());
         let later = start + Duration::from_secs(301);

@@ -938,3 +938,100 @@ fn an_idempotency_key_reused_for_other_updates_is_refused_and_a_true_retry_is_a_
         "only alice's update was applied"
     );
 }
+
+fn restored_record(epoch: u64, seed: u8) -> pb::EpochRecord {
+    let (root_hash, partition_roots) = stitched(epoch, seed);
+    pb::EpochRecord {
+        epoch,
+        root_hash,
+        partition_roots,
+        committed_at_ms: 5_000 + epoch,
+        shard_map_version: 99,
+        ..pb::EpochRecord::default()
+    }
+}
+
+fn restore_step(records: Vec<pb::EpochRecord>, epoch: u64, finish: bool) -> pb::command::Kind {
+    pb::command::Kind::Restore(pb::RestoreCommand {
+        records,
+        epoch,
+        source_address: "http://127.0.0.1:9".into(),
+        history: Some(pb::HistoryRetention {
+            window: None,
+            pins: Vec::new(),
+            safe_epoch: 2,
+        }),
+        next_sequence: 41,
+        finish,
+        backup_cluster_id: vec![3; 16],
+    })
+}
+
+#[test]
+fn a_backup_is_restored_only_into_a_cluster_that_never_took_an_update() {
+    let mut written = Harness::new(100, 10, 2);
+    written.append(&["a"], "");
+    let refused = written.run(restore_step(vec![restored_record(1, 1)], 1, false));
+    assert_eq!(rejection_code(&refused), Some(Code::FailedPrecondition));
+    assert!(
+        rejection_message(&refused).contains("never took an update"),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_restore_installs_epochs_in_order_refuses_updates_meanwhile_and_finishes_only_when_complete() {
+    let mut h = Harness::new(100, 10, 2);
+    // Records go in order, each checked to stitch.
+    let gap = h.run(restore_step(vec![restored_record(2, 2)], 3, false));
+    assert_eq!(rejection_code(&gap), Some(Code::FailedPrecondition));
+    let mut forged = restored_record(1, 1);
+    forged.root_hash = vec![9; 32];
+    let forged = h.run(restore_step(vec![forged], 3, false));
+    assert_eq!(rejection_code(&forged), Some(Code::InvalidArgument));
+    let started = h.run(restore_step(
+        vec![restored_record(1, 1), restored_record(2, 2)],
+        3,
+        false,
+    ));
+    assert!(matches!(
+        started.kind,
+        Some(pb::apply_result::Kind::Restore(ref state)) if state.active && state.installed_epoch == 2
+    ));
+    // While it runs: no appends, no seals, no other restore, no early finish.
+    assert_eq!(
+        rejection_code(&h.append(&["a"], "")),
+        Some(Code::Unavailable)
+    );
+    assert_eq!(rejection_code(&h.seal(3)), Some(Code::Unavailable));
+    let other = h.run(restore_step(vec![], 7, false));
+    assert_eq!(rejection_code(&other), Some(Code::FailedPrecondition));
+    let early = h.run(restore_step(vec![], 3, true));
+    assert_eq!(rejection_code(&early), Some(Code::FailedPrecondition));
+    // A repeated step is accepted (idempotent); a different root for an installed epoch is not.
+    let repeated = h.run(restore_step(vec![restored_record(2, 2)], 3, false));
+    assert!(rejection_code(&repeated).is_none(), "{repeated:?}");
+    let rewritten = h.run(restore_step(vec![restored_record(2, 7)], 3, false));
+    assert_eq!(rejection_code(&rewritten), Some(Code::AlreadyExists));
+    let finished = h.run(restore_step(vec![restored_record(3, 3)], 3, true));
+    assert!(matches!(
+        finished.kind,
+        Some(pb::apply_result::Kind::Restore(ref state)) if !state.active && state.installed_epoch == 3
+    ));
+    let state = h.machine.state();
+    assert_eq!(state.last_committed_epoch, 3);
+    assert_eq!(state.open_epoch, 4);
+    assert_eq!(state.history.safe_epoch, 2);
+    // Installed records keep their roots and times; they name this cluster's map.
+    let record = h.tx.epochs.get(&3).expect("record 3");
+    assert_eq!(record.root_hash, stitched(3, 3).0);
+    assert_eq!(record.committed_at_ms, 5_003);
+    assert_eq!(record.shard_map_version, state.shard_map.version);
+    // Updates go to the next epoch, with sequence numbers after the backup's.
+    let answer = h.appended(&["a"], "");
+    assert_eq!(answer.epoch, 4);
+    assert_eq!(answer.first_sequence, 41);
+    // A finished restore cannot be started again: the cluster is written now.
+    let again = h.run(restore_step(vec![], 5, false));
+    assert_eq!(rejection_code(&again), Some(Code::FailedPrecondition));
+}

@@ -161,6 +161,7 @@ fn encode_meta(inner: &SmInner) -> Vec<u8> {
             .map(|(first, start)| (*first, *start))
             .collect(),
         history: Some(crate::history::to_pb(&state.history)),
+        restore: state.restore.clone(),
     }
     .encode_to_vec()
 }
@@ -199,6 +200,7 @@ fn load(db: &DB) -> Result<SmInner> {
         kept_oldest_ordinal: meta.kept_oldest_ordinal,
         kept_marks: meta.kept_marks.into_iter().collect(),
         history: crate::history::from_pb(meta.history.as_ref()),
+        restore: meta.restore,
     };
     if state.open_epoch == 0 || state.next_sequence == 0 {
         return Err(SequencerError::Corrupt(
@@ -909,6 +911,7 @@ fn event_of(index: u64, entry: crate::raft::types::Entry, result: pb::ApplyResul
         Some(R::Rejected(rejection)) => E::Rejected(rejection),
         Some(R::Noop(noop)) => E::Noop(noop),
         Some(R::Retention(history)) => E::Retention(history),
+        Some(R::Restore(restore)) => E::Restore(restore),
         None => E::Noop(pb::Noop {
             kind: "unknown".into(),
         }),

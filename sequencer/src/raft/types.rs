@@ -38,6 +38,7 @@ impl fmt::Display for Command {
             Some(Kind::InitCluster(_)) => write!(f, "InitCluster"),
             Some(Kind::SetShardMap(map)) => write!(f, "SetShardMap({} shards)", map.shards.len()),
             Some(Kind::Retention(_)) => write!(f, "Retention"),
+            Some(Kind::Restore(_)) => write!(f, "Restore"),
             None => write!(f, "Empty"),
         }
     }

@@ -374,6 +374,7 @@ proptest! {
                 pb::apply_result::Kind::ShardMap(_) => false,
                 pb::apply_result::Kind::Noop(_) => true,
                 pb::apply_result::Kind::Retention(_) => false,
+                pb::apply_result::Kind::Restore(_) => false,
             };
             // History retention: the safe epoch never decreases, never passes the committed
             // epoch, and never passes a pin that was live when it moved.

@@ -314,17 +314,19 @@ impl RocksStore {
     }
 
     /// Calls `sink` with the records of `partition` as of `epoch`, in chunks of about
-    /// `chunk_bytes`: node versions of epochs `1..=epoch` whose label is in the partition, then
-    /// user versions of its users published at or before `epoch`. Reads one RocksDB snapshot,
-    /// so writes of later epochs do not disturb the copy. Blocking.
+    /// `chunk_bytes`: node versions of epochs `from + 1 ..= epoch` (`epochs` is `from..=epoch`;
+    /// `from` 0 for a whole copy) whose label is in the partition, then user versions of its
+    /// users published in those epochs. Reads one RocksDB snapshot, so writes of later epochs
+    /// do not disturb the copy. Blocking.
     pub fn export_partition(
         &self,
         partition: u32,
-        epoch: u64,
+        epochs: std::ops::RangeInclusive<u64>,
         bits: u8,
         chunk_bytes: usize,
         mut sink: impl FnMut(Vec<RawRecord>, Vec<RawRecord>) -> Result<()>,
     ) -> Result<u64> {
+        let (from, epoch) = (*epochs.start(), *epochs.end());
         let snapshot = self.db.snapshot();
         let (start, end) = partition_bounds(partition, bits);
         let mut records = 0u64;
@@ -342,7 +344,7 @@ impl RocksStore {
             *pending = 0;
             Ok(())
         };
-        for version in 1..=epoch {
+        for version in from + 1..=epoch {
             let mut from = version.to_be_bytes().to_vec();
             from.extend_from_slice(&start);
             let mut to = version.to_be_bytes().to_vec();
@@ -378,7 +380,7 @@ impl RocksStore {
         iter.seek(start);
         while iter.valid() {
             if let (Some(key), Some(value)) = (iter.key(), iter.value())
-                && super::codec::user_record_epoch(value)? <= epoch
+                && (from + 1..=epoch).contains(&super::codec::user_record_epoch(value)?)
             {
                 pending += key.len() + value.len();
                 users.push((key.to_vec(), value.to_vec()));
@@ -403,7 +405,7 @@ impl RocksStore {
     pub fn damage_partition_for_tests(&self, partition: u32, epoch: u64, bits: u8) -> Result<u64> {
         let mut batch = WriteBatch::default();
         let mut damaged = 0u64;
-        self.export_partition(partition, epoch, bits, 1 << 20, |nodes, _users| {
+        self.export_partition(partition, 0..=epoch, bits, 1 << 20, |nodes, _users| {
             for (key, value) in nodes {
                 let mut node = super::codec::decode_node(&value)?;
                 for child in &mut node.children {

@@ -768,9 +768,12 @@ impl ShardApi for Faulty {
         &self,
         partition: u32,
         epoch: u64,
+        from_epoch: u64,
     ) -> shard::Result<BoxStream<'static, shard::Result<PartitionChunk>>> {
         self.check()?;
-        self.inner.stream_partition(partition, epoch).await
+        self.inner
+            .stream_partition(partition, epoch, from_epoch)
+            .await
     }
     async fn walk(&self, requests: Vec<WalkRequest>) -> shard::Result<Vec<PartitionWalk>> {
         self.check()?;

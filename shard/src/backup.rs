@@ -105,10 +105,9 @@ impl SegmentWriter {
             return Ok(());
         }
         self.records += (chunk.nodes.len() + chunk.users.len()) as u64;
-        self.write_message(&wire::chunk(&PartitionChunk {
-            total_records: None,
-            ..chunk.clone()
-        }))
+        let mut message = wire::chunk(chunk);
+        (message.last, message.total_records) = (false, 0);
+        self.write_message(&message)
     }
 
     fn write_message(&mut self, message: &pb::PartitionChunk) -> Result<()> {
@@ -256,8 +255,10 @@ pub fn read_segment(
 }
 
 /// What [`verify_segments`] found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainCheck {
+    /// Each segment as read, in chain order (for the caller's checksums).
+    pub segments: Vec<SegmentSummary>,
     /// Records imported from the chain.
     pub records: u64,
     /// Interior nodes re-hashed.
@@ -278,14 +279,16 @@ pub fn verify_segments<TC: Configuration>(
     let checked = (|| {
         let (store, _) = RocksStore::open(scratch, StoreOptions::default())?;
         let mut records = 0u64;
+        let mut summaries = Vec::with_capacity(segments.len());
         for segment in segments {
-            read_segment(segment, |chunk| {
+            summaries.push(read_segment(segment, |chunk| {
                 records += (chunk.nodes.len() + chunk.users.len()) as u64;
                 Ok(store.import_records(partition, epoch, bits, &chunk.nodes, &chunk.users)?)
-            })?;
+            })?);
         }
         let nodes_checked = tree::verify_partition::<TC, _>(&*store, expected_root)?;
         Ok(ChainCheck {
+            segments: summaries,
             records,
             nodes_checked,
         })

@@ -138,6 +138,19 @@ pub fn shard_map_to_pb(map: &ShardMap) -> cluster_pb::ShardMap {
     }
 }
 
+/// A committed record's partition roots (all empty for epoch 0), checked against `bits`.
+pub fn partition_roots(
+    bits: u8,
+    record: &pb::EpochRecord,
+) -> Result<Vec<Option<ktd_core::tree::NodeRef>>> {
+    if record.partition_roots.is_empty() {
+        return Ok(vec![None; 1 << bits]);
+    }
+    let decoded = EpochRecord::decode(record.epoch, &record.partition_roots)?;
+    decoded.check_partitions(bits)?;
+    Ok(decoded.partitions)
+}
+
 /// A committed epoch's top tree from its replicated record (epoch 0 has no partition roots: the
 /// empty directory), checked to hash to the committed root.
 pub fn top_tree<TC: Configuration>(bits: u8, record: &pb::EpochRecord) -> Result<TopTree<TC>> {

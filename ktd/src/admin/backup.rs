@@ -35,10 +35,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use ktd_core::ShardMap;
 use ktd_core::akd_core::configuration::Configuration;
 use ktd_core::config::{AkdConfig, Experimental, WhatsAppV1};
 use ktd_core::tree::NodeRef;
-use ktd_core::{EpochRecord, ShardMap};
 use prost::Message;
 use sequencer::{SequencerClient, pb};
 use serde::{Deserialize, Serialize};
@@ -206,16 +206,6 @@ fn root_text(root: Option<NodeRef>) -> String {
             hex::encode(root.hash.0)
         ),
     }
-}
-
-fn partition_roots(bits: u8, record: &pb::EpochRecord) -> Result<Vec<Option<NodeRef>>, AdminError> {
-    if record.partition_roots.is_empty() {
-        return Ok(vec![None; 1 << bits]);
-    }
-    let decoded =
-        EpochRecord::decode(record.epoch, &record.partition_roots).map_err(shard::Error::from)?;
-    decoded.check_partitions(bits).map_err(shard::Error::from)?;
-    Ok(decoded.partitions)
 }
 
 fn segments_dir(dir: &Path) -> PathBuf {
@@ -428,7 +418,7 @@ async fn copy(
         .last()
         .cloned()
         .ok_or_else(|| AdminError::Refused("no epoch record to back up".into()))?;
-    let roots = partition_roots(bits, &head)?;
+    let roots = shard::replicated::partition_roots(bits, &head)?;
     let mut epochs = parent
         .map(|parent| parent.epochs.clone())
         .unwrap_or_default();
@@ -641,7 +631,7 @@ pub fn verify(
             hex::encode(&head.root_hash)
         )));
     }
-    let roots = partition_roots(bits, head)?;
+    let roots = shard::replicated::partition_roots(bits, head)?;
     if manifest.partitions.len() != roots.len() {
         return Err(AdminError::Refused(format!(
             "the backup has {} partitions; the cluster has {}",
@@ -666,18 +656,11 @@ pub fn verify(
                 entry.partition
             )));
         }
-        let mut chain = Vec::new();
-        for segment in &entry.segments {
-            let path = segments_dir(dir).join(&segment.file);
-            let summary = shard::backup::read_segment(&path, |_| Ok(()))?;
-            if hex::encode(summary.blake3) != segment.blake3 || summary.records != segment.records {
-                return Err(AdminError::Refused(format!(
-                    "{} does not match its checksum in the manifest",
-                    path.display()
-                )));
-            }
-            chain.push(path);
-        }
+        let chain: Vec<PathBuf> = entry
+            .segments
+            .iter()
+            .map(|segment| segments_dir(dir).join(&segment.file))
+            .collect();
         report.files += chain.len() as u64;
         let scratch = dir.join(format!(
             ".verify-{}-{}",
@@ -694,6 +677,15 @@ pub fn verify(
                 entry.partition, manifest.epoch
             ))
         })?;
+        // Each file read once: imported, re-hashed, and its checksum compared here.
+        for ((segment, summary), path) in entry.segments.iter().zip(&checked.segments).zip(&chain) {
+            if hex::encode(summary.blake3) != segment.blake3 || summary.records != segment.records {
+                return Err(AdminError::Refused(format!(
+                    "{} does not match its checksum in the manifest",
+                    path.display()
+                )));
+            }
+        }
         report.records += checked.records;
         report.nodes_checked += checked.nodes_checked;
     }
@@ -724,21 +716,30 @@ pub async fn verify_backup(dir: &Path, epoch: Option<u64>) -> Result<VerifyRepor
 }
 
 /// `ktd admin restore` options.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct RestoreOptions {
     /// The backup directory.
+    #[arg(long)]
     pub from: PathBuf,
-    /// The backup (default: the newest).
+    /// The backup's epoch (default: the newest in DIR).
+    #[arg(long)]
     pub epoch: Option<u64>,
-    /// Where the backup source listens.
+    /// Where this command serves the backup to the shard servers.
+    #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
-    /// The address shard servers dial it on (default: `http://` + the bound address).
+    /// The URL shard servers reach `--listen` on (default: `http://` + the bound address).
+    #[arg(long)]
     pub advertise: Option<String>,
-    /// An auditor (`ktd auditor` gRPC address) whose signed heads the backup must not predate.
+    /// A `ktd auditor` (gRPC URL): refuse a backup older than the newest head it signed, or
+    /// whose root differs from a head it signed.
+    #[arg(long)]
     pub auditor: Option<String>,
-    /// Restore even if the auditor signed newer heads.
+    /// Restore even though the auditor signed newer epochs (published epochs go back:
+    /// announce it).
+    #[arg(long)]
     pub force: bool,
     /// Bound on the whole restore.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 }
 
@@ -895,7 +896,7 @@ async fn install_and_wait(
     for chunk in records.chunks(RECORDS_PER_STEP) {
         client.restore(step(chunk.to_vec(), false)).await?;
     }
-    let roots = partition_roots(
+    let roots = shard::replicated::partition_roots(
         bits,
         records
             .last()

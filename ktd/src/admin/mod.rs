@@ -180,29 +180,9 @@ pub enum AdminCommand {
     /// never written to): verify it, serve it to the shard servers, install its epochs, wait
     /// until every replica holds its epoch with the committed root, then take updates again.
     Restore {
-        /// The backup directory.
-        #[arg(long)]
-        from: std::path::PathBuf,
-        /// The backup's epoch (default: the newest in DIR).
-        #[arg(long)]
-        epoch: Option<u64>,
-        /// Where this command serves the backup to the shard servers.
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: std::net::SocketAddr,
-        /// The URL shard servers reach `--listen` on (default: `http://` + the bound address).
-        #[arg(long)]
-        advertise: Option<String>,
-        /// A `ktd auditor` (gRPC URL): refuse a backup older than the newest head it signed, or
-        /// whose root differs from a head it signed.
-        #[arg(long)]
-        auditor: Option<String>,
-        /// Restore even though the auditor signed newer epochs (published epochs go back:
-        /// announce it).
-        #[arg(long)]
-        force: bool,
-        /// Bound on the whole restore.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        timeout: Duration,
+        /// What to restore, and how.
+        #[command(flatten)]
+        options: backup::RestoreOptions,
         /// `table` or `json`.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -779,29 +759,8 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
                 ),
             }
         }
-        AdminCommand::Restore {
-            from,
-            epoch,
-            listen,
-            advertise,
-            auditor,
-            force,
-            timeout,
-            output,
-        } => {
-            let report = backup::restore(
-                &admin.client,
-                backup::RestoreOptions {
-                    from,
-                    epoch,
-                    listen,
-                    advertise,
-                    auditor,
-                    force,
-                    timeout,
-                },
-            )
-            .await?;
+        AdminCommand::Restore { options, output } => {
+            let report = backup::restore(&admin.client, options).await?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Output::Table => println!(

@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ktd_core::EpochRecord;
 use ktd_core::shard_map::Role;
 use ktd_core::tree::NodeRef;
 use shard::api::{BootstrapSource, Fence};
@@ -96,7 +95,7 @@ async fn check(
     let mut roots: BTreeMap<u64, Vec<Option<NodeRef>>> = BTreeMap::new();
     for epoch in wanted {
         if let Ok(record) = sequencer.get_local_epoch(Some(epoch)).await
-            && let Ok(decoded) = decode_roots(map.bits(), &record)
+            && let Ok(decoded) = replicated::partition_roots(map.bits(), &record)
         {
             roots.insert(epoch, decoded);
         }
@@ -303,19 +302,6 @@ async fn check(
     Ok(())
 }
 
-/// A committed record's partition roots (all empty for epoch 0).
-fn decode_roots(
-    bits: u8,
-    record: &ktd_proto::ktd::sequencer::v1::EpochRecord,
-) -> shard::Result<Vec<Option<NodeRef>>> {
-    if record.partition_roots.is_empty() {
-        return Ok(vec![None; 1 << bits]);
-    }
-    let decoded = EpochRecord::decode(record.epoch, &record.partition_roots)?;
-    decoded.check_partitions(bits)?;
-    Ok(decoded.partitions)
-}
-
 /// Replays committed epochs `epoch..` on `server` for `partitions` (built there to
 /// `epoch - 1`), up to [`REPLAY_BATCH`] epochs or the latest committed one.
 async fn replay(
@@ -337,8 +323,9 @@ async fn replay(
         let record = sequencer.get_local_epoch(Some(epoch)).await?;
         let committed = CommittedEpoch {
             epoch,
-            base_roots: decode_roots(map.bits(), &previous).map_err(super::coordination)?,
-            roots: decode_roots(map.bits(), &record).map_err(super::coordination)?,
+            base_roots: replicated::partition_roots(map.bits(), &previous)
+                .map_err(super::coordination)?,
+            roots: replicated::partition_roots(map.bits(), &record).map_err(super::coordination)?,
             leaf_digests: replicated::leaf_digests(map.bits(), &record)
                 .map_err(super::coordination)?,
         };

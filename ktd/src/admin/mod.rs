@@ -18,6 +18,7 @@
 //! ktd admin backup --to DIR [--full]           # online; incremental over DIR's newest backup
 //! ktd admin verify-backup --from DIR [--epoch E]   # offline: checksums and every root, node by node
 //! ktd admin restore --from DIR [--epoch E]     # into a new, empty cluster with the same VRF key
+//! ktd admin force-new-cluster --data-dir DIR --confirm-quorum-lost   # offline: lost quorum
 //! ```
 //!
 //! Exit status: 0 done, 1 failed (one error line on stderr; `status --check` also fails when it
@@ -141,6 +142,25 @@ pub enum AdminCommand {
     },
     /// Seal the open epoch now and wait until its root is committed.
     Seal,
+    /// Offline, on a stopped sequencer's data directory, after the cluster lost its quorum for
+    /// good: make this node the only voter (every entry its log holds is kept and committed once
+    /// it leads; the other members are removed and must never start on their old data). Start
+    /// it, then add new members with `add-sequencer`. Runbook "Lost quorum".
+    ForceNewCluster {
+        /// The surviving node's data directory (the node must be stopped).
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// Required to write: the other members are gone and will not come back.
+        #[arg(long, required_unless_present = "dry_run")]
+        confirm_quorum_lost: bool,
+        /// Print what would be done (the node's last log id, to pick the most complete
+        /// survivor) without writing.
+        #[arg(long)]
+        dry_run: bool,
+        /// `table` or `json`.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// History retention: show the window, the pins and the oldest readable epoch (`show`),
     /// change the window, or hold and release history (shard/docs/0003).
     #[command(subcommand)]
@@ -653,6 +673,83 @@ impl RetentionReport {
     }
 }
 
+/// `force-new-cluster`'s report (`-o json`).
+#[derive(Debug, Serialize)]
+pub struct ForceReport {
+    /// Whether the data directory was rewritten (false: `--dry-run`).
+    pub written: bool,
+    /// The surviving node.
+    pub node_id: u64,
+    /// Its address, kept.
+    pub address: String,
+    /// Voters before.
+    pub previous_voters: Vec<u64>,
+    /// Learners before.
+    pub previous_learners: Vec<u64>,
+    /// Members removed for good.
+    pub removed: Vec<u64>,
+    /// The last log entry before the rewrite.
+    pub last_log_index: u64,
+    /// Its term.
+    pub last_log_term: u64,
+    /// The last commit index the node had learned.
+    pub known_committed_index: u64,
+    /// Entries past it: kept, committed once the node leads.
+    pub entries_past_known_commit: u64,
+    /// The new membership entry's term.
+    pub term: u64,
+    /// The new membership entry's index.
+    pub index: u64,
+}
+
+async fn force_new_cluster(
+    data_dir: std::path::PathBuf,
+    dry_run: bool,
+    output: Output,
+) -> Result<(), AdminError> {
+    let plan = tokio::task::spawn_blocking(move || {
+        sequencer::raft::force::force_new_cluster(&data_dir, dry_run)
+    })
+    .await
+    .map_err(|error| AdminError::Refused(format!("the rewrite task failed: {error}")))??;
+    let report = ForceReport {
+        written: !dry_run,
+        node_id: plan.node_id,
+        address: plan.address.clone(),
+        previous_voters: plan.previous_voters.iter().copied().collect(),
+        previous_learners: plan.previous_learners.iter().copied().collect(),
+        removed: plan.removed.iter().copied().collect(),
+        last_log_index: plan.last_log_index,
+        last_log_term: plan.last_log_term,
+        known_committed_index: plan.known_committed_index,
+        entries_past_known_commit: plan.entries_past_known_commit(),
+        term: plan.term,
+        index: plan.index,
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Table => println!(
+            "{} node {} ({}) the only voter: removed {:?} for good; last log entry {} (term {}),              {} past the last commit it knew (kept, committed once it leads); membership entry              {} at term {}.{}",
+            if dry_run { "would make" } else { "made" },
+            report.node_id,
+            report.address,
+            report.removed,
+            report.last_log_index,
+            report.last_log_term,
+            report.entries_past_known_commit,
+            report.index,
+            report.term,
+            if dry_run {
+                ""
+            } else {
+                " Start the node, then add members with `ktd admin add-sequencer`; never start \
+                 the removed ones on their old data"
+            }
+        ),
+    }
+    Ok(())
+}
+
 /// Runs one `ktd admin` command, printing its result on stdout.
 pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
     if let AdminCommand::VerifyBackup {
@@ -678,6 +775,15 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
             ),
         }
         return Ok(());
+    }
+    if let AdminCommand::ForceNewCluster {
+        data_dir,
+        dry_run,
+        output,
+        ..
+    } = &args.command
+    {
+        return force_new_cluster(data_dir.clone(), *dry_run, *output).await;
     }
     let sequencers: Vec<String> = args
         .sequencers
@@ -733,7 +839,7 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
         },
         AdminCommand::Retention(command) => retention(&admin, command).await?,
         // Answered above, before any sequencer address is needed.
-        AdminCommand::VerifyBackup { .. } => {}
+        AdminCommand::VerifyBackup { .. } | AdminCommand::ForceNewCluster { .. } => {}
         AdminCommand::Backup {
             to,
             full,

@@ -12,6 +12,11 @@
 //! - **replace a failed sequencer**: SIGKILL a follower and wipe its disk: restarted as it is,
 //!   or with `--join` under its old id, it refuses to start; `remove-sequencer`, start a node
 //!   with a new id and `--join`, `add-sequencer`; reusing an id is refused.
+//! - **lost quorum**: SIGKILL two of three sequencers and destroy their disks; `ktd admin
+//!   force-new-cluster` on the stopped survivor (refused while it runs, without
+//!   `--confirm-quorum-lost`, and a second time); it leads alone, every acknowledged publish is
+//!   found, a new publish lands in a later epoch; two members join under new ids, an old id is
+//!   refused.
 //! - **shard failure**: SIGKILL a shard: the gateway and `status --check` report it; restart it,
 //!   it becomes SERVING once it holds the latest committed epoch, and epochs commit again.
 //! - **backup and restore**: `seal`, `snapshot`, stop everything (SIGTERM), copy the data
@@ -606,6 +611,221 @@ fn a_failed_sequencer_is_replaced_by_a_node_with_a_new_id() {
         expected.sort_unstable();
         assert_eq!(ids, expected);
         cluster.finish("replace a failed sequencer").await;
+    });
+}
+
+#[test]
+fn a_cluster_that_lost_two_of_three_sequencers_is_re_formed_from_the_survivor_keeping_every_publish()
+ {
+    runbook(|| async {
+        let mut cluster = Runbook::start().await;
+        let acked = cluster.stop_publishing(40).await;
+        // The survivor must hold what was acknowledged: wait until every member has applied the
+        // leader's whole log (a committed entry is only sure to be on a majority).
+        cluster
+            .wait_status("every member to hold the leader's whole log", |status| {
+                let leader = row(status, leader_of(status));
+                let last = leader["last_log_index"].as_u64();
+                leader["committed_index"].as_u64() == last
+                    && status["sequencers"]
+                        .as_array()
+                        .expect("rows")
+                        .iter()
+                        .all(|member| {
+                            member["applied_index"].as_u64() == last
+                                && member["last_log_index"].as_u64() == last
+                        })
+            })
+            .await;
+        let committed_before = cluster.last_committed().await;
+        let status = cluster.status_json().await;
+        let survivor = (1..=3)
+            .find(|id| *id != leader_of(&status))
+            .expect("a follower");
+        let lost: Vec<u64> = (1..=3).filter(|id| *id != survivor).collect();
+        tracing::info!("--- sequencers {lost:?} and their disks are destroyed");
+        for id in &lost {
+            let topology = &mut cluster.topology;
+            topology.sequencers.get_mut(id).expect("node").kill9();
+            std::fs::remove_dir_all(topology.sequencer_dir(*id)).expect("destroy its disk");
+        }
+        let survivor_dir = cluster.topology.sequencer_dir(survivor);
+        let survivor_dir = survivor_dir.display().to_string();
+        let force = |extra: &'static [&'static str]| {
+            let mut args = vec![
+                "admin",
+                "force-new-cluster",
+                "--data-dir",
+                survivor_dir.as_str(),
+                "-o",
+                "json",
+            ];
+            args.extend_from_slice(extra);
+            args
+        };
+        let running = cluster.ktd(&force(&["--confirm-quorum-lost"])).await;
+        assert_eq!(running.code, 1, "a running node's directory is refused");
+        assert!(
+            running.stderr.contains("in use by another process"),
+            "{}",
+            running.stderr
+        );
+        let node = cluster
+            .topology
+            .sequencers
+            .get_mut(&survivor)
+            .expect("survivor");
+        node.terminate(Duration::from_secs(20));
+        let unconfirmed = cluster.ktd(&force(&[])).await;
+        assert_eq!(unconfirmed.code, 2, "the confirmation flag is required");
+        let dry_run: Value =
+            serde_json::from_str(&cluster.ktd_ok(&force(&["--dry-run"])).await).expect("JSON");
+        assert_eq!(dry_run["written"], false);
+        let forced: Value =
+            serde_json::from_str(&cluster.ktd_ok(&force(&["--confirm-quorum-lost"])).await)
+                .expect("JSON");
+        assert_eq!(forced["written"], true);
+        assert_eq!(forced["node_id"].as_u64(), Some(survivor));
+        assert_eq!(forced["previous_voters"], serde_json::json!([1, 2, 3]));
+        assert_eq!(forced["removed"], serde_json::json!(lost));
+        assert_eq!(
+            forced["last_log_index"], dry_run["last_log_index"],
+            "the dry run wrote nothing"
+        );
+        assert_eq!(
+            forced["index"].as_u64(),
+            forced["last_log_index"].as_u64().map(|last| last + 1),
+            "every entry it held is kept"
+        );
+        let again = cluster.ktd(&force(&["--confirm-quorum-lost"])).await;
+        assert_eq!(again.code, 1, "a second rewrite is refused");
+        assert!(
+            again.stderr.contains("already is the only member"),
+            "{}",
+            again.stderr
+        );
+
+        tracing::info!("--- the survivor starts alone, leads, and takes updates again");
+        let topology = &mut cluster.topology;
+        topology
+            .sequencers
+            .get_mut(&survivor)
+            .expect("survivor")
+            .restart();
+        for id in &lost {
+            topology.sequencers.remove(id);
+        }
+        topology.update_sequencer_list();
+        cluster.wait_check_passes("the survivor alone").await;
+        let status = cluster.status_json().await;
+        assert_eq!(leader_of(&status), survivor);
+        assert!(cluster.last_committed().await >= committed_before);
+        every_publish_is_found(&cluster.topology.gateway_url(), &acked, "lost quorum").await;
+        let client = Client::connect(&cluster.topology.gateway_url())
+            .await
+            .expect("connect");
+        let published = client
+            .publish(
+                vec![(b"after-the-loss".to_vec(), b"still here".to_vec())],
+                None,
+            )
+            .await
+            .expect("a publish after the cluster was re-formed");
+        assert!(
+            published.epoch > committed_before,
+            "epochs continue after {committed_before}: {}",
+            published.epoch
+        );
+        client
+            .wait_for_epoch(published.epoch)
+            .await
+            .expect("its epoch commits");
+        assert_eq!(
+            client
+                .lookup(b"after-the-loss", None)
+                .await
+                .expect("verified lookup")
+                .value,
+            b"still here"
+        );
+
+        tracing::info!("--- a node started under a removed id is refused");
+        {
+            let old_id = lost[0];
+            let addr = free_addr("127.0.0.46");
+            let topology = &mut cluster.topology;
+            let mut reborn =
+                topology.sequencer_node(old_id, addr.clone(), &topology.root().join("reborn"));
+            reborn.spawn(&["--id".to_string(), old_id.to_string(), "--join".into()]);
+            wait_health(
+                &addr,
+                ServingStatus::NotServing,
+                "a node under a removed id",
+            )
+            .await;
+            let reused = cluster
+                .ktd(&[
+                    "admin",
+                    "add-sequencer",
+                    "--id",
+                    &old_id.to_string(),
+                    "--address",
+                    &addr,
+                ])
+                .await;
+            assert_eq!(reused.code, 1, "a removed id is refused");
+            assert!(
+                reused.stderr.contains("never accepted again"),
+                "{}",
+                reused.stderr
+            );
+            reborn.terminate(Duration::from_secs(10));
+        }
+        tracing::info!("--- two new members join under new ids");
+        for (new_id, ip) in [(4u64, "127.0.0.44"), (5, "127.0.0.45")] {
+            let topology = &mut cluster.topology;
+            let addr = free_addr(ip);
+            let mut node =
+                topology.sequencer_node(new_id, addr.clone(), &topology.sequencer_dir(new_id));
+            node.spawn(&["--id".to_string(), new_id.to_string(), "--join".into()]);
+            topology.sequencers.insert(new_id, node);
+            Poll::new(
+                format!("add-sequencer {new_id} to succeed"),
+                Duration::from_secs(30),
+            )
+            .every(Duration::from_millis(300))
+            .until_ok(|| async {
+                let output = cluster
+                    .ktd(&[
+                        "admin",
+                        "add-sequencer",
+                        "--id",
+                        &new_id.to_string(),
+                        "--address",
+                        &addr,
+                    ])
+                    .await;
+                if output.code == 0 {
+                    Ok(())
+                } else {
+                    Err(output.stderr)
+                }
+            })
+            .await;
+            cluster.topology.update_sequencer_list();
+        }
+        cluster.wait_check_passes("three members again").await;
+        let status = cluster.status_json().await;
+        let mut voters: Vec<u64> = status["sequencers"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .filter(|member| member["voter"] == true)
+            .map(|member| member["id"].as_u64().expect("id"))
+            .collect();
+        voters.sort_unstable();
+        assert_eq!(voters, vec![survivor, 4, 5]);
+        every_publish_is_found(&cluster.topology.gateway_url(), &acked, "lost quorum").await;
     });
 }
 

@@ -111,6 +111,90 @@ pub fn read_entries_bounded(
     Ok(entries)
 }
 
+/// The stored vote, if any.
+pub fn stored_vote(storage: &Storage) -> Result<Option<Vote>, SequencerError> {
+    read_meta::<pb::Vote>(storage, VOTE_KEY)?
+        .map(|vote| codec::vote_from_pb(Some(&vote)))
+        .transpose()
+        .map_err(|error| SequencerError::Corrupt(error.to_string()))
+}
+
+/// The last committed log id this node learned (not synced: it may trail what it knew).
+pub fn stored_committed(storage: &Storage) -> Result<Option<LogId>, SequencerError> {
+    read_meta::<pb::LogId>(storage, COMMITTED_KEY)?
+        .map(|log_id| codec::log_id_from_pb(&log_id))
+        .transpose()
+        .map_err(|error| SequencerError::Corrupt(error.to_string()))
+}
+
+/// The last purged log id and the last log id (the last purged one if the log is empty).
+pub fn stored_log_state(storage: &Storage) -> Result<LogState<TypeConfig>, SequencerError> {
+    let last_purged = read_meta::<pb::LogId>(storage, LAST_PURGED_KEY)?
+        .map(|log_id| codec::log_id_from_pb(&log_id))
+        .transpose()
+        .map_err(|error| SequencerError::Corrupt(error.to_string()))?;
+    let last = storage
+        .db()
+        .iterator_cf(storage.cf(CF_RAFT_LOG), IteratorMode::End)
+        .next()
+        .transpose()
+        .map_err(SequencerError::storage("read the last log entry"))?
+        .map(|(_, value)| decode_entry(&value).map(|entry| entry.log_id))
+        .transpose()?;
+    Ok(LogState {
+        last_purged_log_id: last_purged,
+        last_log_id: last.or(last_purged),
+    })
+}
+
+/// The newest membership entry of the log with an index above `above`, read newest first.
+pub fn last_membership_entry_above(
+    storage: &Storage,
+    above: u64,
+) -> Result<Option<Entry>, SequencerError> {
+    for item in storage
+        .db()
+        .iterator_cf(storage.cf(CF_RAFT_LOG), IteratorMode::End)
+    {
+        let (key, value) = item.map_err(SequencerError::storage("read the raft log"))?;
+        if crate::raft::db::read_be64(&key)? <= above {
+            break;
+        }
+        let entry = decode_entry(&value)?;
+        if matches!(
+            entry.payload,
+            crate::raft::types::EntryPayload::Membership(_)
+        ) {
+            return Ok(Some(entry));
+        }
+    }
+    Ok(None)
+}
+
+/// Writes `entry` at its index and `vote` in one synced batch (the offline membership rewrite
+/// of [`crate::raft::force`]; openraft is not running).
+pub fn write_entry_and_vote(
+    storage: &Storage,
+    entry: &Entry,
+    vote: &Vote,
+) -> Result<(), SequencerError> {
+    let mut batch = WriteBatch::default();
+    batch.put_cf(
+        storage.cf(CF_RAFT_LOG),
+        be64(entry.log_id.index()),
+        codec::entry_to_pb(entry).encode_to_vec(),
+    );
+    batch.put_cf(
+        storage.cf(CF_RAFT_META),
+        VOTE_KEY,
+        codec::vote_to_pb(vote).encode_to_vec(),
+    );
+    storage
+        .db()
+        .write_opt(batch, &synced())
+        .map_err(SequencerError::storage("write the forced membership"))
+}
+
 /// The index of the last purged entry (0 = nothing purged).
 pub fn last_purged_index(storage: &Storage) -> Result<u64, SequencerError> {
     Ok(read_meta::<pb::LogId>(storage, LAST_PURGED_KEY)?
@@ -199,13 +283,7 @@ impl RaftLogReader<TypeConfig> for RocksLogReader {
 
     async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
         let storage = self.storage.clone();
-        blocking(move || {
-            read_meta::<pb::Vote>(&storage, VOTE_KEY)?
-                .map(|vote| codec::vote_from_pb(Some(&vote)))
-                .transpose()
-                .map_err(|error| SequencerError::Corrupt(error.to_string()))
-        })
-        .await
+        blocking(move || stored_vote(&storage)).await
     }
 }
 
@@ -227,25 +305,7 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
 
     async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
         let storage = self.storage.clone();
-        blocking(move || {
-            let last_purged = read_meta::<pb::LogId>(&storage, LAST_PURGED_KEY)?
-                .map(|log_id| codec::log_id_from_pb(&log_id))
-                .transpose()
-                .map_err(|error| SequencerError::Corrupt(error.to_string()))?;
-            let last = storage
-                .db()
-                .iterator_cf(storage.cf(CF_RAFT_LOG), IteratorMode::End)
-                .next()
-                .transpose()
-                .map_err(SequencerError::storage("read the last log entry"))?
-                .map(|(_, value)| decode_entry(&value).map(|entry| entry.log_id))
-                .transpose()?;
-            Ok(LogState {
-                last_purged_log_id: last_purged,
-                last_log_id: last.or(last_purged),
-            })
-        })
-        .await
+        blocking(move || stored_log_state(&storage)).await
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -284,13 +344,7 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
         let storage = self.storage.clone();
-        blocking(move || {
-            read_meta::<pb::LogId>(&storage, COMMITTED_KEY)?
-                .map(|log_id| codec::log_id_from_pb(&log_id))
-                .transpose()
-                .map_err(|error| SequencerError::Corrupt(error.to_string()))
-        })
-        .await
+        blocking(move || stored_committed(&storage)).await
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>

@@ -12,9 +12,11 @@
 //! | `snapshot.rs` | checkpoint snapshots: build, send, receive, install |
 //! | `network.rs` | `RaftNetworkV2` client: pooled channels, deadlines |
 //! | `server.rs` | the `ktd.raft.v1.Raft` gRPC service |
+//! | `force.rs` | re-forming a cluster from one survivor (offline log rewrite) |
 
 pub mod codec;
 pub mod db;
+pub mod force;
 pub mod log_store;
 pub mod network;
 pub mod server;

@@ -414,6 +414,14 @@ fn finish_interrupted_install(storage: &Storage) -> Result<()> {
     replace_state(storage, &checkpoint, &dir_name)
 }
 
+/// The last applied log id and membership on `storage` (finishing an interrupted snapshot
+/// install first, as opening the state machine does). For offline tools: the node must not run.
+pub fn applied_membership(storage: &Storage) -> Result<(Option<LogId>, StoredMembership)> {
+    finish_interrupted_install(storage)?;
+    let inner = load(storage.db())?;
+    Ok((inner.last_applied, inner.last_membership))
+}
+
 fn read_epoch_record(storage: &Storage, epoch: u64) -> Result<Option<pb::EpochRecord>> {
     storage
         .db()

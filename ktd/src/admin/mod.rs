@@ -678,28 +678,11 @@ impl RetentionReport {
 pub struct ForceReport {
     /// Whether the data directory was rewritten (false: `--dry-run`).
     pub written: bool,
-    /// The surviving node.
-    pub node_id: u64,
-    /// Its address, kept.
-    pub address: String,
-    /// Voters before.
-    pub previous_voters: Vec<u64>,
-    /// Learners before.
-    pub previous_learners: Vec<u64>,
-    /// Members removed for good.
-    pub removed: Vec<u64>,
-    /// The last log entry before the rewrite.
-    pub last_log_index: u64,
-    /// Its term.
-    pub last_log_term: u64,
-    /// The last commit index the node had learned.
-    pub known_committed_index: u64,
-    /// Entries past it: kept, committed once the node leads.
+    /// What was (or would be) done.
+    #[serde(flatten)]
+    pub plan: sequencer::raft::force::ForcePlan,
+    /// Entries past the last commit the node knew: kept, committed once it leads.
     pub entries_past_known_commit: u64,
-    /// The new membership entry's term.
-    pub term: u64,
-    /// The new membership entry's index.
-    pub index: u64,
 }
 
 async fn force_new_cluster(
@@ -714,31 +697,22 @@ async fn force_new_cluster(
     .map_err(|error| AdminError::Refused(format!("the rewrite task failed: {error}")))??;
     let report = ForceReport {
         written: !dry_run,
-        node_id: plan.node_id,
-        address: plan.address.clone(),
-        previous_voters: plan.previous_voters.iter().copied().collect(),
-        previous_learners: plan.previous_learners.iter().copied().collect(),
-        removed: plan.removed.iter().copied().collect(),
-        last_log_index: plan.last_log_index,
-        last_log_term: plan.last_log_term,
-        known_committed_index: plan.known_committed_index,
         entries_past_known_commit: plan.entries_past_known_commit(),
-        term: plan.term,
-        index: plan.index,
+        plan,
     };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Table => println!(
             "{} node {} ({}) the only voter: removed {:?} for good; last log entry {} (term {}),              {} past the last commit it knew (kept, committed once it leads); membership entry              {} at term {}.{}",
             if dry_run { "would make" } else { "made" },
-            report.node_id,
-            report.address,
-            report.removed,
-            report.last_log_index,
-            report.last_log_term,
+            report.plan.node_id,
+            report.plan.address,
+            report.plan.removed,
+            report.plan.last_log_index,
+            report.plan.last_log_term,
             report.entries_past_known_commit,
-            report.index,
-            report.term,
+            report.plan.index,
+            report.plan.term,
             if dry_run {
                 ""
             } else {

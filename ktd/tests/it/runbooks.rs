@@ -197,6 +197,34 @@ impl Runbook {
             .await;
     }
 
+    /// `ktd admin add-sequencer --id ID --address ADDR`, retried while the new process starts
+    /// (within 30 s); its stdout.
+    async fn add_sequencer(&self, id: u64, addr: &str) -> String {
+        Poll::new(
+            format!("add-sequencer {id} to succeed"),
+            Duration::from_secs(30),
+        )
+        .every(Duration::from_millis(200))
+        .until_ok(|| async {
+            let output = self
+                .ktd(&[
+                    "admin",
+                    "add-sequencer",
+                    "--id",
+                    &id.to_string(),
+                    "--address",
+                    addr,
+                ])
+                .await;
+            if output.code == 0 {
+                Ok(output.stdout)
+            } else {
+                Err(output.stderr)
+            }
+        })
+        .await
+    }
+
     /// The latest committed epoch, as `status -o json` reports it.
     async fn last_committed(&self) -> u64 {
         self.status_json().await["epochs"]["last_committed_epoch"]
@@ -573,27 +601,7 @@ fn a_failed_sequencer_is_replaced_by_a_node_with_a_new_id() {
             .ktd(&["admin", "add-sequencer", "--id", "2", "--address", &addr])
             .await;
         assert_eq!(reused.code, 1, "an id in use is refused");
-        // The new process may still be starting.
-        let added = Poll::new("add-sequencer to succeed", Duration::from_secs(20))
-            .every(Duration::from_millis(200))
-            .until_ok(|| async {
-                let output = cluster
-                    .ktd(&[
-                        "admin",
-                        "add-sequencer",
-                        "--id",
-                        &new_id.to_string(),
-                        "--address",
-                        &addr,
-                    ])
-                    .await;
-                if output.code == 0 {
-                    Ok(output.stdout)
-                } else {
-                    Err(output.stderr)
-                }
-            })
-            .await;
+        let added = cluster.add_sequencer(new_id, &addr).await;
         assert!(added.contains("added as a voter"), "{added}");
         cluster.topology.update_sequencer_list();
         cluster
@@ -789,29 +797,7 @@ fn a_cluster_that_lost_two_of_three_sequencers_is_re_formed_from_the_survivor_ke
                 topology.sequencer_node(new_id, addr.clone(), &topology.sequencer_dir(new_id));
             node.spawn(&["--id".to_string(), new_id.to_string(), "--join".into()]);
             topology.sequencers.insert(new_id, node);
-            Poll::new(
-                format!("add-sequencer {new_id} to succeed"),
-                Duration::from_secs(30),
-            )
-            .every(Duration::from_millis(300))
-            .until_ok(|| async {
-                let output = cluster
-                    .ktd(&[
-                        "admin",
-                        "add-sequencer",
-                        "--id",
-                        &new_id.to_string(),
-                        "--address",
-                        &addr,
-                    ])
-                    .await;
-                if output.code == 0 {
-                    Ok(())
-                } else {
-                    Err(output.stderr)
-                }
-            })
-            .await;
+            cluster.add_sequencer(new_id, &addr).await;
             cluster.topology.update_sequencer_list();
         }
         cluster.wait_check_passes("three members again").await;

@@ -38,7 +38,7 @@ use crate::raft::state_machine;
 use crate::raft::types::{Entry, EntryPayload, LeaderId, LogId, Membership, NodeId, Vote};
 
 /// What the rewrite does (or, for a dry run, would do).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ForcePlan {
     /// The surviving node.
     pub node_id: NodeId,

@@ -92,6 +92,11 @@ struct Args {
     /// Epochs between the full and the incremental backup.
     #[arg(long, default_value_t = 6)]
     backup_epochs: u64,
+    /// History retention window set after the pre-load (`ktd admin retention set-window`,
+    /// e.g. `10e`; default: the cluster's, 30 days): the shard servers prune during the
+    /// baseline, whose disk growth and CPU per update then include pruning.
+    #[arg(long)]
+    retention_window: Option<String>,
     /// Keep the cluster's directory (data and logs) here instead of a temporary one.
     #[arg(long)]
     keep: Option<std::path::PathBuf>,
@@ -531,6 +536,9 @@ async fn run(args: Args) {
             .map(|index| dir_bytes(&root.join(format!("shard-{index}"))))
             .sum()
     };
+    if let Some(window) = &args.retention_window {
+        let _ = cluster.admin(&["admin", "retention", "set-window", window]);
+    }
     let disk_after_preload = shard_dirs(args.shards);
 
     // Baseline.
@@ -550,6 +558,7 @@ async fn run(args: Args) {
     let baseline_to = Instant::now();
     let cpu_after = cpu_snapshot(&cluster);
     let disk_after_baseline = shard_dirs(args.shards);
+    let status = cluster.status().await.unwrap_or(Value::Null);
     let baseline = {
         let samples = samples.lock().expect("lock");
         let mut figures = phase(&samples, baseline_from, baseline_to);
@@ -559,6 +568,17 @@ async fn run(args: Args) {
         figures["disk_bytes_added"] = json!(disk_after_baseline as i64 - disk_after_preload as i64);
         figures["disk_bytes_per_update_copy"] = json!(
             (disk_after_baseline as f64 - disk_after_preload as f64) / (updates.max(1) * rf) as f64
+        );
+        figures["safe_epoch"] =
+            cluster.admin_json(&["admin", "retention", "show"])["safe_epoch"].clone();
+        figures["pruned_node_versions"] = json!(
+            status["shards"]
+                .as_array()
+                .map(|servers| servers
+                    .iter()
+                    .filter_map(|server| server["pruned_node_versions"].as_u64())
+                    .sum::<u64>())
+                .unwrap_or(0)
         );
         figures
     };
@@ -813,6 +833,7 @@ async fn run(args: Args) {
         "late_lookups": late,
         "epoch_updates": args.epoch_updates,
         "epoch_every_seconds": args.epoch_every,
+        "retention_window": args.retention_window,
         "baseline": baseline,
         "rebalance": rebalance,
         "backup": backup,

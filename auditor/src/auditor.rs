@@ -79,6 +79,9 @@ pub struct AuditorSettings {
     pub source: BlobSource,
     /// How often to look for new blobs when caught up.
     pub poll: Duration,
+    /// Where the audited log's blobs are served over HTTP (a gateway's `--blob-listen`, or
+    /// object storage behind a CDN): the namespace's `log_directory` in the Plexi API.
+    pub log_directory: Option<String>,
 }
 
 impl std::fmt::Debug for AuditorSettings {
@@ -94,6 +97,7 @@ impl std::fmt::Debug for AuditorSettings {
             )
             .field("source", &self.source)
             .field("poll", &self.poll)
+            .field("log_directory", &self.log_directory)
             .finish()
     }
 }
@@ -274,6 +278,25 @@ impl Auditor {
     /// The latest verified head, if any.
     pub fn latest(&self) -> Option<Head> {
         self.state().heads.values().next_back().cloned()
+    }
+
+    /// The oldest verified head, if any (the namespace's root in the Plexi API: every later
+    /// epoch's head and its predecessor's are served).
+    pub fn first(&self) -> Option<Head> {
+        self.state().heads.values().next().cloned()
+    }
+
+    /// Where the log's blobs are served over HTTP, if configured.
+    pub fn log_directory(&self) -> Option<&str> {
+        self.settings.log_directory.as_deref()
+    }
+
+    /// The trusted start `(epoch, root)`: the configured one, or epoch 0 and akd's empty root.
+    pub fn start(&self) -> Option<(u64, [u8; 32])> {
+        match self.settings.start {
+            Some(start) => Some(start),
+            None => empty_root(&self.settings.config).ok().map(|root| (0, root)),
+        }
     }
 
     /// The head of `epoch`, if verified.

@@ -1,8 +1,14 @@
-//! Serving an [`Auditor`]: the `ktd.auditor.v1.Auditor` gRPC service, a small JSON HTTP API in
-//! the shape of Plexi's public read API, and the dashboard page.
+//! Serving an [`Auditor`]: the `ktd.auditor.v1.Auditor` gRPC service, Plexi's public read API
+//! over HTTP (what Cloudflare's `plexi` CLI reads), and the dashboard page.
 //!
-//! HTTP: `GET /` (dashboard), `GET /info`, `GET /namespaces/{ns}/last-verified-epoch`,
-//! `GET /namespaces/{ns}/audits/{epoch}`.
+//! HTTP: `GET /` (dashboard), `GET /info`, `GET /namespaces`, `GET /namespaces/{ns}`,
+//! `GET /namespaces/{ns}/last-verified-epoch`, `GET /namespaces/{ns}/audits/{epoch}`. The JSON
+//! is the shape `plexi-core` 0.1 deserializes (`Configuration`, `Namespaces`, `NamespaceInfo`,
+//! `LastVerifiedEpoch`, `SignatureResponse`: snake_case fields, ciphersuite and epoch as numbers,
+//! digests and signatures as lowercase hex, times in ms) with ktd's own fields beside them. A
+//! namespace's `root` is its oldest signed head (`E/hex`): `plexi audit` reads the head of
+//! `E - 1` for every later epoch, and that one is always served; its `log_directory` is the
+//! configured blob URL (a gateway's `--blob-listen`), where `plexi audit` fetches `/E/PREV/CUR`.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -68,6 +74,13 @@ fn not_found(message: String) -> Response {
 
 async fn info(State(auditor): State<Arc<Auditor>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
+        // Plexi's `Configuration`.
+        "keys": [{
+            "public_key": hex::encode(auditor.public_key()),
+            "not_before": auditor.first().map_or(0, |head| head.timestamp),
+        }],
+        "logs": [auditor.namespace()],
+        // ktd's.
         "namespace": auditor.namespace(),
         "public_key": hex::encode(auditor.public_key()),
         "ciphersuite": CIPHERSUITE_PROTOBUF_ED25519,
@@ -77,6 +90,74 @@ async fn info(State(auditor): State<Arc<Auditor>>) -> Json<serde_json::Value> {
     }))
 }
 
+/// Plexi's key id of an Ed25519 key: its last byte.
+fn key_id(public_key: &[u8; 32]) -> u8 {
+    public_key[31]
+}
+
+/// Plexi's `NamespaceInfo` of the auditor's one namespace.
+fn namespace_info(auditor: &Auditor) -> serde_json::Value {
+    let namespace = auditor.namespace();
+    let latest = auditor.latest();
+    let mut info = serde_json::json!({
+        "name": namespace,
+        "log_directory": auditor.log_directory(),
+        "root": auditor.first().map(|head| format!("{}/{}", head.epoch, head.digest)),
+        "status": if latest.is_some() { "Online" } else { "Initialization" },
+        "reports_uri": format!("/namespaces/{namespace}/reports"),
+        "audits_uri": format!("/namespaces/{namespace}/audits"),
+        "signature_version": CIPHERSUITE_PROTOBUF_ED25519,
+        "ciphersuite": CIPHERSUITE_PROTOBUF_ED25519,
+    });
+    if let (Some(latest), Some(object)) = (latest, info.as_object_mut()) {
+        object.insert("last_verified_epoch".into(), latest.epoch.into());
+    }
+    info
+}
+
+/// Plexi's `SignatureResponse` of `head`, with ktd's head fields beside it.
+fn signature_response(auditor: &Auditor, head: &Head) -> serde_json::Value {
+    serde_json::json!({
+        "version": CIPHERSUITE_PROTOBUF_ED25519,
+        "ciphersuite": CIPHERSUITE_PROTOBUF_ED25519,
+        "namespace": auditor.namespace(),
+        "timestamp": head.timestamp,
+        "epoch": head.epoch,
+        "digest": head.digest,
+        "signature": head.signature,
+        "key_id": key_id(&auditor.public_key()),
+        "serialized_message": head.signed_bytes,
+        "signed_bytes": head.signed_bytes,
+        "proof_bytes": head.proof_bytes,
+        "verify_us": head.verify_us,
+    })
+}
+
+/// A stable UUID-shaped id of the verification of `epoch` (Plexi's `job_id`).
+fn job_id(namespace: &str, epoch: u64) -> String {
+    let hash = blake3::hash(format!("{namespace}/{epoch}").as_bytes());
+    let hex = hex::encode(&hash.as_bytes()[..16]);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+async fn namespaces(State(auditor): State<Arc<Auditor>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "namespaces": [namespace_info(&auditor)] }))
+}
+
+async fn namespace(State(auditor): State<Arc<Auditor>>, Path(namespace): Path<String>) -> Response {
+    if namespace != auditor.namespace() {
+        return not_found(format!("unknown namespace {namespace:?}"));
+    }
+    Json(namespace_info(&auditor)).into_response()
+}
+
 async fn last_verified(
     State(auditor): State<Arc<Auditor>>,
     Path(namespace): Path<String>,
@@ -84,10 +165,30 @@ async fn last_verified(
     if namespace != auditor.namespace() {
         return not_found(format!("unknown namespace {namespace:?}"));
     }
-    match auditor.latest() {
-        Some(head) => Json(head).into_response(),
-        None => not_found("no epoch has been verified yet".into()),
-    }
+    let Some(head) = auditor.latest() else {
+        return not_found("no epoch has been verified yet".into());
+    };
+    let start_hash = match auditor.head(head.epoch.saturating_sub(1)) {
+        Some(previous) => previous.digest,
+        None => auditor
+            .start()
+            .filter(|(epoch, _)| *epoch + 1 == head.epoch)
+            .map(|(_, root)| hex::encode(root))
+            .unwrap_or_default(),
+    };
+    Json(serde_json::json!({
+        "job_id": job_id(auditor.namespace(), head.epoch),
+        "epoch": head.epoch,
+        "start_hash": start_hash,
+        "end_hash": head.digest,
+        "timestamp": head.timestamp,
+        "digest": head.digest,
+        "signature": head.signature,
+        "signed_bytes": head.signed_bytes,
+        "proof_bytes": head.proof_bytes,
+        "verify_us": head.verify_us,
+    }))
+    .into_response()
 }
 
 async fn audit(
@@ -98,7 +199,7 @@ async fn audit(
         return not_found(format!("unknown namespace {namespace:?}"));
     }
     match auditor.head(epoch) {
-        Some(head) => Json(head).into_response(),
+        Some(head) => Json(signature_response(&auditor, &head)).into_response(),
         None => not_found(format!("epoch {epoch} has not been verified")),
     }
 }
@@ -195,6 +296,8 @@ pub async fn serve(
     let app = axum::Router::new()
         .route("/", get(dashboard_page))
         .route("/info", get(info))
+        .route("/namespaces", get(namespaces))
+        .route("/namespaces/{namespace}", get(namespace))
         .route(
             "/namespaces/{namespace}/last-verified-epoch",
             get(last_verified),

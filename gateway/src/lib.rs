@@ -9,6 +9,8 @@
 //! - [`readiness`]: what SERVING means for a gateway ("caught up").
 //! - [`rate`]: per-caller budgets for the expensive reads (histories, audits, waits).
 //! - [`error`]: the gateway's errors and their one mapping to gRPC status codes.
+//! - [`blob_http`]: audit blobs over HTTP in the S3 `ListObjectsV2` layout akd's and Plexi's
+//!   auditor tools read.
 //!
 //! The `ktd gateway` process around it (flags, configuration, listeners) is the `ktd` crate's.
 //!
@@ -16,6 +18,7 @@
 //! Raft entries; any two gateways give the same bytes for the same epoch. (The per-caller
 //! budgets of [`rate`] decide only *whether* a request is served, never what it answers.)
 
+pub mod blob_http;
 pub mod epochs;
 pub mod error;
 pub mod rate;

@@ -67,6 +67,10 @@ pub struct GatewayOptions {
     /// refuses plaintext on it off loopback, like on every listener) and hands the listener to
     /// [`crate::server::serve`].
     pub admin_listen: Option<String>,
+    /// Serve the audit blobs over plain HTTP in the S3 `ListObjectsV2` layout on this address
+    /// ([`crate::blob_http`]; no TLS: the blobs are public and verifiable, put a CDN or a TLS
+    /// proxy in front).
+    pub blob_listen: Option<String>,
     /// With TLS: accept public-port clients without a certificate (role `anonymous`:
     /// read-only). The admin port always requires one.
     pub tls_client_auth_optional: bool,
@@ -103,6 +107,7 @@ impl Default for GatewayOptions {
             shard_map_refresh: Duration::from_secs(5),
             unsafe_stale_reads: None,
             admin_listen: None,
+            blob_listen: None,
             tls_client_auth_optional: false,
             rate_limits: RateLimits::default(),
             anonymous_max_history_versions: 64,
@@ -314,6 +319,12 @@ impl<TC: Configuration> Gateway<TC> {
 
     /// Refuses a read at `epoch` below the oldest readable epoch this gateway knows (refreshed
     /// with the shard map; a shard refuses what a stale value lets through).
+    /// The oldest epoch this gateway may read (the retention record's safe epoch, as last
+    /// learned with the shard map).
+    pub fn safe_epoch(&self) -> u64 {
+        self.safe_epoch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn check_retained(&self, epoch: u64) -> Result<()> {
         let oldest = self.safe_epoch.load(std::sync::atomic::Ordering::Relaxed);
         if epoch < oldest {
@@ -571,7 +582,12 @@ impl<TC: Configuration> Gateway<TC> {
         })
     }
 
-    async fn get_audit_blob(&self, request: api::GetAuditBlobRequest) -> Result<api::AuditBlob> {
+    /// `GetAuditBlob`: the append-only proof `E-1 → E` a blob name names (also served over
+    /// HTTP by [`crate::blob_http`]).
+    pub async fn get_audit_blob(
+        &self,
+        request: api::GetAuditBlobRequest,
+    ) -> Result<api::AuditBlob> {
         let AuditBlobName {
             epoch,
             previous_root,

@@ -12,6 +12,8 @@ use crate::node::{Sequencer, WeakSequencer};
 
 /// Most epoch records one `Restore` step installs (one Raft entry of at most a few MiB).
 pub const MAX_RESTORE_RECORDS: usize = 1024;
+/// Most updates one `Restore` step replays (the client also keeps a step under ~1 MiB).
+pub const MAX_REPLAY_UPDATES: usize = 4096;
 
 /// The admin service.
 #[derive(Clone, Debug)]
@@ -191,6 +193,14 @@ impl sequencer_admin_server::SequencerAdmin for AdminService {
             return Err(Status::invalid_argument(format!(
                 "at most {MAX_RESTORE_RECORDS} epoch records per restore step, got {}",
                 command.records.len()
+            )));
+        }
+        if let Some(replay) = &command.replay
+            && replay.updates.len() > MAX_REPLAY_UPDATES
+        {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_REPLAY_UPDATES} updates per replay step, got {}",
+                replay.updates.len()
             )));
         }
         Ok(Response::new(self.node()?.restore(command).await?))

@@ -42,6 +42,14 @@
 //!   its partition roots stitch to its root; while the restore is active, appends and seals are
 //!   refused (`UNAVAILABLE`), so the restored epochs are the only ones; finishing it needs every
 //!   record up to the backup's epoch, and never lowers the safe epoch or the sequence number.
+//!   Point in time: once every record is installed, archived epochs after the backup's are
+//!   replayed one at a time (`ReplayEpoch`: the batch's updates with their sequence numbers into
+//!   the open epoch, the last step seals it with the archived record); the coordinator computes
+//!   each as any epoch, and its commit is refused (`DATA_LOSS`, recorded in the restore state,
+//!   which then stops) unless root and partition roots equal the archived record's.
+//! * **The batch archive holds batches.** A live history pin owned by `archive` (`ktd admin
+//!   archive`) also keeps every sealed batch after its epoch, within the cluster's bounds on
+//!   retained bytes and age, so an archiver that was away a while finds them.
 //! * **One shard-map validation.** `SetShardMap` is checked with `ktd_core::ShardMap::new` (via
 //!   `shard::replicated`): a map a shard or the coordinator would refuse is never replicated.
 
@@ -52,6 +60,9 @@ use ktd_proto::ktd::sequencer::v1 as pb;
 use tonic::Code;
 
 use crate::error::Result;
+
+/// The owner of the history pins that also hold sealed batches (`ktd admin archive`).
+pub const ARCHIVE_PIN_OWNER: &str = "archive";
 
 /// Reads and writes of one apply batch (see the module docs).
 pub trait MachineTx {
@@ -666,6 +677,22 @@ impl Machine {
                 ),
             ));
         }
+        if let Some(restore) = self.state.active_restore()
+            && restore.replay_epoch == epoch
+            && (restore.replay_root != commit.root_hash
+                || restore.replay_partition_roots != commit.partition_roots)
+        {
+            let message = format!(
+                "replayed epoch {epoch} computed root {} but the archive recorded {}: the archive \
+                 does not continue the backup it is replayed onto",
+                hex::encode(&commit.root_hash),
+                hex::encode(&restore.replay_root)
+            );
+            let mut restore = restore.clone();
+            restore.replay_failure = message.clone();
+            self.state.restore = Some(restore);
+            return Ok(rejected(Code::DataLoss, message));
+        }
         let record = pb::EpochRecord {
             epoch,
             root_hash: commit.root_hash.clone(),
@@ -715,10 +742,19 @@ impl Machine {
         };
         let retain = metadata.retained_committed_batches;
         let (max_bytes, max_age) = self.state.retention_bounds();
-        let pin = self
+        let replicas = self
             .state
             .oldest_pin()
             .map_or(committed, |(_, epoch)| epoch);
+        let archive = self
+            .state
+            .history
+            .live_pins(now_ms)
+            .filter(|(_, pin)| pin.owner == ARCHIVE_PIN_OWNER)
+            .map(|(_, pin)| pin.epoch)
+            .min()
+            .unwrap_or(committed);
+        let pin = replicas.min(archive);
         let mut retained_bytes = self.state.retained_bytes();
         while let Some((&oldest, _)) = self.state.retained_batches.first_key_value() {
             if oldest > committed || oldest + retain > committed {
@@ -830,14 +866,22 @@ impl Machine {
                 pb::RestoreState {
                     active: true,
                     epoch: command.epoch,
-                    source_address: String::new(),
                     backup_cluster_id: command.backup_cluster_id.clone(),
-                    installed_epoch: 0,
+                    ..pb::RestoreState::default()
                 }
             }
         };
         if !command.source_address.is_empty() {
             restore.source_address = command.source_address.clone();
+        }
+        if let Some(replay) = &command.replay {
+            if !restore.active || self.state.active_restore().is_none() {
+                return Ok(rejected(
+                    Code::FailedPrecondition,
+                    "archived epochs are replayed only into a restore in progress",
+                ));
+            }
+            return Ok(self.replay(tx, restore, replay, &metadata));
         }
         let mut last = self.state.last_committed_epoch;
         let mut installed = Vec::new();
@@ -897,12 +941,25 @@ impl Machine {
             });
             last = record.epoch;
         }
-        if command.finish && last != restore.epoch {
+        if command.finish && last < restore.epoch {
             return Ok(rejected(
                 Code::FailedPrecondition,
                 format!(
                     "the restore of epoch {} cannot finish: epochs up to {last} are installed",
                     restore.epoch
+                ),
+            ));
+        }
+        if command.finish
+            && (self.state.open_epoch != self.state.last_committed_epoch + 1
+                || !self.open_labels.is_empty())
+        {
+            return Ok(rejected(
+                Code::FailedPrecondition,
+                format!(
+                    "the restore cannot finish while a replayed epoch is not committed (committed \
+                     {last}, open {})",
+                    self.state.open_epoch
                 ),
             ));
         }
@@ -928,6 +985,131 @@ impl Machine {
         }
         self.state.restore = Some(restore.clone());
         Ok(result(pb::apply_result::Kind::Restore(restore)))
+    }
+
+    /// One step of replaying an archived epoch into a restore in progress (see the module docs).
+    fn replay(
+        &mut self,
+        tx: &mut dyn MachineTx,
+        mut restore: pb::RestoreState,
+        replay: &pb::ReplayEpoch,
+        metadata: &pb::ClusterMetadata,
+    ) -> pb::ApplyResult {
+        let refused = |message: String| rejected(Code::FailedPrecondition, message);
+        if restore.installed_epoch != restore.epoch {
+            return refused(format!(
+                "archived epochs are replayed once every record up to the backup's epoch {} is \
+                 installed; up to {} are",
+                restore.epoch, restore.installed_epoch
+            ));
+        }
+        if !restore.replay_failure.is_empty() {
+            return refused(format!(
+                "the replay stopped: {}; restore again into a new cluster",
+                restore.replay_failure
+            ));
+        }
+        let (open, committed) = (self.state.open_epoch, self.state.last_committed_epoch);
+        if replay.epoch < open
+            && replay.epoch > restore.epoch
+            && replay.epoch <= restore.replay_epoch
+        {
+            // A retried step of an epoch already sealed: nothing to do.
+            return result(pb::apply_result::Kind::Restore(restore));
+        }
+        if replay.epoch != open || committed + 1 != open {
+            return refused(format!(
+                "archived epoch {} cannot be replayed now: epochs go one at a time after the \
+                 backup's, each once the previous one is committed (committed {committed}, open \
+                 {open})",
+                replay.epoch
+            ));
+        }
+        let limits = InputLimits::of(metadata);
+        let mut labels = self.open_labels.clone();
+        for update in &replay.updates {
+            if update.label.is_empty()
+                || update.label.len() as u64 > limits.max_label_bytes
+                || update.value.len() as u64 > limits.max_value_bytes
+            {
+                return rejected(
+                    Code::InvalidArgument,
+                    format!(
+                        "archived epoch {}: an update's label ({} bytes) or value ({} bytes) is \
+                         outside this cluster's limits",
+                        replay.epoch,
+                        update.label.len(),
+                        update.value.len()
+                    ),
+                );
+            }
+            labels.insert(update.label.clone());
+        }
+        if labels.len() as u64 > metadata.max_epoch_updates {
+            return rejected(
+                Code::InvalidArgument,
+                format!(
+                    "archived epoch {} has more than this cluster's {} updates per epoch",
+                    replay.epoch, metadata.max_epoch_updates
+                ),
+            );
+        }
+        let record = if replay.last {
+            let Some(record) = &replay.record else {
+                return rejected(
+                    Code::InvalidArgument,
+                    "the last replay step carries the archived epoch record",
+                );
+            };
+            let check = pb::CommitEpochRequest {
+                epoch: record.epoch,
+                root_hash: record.root_hash.clone(),
+                partition_roots: record.partition_roots.clone(),
+                ..pb::CommitEpochRequest::default()
+            };
+            if record.epoch != replay.epoch || record.root_hash.len() != 32 {
+                return rejected(
+                    Code::InvalidArgument,
+                    format!(
+                        "the archived record of epoch {} is of epoch {} with a {}-byte root",
+                        replay.epoch,
+                        record.epoch,
+                        record.root_hash.len()
+                    ),
+                );
+            }
+            if let Err(message) = check_commit(metadata, &check) {
+                return rejected(Code::InvalidArgument, message);
+            }
+            if labels.is_empty() || (record.updates != 0 && record.updates != labels.len() as u64) {
+                return rejected(
+                    Code::InvalidArgument,
+                    format!(
+                        "archived epoch {} records {} updates; the replay sent {}",
+                        replay.epoch,
+                        record.updates,
+                        labels.len()
+                    ),
+                );
+            }
+            Some(record)
+        } else {
+            None
+        };
+        for update in &replay.updates {
+            tx.update_put(open, &update.label, update.sequence, &update.value);
+            self.state.open_epoch_bytes += (update.label.len() + update.value.len()) as u64;
+            self.state.next_sequence = self.state.next_sequence.max(update.sequence + 1);
+        }
+        self.open_labels = labels;
+        if let Some(record) = record {
+            self.seal_open(record.sealed_at_ms);
+            restore.replay_epoch = replay.epoch;
+            restore.replay_root = record.root_hash.clone();
+            restore.replay_partition_roots = record.partition_roots.clone();
+        }
+        self.state.restore = Some(restore.clone());
+        result(pb::apply_result::Kind::Restore(restore))
     }
 
     fn set_shard_map(&mut self, request: &pb::SetShardMapRequest) -> pb::ApplyResult {

@@ -28,6 +28,12 @@
 //! root, and finishes (updates are taken again, the backup's window and safe epoch apply). With
 //! `--auditor` it first refuses a backup older than the newest head the auditor signed, or one
 //! whose root differs from a signed head, unless `--force`.
+//!
+//! Point in time (`--to-epoch T`): before finishing, the archived epochs after the backup's up to
+//! `T` (`super::archive`, checked file by file) are replayed one at a time through `Restore`
+//! steps; the coordinator computes each as any epoch and the sequencers commit it only with the
+//! archived root, so the restored directory is the original's at `T`, epoch boundaries and
+//! sequence numbers included.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -258,7 +264,7 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AdminError> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AdminError> {
     let io =
         |error: std::io::Error| AdminError::Refused(format!("write {}: {error}", path.display()));
     let mut temporary = path.as_os_str().to_owned();
@@ -573,6 +579,8 @@ pub struct VerifyReport {
     pub nodes_checked: u64,
     /// Bytes of the chain.
     pub bytes: u64,
+    /// Archived epochs after the backup's checked (`--to-epoch`).
+    pub archived_epochs: u64,
     /// Seconds it took.
     pub seconds: f64,
 }
@@ -647,6 +655,7 @@ pub fn verify(
         records: 0,
         nodes_checked: 0,
         bytes: manifest.bytes(),
+        archived_epochs: 0,
         seconds: 0.0,
     };
     for (entry, committed) in manifest.partitions.iter().zip(&roots) {
@@ -705,11 +714,23 @@ fn verify_chain<TC: Configuration>(
 }
 
 /// `ktd admin verify-backup`.
-pub async fn verify_backup(dir: &Path, epoch: Option<u64>) -> Result<VerifyReport, AdminError> {
+pub async fn verify_backup(
+    dir: &Path,
+    epoch: Option<u64>,
+    to_epoch: Option<u64>,
+) -> Result<VerifyReport, AdminError> {
     let dir = dir.to_owned();
     tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
         let manifest = Manifest::load(&dir, epoch)?;
-        verify(&dir, &manifest).map(|(report, _)| report)
+        let cluster_id = hex::decode(&manifest.cluster_id).unwrap_or_default();
+        let to = to_epoch.unwrap_or(manifest.epoch);
+        let archived =
+            super::archive::read_range(&dir, &cluster_id, manifest.epoch + 1, to)?.len() as u64;
+        let (mut report, _) = verify(&dir, &manifest)?;
+        report.archived_epochs = archived;
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
     })
     .await
     .map_err(|error| AdminError::Refused(format!("verify: {error}")))?
@@ -721,9 +742,14 @@ pub struct RestoreOptions {
     /// The backup directory.
     #[arg(long)]
     pub from: PathBuf,
-    /// The backup's epoch (default: the newest in DIR).
+    /// The backup's epoch (default: the newest in DIR, at or before `--to-epoch`).
     #[arg(long)]
     pub epoch: Option<u64>,
+    /// Restore to this epoch: the backup, then the archived epochs after it up to this one
+    /// (`ktd admin archive`, in DIR/archive) replayed and checked against their archived roots
+    /// (default: the backup's epoch).
+    #[arg(long)]
+    pub to_epoch: Option<u64>,
     /// Where this command serves the backup to the shard servers.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
@@ -750,6 +776,12 @@ pub struct RestoreReport {
     pub epoch: u64,
     /// Its root, hex.
     pub root_hash: String,
+    /// The backup's epoch.
+    pub backup_epoch: u64,
+    /// Archived epochs replayed after it.
+    pub replayed_epochs: u64,
+    /// Seconds the replay took.
+    pub replay_seconds: f64,
     /// The verification before serving.
     pub verified: VerifyReport,
     /// Replicas that hold the restored epoch.
@@ -771,14 +803,36 @@ pub async fn restore(
         .metadata
         .ok_or_else(|| AdminError::Refused("the cluster is not initialised".into()))?;
     let dir = options.from.clone();
-    let epoch = options.epoch;
-    let (manifest, verified, records) = tokio::task::spawn_blocking(move || {
+    let (epoch, to_epoch) = (options.epoch, options.to_epoch);
+    let (manifest, verified, records, archived) = tokio::task::spawn_blocking(move || {
+        let epoch = match (epoch, to_epoch) {
+            (None, Some(to)) => Some(list(&dir)?.into_iter().rfind(|epoch| *epoch <= to).ok_or_else(
+                || AdminError::Refused(format!("{} holds no backup at or before epoch {to}", dir.display())),
+            )?),
+            _ => epoch,
+        };
         let manifest = Manifest::load(&dir, epoch)?;
+        let to = to_epoch.unwrap_or(manifest.epoch);
+        if to < manifest.epoch {
+            return Err(AdminError::Refused(format!(
+                "the backup is of epoch {}, after --to-epoch {to}: pick an earlier backup (--epoch)",
+                manifest.epoch
+            )));
+        }
+        let cluster_id = hex::decode(&manifest.cluster_id).unwrap_or_default();
+        let archived = super::archive::read_range(&dir, &cluster_id, manifest.epoch + 1, to)?;
         let (report, records) = verify(&dir, &manifest)?;
-        Ok::<_, AdminError>((manifest, report, records))
+        Ok::<_, AdminError>((manifest, report, records, archived))
     })
     .await
     .map_err(|error| AdminError::Refused(format!("verify: {error}")))??;
+    let target = archived
+        .last()
+        .map_or_else(|| manifest.epoch, |last| last.record.epoch);
+    let target_root = archived.last().map_or_else(
+        || manifest.root_hash.clone(),
+        |last| hex::encode(&last.record.root_hash),
+    );
     let identity = |what: &str, backup: &str, cluster: &str| {
         if backup == cluster {
             Ok(())
@@ -805,7 +859,12 @@ pub async fn restore(
         &hex::encode(&metadata.vrf_public_key),
     )?;
     if let Some(auditor) = &options.auditor {
-        check_auditor(auditor, &manifest, &records, options.force).await?;
+        let all: Vec<pb::EpochRecord> = records
+            .iter()
+            .cloned()
+            .chain(archived.iter().map(|epoch| epoch.record.clone()))
+            .collect();
+        check_auditor(auditor, target, &all, options.force).await?;
     }
     let map = shard::replicated::shard_map(&metadata, &answer.shard_map.unwrap_or_default())?;
     let bits = map.bits();
@@ -849,6 +908,7 @@ pub async fn restore(
         client,
         &manifest,
         &records,
+        &archived,
         &advertise,
         &map,
         bits,
@@ -858,13 +918,16 @@ pub async fn restore(
     .await;
     let _ = stop.send(());
     let _ = server.await;
-    let replicas = restored?;
+    let (replicas, replay_seconds) = restored?;
     Ok(RestoreReport {
-        epoch: manifest.epoch,
-        root_hash: manifest.root_hash.clone(),
+        epoch: target,
+        root_hash: target_root,
+        backup_epoch: manifest.epoch,
+        replayed_epochs: archived.len() as u64,
+        replay_seconds,
         verified,
         replicas,
-        copy_seconds: copy_started.elapsed().as_secs_f64(),
+        copy_seconds: copy_started.elapsed().as_secs_f64() - replay_seconds,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -874,12 +937,13 @@ async fn install_and_wait(
     client: &SequencerClient,
     manifest: &Manifest,
     records: &[pb::EpochRecord],
+    archived: &[super::archive::ArchivedEpoch],
     advertise: &str,
     map: &ShardMap,
     bits: u8,
     started: Instant,
     timeout: Duration,
-) -> Result<u64, AdminError> {
+) -> Result<(u64, f64), AdminError> {
     let cluster_id = hex::decode(&manifest.cluster_id).unwrap_or_default();
     let history = hex::decode(&manifest.history)
         .ok()
@@ -892,6 +956,7 @@ async fn install_and_wait(
         next_sequence: manifest.next_sequence,
         finish,
         backup_cluster_id: cluster_id.clone(),
+        replay: None,
     };
     for chunk in records.chunks(RECORDS_PER_STEP) {
         client.restore(step(chunk.to_vec(), false)).await?;
@@ -904,9 +969,11 @@ async fn install_and_wait(
     )?;
     let shard_set = shard::cluster::GrpcConnector::default().connect(map.clone())?;
     let mut last_report = Instant::now();
+    // A rerun after the replay began: the backup's epoch was held by every replica then.
+    let replaying = client.cluster_status().await?.last_committed_epoch > manifest.epoch;
     let replicas = loop {
         let (held, wanted) = holding(map, &shard_set, manifest.epoch, &roots).await;
-        if held == wanted {
+        if held == wanted || replaying {
             break held;
         }
         if started.elapsed() > timeout {
@@ -928,8 +995,87 @@ async fn install_and_wait(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    let replay_started = Instant::now();
+    for epoch in archived {
+        replay(client, manifest.epoch, epoch, started, timeout).await?;
+    }
+    let replay_seconds = replay_started.elapsed().as_secs_f64();
     client.restore(step(Vec::new(), true)).await?;
-    Ok(replicas)
+    Ok((replicas, replay_seconds))
+}
+
+/// Replays one archived epoch onto the restore of backup `backup_epoch` and waits for its
+/// commit (the sequencers refuse it unless its root is the archived one).
+async fn replay(
+    client: &SequencerClient,
+    backup_epoch: u64,
+    archived: &super::archive::ArchivedEpoch,
+    started: Instant,
+    timeout: Duration,
+) -> Result<(), AdminError> {
+    let epoch = archived.record.epoch;
+    let committed = |status: &pb::ClusterStatusResponse| -> Result<bool, AdminError> {
+        if let Some(restore) = &status.restore
+            && !restore.replay_failure.is_empty()
+        {
+            return Err(AdminError::Refused(format!(
+                "the replay stopped: {}",
+                restore.replay_failure
+            )));
+        }
+        Ok(status.last_committed_epoch >= epoch)
+    };
+    if committed(&client.cluster_status().await?)? {
+        return Ok(());
+    }
+    let mut steps: Vec<Vec<pb::SequencedUpdate>> = vec![Vec::new()];
+    let mut step_bytes = 0;
+    for update in &archived.updates {
+        let bytes = update.label.len() + update.value.len();
+        let full = steps.last().is_some_and(|step| {
+            step.len() >= super::archive::STEP_UPDATES
+                || (!step.is_empty() && step_bytes + bytes > super::archive::STEP_BYTES)
+        });
+        if full {
+            steps.push(Vec::new());
+            step_bytes = 0;
+        }
+        step_bytes += bytes;
+        if let Some(step) = steps.last_mut() {
+            step.push(update.clone());
+        }
+    }
+    let count = steps.len();
+    for (position, updates) in steps.into_iter().enumerate() {
+        let last = position + 1 == count;
+        client
+            .restore(pb::RestoreCommand {
+                epoch: backup_epoch,
+                replay: Some(pb::ReplayEpoch {
+                    epoch,
+                    updates,
+                    last,
+                    record: last.then(|| archived.record.clone()),
+                }),
+                ..pb::RestoreCommand::default()
+            })
+            .await?;
+    }
+    loop {
+        if committed(&client.cluster_status().await?)? {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            return Err(AdminError::Timeout {
+                what: format!(
+                    "archived epoch {epoch} is replayed but not committed (the coordinator's log \
+                     on the sequencer leader says why; run the restore again to resume)"
+                ),
+                limit: timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Replicas of `map` that hold `epoch` with the committed root, and how many there are.
@@ -972,7 +1118,7 @@ async fn holding(
 /// Refuses a restore the auditor at `address` contradicts (see the module docs).
 async fn check_auditor(
     address: &str,
-    manifest: &Manifest,
+    epoch: u64,
     records: &[pb::EpochRecord],
     force: bool,
 ) -> Result<(), AdminError> {
@@ -1008,12 +1154,11 @@ async fn check_auditor(
             hex::encode(&record.root_hash)
         )));
     }
-    if signed_epoch > manifest.epoch && !force {
+    if signed_epoch > epoch && !force {
         return Err(refused(format!(
-            "it has signed epoch {signed_epoch}, newer than the backup's epoch {}: restoring \
+            "it has signed epoch {signed_epoch}, newer than the restored epoch {epoch}: restoring \
              rolls published epochs back (clients and auditors will see the directory go back); \
-             announce it and pass --force",
-            manifest.epoch
+             announce it and pass --force"
         )));
     }
     Ok(())

@@ -16,8 +16,9 @@
 //! ktd admin maintenance --id S --for 30m | --off   # no re-replication while S is away
 //! ktd admin retention show|set-window|hold|release # history retention (shard/docs/0003)
 //! ktd admin backup --to DIR [--full]           # online; incremental over DIR's newest backup
-//! ktd admin verify-backup --from DIR [--epoch E]   # offline: checksums and every root, node by node
-//! ktd admin restore --from DIR [--epoch E]     # into a new, empty cluster with the same VRF key
+//! ktd admin verify-backup --from DIR [--epoch E] [--to-epoch T]   # offline: every root, node by node
+//! ktd admin archive --to DIR [--follow]        # sealed batches after the backup: point in time
+//! ktd admin restore --from DIR [--epoch E] [--to-epoch T]   # into a new, empty cluster
 //! ktd admin force-new-cluster --data-dir DIR --confirm-quorum-lost   # offline: lost quorum
 //! ```
 //!
@@ -35,6 +36,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+pub mod archive;
 pub mod backup;
 mod shards;
 
@@ -192,6 +194,22 @@ pub enum AdminCommand {
         /// The backup's epoch (default: the newest in DIR).
         #[arg(long)]
         epoch: Option<u64>,
+        /// Also check the archived epochs after the backup's up to this one (checksums, epochs,
+        /// cluster id), as a restore to it would.
+        #[arg(long)]
+        to_epoch: Option<u64>,
+        /// `table` or `json`.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Archive every committed epoch's sealed batch into DIR/archive (after the newest backup in
+    /// DIR, or the newest archived epoch), once or continuously: a restore can then replay them
+    /// onto a backup to any later epoch (`restore --to-epoch`). A pin holds the batches it has
+    /// not read yet for `--pin-for`.
+    Archive {
+        /// Where, and how long.
+        #[command(flatten)]
+        options: archive::ArchiveOptions,
         /// `table` or `json`.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -729,15 +747,16 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
     if let AdminCommand::VerifyBackup {
         from,
         epoch,
+        to_epoch,
         output,
     } = &args.command
     {
-        let report = backup::verify_backup(from, *epoch).await?;
+        let report = backup::verify_backup(from, *epoch, *to_epoch).await?;
         match output {
             Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             Output::Table => println!(
                 "backup of epoch {} verified: root {}; {} epoch records, {} files, {} records, {} \
-                 interior nodes re-hashed, {:.1} MiB in {:.1} s",
+                 interior nodes re-hashed, {:.1} MiB, {} archived epochs after it, in {:.1} s",
                 report.epoch,
                 report.root_hash,
                 report.epoch_records,
@@ -745,6 +764,7 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
                 report.records,
                 report.nodes_checked,
                 report.bytes as f64 / f64::from(1 << 20),
+                report.archived_epochs,
                 report.seconds
             ),
         }
@@ -839,19 +859,39 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
                 ),
             }
         }
+        AdminCommand::Archive { options, output } => {
+            let stop = crate::cli::servers::shutdown_signal();
+            let report = archive::archive(&admin.client, &admin.sequencers, &options, stop).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => println!(
+                    "archived epochs {}..={} in {}: {} new ({:.1} MiB) in {:.1} s",
+                    report.first_epoch,
+                    report.last_epoch,
+                    archive::archive_dir(&options.to).display(),
+                    report.epochs_written,
+                    report.bytes_written as f64 / f64::from(1 << 20),
+                    report.seconds
+                ),
+            }
+        }
         AdminCommand::Restore { options, output } => {
             let report = backup::restore(&admin.client, options).await?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Output::Table => println!(
-                    "restored epoch {} (root {}): {} partition replicas hold it; verified {} \
-                     records in {:.1} s, copied in {:.1} s, {:.1} s in all",
+                    "restored epoch {} (root {}): backup of epoch {} and {} archived epochs \
+                     replayed; {} partition replicas hold the backup's epoch; verified {} records \
+                     in {:.1} s, copied in {:.1} s, replayed in {:.1} s, {:.1} s in all",
                     report.epoch,
                     report.root_hash,
+                    report.backup_epoch,
+                    report.replayed_epochs,
                     report.replicas,
                     report.verified.records,
                     report.verified.seconds,
                     report.copy_seconds,
+                    report.replay_seconds,
                     report.seconds
                 ),
             }

@@ -322,6 +322,10 @@ pub struct DevArgs {
     /// Expensive-read budget per caller: tokens it can hold (spend at once).
     #[arg(long)]
     pub expensive_reads_burst: Option<f64>,
+    /// Serve the audit blobs over plain HTTP on this address (S3 ListObjectsV2 listing at `/`,
+    /// blobs at `/E/PREV/CUR`), for akd's and Plexi's auditor tools.
+    #[arg(long, env = "KTD_DEV_BLOB_LISTEN")]
+    pub blob_listen: Option<String>,
 }
 
 /// `ktd shard`.
@@ -424,6 +428,10 @@ pub struct AuditorArgs {
     /// How often to look for new blobs when caught up.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub poll: Option<Duration>,
+    /// Where the audited log's blobs are served over HTTP (a gateway's --blob-listen URL):
+    /// published as the namespace's `log_directory` in the Plexi API.
+    #[arg(long, env = "KTD_AUDITOR_LOG_DIRECTORY")]
+    pub log_directory: Option<String>,
 }
 
 /// `ktd gateway`.
@@ -467,6 +475,10 @@ pub struct GatewayArgs {
     /// with TLS only admin certificates may call it.
     #[arg(long, env = "KTD_GATEWAY_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+    /// Serve the audit blobs over plain HTTP on this address (S3 ListObjectsV2 listing at `/`,
+    /// blobs at `/E/PREV/CUR`), for akd's and Plexi's auditor tools.
+    #[arg(long, env = "KTD_GATEWAY_BLOB_LISTEN")]
+    pub blob_listen: Option<String>,
     /// With TLS: `required` (default) or `optional` (clients without a certificate may read,
     /// not publish).
     #[arg(long, env = "KTD_GATEWAY_TLS_CLIENT_AUTH", value_enum)]

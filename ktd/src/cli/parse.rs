@@ -266,6 +266,7 @@ fn gateway(args: GatewayArgs, tls: &TlsFlags) -> anyhow::Result<ServerCommand> {
         args.expensive_reads_burst,
     );
     set_some(&mut config.admin_listen, args.admin_listen);
+    set_some(&mut config.blob_listen, args.blob_listen);
     set(&mut config.tls_client_auth, args.tls_client_auth);
     set(&mut config.shard_map_refresh, args.shard_map_refresh);
     config.unsafe_test_mode = args.unsafe_test_mode;
@@ -294,6 +295,7 @@ fn dev(args: DevArgs, tls: &TlsFlags) -> anyhow::Result<ServerCommand> {
         &mut config.expensive_reads_burst,
         args.expensive_reads_burst,
     );
+    set_some(&mut config.blob_listen, args.blob_listen);
     overlay_process(&mut config.process, args.metrics, args.telemetry, tls);
     Ok(ServerCommand {
         config: ServerConfig::Dev(config),
@@ -316,6 +318,7 @@ fn auditor(args: AuditorArgs, tls: &TlsFlags) -> anyhow::Result<ServerCommand> {
     set(&mut config.listen, args.listen);
     set(&mut config.http_listen, args.http_listen);
     set(&mut config.poll, args.poll);
+    set_some(&mut config.log_directory, args.log_directory);
     overlay_process(&mut config.process, args.metrics, args.telemetry, tls);
     Ok(ServerCommand {
         config: ServerConfig::Auditor(config),

@@ -38,6 +38,9 @@ pub struct AuditorConfig {
     /// How often to look for new blobs when caught up.
     #[serde(with = "humantime_serde")]
     pub poll: Duration,
+    /// Where the audited log's blobs are served over HTTP (a gateway's `blob_listen` URL):
+    /// published as the namespace's `log_directory` in the Plexi API.
+    pub log_directory: Option<String>,
     /// Metrics, logs, traces and TLS.
     #[serde(flatten, skip_deserializing)]
     pub process: ProcessConfig,
@@ -56,6 +59,7 @@ impl Default for AuditorConfig {
             listen: "127.0.0.1:9090".into(),
             http_listen: "127.0.0.1:9091".into(),
             poll: Duration::from_millis(500),
+            log_directory: None,
             process: ProcessConfig::default(),
         }
     }
@@ -121,6 +125,7 @@ impl AuditorConfig {
                 start,
                 source,
                 poll: self.poll,
+                log_directory: self.log_directory.clone(),
             },
         })
     }

@@ -39,6 +39,9 @@ pub struct DevConfig {
     pub expensive_reads_per_second: f64,
     /// Expensive-read budget tokens a caller can hold (spend at once).
     pub expensive_reads_burst: f64,
+    /// Serve the audit blobs over plain HTTP (S3 `ListObjectsV2` layout, `GET /E/PREV/CUR`) on
+    /// this address, for akd's and Plexi's auditor tools.
+    pub blob_listen: Option<String>,
     /// Metrics, logs, traces and TLS.
     #[serde(flatten, skip_deserializing)]
     pub process: ProcessConfig,
@@ -57,6 +60,7 @@ impl Default for DevConfig {
             max_in_flight: 1024,
             expensive_reads_per_second: RateLimits::default().per_second,
             expensive_reads_burst: RateLimits::default().burst,
+            blob_listen: None,
             process: ProcessConfig::default(),
         }
     }
@@ -91,6 +95,9 @@ impl DevConfig {
     /// permissions), a missing one is generated when the directory starts.
     pub fn resolve(&self) -> anyhow::Result<ResolvedDev> {
         check_address("listen", &self.listen)?;
+        if let Some(blob_listen) = &self.blob_listen {
+            check_address("blob_listen", blob_listen)?;
+        }
         check_partition_bits(self.partition_bits)?;
         if self.epoch_interval.is_zero() {
             anyhow::bail!("epoch_interval must be positive");
@@ -122,6 +129,7 @@ impl DevConfig {
                 options: GatewayOptions {
                     max_in_flight: self.max_in_flight,
                     rate_limits: self.rate_limits()?,
+                    blob_listen: self.blob_listen.clone(),
                     ..GatewayOptions::default()
                 },
             },

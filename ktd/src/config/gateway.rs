@@ -38,6 +38,9 @@ pub struct GatewayConfig {
     /// Serve the Admin service (seal, cluster status) on this address instead of `listen`;
     /// with TLS only admin certificates may call it.
     pub admin_listen: Option<String>,
+    /// Serve the audit blobs over plain HTTP (S3 `ListObjectsV2` layout, `GET /E/PREV/CUR`) on
+    /// this address, for akd's and Plexi's auditor tools.
+    pub blob_listen: Option<String>,
     /// With TLS: `required` or `optional` (clients without a certificate may read, not
     /// publish).
     pub tls_client_auth: ClientAuth,
@@ -63,6 +66,7 @@ impl Default for GatewayConfig {
             expensive_reads_per_second: RateLimits::default().per_second,
             expensive_reads_burst: RateLimits::default().burst,
             admin_listen: None,
+            blob_listen: None,
             tls_client_auth: ClientAuth::Required,
             shard_map_refresh: GatewayOptions::default().shard_map_refresh,
             unsafe_test_mode: false,
@@ -120,6 +124,9 @@ impl GatewayConfig {
         if let Some(admin_listen) = &self.admin_listen {
             check_address("admin_listen", admin_listen)?;
         }
+        if let Some(blob_listen) = &self.blob_listen {
+            check_address("blob_listen", blob_listen)?;
+        }
         if self.sequencers.is_empty() {
             anyhow::bail!(
                 "sequencers is not set: give --sequencers, KTD_GATEWAY_SEQUENCERS, or `sequencers` in the --config file"
@@ -136,6 +143,7 @@ impl GatewayConfig {
                     max_in_flight: self.max_in_flight,
                     rate_limits: self.rate_limits()?,
                     admin_listen: self.admin_listen.clone(),
+                    blob_listen: self.blob_listen.clone(),
                     tls_client_auth_optional: self.tls_client_auth == ClientAuth::Optional,
                     shard_map_refresh: self.shard_map_refresh,
                     ..GatewayOptions::default()

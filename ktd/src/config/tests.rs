@@ -397,6 +397,7 @@ fn secrets_are_redacted_from_debug() {
         start: None,
         source: ktd_auditor::BlobSource::Directory("blobs".into()),
         poll: std::time::Duration::from_secs(1),
+        log_directory: None,
     };
     for debug in [format!("{shard:?}"), format!("{auditor:?}")] {
         assert!(debug.contains("<redacted>"), "{debug}");

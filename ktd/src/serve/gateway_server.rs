@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use ktd_core::AkdConfig;
 use ktd_core::config::{Experimental, WhatsAppV1};
 use sequencer::{SequencerClient, pb};
@@ -79,14 +79,72 @@ pub(crate) async fn serve_for_config(
 ) -> anyhow::Result<()> {
     let config: AkdConfig = metadata.akd_configuration.parse()?;
     config.install()?;
+    let blob_listener = match &options.blob_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind the audit blob port {addr} (--blob-listen)"))?,
+        ),
+        None => None,
+    };
     match config {
         AkdConfig::WhatsAppV1 => {
             let gateway = Gateway::<WhatsAppV1>::new(sequencing, connector, metadata, options)?;
-            gateway::server::serve(gateway, listener, admin_listener, shutdown, drain).await
+            serve_with_blobs(
+                gateway,
+                listener,
+                admin_listener,
+                blob_listener,
+                shutdown,
+                drain,
+            )
+            .await
         }
         AkdConfig::Experimental { .. } => {
             let gateway = Gateway::<Experimental>::new(sequencing, connector, metadata, options)?;
-            gateway::server::serve(gateway, listener, admin_listener, shutdown, drain).await
+            serve_with_blobs(
+                gateway,
+                listener,
+                admin_listener,
+                blob_listener,
+                shutdown,
+                drain,
+            )
+            .await
         }
     }
+}
+
+/// Serves `gateway`, and its audit blobs over HTTP on `blob_listener` if given, until
+/// `shutdown`.
+async fn serve_with_blobs<TC: ktd_core::akd_core::configuration::Configuration>(
+    gateway: Arc<Gateway<TC>>,
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    blob_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let blobs = match blob_listener {
+        Some(blob_listener) => {
+            tracing::info!(
+                addr = ?blob_listener.local_addr().ok(),
+                "serving audit blobs over HTTP (S3 ListObjectsV2 layout)"
+            );
+            let stopped = stop.clone().cancelled_owned();
+            Some(tokio::spawn(
+                axum::serve(blob_listener, gateway::blob_http::router(gateway.clone()))
+                    .with_graceful_shutdown(stopped)
+                    .into_future(),
+            ))
+        }
+        None => None,
+    };
+    let served = gateway::server::serve(gateway, listener, admin_listener, shutdown, drain).await;
+    stop.cancel();
+    if let Some(blobs) = blobs {
+        blobs.await??;
+    }
+    served
 }

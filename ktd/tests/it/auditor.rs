@@ -34,6 +34,7 @@ fn settings(data_dir: &Path, source: BlobSource) -> AuditorSettings {
         start: None,
         source,
         poll: Duration::from_millis(50),
+        log_directory: None,
     }
 }
 
@@ -188,6 +189,7 @@ fn the_auditor_signs_every_epoch_of_a_live_directory_and_resumes() {
         assert!(page.contains("No rule violations"), "{page}");
         let missing = http_get(http_addr, &format!("/namespaces/{NAMESPACE}/audits/999")).await;
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        plexi_api_answers_as_plexi_reads_it(http_addr, &auditor, latest).await;
         let _ = stop.send(());
         server.await.expect("server").expect("serve");
 
@@ -458,4 +460,161 @@ fn the_auditor_refuses_forged_gapped_and_republished_histories() {
         let page = ktd_auditor::server::dashboard(&auditor, 0);
         assert!(page.contains("Rule violations"), "{page}");
     });
+}
+
+/// The body of `path` at `addr`, parsed as JSON (status 200 required).
+async fn json_at(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    let response = http_get(addr, path).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
+    let body = response.split_once("\r\n\r\n").expect("a body").1;
+    serde_json::from_str(body).unwrap_or_else(|error| panic!("{path}: {error}: {body}"))
+}
+
+/// Plexi's signed message for ciphersuite 1 (`ProtobufEd25519`), encoded by hand as
+/// `plexi_core` encodes its proto2 `SignatureMessage`: ciphersuite, namespace, timestamp,
+/// `Epoch { inner }`, digest — every field present, in tag order.
+fn plexi_message(namespace: &str, timestamp: u64, epoch: u64, digest: &[u8]) -> Vec<u8> {
+    fn varint(mut value: u64, out: &mut Vec<u8>) {
+        while value >= 0x80 {
+            out.push((value as u8) | 0x80);
+            value >>= 7;
+        }
+        out.push(value as u8);
+    }
+    let mut epoch_message = vec![0x08];
+    varint(epoch, &mut epoch_message);
+    let mut out = vec![0x08, 0x01, 0x12];
+    varint(namespace.len() as u64, &mut out);
+    out.extend_from_slice(namespace.as_bytes());
+    out.push(0x18);
+    varint(timestamp, &mut out);
+    out.push(0x22);
+    varint(epoch_message.len() as u64, &mut out);
+    out.extend_from_slice(&epoch_message);
+    out.push(0x2a);
+    varint(digest.len() as u64, &mut out);
+    out.extend_from_slice(digest);
+    out
+}
+
+/// Verifies a Plexi `SignatureResponse` the way `plexi_core` does: rebuild the message from
+/// its fields, Ed25519 `verify_strict` with the key whose id is `key_id`.
+fn plexi_verify(response: &serde_json::Value, public_key: &[u8; 32]) {
+    use ed25519_dalek::{Signature, VerifyingKey};
+    assert_eq!(
+        response["key_id"].as_u64(),
+        Some(u64::from(public_key[31])),
+        "{response}"
+    );
+    assert!(
+        response["version"] == 1 || response["ciphersuite"] == 1,
+        "{response}"
+    );
+    let digest = hex::decode(response["digest"].as_str().expect("digest")).expect("hex");
+    let message = plexi_message(
+        response["namespace"].as_str().expect("namespace"),
+        response["timestamp"].as_u64().expect("timestamp"),
+        response["epoch"].as_u64().expect("epoch"),
+        &digest,
+    );
+    let signature: [u8; 64] = hex::decode(response["signature"].as_str().expect("signature"))
+        .expect("hex")
+        .try_into()
+        .expect("64 bytes");
+    VerifyingKey::from_bytes(public_key)
+        .expect("key")
+        .verify_strict(&message, &Signature::from_bytes(&signature))
+        .unwrap_or_else(|error| panic!("{error}: {response}"));
+}
+
+/// The Plexi read API (`/info`, `/namespaces`, `/namespaces/{ns}`, `.../audits/{E}`,
+/// `.../last-verified-epoch`) answers in the JSON shapes `plexi-core` 0.1 deserializes, and its
+/// signatures verify as `plexi audit` verifies them.
+async fn plexi_api_answers_as_plexi_reads_it(
+    addr: std::net::SocketAddr,
+    auditor: &Auditor,
+    latest: u64,
+) {
+    // The message encoding first, on Plexi's own published test vector
+    // (cloudflare/plexi, plexi_core/tests/test-vectors.json, the ciphersuite 1 entry).
+    let vector = plexi_message("log1.example.com", 1_717_084_639_921, 1, &[0x11; 32]);
+    assert_eq!(
+        hex::encode(&vector),
+        format!(
+            "080112106c6f67312e6578616d706c652e636f6d18b1a5e1d1fc31220208012a20{}",
+            "11".repeat(32)
+        )
+    );
+    let vector_response = serde_json::json!({
+        "version": 1, "namespace": "log1.example.com", "timestamp": 1_717_084_639_921u64,
+        "epoch": 1, "digest": "11".repeat(32), "key_id": 188,
+        "signature": "769d1ae73792dd8da1515793ba29f2f33f2fca84ba7386f9a01d8272e67c4379bdcfd91ea4fa49eafd8f243ac36fe3a7aae90ae92f1729c3c468ddf4e6d2a309",
+    });
+    let vector_key: [u8; 32] =
+        hex::decode("606a878700158d92b3a14a0fd37ec82e0f05f92fcf23146abfda2e3a2f10a9bc")
+            .expect("hex")
+            .try_into()
+            .expect("32 bytes");
+    plexi_verify(&vector_response, &vector_key);
+
+    let key = auditor.public_key();
+    let info = json_at(addr, "/info").await;
+    assert_eq!(info["keys"][0]["public_key"], hex::encode(key), "{info}");
+    assert!(info["keys"][0]["not_before"].is_u64(), "{info}");
+    assert_eq!(info["logs"][0], NAMESPACE, "{info}");
+    let listed = json_at(addr, "/namespaces").await;
+    let one = json_at(addr, &format!("/namespaces/{NAMESPACE}")).await;
+    assert_eq!(listed["namespaces"][0], one, "{listed}");
+    assert_eq!(one["name"], NAMESPACE);
+    assert_eq!(one["status"], "Online");
+    assert_eq!(one["ciphersuite"], 1);
+    assert_eq!(one["signature_version"], 1);
+    assert_eq!(one["last_verified_epoch"].as_u64(), Some(latest));
+    assert_eq!(one["audits_uri"], format!("/namespaces/{NAMESPACE}/audits"));
+    assert_eq!(
+        one["reports_uri"],
+        format!("/namespaces/{NAMESPACE}/reports")
+    );
+    let first = auditor.head(1).expect("head 1");
+    assert_eq!(one["root"], format!("1/{}", first.digest), "{one}");
+    assert!(one["log_directory"].is_null(), "not configured here: {one}");
+    let unknown = http_get(addr, "/namespaces/other").await;
+    assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
+    for epoch in 1..=latest {
+        let response = json_at(addr, &format!("/namespaces/{NAMESPACE}/audits/{epoch}")).await;
+        assert_eq!(response["epoch"].as_u64(), Some(epoch));
+        assert_eq!(response["namespace"], NAMESPACE);
+        assert_eq!(
+            response["serialized_message"], response["signed_bytes"],
+            "the bytes Plexi's message encodes to: {response}"
+        );
+        assert_eq!(
+            hex::decode(response["serialized_message"].as_str().expect("hex")).expect("hex"),
+            plexi_message(
+                NAMESPACE,
+                response["timestamp"].as_u64().expect("timestamp"),
+                epoch,
+                &hex::decode(response["digest"].as_str().expect("digest")).expect("hex"),
+            )
+        );
+        plexi_verify(&response, &key);
+    }
+    let last = json_at(
+        addr,
+        &format!("/namespaces/{NAMESPACE}/last-verified-epoch"),
+    )
+    .await;
+    assert_eq!(last["epoch"].as_u64(), Some(latest));
+    assert_eq!(last["end_hash"], auditor.head(latest).expect("head").digest);
+    assert_eq!(
+        last["start_hash"],
+        auditor.head(latest - 1).expect("head").digest,
+        "{last}"
+    );
+    let job_id = last["job_id"].as_str().expect("job_id");
+    assert_eq!(
+        job_id.split('-').map(str::len).collect::<Vec<_>>(),
+        [8, 4, 4, 4, 12],
+        "a UUID: {job_id}"
+    );
 }

@@ -4,6 +4,7 @@
 
 mod adversarial;
 mod auditor;
+mod blobs;
 mod cluster;
 mod config;
 mod deploy;

@@ -2060,7 +2060,7 @@ fn tamper_consistently(dir: &std::path::Path, epoch: u64) {
 }
 
 #[test]
-fn a_backup_taken_under_load_restores_into_a_new_cluster_with_every_root_and_a_tampered_one_is_refused()
+fn a_backup_and_its_archive_taken_under_load_restore_a_new_cluster_to_a_later_epoch_and_tampered_ones_are_refused()
  {
     Deadline::new(Duration::from_secs(300))
         .one_at_a_time()
@@ -2095,18 +2095,68 @@ fn a_backup_taken_under_load_restores_into_a_new_cluster_with_every_root_and_a_t
                 Some(0),
                 "{retention}"
             );
+            // The batch archive from the backup on, run as a timer would run it: each run
+            // resumes after the newest archived epoch, and its pin holds the batches after it.
+            let archived_to = cluster.wait_commits(epoch, 2, "epochs to archive").await;
+            let archived = admin_json(&cluster, &["archive", "--to", &dir_text]).await;
+            assert_eq!(
+                archived["first_epoch"].as_u64(),
+                Some(epoch + 1),
+                "{archived}"
+            );
+            let first_run = archived["last_epoch"].as_u64().expect("last_epoch");
+            assert!(first_run >= archived_to, "{archived}");
+            cluster
+                .wait_commits(first_run, 2, "more epochs to archive")
+                .await;
             let acked = cluster.stop_publishing(0).await;
+            let resumed = admin_json(&cluster, &["archive", "--to", &dir_text]).await;
+            let target = resumed["last_epoch"].as_u64().expect("last_epoch");
+            assert_eq!(
+                resumed["first_epoch"].as_u64(),
+                Some(epoch + 1),
+                "{resumed}"
+            );
+            assert_eq!(
+                resumed["epochs_written"].as_u64(),
+                Some(target - first_run),
+                "the second run resumes after the first: {resumed}"
+            );
+            assert!(target >= first_run + 2, "{resumed}");
+            let retention = admin_json(&cluster, &["retention", "show"]).await;
+            let pins = retention["pins"].as_array().cloned().unwrap_or_default();
+            assert!(
+                pins.iter()
+                    .any(|pin| pin["owner"] == "archive" && pin["epoch"].as_u64() == Some(target)),
+                "the archiver's pin holds the batches after {target}: {retention}"
+            );
             let client = Client::connect(&cluster.topology.gateway_url())
                 .await
                 .expect("connect");
             let mut roots = Vec::new();
-            for number in 1..=epoch {
+            for number in 1..=target {
                 roots.push(client.epoch(Some(number)).await.expect("root").root_hash);
             }
             drop(client);
             let verified = admin_json(&cluster, &["verify-backup", "--from", &dir_text]).await;
             assert_eq!(verified["epoch"].as_u64(), Some(epoch), "{verified}");
             assert!(verified["nodes_checked"].as_u64() > Some(0), "{verified}");
+            let with_archive = admin_json(
+                &cluster,
+                &[
+                    "verify-backup",
+                    "--from",
+                    &dir_text,
+                    "--to-epoch",
+                    &target.to_string(),
+                ],
+            )
+            .await;
+            assert_eq!(
+                with_archive["archived_epochs"].as_u64(),
+                Some(target - epoch),
+                "{with_archive}"
+            );
 
             // Two tampered copies: a flipped byte is caught by the checksums; a node rewritten
             // with every checksum forged to match is caught by the root check.
@@ -2169,66 +2219,103 @@ fn a_backup_taken_under_load_restores_into_a_new_cluster_with_every_root_and_a_t
                     .await,
             );
             assert_eq!(restored.last_committed().await, 0);
-            // …the real one is restored.
-            let report = admin_json(&restored, &["restore", "--from", &dir_text]).await;
-            assert_eq!(report["epoch"].as_u64(), Some(epoch), "{report}");
+            // …so is an archive with a flipped byte, by its checksum…
+            let flipped_archive = backups.path().join("flipped-archive");
+            copy_dir(&dir, &flipped_archive);
+            let last_file = flipped_archive
+                .join("archive")
+                .join(format!("epoch-{target:020}.seg"));
+            let mut bytes = std::fs::read(&last_file).expect("read");
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x40;
+            std::fs::write(&last_file, bytes).expect("write");
+            let target_text = target.to_string();
+            let refused = restored
+                .ktd(&[
+                    "admin",
+                    "restore",
+                    "--from",
+                    flipped_archive.to_str().expect("utf-8"),
+                    "--to-epoch",
+                    &target_text,
+                ])
+                .await;
+            assert_eq!(refused.code, 1, "{}", refused.stderr);
+            assert!(refused.stderr.contains("checksum"), "{}", refused.stderr);
+            assert_eq!(restored.last_committed().await, 0);
+            // …and the real one is restored to the archive's newest epoch: the backup, then
+            // the archived epochs replayed, each committed only with its archived root.
+            let report = admin_json(
+                &restored,
+                &["restore", "--from", &dir_text, "--to-epoch", &target_text],
+            )
+            .await;
+            assert_eq!(report["epoch"].as_u64(), Some(target), "{report}");
+            assert_eq!(report["backup_epoch"].as_u64(), Some(epoch), "{report}");
+            assert_eq!(
+                report["replayed_epochs"].as_u64(),
+                Some(target - epoch),
+                "{report}"
+            );
             assert_eq!(report["replicas"].as_u64(), Some(2 * 16), "{report}");
             restored.wait_check_passes("after the restore").await;
 
-            // Same roots, every acknowledged publish up to the backup's epoch, an audit from
+            // Same roots, every acknowledged publish up to the chosen epoch, an audit from
             // genesis, and new publishes continue the epochs.
             let client = Client::connect(&restored.topology.gateway_url())
                 .await
                 .expect("connect");
-            for (number, root) in (1..=epoch).zip(&roots) {
+            for (number, root) in (1..=target).zip(&roots) {
                 let found = client.epoch(Some(number)).await.expect("restored root");
                 assert_eq!(&found.root_hash, root, "epoch {number}'s root");
             }
             let mut latest: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
             for (label, value, acked_epoch) in &acked {
-                if *acked_epoch <= epoch {
+                if *acked_epoch <= target {
                     latest.insert(label.clone(), value.clone());
                 }
             }
             assert!(!latest.is_empty());
             for (label, value) in &latest {
                 let found = client
-                    .lookup(label, Some(epoch))
+                    .lookup(label, Some(target))
                     .await
                     .unwrap_or_else(|error| panic!("a restored publish: {error:#}"));
                 assert_eq!(&found.value, value);
             }
             let audit = client
-                .audit(0, epoch)
+                .audit(0, target)
                 .await
                 .expect("audit of the restored epochs");
-            assert_eq!(audit.roots.len() as u64, epoch + 1);
+            assert_eq!(audit.roots.len() as u64, target + 1);
             let published = client
                 .publish(vec![(b"after-restore".to_vec(), b"v1".to_vec())], None)
                 .await
                 .expect("a publish after the restore");
-            assert_eq!(published.epoch, epoch + 1);
-            // Sequence numbers continue from the backup's: never one it already handed out.
+            assert_eq!(published.epoch, target + 1);
+            // Sequence numbers continue after the backup's and the replayed ones: never one
+            // already handed out.
             let manifest: Value = serde_json::from_str(
                 &std::fs::read_to_string(dir.join(format!("backup-{epoch:020}.json")))
                     .expect("manifest"),
             )
             .expect("manifest JSON");
             let next = manifest["next_sequence"].as_u64().expect("next_sequence");
-            let before = acked.iter().filter(|(_, _, e)| *e <= epoch).count() as u64;
-            assert!(next > before, "{next} after {before} acknowledged updates");
-            assert_eq!(
-                published.sequence, next,
-                "sequence numbers continue after the restore"
+            let before = acked.iter().filter(|(_, _, e)| *e <= target).count() as u64;
+            assert!(
+                published.sequence >= next && published.sequence > before,
+                "sequence {} after the backup's next {next} and {before} acknowledged updates",
+                published.sequence
             );
             client
-                .wait_for_epoch(epoch + 1)
+                .wait_for_epoch(target + 1)
                 .await
                 .expect("epochs continue after the restore");
             let found = client.lookup(b"after-restore", None).await.expect("lookup");
             assert_eq!(found.value, b"v1");
             eprintln!(
-                "backup/restore: epochs 1..={epoch} restored with equal roots, {} labels found",
+                "backup/restore: backup of epoch {epoch} + archived epochs to {target} restored \
+                 with equal roots, {} labels found",
                 latest.len()
             );
         });

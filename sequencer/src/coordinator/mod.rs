@@ -488,7 +488,7 @@ pub(crate) fn coordination(error: shard::Error) -> SequencerError {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    hex::encode(bytes)
 }
 
 /// Capped exponential backoff: 100 ms doubling to 5 s.

@@ -964,6 +964,37 @@ fn restore_step(records: Vec<pb::EpochRecord>, epoch: u64, finish: bool) -> pb::
         next_sequence: 41,
         finish,
         backup_cluster_id: vec![3; 16],
+        replay: None,
+    })
+}
+
+fn replay_step(
+    epoch: u64,
+    labels: &[&str],
+    first_sequence: u64,
+    seal_with: Option<u8>,
+) -> pb::command::Kind {
+    pb::command::Kind::Restore(pb::RestoreCommand {
+        epoch: 3,
+        replay: Some(pb::ReplayEpoch {
+            epoch,
+            updates: labels
+                .iter()
+                .zip(first_sequence..)
+                .map(|(label, sequence)| pb::SequencedUpdate {
+                    label: label.as_bytes().to_vec(),
+                    value: b"v".to_vec(),
+                    sequence,
+                })
+                .collect(),
+            last: seal_with.is_some(),
+            record: seal_with.map(|seed| pb::EpochRecord {
+                updates: 2,
+                sealed_at_ms: 7_000 + epoch,
+                ..restored_record(epoch, seed)
+            }),
+        }),
+        ..pb::RestoreCommand::default()
     })
 }
 
@@ -1034,4 +1065,151 @@ fn a_restore_installs_epochs_in_order_refuses_updates_meanwhile_and_finishes_onl
     // A finished restore cannot be started again: the cluster is written now.
     let again = h.run(restore_step(vec![], 5, false));
     assert_eq!(rejection_code(&again), Some(Code::FailedPrecondition));
+}
+
+#[test]
+fn archived_epochs_replay_one_at_a_time_after_the_backup_and_commit_only_with_the_archived_root() {
+    let mut h = Harness::new(100, 10, 2);
+    let started = h.run(restore_step(
+        vec![restored_record(1, 1), restored_record(2, 2)],
+        3,
+        false,
+    ));
+    assert!(rejection_code(&started).is_none(), "{started:?}");
+    // Not before every record of the backup is installed.
+    let early = h.run(replay_step(4, &["a"], 50, Some(4)));
+    assert_eq!(rejection_code(&early), Some(Code::FailedPrecondition));
+    let installed = h.run(restore_step(vec![restored_record(3, 3)], 3, false));
+    assert!(rejection_code(&installed).is_none(), "{installed:?}");
+    // Not out of order, and not an archived record that does not stitch or has another count.
+    let ahead = h.run(replay_step(5, &["a"], 50, Some(5)));
+    assert_eq!(rejection_code(&ahead), Some(Code::FailedPrecondition));
+    let mut forged = replay_step(4, &["a", "b"], 50, Some(4));
+    if let pb::command::Kind::Restore(command) = &mut forged
+        && let Some(record) = command
+            .replay
+            .as_mut()
+            .and_then(|replay| replay.record.as_mut())
+    {
+        record.root_hash = vec![9; 32];
+    }
+    assert_eq!(rejection_code(&h.run(forged)), Some(Code::InvalidArgument));
+    let short = h.run(replay_step(4, &["a"], 50, Some(4)));
+    assert_eq!(rejection_code(&short), Some(Code::InvalidArgument));
+    // In steps: the last one seals the epoch with the archived record's time; a retried step
+    // of a sealed epoch changes nothing.
+    let first = h.run(replay_step(4, &["a"], 50, None));
+    assert!(rejection_code(&first).is_none(), "{first:?}");
+    let sealed = h.run(replay_step(4, &["b"], 51, Some(4)));
+    assert!(matches!(
+        sealed.kind,
+        Some(pb::apply_result::Kind::Restore(ref state)) if state.active && state.replay_epoch == 4
+    ));
+    assert_eq!(h.machine.state().open_epoch, 5);
+    assert_eq!(h.machine.state().sealed_at_ms.get(&4), Some(&7_004));
+    assert_eq!(
+        h.tx.updates
+            .get(&(4, b"b".to_vec()))
+            .map(|(sequence, _)| *sequence),
+        Some(51)
+    );
+    let retried = h.run(replay_step(4, &["b"], 51, Some(4)));
+    assert!(rejection_code(&retried).is_none(), "{retried:?}");
+    assert_eq!(h.machine.state().open_epoch, 5);
+    // The next epoch waits for this one's commit; the restore cannot finish meanwhile.
+    let next = h.run(replay_step(5, &["c"], 52, None));
+    assert_eq!(rejection_code(&next), Some(Code::FailedPrecondition));
+    let unfinished = h.run(restore_step(vec![], 3, true));
+    assert_eq!(rejection_code(&unfinished), Some(Code::FailedPrecondition));
+    h.commit(4, 4);
+    assert_eq!(h.machine.state().last_committed_epoch, 4);
+    // A computed root other than the archive's is refused, and stops the replay.
+    let replayed = h.run(replay_step(5, &["c", "d"], 52, Some(5)));
+    assert!(rejection_code(&replayed).is_none(), "{replayed:?}");
+    let diverged = h.commit(5, 6);
+    assert_eq!(rejection_code(&diverged), Some(Code::DataLoss));
+    assert_eq!(h.machine.state().last_committed_epoch, 4);
+    let failure = h
+        .machine
+        .state()
+        .restore
+        .clone()
+        .expect("restore")
+        .replay_failure;
+    assert!(
+        failure.contains("replayed epoch 5 computed root"),
+        "{failure}"
+    );
+    let stopped = h.run(replay_step(6, &["e"], 54, None));
+    assert_eq!(rejection_code(&stopped), Some(Code::FailedPrecondition));
+    // The archived root commits; then the restore finishes with sequence numbers after the
+    // replayed ones.
+    h.commit(5, 5);
+    assert_eq!(h.machine.state().last_committed_epoch, 5);
+}
+
+#[test]
+fn a_restore_finishes_after_its_replayed_epochs_and_new_updates_follow_their_sequence_numbers() {
+    let mut h = Harness::new(100, 10, 2);
+    let installed = h.run(restore_step(
+        vec![
+            restored_record(1, 1),
+            restored_record(2, 2),
+            restored_record(3, 3),
+        ],
+        3,
+        false,
+    ));
+    assert!(rejection_code(&installed).is_none(), "{installed:?}");
+    let sealed = h.run(replay_step(4, &["a", "b"], 60, Some(4)));
+    assert!(rejection_code(&sealed).is_none(), "{sealed:?}");
+    h.commit(4, 4);
+    let finished = h.run(restore_step(vec![], 3, true));
+    assert!(matches!(
+        finished.kind,
+        Some(pb::apply_result::Kind::Restore(ref state)) if !state.active && state.installed_epoch == 4
+    ));
+    assert_eq!(h.machine.state().last_committed_epoch, 4);
+    let answer = h.appended(&["c"], "");
+    assert_eq!(answer.epoch, 5);
+    assert_eq!(answer.first_sequence, 62);
+}
+
+#[test]
+fn an_archive_pin_keeps_sealed_batches_after_its_epoch() {
+    let mut h = Harness::new(100, 10, 1);
+    let pin = |epoch: u64| {
+        pb::command::Kind::Retention(pb::RetentionCommand {
+            kind: Some(pb::retention_command::Kind::AddPin(pb::HistoryPin {
+                id: "archive".into(),
+                owner: crate::machine::ARCHIVE_PIN_OWNER.into(),
+                epoch,
+                expires_at_ms: u64::MAX,
+                reason: String::new(),
+                created_at_ms: 1,
+            })),
+            now_ms: 1,
+        })
+    };
+    for epoch in 1..=2 {
+        h.append(&["a"], "");
+        h.seal(epoch);
+        h.commit(epoch, epoch as u8);
+    }
+    let pinned = h.run(pin(2));
+    assert!(rejection_code(&pinned).is_none(), "{pinned:?}");
+    for epoch in 3..=6 {
+        h.append(&["a"], "");
+        h.seal(epoch);
+        h.commit(epoch, epoch as u8);
+    }
+    let retained: Vec<u64> = h.machine.state().retained_batches.keys().copied().collect();
+    assert_eq!(retained, vec![3, 4, 5, 6]);
+    let moved = h.run(pin(5));
+    assert!(rejection_code(&moved).is_none(), "{moved:?}");
+    h.append(&["a"], "");
+    h.seal(7);
+    h.commit(7, 7);
+    let retained: Vec<u64> = h.machine.state().retained_batches.keys().copied().collect();
+    assert_eq!(retained, vec![6, 7]);
 }

@@ -122,6 +122,115 @@ pub struct Manifest {
     pub epochs: Vec<FileEntry>,
     /// Every partition.
     pub partitions: Vec<PartitionEntry>,
+    /// The auditor's signed head for the backup's epoch, or its newest before it (`backup
+    /// --auditor`); checked by every verification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auditor_head: Option<AuditorHead>,
+}
+
+/// An auditor's signed head kept in a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditorHead {
+    /// The auditor it came from (gRPC URL).
+    pub auditor: String,
+    /// The auditor's namespace.
+    pub namespace: String,
+    /// Its Ed25519 public key, hex.
+    pub public_key: String,
+    /// The epoch the head signs.
+    pub epoch: u64,
+    /// The `ktd.auditor.v1.SignedHead`, protobuf, hex.
+    pub head: String,
+}
+
+impl AuditorHead {
+    /// Checks the signature and returns the `(epoch, root)` the head vouches for.
+    pub fn verify(&self) -> Result<(u64, [u8; 32]), AdminError> {
+        use ktd_proto::ktd::auditor::v1 as apb;
+        let refused =
+            |why: String| AdminError::Refused(format!("the manifest's auditor head: {why}"));
+        let key: [u8; 32] = hex::decode(&self.public_key)
+            .ok()
+            .and_then(|key| key.try_into().ok())
+            .ok_or_else(|| refused("the public key is not 32 bytes of hex".into()))?;
+        let head = hex::decode(&self.head)
+            .ok()
+            .and_then(|bytes| apb::SignedHead::decode(bytes.as_slice()).ok())
+            .ok_or_else(|| refused("not a signed head".into()))?;
+        let signed = ktd_client::head::verify_head(&key, &self.namespace, &head)
+            .map_err(|error| refused(error.to_string()))?;
+        if signed.0 != self.epoch {
+            return Err(refused(format!(
+                "it signs epoch {}, the manifest says {}",
+                signed.0, self.epoch
+            )));
+        }
+        Ok(signed)
+    }
+}
+
+/// A gRPC client of the `ktd auditor` at `address`, and its info.
+async fn connect_auditor(
+    address: &str,
+) -> Result<
+    (
+        ktd_proto::ktd::auditor::v1::auditor_client::AuditorClient<tonic::transport::Channel>,
+        ktd_proto::ktd::auditor::v1::AuditorInfo,
+    ),
+    AdminError,
+> {
+    use ktd_proto::ktd::auditor::v1 as apb;
+    let refused = |message: String| AdminError::Refused(format!("auditor {address}: {message}"));
+    let mut auditor = apb::auditor_client::AuditorClient::connect(address.to_owned())
+        .await
+        .map_err(|error| refused(error.to_string()))?;
+    let info = auditor
+        .get_info(apb::GetInfoRequest {})
+        .await
+        .map_err(|status| refused(status.message().to_owned()))?
+        .into_inner();
+    Ok((auditor, info))
+}
+
+/// The auditor at `address`'s signed head for `epoch`, or its newest before it (`None`: it
+/// has signed nothing up to `epoch`), checked against the committed root of its epoch.
+async fn auditor_head(
+    client: &SequencerClient,
+    address: &str,
+    epoch: u64,
+) -> Result<Option<AuditorHead>, AdminError> {
+    use ktd_proto::ktd::auditor::v1 as apb;
+    let refused = |message: String| AdminError::Refused(format!("auditor {address}: {message}"));
+    let (mut auditor, info) = connect_auditor(address).await?;
+    let wanted = match info.last_verified_epoch {
+        0 => return Ok(None),
+        latest => latest.min(epoch),
+    };
+    let head = auditor
+        .get_head(apb::GetHeadRequest {
+            epoch: Some(wanted),
+        })
+        .await
+        .map_err(|status| refused(status.message().to_owned()))?
+        .into_inner();
+    let kept = AuditorHead {
+        auditor: address.to_owned(),
+        namespace: info.namespace,
+        public_key: hex::encode(&info.public_key),
+        epoch: wanted,
+        head: hex::encode(head.encode_to_vec()),
+    };
+    let (signed_epoch, signed_root) = kept.verify()?;
+    let committed = client.get_epoch(Some(signed_epoch)).await?;
+    if committed.root_hash != signed_root {
+        return Err(refused(format!(
+            "it signed epoch {signed_epoch} with root {}, but the cluster committed {}: the \
+             auditor does not follow this directory",
+            hex::encode(signed_root),
+            hex::encode(&committed.root_hash)
+        )));
+    }
+    Ok(Some(kept))
 }
 
 impl Manifest {
@@ -300,6 +409,8 @@ pub struct BackupReport {
     pub bytes_written: u64,
     /// Bytes of the whole chain.
     pub chain_bytes: u64,
+    /// The epoch of the auditor's signed head kept in the manifest (`--auditor`).
+    pub auditor_head_epoch: Option<u64>,
     /// Seconds it took.
     pub seconds: f64,
 }
@@ -310,6 +421,7 @@ pub async fn backup(
     dir: &Path,
     pin_for: Duration,
     full: bool,
+    auditor: Option<&str>,
 ) -> Result<BackupReport, AdminError> {
     let started = Instant::now();
     let io = |error: std::io::Error| AdminError::Refused(format!("{}: {error}", dir.display()));
@@ -362,6 +474,7 @@ pub async fn backup(
             parent_epoch: parent.parent_epoch,
             bytes_written: 0,
             chain_bytes: parent.bytes(),
+            auditor_head_epoch: parent.auditor_head.as_ref().map(|head| head.epoch),
             seconds: started.elapsed().as_secs_f64(),
         });
     }
@@ -388,8 +501,11 @@ pub async fn backup(
             now_ms: 0,
         })
         .await;
-    let (manifest, bytes_written) = copied?;
+    let (mut manifest, bytes_written) = copied?;
     released?;
+    if let Some(address) = auditor {
+        manifest.auditor_head = auditor_head(client, address, epoch).await?;
+    }
     write_synced(
         &dir.join(Manifest::file_name(epoch)),
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
@@ -401,6 +517,7 @@ pub async fn backup(
         parent_epoch: manifest.parent_epoch,
         bytes_written,
         chain_bytes: manifest.bytes(),
+        auditor_head_epoch: manifest.auditor_head.as_ref().map(|head| head.epoch),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -499,6 +616,7 @@ async fn copy(
         created_at_ms: now_ms(),
         epochs,
         partitions,
+        auditor_head: None,
     };
     Ok((manifest, written))
 }
@@ -620,6 +738,25 @@ pub fn verify(
                 record.epoch
             ))
         })?;
+    }
+    if let Some(kept) = &manifest.auditor_head {
+        let (signed_epoch, signed_root) = kept.verify()?;
+        let record = signed_epoch
+            .checked_sub(1)
+            .and_then(|index| records.get(index as usize))
+            .ok_or_else(|| {
+                AdminError::Refused(format!(
+                    "the manifest's auditor head signs epoch {signed_epoch}, past the backup's"
+                ))
+            })?;
+        if record.root_hash != signed_root {
+            return Err(AdminError::Refused(format!(
+                "the manifest's auditor head signs root {} for epoch {signed_epoch}; the \
+                 backup's root for it is {}",
+                hex::encode(signed_root),
+                hex::encode(&record.root_hash)
+            )));
+        }
     }
     let head = records
         .last()
@@ -1124,14 +1261,7 @@ async fn check_auditor(
 ) -> Result<(), AdminError> {
     use ktd_proto::ktd::auditor::v1 as apb;
     let refused = |message: String| AdminError::Refused(format!("auditor {address}: {message}"));
-    let mut auditor = apb::auditor_client::AuditorClient::connect(address.to_owned())
-        .await
-        .map_err(|error| refused(error.to_string()))?;
-    let info = auditor
-        .get_info(apb::GetInfoRequest {})
-        .await
-        .map_err(|status| refused(status.message().to_owned()))?
-        .into_inner();
+    let (mut auditor, info) = connect_auditor(address).await?;
     let head = match auditor.get_head(apb::GetHeadRequest { epoch: None }).await {
         Ok(head) => head.into_inner(),
         Err(status) if status.code() == tonic::Code::NotFound => return Ok(()),

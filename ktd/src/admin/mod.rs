@@ -180,6 +180,10 @@ pub enum AdminCommand {
         /// How long the backup's pin may hold history if this command dies half-way.
         #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
         pin_for: Duration,
+        /// A `ktd auditor` (gRPC URL): keep its signed head for the backup's epoch (or its
+        /// newest before it) in the manifest, checked against the committed root.
+        #[arg(long)]
+        auditor: Option<String>,
         /// `table` or `json`.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -838,9 +842,11 @@ pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
             to,
             full,
             pin_for,
+            auditor,
             output,
         } => {
-            let report = backup::backup(&admin.client, &to, pin_for, full).await?;
+            let report =
+                backup::backup(&admin.client, &to, pin_for, full, auditor.as_deref()).await?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Output::Table => println!(

@@ -1990,6 +1990,47 @@ fn refused_by_the_root_check(output: &Output) {
     );
 }
 
+/// An in-process auditor following the gateway at `gateway_url`, served on ephemeral ports:
+/// the auditor, its gRPC URL, and the task serving and following it (aborted when dropped).
+async fn start_auditor(
+    data_dir: &std::path::Path,
+    gateway_url: &str,
+) -> (
+    Arc<ktd_auditor::Auditor>,
+    String,
+    tokio_util::task::AbortOnDropHandle<()>,
+) {
+    let auditor = ktd_auditor::Auditor::open(ktd_auditor::AuditorSettings {
+        namespace: "runbook.key-transparency.v1".into(),
+        data_dir: data_dir.to_path_buf(),
+        signing_key: [0x44; 32],
+        config: ktd_core::AkdConfig::WhatsAppV1,
+        start: None,
+        source: ktd_auditor::BlobSource::Gateway(gateway_url.to_owned()),
+        poll: Duration::from_millis(100),
+        log_directory: None,
+    })
+    .expect("open the auditor");
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", grpc.local_addr().expect("addr"));
+    let task = {
+        let auditor = auditor.clone();
+        tokio::spawn(async move {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let follower = tokio::spawn(auditor.clone().follow(stop.clone()));
+            let _ = ktd_auditor::server::serve(auditor, grpc, http, std::future::pending()).await;
+            stop.cancel();
+            let _ = follower.await;
+        })
+    };
+    (auditor, url, tokio_util::task::AbortOnDropHandle::new(task))
+}
+
 /// `ktd admin <args> -o json` on `cluster`, parsed.
 async fn admin_json(cluster: &Runbook, args: &[&str]) -> Value {
     let mut full = vec!["admin"];
@@ -2077,8 +2118,29 @@ fn a_backup_and_its_archive_taken_under_load_restore_a_new_cluster_to_a_later_ep
             let first = full["epoch"].as_u64().expect("epoch");
             assert!(first >= first_epoch, "{full}");
             cluster.wait_commits(first, 3, "more history").await;
-            let incremental = admin_json(&cluster, &["backup", "--to", &dir_text]).await;
+            // An auditor follows the directory; the incremental backup keeps its signed head.
+            let auditor_dir = backups.path().join("auditor");
+            let (auditor, auditor_url, _auditor_task) =
+                start_auditor(&auditor_dir, &cluster.topology.gateway_url()).await;
+            Poll::new(
+                "the auditor to sign the full backup's epoch",
+                Duration::from_secs(60),
+            )
+            .until(|| {
+                let auditor = auditor.clone();
+                async move { auditor.latest().filter(|head| head.epoch >= first) }
+            })
+            .await;
+            let incremental = admin_json(
+                &cluster,
+                &["backup", "--to", &dir_text, "--auditor", &auditor_url],
+            )
+            .await;
+            let signed = incremental["auditor_head_epoch"]
+                .as_u64()
+                .expect("the auditor's head kept");
             let epoch = incremental["epoch"].as_u64().expect("epoch");
+            assert!((first..=epoch).contains(&signed), "{incremental}");
             assert_eq!(
                 incremental["parent_epoch"].as_u64(),
                 Some(first),
@@ -2141,6 +2203,29 @@ fn a_backup_and_its_archive_taken_under_load_restore_a_new_cluster_to_a_later_ep
             let verified = admin_json(&cluster, &["verify-backup", "--from", &dir_text]).await;
             assert_eq!(verified["epoch"].as_u64(), Some(epoch), "{verified}");
             assert!(verified["nodes_checked"].as_u64() > Some(0), "{verified}");
+            // A manifest whose auditor head was changed is refused by its signature check.
+            let forged_head = backups.path().join("forged-head");
+            copy_dir(&dir, &forged_head);
+            let manifest_path = forged_head.join(format!("backup-{epoch:020}.json"));
+            let mut manifest: Value =
+                serde_json::from_str(&std::fs::read_to_string(&manifest_path).expect("manifest"))
+                    .expect("manifest JSON");
+            manifest["auditor_head"]["namespace"] = Value::String("another.namespace".into());
+            std::fs::write(&manifest_path, manifest.to_string()).expect("write");
+            let refused = cluster
+                .ktd(&[
+                    "admin",
+                    "verify-backup",
+                    "--from",
+                    forged_head.to_str().expect("utf-8"),
+                ])
+                .await;
+            assert_eq!(refused.code, 1, "{}", refused.stderr);
+            assert!(
+                refused.stderr.contains("auditor head"),
+                "{}",
+                refused.stderr
+            );
             let with_archive = admin_json(
                 &cluster,
                 &[
@@ -2245,9 +2330,18 @@ fn a_backup_and_its_archive_taken_under_load_restore_a_new_cluster_to_a_later_ep
             assert_eq!(restored.last_committed().await, 0);
             // …and the real one is restored to the archive's newest epoch: the backup, then
             // the archived epochs replayed, each committed only with its archived root.
+            // The auditor of the lost cluster vouches for the restored roots.
             let report = admin_json(
                 &restored,
-                &["restore", "--from", &dir_text, "--to-epoch", &target_text],
+                &[
+                    "restore",
+                    "--from",
+                    &dir_text,
+                    "--to-epoch",
+                    &target_text,
+                    "--auditor",
+                    &auditor_url,
+                ],
             )
             .await;
             assert_eq!(report["epoch"].as_u64(), Some(target), "{report}");

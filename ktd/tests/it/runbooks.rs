@@ -2199,6 +2199,27 @@ fn a_backup_and_its_archive_taken_under_load_restore_a_new_cluster_to_a_later_ep
             for number in 1..=target {
                 roots.push(client.epoch(Some(number)).await.expect("root").root_hash);
             }
+            // One more epoch after the archive's newest, signed by the auditor: restoring to
+            // the archive's newest rolls a signed epoch back.
+            let later = client
+                .publish(vec![(b"after-the-archive".to_vec(), b"v".to_vec())], None)
+                .await
+                .expect("a publish after the archive");
+            let later = client
+                .wait_for_epoch(later.epoch)
+                .await
+                .expect("its commit")
+                .epoch;
+            assert!(later > target);
+            Poll::new(
+                "the auditor to sign the epoch after the archive",
+                Duration::from_secs(60),
+            )
+            .until(|| {
+                let auditor = auditor.clone();
+                async move { auditor.latest().filter(|head| head.epoch >= later) }
+            })
+            .await;
             drop(client);
             let verified = admin_json(&cluster, &["verify-backup", "--from", &dir_text]).await;
             assert_eq!(verified["epoch"].as_u64(), Some(epoch), "{verified}");
@@ -2330,20 +2351,29 @@ fn a_backup_and_its_archive_taken_under_load_restore_a_new_cluster_to_a_later_ep
             assert_eq!(restored.last_committed().await, 0);
             // …and the real one is restored to the archive's newest epoch: the backup, then
             // the archived epochs replayed, each committed only with its archived root.
-            // The auditor of the lost cluster vouches for the restored roots.
-            let report = admin_json(
-                &restored,
-                &[
-                    "restore",
-                    "--from",
-                    &dir_text,
-                    "--to-epoch",
-                    &target_text,
-                    "--auditor",
-                    &auditor_url,
-                ],
-            )
-            .await;
+            // The auditor of the lost cluster signed a later epoch: refused unless forced (and
+            // then its heads up to the target are checked against the archived roots).
+            let restore_args = [
+                "restore",
+                "--from",
+                &dir_text,
+                "--to-epoch",
+                &target_text,
+                "--auditor",
+                &auditor_url,
+            ];
+            let refused = restored
+                .ktd(&[&["admin"][..], &restore_args[..]].concat())
+                .await;
+            assert_eq!(refused.code, 1, "{}", refused.stderr);
+            assert!(
+                refused.stderr.contains("newer than the restored epoch"),
+                "{}",
+                refused.stderr
+            );
+            assert_eq!(restored.last_committed().await, 0);
+            let report =
+                admin_json(&restored, &[&restore_args[..], &["--force"][..]].concat()).await;
             assert_eq!(report["epoch"].as_u64(), Some(target), "{report}");
             assert_eq!(report["backup_epoch"].as_u64(), Some(epoch), "{report}");
             assert_eq!(

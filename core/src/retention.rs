@@ -42,7 +42,8 @@ pub struct Pin {
     pub expires_at_ms: u64,
     /// Why, in the holder's words.
     pub reason: String,
-    /// When it was added (leader wall clock, ms): a pin much older than its purpose is stale.
+    /// When it came to hold `epoch` (leader wall clock, ms; a renewal at the same epoch keeps
+    /// it): a pin much older than its purpose is stale.
     pub created_at_ms: u64,
 }
 
@@ -157,8 +158,11 @@ impl Retention {
     }
 
     /// Adds (or replaces) pin `id` at `now_ms`. Refused if it needs an epoch already below
-    /// `safe_epoch`, has expired, or names no owner.
-    pub fn add_pin(&mut self, id: &str, pin: Pin, now_ms: u64) -> Result<(), RetentionError> {
+    /// `safe_epoch`, has expired, or names no owner. Replacing a pin at the same epoch (a
+    /// renewal) keeps its `created_at_ms`: a pin's age is how long it has held that epoch, so a
+    /// holder that renews without moving (a stuck auditor or archive) ages into the stale-pin
+    /// alert.
+    pub fn add_pin(&mut self, id: &str, mut pin: Pin, now_ms: u64) -> Result<(), RetentionError> {
         let bad = |reason: String| {
             Err(RetentionError::BadPin {
                 id: id.to_string(),
@@ -173,6 +177,9 @@ impl Retention {
         }
         if let Err(error) = self.check_readable(pin.epoch) {
             return bad(error.to_string());
+        }
+        if let Some(held) = self.pins.get(id).filter(|held| held.epoch == pin.epoch) {
+            pin.created_at_ms = held.created_at_ms;
         }
         self.pins.insert(id.to_string(), pin);
         Ok(())
@@ -315,5 +322,28 @@ mod tests {
         retention
             .add_pin("hold", pin("operator", 280, 10_000), 0)
             .expect("at the safe epoch");
+    }
+
+    #[test]
+    fn a_renewal_at_the_same_epoch_keeps_the_pins_age_and_a_move_restarts_it() {
+        let mut retention = epochs(20);
+        let at = |epoch, created_at_ms| Pin {
+            created_at_ms,
+            ..pin("auditor", epoch, 100_000)
+        };
+        retention
+            .add_pin("auditor-a", at(5, 1_000), 1_000)
+            .expect("add");
+        retention
+            .add_pin("auditor-a", at(5, 9_000), 9_000)
+            .expect("renew");
+        assert_eq!(
+            retention.pins["auditor-a"].created_at_ms, 1_000,
+            "renewed, not moved"
+        );
+        retention
+            .add_pin("auditor-a", at(6, 9_500), 9_500)
+            .expect("move");
+        assert_eq!(retention.pins["auditor-a"].created_at_ms, 9_500, "moved");
     }
 }

@@ -92,11 +92,21 @@ struct Args {
     /// Epochs between the full and the incremental backup.
     #[arg(long, default_value_t = 6)]
     backup_epochs: u64,
+    /// With `--backup`: after the incremental backup, this many more epochs under load are
+    /// archived in one `ktd admin archive` run, and the restore replays them
+    /// (`--to-epoch`): archive MiB/s and replay epochs/s and updates/s are reported (0: off).
+    #[arg(long, default_value_t = 0)]
+    archive_epochs: u64,
     /// History retention window set after the pre-load (`ktd admin retention set-window`,
     /// e.g. `10e`; default: the cluster's, 30 days): the shard servers prune during the
     /// baseline, whose disk growth and CPU per update then include pruning.
     #[arg(long)]
     retention_window: Option<String>,
+    /// Sample the shard servers' disk bytes and the committed epoch every this many seconds
+    /// during the baseline (0: only before and after): the `disk_timeline` of a long run, where
+    /// a retention window's plateau shows (growth in the second half vs the first).
+    #[arg(long, default_value_t = 0)]
+    disk_sample_seconds: u64,
     /// Keep the cluster's directory (data and logs) here instead of a temporary one.
     #[arg(long)]
     keep: Option<std::path::PathBuf>,
@@ -554,7 +564,34 @@ async fn run(args: Args) {
     );
     let baseline_from = Instant::now();
     let cpu_before = cpu_snapshot(&cluster);
-    tokio::time::sleep(Duration::from_secs(args.baseline_seconds)).await;
+    let mut disk_timeline = Vec::new();
+    if args.disk_sample_seconds > 0 {
+        let end = baseline_from + Duration::from_secs(args.baseline_seconds);
+        loop {
+            let now = Instant::now();
+            let epoch = cluster
+                .status()
+                .await
+                .and_then(|status| status["epochs"]["last_committed_epoch"].as_u64());
+            let bytes = shard_dirs(args.shards);
+            disk_timeline.push(json!({
+                "seconds": now.duration_since(baseline_from).as_secs_f64(),
+                "epoch": epoch,
+                "shard_disk_bytes": bytes,
+            }));
+            eprintln!(
+                "disk: {:.0} s, epoch {epoch:?}, {:.1} MiB",
+                now.duration_since(baseline_from).as_secs_f64(),
+                bytes as f64 / f64::from(1 << 20)
+            );
+            if now >= end {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(args.disk_sample_seconds).min(end - now)).await;
+        }
+    } else {
+        tokio::time::sleep(Duration::from_secs(args.baseline_seconds)).await;
+    }
     let baseline_to = Instant::now();
     let cpu_after = cpu_snapshot(&cluster);
     let disk_after_baseline = shard_dirs(args.shards);
@@ -571,6 +608,15 @@ async fn run(args: Args) {
         );
         figures["safe_epoch"] =
             cluster.admin_json(&["admin", "retention", "show"])["safe_epoch"].clone();
+        if let (Some(first), Some(last)) = (disk_timeline.first(), disk_timeline.last()) {
+            // Growth over the second half of the run against the first: about 1 when disk
+            // grows linearly, near 0 on a plateau.
+            let middle = &disk_timeline[disk_timeline.len() / 2];
+            let bytes = |sample: &Value| sample["shard_disk_bytes"].as_f64().unwrap_or(0.0);
+            figures["disk_second_half_growth_ratio"] =
+                json!((bytes(last) - bytes(middle)) / (bytes(middle) - bytes(first)).max(1.0));
+            figures["disk_timeline"] = json!(disk_timeline);
+        }
         figures["pruned_node_versions"] = json!(
             status["shards"]
                 .as_array()
@@ -700,6 +746,29 @@ async fn run(args: Args) {
         let incremental = cluster.admin_json(&["admin", "backup", "--to", &dir]);
         eprintln!("incremental backup: {incremental}");
         backup = json!({"full": full, "incremental": incremental});
+        if args.archive_epochs > 0 {
+            let until = incremental["epoch"].as_u64().expect("epoch") + args.archive_epochs;
+            while cluster
+                .status()
+                .await
+                .and_then(|status| status["epochs"]["last_committed_epoch"].as_u64())
+                .unwrap_or(0)
+                < until
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let archived = cluster.admin_json(&[
+                "admin",
+                "archive",
+                "--to",
+                &dir,
+                "--until-epoch",
+                &until.to_string(),
+                "--release",
+            ]);
+            eprintln!("archive: {archived}");
+            backup["archive"] = archived;
+        }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for task in tasks {
@@ -711,7 +780,9 @@ async fn run(args: Args) {
         let dir = backup_dir.display().to_string();
         let verified = cluster.admin_json(&["admin", "verify-backup", "--from", &dir]);
         eprintln!("verify: {verified}");
-        let epoch = verified["epoch"].as_u64().expect("epoch");
+        // The epoch the restore ends at: the archive's newest, or the backup's.
+        let to_epoch = backup["archive"]["last_epoch"].as_u64();
+        let epoch = to_epoch.unwrap_or_else(|| verified["epoch"].as_u64().expect("epoch"));
         let root_hash = client.epoch(Some(epoch)).await.expect("root").root_hash;
         for node in std::iter::once(&mut cluster.gateway)
             .chain(std::iter::once(&mut cluster.sequencer))
@@ -736,7 +807,12 @@ async fn run(args: Args) {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let report = restored.admin_json(&["admin", "restore", "--from", &dir, "--timeout", "2h"]);
+        let to_epoch_text = to_epoch.map(|epoch| epoch.to_string());
+        let mut restore_args = vec!["admin", "restore", "--from", &dir, "--timeout", "2h"];
+        if let Some(to_epoch) = &to_epoch_text {
+            restore_args.extend(["--to-epoch", to_epoch.as_str()]);
+        }
+        let report = restored.admin_json(&restore_args);
         eprintln!("restore: {report}");
         let gateway = format!("http://{}", restored.gateway.addr);
         let client = Client::connect(&gateway).await.expect("connect");
@@ -760,6 +836,29 @@ async fn run(args: Args) {
         backup["restore_mib_per_second"] =
             json!(mib(chain, report["seconds"].as_f64().unwrap_or(0.0)));
         backup["restored_root_equal"] = json!(true);
+        if !backup["archive"].is_null() {
+            let archive = backup["archive"].clone();
+            let epochs = report["replayed_epochs"].as_f64().unwrap_or(0.0);
+            let replay_seconds = report["replay_seconds"].as_f64().unwrap_or(0.0);
+            backup["archive_mib_per_second"] = json!(mib(
+                archive["bytes_written"].as_f64().unwrap_or(0.0),
+                archive["seconds"].as_f64().unwrap_or(0.0)
+            ));
+            backup["replay_epochs_per_second"] = json!(epochs / replay_seconds.max(1e-9));
+            backup["replay_updates_per_second"] =
+                json!(epochs * args.epoch_updates as f64 / replay_seconds.max(1e-9));
+            println!(
+                "archive: {} epochs, {:.1} MiB in {:.2} s ({:.1} MiB/s); restore --to-epoch {epoch}: {} epochs replayed in {:.1} s ({:.2} epochs/s, ~{:.0} updates/s), root equal",
+                archive["epochs_written"],
+                archive["bytes_written"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),
+                archive["seconds"].as_f64().unwrap_or(0.0),
+                backup["archive_mib_per_second"].as_f64().unwrap_or(0.0),
+                report["replayed_epochs"],
+                replay_seconds,
+                backup["replay_epochs_per_second"].as_f64().unwrap_or(0.0),
+                backup["replay_updates_per_second"].as_f64().unwrap_or(0.0),
+            );
+        }
         println!(
             "backup: full {:.0} MiB in {:.1} s ({:.1} MiB/s) at epoch {}; incremental {:.1} MiB in {:.1} s after {} epochs; verify {:.1} s ({:.1} MiB/s); restore into a new cluster {:.1} s ({:.1} MiB/s of backup), {} replicas, root equal",
             backup["full"]["bytes_written"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),

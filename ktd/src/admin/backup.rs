@@ -170,7 +170,7 @@ impl AuditorHead {
 }
 
 /// A gRPC client of the `ktd auditor` at `address`, and its info.
-async fn connect_auditor(
+pub(crate) async fn connect_auditor(
     address: &str,
 ) -> Result<
     (

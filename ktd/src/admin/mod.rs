@@ -37,6 +37,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 pub mod archive;
+pub mod auditor_pin;
 pub mod backup;
 mod shards;
 
@@ -530,6 +531,18 @@ pub enum RetentionCommand {
         #[arg(long)]
         id: String,
     },
+    /// Register an auditor: keep its newest verified epoch readable (pin `auditor-<name>`),
+    /// renewed every `--interval` while this runs, so pruning never outruns it. The pin moves
+    /// only on a signed head with the committed root; a fork or a reported violation leaves
+    /// it where it was and is reported.
+    FollowAuditor {
+        /// Which auditor, how often, for how long.
+        #[command(flatten)]
+        options: auditor_pin::FollowOptions,
+        /// `table` or `json` (one object per round).
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 /// Parses a retention window: `forever`, `<N>e` (epochs) or a duration.
@@ -569,6 +582,9 @@ pub fn window_text(window: Option<&pb::RetentionWindow>) -> String {
 async fn retention(admin: &Admin, command: RetentionCommand) -> Result<(), AdminError> {
     use pb::retention_command::Kind;
     let (history, output) = match command {
+        RetentionCommand::FollowAuditor { options, output } => {
+            return follow_auditor(admin, &options, output).await;
+        }
         RetentionCommand::Show { output } => (admin.client.retention().await?, output),
         RetentionCommand::SetWindow { window } => {
             let window = parse_window(&window)?;
@@ -644,6 +660,39 @@ async fn retention(admin: &Admin, command: RetentionCommand) -> Result<(), Admin
         }
     }
     Ok(())
+}
+
+async fn follow_auditor(
+    admin: &Admin,
+    options: &auditor_pin::FollowOptions,
+    output: Output,
+) -> Result<(), AdminError> {
+    if options.release {
+        let id = auditor_pin::release(&admin.client, options).await?;
+        println!("released {id}");
+        return Ok(());
+    }
+    let stop = crate::cli::servers::shutdown_signal();
+    auditor_pin::follow(&admin.client, options, stop, |report| match output {
+        Output::Json => match serde_json::to_string(report) {
+            Ok(line) => println!("{line}"),
+            Err(error) => eprintln!("encode JSON: {error}"),
+        },
+        Output::Table => println!(
+            "{}: auditor {} verified epoch {}; pinned epoch {} (safe epoch {}){}",
+            report.id,
+            report.namespace,
+            report.last_verified_epoch,
+            report.pin_epoch,
+            report.safe_epoch,
+            if report.behind_window {
+                "; BEHIND THE WINDOW: its next blobs must come from a blob archive"
+            } else {
+                ""
+            }
+        ),
+    })
+    .await
 }
 
 /// `ktd admin retention show -o json`.

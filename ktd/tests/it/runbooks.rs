@@ -1978,6 +1978,156 @@ fn a_history_window_prunes_old_tree_versions_refuses_older_reads_and_a_hold_keep
     });
 }
 
+/// The pin `follow-auditor --name runbook` keeps: (epoch, created at).
+async fn auditor_pin(cluster: &Runbook) -> Option<(u64, u64)> {
+    let shown = cluster
+        .ktd_ok(&["admin", "retention", "show", "-o", "json"])
+        .await;
+    let shown: Value = serde_json::from_str(&shown).expect("retention JSON");
+    shown["pins"]
+        .as_array()
+        .expect("pins")
+        .iter()
+        .find(|pin| pin["id"] == "auditor-runbook")
+        .map(|pin| {
+            assert_eq!(pin["owner"], "auditor", "{pin}");
+            (
+                pin["epoch"].as_u64().expect("epoch"),
+                pin["created_at_ms"].as_u64().expect("created at"),
+            )
+        })
+}
+
+#[test]
+fn a_registered_auditor_holds_history_at_its_newest_verified_epoch_until_it_catches_up() {
+    runbook(|| async {
+        let state = tempfile::tempdir().expect("tempdir");
+        let auditor_dir = state.path().join("auditor");
+        let cluster = Runbook::start().await;
+        let client = crate::support::cluster::connect(&cluster.topology.gateways[0].addr).await;
+        let gateway = cluster.topology.gateway_url();
+        let first = cluster.wait_commits(0, 3, "epochs to audit").await;
+        let (auditor, url, task) = start_auditor(&auditor_dir, &gateway).await;
+        let wait_signed = |auditor: Arc<ktd_auditor::Auditor>, epoch: u64| async move {
+            Poll::new(
+                format!("the auditor to sign epoch {epoch}"),
+                Duration::from_secs(60),
+            )
+            .until(|| {
+                let auditor = auditor.clone();
+                async move { auditor.latest().filter(|head| head.epoch >= epoch) }
+            })
+            .await
+        };
+        wait_signed(auditor.clone(), first).await;
+        let follow = |url: &str| {
+            [
+                "admin",
+                "retention",
+                "follow-auditor",
+                "--auditor",
+                url,
+                "--name",
+                "runbook",
+                "--once",
+                "--hold-for",
+                "10m",
+                "-o",
+                "json",
+            ]
+            .map(str::to_owned)
+        };
+        let round = |args: [String; 12]| {
+            let cluster = &cluster;
+            async move {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let stdout = cluster.ktd_ok(&args).await;
+                serde_json::from_str::<Value>(stdout.trim()).expect("one JSON report")
+            }
+        };
+        let report = round(follow(&url)).await;
+        let pinned = report["pin_epoch"].as_u64().expect("pin epoch");
+        assert_eq!(
+            report["last_verified_epoch"].as_u64(),
+            Some(pinned),
+            "{report}"
+        );
+        assert!(pinned >= first, "{report}");
+        assert_eq!(report["behind_window"], false, "{report}");
+        let (held, created_at) = auditor_pin(&cluster).await.expect("the auditor's pin");
+        assert_eq!(held, pinned);
+
+        // The auditor stops. A short window moves on, but not past the auditor's epoch: the
+        // blob it needs next is still served.
+        drop(task);
+        drop(auditor);
+        cluster
+            .ktd_ok(&["admin", "retention", "set-window", "2e"])
+            .await;
+        cluster.wait_commits(pinned, 6, "past the window").await;
+        Poll::new(
+            "the safe epoch to reach the auditor's pin",
+            Duration::from_secs(20),
+        )
+        .until(|| async { (safe_epoch(&cluster).await == pinned).then_some(()) })
+        .await;
+        client
+            .audit(pinned, pinned + 1)
+            .await
+            .expect("the stopped auditor's next blob is still served");
+        // Asking an auditor that is down fails and leaves the pin (and its age) as it was.
+        let down = cluster
+            .ktd(&follow(&url).each_ref().map(String::as_str))
+            .await;
+        assert_eq!(down.code, 1, "{}", down.stderr);
+        assert!(
+            down.stderr.contains(&format!("auditor {url}")),
+            "{}",
+            down.stderr
+        );
+        assert_eq!(auditor_pin(&cluster).await, Some((pinned, created_at)));
+        assert_eq!(safe_epoch(&cluster).await, pinned);
+
+        // Back, it resumes from its state and catches up; the next round moves the pin and
+        // the window follows.
+        let (auditor, url, _task) = start_auditor(&auditor_dir, &gateway).await;
+        let latest = cluster.last_committed().await;
+        wait_signed(auditor.clone(), latest).await;
+        let report = round(follow(&url)).await;
+        let moved = report["pin_epoch"].as_u64().expect("pin epoch");
+        assert!(moved >= latest, "{report}");
+        let (held, moved_at) = auditor_pin(&cluster).await.expect("the auditor's pin");
+        assert_eq!(held, moved);
+        assert!(
+            moved_at > created_at,
+            "a moved pin is a new pin: {moved_at} vs {created_at}"
+        );
+        Poll::new(
+            "the safe epoch to move past the old pin",
+            Duration::from_secs(20),
+        )
+        .until(|| async { (safe_epoch(&cluster).await > pinned).then_some(()) })
+        .await;
+
+        // Deregistered: the pin is gone.
+        let released = cluster
+            .ktd_ok(&[
+                "admin",
+                "retention",
+                "follow-auditor",
+                "--auditor",
+                &url,
+                "--name",
+                "runbook",
+                "--release",
+            ])
+            .await;
+        assert!(released.contains("auditor-runbook"), "{released}");
+        assert_eq!(auditor_pin(&cluster).await, None);
+        cluster.finish("registered auditor").await;
+    });
+}
+
 /// `ktd admin verify-backup` or `restore` failed at the node-by-node root check.
 fn refused_by_the_root_check(output: &Output) {
     assert_eq!(output.code, 1, "{}", output.stderr);

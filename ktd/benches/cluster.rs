@@ -253,6 +253,19 @@ impl Cluster {
         serde_json::from_slice(&output.stdout).ok()
     }
 
+    /// Waits until epoch `until` has committed.
+    async fn wait_committed(&self, until: u64) {
+        while self
+            .status()
+            .await
+            .and_then(|status| status["epochs"]["last_committed_epoch"].as_u64())
+            .unwrap_or(0)
+            < until
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// `ktd <args> -o json` against the sequencer, parsed; panics on failure.
     fn admin_json(&self, args: &[&str]) -> Value {
         let mut with_json = args.to_vec();
@@ -734,29 +747,13 @@ async fn run(args: Args) {
         eprintln!("full backup: {full}");
         let first = full["epoch"].as_u64().expect("epoch");
         let until = first + args.backup_epochs;
-        while cluster
-            .status()
-            .await
-            .and_then(|status| status["epochs"]["last_committed_epoch"].as_u64())
-            .unwrap_or(0)
-            < until
-        {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        cluster.wait_committed(until).await;
         let incremental = cluster.admin_json(&["admin", "backup", "--to", &dir]);
         eprintln!("incremental backup: {incremental}");
         backup = json!({"full": full, "incremental": incremental});
         if args.archive_epochs > 0 {
             let until = incremental["epoch"].as_u64().expect("epoch") + args.archive_epochs;
-            while cluster
-                .status()
-                .await
-                .and_then(|status| status["epochs"]["last_committed_epoch"].as_u64())
-                .unwrap_or(0)
-                < until
-            {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+            cluster.wait_committed(until).await;
             let archived = cluster.admin_json(&[
                 "admin",
                 "archive",

@@ -31,8 +31,8 @@ use sequencer::machine::ARCHIVE_PIN_OWNER;
 use sequencer::{SequencerClient, SequencerError, pb};
 use serde::Serialize;
 
+use super::AdminError;
 use super::backup::{list as list_backups, write_synced};
-use super::{AdminError, now_ms};
 
 /// Magic of an archived epoch file.
 const MAGIC: &[u8; 8] = b"KTDARC1\n";
@@ -352,12 +352,7 @@ pub async fn archive(
         }
     }
     if options.release {
-        client
-            .update_retention(pb::RetentionCommand {
-                kind: Some(pb::retention_command::Kind::RemovePin(PIN_ID.into())),
-                now_ms: 0,
-            })
-            .await?;
+        super::remove_pin(client, PIN_ID).await?;
     } else {
         pin(client, dir, cursor, options.pin_for).await?;
     }
@@ -375,23 +370,17 @@ async fn pin(
     pin_for: Duration,
 ) -> Result<(), AdminError> {
     let safe_epoch = client.retention().await?.safe_epoch;
-    let pin = pb::HistoryPin {
-        id: PIN_ID.into(),
-        owner: ARCHIVE_PIN_OWNER.into(),
+    super::add_pin(
+        client,
+        PIN_ID,
+        ARCHIVE_PIN_OWNER,
         // A pin below the safe epoch is refused; batches between are then held by nothing
         // (and a missing one ends the run with the gap named).
-        epoch: epoch.max(safe_epoch),
-        expires_at_ms: now_ms()
-            .saturating_add(u64::try_from(pin_for.as_millis()).unwrap_or(u64::MAX)),
-        reason: format!("ktd admin archive --to {}", dir.display()),
-        created_at_ms: 0,
-    };
-    client
-        .update_retention(pb::RetentionCommand {
-            kind: Some(pb::retention_command::Kind::AddPin(pin)),
-            now_ms: 0,
-        })
-        .await?;
+        epoch.max(safe_epoch),
+        pin_for,
+        format!("ktd admin archive --to {}", dir.display()),
+    )
+    .await?;
     Ok(())
 }
 

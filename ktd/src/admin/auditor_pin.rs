@@ -26,10 +26,10 @@
 use std::time::Duration;
 
 use ktd_proto::ktd::auditor::v1 as apb;
-use sequencer::{SequencerClient, pb};
+use sequencer::SequencerClient;
 use serde::Serialize;
 
-use super::{AdminError, now_ms};
+use super::AdminError;
 
 /// The owner of an auditor's pin.
 pub const AUDITOR_PIN_OWNER: &str = "auditor";
@@ -179,25 +179,23 @@ pub async fn round(
     }
     let safe_epoch = client.retention().await?.safe_epoch;
     let epoch = pin_epoch(&observed, safe_epoch).map_err(|hold| refused(hold.to_string()))?;
-    let expires_at_ms =
-        now_ms().saturating_add(u64::try_from(options.hold_for.as_millis()).unwrap_or(u64::MAX));
-    let pin = pb::HistoryPin {
-        id: id.clone(),
-        owner: AUDITOR_PIN_OWNER.into(),
+    let history = super::add_pin(
+        client,
+        &id,
+        AUDITOR_PIN_OWNER,
         epoch,
-        expires_at_ms,
-        reason: format!(
+        options.hold_for,
+        format!(
             "auditor {} at {address} verified epoch {}",
             info.namespace, info.last_verified_epoch
         ),
-        created_at_ms: 0,
-    };
-    client
-        .update_retention(pb::RetentionCommand {
-            kind: Some(pb::retention_command::Kind::AddPin(pin)),
-            now_ms: 0,
-        })
-        .await?;
+    )
+    .await?;
+    let expires_at_ms = history
+        .pins
+        .iter()
+        .find(|pin| pin.id == id)
+        .map_or(0, |pin| pin.expires_at_ms);
     Ok(PinReport {
         id,
         auditor: address.to_owned(),
@@ -224,12 +222,7 @@ pub async fn release(
                 .namespace,
         ),
     };
-    client
-        .update_retention(pb::RetentionCommand {
-            kind: Some(pb::retention_command::Kind::RemovePin(id.clone())),
-            now_ms: 0,
-        })
-        .await?;
+    super::remove_pin(client, &id).await?;
     Ok(id)
 }
 

@@ -479,28 +479,17 @@ pub async fn backup(
         });
     }
     let pin_id = format!("backup-{epoch}");
-    let pin = pb::HistoryPin {
-        id: pin_id.clone(),
-        owner: "backup".into(),
+    super::add_pin(
+        client,
+        &pin_id,
+        "backup",
         epoch,
-        expires_at_ms: now_ms()
-            .saturating_add(u64::try_from(pin_for.as_millis()).unwrap_or(u64::MAX)),
-        reason: format!("ktd admin backup --to {}", dir.display()),
-        created_at_ms: 0,
-    };
-    client
-        .update_retention(pb::RetentionCommand {
-            kind: Some(pb::retention_command::Kind::AddPin(pin)),
-            now_ms: 0,
-        })
-        .await?;
+        pin_for,
+        format!("ktd admin backup --to {}", dir.display()),
+    )
+    .await?;
     let copied = copy(client, dir, &metadata, &map, epoch, parent.as_ref()).await;
-    let released = client
-        .update_retention(pb::RetentionCommand {
-            kind: Some(pb::retention_command::Kind::RemovePin(pin_id)),
-            now_ms: 0,
-        })
-        .await;
+    let released = super::remove_pin(client, &pin_id).await;
     let (mut manifest, bytes_written) = copied?;
     released?;
     if let Some(address) = auditor {

@@ -604,28 +604,10 @@ async fn retention(admin: &Admin, command: RetentionCommand) -> Result<(), Admin
                 Some(epoch) => epoch,
                 None => admin.client.retention().await?.safe_epoch,
             };
-            let pin = pb::HistoryPin {
-                id,
-                owner: "operator".into(),
-                epoch,
-                expires_at_ms: now_ms()
-                    .saturating_add(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)),
-                reason,
-                created_at_ms: 0,
-            };
-            let command = pb::RetentionCommand {
-                kind: Some(Kind::AddPin(pin)),
-                now_ms: 0,
-            };
-            (admin.client.update_retention(command).await?, Output::Table)
+            let history = add_pin(&admin.client, &id, "operator", epoch, duration, reason).await?;
+            (history, Output::Table)
         }
-        RetentionCommand::Release { id } => {
-            let command = pb::RetentionCommand {
-                kind: Some(Kind::RemovePin(id)),
-                now_ms: 0,
-            };
-            (admin.client.update_retention(command).await?, Output::Table)
-        }
+        RetentionCommand::Release { id } => (remove_pin(&admin.client, &id).await?, Output::Table),
     };
     match output {
         Output::Json => println!(
@@ -1154,6 +1136,46 @@ async fn finish_move(admin: &Admin, id: &str, timeout: Duration) -> Result<(), A
 fn sequencer_addr(addr: &str) -> String {
     let addr = addr.trim();
     addr.strip_prefix("http://").unwrap_or(addr).to_string()
+}
+
+/// Adds (or renews) history pin `id`: `epoch` stays readable for `hold_for` from now (a
+/// renewal at the same epoch keeps the pin's age). The record as it is afterwards.
+pub(crate) async fn add_pin(
+    client: &SequencerClient,
+    id: &str,
+    owner: &str,
+    epoch: u64,
+    hold_for: Duration,
+    reason: String,
+) -> Result<pb::HistoryRetention, AdminError> {
+    let pin = pb::HistoryPin {
+        id: id.to_owned(),
+        owner: owner.to_owned(),
+        epoch,
+        expires_at_ms: now_ms()
+            .saturating_add(u64::try_from(hold_for.as_millis()).unwrap_or(u64::MAX)),
+        reason,
+        created_at_ms: 0,
+    };
+    Ok(client
+        .update_retention(pb::RetentionCommand {
+            kind: Some(pb::retention_command::Kind::AddPin(pin)),
+            now_ms: 0,
+        })
+        .await?)
+}
+
+/// Removes history pin `id` (nothing if there is none). The record as it is afterwards.
+pub(crate) async fn remove_pin(
+    client: &SequencerClient,
+    id: &str,
+) -> Result<pb::HistoryRetention, AdminError> {
+    Ok(client
+        .update_retention(pb::RetentionCommand {
+            kind: Some(pb::retention_command::Kind::RemovePin(id.to_owned())),
+            now_ms: 0,
+        })
+        .await?)
 }
 
 fn now_ms() -> u64 {

@@ -1854,13 +1854,16 @@ fn a_gateway_routing_by_an_hour_old_map_reaches_copies_that_moved() {
     });
 }
 
+/// `ktd admin retention show -o json`.
+async fn retention_shown(cluster: &Runbook) -> Value {
+    admin_json(cluster, &["retention", "show"]).await
+}
+
 /// `ktd admin retention show -o json`'s safe epoch.
 async fn safe_epoch(cluster: &Runbook) -> u64 {
-    let shown = cluster
-        .ktd_ok(&["admin", "retention", "show", "-o", "json"])
-        .await;
-    let shown: Value = serde_json::from_str(&shown).expect("retention JSON");
-    shown["safe_epoch"].as_u64().expect("safe epoch")
+    retention_shown(cluster).await["safe_epoch"]
+        .as_u64()
+        .expect("safe epoch")
 }
 
 /// A verified lookup of `label` at `epoch` must be refused with `OUT_OF_RANGE` naming an oldest
@@ -1980,11 +1983,7 @@ fn a_history_window_prunes_old_tree_versions_refuses_older_reads_and_a_hold_keep
 
 /// The pin `follow-auditor --name runbook` keeps: (epoch, created at).
 async fn auditor_pin(cluster: &Runbook) -> Option<(u64, u64)> {
-    let shown = cluster
-        .ktd_ok(&["admin", "retention", "show", "-o", "json"])
-        .await;
-    let shown: Value = serde_json::from_str(&shown).expect("retention JSON");
-    shown["pins"]
+    retention_shown(cluster).await["pins"]
         .as_array()
         .expect("pins")
         .iter()

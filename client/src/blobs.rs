@@ -1,17 +1,14 @@
 //! A directory of audit blobs in the layout auditors read: one file per step, at
-//! `DIR/{E}/{hex root of E-1}/{hex root of E}` ([`AuditBlobName`]), holding the protobuf
+//! `DIR/{E}/{hex root of E-1}/{hex root of E}` ([`AuditBlobName`](ktd_proto::audit_blob::AuditBlobName)), holding the protobuf
 //! `SingleAppendOnlyProof` exactly as served.
 //!
-//! `ktd audit-blobs` stores verified blobs here and prunes old epochs; `ktd auditor` (with
-//! `--blob-dir`) reads them back in epoch order. Files are written to a temporary name and
-//! renamed, so a reader never sees half a blob.
+//! `ktd audit-blobs --to DIR` writes verified blobs here (through `object_store`, staged as
+//! `{name}#{n}` and linked into place) and prunes old epochs; `ktd auditor` (with `--blob-dir`)
+//! reads them back in epoch order. Staging files and dot-files are skipped, so a reader never
+//! sees half a blob.
 
 use std::io;
 use std::path::{Path, PathBuf};
-
-use ktd_proto::audit_blob::AuditBlobName;
-
-use crate::client::VerifiedBlob;
 
 /// An audit blob read from a [`BlobDir`]: its name as found on disk, and its bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,8 +32,17 @@ fn with_path(path: &Path, what: &str) -> impl FnOnce(io::Error) -> io::Error {
     move |error| io::Error::new(error.kind(), format!("{context}: {error}"))
 }
 
+/// A file a writer has not finished: a dot-file, or an `object_store` staging file
+/// (`{name}#{digits}`).
+fn is_partial(file_name: &str) -> bool {
+    file_name.starts_with('.')
+        || file_name.split_once('#').is_some_and(|(_, suffix)| {
+            !suffix.is_empty() && suffix.bytes().all(|byte| byte.is_ascii_digit())
+        })
+}
+
 impl BlobDir {
-    /// The blob directory at `root` (created on the first [`BlobDir::store`]).
+    /// The blob directory at `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
     }
@@ -63,39 +69,6 @@ impl BlobDir {
         self.epochs().ok()?.into_iter().max()
     }
 
-    /// Stores a verified blob under its name (write, sync, rename).
-    pub fn store(&self, blob: &VerifiedBlob) -> io::Result<PathBuf> {
-        let name: AuditBlobName = blob
-            .name
-            .parse()
-            .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, format!("{error}")))?;
-        let path = self.root.join(name.to_string());
-        let parent = path
-            .parent()
-            .ok_or_else(|| io::Error::other("a blob path has a parent"))?;
-        std::fs::create_dir_all(parent).map_err(with_path(parent, "create"))?;
-        let partial = parent.join(".partial");
-        std::fs::write(&partial, &blob.bytes).map_err(with_path(&partial, "write"))?;
-        std::fs::rename(&partial, &path).map_err(with_path(&path, "rename to"))?;
-        Ok(path)
-    }
-
-    /// Deletes the epoch directories of all but the newest `keep` epochs (only directories
-    /// named by an epoch number; anything else is left alone). Returns the epochs deleted.
-    pub fn prune(&self, keep: u64) -> io::Result<Vec<u64>> {
-        let mut epochs = self.epochs()?;
-        epochs.sort_unstable();
-        let excess = epochs
-            .len()
-            .saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
-        let pruned = epochs[..excess].to_vec();
-        for epoch in &pruned {
-            let dir = self.root.join(epoch.to_string());
-            std::fs::remove_dir_all(&dir).map_err(with_path(&dir, "remove"))?;
-        }
-        Ok(pruned)
-    }
-
     /// Blobs of end epochs `next..` (at most `limit` epochs), in epoch order, and the highest
     /// epoch present. Epochs are listed as found: a gap or a second root for one epoch is the
     /// reader's to judge.
@@ -120,7 +93,7 @@ impl BlobDir {
                     ) else {
                         continue;
                     };
-                    if root.starts_with('.') {
+                    if is_partial(&root) {
                         continue;
                     }
                     let name = format!("{epoch}/{previous}/{root}");
@@ -137,26 +110,32 @@ impl BlobDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ktd_proto::audit_blob::AuditBlobName;
 
-    fn blob(epoch: u64, fill: u8) -> VerifiedBlob {
-        VerifiedBlob {
-            name: AuditBlobName::new(epoch, [fill; 32], [fill + 1; 32])
-                .expect("epoch ≥ 1")
-                .to_string(),
-            epoch,
-            bytes: vec![fill; 3],
-        }
+    fn store(dir: &Path, epoch: u64, fill: u8) -> String {
+        let name = AuditBlobName::new(epoch, [fill; 32], [fill + 1; 32])
+            .expect("epoch ≥ 1")
+            .to_string();
+        let path = dir.join(&name);
+        std::fs::create_dir_all(path.parent().expect("nested")).expect("dirs");
+        std::fs::write(&path, vec![fill; 3]).expect("write");
+        name
     }
 
     #[test]
-    fn stored_blobs_read_back_in_epoch_order_and_prune_keeps_the_newest() {
+    fn stored_blobs_read_back_in_epoch_order_without_partial_files() {
         let temp = tempfile::tempdir().expect("temp dir");
         let dir = temp.path().join("blobs");
         let blobs = BlobDir::new(&dir);
         assert_eq!(blobs.newest_epoch(), None);
+        let mut names = Vec::new();
         for epoch in [3, 1, 2] {
-            blobs.store(&blob(epoch, epoch as u8)).expect("store");
+            names.push(store(&dir, epoch, epoch as u8));
         }
+        // A writer killed mid-put leaves a staging file; a foreign directory is not an epoch.
+        std::fs::write(dir.join(format!("{}#12", names[0])), b"ha").expect("staging");
+        let dot_file = dir.join(&names[0]).with_file_name(".partial");
+        std::fs::write(dot_file, b"").expect("dot-file");
         std::fs::create_dir_all(dir.join("notes")).expect("a foreign directory");
         assert_eq!(blobs.newest_epoch(), Some(3));
         let (read, highest) = blobs.read_from(2, 16).expect("read");
@@ -165,13 +144,10 @@ mod tests {
             read.iter().map(|blob| blob.epoch).collect::<Vec<_>>(),
             vec![2, 3]
         );
-        assert_eq!(read[0].name, blob(2, 2).name);
+        assert_eq!(read[0].name, names[2]);
         assert_eq!(read[0].bytes, vec![2; 3]);
-        assert_eq!(blobs.prune(1).expect("prune"), vec![1, 2]);
-        assert_eq!(blobs.read_from(0, 16).expect("read").0.len(), 1);
-        assert!(
-            dir.join("notes").exists(),
-            "foreign directories are left alone"
-        );
+        assert_eq!(read[1].name, names[0], "no staging file read as a blob");
+        assert!(is_partial("ab#3") && is_partial(".partial"));
+        assert!(!is_partial("ab") && !is_partial("ab#x"));
     }
 }

@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod blob_store;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -93,19 +93,24 @@ pub enum Command {
         #[arg(long)]
         verify: bool,
     },
-    /// Write every epoch's audit blob (verified) into a directory, as public auditors read them:
-    /// DIR/{E}/{hex root E-1}/{hex root E} holds the protobuf SingleAppendOnlyProof of E-1 → E.
+    /// Write every epoch's audit blob (verified) into a directory or a bucket, as public
+    /// auditors read them: {E}/{hex root E-1}/{hex root E} holds the protobuf
+    /// SingleAppendOnlyProof of E-1 → E. Create-once and resumable: a rerun uploads only what is
+    /// missing, and refuses a store that holds another history.
     AuditBlobs {
-        /// The directory to write into (created if missing).
-        #[arg(long)]
-        out: PathBuf,
-        /// First end epoch (default: after the newest blob already in --out, else 1).
+        /// Where: a directory (created if missing; `file:///dir` too), or `s3://bucket[/prefix]`,
+        /// `gs://bucket[/prefix]`, `az://container[/prefix]` with credentials from the
+        /// environment (AWS_*, GOOGLE_*, AZURE_*).
+        #[arg(long, visible_alias = "out", value_name = "DIR|URL")]
+        to: String,
+        /// First end epoch (default: the oldest blob already stored — stored epochs are
+        /// skipped — else 1).
         #[arg(long)]
         from: Option<u64>,
         /// Keep following new epochs until interrupted.
         #[arg(long)]
         follow: bool,
-        /// Retention: keep only the blobs of the newest N epochs in --out (default: all). An
+        /// Retention: keep only the blobs of the newest N epochs in --to (default: all). An
         /// auditor reading the directory must stay less than N epochs behind, or it sees a gap.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         keep: Option<u64>,

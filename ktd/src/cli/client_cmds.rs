@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use ktd_client::{BlobDir, Client};
+use ktd_client::Client;
 
 use super::args::{Command, LabelQuery};
 
@@ -26,24 +26,44 @@ fn show(bytes: &[u8]) -> String {
 
 async fn write_audit_blobs(
     client: &Client,
-    out: &std::path::Path,
+    target: &str,
     from: Option<u64>,
     follow: bool,
     keep: Option<u64>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
-    let blobs = BlobDir::new(out);
-    let mut next = from.unwrap_or_else(|| blobs.newest_epoch().map_or(1, |newest| newest + 1));
+    use crate::blob_store::{BlobStore, Put, epochs_to_prune, first_epoch};
+    let store = BlobStore::open(target)?;
+    let mut stored = store.inventory().await?;
+    if stored.foreign > 0 {
+        eprintln!(
+            "{target}: {} keys that are not audit blobs (left alone)",
+            stored.foreign
+        );
+    }
+    let latest = client.epoch(None).await?.epoch;
+    let mut next = first_epoch(&stored, from, latest, keep);
     loop {
         let (names, latest) = client.audit_blob_names(next, 100).await?;
         for name in &names {
-            let blob = client.audit_blob(name).await?;
-            blobs.store(&blob)?;
-            println!("{name} ({} bytes, verified)", blob.bytes.len());
-            next = blob.epoch + 1;
+            let epoch: u64 = name
+                .split('/')
+                .next()
+                .and_then(|epoch| epoch.parse().ok())
+                .with_context(|| format!("the gateway listed {name:?}, not a blob name"))?;
+            if !store.check_history(&stored, epoch, name)? {
+                let blob = client.audit_blob(name).await?;
+                let how = match store.put(&blob.name, &blob.bytes).await? {
+                    Put::Created => "verified, stored",
+                    Put::AlreadyThere => "verified, already stored",
+                };
+                println!("{name} ({} bytes, {how})", blob.bytes.len());
+                stored.insert(epoch, name.clone());
+            }
+            next = epoch + 1;
         }
         if let Some(keep) = keep {
-            for epoch in blobs.prune(keep)? {
+            for epoch in epochs_to_prune(&stored, keep) {
+                store.delete_epoch(&mut stored, epoch).await?;
                 println!("pruned epoch {epoch} (retention: newest {keep})");
             }
         }
@@ -196,12 +216,12 @@ pub async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
             }
         }
         Command::AuditBlobs {
-            out,
+            to,
             from,
             follow,
             keep,
         } => {
-            write_audit_blobs(&client, &out, from, follow, keep).await?;
+            write_audit_blobs(&client, &to, from, follow, keep).await?;
         }
         Command::Epoch { epoch, wait } => {
             let root = match (epoch, wait) {

@@ -107,6 +107,106 @@ async fn audit_blobs_verify(client: &ktd_client::Client, addr: &str) {
     }
 }
 
+/// `ktd audit-blobs --to file://DIR --follow` is killed (SIGKILL) while epochs are published; a
+/// staging file is left where a kill mid-put leaves one; a rerun uploads exactly the epochs that
+/// are missing, every epoch 1..=latest is stored once with the bytes the gateway serves, and the
+/// staging file is never taken for a blob. A store holding another history for an epoch is
+/// refused, and nothing in it is changed.
+async fn audit_blobs_resume_after_a_kill(client: &ktd_client::Client, addr: &str) {
+    use std::io::BufRead;
+    let out = tempfile::tempdir().expect("temp dir");
+    let target = format!("file://{}", out.path().display());
+    let mut follower = crate::support::cli::command()
+        .arg("--addr")
+        .arg(format!("http://{addr}"))
+        .args(["audit-blobs", "--to", &target, "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ktd audit-blobs --follow");
+    let stdout = follower.stdout.take().expect("piped");
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = tokio::task::spawn_blocking(move || {
+        let first = received.recv_timeout(Duration::from_secs(30));
+        (first, received)
+    });
+    let (first, received) = first.await.expect("reader");
+    let first = first.expect("a first blob stored").expect("utf-8");
+    assert!(first.contains("verified, stored"), "{first}");
+    // The follower is busy with new epochs when it is killed.
+    publish_epochs(client, "follow-kill", 3, 1).await;
+    follower.kill().expect("SIGKILL");
+    follower.wait().expect("reaped");
+    drop(received);
+    let stored_before = ktd_client::BlobDir::new(out.path())
+        .read_from(1, usize::MAX)
+        .expect("read")
+        .0
+        .len() as u64;
+    let latest = publish_epochs(client, "after-kill", 2, 1).await;
+    let (names, _) = client.audit_blob_names(1, 0).await.expect("list");
+    assert_eq!(names.len() as u64, latest);
+    let newest = &names[names.len() - 1];
+    let staging = out.path().join(format!("{newest}#4"));
+    std::fs::create_dir_all(staging.parent().expect("nested")).expect("dirs");
+    std::fs::write(&staging, b"half a blob").expect("staging file");
+
+    let (rerun_addr, rerun_target) = (addr.to_string(), target.clone());
+    let rerun = tokio::task::spawn_blocking(move || {
+        ktd_at(&rerun_addr, &["audit-blobs", "--to", &rerun_target])
+    })
+    .await
+    .expect("rerun");
+    assert!(rerun.status.success(), "{rerun:?}");
+    let text = String::from_utf8_lossy(&rerun.stdout);
+    let uploaded = text
+        .lines()
+        .filter(|line| line.contains(", stored"))
+        .count() as u64;
+    assert_eq!(
+        uploaded,
+        latest - stored_before,
+        "the rerun uploads what is missing and nothing else:\n{text}"
+    );
+    assert!(
+        !text.contains("already stored"),
+        "stored epochs are skipped from the listing, not fetched again:\n{text}"
+    );
+    for name in &names {
+        let blob = client.audit_blob(name).await.expect("a blob verifies");
+        let stored = std::fs::read(out.path().join(name)).expect("stored blob");
+        assert_eq!(stored, blob.bytes, "{name}");
+    }
+    let (read, highest) = ktd_client::BlobDir::new(out.path())
+        .read_from(1, usize::MAX)
+        .expect("read");
+    assert_eq!((read.len() as u64, highest), (latest, latest));
+
+    // Another history for epoch 1 (as after a restore to an earlier epoch): refused.
+    let moved = out.path().join(&names[0]).with_file_name("ff".repeat(32));
+    std::fs::rename(out.path().join(&names[0]), &moved).expect("rename");
+    let refused = tokio::task::spawn_blocking({
+        let (addr, target) = (addr.to_string(), target.clone());
+        move || ktd_at(&addr, &["audit-blobs", "--to", &target])
+    })
+    .await
+    .expect("refused run");
+    assert!(!refused.status.success(), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("epoch 1 is stored as") && stderr.contains("no longer serves"),
+        "{stderr}"
+    );
+    assert!(moved.exists() && !out.path().join(&names[0]).exists());
+}
+
 #[test]
 fn ktd_bench_compare_akd_replays_the_same_batches_with_equal_roots() {
     with_deadline(Duration::from_secs(180), || async {
@@ -393,6 +493,7 @@ fn ktd_dev_serves_the_readme_flow_and_refuses_bad_input() {
         );
 
         audit_blobs_verify(&client, &dev.addr).await;
+        audit_blobs_resume_after_a_kill(&client, &dev.addr).await;
 
         let mut raw = client.directory();
         bad_input_is_refused(&dev.addr, &mut raw).await;

@@ -13,6 +13,8 @@
 //! - [`admin`]: `ktd admin`, the operator CLI over the sequencers' admin service and the shards.
 //! - [`mod@bench`]: `ktd bench`, the open-loop load generator, its reports and the stock-akd
 //!   comparison.
+//! - [`monitor`]: `ktd monitor`, a key owner's watch over its own labels.
+//! - [`blob_store`]: `ktd audit-blobs --to`, audit blobs into a directory or a bucket.
 //! - [`certs`]: `ktd certs`, a development CA and role certificates.
 //! - [`telemetry`]: logs, traces and Prometheus metrics of a server process.
 //!
@@ -25,6 +27,7 @@ pub mod blob_store;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod monitor;
 pub mod seed_file;
 pub mod serve;
 pub mod telemetry;

@@ -130,6 +130,10 @@ pub enum Command {
     Bench(BenchArgs),
     /// Cluster status: sequencer members and leader, epochs, shards (admin).
     Status,
+    /// Watch labels you own: every new epoch's history proofs verified, and any version you did
+    /// not expect, a rewritten history, a missing epoch or a fork reported (log, metric,
+    /// webhook, exit status with --once).
+    Monitor(crate::monitor::MonitorArgs),
     /// Operator commands against the sequencers' admin service: status table, leader transfer,
     /// add/remove sequencer, seal, snapshot (`ktd admin --help`).
     Admin(crate::admin::AdminArgs),

@@ -223,6 +223,15 @@ pub async fn run_client(addr: &str, command: Command) -> anyhow::Result<()> {
         } => {
             write_audit_blobs(&client, &to, from, follow, keep).await?;
         }
+        Command::Monitor(args) => match crate::monitor::run(addr, client, args).await {
+            Ok(false) => {}
+            Ok(true) => std::process::exit(1),
+            Err(error) => {
+                // Not an alarm: the round could not run.
+                eprintln!("error: {error:#}");
+                std::process::exit(2);
+            }
+        },
         Command::Epoch { epoch, wait } => {
             let root = match (epoch, wait) {
                 (Some(epoch), true) => client.wait_for_epoch(epoch).await?,

@@ -12,6 +12,7 @@ mod dev;
 mod docs;
 mod leader_kill;
 mod metrics;
+mod monitor;
 mod replicas;
 mod runbooks;
 mod support;

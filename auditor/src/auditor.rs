@@ -50,6 +50,10 @@ pub struct Head {
     pub proof_bytes: u64,
     /// Time the stock verifier took, microseconds.
     pub verify_us: u64,
+    /// When the directory committed the epoch (the sequencer leader's clock, ms since the Unix
+    /// epoch; 0: unknown — a blob directory does not say).
+    #[serde(default)]
+    pub committed_at_ms: u64,
 }
 
 /// Where the auditor reads audit blobs from.
@@ -347,6 +351,16 @@ impl Auditor {
     /// Checks one blob against the rules and the stock verifier; signs and persists its head.
     /// `Ok(None)`: the blob is for an epoch already verified with the same root (nothing to do).
     pub async fn accept(&self, name: &str, proof: &[u8]) -> Result<Option<Head>, Violation> {
+        self.accept_committed(name, proof, 0).await
+    }
+
+    /// [`Auditor::accept`], with the epoch's commit time (ms; 0: unknown) kept in its head.
+    pub async fn accept_committed(
+        &self,
+        name: &str,
+        proof: &[u8],
+        committed_at_ms: u64,
+    ) -> Result<Option<Head>, Violation> {
         let AuditBlobName {
             epoch,
             previous_root: previous,
@@ -401,7 +415,8 @@ impl Auditor {
             violation(format!("the append-only proof does not verify: {error}"))
         })?;
         let verify_us = started.elapsed().as_micros() as u64;
-        let head = self.sign(epoch, root, proof.len() as u64, verify_us);
+        let mut head = self.sign(epoch, root, proof.len() as u64, verify_us);
+        head.committed_at_ms = committed_at_ms;
         append_blocking(self.settings.data_dir.join("heads.jsonl"), head.clone())
             .await
             .map_err(|error| violation(format!("cannot persist the head: {error:#}")))?;
@@ -430,6 +445,7 @@ impl Auditor {
             signed_bytes: hex::encode(signed_bytes),
             proof_bytes,
             verify_us,
+            committed_at_ms: 0,
         }
     }
 
@@ -472,7 +488,7 @@ impl Auditor {
                             state.source_latest = state.source_latest.max(latest);
                             blobs
                                 .into_iter()
-                                .map(|blob| (blob.name, blob.bytes))
+                                .map(|blob| (blob.name, blob.bytes, 0))
                                 .collect()
                         })
                 }
@@ -486,8 +502,8 @@ impl Auditor {
                 }
             };
             let caught_up = blobs.is_empty();
-            for (name, proof) in blobs {
-                match self.accept(&name, &proof).await {
+            for (name, proof, committed_at_ms) in blobs {
+                match self.accept_committed(&name, &proof, committed_at_ms).await {
                     Ok(Some(head)) => {
                         tracing::info!(epoch = head.epoch, root = %head.digest, verify_us = head.verify_us, "epoch verified and signed")
                     }
@@ -528,16 +544,27 @@ async fn verify<TC: Configuration>(
     .map_err(|error| error.to_string())
 }
 
-/// Audit blobs as (name, protobuf bytes).
-type Blobs = Vec<(String, Vec<u8>)>;
+/// Audit blobs as (name, protobuf bytes, commit time in ms or 0).
+type Blobs = Vec<(String, Vec<u8>, u64)>;
 
-/// Blobs of epochs `next..` (at most 16) and the gateway's latest committed epoch.
+/// Blobs of epochs `next..` (at most 16) with their commit times, and the gateway's latest
+/// committed epoch.
 async fn fetch_from_gateway(client: &Client, next: u64) -> anyhow::Result<(Blobs, u64)> {
     let (names, latest) = client.audit_blob_names(next, 16).await?;
     let mut blobs = Vec::new();
     for name in names {
         let bytes = client.raw_audit_blob(&name).await?;
-        blobs.push((name, bytes));
+        let epoch: AuditBlobName = name.parse()?;
+        // The commit time is for the dashboard only; a gateway that cannot say leaves it 0.
+        let committed_at_ms = client
+            .directory()
+            .get_epoch(api::GetEpochRequest {
+                epoch: Some(epoch.epoch),
+                wait: false,
+            })
+            .await
+            .map_or(0, |answer| answer.into_inner().committed_at_ms);
+        blobs.push((name, bytes, committed_at_ms));
     }
     Ok((blobs, latest))
 }

@@ -211,21 +211,205 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The dashboard: latest verified epoch, root, signature, lag, recent epochs, violations.
+/// Epochs the dashboard's charts cover.
+const CHART_EPOCHS: usize = 100;
+
+/// ms since the Unix epoch as `YYYY-MM-DD HH:MM:SS.mmm UTC`.
+fn utc(ms: u64) -> String {
+    let seconds = (ms / 1000) as i64;
+    match time::OffsetDateTime::from_unix_timestamp(seconds) {
+        Ok(at) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03} UTC",
+            at.year(),
+            u8::from(at.month()),
+            at.day(),
+            at.hour(),
+            at.minute(),
+            at.second(),
+            ms % 1000
+        ),
+        Err(_) => format!("{ms} ms"),
+    }
+}
+
+/// A line chart as inline SVG: `points` are (epoch, value) in epoch order. The element carries
+/// `id`, and `data-points` = how many points it draws (checked by the browser test).
+fn chart(id: &str, title: &str, unit: &str, points: &[(u64, f64)]) -> String {
+    const WIDTH: f64 = 560.0;
+    const HEIGHT: f64 = 140.0;
+    const LEFT: f64 = 70.0;
+    const BOTTOM: f64 = 20.0;
+    const TOP: f64 = 22.0;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        "<figure><svg id=\"{id}\" data-points=\"{}\" width=\"{WIDTH}\" height=\"{HEIGHT}\" \
+         viewBox=\"0 0 {WIDTH} {HEIGHT}\" role=\"img\" aria-label=\"{title}\">\
+         <text x=\"{LEFT}\" y=\"14\" font-size=\"13\">{title}</text>",
+        points.len()
+    );
+    if points.is_empty() {
+        svg.push_str("<text x=\"70\" y=\"70\" font-size=\"12\">no data yet</text></svg></figure>");
+        return svg;
+    }
+    let (first, last) = (points[0].0, points[points.len() - 1].0);
+    let max = points.iter().map(|point| point.1).fold(0.0_f64, f64::max);
+    let top = if max > 0.0 { max } else { 1.0 };
+    let span = (last - first).max(1) as f64;
+    let x = |epoch: u64| LEFT + (epoch - first) as f64 / span * (WIDTH - LEFT - 10.0);
+    let y = |value: f64| TOP + (1.0 - value / top) * (HEIGHT - TOP - BOTTOM);
+    let _ = write!(
+        svg,
+        "<line x1=\"{LEFT}\" y1=\"{TOP}\" x2=\"{LEFT}\" y2=\"{b}\" stroke=\"#999\"/>\
+         <line x1=\"{LEFT}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#999\"/>\
+         <text x=\"{tx}\" y=\"{ty}\" font-size=\"11\" text-anchor=\"end\">{top:.1} {unit}</text>\
+         <text x=\"{tx}\" y=\"{b}\" font-size=\"11\" text-anchor=\"end\">0</text>\
+         <text x=\"{LEFT}\" y=\"{HEIGHT}\" font-size=\"11\">epoch {first}</text>\
+         <text x=\"{r}\" y=\"{HEIGHT}\" font-size=\"11\" text-anchor=\"end\">epoch {last}</text>",
+        b = HEIGHT - BOTTOM,
+        r = WIDTH - 10.0,
+        tx = LEFT - 4.0,
+        ty = TOP + 4.0,
+    );
+    let line: Vec<String> = points
+        .iter()
+        .map(|&(epoch, value)| format!("{:.1},{:.1}", x(epoch), y(value)))
+        .collect();
+    let _ = write!(
+        svg,
+        "<polyline fill=\"none\" stroke=\"#1565c0\" stroke-width=\"1.5\" points=\"{}\"/>",
+        line.join(" ")
+    );
+    for &(epoch, value) in points {
+        let _ = write!(
+            svg,
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2\" fill=\"#1565c0\"><title>epoch {epoch}: {value:.1} {unit}</title></circle>",
+            x(epoch),
+            y(value)
+        );
+    }
+    svg.push_str("</svg></figure>");
+    svg
+}
+
+/// The charts over the newest [`CHART_EPOCHS`] heads (oldest first): epoch cadence (time
+/// between consecutive commits, or verifications where the commit time is unknown), commit →
+/// signed lag, proof bytes and verify time.
+fn charts(heads: &[Head]) -> String {
+    let when = |head: &Head| {
+        if head.committed_at_ms > 0 {
+            head.committed_at_ms
+        } else {
+            head.timestamp
+        }
+    };
+    let cadence: Vec<(u64, f64)> = heads
+        .windows(2)
+        .filter(|pair| pair[1].epoch == pair[0].epoch + 1)
+        .map(|pair| {
+            (
+                pair[1].epoch,
+                when(&pair[1]).saturating_sub(when(&pair[0])) as f64 / 1e3,
+            )
+        })
+        .collect();
+    let lag: Vec<(u64, f64)> = heads
+        .iter()
+        .filter(|head| head.committed_at_ms > 0)
+        .map(|head| {
+            (
+                head.epoch,
+                head.timestamp.saturating_sub(head.committed_at_ms) as f64,
+            )
+        })
+        .collect();
+    let bytes: Vec<(u64, f64)> = heads
+        .iter()
+        .map(|head| (head.epoch, head.proof_bytes as f64 / 1024.0))
+        .collect();
+    let verify: Vec<(u64, f64)> = heads
+        .iter()
+        .map(|head| (head.epoch, head.verify_us as f64 / 1e3))
+        .collect();
+    [
+        chart("chart-cadence", "Epoch cadence", "s", &cadence),
+        chart("chart-lag", "Commit → signed lag", "ms", &lag),
+        chart("chart-proof-bytes", "Proof size", "KiB", &bytes),
+        chart("chart-verify", "Verify time", "ms", &verify),
+    ]
+    .concat()
+}
+
+/// One head in full: what `?epoch=N` shows.
+fn head_section(auditor: &Auditor, head: &Head) -> String {
+    let committed = match head.committed_at_ms {
+        0 => "unknown".to_string(),
+        at => utc(at),
+    };
+    format!(
+        "<section id=\"head\"><h2>Signed head of epoch <span id=\"head-epoch\">{epoch}</span></h2>\
+         <table><tr><th>root</th><td><code id=\"head-root\">{root}</code></td></tr>\
+         <tr><th>committed</th><td>{committed}</td></tr>\
+         <tr><th>signed</th><td id=\"head-timestamp\">{signed} ({timestamp} ms)</td></tr>\
+         <tr><th>signature (Ed25519)</th><td><code id=\"head-signature\">{signature}</code></td></tr>\
+         <tr><th>signed bytes (Plexi SignatureMessage, protobuf)</th><td><code>{bytes}</code></td></tr>\
+         <tr><th>proof</th><td>{proof} bytes, verified in {verify:.1} ms</td></tr></table>\
+         <p>JSON: <a href=\"/namespaces/{ns}/audits/{epoch}\">/namespaces/{ns}/audits/{epoch}</a></p></section>",
+        epoch = head.epoch,
+        root = head.digest,
+        signed = utc(head.timestamp),
+        timestamp = head.timestamp,
+        signature = head.signature,
+        bytes = head.signed_bytes,
+        proof = head.proof_bytes,
+        verify = head.verify_us as f64 / 1e3,
+        ns = escape(auditor.namespace()),
+    )
+}
+
+/// The dashboard: latest verified epoch, root, signature, lag, the trust anchor, charts over the
+/// recent epochs, recent epochs with their times, violations.
 pub fn dashboard(auditor: &Auditor, now_ms: u64) -> String {
+    dashboard_page_for(auditor, now_ms, None)
+}
+
+/// The dashboard, with epoch `lookup`'s signed head first (`GET /?epoch=N`).
+pub fn dashboard_page_for(auditor: &Auditor, now_ms: u64, lookup: Option<u64>) -> String {
     let latest = auditor.latest();
     let violations = auditor.violations();
     let mut page = String::new();
+    // The live page refreshes itself; a looked-up head stays put.
+    let refresh = if lookup.is_none() {
+        "<meta http-equiv=\"refresh\" content=\"5\">"
+    } else {
+        ""
+    };
     let _ = write!(
         page,
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>ktd auditor: {ns}</title>\
-         <meta http-equiv=\"refresh\" content=\"5\"><style>body{{font-family:sans-serif;margin:2em}}\
+         {refresh}<style>body{{font-family:sans-serif;margin:2em}}\
          td,th{{padding:2px 8px;text-align:left}} code{{word-break:break-all}} .bad{{color:#b00}}\
-         .ok{{color:#070}}</style></head><body><h1>Key transparency auditor</h1>\
-         <p>Namespace <code id=\"namespace\">{ns}</code>; auditor key <code>{key}</code></p>",
+         .ok{{color:#070}} figure{{display:inline-block;margin:0 1em 1em 0}}</style></head><body>\
+         <h1>Key transparency auditor</h1>\
+         <p>Namespace <code id=\"namespace\">{ns}</code>; auditor key (Ed25519) <code id=\"auditor-key\">{key}</code></p>\
+         <form method=\"get\" action=\"/\"><label>Signed head of epoch \
+         <input name=\"epoch\" type=\"number\" min=\"1\" value=\"{value}\"></label> \
+         <button type=\"submit\">Show</button></form>",
         ns = escape(auditor.namespace()),
         key = hex::encode(auditor.public_key()),
+        value = lookup.map(|epoch| epoch.to_string()).unwrap_or_default(),
     );
+    if let Some(epoch) = lookup {
+        match auditor.head(epoch) {
+            Some(head) => page.push_str(&head_section(auditor, &head)),
+            None => {
+                let _ = write!(
+                    page,
+                    "<p class=\"bad\" id=\"head-missing\">Epoch {epoch} has not been verified by this auditor.</p>"
+                );
+            }
+        }
+    }
     match &latest {
         Some(head) => {
             let _ = write!(
@@ -253,33 +437,72 @@ pub fn dashboard(auditor: &Auditor, now_ms: u64) -> String {
         }
         page.push_str("</ul>");
     }
-    page.push_str(
-        "<h2>Recent epochs</h2><table><tr><th>epoch</th><th>root</th><th>proof bytes</th>\
-         <th>verify ms</th></tr>",
+    if let Some((epoch, root)) = auditor.start() {
+        let _ = write!(
+            page,
+            "<h2>Trust anchor</h2><p>Verification starts from epoch <span id=\"anchor-epoch\">{epoch}</span> \
+             with root <code id=\"anchor-root\">{}</code>{}; every later root is verified from it, one \
+             append-only proof per epoch.</p>",
+            hex::encode(root),
+            if epoch == 0 {
+                " (akd's empty directory)"
+            } else {
+                ""
+            }
+        );
+    }
+    let mut recent = auditor.recent(CHART_EPOCHS);
+    recent.reverse();
+    let _ = write!(
+        page,
+        "<h2>The last {} epochs</h2>{}",
+        recent.len(),
+        charts(&recent)
     );
-    for head in auditor.recent(50) {
+    page.push_str(
+        "<h2>Recent epochs</h2><table id=\"recent\"><tr><th>epoch</th><th>committed (UTC)</th>\
+         <th>signed (UTC)</th><th>root</th><th>proof bytes</th><th>verify ms</th></tr>",
+    );
+    for head in recent.iter().rev().take(50) {
         let Head {
             epoch,
             digest,
             proof_bytes,
             verify_us,
+            timestamp,
+            committed_at_ms,
             ..
         } = head;
+        let committed = match committed_at_ms {
+            0 => "—".to_string(),
+            at => utc(*at),
+        };
         let _ = write!(
             page,
-            "<tr><td>{epoch}</td><td><code>{digest}</code></td><td>{proof_bytes}</td><td>{:.1}</td></tr>",
-            verify_us as f64 / 1e3
+            "<tr><td><a href=\"/?epoch={epoch}\">{epoch}</a></td><td>{committed}</td><td>{}</td>\
+             <td><code>{digest}</code></td><td>{proof_bytes}</td><td>{:.1}</td></tr>",
+            utc(*timestamp),
+            *verify_us as f64 / 1e3
         );
     }
     page.push_str("</table></body></html>");
     page
 }
 
-async fn dashboard_page(State(auditor): State<Arc<Auditor>>) -> Html<String> {
+/// `GET /?epoch=N`.
+#[derive(serde::Deserialize)]
+struct DashboardQuery {
+    epoch: Option<u64>,
+}
+
+async fn dashboard_page(
+    State(auditor): State<Arc<Auditor>>,
+    axum::extract::Query(query): axum::extract::Query<DashboardQuery>,
+) -> Html<String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64);
-    Html(dashboard(&auditor, now))
+    Html(dashboard_page_for(&auditor, now, query.epoch))
 }
 
 /// Serves `auditor` over gRPC on `grpc` and HTTP on `http` until `shutdown`.

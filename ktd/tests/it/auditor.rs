@@ -323,6 +323,44 @@ fn the_dashboard_renders_in_headless_chromium() {
             dom.contains(&format!("id=\"latest-epoch\">{newer}<")),
             "{dom}"
         );
+        // The charts are drawn from the live epochs: one point per verified epoch (cadence:
+        // one per consecutive pair), commit times from the gateway.
+        for (chart, points) in [
+            ("chart-proof-bytes", newer),
+            ("chart-verify", newer),
+            ("chart-lag", newer),
+            ("chart-cadence", newer - 1),
+        ] {
+            assert!(
+                dom.contains(&format!("id=\"{chart}\" data-points=\"{points}\"")),
+                "{chart} with {points} points: {dom}"
+            );
+        }
+        assert_eq!(
+            dom.matches("<polyline").count(),
+            4,
+            "four charts with lines: {dom}"
+        );
+        assert!(dom.contains("id=\"anchor-epoch\">0<"), "{dom}");
+        // Any epoch's signed head, by number.
+        let first = auditor.head(1).expect("epoch 1 signed");
+        let dom = chromium_dom(
+            &format!("http://{http_addr}/?epoch=1"),
+            &root.path().join("chromium-head"),
+        )
+        .await;
+        assert!(dom.contains("id=\"head-epoch\">1<"), "{dom}");
+        assert!(
+            dom.contains(&first.signature),
+            "the head's signature: {dom}"
+        );
+        assert!(dom.contains(&first.digest), "the head's root: {dom}");
+        let dom = chromium_dom(
+            &format!("http://{http_addr}/?epoch={}", newer + 100),
+            &root.path().join("chromium-missing"),
+        )
+        .await;
+        assert!(dom.contains("id=\"head-missing\""), "{dom}");
         stop_following.cancel();
         follower.await.expect("follower").expect("follow");
         let _ = stop.send(());

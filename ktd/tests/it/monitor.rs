@@ -247,9 +247,28 @@ fn a_key_owners_monitor_passes_expected_keys_reports_unexpected_ones_and_tells_f
         let expected = monitor_once(&dev.addr, args.clone()).await;
         assert!(expected.status.success(), "{}", text(&expected));
 
-        // Someone else publishes a key for alice: reported at the next epoch's round.
+        // Someone else publishes a key for alice: reported at the next epoch's round, also to
+        // the webhook.
+        let received = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let hook = tokio::net::TcpListener::bind("127.0.0.54:0")
+            .await
+            .expect("bind");
+        let hook_addr = hook.local_addr().expect("addr");
+        let sink = received.clone();
+        tokio::spawn(async move {
+            let app = axum::Router::new().route(
+                "/hook",
+                axum::routing::post(move |body: String| async move {
+                    sink.lock().expect("lock").push(body);
+                    "ok"
+                }),
+            );
+            axum::serve(hook, app).await
+        });
         let epoch = publish("alice", "attacker-key").await;
-        let unexpected = monitor_once(&dev.addr, args.clone()).await;
+        let mut with_hook = args.clone();
+        with_hook.extend(["--webhook".to_string(), format!("http://{hook_addr}/hook")]);
+        let unexpected = monitor_once(&dev.addr, with_hook).await;
         let report = text(&unexpected);
         assert_eq!(unexpected.status.code(), Some(1), "{report}");
         assert!(
@@ -259,6 +278,11 @@ fn a_key_owners_monitor_passes_expected_keys_reports_unexpected_ones_and_tells_f
             )),
             "{report}"
         );
+        let posted = received.lock().expect("lock").clone();
+        assert_eq!(posted.len(), 1, "{posted:?}");
+        let alarm: serde_json::Value = serde_json::from_str(&posted[0]).expect("json");
+        assert_eq!(alarm["kind"], "key_change");
+        assert_eq!(alarm["label"], "alice");
         // Reported once: the next round is clean again.
         let after = monitor_once(&dev.addr, args.clone()).await;
         assert!(after.status.success(), "{}", text(&after));

@@ -203,6 +203,12 @@ impl RocksStore {
         db_options.set_bytes_per_sync(1 << 20);
         db_options.set_max_open_files(4096);
         db_options.set_keep_log_file_num(4);
+        // One WAL serves every column family, and a file is deleted only once every family with
+        // writes in it has flushed. The quiet families (meta, epochs, inbox) fill their memtables
+        // rarely, so without a bound they pin every WAL written since their last flush: RocksDB's
+        // default bound is 4× the sum of all memtables, gigabytes per shard. Past this size the
+        // families holding the oldest WAL are flushed (small SSTs) and the WAL is reclaimed.
+        db_options.set_max_total_wal_size(max_total_wal_bytes(options));
         if options.statistics {
             db_options.enable_statistics();
         }
@@ -603,6 +609,11 @@ fn prefix_read_options() -> ReadOptions {
     let mut read_options = ReadOptions::default();
     read_options.set_prefix_same_as_start(true);
     read_options
+}
+
+/// The WAL bound: two `nodes` memtables' worth (256 MiB with the default 128 MiB memtable).
+fn max_total_wal_bytes(options: StoreOptions) -> u64 {
+    (options.write_buffer_bytes as u64).saturating_mul(2)
 }
 
 fn column_family_options(name: &str, cache: &Cache, options: StoreOptions) -> Options {

@@ -79,6 +79,52 @@ fn reachable(store: &RocksStore, epochs: std::ops::RangeInclusive<u64>) -> HashS
     found
 }
 
+/// Bytes of the write-ahead log files in a store directory.
+fn wal_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .expect("read the store")
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".log"))
+        .filter_map(|entry| entry.metadata().ok())
+        .map(|metadata| metadata.len())
+        .sum()
+}
+
+#[test]
+fn the_write_ahead_log_stays_bounded_though_quiet_column_families_rarely_flush() {
+    with_deadline_blocking(std::time::Duration::from_secs(240), || {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = shard::DirectoryOptions {
+            partition_bits: 2,
+            store: shard::store::StoreOptions {
+                // A 256 KiB memtable: the WAL bound is 512 KiB.
+                write_buffer_bytes: 256 << 10,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let ours =
+            shard::Directory::open(dir.path(), options, &vrf_seed(5)).expect("open directory");
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut largest = 0;
+        for epoch in 1..=120 {
+            ours.publish(batch(epoch, &mut rng)).expect("publish");
+            largest = largest.max(wal_bytes(dir.path()));
+        }
+        let written = ours.store().tree_and_user_bytes().expect("bytes").0;
+        eprintln!("largest WAL {largest} bytes; {written} bytes of tree SSTs written");
+        assert!(
+            written > 8 << 20,
+            "the run writes far more than the bound ({written} bytes)"
+        );
+        // The bound plus the memtables being flushed when it is crossed.
+        assert!(
+            largest < 4 << 20,
+            "the WAL grew to {largest} bytes: quiet column families pin it"
+        );
+    });
+}
+
 #[test]
 fn pruning_keeps_only_what_the_window_reads_and_the_window_exact_with_akd() {
     with_deadline_blocking(std::time::Duration::from_secs(300), || {

@@ -326,10 +326,19 @@ static SERVER_TLS: OnceLock<TlsMaterial> = OnceLock::new();
 /// [`endpoint`], and every server it builds with [`server_builder`]. Called once at start-up;
 /// later calls are ignored.
 pub fn install(material: &TlsMaterial) {
+    use_ring_provider();
     let _ = CLIENT_TLS.set(material.client_config());
     let _ = SERVER_TLS.set(material.clone());
     metrics::gauge!("ktd_tls_certificate_expiry_timestamp_seconds")
         .set(material.not_after_unix() as f64);
+}
+
+/// Makes ring this process's rustls provider (once; a provider already installed stays). TLS is
+/// ring throughout ktd, but a dependency that enables rustls' aws-lc-rs as well (object_store's
+/// cloud backends) leaves rustls without a default, and tonic's server configuration asks for
+/// the default: without this, the first TLS connection panics.
+pub fn use_ring_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 #[cfg(feature = "server")]
@@ -345,6 +354,7 @@ pub fn server_builder(
     client_auth_optional: bool,
 ) -> Result<tonic::transport::Server, ServerTlsError> {
     let builder = tonic::transport::Server::builder();
+    use_ring_provider();
     Ok(match SERVER_TLS.get() {
         Some(material) => builder.tls_config(material.server_config(client_auth_optional))?,
         None => builder,

@@ -227,6 +227,21 @@ pub fn judge_roots(
     alarms
 }
 
+/// Which epochs' roots a round reads before the head, and the epoch it will have checked up to.
+///
+/// A round starts at the last epoch checked (`checked`; re-read, so a rewrite of it shows) and
+/// reads at most `limit` epochs; a monitor far behind catches up over several rounds and never
+/// skips an epoch. A first round (`checked == 0`) reads only the head. If the head is older
+/// than `checked` (the directory went back), nothing is read: that is judged as a rewrite.
+pub fn epochs_to_read(checked: u64, head: u64, limit: u64) -> (std::ops::Range<u64>, u64) {
+    if checked == 0 || head <= checked {
+        return (head..head, checked.max(head));
+    }
+    let end = head.min(checked.saturating_add(limit.max(1)));
+    let now_checked = if end == head { head } else { end - 1 };
+    (checked..end, now_checked)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +326,39 @@ mod tests {
         assert_eq!(
             judge_roots(&recorded, &rewritten)[0].kind(),
             "history_rewrite"
+        );
+    }
+
+    #[test]
+    fn a_monitor_far_behind_catches_up_over_rounds_without_skipping_an_epoch() {
+        assert_eq!(
+            epochs_to_read(0, 900, 256),
+            (900..900, 900),
+            "first round: the head"
+        );
+        assert_eq!(
+            epochs_to_read(40, 45, 256),
+            (40..45, 45),
+            "re-reads the last checked"
+        );
+        let mut checked = 10;
+        let mut read = vec![];
+        while checked < 1000 {
+            let (range, next) = epochs_to_read(checked, 1000, 256);
+            assert!(range.start == checked && range.end - range.start <= 256);
+            read.extend(range);
+            checked = next;
+        }
+        read.dedup();
+        assert_eq!(
+            read,
+            (10..1000).collect::<Vec<_>>(),
+            "every epoch before the head once"
+        );
+        assert_eq!(
+            epochs_to_read(50, 30, 256),
+            (30..30, 50),
+            "the directory went back"
         );
     }
 }

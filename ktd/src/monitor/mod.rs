@@ -39,7 +39,7 @@ use check::{Alarm, SeenVersion};
 /// How many recorded roots the state keeps (the newest).
 const ROOTS_KEPT: usize = 4096;
 /// At most this many epochs' roots are read in one round (a monitor far behind catches up
-/// over several rounds).
+/// over several rounds, epoch by epoch).
 const EPOCHS_PER_ROUND: u64 = 256;
 
 /// `ktd monitor` options.
@@ -95,7 +95,7 @@ pub struct MonitorArgs {
 pub struct MonitorState {
     /// The newest epoch checked.
     pub epoch: u64,
-    /// Recorded roots (hex), the newest [`ROOTS_KEPT`].
+    /// Recorded roots (hex), the newest 4096.
     pub roots: BTreeMap<u64, String>,
     /// Each label's versions, as seen verified.
     pub labels: BTreeMap<String, Vec<SeenVersion>>,
@@ -263,12 +263,8 @@ impl Monitor {
         let head_root = hex::encode(head.root_hash);
         // 1. The directory's own epochs since the last round, and the last one recorded.
         let mut served = BTreeMap::new();
-        let first = if state.epoch == 0 {
-            head.epoch
-        } else {
-            state.epoch.max(head.epoch.saturating_sub(EPOCHS_PER_ROUND))
-        };
-        for epoch in first..head.epoch {
+        let (to_read, checked) = check::epochs_to_read(state.epoch, head.epoch, EPOCHS_PER_ROUND);
+        for epoch in to_read {
             let answer = match self.client.epoch(Some(epoch)).await {
                 Ok(root) => Ok(hex::encode(root.root_hash)),
                 Err(ClientError::Refused { status, .. })
@@ -379,7 +375,7 @@ impl Monitor {
             while state.roots.len() > ROOTS_KEPT {
                 state.roots.pop_first();
             }
-            state.epoch = state.epoch.max(head.epoch);
+            state.epoch = checked;
         }
         let path = self.args.state.clone();
         let snapshot = state.clone();

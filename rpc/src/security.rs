@@ -337,7 +337,7 @@ pub fn install(material: &TlsMaterial) {
 /// ring throughout ktd, but a dependency that enables rustls' aws-lc-rs as well (object_store's
 /// cloud backends) leaves rustls without a default, and tonic's server configuration asks for
 /// the default: without this, the first TLS connection panics.
-pub fn use_ring_provider() {
+fn use_ring_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use check::{Alarm, SeenVersion};
 
 /// How many recorded roots the state keeps (the newest).
-const ROOTS_KEPT: usize = 4096;
+pub const ROOTS_KEPT: usize = 4096;
 /// At most this many epochs' roots are read in one round (a monitor far behind catches up
 /// over several rounds, epoch by epoch).
 const EPOCHS_PER_ROUND: u64 = 256;
@@ -95,7 +95,7 @@ pub struct MonitorArgs {
 pub struct MonitorState {
     /// The newest epoch checked.
     pub epoch: u64,
-    /// Recorded roots (hex), the newest 4096.
+    /// Recorded roots (hex), the newest [`ROOTS_KEPT`].
     pub roots: BTreeMap<u64, String>,
     /// Each label's versions, as seen verified.
     pub labels: BTreeMap<String, Vec<SeenVersion>>,

@@ -5,6 +5,8 @@
 //! their VRF proofs and commitment nonces), tree *claims* answered by walks and stitching
 //! ([`prove_claims`]), and assembly into akd's structs, field for field as akd fills them.
 
+use std::collections::HashMap;
+
 use akd_core::configuration::Configuration;
 use akd_core::utils::get_marker_versions;
 use akd_core::verify::history::HistoryParams;
@@ -137,17 +139,135 @@ pub struct ProvenLabel {
     pub vrf_proof: Vec<u8>,
 }
 
+/// Label proofs of one user's versions already at hand (stored with the versions, see
+/// [`StoredLookupProofs`]), by `(freshness, version)`. Every VRF proof is a function of the key,
+/// the label, the freshness and the version alone, so a stored one is byte-identical to a fresh
+/// one and a plan built from it is the plan [`LookupPlan::new`] would compute.
+#[derive(Clone, Debug, Default)]
+pub struct KnownProofs {
+    fresh: HashMap<u64, ProvenLabel>,
+    stale: HashMap<u64, ProvenLabel>,
+}
+
+impl KnownProofs {
+    /// No proofs: every label is proven.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Adds the proofs stored with `version`: `(Fresh, n)`, `(Stale, n)` and, when `n` is not a
+    /// power of two, `(Fresh, 2^⌊log2 n⌋)`.
+    pub fn add(&mut self, version: &UserVersion, stored: StoredLookupProofs) {
+        let n = version.version;
+        self.fresh.insert(
+            n,
+            ProvenLabel {
+                label: version.fresh_label,
+                vrf_proof: stored.existence_proof,
+            },
+        );
+        self.stale.insert(n, stored.freshness);
+        if let Some(marker) = stored.marker {
+            self.fresh.entry(lookup_marker_version(n)).or_insert(marker);
+        }
+    }
+
+    /// Number of `(freshness, version)` proofs held.
+    pub fn len(&self) -> usize {
+        self.fresh.len() + self.stale.len()
+    }
+
+    /// Whether no proof is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, freshness: VersionFreshness, version: u64) -> Option<&ProvenLabel> {
+        match freshness {
+            VersionFreshness::Fresh => self.fresh.get(&version),
+            VersionFreshness::Stale => self.stale.get(&version),
+        }
+    }
+}
+
+/// The label proofs `work` asks for, in order: from `known` where held, else proven (in
+/// parallel on the rayon pool, only if any is missing).
 fn prove_labels<TC: Configuration>(
     vrf: &VrfKey,
     akd_label: &AkdLabel,
     work: &[(VersionFreshness, u64)],
+    known: &KnownProofs,
 ) -> Vec<ProvenLabel> {
-    work.par_iter()
-        .map(|(freshness, version)| {
-            let (label, vrf_proof) = vrf.prove::<TC>(akd_label, *freshness, *version);
-            ProvenLabel { label, vrf_proof }
-        })
+    let held: Vec<Option<ProvenLabel>> = work
+        .iter()
+        .map(|(freshness, version)| known.get(*freshness, *version).cloned())
+        .collect();
+    let missing: Vec<(VersionFreshness, u64)> = work
+        .iter()
+        .zip(&held)
+        .filter(|(_, held)| held.is_none())
+        .map(|(item, _)| *item)
+        .collect();
+    let mut proven = match missing.len() {
+        0 => Vec::new(),
+        1 => vec![prove_one::<TC>(vrf, akd_label, missing[0])],
+        _ => missing
+            .par_iter()
+            .map(|item| prove_one::<TC>(vrf, akd_label, *item))
+            .collect(),
+    }
+    .into_iter();
+    held.into_iter()
+        .map(|held| held.unwrap_or_else(|| next(&mut proven)))
         .collect()
+}
+
+fn prove_one<TC: Configuration>(
+    vrf: &VrfKey,
+    akd_label: &AkdLabel,
+    (freshness, version): (VersionFreshness, u64),
+) -> ProvenLabel {
+    let (label, vrf_proof) = vrf.prove::<TC>(akd_label, freshness, version);
+    ProvenLabel { label, vrf_proof }
+}
+
+/// The label proofs a lookup of one version needs besides the existence label (which the user
+/// version holds): stored with the version so that a lookup does no ECVRF work, and reused by
+/// history proofs. A cache of deterministic data: any copy equals [`StoredLookupProofs::compute`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredLookupProofs {
+    /// The VRF proof of `FreshLabel(n)`.
+    pub existence_proof: Vec<u8>,
+    /// `StaleLabel(n)` and its VRF proof.
+    pub freshness: ProvenLabel,
+    /// `FreshLabel(2^⌊log2 n⌋)` and its VRF proof, when `n` is not a power of two (otherwise
+    /// the marker is the existence label itself).
+    pub marker: Option<ProvenLabel>,
+}
+
+impl StoredLookupProofs {
+    /// Proves them for version `version` of `akd_label`: two VRF proofs, three when `version`
+    /// is not a power of two.
+    pub fn compute<TC: Configuration>(vrf: &VrfKey, akd_label: &AkdLabel, version: u64) -> Self {
+        let marker_version = lookup_marker_version(version);
+        let prove = |freshness, version| prove_one::<TC>(vrf, akd_label, (freshness, version));
+        Self {
+            existence_proof: prove(VersionFreshness::Fresh, version).vrf_proof,
+            freshness: prove(VersionFreshness::Stale, version),
+            marker: (marker_version != version)
+                .then(|| prove(VersionFreshness::Fresh, marker_version)),
+        }
+    }
+
+    /// The same proofs, taken from a lookup plan.
+    pub fn from_plan(plan: &LookupPlan) -> Self {
+        Self {
+            existence_proof: plan.existence.vrf_proof.clone(),
+            freshness: plan.freshness.clone(),
+            marker: (lookup_marker_version(plan.version.version) != plan.version.version)
+                .then(|| plan.marker.clone()),
+        }
+    }
 }
 
 /// Everything a lookup proof needs besides the tree.
@@ -175,6 +295,17 @@ impl LookupPlan {
     /// Plans the lookup of `akd_label` whose latest version (as of the proof's epoch) is
     /// `latest`. Three VRF proofs, computed in parallel.
     pub fn new<TC: Configuration>(vrf: &VrfKey, akd_label: &AkdLabel, latest: UserVersion) -> Self {
+        Self::with_known::<TC>(vrf, akd_label, latest, &KnownProofs::none())
+    }
+
+    /// [`LookupPlan::new`], taking the label proofs `known` holds instead of proving them (no
+    /// ECVRF work at all when the version's [`StoredLookupProofs`] are known).
+    pub fn with_known<TC: Configuration>(
+        vrf: &VrfKey,
+        akd_label: &AkdLabel,
+        latest: UserVersion,
+        known: &KnownProofs,
+    ) -> Self {
         let n = latest.version;
         let mut labels = prove_labels::<TC>(
             vrf,
@@ -184,6 +315,7 @@ impl LookupPlan {
                 (VersionFreshness::Fresh, lookup_marker_version(n)),
                 (VersionFreshness::Stale, n),
             ],
+            known,
         )
         .into_iter();
         let (existence, marker, freshness) =
@@ -313,9 +445,30 @@ impl HistoryPlan {
     pub fn new<TC: Configuration>(
         vrf: &VrfKey,
         akd_label: &AkdLabel,
+        versions: Vec<UserVersion>,
+        params: HistoryParams,
+        epoch: u64,
+    ) -> Result<Self> {
+        Self::with_known::<TC>(
+            vrf,
+            akd_label,
+            versions,
+            params,
+            epoch,
+            &KnownProofs::none(),
+        )
+    }
+
+    /// [`HistoryPlan::new`], taking the label proofs `known` holds instead of proving them:
+    /// every `(Fresh, v)`, `(Stale, v − 1)` and past marker is a stored lookup proof of some
+    /// version; only future markers are always proven.
+    pub fn with_known<TC: Configuration>(
+        vrf: &VrfKey,
+        akd_label: &AkdLabel,
         mut versions: Vec<UserVersion>,
         params: HistoryParams,
         epoch: u64,
+        known: &KnownProofs,
     ) -> Result<Self> {
         versions.retain(|version| version.epoch <= epoch);
         versions.sort_by_key(|version| std::cmp::Reverse(version.epoch));
@@ -351,7 +504,7 @@ impl HistoryPlan {
                 .chain(&future)
                 .map(|marker| (VersionFreshness::Fresh, *marker)),
         );
-        let mut labels = prove_labels::<TC>(vrf, akd_label, &work).into_iter();
+        let mut labels = prove_labels::<TC>(vrf, akd_label, &work, known).into_iter();
 
         let commitment_key = vrf.commitment_key::<TC>();
         let updates = versions
@@ -461,5 +614,100 @@ impl HistoryPlan {
             future_marker_vrf_proofs,
             non_existence_of_future_marker_proofs,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use akd_core::AkdValue;
+    use akd_core::configuration::WhatsAppV1Configuration as Wa;
+
+    fn versions(vrf: &VrfKey, akd_label: &AkdLabel, count: u64) -> Vec<UserVersion> {
+        (1..=count)
+            .map(|version| UserVersion {
+                version,
+                epoch: version * 2,
+                value: AkdValue::from(format!("value {version}").as_str()),
+                fresh_label: vrf.node_label::<Wa>(akd_label, VersionFreshness::Fresh, version),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stored_lookup_proofs_equal_the_ones_a_plan_computes_and_replace_them() {
+        let vrf = VrfKey::from_seed(&[3u8; 32]).expect("valid seed");
+        let akd_label = AkdLabel::from("alice");
+        for version in versions(&vrf, &akd_label, 9) {
+            let fresh = LookupPlan::new::<Wa>(&vrf, &akd_label, version.clone());
+            let stored = StoredLookupProofs::compute::<Wa>(&vrf, &akd_label, version.version);
+            assert_eq!(stored, StoredLookupProofs::from_plan(&fresh));
+            assert_eq!(stored.marker.is_none(), version.version.is_power_of_two());
+            let mut tampered = stored.clone();
+            tampered.freshness.vrf_proof[0] ^= 1;
+            let mut known = KnownProofs::none();
+            known.add(&version, stored);
+            assert_eq!(
+                LookupPlan::with_known::<Wa>(&vrf, &akd_label, version.clone(), &known),
+                fresh
+            );
+            // The stored proof is what the plan carries: nothing is re-proven.
+            let mut known = KnownProofs::none();
+            known.add(&version, tampered);
+            let plan = LookupPlan::with_known::<Wa>(&vrf, &akd_label, version, &known);
+            assert_ne!(plan.freshness, fresh.freshness);
+        }
+    }
+
+    #[test]
+    fn history_plans_from_stored_proofs_equal_computed_ones() {
+        let vrf = VrfKey::from_seed(&[4u8; 32]).expect("valid seed");
+        let akd_label = AkdLabel::from("bob");
+        let all = versions(&vrf, &akd_label, 11);
+        let mut known = KnownProofs::none();
+        for version in &all[..7] {
+            let stored = StoredLookupProofs::compute::<Wa>(&vrf, &akd_label, version.version);
+            known.add(version, stored);
+        }
+        for params in [HistoryParams::Complete, HistoryParams::MostRecent(3)] {
+            for epoch in [2, 9, 14, 22, 40] {
+                let fresh = HistoryPlan::new::<Wa>(&vrf, &akd_label, all.clone(), params, epoch);
+                let reused = HistoryPlan::with_known::<Wa>(
+                    &vrf,
+                    &akd_label,
+                    all.clone(),
+                    params,
+                    epoch,
+                    &known,
+                );
+                assert_eq!(reused.expect("plan"), fresh.expect("plan"));
+            }
+        }
+        // Every label of the complete history at epoch 14 (versions 1..=7) is stored.
+        let mut tampered = KnownProofs::none();
+        for version in &all[..7] {
+            let mut stored = StoredLookupProofs::compute::<Wa>(&vrf, &akd_label, version.version);
+            stored.existence_proof[0] ^= 1;
+            stored.freshness.vrf_proof[0] ^= 1;
+            tampered.add(version, stored);
+        }
+        let fresh =
+            HistoryPlan::new::<Wa>(&vrf, &akd_label, all.clone(), HistoryParams::Complete, 14)
+                .expect("plan");
+        let reused = HistoryPlan::with_known::<Wa>(
+            &vrf,
+            &akd_label,
+            all,
+            HistoryParams::Complete,
+            14,
+            &tampered,
+        )
+        .expect("plan");
+        for (fresh, reused) in fresh.updates.iter().zip(&reused.updates) {
+            assert_ne!(fresh.fresh.vrf_proof, reused.fresh.vrf_proof);
+            if let (Some(fresh), Some(reused)) = (&fresh.stale, &reused.stale) {
+                assert_ne!(fresh.vrf_proof, reused.vrf_proof);
+            }
+        }
     }
 }

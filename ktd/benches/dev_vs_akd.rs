@@ -31,6 +31,7 @@ use ktd_core::config::WhatsAppV1;
 use ktd_core::vrf::VrfKey;
 use ktd_proto::ktd::v1 as api;
 use ktd_testkit::stats::{median, quantile};
+use shard::lookup_proofs::LookupProofs;
 
 #[path = "common/workload.rs"]
 mod workload;
@@ -63,6 +64,9 @@ struct Args {
     /// Skip akd (ktd figures only).
     #[arg(long)]
     no_akd: bool,
+    /// When lookup proofs are stored: eager, lazy or off.
+    #[arg(long, default_value_t = LookupProofs::default())]
+    lookup_proofs: LookupProofs,
     // `cargo bench` passes `--bench`; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -107,6 +111,7 @@ async fn run(args: Args) {
         heartbeat_interval: None,
         partition_bits: args.bits,
         config: AkdConfig::WhatsAppV1,
+        lookup_proofs: args.lookup_proofs,
         options: GatewayOptions::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

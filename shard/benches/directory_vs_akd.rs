@@ -28,6 +28,7 @@ use ktd_testkit::stats::{midpoint_median, quantile};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
+use shard::lookup_proofs::LookupProofs;
 use shard::{Directory, DirectoryOptions};
 
 const SEED: u64 = 2026;
@@ -40,6 +41,7 @@ struct Args {
     epochs: u64,
     bits: Vec<u8>,
     skip_akd: bool,
+    lookup_proofs: LookupProofs,
     out: PathBuf,
     child: Option<String>,
     dir: Option<PathBuf>,
@@ -52,6 +54,7 @@ fn parse_args() -> Args {
         epochs: 3,
         bits: vec![0, 4],
         skip_akd: false,
+        lookup_proofs: LookupProofs::default(),
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench-results/directory_vs_akd.json"),
         child: None,
         dir: None,
@@ -73,6 +76,9 @@ fn parse_args() -> Args {
                     .collect()
             }
             "--skip-akd" => args.skip_akd = true,
+            "--lookup-proofs" => {
+                args.lookup_proofs = value().parse().expect("--lookup-proofs eager|lazy|off")
+            }
             "--out" => args.out = PathBuf::from(value()),
             "--child" => args.child = Some(value()),
             "--dir" => args.dir = Some(PathBuf::from(value())),
@@ -214,10 +220,11 @@ fn run_akd(args: &Args) -> Value {
     })
 }
 
-fn open_ktd(dir: &Path, bits: u8) -> Directory {
+fn open_ktd(args: &Args, dir: &Path, bits: u8) -> Directory {
     let options = DirectoryOptions {
         config: AkdConfig::WhatsAppV1,
         partition_bits: bits,
+        lookup_proofs: args.lookup_proofs,
         ..DirectoryOptions::default()
     };
     Directory::open(dir, options, &vrf_seed()).expect("open ktd")
@@ -225,7 +232,12 @@ fn open_ktd(dir: &Path, bits: u8) -> Directory {
 
 /// Child: load the initial tree into `dir`.
 fn run_ktd_load(args: &Args, bits: u8, dir: &Path) -> Value {
-    let directory = open_ktd(dir, bits);
+    // The load stores no lookup proofs, so the first lookup pass measures proving them.
+    let load_args = Args {
+        lookup_proofs: LookupProofs::Off,
+        ..args.clone()
+    };
+    let directory = open_ktd(&load_args, dir, bits);
     let (load, _) = batches(args);
     let started = Instant::now();
     for batch in load {
@@ -236,7 +248,7 @@ fn run_ktd_load(args: &Args, bits: u8, dir: &Path) -> Value {
 
 /// Child: reopen the loaded directory and run the measured epochs and lookups.
 fn run_ktd_epochs(args: &Args, bits: u8, dir: &Path) -> Value {
-    let directory = open_ktd(dir, bits);
+    let directory = open_ktd(args, dir, bits);
     let (_, measured) = batches(args);
     let mut epochs = Vec::new();
     let mut root = None;
@@ -261,17 +273,32 @@ fn run_ktd_epochs(args: &Args, bits: u8, dir: &Path) -> Value {
             "commit_us": per(stats.commit),
         }));
     }
+    // First pass: the loaded versions have no stored lookup proofs (the load ran in another
+    // process, whose background filler stopped with it), so each lookup proves and stores them;
+    // the second pass reads them (no ECVRF work).
+    // Eager mode: wait for the background filler to store the measured epochs' lookup proofs,
+    // so it does not compete with the timed lookups (its drain time is its throughput).
+    let started = Instant::now();
+    let drained = directory.flush_lookup_proofs();
+    let filler_drain_seconds = drained.then(|| started.elapsed().as_secs_f64());
     let mut lookup_us = Vec::new();
-    for akd_label in lookup_labels(args) {
-        let started = Instant::now();
-        directory.lookup(&akd_label, None).expect("ktd lookup");
-        lookup_us.push(micros(started.elapsed()));
+    let mut lookup_stored_us = Vec::new();
+    for pass in [&mut lookup_us, &mut lookup_stored_us] {
+        for akd_label in lookup_labels(args) {
+            let started = Instant::now();
+            directory.lookup(&akd_label, None).expect("ktd lookup");
+            pass.push(micros(started.elapsed()));
+        }
     }
     directory.store().flush().expect("flush");
     json!({
         "epochs": epochs,
         "lookup_us_median": midpoint_median(&lookup_us),
         "lookup_us_p99": quantile(&lookup_us, 0.99),
+        "lookup_stored_us_median": midpoint_median(&lookup_stored_us),
+        "lookup_stored_us_p99": quantile(&lookup_stored_us, 0.99),
+        "lookup_proofs": args.lookup_proofs.to_string(),
+        "filler_drain_seconds": filler_drain_seconds,
         "final_root": root,
         "peak_rss_bytes": peak_rss_bytes(),
         "sst_bytes": directory.store().sst_bytes().expect("sst bytes"),
@@ -313,6 +340,8 @@ fn child(args: &Args, role: &str, bits: Option<u8>, dir: Option<&Path>) -> Value
         .arg(args.epoch_size.to_string())
         .arg("--epochs")
         .arg(args.epochs.to_string())
+        .arg("--lookup-proofs")
+        .arg(args.lookup_proofs.to_string())
         .arg("--child")
         .arg(role);
     if let Some(bits) = bits {
@@ -394,12 +423,12 @@ fn main() {
     let akd_us = akd.as_ref().map(|akd| epoch_median(akd, "us_per_update"));
     println!();
     println!(
-        "| system | µs/update (median) | VRF | tree (of which node reads, thread-sum) | storage (user reads + node writes + commit) | tree+storage | lookup gen median / p99 | peak RSS (epochs) | load time |"
+        "| system | µs/update (median) | VRF | tree (of which node reads, thread-sum) | storage (user reads + node writes + commit) | tree+storage | lookup gen median / p99 | lookup gen, stored proofs | peak RSS (epochs) | load time |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     if let Some(akd) = &akd {
         println!(
-            "| akd 0.13 (in-memory) | {:.1} | – | – | – | – | {:.0} / {:.0} µs | {:.2} GiB | {:.1} s |",
+            "| akd 0.13 (in-memory) | {:.1} | – | – | – | – | {:.0} / {:.0} µs | – | {:.2} GiB | {:.1} s |",
             akd_us.unwrap_or(f64::NAN),
             akd["lookup_us_median"].as_f64().unwrap_or(f64::NAN),
             akd["lookup_us_p99"].as_f64().unwrap_or(f64::NAN),
@@ -413,7 +442,8 @@ fn main() {
             + epoch_median(epochs, "commit_us");
         let tree = epoch_median(epochs, "tree_us");
         println!(
-            "| ktd k={bits} (RocksDB) | {:.1} | {:.1} | {:.1} ({:.1}) | {:.1} | {:.1} | {:.0} / {:.0} µs | {:.2} GiB | {:.1} s |",
+            "| ktd k={bits} (RocksDB, lookup proofs {}) | {:.1} | {:.1} | {:.1} ({:.1}) | {:.1} | {:.1} | {:.0} / {:.0} µs | {:.0} / {:.0} µs | {:.2} GiB | {:.1} s |",
+            args.lookup_proofs,
             epoch_median(epochs, "us_per_update"),
             epoch_median(epochs, "vrf_us"),
             tree,
@@ -422,6 +452,10 @@ fn main() {
             tree + storage,
             epochs["lookup_us_median"].as_f64().unwrap_or(f64::NAN),
             epochs["lookup_us_p99"].as_f64().unwrap_or(f64::NAN),
+            epochs["lookup_stored_us_median"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            epochs["lookup_stored_us_p99"].as_f64().unwrap_or(f64::NAN),
             epochs["peak_rss_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
             load["load_seconds"].as_f64().unwrap_or(f64::NAN),
         );

@@ -30,6 +30,7 @@ use akd_core::{AkdLabel, AkdValue, AppendOnlyProof, HistoryProof, LookupProof};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::lookup_proofs::LookupProofs;
 use crate::node::ShardNode;
 use crate::store::{DirectoryMeta, RocksStore, StoreOptions};
 use ktd_core::EpochRecord;
@@ -70,6 +71,8 @@ pub struct DirectoryOptions {
     pub limits: UpdateLimits,
     /// RocksDB tuning.
     pub store: StoreOptions,
+    /// When lookup proofs are stored ([`crate::lookup_proofs`]).
+    pub lookup_proofs: LookupProofs,
 }
 
 impl Default for DirectoryOptions {
@@ -79,6 +82,7 @@ impl Default for DirectoryOptions {
             partition_bits: 4,
             limits: UpdateLimits::default(),
             store: StoreOptions::default(),
+            lookup_proofs: LookupProofs::default(),
         }
     }
 }
@@ -310,6 +314,12 @@ impl Directory {
     pub fn store(&self) -> &RocksStore {
         dispatch!(self, core => core.node.store())
     }
+
+    /// Waits until the lookup proofs of every committed version are stored (`Eager` mode; tests
+    /// and benches). `false` when the mode has no background filler.
+    pub fn flush_lookup_proofs(&self) -> bool {
+        dispatch!(self, core => core.node.flush_lookup_proofs())
+    }
 }
 
 /// One committed epoch, ready to serve.
@@ -377,7 +387,8 @@ impl<TC: Configuration> Core<TC> {
             "directory opened"
         );
         Ok(Self {
-            node: ShardNode::new(store, options.partition_bits, vrf, options.limits),
+            node: ShardNode::new(store, options.partition_bits, vrf, options.limits)
+                .with_lookup_proofs(options.lookup_proofs),
             config: options.config.clone(),
             bits: options.partition_bits,
             current: RwLock::new(Arc::new(EpochView {
@@ -491,6 +502,7 @@ impl<TC: Configuration> Core<TC> {
             .into());
         }
         self.node.store().commit_epoch(&record, versions)?;
+        self.node.versions_written(versions);
         let epoch = record.epoch;
         let top = TopTree::<TC>::new(self.bits, record.partitions)?;
         *self

@@ -14,6 +14,8 @@
 //!   the distributed reads, and how a process reaches the shards of a shard map
 //!   ([`cluster::ShardConnector`]).
 //! - [`replicated`]: the sequencer's replicated shard map and epoch records ⇄ the core's types.
+//! - [`lookup_proofs`]: the VRF proofs of lookups, stored with the user versions (modes and the
+//!   background filler).
 //! - [`directory`]: the in-process reference directory (all partitions, one RocksDB): what
 //!   the akd oracle tests, the benches and the library example run.
 //! - [`metrics`]: the `ktd_storage_*` Prometheus series (batch-write latency, RocksDB stalls,
@@ -30,6 +32,7 @@ pub mod cluster;
 pub mod directory;
 pub mod error;
 pub mod local;
+pub mod lookup_proofs;
 pub mod metrics;
 pub mod node;
 pub mod replicated;

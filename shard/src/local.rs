@@ -691,6 +691,7 @@ impl<TC: Configuration> ShardApi for LocalShard<TC> {
         let prepared = blocking(move || {
             let prepared = node.user_partition_leaves(epoch, &user_partitions, updates)?;
             node.store().write_user_versions(&prepared.versions)?;
+            node.versions_written(&prepared.versions);
             Ok(prepared)
         })
         .await?;

@@ -26,10 +26,11 @@ use akd_core::{AkdLabel, AkdValue};
 use rayon::prelude::*;
 
 use crate::error::{LabelTag, Result};
+use crate::lookup_proofs::{self, LookupProofs, ProofFiller};
 use crate::store::RocksStore;
 use ktd_core::Error as CoreError;
 use ktd_core::label;
-use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan};
+use ktd_core::proof::{AbsencePlan, HistoryPlan, KnownProofs, LookupPlan, StoredLookupProofs};
 use ktd_core::tree::audit::{AppendOnlySlice, append_only_slice};
 use ktd_core::tree::{
     self, InteriorNode, NodeKey, NodeRef, PartitionWalk, SortedLeaves, TreeStore, WalkRequest,
@@ -89,6 +90,8 @@ pub struct ShardNode<TC> {
     vrf: VrfKey,
     limits: UpdateLimits,
     labels: LabelCache,
+    lookup_proofs: LookupProofs,
+    filler: Option<ProofFiller>,
     config: PhantomData<TC>,
 }
 
@@ -105,7 +108,8 @@ impl<TC> std::fmt::Debug for ShardNode<TC> {
 const LABEL_CACHE_CAPACITY: usize = 2_000_000;
 
 impl<TC: Configuration> ShardNode<TC> {
-    /// A node over `store` with `2^bits` partitions and the directory's VRF key.
+    /// A node over `store` with `2^bits` partitions and the directory's VRF key, storing lookup
+    /// proofs in the default mode ([`LookupProofs::Eager`]; see [`ShardNode::with_lookup_proofs`]).
     pub fn new(store: Arc<RocksStore>, bits: u8, vrf: VrfKey, limits: UpdateLimits) -> Self {
         Self {
             store,
@@ -113,8 +117,45 @@ impl<TC: Configuration> ShardNode<TC> {
             vrf,
             limits,
             labels: LabelCache::new(LABEL_CACHE_CAPACITY),
+            lookup_proofs: LookupProofs::Off,
+            filler: None,
             config: PhantomData,
         }
+        .with_lookup_proofs(LookupProofs::default())
+    }
+
+    /// The node with lookup proofs stored in `mode` (`Eager` starts the background filler).
+    pub fn with_lookup_proofs(mut self, mode: LookupProofs) -> Self {
+        self.lookup_proofs = mode;
+        self.filler = match mode {
+            LookupProofs::Eager => ProofFiller::start::<TC>(self.store.clone(), self.vrf.clone()),
+            LookupProofs::Lazy | LookupProofs::Off => None,
+        };
+        self
+    }
+
+    /// When lookup proofs are stored.
+    pub fn lookup_proofs_mode(&self) -> LookupProofs {
+        self.lookup_proofs
+    }
+
+    /// Called once user versions are written (a shard's prepare, the directory's commit): in
+    /// `Eager` mode, queues their lookup proofs for the background filler. Never blocks.
+    pub fn versions_written(&self, versions: &[(AkdLabel, UserVersion)]) {
+        if let Some(filler) = &self.filler {
+            filler.enqueue(
+                versions
+                    .iter()
+                    .map(|(akd_label, version)| (akd_label.clone(), version.version))
+                    .collect(),
+            );
+        }
+    }
+
+    /// Waits until the filler has stored every lookup proof queued so far (tests and benches).
+    /// `false` when there is no filler (`Lazy`, `Off`, or it could not start).
+    pub fn flush_lookup_proofs(&self) -> bool {
+        self.filler.as_ref().is_some_and(ProofFiller::flush)
     }
 
     /// Opens (or creates) a node's data directory. An existing one must have been created for
@@ -385,7 +426,39 @@ impl<TC: Configuration> ShardNode<TC> {
                     label: LabelTag::of(akd_label),
                     epoch,
                 })?;
-        Ok(LookupPlan::new::<TC>(&self.vrf, akd_label, latest))
+        if !self.lookup_proofs.stores() {
+            lookup_proofs::count("computed", 1);
+            return Ok(LookupPlan::new::<TC>(&self.vrf, akd_label, latest));
+        }
+        let stored = self
+            .store
+            .lookup_proofs(akd_label, &[latest.version])
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "reading stored lookup proofs failed; computing them");
+                Vec::new()
+            })
+            .pop()
+            .flatten();
+        if let Some(stored) = stored {
+            lookup_proofs::count("stored", 1);
+            let mut known = KnownProofs::none();
+            known.add(&latest, stored);
+            return Ok(LookupPlan::with_known::<TC>(
+                &self.vrf, akd_label, latest, &known,
+            ));
+        }
+        lookup_proofs::count("computed", 1);
+        let plan = LookupPlan::new::<TC>(&self.vrf, akd_label, latest);
+        // A record written after this node lost the user's partition (a move racing this read)
+        // is correct data nobody reads; a later bootstrap of the partition deletes it.
+        let record = StoredLookupProofs::from_plan(&plan);
+        if let Err(error) =
+            self.store
+                .put_lookup_proofs(&[(akd_label.as_slice(), plan.version.version, &record)])
+        {
+            tracing::warn!(%error, "storing computed lookup proofs failed");
+        }
+        Ok(plan)
     }
 
     /// The absence plan of `akd_label` as of `epoch`; [`CoreError::LabelExists`] if it has a
@@ -411,9 +484,54 @@ impl<TC: Configuration> ShardNode<TC> {
     ) -> Result<HistoryPlan> {
         self.limits.check_label(akd_label)?;
         let versions = self.store.user_versions(akd_label, epoch)?;
-        Ok(HistoryPlan::new::<TC>(
-            &self.vrf, akd_label, versions, params, epoch,
+        let known = if self.lookup_proofs.stores() {
+            self.stored_history_proofs(akd_label, &versions, params)
+        } else {
+            KnownProofs::none()
+        };
+        Ok(HistoryPlan::with_known::<TC>(
+            &self.vrf, akd_label, versions, params, epoch, &known,
         )?)
+    }
+
+    /// The stored lookup proofs a history proof of `versions` can use: those of the versions
+    /// it covers, of the version before each, and of the powers of two (past markers). A
+    /// superset of what the plan takes is harmless: a stored proof equals a proven one.
+    fn stored_history_proofs(
+        &self,
+        akd_label: &AkdLabel,
+        versions: &[UserVersion],
+        params: HistoryParams,
+    ) -> KnownProofs {
+        let mut by_epoch: Vec<&UserVersion> = versions.iter().collect();
+        by_epoch.sort_by_key(|version| std::cmp::Reverse(version.epoch));
+        if let HistoryParams::MostRecent(n) = params {
+            by_epoch.truncate(n);
+        }
+        let newest = by_epoch.iter().map(|version| version.version).max();
+        let mut wanted: Vec<u64> = by_epoch
+            .iter()
+            .flat_map(|version| [version.version, version.version.saturating_sub(1)])
+            .chain((0..64).map(|bit| 1u64 << bit))
+            .filter(|version| *version >= 1 && Some(*version) <= newest)
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let stored = match self.store.lookup_proofs(akd_label, &wanted) {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(%error, "reading stored lookup proofs failed; computing them");
+                return KnownProofs::none();
+            }
+        };
+        let mut known = KnownProofs::none();
+        for (number, stored) in wanted.into_iter().zip(stored) {
+            let version = versions.iter().find(|version| version.version == number);
+            if let (Some(version), Some(stored)) = (version, stored) {
+                known.add(version, stored);
+            }
+        }
+        known
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ktd_core::AkdConfig;
+use shard::lookup_proofs::LookupProofs;
 
 /// The `ktd` command line.
 #[derive(Debug, Parser)]
@@ -335,6 +336,11 @@ pub struct DevArgs {
     /// blobs at `/E/PREV/CUR`), for akd's and Plexi's auditor tools.
     #[arg(long, env = "KTD_DEV_BLOB_LISTEN")]
     pub blob_listen: Option<String>,
+    /// When the VRF proofs of lookups are stored with the user versions: `eager` (default:
+    /// proved in the background at the lowest CPU priority as versions are written), `lazy` (by
+    /// a version's first lookup) or `off` (every lookup proves).
+    #[arg(long)]
+    pub lookup_proofs: Option<LookupProofs>,
 }
 
 /// `ktd shard`.
@@ -382,6 +388,11 @@ pub struct ShardArgs {
     /// retention; default 30s).
     #[arg(long, env = "KTD_SHARD_PRUNE_INTERVAL", value_parser = humantime::parse_duration)]
     pub prune_interval: Option<Duration>,
+    /// When the VRF proofs of lookups are stored with the user versions: `eager` (default:
+    /// proved in the background at the lowest CPU priority as versions are written), `lazy` (by
+    /// a version's first lookup) or `off` (every lookup proves).
+    #[arg(long, env = "KTD_SHARD_LOOKUP_PROOFS")]
+    pub lookup_proofs: Option<LookupProofs>,
     /// Validate the settings (listen address, partition bits, the VRF seed file's length and
     /// permissions), print them as TOML with the seed redacted and exit: 0 if valid, 1 if not.
     #[arg(long)]

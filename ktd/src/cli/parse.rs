@@ -245,6 +245,7 @@ fn shard(args: ShardArgs, tls: &TlsFlags) -> anyhow::Result<ServerCommand> {
     set_list(&mut config.sequencers, args.sequencers);
     set(&mut config.orphan_grace, args.orphan_grace);
     set(&mut config.prune_interval, args.prune_interval);
+    set(&mut config.lookup_proofs, args.lookup_proofs);
     overlay_process(&mut config.process, args.metrics, args.telemetry, tls);
     Ok(ServerCommand {
         config: ServerConfig::Shard(config),
@@ -296,6 +297,7 @@ fn dev(args: DevArgs, tls: &TlsFlags) -> anyhow::Result<ServerCommand> {
         args.expensive_reads_burst,
     );
     set_some(&mut config.blob_listen, args.blob_listen);
+    set(&mut config.lookup_proofs, args.lookup_proofs);
     overlay_process(&mut config.process, args.metrics, args.telemetry, tls);
     Ok(ServerCommand {
         config: ServerConfig::Dev(config),

@@ -8,6 +8,7 @@ use gateway::rate::RateLimits;
 use gateway::service::GatewayOptions;
 use ktd_core::AkdConfig;
 use serde::{Deserialize, Serialize};
+use shard::lookup_proofs::LookupProofs;
 
 use super::{ProcessConfig, ServerFile, check_address, check_partition_bits};
 use crate::serve::DevSettings;
@@ -42,6 +43,9 @@ pub struct DevConfig {
     /// Serve the audit blobs over plain HTTP (S3 `ListObjectsV2` layout, `GET /E/PREV/CUR`) on
     /// this address, for akd's and Plexi's auditor tools.
     pub blob_listen: Option<String>,
+    /// When lookups' VRF proofs are stored: `eager`, `lazy` or `off`.
+    #[serde(with = "super::as_text")]
+    pub lookup_proofs: LookupProofs,
     /// Metrics, logs, traces and TLS.
     #[serde(flatten, skip_deserializing)]
     pub process: ProcessConfig,
@@ -61,6 +65,7 @@ impl Default for DevConfig {
             expensive_reads_per_second: RateLimits::default().per_second,
             expensive_reads_burst: RateLimits::default().burst,
             blob_listen: None,
+            lookup_proofs: LookupProofs::default(),
             process: ProcessConfig::default(),
         }
     }
@@ -126,6 +131,7 @@ impl DevConfig {
                 heartbeat_interval: self.heartbeat_interval,
                 partition_bits: self.partition_bits,
                 config: self.configuration.clone(),
+                lookup_proofs: self.lookup_proofs,
                 options: GatewayOptions {
                     max_in_flight: self.max_in_flight,
                     rate_limits: self.rate_limits()?,

@@ -180,6 +180,30 @@ fn check_partition_bits(bits: u8) -> anyhow::Result<()> {
 }
 
 /// `AkdConfig` as its name in files (`whatsapp_v1`, `experimental:<domain label>`).
+/// Serde for settings written as their `Display` text and parsed with `FromStr`.
+mod as_text {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: Display, S: Serializer>(
+        value: &T,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+
+    pub fn deserialize<'de, T, D>(deserializer: D) -> Result<T, D::Error>
+    where
+        T: FromStr<Err: Display>,
+        D: Deserializer<'de>,
+    {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 mod akd_configuration {
     use ktd_core::AkdConfig;
     use serde::{Deserialize, Deserializer, Serializer};

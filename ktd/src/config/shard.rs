@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ktd_core::AkdConfig;
 use serde::{Deserialize, Serialize};
+use shard::lookup_proofs::LookupProofs;
 
 use super::{ProcessConfig, ServerFile, check_address, check_partition_bits, required};
 use crate::serve::ShardSettings;
@@ -38,6 +39,9 @@ pub struct ShardConfig {
     /// retention).
     #[serde(with = "humantime_serde")]
     pub prune_interval: Duration,
+    /// When lookups' VRF proofs are stored: `eager`, `lazy` or `off`.
+    #[serde(with = "super::as_text")]
+    pub lookup_proofs: LookupProofs,
     /// Metrics, logs, traces and TLS.
     #[serde(flatten, skip_deserializing)]
     pub process: ProcessConfig,
@@ -55,6 +59,7 @@ impl Default for ShardConfig {
             sequencers: Vec::new(),
             orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
             prune_interval: shard::local::DEFAULT_PRUNE_INTERVAL,
+            lookup_proofs: LookupProofs::default(),
             process: ProcessConfig::default(),
         }
     }
@@ -100,6 +105,7 @@ impl ShardConfig {
             sequencers: self.sequencers.clone(),
             orphan_grace: self.orphan_grace,
             prune_interval: self.prune_interval,
+            lookup_proofs: self.lookup_proofs,
         };
         Ok(ResolvedShard {
             listen: listen.clone(),

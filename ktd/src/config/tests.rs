@@ -281,6 +281,7 @@ fn printed_configurations_read_back() {
         sequencers: vec!["127.0.0.1:7001".into()],
         orphan_grace: std::time::Duration::from_secs(90),
         prune_interval: std::time::Duration::from_secs(7),
+        lookup_proofs: ::shard::lookup_proofs::LookupProofs::Lazy,
         process: process.clone(),
     });
     round_trip(GatewayConfig {
@@ -294,6 +295,7 @@ fn printed_configurations_read_back() {
     round_trip(DevConfig {
         vrf_seed_file: Some("seed.hex".into()),
         heartbeat_interval: Some(std::time::Duration::from_millis(1500)),
+        lookup_proofs: ::shard::lookup_proofs::LookupProofs::Off,
         process: process.clone(),
         ..DevConfig::default()
     });
@@ -388,6 +390,7 @@ fn secrets_are_redacted_from_debug() {
         sequencers: Vec::new(),
         orphan_grace: ::shard::local::DEFAULT_ORPHAN_GRACE,
         prune_interval: ::shard::local::DEFAULT_PRUNE_INTERVAL,
+        lookup_proofs: Default::default(),
     };
     let auditor = ktd_auditor::AuditorSettings {
         namespace: "test".into(),

@@ -43,6 +43,8 @@ pub struct DevSettings {
     pub partition_bits: u8,
     /// akd configuration.
     pub config: AkdConfig,
+    /// When lookups' VRF proofs are stored.
+    pub lookup_proofs: shard::lookup_proofs::LookupProofs,
     /// Gateway limits.
     pub options: GatewayOptions,
 }
@@ -113,6 +115,7 @@ pub async fn run_dev(
             sequencers: Vec::new(),
             orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
             prune_interval: shard::local::DEFAULT_PRUNE_INTERVAL,
+            lookup_proofs: settings.lookup_proofs,
         };
         let shards = match settings.config {
             AkdConfig::WhatsAppV1 => dev_shards::<WhatsAppV1>(&shard_settings, &sequencer).await?,

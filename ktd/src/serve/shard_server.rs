@@ -45,6 +45,8 @@ pub struct ShardSettings {
     pub orphan_grace: Duration,
     /// How often history below the cluster's safe epoch is pruned.
     pub prune_interval: Duration,
+    /// When lookups' VRF proofs are stored.
+    pub lookup_proofs: shard::lookup_proofs::LookupProofs,
 }
 
 impl std::fmt::Debug for ShardSettings {
@@ -58,6 +60,7 @@ impl std::fmt::Debug for ShardSettings {
             .field("sequencers", &self.sequencers)
             .field("orphan_grace", &self.orphan_grace)
             .field("prune_interval", &self.prune_interval)
+            .field("lookup_proofs", &self.lookup_proofs)
             .finish()
     }
 }
@@ -269,6 +272,7 @@ pub(crate) async fn open_node<TC: Configuration>(
             UpdateLimits::default(),
             shard::store::StoreOptions::default(),
         )
+        .map(|node| node.with_lookup_proofs(settings.lookup_proofs))
     })
     .await??;
     tokio::spawn(shard::metrics::sample_storage(

@@ -162,6 +162,20 @@ fn dev_problems(scrape: &Scrape, data_dir: &std::path::Path) -> Vec<String> {
     if lookups < PUBLISH_ROUNDS as f64 {
         problems.push(format!("{lookups} successful lookups counted"));
     }
+    // Stored lookup proofs (eager by default): every lookup counted, the filler at work.
+    let proofs = |outcome| {
+        scrape
+            .value("ktd_shard_lookup_proofs_total", &[("outcome", outcome)])
+            .unwrap_or(0.0)
+    };
+    if proofs("stored") + proofs("computed") < PUBLISH_ROUNDS as f64 || proofs("filled") < 1.0 {
+        problems.push(format!(
+            "lookup proofs: stored {} + computed {} < {PUBLISH_ROUNDS} lookups, or filled {} < 1",
+            proofs("stored"),
+            proofs("computed"),
+            proofs("filled")
+        ));
+    }
     // A single node has no followers.
     if scrape
         .matching("ktd_raft_follower_lag_entries", &[])

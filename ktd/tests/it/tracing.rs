@@ -218,6 +218,7 @@ async fn run(root: &std::path::Path, exporter: &Collector) -> Vec<SpanData> {
             sequencers: Vec::new(),
             orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
             prune_interval: shard::local::DEFAULT_PRUNE_INTERVAL,
+            lookup_proofs: Default::default(),
         };
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {

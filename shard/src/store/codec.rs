@@ -10,6 +10,7 @@
 use akd_core::{AkdLabel, AkdValue};
 use ktd_core::codec::{Reader, label_bytes, put_label, put_node_ref};
 use ktd_core::error::Result;
+use ktd_core::proof::{ProvenLabel, StoredLookupProofs};
 use ktd_core::tree::{InteriorNode, NodeKey};
 use ktd_core::user::UserVersion;
 
@@ -124,6 +125,77 @@ pub fn akd_label(bytes: &[u8]) -> AkdLabel {
     AkdLabel(bytes.to_vec())
 }
 
+/// Length of a VRF proof.
+const VRF_PROOF_LEN: usize = 80;
+
+/// Flag bit of a lookup-proofs record: the marker's label and proof follow.
+const MARKER_INLINE: u8 = 1;
+
+/// Encodes the stored lookup proofs of one user version (keyed like the version,
+/// [`user_key`]): `FORMAT ‖ flags ‖ existence proof ‖ StaleLabel(n) ‖ its proof ‖ [marker
+/// label ‖ its proof]`, 196 bytes, 310 with the marker. `None` if a proof is not 80 bytes
+/// (never the case for [`StoredLookupProofs::compute`]'s).
+pub fn encode_lookup_proofs(proofs: &StoredLookupProofs) -> Option<Vec<u8>> {
+    let proven = std::iter::once(&proofs.existence_proof)
+        .chain(std::iter::once(&proofs.freshness.vrf_proof))
+        .chain(proofs.marker.as_ref().map(|marker| &marker.vrf_proof));
+    for proof in proven {
+        if proof.len() != VRF_PROOF_LEN {
+            return None;
+        }
+    }
+    let mut out = Vec::with_capacity(2 + 2 * (VRF_PROOF_LEN + 34) + VRF_PROOF_LEN);
+    out.push(FORMAT);
+    out.push(if proofs.marker.is_some() {
+        MARKER_INLINE
+    } else {
+        0
+    });
+    out.extend_from_slice(&proofs.existence_proof);
+    put_label(&mut out, &proofs.freshness.label);
+    out.extend_from_slice(&proofs.freshness.vrf_proof);
+    if let Some(marker) = &proofs.marker {
+        put_label(&mut out, &marker.label);
+        out.extend_from_slice(&marker.vrf_proof);
+    }
+    Some(out)
+}
+
+/// Decodes [`encode_lookup_proofs`]'s bytes, checking the format, the flags and the exact
+/// length, and that the marker is inline exactly when `version` is not a power of two.
+pub fn decode_lookup_proofs(version: u64, bytes: &[u8]) -> Result<StoredLookupProofs> {
+    let mut reader = Reader::new(bytes, "lookup proofs");
+    reader.format(FORMAT)?;
+    let flags = reader.u8()?;
+    if flags & !MARKER_INLINE != 0 {
+        return Err(reader.corrupt("unknown flags"));
+    }
+    let inline = flags & MARKER_INLINE != 0;
+    if inline == version.is_power_of_two() {
+        return Err(
+            reader.corrupt("the marker is inline exactly when the version is not a power of two")
+        );
+    }
+    let existence_proof = reader.take(VRF_PROOF_LEN)?.to_vec();
+    let proven = |reader: &mut Reader<'_>| -> Result<ProvenLabel> {
+        let label = reader.label()?;
+        let vrf_proof = reader.take(VRF_PROOF_LEN)?.to_vec();
+        Ok(ProvenLabel { label, vrf_proof })
+    };
+    let freshness = proven(&mut reader)?;
+    let marker = if inline {
+        Some(proven(&mut reader)?)
+    } else {
+        None
+    };
+    reader.finish()?;
+    Ok(StoredLookupProofs {
+        existence_proof,
+        freshness,
+        marker,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use akd_core::{AzksValue, NodeLabel};
@@ -175,6 +247,44 @@ mod tests {
         let bytes = encode_user(b"alice", &version);
         assert_eq!(decode_user(b"alice", &bytes).expect("round trip"), version);
         assert!(decode_user(b"bob", &bytes).is_err());
+    }
+
+    #[test]
+    fn lookup_proofs_round_trip_and_reject_garbage() {
+        let proven = |byte: u8| ProvenLabel {
+            label: node_ref(256, byte, (0, 0)).label,
+            vrf_proof: vec![byte; 80],
+        };
+        for (version, marker) in [(4, None), (6, Some(proven(3)))] {
+            let proofs = StoredLookupProofs {
+                existence_proof: vec![1; 80],
+                freshness: proven(2),
+                marker,
+            };
+            let bytes = encode_lookup_proofs(&proofs).expect("80-byte proofs");
+            assert_eq!(bytes.len(), if version == 4 { 196 } else { 310 });
+            assert_eq!(
+                decode_lookup_proofs(version, &bytes).expect("round trip"),
+                proofs
+            );
+            // The marker must be inline exactly when the version is not a power of two.
+            assert!(decode_lookup_proofs(version ^ 2, &bytes).is_err());
+            for cut in 0..bytes.len() {
+                assert!(decode_lookup_proofs(version, &bytes[..cut]).is_err());
+            }
+            let mut extra = bytes.clone();
+            extra.push(0);
+            assert!(decode_lookup_proofs(version, &extra).is_err());
+            let mut flags = bytes.clone();
+            flags[1] |= 0x80;
+            assert!(decode_lookup_proofs(version, &flags).is_err());
+        }
+        let short = StoredLookupProofs {
+            existence_proof: vec![1; 79],
+            freshness: proven(2),
+            marker: None,
+        };
+        assert!(encode_lookup_proofs(&short).is_none());
     }
 
     #[test]

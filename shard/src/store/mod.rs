@@ -1,4 +1,4 @@
-//! RocksDB storage: one database, four column families.
+//! RocksDB storage: one database, seven column families.
 //!
 //! | column family | key | value |
 //! |---|---|---|
@@ -8,6 +8,7 @@
 //! | `users` | `blake3(label) ‖ be64(version)` | one user version |
 //! | `inbox` | — | retired (the first release's leaf deliveries); kept so its data directories open |
 //! | `stale` | the node key of a new version `(E, L)` | `be64(v)`: the version `(v, L)` it superseded |
+//! | `proofs` | the user key of version `n` | the version's [`StoredLookupProofs`]: the VRF proofs of `(Fresh, n)`, `(Stale, n)` and the marker |
 //!
 //! The `stale` family is the stale-version index of pruning (`prune.rs`, ADR 0003): its keys
 //! mirror `nodes` exactly, so every range rule on node versions (an epoch, a partition's part of
@@ -15,6 +16,12 @@
 //! family on open, empty: their earlier history is not pruned until it is indexed
 //! ([`RocksStore::rebuild_stale_index`]; no command runs it yet). A binary from before the
 //! index refuses a directory that has the family (its column-family check is exact).
+//!
+//! The `proofs` family is a cache of deterministic data (every VRF proof is a function of the
+//! key, the label, the freshness and the version): written without the WAL, never shipped in
+//! partition copies or backups, absent records recomputed on demand, malformed ones ignored and
+//! rewritten. Its keys mirror `users`, so every user range rule applies to both. Directories
+//! from before it get the family on open, empty.
 //!
 //! Node versions of an epoch are written first (one `WriteBatch` per partition, in parallel,
 //! unsynced); the epoch record and the user versions follow in one synced `WriteBatch`, which is
@@ -35,6 +42,7 @@ use crate::error::Error;
 use crate::metrics::{SampleError, StorageHealth};
 use ktd_core::Error as CoreError;
 use ktd_core::Result;
+use ktd_core::proof::StoredLookupProofs;
 use ktd_core::tree::{InteriorNode, NodeKey, PartitionDelta, TreeStore};
 use ktd_core::user::UserVersion;
 
@@ -50,7 +58,10 @@ const CF_EPOCHS: &str = "epochs";
 const CF_USERS: &str = "users";
 const CF_INBOX: &str = "inbox";
 const CF_STALE: &str = "stale";
-const COLUMN_FAMILIES: [&str; 6] = [CF_META, CF_NODES, CF_EPOCHS, CF_USERS, CF_INBOX, CF_STALE];
+const CF_PROOFS: &str = "proofs";
+const COLUMN_FAMILIES: [&str; 7] = [
+    CF_META, CF_NODES, CF_EPOCHS, CF_USERS, CF_INBOX, CF_STALE, CF_PROOFS,
+];
 const META_KEY: &[u8] = b"directory";
 
 /// Keys per `multi_get` call when a level's reads are split across threads.
@@ -180,9 +191,12 @@ impl RocksStore {
             let mut expected: Vec<&str> =
                 COLUMN_FAMILIES.iter().copied().chain(["default"]).collect();
             let mut found_sorted: Vec<&str> = found.iter().map(String::as_str).collect();
-            // Directories from before the stale-version index lack only that family.
-            if !found_sorted.contains(&CF_STALE) {
-                found_sorted.push(CF_STALE);
+            // Directories from before the stale-version index or the stored lookup proofs lack
+            // only those families.
+            for added in [CF_STALE, CF_PROOFS] {
+                if !found_sorted.contains(&added) {
+                    found_sorted.push(added);
+                }
             }
             expected.sort_unstable();
             found_sorted.sort_unstable();
@@ -197,7 +211,8 @@ impl RocksStore {
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
         let mut db_options = Options::default();
         db_options.create_if_missing(is_new);
-        // Every family was checked above; only `stale` can be missing (an older directory).
+        // Every family was checked above; only `stale` and `proofs` can be missing (an older
+        // directory).
         db_options.create_missing_column_families(true);
         db_options.set_max_background_jobs(2);
         db_options.set_bytes_per_sync(1 << 20);
@@ -364,6 +379,87 @@ impl RocksStore {
             })
             .collect::<Result<_>>()?;
         Ok(chunks.into_iter().flatten().collect())
+    }
+
+    /// The stored lookup proofs of versions `versions` of `akd_label`, in order; `None` where
+    /// absent or malformed (a malformed record is logged and will be overwritten: the family
+    /// is a cache, see the module docs).
+    pub fn lookup_proofs(
+        &self,
+        akd_label: &[u8],
+        versions: &[u64],
+    ) -> Result<Vec<Option<StoredLookupProofs>>> {
+        let keys: Vec<(&[u8], u64)> = versions
+            .iter()
+            .map(|version| (akd_label, *version))
+            .collect();
+        self.lookup_proofs_many(&keys)
+    }
+
+    /// [`RocksStore::lookup_proofs`] of `(akd_label, version)` pairs, in order.
+    pub fn lookup_proofs_many<L: AsRef<[u8]>>(
+        &self,
+        versions: &[(L, u64)],
+    ) -> Result<Vec<Option<StoredLookupProofs>>> {
+        let cf = self.cf(CF_PROOFS);
+        let keys: Vec<Vec<u8>> = versions
+            .iter()
+            .map(|(akd_label, version)| codec::user_key(akd_label.as_ref(), *version))
+            .collect();
+        let values = self
+            .db
+            .batched_multi_get_cf(cf, &keys, false)
+            .into_iter()
+            .zip(versions);
+        let mut out = Vec::with_capacity(versions.len());
+        for (value, (_, version)) in values {
+            let value = value.map_err(storage("read stored lookup proofs"))?;
+            out.push(value.and_then(|bytes| {
+                codec::decode_lookup_proofs(*version, &bytes)
+                    .map_err(|error| {
+                        tracing::warn!(%error, version, "ignoring a malformed stored lookup-proofs record")
+                    })
+                    .ok()
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Stores lookup proofs `(akd_label, version, proofs)`, without the WAL (a record lost in a
+    /// crash is recomputed when next needed).
+    pub fn put_lookup_proofs(&self, records: &[(&[u8], u64, &StoredLookupProofs)]) -> Result<()> {
+        let cf = self.cf(CF_PROOFS);
+        let mut batch = WriteBatch::default();
+        for (akd_label, version, proofs) in records {
+            if let Some(value) = codec::encode_lookup_proofs(proofs) {
+                batch.put_cf(cf, codec::user_key(akd_label, *version), value);
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut write_options = WriteOptions::default();
+        write_options.disable_wal(true);
+        self.db
+            .write_opt(batch, &write_options)
+            .map_err(storage("write stored lookup proofs"))
+    }
+
+    /// Writes raw bytes as the lookup-proofs record of `(akd_label, version)` (fault tests).
+    #[doc(hidden)]
+    pub fn put_raw_lookup_proofs_for_tests(
+        &self,
+        akd_label: &[u8],
+        version: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        self.db
+            .put_cf(
+                self.cf(CF_PROOFS),
+                codec::user_key(akd_label, version),
+                bytes,
+            )
+            .map_err(storage("write stored lookup proofs"))
     }
 
     /// Every version of `akd_label` published at or before `as_of`, oldest first.
@@ -635,7 +731,7 @@ fn column_family_options(name: &str, cache: &Cache, options: StoreOptions) -> Op
             // Every node read hits (keys come from parents), so the last level needs no filter.
             cf_options.set_optimize_filters_for_hits(true);
         }
-        CF_USERS => {
+        CF_USERS | CF_PROOFS => {
             cf_options.set_write_buffer_size(options.write_buffer_bytes / 2);
             cf_options
                 .set_prefix_extractor(SliceTransform::create_fixed_prefix(codec::USER_HASH_LEN));

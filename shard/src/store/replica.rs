@@ -25,7 +25,7 @@ use ktd_core::tree::NodeRef;
 use ktd_core::{Error as CoreError, Result};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
-use super::{CF_META, CF_NODES, CF_STALE, CF_USERS, RocksStore, storage};
+use super::{CF_META, CF_NODES, CF_PROOFS, CF_STALE, CF_USERS, RocksStore, storage};
 
 const FORMAT: u8 = 1;
 const SHARD_ID_KEY: &[u8] = b"shard_id";
@@ -244,8 +244,11 @@ impl RocksStore {
     /// Deletes every user version of user partition `partition` (before a bootstrap copies it in).
     pub fn delete_user_partition(&self, partition: u32, bits: u8) -> Result<()> {
         let (from, to) = user_range(partition, bits);
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_USERS), &from, &to);
+        batch.delete_range_cf(self.cf(CF_PROOFS), &from, &to);
         self.db
-            .delete_range_cf(self.cf(CF_USERS), from, to)
+            .write(batch)
             .map_err(storage("delete a user partition"))
     }
 
@@ -267,7 +270,8 @@ impl RocksStore {
             }
         }
         let (from, to) = user_range(partition, bits);
-        batch.delete_range_cf(self.cf(CF_USERS), from, to);
+        batch.delete_range_cf(self.cf(CF_USERS), &from, &to);
+        batch.delete_range_cf(self.cf(CF_PROOFS), &from, &to);
         self.write_synced(batch, "built", "delete a moved partition's user versions")
     }
 

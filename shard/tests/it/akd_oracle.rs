@@ -8,9 +8,6 @@
 
 use std::time::Duration;
 
-use akd::append_only_zks::AzksParallelismConfig;
-use akd::storage::StorageManager;
-use akd::storage::memory::AsyncInMemoryDatabase;
 use akd_core::configuration::{
     Configuration, ExampleLabel, ExperimentalConfiguration, WhatsAppV1Configuration,
 };
@@ -19,13 +16,12 @@ use akd_core::verify::history::HistoryVerificationParams;
 use akd_core::{AkdLabel, HistoryProof, LookupProof};
 use ktd_core::AkdConfig;
 use ktd_core::Error as CoreError;
-use ktd_core::vrf::VrfKey;
 use ktd_testkit::with_deadline_blocking;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use shard::Error;
 
-use crate::support::directory::{assert_same_step, experimental, open, vrf_seed};
+use crate::support::directory::{assert_same_step, experimental, open, stock_akd};
 use crate::support::workload;
 
 type Experimental = ExperimentalConfiguration<ExampleLabel>;
@@ -39,21 +35,9 @@ struct Recorded {
 /// Runs one seeded workload through ktd (`bits` partition bits) and stock akd side by side.
 pub fn check_against_akd<TC: Configuration>(config: AkdConfig, bits: u8, seed: u64) {
     let context = format!("config {config}, bits {bits}, seed {seed}");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let (runtime, akd) = stock_akd::<TC>(seed);
     let data_dir = tempfile::tempdir().expect("temp dir");
     let mut ours = open(data_dir.path(), config.clone(), bits, seed);
-    let vrf = VrfKey::from_seed(&vrf_seed(seed)).expect("seed");
-    let akd = runtime
-        .block_on(akd::Directory::<TC, _, _>::new(
-            StorageManager::new_no_cache(AsyncInMemoryDatabase::new()),
-            vrf,
-            AzksParallelismConfig::default(),
-        ))
-        .expect("akd directory");
     let public_key = ours.vrf_public_key();
     assert_eq!(
         &public_key,

@@ -10,6 +10,7 @@ mod crash_safety;
 mod retention;
 mod stitch_props;
 mod store_conformance;
+mod stored_proofs;
 mod support;
 mod test_vectors;
 mod wire_compat;

@@ -3,6 +3,7 @@
 
 use akd_core::{AzksElement, SingleAppendOnlyProof};
 use ktd_core::AkdConfig;
+use shard::lookup_proofs::LookupProofs;
 use shard::{Directory, DirectoryOptions};
 
 /// akd's experimental configuration with its example domain label.
@@ -19,9 +20,21 @@ pub fn vrf_seed(seed: u64) -> [u8; 32] {
 
 /// Opens (or creates) a reference directory at `path` whose VRF seed derives from `seed`.
 pub fn open(path: &std::path::Path, config: AkdConfig, bits: u8, seed: u64) -> Directory {
+    open_with(path, config, bits, seed, LookupProofs::default())
+}
+
+/// [`open`], storing lookup proofs in `lookup_proofs` mode.
+pub fn open_with(
+    path: &std::path::Path,
+    config: AkdConfig,
+    bits: u8,
+    seed: u64,
+    lookup_proofs: LookupProofs,
+) -> Directory {
     let options = DirectoryOptions {
         config,
         partition_bits: bits,
+        lookup_proofs,
         ..DirectoryOptions::default()
     };
     Directory::open(path, options, &vrf_seed(seed)).expect("open directory")
@@ -49,4 +62,29 @@ pub fn assert_same_step(
         sorted(theirs.inserted.clone()),
         "inserted leaves differ ({context})"
     );
+}
+
+/// Stock akd (in-memory storage) with the VRF key of `seed`, and a runtime to drive it.
+pub fn stock_akd<TC: akd_core::configuration::Configuration>(
+    seed: u64,
+) -> (
+    tokio::runtime::Runtime,
+    akd::Directory<TC, akd::storage::memory::AsyncInMemoryDatabase, ktd_core::vrf::VrfKey>,
+) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let vrf = ktd_core::vrf::VrfKey::from_seed(&vrf_seed(seed)).expect("seed");
+    let akd = runtime
+        .block_on(akd::Directory::new(
+            akd::storage::StorageManager::new_no_cache(
+                akd::storage::memory::AsyncInMemoryDatabase::new(),
+            ),
+            vrf,
+            akd::append_only_zks::AzksParallelismConfig::default(),
+        ))
+        .expect("akd directory");
+    (runtime, akd)
 }

@@ -67,6 +67,11 @@ struct Args {
     /// When lookup proofs are stored: eager, lazy or off.
     #[arg(long, default_value_t = LookupProofs::default())]
     lookup_proofs: LookupProofs,
+    /// Idle seconds between the measured epochs and the lookups (with `eager`, the background
+    /// filler stores the lookup proofs of the loaded versions meanwhile, as it would between
+    /// production epochs).
+    #[arg(long, default_value_t = 0)]
+    settle_seconds: u64,
     // `cargo bench` passes `--bench`; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -209,6 +214,11 @@ async fn run(args: Args) {
         );
     }
 
+    if args.settle_seconds > 0 {
+        eprintln!("settling for {} s before the lookups", args.settle_seconds);
+        tokio::time::sleep(Duration::from_secs(args.settle_seconds)).await;
+    }
+
     // Lookups, at each concurrency.
     let mut lookup_runs = Vec::new();
     for &clients in &args.lookup_clients {
@@ -296,6 +306,8 @@ async fn run(args: Args) {
             "initial": args.initial,
             "epoch_size": args.epoch_size,
             "bits": args.bits,
+            "lookup_proofs": args.lookup_proofs.to_string(),
+            "settle_seconds": args.settle_seconds,
             "publish_updates_per_s": publish_rates,
             "seal_seconds": seal_secs,
             "akd_publish_seconds": akd_secs,

@@ -271,6 +271,7 @@ fn run_ktd_epochs(args: &Args, bits: u8, dir: &Path) -> Value {
             "read_users_us": per(stats.read_users),
             "write_nodes_us": per(stats.write_nodes),
             "commit_us": per(stats.commit),
+            "node_reads_per_update_by_label_len": reads_by_level(&stats.reads_by_label_len, updates),
         }));
     }
     // First pass: the loaded versions have no stored lookup proofs (the load ran in another
@@ -303,6 +304,19 @@ fn run_ktd_epochs(args: &Args, bits: u8, dir: &Path) -> Value {
         "peak_rss_bytes": peak_rss_bytes(),
         "sst_bytes": directory.store().sst_bytes().expect("sst bytes"),
     })
+}
+
+/// Node reads per update in bands of 8 label bits (`"0-7"`, `"8-15"`, …), bands with reads only.
+fn reads_by_level(by_label_len: &[u64], updates: f64) -> Value {
+    let mut bands = serde_json::Map::new();
+    for (band, counts) in by_label_len.chunks(8).enumerate() {
+        let reads: u64 = counts.iter().sum();
+        if reads > 0 {
+            let (low, high) = (band * 8, band * 8 + counts.len() - 1);
+            bands.insert(format!("{low}-{high}"), json!(reads as f64 / updates));
+        }
+    }
+    Value::Object(bands)
 }
 
 /// Child: the VRF floor — ECVRF evaluations on the rayon pool, best of three runs (a floor is a

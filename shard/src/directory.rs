@@ -88,7 +88,7 @@ impl Default for DirectoryOptions {
 }
 
 /// Where the time of one publish went (wall clock per phase).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PublishStats {
     /// Updates in the batch.
     pub updates: usize,
@@ -104,6 +104,8 @@ pub struct PublishStats {
     pub tree: Duration,
     /// Time spent inside node reads during `tree`, summed over threads.
     pub node_reads: Duration,
+    /// Node versions read during `tree`, by label length in bits (index 0..=256).
+    pub reads_by_label_len: Vec<u64>,
     /// Writing node versions.
     pub write_nodes: Duration,
     /// Stitching the root and committing the epoch (synced).
@@ -466,6 +468,7 @@ impl<TC: Configuration> Core<TC> {
         let built = self.node.build_partitions(epoch, &all_partitions, inputs)?;
         stats.tree = built.tree;
         stats.node_reads = built.node_reads;
+        stats.reads_by_label_len = built.reads_by_label_len;
         stats.write_nodes = built.write_nodes;
         stats.nodes_written = built.nodes_written;
 

@@ -658,6 +658,8 @@ impl<TC: Configuration> LocalShard<TC> {
                 source.source_id
             )));
         }
+        // Copies carry no lookup proofs: the filler stores the copied versions' records.
+        self.node.request_lookup_proof_backfill();
         Ok((records, bytes))
     }
 }

@@ -8,11 +8,15 @@
 //! the WAL, never shipped in copies or backups, recomputed when absent or malformed.
 //!
 //! [`LookupProofs`] chooses when records are made:
-//! - `Eager` (default): when an epoch's user versions are written, a [`ProofFiller`] thread
+//! - `Eager` (default): when an epoch's user versions are written, a `ProofFiller` thread
 //!   proves and stores their records at the lowest CPU priority (`nice 19`), so it uses the CPU
 //!   the epoch pipeline leaves idle and never delays a seal. Its queue is bounded; versions that
-//!   do not fit are left to the first lookup (counted as `shed`). Lookups also store what they
-//!   compute.
+//!   do not fit are shed (counted as `shed`). Whenever the queue is empty the thread *backfills*:
+//!   it walks every stored user version in key order and proves those without a record —
+//!   versions written before the process started (an upgrade, `Lazy` or `Off` earlier), shed
+//!   ones, partitions copied from a peer or restored from a backup (records are never shipped).
+//!   A walk starts when the thread starts and again after anything is shed. Lookups also store
+//!   what they compute.
 //! - `Lazy`: a lookup that finds no record computes the proofs, as before, and stores them.
 //! - `Off`: no records are read or written (every lookup proves; the pre-issue-19 behaviour).
 //!
@@ -85,7 +89,8 @@ pub(crate) fn count(outcome: &'static str, n: u64) {
 
 /// Versions queued for the filler at most (about 100 bytes each): 4 epochs of 100,000 updates.
 const QUEUE_VERSIONS: usize = 400_000;
-/// Versions proved between checks for a record already stored and for shutdown.
+/// Versions proved between checks for a record already stored and for shutdown; also the
+/// versions one backfill step reads.
 const FILL_CHUNK: usize = 256;
 
 enum Job {
@@ -100,6 +105,8 @@ pub(crate) struct ProofFiller {
     jobs: Option<SyncSender<Job>>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<AtomicBool>,
+    /// Set when versions are shed: the thread starts another backfill walk.
+    shed: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -110,11 +117,16 @@ impl ProofFiller {
         let (jobs, receiver) = mpsc::sync_channel(1024);
         let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let shed = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("ktd-proof-filler".into())
             .spawn({
-                let (queued, stop) = (queued.clone(), stop.clone());
-                move || fill::<TC>(&store, &vrf, &receiver, &queued, &stop)
+                let flags = Flags {
+                    queued: queued.clone(),
+                    stop: stop.clone(),
+                    shed: shed.clone(),
+                };
+                move || fill::<TC>(&store, &vrf, &receiver, &flags)
             })
             .map_err(|error| tracing::warn!(%error, "cannot start the lookup-proof filler"))
             .ok()?;
@@ -122,6 +134,7 @@ impl ProofFiller {
             jobs: Some(jobs),
             queued,
             stop,
+            shed,
             thread: Some(thread),
         })
     }
@@ -135,6 +148,7 @@ impl ProofFiller {
             return;
         }
         if self.queued.load(Ordering::Relaxed) + n > QUEUE_VERSIONS {
+            self.shed.store(true, Ordering::Relaxed);
             count("shed", n as u64);
             return;
         }
@@ -143,12 +157,24 @@ impl ProofFiller {
             jobs.try_send(Job::Fill(versions))
         {
             self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.shed.store(true, Ordering::Relaxed);
             count("shed", n as u64);
         }
     }
 
-    /// Waits until every version queued before this call is proved and stored (tests and
-    /// benches; `false` if the thread is gone).
+    /// Asks for a backfill walk (versions were stored without being queued: a partition copied
+    /// or restored).
+    pub(crate) fn request_backfill(&self) {
+        self.shed.store(true, Ordering::Relaxed);
+        if let Some(jobs) = &self.jobs {
+            // Wake a thread blocked on an empty queue; a full queue is woken by its next job.
+            let _ = jobs.try_send(Job::Fill(Vec::new()));
+        }
+    }
+
+    /// Waits until every version queued before this call is proved and stored, and the current
+    /// backfill walk has finished: then every version stored before the call has its record
+    /// (tests and benches; `false` if the thread is gone).
     pub(crate) fn flush(&self) -> bool {
         let Some(jobs) = &self.jobs else { return false };
         let (done, wait) = mpsc::channel();
@@ -166,32 +192,97 @@ impl Drop for ProofFiller {
     }
 }
 
-fn fill<TC: Configuration>(
-    store: &RocksStore,
-    vrf: &VrfKey,
-    jobs: &Receiver<Job>,
-    queued: &std::sync::atomic::AtomicUsize,
-    stop: &AtomicBool,
-) {
+/// What the filler thread shares with its handle.
+struct Flags {
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    shed: Arc<AtomicBool>,
+}
+
+/// The backfill walk's position: the last user key it covered; `None` when not walking.
+struct Backfill {
+    walking: bool,
+    after: Option<Vec<u8>>,
+}
+
+impl Backfill {
+    /// Proves the records of the next [`FILL_CHUNK`] stored versions that lack one.
+    fn step<TC: Configuration>(&mut self, store: &RocksStore, vrf: &VrfKey, stop: &AtomicBool) {
+        let versions = match store.user_versions_after(self.after.as_deref(), FILL_CHUNK) {
+            Ok(versions) => versions,
+            Err(error) => {
+                tracing::warn!(%error, "the lookup-proof backfill stopped; lookups will compute");
+                self.walking = false;
+                return;
+            }
+        };
+        if versions.len() < FILL_CHUNK {
+            self.walking = false;
+        }
+        self.after = versions.last().map(|(key, _, _)| key.clone());
+        let chunk: Vec<(AkdLabel, u64)> = versions
+            .into_iter()
+            .map(|(_, akd_label, version)| (akd_label, version))
+            .collect();
+        if let Err(error) = fill_chunk::<TC>(store, vrf, &chunk, stop) {
+            tracing::warn!(%error, "storing lookup proofs failed; lookups will compute them");
+        }
+        if !self.walking {
+            self.after = None;
+        }
+    }
+}
+
+fn fill<TC: Configuration>(store: &RocksStore, vrf: &VrfKey, jobs: &Receiver<Job>, flags: &Flags) {
     // Linux keeps a nice value per thread: this one yields to every other thread of the process.
     if let Err(error) = rustix::process::nice(19) {
         tracing::debug!(%error, "the lookup-proof filler keeps its CPU priority");
     }
-    while let Ok(job) = jobs.recv() {
-        let versions = match job {
-            Job::Flush(done) => {
-                let _ = done.send(());
-                continue;
+    let mut backfill = Backfill {
+        walking: true,
+        after: None,
+    };
+    while !flags.stop.load(Ordering::Relaxed) {
+        if flags.shed.swap(false, Ordering::Relaxed) {
+            // Start over: what was shed may lie behind the cursor.
+            backfill.walking = true;
+            backfill.after = None;
+        }
+        let job = if backfill.walking {
+            match jobs.try_recv() {
+                Ok(job) => job,
+                Err(mpsc::TryRecvError::Empty) => {
+                    backfill.step::<TC>(store, vrf, &flags.stop);
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return,
             }
-            Job::Fill(versions) => versions,
+        } else {
+            match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
         };
-        for chunk in versions.chunks(FILL_CHUNK) {
-            queued.fetch_sub(chunk.len(), Ordering::Relaxed);
-            if stop.load(Ordering::Relaxed) {
-                continue;
+        match job {
+            Job::Flush(done) => {
+                while backfill.walking && !flags.stop.load(Ordering::Relaxed) {
+                    backfill.step::<TC>(store, vrf, &flags.stop);
+                }
+                let _ = done.send(());
             }
-            if let Err(error) = fill_chunk::<TC>(store, vrf, chunk, stop) {
-                tracing::warn!(%error, "storing lookup proofs failed; lookups will compute them");
+            Job::Fill(versions) => {
+                for chunk in versions.chunks(FILL_CHUNK) {
+                    flags.queued.fetch_sub(chunk.len(), Ordering::Relaxed);
+                    if flags.stop.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if let Err(error) = fill_chunk::<TC>(store, vrf, chunk, &flags.stop) {
+                        tracing::warn!(
+                            %error,
+                            "storing lookup proofs failed; lookups will compute them"
+                        );
+                    }
+                }
             }
         }
     }

@@ -79,6 +79,9 @@ pub struct BuiltPartitions {
     pub tree: Duration,
     /// Time inside node reads, summed over threads.
     pub node_reads: Duration,
+    /// Node versions read, by label length in bits (index 0..=256): which trie levels an
+    /// epoch's build reads (the hot-levels measurement of issue 19).
+    pub reads_by_label_len: Vec<u64>,
     /// Writing node versions.
     pub write_nodes: Duration,
 }
@@ -152,8 +155,17 @@ impl<TC: Configuration> ShardNode<TC> {
         }
     }
 
-    /// Waits until the filler has stored every lookup proof queued so far (tests and benches).
-    /// `false` when there is no filler (`Lazy`, `Off`, or it could not start).
+    /// In `Eager` mode, has the filler walk every stored version and prove those without
+    /// records (after a partition copy or restore, which carry none).
+    pub fn request_lookup_proof_backfill(&self) {
+        if let Some(filler) = &self.filler {
+            filler.request_backfill();
+        }
+    }
+
+    /// Waits until the filler has stored every lookup proof queued so far and finished its
+    /// backfill walk (tests and benches). `false` when there is no filler (`Lazy`, `Off`, or it
+    /// could not start).
     pub fn flush_lookup_proofs(&self) -> bool {
         self.filler.as_ref().is_some_and(ProofFiller::flush)
     }
@@ -356,6 +368,7 @@ impl<TC: Configuration> ShardNode<TC> {
         let timed_store = TimedStore {
             inner: &self.store,
             nanos: AtomicU64::new(0),
+            by_label_len: (0..=256).map(|_| AtomicU64::new(0)).collect(),
         };
         let deltas: Vec<(u32, tree::PartitionDelta)> =
             inputs
@@ -374,6 +387,11 @@ impl<TC: Configuration> ShardNode<TC> {
                 .collect::<ktd_core::Result<_>>()?;
         let tree = started.elapsed();
         let node_reads = Duration::from_nanos(timed_store.nanos.load(Ordering::Relaxed));
+        let reads_by_label_len = timed_store
+            .by_label_len
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed))
+            .collect();
 
         let started = Instant::now();
         for partition in partitions {
@@ -391,6 +409,7 @@ impl<TC: Configuration> ShardNode<TC> {
                 .collect(),
             tree,
             node_reads,
+            reads_by_label_len,
             write_nodes: started.elapsed(),
         })
     }
@@ -535,14 +554,20 @@ impl<TC: Configuration> ShardNode<TC> {
     }
 }
 
-/// A `TreeStore` that adds up the time spent in reads.
+/// A `TreeStore` that adds up the time spent in reads and counts them by label length.
 struct TimedStore<'a> {
     inner: &'a RocksStore,
     nanos: AtomicU64,
+    by_label_len: Vec<AtomicU64>,
 }
 
 impl TreeStore for TimedStore<'_> {
     fn read_nodes(&self, keys: &[NodeKey]) -> ktd_core::Result<Vec<Option<InteriorNode>>> {
+        for key in keys {
+            if let Some(count) = self.by_label_len.get(key.label.label_len as usize) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let started = Instant::now();
         let nodes = self.inner.read_nodes(keys);
         self.nanos

@@ -120,6 +120,18 @@ pub fn user_record_epoch(bytes: &[u8]) -> Result<u64> {
         .ok_or_else(|| ktd_core::Error::Corrupt("malformed user version: truncated".into()))
 }
 
+/// The label and version number of a stored user version, without the value (the lookup-proof
+/// backfill walks every version).
+pub fn user_record_label_and_version(bytes: &[u8]) -> Result<(AkdLabel, u64)> {
+    let mut reader = Reader::new(bytes, "user version");
+    reader.format(FORMAT)?;
+    let version = reader.u64()?;
+    let _epoch = reader.u64()?;
+    let _fresh_label = reader.label()?;
+    let label_len = reader.u32()? as usize;
+    Ok((AkdLabel(reader.take(label_len)?.to_vec()), version))
+}
+
 /// Rebuilds the `AkdLabel` type for callers holding raw bytes.
 pub fn akd_label(bytes: &[u8]) -> AkdLabel {
     AkdLabel(bytes.to_vec())
@@ -246,6 +258,11 @@ mod tests {
         };
         let bytes = encode_user(b"alice", &version);
         assert_eq!(decode_user(b"alice", &bytes).expect("round trip"), version);
+        assert_eq!(
+            user_record_label_and_version(&bytes).expect("label and version"),
+            (AkdLabel::from("alice"), 3)
+        );
+        assert!(user_record_label_and_version(&bytes[..20]).is_err());
         assert!(decode_user(b"bob", &bytes).is_err());
     }
 

@@ -445,6 +445,37 @@ impl RocksStore {
             .map_err(storage("write stored lookup proofs"))
     }
 
+    /// Up to `limit` user versions after user key `after` (from the first when `None`), in key
+    /// order: each one's key, label and version number. The lookup-proof backfill's walk.
+    pub fn user_versions_after(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, AkdLabel, u64)>> {
+        let mut read_options = ReadOptions::default();
+        read_options.set_total_order_seek(true);
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_USERS), read_options);
+        match after {
+            Some(after) => {
+                iter.seek(after);
+                if iter.valid() && iter.key() == Some(after) {
+                    iter.next();
+                }
+            }
+            None => iter.seek_to_first(),
+        }
+        let mut out = Vec::with_capacity(limit.min(4096));
+        while out.len() < limit && iter.valid() {
+            if let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+                let (akd_label, version) = codec::user_record_label_and_version(value)?;
+                out.push((key.to_vec(), akd_label, version));
+            }
+            iter.next();
+        }
+        iter.status().map_err(storage("walk user versions"))?;
+        Ok(out)
+    }
+
     /// Writes raw bytes as the lookup-proofs record of `(akd_label, version)` (fault tests).
     #[doc(hidden)]
     pub fn put_raw_lookup_proofs_for_tests(

@@ -13,7 +13,7 @@ use akd_core::configuration::WhatsAppV1Configuration;
 use akd_core::verify::history::HistoryParams;
 use akd_core::{AkdLabel, AkdValue, AzksValue};
 use futures::stream::BoxStream;
-use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan};
+use ktd_core::proof::{AbsencePlan, HistoryPlan, LookupPlan, StoredLookupProofs};
 use ktd_core::stitch::TopTree;
 use ktd_core::tree::audit::AppendOnlySlice;
 use ktd_core::tree::{LeavesByPartition, NodeRef, PartitionWalk, WalkRequest};
@@ -323,12 +323,16 @@ fn three_grpc_replicas_match_the_directory_and_copy_a_partition_to_a_new_one() {
             // its source through the same pool of gRPC clients the cluster uses.
             let peers = Arc::new(GrpcPeers::new(ClientTimeouts::default()));
             let mut servers = Vec::new();
-            for (index, dir) in dirs.iter().enumerate() {
+            let nodes: Vec<_> = dirs
+                .iter()
+                .map(|dir| node(dir.path(), bits, seed))
+                .collect();
+            for (index, node) in nodes.iter().enumerate() {
                 let id = format!("shard-{index}");
                 let local: Arc<dyn ShardApi> = Arc::new(
                     LocalShard::load(
                         id.clone(),
-                        node(dir.path(), bits, seed),
+                        node.clone(),
                         peers.clone() as Arc<dyn PeerResolver>,
                     )
                     .expect("load"),
@@ -339,6 +343,11 @@ fn three_grpc_replicas_match_the_directory_and_copy_a_partition_to_a_new_one() {
             let map = ShardMap::even(bits, 3, servers[..3].to_vec()).expect("map");
             let shards = ShardSet::resolve(map.clone(), peers.as_ref()).expect("shard set");
             let batches = workload::random(seed, 8, 120, 2).batches;
+            let labels: Vec<AkdLabel> = batches
+                .iter()
+                .flatten()
+                .map(|(akd_label, _)| akd_label.clone())
+                .collect();
             let tops = compare_with_directory(&shards, bits, seed, batches).await;
             let committed = (tops.len() - 1) as u64;
 
@@ -411,6 +420,41 @@ fn three_grpc_replicas_match_the_directory_and_copy_a_partition_to_a_new_one() {
                 .await
                 .expect("walk on a voter");
             assert_eq!(copied, original);
+
+            // Copies carry no lookup proofs; the new server's filler stores those of every
+            // copied version.
+            let copy = nodes[3].clone();
+            let vrf = VrfKey::from_seed(&vrf_seed(seed)).expect("seed");
+            tokio::task::spawn_blocking(move || {
+                assert!(copy.flush_lookup_proofs());
+                let mut checked = 0;
+                for akd_label in labels {
+                    for version in copy
+                        .store()
+                        .user_versions(&akd_label, u64::MAX)
+                        .expect("read")
+                    {
+                        let stored = copy
+                            .store()
+                            .lookup_proofs(&akd_label, &[version.version])
+                            .expect("read stored lookup proofs")
+                            .pop()
+                            .flatten();
+                        assert_eq!(
+                            stored,
+                            Some(StoredLookupProofs::compute::<Wa>(
+                                &vrf,
+                                &akd_label,
+                                version.version
+                            ))
+                        );
+                        checked += 1;
+                    }
+                }
+                assert!(checked > 0, "partition 5 holds user versions");
+            })
+            .await
+            .expect("check the copy's lookup proofs");
 
             // A copy whose expected root is not the source's is refused and left not held.
             let mut wrong = root;

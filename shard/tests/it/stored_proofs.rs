@@ -216,3 +216,58 @@ fn lazy_mode_stores_what_the_first_lookup_proves_and_off_stores_nothing() {
         }
     });
 }
+
+#[test]
+fn eager_mode_backfills_the_records_of_versions_written_without_them() {
+    with_deadline_blocking(Duration::from_secs(120), || {
+        let seed = 22;
+        let vrf = VrfKey::from_seed(&vrf_seed(seed)).expect("seed");
+        let workload = workload::random(seed, 8, 300, 2);
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut versions = Vec::new();
+        {
+            let ours = open_with(
+                data_dir.path(),
+                AkdConfig::WhatsAppV1,
+                3,
+                seed,
+                LookupProofs::Off,
+            );
+            for batch in &workload.batches {
+                ours.publish(batch.clone()).expect("publish");
+            }
+            for akd_label in workload.batches.iter().flatten().map(|(label, _)| label) {
+                for version in ours
+                    .store()
+                    .user_versions(akd_label, u64::MAX)
+                    .expect("read")
+                {
+                    assert_eq!(record(&ours, akd_label, version.version), None);
+                    versions.push((akd_label.clone(), version.version));
+                }
+            }
+        }
+        versions.sort();
+        versions.dedup();
+        assert!(versions.len() > 300, "{} versions", versions.len());
+        // Reopened eager (an upgrade, or a directory that ran lazy): the filler's walk proves
+        // every stored version, including older ones that lookups never reach.
+        let ours = open_with(
+            data_dir.path(),
+            AkdConfig::WhatsAppV1,
+            3,
+            seed,
+            LookupProofs::Eager,
+        );
+        assert!(ours.flush_lookup_proofs());
+        for (akd_label, version) in &versions {
+            assert_eq!(
+                record(&ours, akd_label, *version),
+                Some(StoredLookupProofs::compute::<WhatsAppV1Configuration>(
+                    &vrf, akd_label, *version
+                )),
+                "version {version}"
+            );
+        }
+    });
+}

@@ -139,8 +139,8 @@ impl ProofFiller {
         })
     }
 
-    /// Queues `versions` for proving; what the queue has no room for is shed (proved by its
-    /// first lookup instead). Never blocks.
+    /// Queues `versions` for proving; what the queue has no room for is shed (left to the
+    /// next backfill walk, or to its first lookup if that comes sooner). Never blocks.
     pub(crate) fn enqueue(&self, versions: Vec<(AkdLabel, u64)>) {
         let Some(jobs) = &self.jobs else { return };
         let n = versions.len();
@@ -199,10 +199,26 @@ struct Flags {
     shed: Arc<AtomicBool>,
 }
 
-/// The backfill walk's position: the last user key it covered; `None` when not walking.
+/// The backfill walk's position: the last user key it covered (`None`: from the first).
 struct Backfill {
     walking: bool,
     after: Option<Vec<u8>>,
+    /// Versions were shed (or copied in) during this walk, possibly behind the cursor: walk
+    /// again once this walk ends. Never restarting mid-walk keeps the walk progressing under
+    /// sustained shedding.
+    again: bool,
+}
+
+impl Backfill {
+    /// Versions were stored without being queued.
+    fn request(&mut self) {
+        if self.walking {
+            self.again = true;
+        } else {
+            self.walking = true;
+            self.after = None;
+        }
+    }
 }
 
 impl Backfill {
@@ -229,6 +245,9 @@ impl Backfill {
         }
         if !self.walking {
             self.after = None;
+            if std::mem::take(&mut self.again) {
+                self.walking = true;
+            }
         }
     }
 }
@@ -241,12 +260,11 @@ fn fill<TC: Configuration>(store: &RocksStore, vrf: &VrfKey, jobs: &Receiver<Job
     let mut backfill = Backfill {
         walking: true,
         after: None,
+        again: false,
     };
     while !flags.stop.load(Ordering::Relaxed) {
         if flags.shed.swap(false, Ordering::Relaxed) {
-            // Start over: what was shed may lie behind the cursor.
-            backfill.walking = true;
-            backfill.after = None;
+            backfill.request();
         }
         let job = if backfill.walking {
             match jobs.try_recv() {

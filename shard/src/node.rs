@@ -127,8 +127,12 @@ impl<TC: Configuration> ShardNode<TC> {
         .with_lookup_proofs(LookupProofs::default())
     }
 
-    /// The node with lookup proofs stored in `mode` (`Eager` starts the background filler).
+    /// The node with lookup proofs stored in `mode` (`Eager` starts the background filler; the
+    /// mode the node already has changes nothing).
     pub fn with_lookup_proofs(mut self, mode: LookupProofs) -> Self {
+        if mode == self.lookup_proofs {
+            return self;
+        }
         self.lookup_proofs = mode;
         self.filler = match mode {
             LookupProofs::Eager => ProofFiller::start::<TC>(self.store.clone(), self.vrf.clone()),

@@ -25,7 +25,7 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 
@@ -103,7 +103,7 @@ enum Job {
 /// waits for it, so the store is released.
 pub(crate) struct ProofFiller {
     jobs: Option<SyncSender<Job>>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
+    queued: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     /// Set when versions are shed: the thread starts another backfill walk.
     shed: Arc<AtomicBool>,
@@ -115,7 +115,7 @@ impl ProofFiller {
     pub(crate) fn start<TC: Configuration>(store: Arc<RocksStore>, vrf: VrfKey) -> Option<Self> {
         // Each job holds at most one epoch's versions; the version count bounds the memory.
         let (jobs, receiver) = mpsc::sync_channel(1024);
-        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let queued = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let shed = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
@@ -194,7 +194,7 @@ impl Drop for ProofFiller {
 
 /// What the filler thread shares with its handle.
 struct Flags {
-    queued: Arc<std::sync::atomic::AtomicUsize>,
+    queued: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     shed: Arc<AtomicBool>,
 }

@@ -547,10 +547,13 @@ impl<TC: Configuration> ShardNode<TC> {
                 return KnownProofs::none();
             }
         };
+        let by_number: std::collections::HashMap<u64, &UserVersion> = versions
+            .iter()
+            .map(|version| (version.version, version))
+            .collect();
         let mut known = KnownProofs::none();
         for (number, stored) in wanted.into_iter().zip(stored) {
-            let version = versions.iter().find(|version| version.version == number);
-            if let (Some(version), Some(stored)) = (version, stored) {
+            if let (Some(version), Some(stored)) = (by_number.get(&number), stored) {
                 known.add(version, stored);
             }
         }

@@ -72,6 +72,9 @@ struct Args {
     /// production epochs).
     #[arg(long, default_value_t = 0)]
     settle_seconds: u64,
+    /// The shard's hot tree levels, in MiB (0: none).
+    #[arg(long, default_value_t = shard::store::StoreOptions::DEFAULT_HOT_TREE_BYTES >> 20)]
+    hot_tree_mib: usize,
     // `cargo bench` passes `--bench`; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -117,6 +120,10 @@ async fn run(args: Args) {
         partition_bits: args.bits,
         config: AkdConfig::WhatsAppV1,
         lookup_proofs: args.lookup_proofs,
+        store: shard::store::StoreOptions {
+            hot_tree_bytes: args.hot_tree_mib << 20,
+            ..shard::store::StoreOptions::default()
+        },
         options: GatewayOptions::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -307,6 +314,7 @@ async fn run(args: Args) {
             "epoch_size": args.epoch_size,
             "bits": args.bits,
             "lookup_proofs": args.lookup_proofs.to_string(),
+            "hot_tree_mib": args.hot_tree_mib,
             "settle_seconds": args.settle_seconds,
             "publish_updates_per_s": publish_rates,
             "seal_seconds": seal_secs,

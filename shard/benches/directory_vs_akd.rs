@@ -147,19 +147,7 @@ fn vrf_seed() -> [u8; 32] {
 }
 
 fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+    ktd_testkit::process::peak_rss_bytes(None).unwrap_or(0)
 }
 
 fn micros(duration: Duration) -> f64 {
@@ -308,15 +296,12 @@ fn run_ktd_epochs(args: &Args, bits: u8, dir: &Path) -> Value {
 
 /// Node reads per update in bands of 8 label bits (`"0-7"`, `"8-15"`, …), bands with reads only.
 fn reads_by_level(by_label_len: &[u64], updates: f64) -> Value {
-    let mut bands = serde_json::Map::new();
-    for (band, counts) in by_label_len.chunks(8).enumerate() {
-        let reads: u64 = counts.iter().sum();
-        if reads > 0 {
-            let (low, high) = (band * 8, band * 8 + counts.len() - 1);
-            bands.insert(format!("{low}-{high}"), json!(reads as f64 / updates));
-        }
-    }
-    Value::Object(bands)
+    Value::Object(
+        ktd_testkit::stats::per_band(by_label_len, 8, updates)
+            .into_iter()
+            .map(|(band, reads)| (band, json!(reads)))
+            .collect(),
+    )
 }
 
 /// Child: the VRF floor — ECVRF evaluations on the rayon pool, best of three runs (a floor is a

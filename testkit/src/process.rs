@@ -24,6 +24,28 @@ pub fn node_log_filter() -> String {
     std::env::var("KTD_NODE_LOG").unwrap_or_else(|_| DEFAULT_NODE_LOG.into())
 }
 
+/// The peak resident set (`VmHWM`) of process `pid` (this process if `None`), in bytes; `None`
+/// where `/proc` does not say.
+pub fn peak_rss_bytes(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".into(),
+    };
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib * 1024)
+}
+
 /// Why a process could not be driven.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {

@@ -46,6 +46,21 @@ pub fn median(values: &[f64]) -> f64 {
     quantile(values, 0.5)
 }
 
+/// Counts indexed by position (e.g. node reads by label length) summed in bands of `width`
+/// positions and divided by `per` (e.g. the updates of an epoch): `("0-7", x), ("8-15", y), …`,
+/// bands with a count only.
+pub fn per_band(counts: &[u64], width: usize, per: f64) -> Vec<(String, f64)> {
+    counts
+        .chunks(width.max(1))
+        .enumerate()
+        .filter_map(|(band, chunk)| {
+            let total: u64 = chunk.iter().sum();
+            let (low, high) = (band * width, band * width + chunk.len() - 1);
+            (total > 0).then(|| (format!("{low}-{high}"), total as f64 / per))
+        })
+        .collect()
+}
+
 /// The median as the mean of the two middle values of an even count; `NaN` when empty.
 pub fn midpoint_median(values: &[f64]) -> f64 {
     let sorted = sorted(values);
@@ -93,5 +108,16 @@ mod tests {
         assert_eq!(midpoint_median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(quantile(&[5.0, 1.0], 1.0), 5.0);
         assert!(median(&[]).is_nan() && midpoint_median(&[]).is_nan());
+    }
+
+    #[test]
+    fn per_band_sums_bands_and_skips_empty_ones() {
+        let counts = [1, 1, 0, 0, 0, 0, 4, 2];
+        assert_eq!(
+            per_band(&counts, 2, 2.0),
+            vec![("0-1".to_string(), 1.0), ("6-7".to_string(), 3.0)]
+        );
+        assert_eq!(per_band(&[5, 5, 5], 2, 1.0)[1], ("2-2".to_string(), 5.0));
+        assert!(per_band(&[], 8, 1.0).is_empty());
     }
 }

@@ -341,6 +341,14 @@ pub struct DevArgs {
     /// a version's first lookup) or `off` (every lookup proves).
     #[arg(long)]
     pub lookup_proofs: Option<LookupProofs>,
+    /// RocksDB's block cache of the shard, in MiB (default 512).
+    #[arg(long)]
+    pub block_cache_mib: Option<usize>,
+    /// Memory for the shard's hot tree levels, in MiB (default 256; 0: none): the node versions
+    /// of the top trie levels that fit are held in memory, so epoch builds and lookups do not
+    /// read them from RocksDB.
+    #[arg(long)]
+    pub hot_tree_mib: Option<usize>,
 }
 
 /// `ktd shard`.
@@ -393,6 +401,14 @@ pub struct ShardArgs {
     /// a version's first lookup) or `off` (every lookup proves).
     #[arg(long, env = "KTD_SHARD_LOOKUP_PROOFS")]
     pub lookup_proofs: Option<LookupProofs>,
+    /// RocksDB's block cache, in MiB (default 512).
+    #[arg(long, env = "KTD_SHARD_BLOCK_CACHE_MIB")]
+    pub block_cache_mib: Option<usize>,
+    /// Memory for the hot tree levels, in MiB (default 256; 0: none): the node versions of the
+    /// top trie levels that fit are held in memory, so epoch builds and lookups do not read
+    /// them from RocksDB.
+    #[arg(long, env = "KTD_SHARD_HOT_TREE_MIB")]
+    pub hot_tree_mib: Option<usize>,
     /// Validate the settings (listen address, partition bits, the VRF seed file's length and
     /// permissions), print them as TOML with the seed redacted and exit: 0 if valid, 1 if not.
     #[arg(long)]

@@ -246,6 +246,8 @@ fn shard(args: ShardArgs, tls: &TlsFlags) -> anyhow::Result<ServerCommand> {
     set(&mut config.orphan_grace, args.orphan_grace);
     set(&mut config.prune_interval, args.prune_interval);
     set(&mut config.lookup_proofs, args.lookup_proofs);
+    set(&mut config.block_cache_mib, args.block_cache_mib);
+    set(&mut config.hot_tree_mib, args.hot_tree_mib);
     overlay_process(&mut config.process, args.metrics, args.telemetry, tls);
     Ok(ServerCommand {
         config: ServerConfig::Shard(config),
@@ -298,6 +300,8 @@ fn dev(args: DevArgs, tls: &TlsFlags) -> anyhow::Result<ServerCommand> {
     );
     set_some(&mut config.blob_listen, args.blob_listen);
     set(&mut config.lookup_proofs, args.lookup_proofs);
+    set(&mut config.block_cache_mib, args.block_cache_mib);
+    set(&mut config.hot_tree_mib, args.hot_tree_mib);
     overlay_process(&mut config.process, args.metrics, args.telemetry, tls);
     Ok(ServerCommand {
         config: ServerConfig::Dev(config),

@@ -46,6 +46,10 @@ pub struct DevConfig {
     /// When lookups' VRF proofs are stored: `eager`, `lazy` or `off`.
     #[serde(with = "super::as_text")]
     pub lookup_proofs: LookupProofs,
+    /// RocksDB's block cache, in MiB.
+    pub block_cache_mib: usize,
+    /// Memory for the top tree levels held in memory, in MiB (0: none).
+    pub hot_tree_mib: usize,
     /// Metrics, logs, traces and TLS.
     #[serde(flatten, skip_deserializing)]
     pub process: ProcessConfig,
@@ -66,6 +70,8 @@ impl Default for DevConfig {
             expensive_reads_burst: RateLimits::default().burst,
             blob_listen: None,
             lookup_proofs: LookupProofs::default(),
+            block_cache_mib: super::shard::DEFAULT_BLOCK_CACHE_MIB,
+            hot_tree_mib: super::shard::DEFAULT_HOT_TREE_MIB,
             process: ProcessConfig::default(),
         }
     }
@@ -132,6 +138,7 @@ impl DevConfig {
                 partition_bits: self.partition_bits,
                 config: self.configuration.clone(),
                 lookup_proofs: self.lookup_proofs,
+                store: super::shard::store_options(self.block_cache_mib, self.hot_tree_mib)?,
                 options: GatewayOptions {
                     max_in_flight: self.max_in_flight,
                     rate_limits: self.rate_limits()?,

@@ -11,6 +11,32 @@ use shard::lookup_proofs::LookupProofs;
 use super::{ProcessConfig, ServerFile, check_address, check_partition_bits, required};
 use crate::serve::ShardSettings;
 
+/// Default block cache of a shard's store, in MiB.
+pub const DEFAULT_BLOCK_CACHE_MIB: usize =
+    shard::store::StoreOptions::DEFAULT_BLOCK_CACHE_BYTES >> 20;
+/// Default memory of a shard's hot tree levels, in MiB.
+pub const DEFAULT_HOT_TREE_MIB: usize = shard::store::StoreOptions::DEFAULT_HOT_TREE_BYTES >> 20;
+
+/// The store tuning of `block_cache_mib` and `hot_tree_mib`, checked (a block cache of at least
+/// 8 MiB, and each at most 1 TiB).
+pub(crate) fn store_options(
+    block_cache_mib: usize,
+    hot_tree_mib: usize,
+) -> anyhow::Result<shard::store::StoreOptions> {
+    const MAX_MIB: usize = 1 << 20;
+    if !(8..=MAX_MIB).contains(&block_cache_mib) {
+        anyhow::bail!("block_cache_mib must be between 8 and {MAX_MIB}, not {block_cache_mib}");
+    }
+    if hot_tree_mib > MAX_MIB {
+        anyhow::bail!("hot_tree_mib must be at most {MAX_MIB}, not {hot_tree_mib}");
+    }
+    Ok(shard::store::StoreOptions {
+        block_cache_bytes: block_cache_mib << 20,
+        hot_tree_bytes: hot_tree_mib << 20,
+        ..shard::store::StoreOptions::default()
+    })
+}
+
 /// A shard server's configuration (file keys = flag names with `_`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -42,6 +68,10 @@ pub struct ShardConfig {
     /// When lookups' VRF proofs are stored: `eager`, `lazy` or `off`.
     #[serde(with = "super::as_text")]
     pub lookup_proofs: LookupProofs,
+    /// RocksDB's block cache, in MiB.
+    pub block_cache_mib: usize,
+    /// Memory for the top tree levels held in memory, in MiB (0: none).
+    pub hot_tree_mib: usize,
     /// Metrics, logs, traces and TLS.
     #[serde(flatten, skip_deserializing)]
     pub process: ProcessConfig,
@@ -60,6 +90,8 @@ impl Default for ShardConfig {
             orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
             prune_interval: shard::local::DEFAULT_PRUNE_INTERVAL,
             lookup_proofs: LookupProofs::default(),
+            block_cache_mib: DEFAULT_BLOCK_CACHE_MIB,
+            hot_tree_mib: DEFAULT_HOT_TREE_MIB,
             process: ProcessConfig::default(),
         }
     }
@@ -106,6 +138,7 @@ impl ShardConfig {
             orphan_grace: self.orphan_grace,
             prune_interval: self.prune_interval,
             lookup_proofs: self.lookup_proofs,
+            store: store_options(self.block_cache_mib, self.hot_tree_mib)?,
         };
         Ok(ResolvedShard {
             listen: listen.clone(),

@@ -282,6 +282,8 @@ fn printed_configurations_read_back() {
         orphan_grace: std::time::Duration::from_secs(90),
         prune_interval: std::time::Duration::from_secs(7),
         lookup_proofs: ::shard::lookup_proofs::LookupProofs::Lazy,
+        block_cache_mib: 64,
+        hot_tree_mib: 0,
         process: process.clone(),
     });
     round_trip(GatewayConfig {
@@ -296,6 +298,8 @@ fn printed_configurations_read_back() {
         vrf_seed_file: Some("seed.hex".into()),
         heartbeat_interval: Some(std::time::Duration::from_millis(1500)),
         lookup_proofs: ::shard::lookup_proofs::LookupProofs::Off,
+        block_cache_mib: 128,
+        hot_tree_mib: 1024,
         process: process.clone(),
         ..DevConfig::default()
     });
@@ -345,6 +349,31 @@ fn errors_are_one_line_naming_the_key() {
 }
 
 #[test]
+fn store_memory_settings_are_checked_and_become_store_options() {
+    let store = super::shard::store_options(64, 0).expect("valid");
+    assert_eq!(
+        (store.block_cache_bytes, store.hot_tree_bytes),
+        (64 << 20, 0)
+    );
+    for (block_cache_mib, hot_tree_mib, key) in [
+        (4, 256, "block_cache_mib"),
+        (usize::MAX, 256, "block_cache_mib"),
+        (512, usize::MAX, "hot_tree_mib"),
+    ] {
+        let error = super::shard::store_options(block_cache_mib, hot_tree_mib)
+            .expect_err("out of range")
+            .to_string();
+        assert!(error.starts_with(key), "{error}");
+    }
+    let defaults = super::shard::store_options(
+        super::shard::DEFAULT_BLOCK_CACHE_MIB,
+        super::shard::DEFAULT_HOT_TREE_MIB,
+    )
+    .expect("defaults are valid");
+    assert_eq!(defaults, ::shard::store::StoreOptions::default());
+}
+
+#[test]
 fn a_server_reads_its_own_table_of_a_combined_file() {
     let text = "[shard]\nid = \"s1\"\nlog_format = \"json\"\n\n[gateway]\nmax_in_flight = 7\n\n\
                 [sequencer.epoch]\ninterval = \"5s\"\n";
@@ -391,6 +420,7 @@ fn secrets_are_redacted_from_debug() {
         orphan_grace: ::shard::local::DEFAULT_ORPHAN_GRACE,
         prune_interval: ::shard::local::DEFAULT_PRUNE_INTERVAL,
         lookup_proofs: Default::default(),
+        store: Default::default(),
     };
     let auditor = ktd_auditor::AuditorSettings {
         namespace: "test".into(),

@@ -45,6 +45,8 @@ pub struct DevSettings {
     pub config: AkdConfig,
     /// When lookups' VRF proofs are stored.
     pub lookup_proofs: shard::lookup_proofs::LookupProofs,
+    /// The shard store's tuning (block cache, hot tree levels).
+    pub store: shard::store::StoreOptions,
     /// Gateway limits.
     pub options: GatewayOptions,
 }
@@ -116,6 +118,7 @@ pub async fn run_dev(
             orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
             prune_interval: shard::local::DEFAULT_PRUNE_INTERVAL,
             lookup_proofs: settings.lookup_proofs,
+            store: settings.store,
         };
         let shards = match settings.config {
             AkdConfig::WhatsAppV1 => dev_shards::<WhatsAppV1>(&shard_settings, &sequencer).await?,

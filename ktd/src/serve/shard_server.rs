@@ -47,6 +47,8 @@ pub struct ShardSettings {
     pub prune_interval: Duration,
     /// When lookups' VRF proofs are stored.
     pub lookup_proofs: shard::lookup_proofs::LookupProofs,
+    /// The store's tuning (block cache, hot tree levels).
+    pub store: shard::store::StoreOptions,
 }
 
 impl std::fmt::Debug for ShardSettings {
@@ -61,6 +63,7 @@ impl std::fmt::Debug for ShardSettings {
             .field("orphan_grace", &self.orphan_grace)
             .field("prune_interval", &self.prune_interval)
             .field("lookup_proofs", &self.lookup_proofs)
+            .field("store", &self.store)
             .finish()
     }
 }
@@ -270,7 +273,7 @@ pub(crate) async fn open_node<TC: Configuration>(
             settings.partition_bits,
             VrfKey::from_seed(&settings.vrf_seed)?,
             UpdateLimits::default(),
-            shard::store::StoreOptions::default(),
+            settings.store,
         )
         .map(|node| node.with_lookup_proofs(settings.lookup_proofs))
     })

@@ -219,6 +219,7 @@ async fn run(root: &std::path::Path, exporter: &Collector) -> Vec<SpanData> {
             orphan_grace: shard::local::DEFAULT_ORPHAN_GRACE,
             prune_interval: shard::local::DEFAULT_PRUNE_INTERVAL,
             lookup_proofs: Default::default(),
+            store: Default::default(),
         };
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {

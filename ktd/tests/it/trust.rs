@@ -121,7 +121,7 @@ fn large_publishes_in_one_epoch_commit_as_byte_bounded_epochs_and_the_sequencer_
             "--- 40 concurrent 15 MiB publishes and 40 oversized lookups on one connection"
         );
         let gateway_pid = topology.gateways[0].pid().expect("gateway pid");
-        let baseline = peak_rss_bytes(gateway_pid);
+        let baseline = ktd_testkit::process::peak_rss_bytes(Some(gateway_pid)).expect("VmHWM");
         let channel = tonic::transport::Endpoint::from_shared(topology.gateway_url())
             .expect("endpoint")
             .connect()
@@ -181,7 +181,9 @@ fn large_publishes_in_one_epoch_commit_as_byte_bounded_epochs_and_the_sequencer_
             40,
             "every 1 MiB lookup is refused past 64 KiB: {codes:?}"
         );
-        let grown = peak_rss_bytes(gateway_pid).saturating_sub(baseline);
+        let grown = ktd_testkit::process::peak_rss_bytes(Some(gateway_pid))
+            .expect("VmHWM")
+            .saturating_sub(baseline);
         assert!(
             grown < 1536 << 20,
             "the gateway's peak RSS grew by {} MiB (bound: 32 large requests × 16 MiB, decoded)",
@@ -312,22 +314,4 @@ fn an_idempotency_key_binds_its_updates_and_stalled_commits_push_back_on_publish
             .expect("publishing resumes");
         client.wait_for_epoch(after.epoch).await.expect("commit");
     });
-}
-
-/// The peak resident set (`VmHWM`) of process `pid`, in bytes.
-fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| {
-            value
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .expect("VmHWM")
-        * 1024
 }

@@ -7,7 +7,7 @@
 //! range delete). Every record starts with a format byte so a future format can coexist.
 //! Decoding never panics: malformed bytes are [`ktd_core::Error::Corrupt`].
 
-use akd_core::{AkdLabel, AkdValue};
+use akd_core::{AkdLabel, AkdValue, NodeLabel};
 use ktd_core::codec::{Reader, label_bytes, put_label, put_node_ref};
 use ktd_core::error::Result;
 use ktd_core::proof::{ProvenLabel, StoredLookupProofs};
@@ -28,6 +28,23 @@ pub fn node_key(key: &NodeKey) -> Vec<u8> {
     out.extend_from_slice(bytes);
     out.extend_from_slice(&(key.label.label_len as u16).to_be_bytes());
     out
+}
+
+/// Decodes a node version's key ([`node_key`]).
+pub fn decode_node_key(bytes: &[u8]) -> Result<NodeKey> {
+    let corrupt = || ktd_core::Error::Corrupt("malformed tree node key".into());
+    let (version, rest) = bytes.split_first_chunk::<8>().ok_or_else(corrupt)?;
+    let (label, len) = rest.split_last_chunk::<2>().ok_or_else(corrupt)?;
+    let len = u16::from_be_bytes(*len);
+    if usize::from(len).div_ceil(8) != label.len() || len > 256 {
+        return Err(corrupt());
+    }
+    let mut label_val = [0u8; 32];
+    label_val[..label.len()].copy_from_slice(label);
+    Ok(NodeKey {
+        label: NodeLabel::new(label_val, u32::from(len)),
+        version: u64::from_be_bytes(*version),
+    })
 }
 
 /// First node key of `epoch` (inclusive range start for deleting an epoch's node versions).
@@ -246,6 +263,28 @@ mod tests {
         let mut bad_format = bytes;
         bad_format[0] = 9;
         assert!(decode_node(&bad_format).is_err());
+    }
+
+    #[test]
+    fn node_key_round_trip_and_rejects_garbage() {
+        for len in [0, 1, 13, 200, 256] {
+            let key = NodeKey {
+                label: node_ref(len, 0xa5, (0, 0)).label,
+                version: 77,
+            };
+            let bytes = node_key(&key);
+            assert_eq!(
+                decode_node_key(&bytes).expect("round trip"),
+                key,
+                "len {len}"
+            );
+            assert!(decode_node_key(&bytes[..bytes.len() - 1]).is_err());
+        }
+        assert!(decode_node_key(&[0; 9]).is_err());
+        let mut long = vec![0u8; 8];
+        long.extend_from_slice(&[0; 33]);
+        long.extend_from_slice(&264u16.to_be_bytes());
+        assert!(decode_node_key(&long).is_err(), "longer than 256 bits");
     }
 
     #[test]

@@ -93,6 +93,7 @@ impl RocksStore {
         let (nodes, stale) = (self.cf(CF_NODES), self.cf(CF_STALE));
         let mut batch = WriteBatch::default();
         let mut entries = 0usize;
+        let mut pruned = Vec::new();
         while iter.valid() && entries < max_entries {
             let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
                 break;
@@ -112,6 +113,7 @@ impl RocksStore {
             }
             let mut old_key = old.to_be_bytes().to_vec();
             old_key.extend_from_slice(&key[8..]);
+            pruned.push(super::codec::decode_node_key(&old_key)?);
             batch.delete_cf(nodes, old_key);
             batch.delete_cf(stale, key);
             step.lowest_version = step.lowest_version.min(old);
@@ -131,6 +133,9 @@ impl RocksStore {
             self.db
                 .write_opt(batch, &write_options)
                 .map_err(storage("delete pruned node versions"))?;
+            for key in &pruned {
+                self.hot.remove(key);
+            }
         }
         Ok(step)
     }

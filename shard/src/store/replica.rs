@@ -238,7 +238,9 @@ impl RocksStore {
         batch.delete_range_cf(self.cf(CF_STALE), &from, &to);
         self.db
             .write(batch)
-            .map_err(storage("discard an abandoned epoch of a partition"))
+            .map_err(storage("discard an abandoned epoch of a partition"))?;
+        self.hot.discard_partition_from(partition, bits, epoch);
+        Ok(())
     }
 
     /// Deletes every user version of user partition `partition` (before a bootstrap copies it in).
@@ -272,7 +274,9 @@ impl RocksStore {
         let (from, to) = user_range(partition, bits);
         batch.delete_range_cf(self.cf(CF_USERS), &from, &to);
         batch.delete_range_cf(self.cf(CF_PROOFS), &from, &to);
-        self.write_synced(batch, "built", "delete a moved partition's user versions")
+        self.write_synced(batch, "built", "delete a moved partition's user versions")?;
+        self.hot.clear_partition(partition, bits);
+        Ok(())
     }
 
     /// RocksDB's estimate of the bytes on disk of each of `partitions`: the store's SST bytes
@@ -425,6 +429,8 @@ impl RocksStore {
         self.db
             .write_opt(batch, &options)
             .map_err(storage("damage a partition (test hook)"))?;
+        // Drills must read the damaged bytes, not the held good ones.
+        self.hot.clear_partition(partition, bits);
         Ok(damaged)
     }
 
@@ -473,7 +479,9 @@ impl RocksStore {
         }
         self.db
             .write(batch)
-            .map_err(storage("write a copied partition"))
+            .map_err(storage("write a copied partition"))?;
+        self.hot.clear_partition(partition, bits);
+        Ok(())
     }
 }
 

@@ -13,6 +13,10 @@ use crate::support::metrics::ExportedMetrics;
 /// Exported series that neither a panel nor an alert rule shows, and why.
 const UNWATCHED: &[(&str, &str)] = &[
     (
+        "ktd_shard_hot_tree_levels",
+        "fixed at open by --hot-tree-mib; the memory it takes is charted (ktd_shard_hot_tree_bytes)",
+    ),
+    (
         "ktd_raft_purged_index",
         "evidence for the snapshot catch-up drill; the dashboard charts the snapshot index",
     ),

@@ -130,7 +130,7 @@ impl HotNodes {
 
     /// The current generation, to pass to [`HotNodes::fill`] after a store read.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// The held node of `key`, counting a hit or a miss; `None` if not held (or not holdable,
@@ -174,6 +174,10 @@ impl HotNodes {
             return;
         };
         let mut guard = self.write(chunk);
+        // Raised before the generation check: an invalidation that reads it after bumping the
+        // generation either sees this version (and scans) or has bumped before the check below
+        // (which then refuses this fill), so its early exit never skips a held version.
+        self.max_version.fetch_max(key.version, Ordering::SeqCst);
         if generation.is_some_and(|generation| generation != self.generation()) {
             return;
         }
@@ -198,7 +202,6 @@ impl HotNodes {
             older
         };
         slot[place] = Some((key.version, *node));
-        self.max_version.fetch_max(key.version, Ordering::Relaxed);
     }
 
     /// Drops every held version `≥ from` (an interrupted epoch's node versions are discarded).
@@ -218,12 +221,17 @@ impl HotNodes {
         self.retain_in(Some((partition, bits)), |_| false, 0);
     }
 
+    /// Drops everything held (after a change to `nodes` whose keys are not known).
+    pub fn clear(&self) {
+        self.retain_in(None, |_| false, 0);
+    }
+
     /// Drops the held version `key`, if held (pruned).
     pub fn remove(&self, key: &NodeKey) {
         let Some((chunk, offset)) = self.position(&key.label) else {
             return;
         };
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         if let Some(slots) = self.write(chunk).as_mut() {
             for entry in &mut slots[offset] {
                 if entry.is_some_and(|(version, _)| version == key.version) {
@@ -249,8 +257,8 @@ impl HotNodes {
     /// `lowest_dropped` is the smallest version `keep` can reject: nothing held above the
     /// largest version ever held is dropped, so that case skips the scan.
     fn retain_in(&self, scope: Option<(u32, u8)>, keep: impl Fn(u64) -> bool, lowest_dropped: u64) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        if lowest_dropped > self.max_version.load(Ordering::Relaxed) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if lowest_dropped > self.max_version.load(Ordering::SeqCst) {
             return;
         }
         let retain = |first: usize, count: usize| {
@@ -272,6 +280,10 @@ impl HotNodes {
             }
         };
         match scope {
+            // A partition that does not exist at `bits` (a corrupt record naming it): everything.
+            Some((partition, bits)) if u64::from(partition) >> bits.min(63) != 0 => {
+                retain(0, (1usize << self.levels) - 1)
+            }
             None => retain(0, (1usize << self.levels) - 1),
             Some((partition, bits)) => {
                 for len in 0..self.levels {
@@ -419,6 +431,12 @@ mod tests {
         assert!(hot.get(&key("0110", 4)).is_some());
         hot.remove(&key("0110", 4));
         assert_eq!(hot.get(&key("0110", 4)), None);
+        // A partition number that does not exist at its bits clears everything, never panics.
+        hot.clear_partition(9, 2);
+        assert_eq!(hot.get(&key("10", 4)), None);
+        hot.insert(&key("10", 4), &node(4));
+        hot.clear();
+        assert_eq!(hot.get(&key("10", 4)), None);
     }
 
     #[test]

@@ -328,13 +328,14 @@ impl RocksStore {
     /// interrupted epoch's garbage).
     pub fn discard_nodes_from(&self, from: u64) -> Result<()> {
         let end = [0xffu8; 8 + 32 + 2 + 1];
-        for family in [CF_NODES, CF_STALE] {
+        let deleted = [CF_NODES, CF_STALE].into_iter().try_for_each(|family| {
             self.db
                 .delete_range_cf(self.cf(family), codec::node_epoch_start(from), end.to_vec())
-                .map_err(storage("discard uncommitted tree nodes"))?;
-        }
+                .map_err(storage("discard uncommitted tree nodes"))
+        });
+        // Dropped whether or not every range went: a partial delete must not leave them held.
         self.hot.discard_from(from);
-        Ok(())
+        deleted
     }
 
     /// Number of node versions stored for epochs `≥ from` (diagnostics and tests).

@@ -113,7 +113,9 @@ impl RocksStore {
             }
             let mut old_key = old.to_be_bytes().to_vec();
             old_key.extend_from_slice(&key[8..]);
-            pruned.push(super::codec::decode_node_key(&old_key)?);
+            // A key that does not decode (copied in malformed) is still deleted; the hot levels
+            // then forget everything rather than fail the sweep for good.
+            pruned.push(super::codec::decode_node_key(&old_key).ok());
             batch.delete_cf(nodes, old_key);
             batch.delete_cf(stale, key);
             step.lowest_version = step.lowest_version.min(old);
@@ -133,7 +135,10 @@ impl RocksStore {
             self.db
                 .write_opt(batch, &write_options)
                 .map_err(storage("delete pruned node versions"))?;
-            for key in &pruned {
+            if pruned.iter().any(Option::is_none) {
+                self.hot.clear();
+            }
+            for key in pruned.iter().flatten() {
                 self.hot.remove(key);
             }
         }

@@ -261,22 +261,25 @@ impl RocksStore {
     /// RocksDB compacts the ranges. Blocking.
     pub fn delete_partition(&self, partition: u32, bits: u8, up_to: u64) -> Result<()> {
         self.drop_built_marker(partition)?;
-        let mut batch = WriteBatch::default();
-        for epoch in 0..=up_to {
-            let (from, to) = node_range(epoch, partition, bits);
-            batch.delete_range_cf(self.cf(CF_NODES), &from, &to);
-            batch.delete_range_cf(self.cf(CF_STALE), &from, &to);
-            if batch.len() >= RANGES_PER_BATCH {
-                let full = std::mem::take(&mut batch);
-                self.write_synced(full, "built", "delete a moved partition's node versions")?;
+        let deleted = (|| {
+            let mut batch = WriteBatch::default();
+            for epoch in 0..=up_to {
+                let (from, to) = node_range(epoch, partition, bits);
+                batch.delete_range_cf(self.cf(CF_NODES), &from, &to);
+                batch.delete_range_cf(self.cf(CF_STALE), &from, &to);
+                if batch.len() >= RANGES_PER_BATCH {
+                    let full = std::mem::take(&mut batch);
+                    self.write_synced(full, "built", "delete a moved partition's node versions")?;
+                }
             }
-        }
-        let (from, to) = user_range(partition, bits);
-        batch.delete_range_cf(self.cf(CF_USERS), &from, &to);
-        batch.delete_range_cf(self.cf(CF_PROOFS), &from, &to);
-        self.write_synced(batch, "built", "delete a moved partition's user versions")?;
+            let (from, to) = user_range(partition, bits);
+            batch.delete_range_cf(self.cf(CF_USERS), &from, &to);
+            batch.delete_range_cf(self.cf(CF_PROOFS), &from, &to);
+            self.write_synced(batch, "built", "delete a moved partition's user versions")
+        })();
+        // Dropped whether or not every batch went: a partial delete must not leave them held.
         self.hot.clear_partition(partition, bits);
-        Ok(())
+        deleted
     }
 
     /// RocksDB's estimate of the bytes on disk of each of `partitions`: the store's SST bytes
@@ -458,7 +461,11 @@ impl RocksStore {
                 .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| CoreError::Corrupt("a copied node key is too short".into()))?;
-            if version == 0 || version > epoch || !in_partition(&key[8..]) {
+            if version == 0
+                || version > epoch
+                || !in_partition(&key[8..])
+                || super::codec::decode_node_key(key).is_err()
+            {
                 return Err(CoreError::Corrupt(format!(
                     "a copied node version (epoch {version}) is not part of partition {partition} as of epoch {epoch}"
                 )));

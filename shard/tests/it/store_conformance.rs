@@ -207,3 +207,37 @@ fn a_damaged_partition_reads_damaged_even_after_its_good_nodes_were_held() {
     let damaged = read_one(&store, label, 2).expect("still stored");
     assert_ne!(damaged, node(1, 2), "the held good copy was dropped");
 }
+
+#[test]
+fn copied_nodes_replace_held_ones_and_malformed_keys_are_refused() {
+    let (_dir, store) = open_hot();
+    let label = heap_label(0b1_0110 - 1); // "0110", partition 1 of bits 2
+    store
+        .write_nodes(&single(label, 2, node(1, 2), &[]))
+        .expect("write");
+    assert_eq!(read_one(&store, label, 2), Some(node(1, 2)));
+    let key = shard::store::codec::node_key(&NodeKey { label, version: 2 });
+    let copied = (key.clone(), shard::store::codec::encode_node(&node(5, 2)));
+    store
+        .import_records(1, 2, 2, &[copied], &[])
+        .expect("import");
+    assert_eq!(
+        read_one(&store, label, 2),
+        Some(node(5, 2)),
+        "the copy, not the held"
+    );
+    // A key claiming 16 label bits with one byte of label: refused, nothing written.
+    let mut malformed = key[..9].to_vec();
+    malformed.extend_from_slice(&16u16.to_be_bytes());
+    let error = store
+        .import_records(
+            1,
+            2,
+            2,
+            &[(malformed, shard::store::codec::encode_node(&node(6, 2)))],
+            &[],
+        )
+        .expect_err("malformed key");
+    assert!(error.to_string().contains("partition 1"), "{error}");
+    assert_eq!(read_one(&store, label, 2), Some(node(5, 2)));
+}

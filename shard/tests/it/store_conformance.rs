@@ -192,14 +192,21 @@ fn pruned_versions_are_not_read_from_the_hot_tree_levels() {
     assert_eq!(read_one(&store, label, 4), Some(node(2, 4)));
 }
 
-#[test]
-fn a_damaged_partition_reads_damaged_even_after_its_good_nodes_were_held() {
-    let (_dir, store) = open_hot();
-    let label = heap_label(0b1_0110 - 1); // "0110", partition 1 of bits 2
+/// A store with hot levels holding `node(1, 2)` under label `"0110"` (partition 1 of bits 2),
+/// read once.
+fn held_node_in_partition_1() -> (tempfile::TempDir, std::sync::Arc<RocksStore>, NodeLabel) {
+    let (dir, store) = open_hot();
+    let label = heap_label(0b1_0110 - 1);
     store
         .write_nodes(&single(label, 2, node(1, 2), &[]))
         .expect("write");
     assert_eq!(read_one(&store, label, 2), Some(node(1, 2)));
+    (dir, store, label)
+}
+
+#[test]
+fn a_damaged_partition_reads_damaged_even_after_its_good_nodes_were_held() {
+    let (_dir, store, label) = held_node_in_partition_1();
     assert_eq!(
         store.damage_partition_for_tests(1, 2, 2).expect("damage"),
         1
@@ -210,12 +217,7 @@ fn a_damaged_partition_reads_damaged_even_after_its_good_nodes_were_held() {
 
 #[test]
 fn copied_nodes_replace_held_ones_and_malformed_keys_are_refused() {
-    let (_dir, store) = open_hot();
-    let label = heap_label(0b1_0110 - 1); // "0110", partition 1 of bits 2
-    store
-        .write_nodes(&single(label, 2, node(1, 2), &[]))
-        .expect("write");
-    assert_eq!(read_one(&store, label, 2), Some(node(1, 2)));
+    let (_dir, store, label) = held_node_in_partition_1();
     let key = shard::store::codec::node_key(&NodeKey { label, version: 2 });
     let copied = (key.clone(), shard::store::codec::encode_node(&node(5, 2)));
     store

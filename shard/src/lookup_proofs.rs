@@ -219,9 +219,7 @@ impl Backfill {
             self.after = None;
         }
     }
-}
 
-impl Backfill {
     /// Proves the records of the next [`FILL_CHUNK`] stored versions that lack one.
     fn step<TC: Configuration>(&mut self, store: &RocksStore, vrf: &VrfKey, stop: &AtomicBool) {
         let versions = match store.user_versions_after(self.after.as_deref(), FILL_CHUNK) {

@@ -715,6 +715,10 @@ impl TreeStore for RocksStore {
     /// Reads the held ones from the hot tree levels, the rest from RocksDB, and holds those
     /// found that are short enough.
     fn read_nodes(&self, keys: &[NodeKey]) -> ktd_core::Result<Vec<Option<InteriorNode>>> {
+        // The deep rounds of a build (and every read with the levels off) hold nothing.
+        if !keys.iter().any(|key| self.hot.holds(&key.label)) {
+            return self.read_stored_nodes(keys);
+        }
         let generation = self.hot.generation();
         let mut found: Vec<Option<InteriorNode>> =
             keys.iter().map(|key| self.hot.get(key)).collect();
